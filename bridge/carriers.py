@@ -1,0 +1,37 @@
+"""SPID -> carrier name, from Skycore's table (Appendix E) shipped in the package."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping
+from functools import cache
+from importlib.resources import files
+
+
+@cache
+def builtin() -> Mapping[str, str]:
+    table: dict[str, str] = {}
+    text = files("bridge").joinpath("data/skycore-spid.csv").read_text(encoding="utf-8")
+    for row in csv.DictReader(io.StringIO(text)):
+        carrier, country = row["carrier"].strip(), row["country"].strip()
+        # "All Carriers" alone names nothing; say whose.
+        name = f"{country} (all carriers)" if carrier == "All Carriers" else carrier
+        table.setdefault(row["spid"].strip(), name)  # the table lists a few SPIDs twice: first wins
+    return table
+
+
+def spid_key(spid: str) -> str:
+    """SPIDs are 7 digits; some senders drop the leading zeros."""
+    spid = spid.strip()
+    return spid.zfill(7) if spid.isdigit() else spid
+
+
+class Carriers:
+    def __init__(self, extra: Mapping[str, str] | None = None) -> None:
+        self._table = {**builtin(), **{spid_key(k): v for k, v in (extra or {}).items()}}
+
+    def lookup(self, spid: str | None) -> str | None:
+        if not spid:
+            return None
+        return self._table.get(spid_key(spid))

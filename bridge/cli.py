@@ -1,0 +1,381 @@
+"""`postback-bridge`: serve, check-config, route, deliveries, replay (CONTRACT §2)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bridge import __version__, logs
+from bridge.config import Config, defaults, load, parse_duration
+from bridge.errors import BridgeError, ConfigError, PostbackError
+from bridge.store import DeliveryFilter, open_store
+
+
+def _config(path: str | None, *, required: bool = True) -> Config:
+    path = path or os.environ.get("BRIDGE_CONFIG") or None
+    if path is None:
+        if required:
+            raise ConfigError(["no config file: give -c FILE or set BRIDGE_CONFIG"])
+        return defaults()
+    return load(path)
+
+
+def _print_errors(exc: ConfigError, path: str | None) -> None:
+    where = path or os.environ.get("BRIDGE_CONFIG") or "config"
+    print(f"{where}: {len(exc.problems)} error{'s' if len(exc.problems) != 1 else ''}:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from bridge.server import create_app
+
+    config = _config(args.config, required=False)
+    logs.setup(args.log_level)
+    server = config.server
+    auth = server.auth
+    if not server.loopback and not auth.configured and not auth.allow_unauthenticated:
+        print(
+            f"refusing to listen on {server.host}:{server.port} without authentication: anyone could post.\n"
+            "  set server.auth.token (then point Skycore at /postback/<token>), server.auth.basic or\n"
+            "  server.auth.allow_from, listen on 127.0.0.1 behind a proxy, or set\n"
+            "  server.auth.allow_unauthenticated: true if something in front already guards it.",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(config)
+    log = logs.logger.getChild("serve")
+
+    def started(_: str) -> None:
+        log.info(
+            "listening",
+            extra={
+                "version": __version__,
+                "listen": f"{server.host}:{server.port}",
+                "postback_path": server.postback_path,
+                "destinations": sorted(config.destinations),
+                "routes": len(config.routes),
+            },
+        )
+
+    try:
+        web.run_app(
+            app,
+            host=server.host,
+            port=server.port,
+            shutdown_timeout=10.0,
+            access_log=None,
+            print=started,
+            handle_signals=True,
+        )
+    except BridgeError as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        logs.flush()
+        print(f"postback-bridge: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        logs.flush()
+        print(f"postback-bridge: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    log.info("stopped")
+    logs.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------- check-config, route
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    print(f"{config.source}: ok")
+    print(f"  listen {config.server.host}:{config.server.port}, postback path {config.server.postback_path}")
+    print(f"  store {_redacted_store(config.store)}")
+    print(f"  destinations ({len(config.destinations)}):")
+    for name, destination in config.destinations.items():
+        print(f"    {name} [{destination.type_name}] {destination.describe()}")
+    print(f"  routes ({len(config.routes)}):")
+    for r in config.routes:
+        cont = " (continue)" if r.continue_ else ""
+        to = ", ".join(r.to) if r.to else "nothing (drop)"
+        print(f"    {r.name}: {describe_match(r.match)} -> {to}{cont}")
+    if config.default:
+        print(f"  default -> {', '.join(config.default)}")
+    else:
+        print("  default: none (unmatched events are counted and dropped)")
+    return 0
+
+
+def _redacted_store(url: str) -> str:
+    from bridge.config import _redact_url
+
+    return _redact_url(url)
+
+
+def describe_match(match: Any) -> str:
+    parts = []
+    for key, value in vars(match).items():
+        if value is None:
+            continue
+        name = key.rstrip("_")
+        shown = [getattr(v, "pattern", v) for v in value]
+        parts.append(f"{name}={'|'.join(shown)}")
+    return " ".join(parts) or "everything"
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from bridge.carriers import Carriers
+    from bridge.event import normalize
+    from bridge.postback import parse
+    from bridge.routing import route
+
+    config = _config(args.config)
+    carriers = Carriers(config.carriers)
+    failed = 0
+    reports = []
+    for file in args.postbacks:
+        try:
+            body = Path(file).read_bytes()
+            fields = parse(body)
+        except OSError as exc:
+            print(f"{file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            failed += 1
+            continue
+        except PostbackError as exc:
+            print(f"{file}: not a postback: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        event = normalize(fields, event_id="evt_DRYRUN", received_at=datetime.now(UTC), carriers=carriers)
+        decision = route(event, config.routes, config.default)
+        sends = {
+            name: {
+                "via": via,
+                "type": config.destinations[name].type_name,
+                "would_send": config.destinations[name].preview(event),
+            }
+            for name, via in decision.destinations
+        }
+        report = {
+            "file": file,
+            "event": event,
+            "routes": list(decision.routes),
+            "default": decision.defaulted,
+            "destinations": sends,
+        }
+        reports.append(report)
+        if not args.json:
+            _print_route_report(report)
+    if args.json:
+        print(
+            json.dumps(
+                reports if len(args.postbacks) != 1 else (reports[0] if reports else None), indent=2, ensure_ascii=False
+            )
+        )
+    return 1 if failed else 0
+
+
+def _print_route_report(report: dict[str, Any]) -> None:
+    print(f"== {report['file']}")
+    print("event:")
+    print(_indent(json.dumps(report["event"], indent=2, ensure_ascii=False)))
+    if report["routes"]:
+        print(f"routes matched: {', '.join(report['routes'])}")
+    elif report["default"]:
+        print("routes matched: none -> default")
+    else:
+        print("routes matched: none, and no default: the event is dropped")
+    if not report["destinations"]:
+        print("destinations: none (dropped)")
+    for name, send in report["destinations"].items():
+        print(f"-> {name} [{send['type']}] via {send['via']}, would send:")
+        print(_indent(json.dumps(send["would_send"], indent=2, ensure_ascii=False), 4))
+    print()
+
+
+def _indent(text: str, n: int = 2) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------------------- deliveries, replay
+
+
+def parse_when(text: str) -> float:
+    """An ISO 8601 time, or a duration meaning that long ago (`2h`)."""
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO time nor a duration like 2h") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _filter(args: argparse.Namespace, **extra: Any) -> DeliveryFilter:
+    return DeliveryFilter(
+        status=extra.get("status", getattr(args, "status", None)),
+        destination=args.destination,
+        event_id=args.event,
+        since=args.since,
+        until=args.until,
+        ids=tuple(args.ids) if getattr(args, "ids", None) else None,
+        limit=args.limit,
+    )
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _with_store(config: Config, fn: Any) -> Any:
+    store = open_store(config.store)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    rows = asyncio.run(_with_store(config, lambda store: store.list_deliveries(_filter(args))))
+    if args.json:
+        print(json.dumps([_row_json(r) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no deliveries match")
+        return 0
+    table = [("ID", "EVENT", "DESTINATION", "STATUS", "ATTEMPTS", "CREATED", "NEXT", "LAST ERROR")]
+    for r in rows:
+        table.append(
+            (
+                str(r.id),
+                r.event_id,
+                r.destination,
+                r.status,
+                str(r.attempts),
+                _iso(r.created_at),
+                _iso(r.next_at),
+                (r.last_error or "")[:60],
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _row_json(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "event_id": r.event_id,
+        "destination": r.destination,
+        "route": r.route,
+        "status": r.status,
+        "attempts": r.attempts,
+        "created_at": _iso(r.created_at),
+        "next_at": _iso(r.next_at) if r.next_at else None,
+        "updated_at": _iso(r.updated_at),
+        "last_error": r.last_error,
+    }
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if not (args.ids or args.destination or args.event or args.since or args.until or args.all):
+        print("replay: say which deliveries: ids, --destination, --event, --since/--until, or --all", file=sys.stderr)
+        return 2
+    config = _config(args.config)
+    ids = asyncio.run(_with_store(config, lambda store: store.replay(_filter(args, status=None), force=args.force)))
+    if args.json:
+        print(json.dumps({"replayed": ids}))
+    else:
+        print(f"replayed {len(ids)} deliveries" + (f": {', '.join(map(str, ids))}" if ids else ""))
+        if not ids and not args.force:
+            print("(only dead deliveries are replayed; add --force to send delivered ones again)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postback-bridge", description="Skycore postbacks to Slack, email and webhooks."
+    )
+    parser.add_argument("--version", action="version", version=f"postback-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", metavar="FILE", help="config file (default: $BRIDGE_CONFIG)")
+
+    p = sub.add_parser("serve", help="run the server")
+    with_config(p)
+    p.add_argument(
+        "--log-level", default=os.environ.get("BRIDGE_LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    with_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("route", help="dry run: where would these postbacks go, and what would be sent")
+    with_config(p)
+    p.add_argument("postbacks", nargs="+", metavar="POSTBACK.xml")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_route)
+
+    def with_filters(p: argparse.ArgumentParser) -> None:
+        with_config(p)
+        p.add_argument("--destination", metavar="NAME")
+        p.add_argument("--event", metavar="EVENT_ID")
+        p.add_argument("--since", type=parse_when, metavar="TIME", help="ISO time, or a duration ago (2h)")
+        p.add_argument("--until", type=parse_when, metavar="TIME")
+        p.add_argument("--limit", type=int, default=100)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("deliveries", help="list deliveries")
+    with_filters(p)
+    p.add_argument("--status", choices=["pending", "delivered", "dead"])
+    p.set_defaults(func=cmd_deliveries)
+
+    p = sub.add_parser("replay", help="send dead deliveries again (a new attempt series, same event id)")
+    with_filters(p)
+    p.add_argument("ids", nargs="*", type=int, metavar="DELIVERY_ID")
+    p.add_argument("--all", action="store_true", help="every dead delivery (within the other filters)")
+    p.add_argument("--force", action="store_true", help="also replay delivered ones")
+    p.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        _print_errors(exc, getattr(args, "config", None))
+        return 1
+    except BridgeError as exc:
+        print(f"postback-bridge: {exc}", file=sys.stderr)
+        if exc.__cause__ is not None:
+            print(f"  caused by: {exc.__cause__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

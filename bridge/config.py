@@ -1,0 +1,620 @@
+"""The YAML config file -> a validated, immutable Config (CONTRACT §3).
+
+Strict like Alertmanager's: unknown keys, wrong types, undefined destinations and unset
+`${VAR}`s are errors, and every error is reported at once with its place
+(`routes[2].match.keyword`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from bridge.errors import ConfigError
+from bridge.secret import Secret
+
+if TYPE_CHECKING:
+    from bridge.destinations import Destination
+
+# ---------------------------------------------------------------------------- values
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """`500ms`, `1s`, `10m`, `24h`, `30d`, `1h30m`, or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 500ms, 10s, 5m, 24h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    text = value.strip()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"{value!r} is not a duration like 500ms, 10s, 5m, 24h")
+    return total
+
+
+def expand_env(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """`${VAR}` and `${VAR:-default}` substituted, `$$` -> `$`; also the names left unset."""
+    missing: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in environ and (environ[name] or default is None):
+            return environ[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    return _ENV.sub(sub, value), missing
+
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial: float = 1.0
+    max_interval: float = 600.0
+    max_age: float = 86400.0
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    token: Secret | None = None
+    basic: BasicAuth | None = None
+    allow_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allow_unauthenticated: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.token or self.basic or self.allow_from)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    postback_path: str = "/postback"
+    max_body_bytes: int = 65536
+    client_timeout: float = 30.0
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    admin_token: Secret | None = None
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Match:
+    """All given conditions must hold; a tuple means any of its values."""
+
+    origin: tuple[str, ...] | None = None
+    type: tuple[str, ...] | None = None
+    code: tuple[str, ...] | None = None
+    keyword: tuple[str, ...] | None = None  # upper case
+    shortcode: tuple[str, ...] | None = None
+    from_: tuple[str, ...] | None = None  # globs
+    text: tuple[re.Pattern[str], ...] | None = None
+    spid: tuple[str, ...] | None = None
+    carrier: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: Match
+    to: tuple[str, ...]
+    continue_: bool = False
+
+
+@dataclass(frozen=True)
+class Retention:
+    delivered: float = 30 * 86400.0
+    dead: float = 90 * 86400.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    store: str
+    carriers: Mapping[str, str]
+    retry: RetryPolicy
+    destinations: Mapping[str, Destination]
+    routes: tuple[Route, ...]
+    default: tuple[str, ...] | None
+    retention: Retention = field(default_factory=Retention)
+    source: str | None = None  # the file it came from
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class Reader:
+    """Reads raw YAML values, collecting every problem with its place instead of stopping."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def mapping(
+        self,
+        value: Any,
+        path: str,
+        allowed: set[str] | frozenset[str],
+        required: set[str] | frozenset[str] = frozenset(),
+    ) -> dict[str, Any] | None:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.error(path, f"expected a mapping, got {_kind(value)}")
+            return None
+        for key in value:
+            if not isinstance(key, str):
+                self.error(path, f"keys must be strings, got {key!r}")
+            elif key not in allowed:
+                hint = _suggest(key, allowed)
+                self.error(_join(path, key), "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+        for key in sorted(required - set(value)):
+            self.error(_join(path, key), "is required")
+        return value
+
+    def string(self, value: Any, path: str, *, empty_ok: bool = False) -> str | None:
+        if isinstance(value, bool) or value is None or isinstance(value, dict | list):
+            self.error(path, f"expected a string, got {_kind(value)}")
+            return None
+        text = str(value)  # YAML reads 86717 as a number; the user meant the digits
+        if not text and not empty_ok:
+            self.error(path, "must not be empty")
+            return None
+        return text
+
+    def secret(self, value: Any, path: str) -> Secret | None:
+        text = self.string(value, path)
+        return Secret(text) if text is not None else None
+
+    def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, f"expected an integer, got {_kind(value)}")
+            return None
+        if minimum is not None and value < minimum:
+            self.error(path, f"must be at least {minimum}")
+            return None
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.error(path, f"expected true or false, got {_kind(value)}")
+            return None
+        return value
+
+    def duration(self, value: Any, path: str, *, positive: bool = True) -> float | None:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            self.error(path, f"expected a duration like 500ms, 10s, 5m, 24h, got {_kind(value)}")
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.error(path, str(exc))
+            return None
+        if positive and seconds <= 0:
+            self.error(path, "must be more than 0")
+            return None
+        return seconds
+
+    def strings(self, value: Any, path: str, *, allow_single: bool = True) -> tuple[str, ...] | None:
+        """A list of strings; a single string is a list of one where allowed."""
+        if allow_single and not isinstance(value, list):
+            value = [value]
+        if not isinstance(value, list):
+            self.error(path, f"expected a list, got {_kind(value)}")
+            return None
+        out = []
+        for i, item in enumerate(value):
+            text = self.string(item, f"{path}[{i}]")
+            if text is not None:
+                out.append(text)
+        return tuple(out) if len(out) == len(value) else None
+
+    def url(self, value: Any, path: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme.lower() not in schemes or not rest or rest.startswith("/"):
+            self.error(path, f"expected an {' or '.join(schemes)} URL, got {text!r}")
+            return None
+        return text
+
+    def networks(self, value: Any, path: str) -> tuple[Any, ...]:
+        items = self.strings(value, path) or ()
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                self.error(f"{path}[{i}]", f"{item!r} is not an IP address or CIDR")
+        return tuple(out)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    return f"{value!r}"
+
+
+def _suggest(key: str, allowed: set[str] | frozenset[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML would silently keep the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen[key] = loader.construct_object(value_node, deep=deep)
+    return seen
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _interpolate(value: Any, path: str, environ: Mapping[str, str], r: Reader) -> Any:
+    if isinstance(value, str):
+        text, missing = expand_env(value, environ)
+        for name in missing:
+            r.error(path, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+        return text
+    if isinstance(value, dict):
+        return {k: _interpolate(v, _join(path, str(k)), environ, r) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", environ, r) for i, v in enumerate(value)]
+    return value
+
+
+# ---------------------------------------------------------------------------- sections
+
+_TOP = frozenset({"server", "store", "carriers", "retry", "destinations", "routes", "default", "retention"})
+_SERVER = frozenset({"listen", "postback_path", "max_body_bytes", "client_timeout", "auth", "admin_token"})
+_AUTH = frozenset({"token", "basic", "allow_from", "trusted_proxies", "allow_unauthenticated"})
+_RETRY = frozenset({"initial", "max_interval", "max_age"})
+_ROUTE = frozenset({"name", "match", "to", "continue"})
+_MATCH = frozenset({"origin", "type", "code", "keyword", "shortcode", "from", "text", "spid", "carrier"})
+COMMON_DESTINATION_KEYS = frozenset({"type", "retry", "concurrency"})
+
+DEFAULT_STORE = "sqlite:///bridge.db"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (like 0.0.0.0:8080)")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 (":8080" means every interface, as in Go)
+    return host, int(port)
+
+
+def _server(raw: Any, r: Reader) -> ServerConfig:
+    data = r.mapping(raw, "server", _SERVER)
+    if not data:
+        return ServerConfig()
+    kwargs: dict[str, Any] = {}
+    if "listen" in data:
+        text = r.string(data["listen"], "server.listen")
+        if text is not None:
+            try:
+                kwargs["host"], kwargs["port"] = parse_listen(text)
+            except ValueError as exc:
+                r.error("server.listen", str(exc))
+    if "postback_path" in data:
+        path = r.string(data["postback_path"], "server.postback_path")
+        if path is not None:
+            if not path.startswith("/") or len(path) < 2 or "{" in path or path.endswith("/"):
+                r.error("server.postback_path", f"{path!r} must be a path like /postback")
+            else:
+                kwargs["postback_path"] = path
+    if "max_body_bytes" in data:
+        kwargs["max_body_bytes"] = r.integer(data["max_body_bytes"], "server.max_body_bytes", minimum=1024)
+    if "client_timeout" in data:
+        kwargs["client_timeout"] = r.duration(data["client_timeout"], "server.client_timeout")
+    if "auth" in data:
+        kwargs["auth"] = _auth(data["auth"], r)
+    if "admin_token" in data:
+        kwargs["admin_token"] = r.secret(data["admin_token"], "server.admin_token")
+    return ServerConfig(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _auth(raw: Any, r: Reader) -> AuthConfig:
+    data = r.mapping(raw, "server.auth", _AUTH)
+    if not data:
+        return AuthConfig()
+    kwargs: dict[str, Any] = {}
+    if "token" in data:
+        kwargs["token"] = r.secret(data["token"], "server.auth.token")
+    if "basic" in data:
+        basic = r.mapping(data["basic"], "server.auth.basic", {"username", "password"}, {"username", "password"})
+        if basic and {"username", "password"} <= set(basic):
+            user = r.string(basic["username"], "server.auth.basic.username")
+            password = r.secret(basic["password"], "server.auth.basic.password")
+            if user is not None and ":" in user:
+                r.error("server.auth.basic.username", "must not contain ':'")
+            elif user is not None and password is not None:
+                kwargs["basic"] = BasicAuth(user, password)
+    if "allow_from" in data:
+        kwargs["allow_from"] = r.networks(data["allow_from"], "server.auth.allow_from")
+    if "trusted_proxies" in data:
+        kwargs["trusted_proxies"] = r.networks(data["trusted_proxies"], "server.auth.trusted_proxies")
+    if "allow_unauthenticated" in data:
+        kwargs["allow_unauthenticated"] = r.boolean(data["allow_unauthenticated"], "server.auth.allow_unauthenticated")
+    return AuthConfig(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def parse_retry(raw: Any, path: str, base: RetryPolicy, r: Reader) -> RetryPolicy:
+    data = r.mapping(raw, path, _RETRY)
+    if not data:
+        return base
+    values = {
+        key: r.duration(data[key], _join(path, key)) for key in ("initial", "max_interval", "max_age") if key in data
+    }
+    merged = {
+        "initial": base.initial,
+        "max_interval": base.max_interval,
+        "max_age": base.max_age,
+        **{k: v for k, v in values.items() if v is not None},
+    }
+    if merged["initial"] > merged["max_interval"]:
+        r.error(path, "initial must not be longer than max_interval")
+    return RetryPolicy(**merged)
+
+
+def _store(raw: Any, r: Reader) -> str:
+    if raw is None:
+        return DEFAULT_STORE
+    text = r.string(raw, "store")
+    if text is None:
+        return DEFAULT_STORE
+    if not (text.startswith("sqlite:///") or text.startswith(("postgresql://", "postgres://"))):
+        r.error("store", f"{_redact_url(text)!r} is not sqlite:///PATH or postgresql://...")
+    return text
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:****@", url)
+
+
+def _carriers(raw: Any, r: Reader) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        r.error("carriers", f"expected a mapping of SPID to carrier name, got {_kind(raw)}")
+        return {}
+    out = {}
+    for spid, name in raw.items():
+        spid_text = r.string(spid, f"carriers.{spid}")
+        name_text = r.string(name, f"carriers.{spid}")
+        if spid_text is not None and name_text is not None:
+            out[spid_text] = name_text
+    return out
+
+
+def _retention(raw: Any, r: Reader) -> Retention:
+    data = r.mapping(raw, "retention", {"delivered", "dead"})
+    if not data:
+        return Retention()
+    values = {k: r.duration(data[k], f"retention.{k}") for k in ("delivered", "dead") if k in data}
+    return Retention(**{k: v for k, v in values.items() if v is not None})
+
+
+def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destination]:
+    from bridge.destinations import registry
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        r.error("destinations", f"expected a mapping of name to destination, got {_kind(raw)}")
+        return {}
+    out: dict[str, Destination] = {}
+    types = registry()
+    for name, spec in raw.items():
+        path = f"destinations.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            r.error(path, "a destination name uses letters, digits, '_', '-' and '.' only")
+            continue
+        if not isinstance(spec, dict):
+            r.error(path, f"expected a mapping with a type, got {_kind(spec)}")
+            continue
+        kind = spec.get("type")
+        if kind is None:
+            r.error(f"{path}.type", f"is required (one of: {', '.join(sorted(types))})")
+            continue
+        cls = types.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            r.error(f"{path}.type", f"unknown destination type {kind!r} (one of: {', '.join(sorted(types))})")
+            continue
+        r.mapping(spec, path, COMMON_DESTINATION_KEYS | cls.config_keys, cls.required_keys | {"type"})
+        policy = parse_retry(spec.get("retry"), f"{path}.retry", retry, r) if "retry" in spec else retry
+        concurrency = cls.default_concurrency
+        if "concurrency" in spec:
+            concurrency = r.integer(spec["concurrency"], f"{path}.concurrency", minimum=1) or concurrency
+        options = {k: v for k, v in spec.items() if k not in COMMON_DESTINATION_KEYS}
+        errors_before = len(r.errors)
+        destination = cls.from_config(name, options, path, r)
+        if destination is not None and len(r.errors) == errors_before:
+            destination.retry = policy
+            destination.concurrency = concurrency
+            out[name] = destination
+    return out
+
+
+def _match(raw: Any, path: str, r: Reader) -> Match:
+    data = r.mapping(raw, path, _MATCH)
+    if not data:
+        return Match()
+    kwargs: dict[str, Any] = {}
+    for key in ("origin", "type", "code", "shortcode", "spid", "carrier"):
+        if key in data:
+            kwargs[key] = r.strings(data[key], f"{path}.{key}")
+    if "keyword" in data:
+        words = r.strings(data["keyword"], f"{path}.keyword")
+        kwargs["keyword"] = tuple(w.strip().upper() for w in words) if words is not None else None
+    if "from" in data:
+        kwargs["from_"] = r.strings(data["from"], f"{path}.from")
+    if "text" in data:
+        patterns = r.strings(data["text"], f"{path}.text") or ()
+        compiled = []
+        for i, pattern in enumerate(patterns):
+            try:
+                compiled.append(re.compile(pattern, re.IGNORECASE))
+            except re.error as exc:
+                where = f"{path}.text" if not isinstance(data["text"], list) else f"{path}.text[{i}]"
+                r.error(where, f"invalid regular expression {pattern!r}: {exc}")
+        kwargs["text"] = tuple(compiled)
+    return Match(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _destination_list(raw: Any, path: str, declared: set[str], r: Reader) -> tuple[str, ...]:
+    names = r.strings(raw, path)
+    if names is None:
+        return ()
+    for i, name in enumerate(names):
+        if name not in declared:
+            where = f"{path}[{i}]" if isinstance(raw, list) else path
+            r.error(
+                where,
+                f"undefined destination {name!r}"
+                + (f" (defined: {', '.join(sorted(declared))})" if declared else " (no destinations are defined)"),
+            )
+    return names
+
+
+def _routes(raw: Any, declared: set[str], r: Reader) -> tuple[Route, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.error("routes", f"expected a list of routes, got {_kind(raw)}")
+        return ()
+    routes = []
+    names: set[str] = set()
+    for i, spec in enumerate(raw):
+        path = f"routes[{i}]"
+        data = r.mapping(spec, path, _ROUTE, {"to"})
+        if data is None:
+            continue
+        name = r.string(data["name"], f"{path}.name") if "name" in data else f"routes[{i}]"
+        if name in names:
+            r.error(f"{path}.name", f"duplicate route name {name!r}")
+        names.add(name or "")
+        match = _match(data.get("match"), f"{path}.match", r)
+        to = _destination_list(data["to"], f"{path}.to", declared, r) if "to" in data else ()
+        cont = r.boolean(data["continue"], f"{path}.continue") if "continue" in data else False
+        routes.append(Route(name=name or f"routes[{i}]", match=match, to=to, continue_=bool(cont)))
+    return tuple(routes)
+
+
+def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None = None) -> Config:
+    """A Config from parsed YAML, or ConfigError listing every problem."""
+    r = Reader()
+    environ = os.environ if environ is None else environ
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the config file must be a mapping, got {_kind(raw)}"])
+    raw = _interpolate(raw, "", environ, r)
+    r.mapping(raw, "", _TOP)
+    server = _server(raw.get("server"), r)
+    retry = parse_retry(raw.get("retry"), "retry", RetryPolicy(), r) if "retry" in raw else RetryPolicy()
+    destinations = _destinations(raw.get("destinations"), retry, r)
+    declared = set(raw["destinations"]) if isinstance(raw.get("destinations"), dict) else set()
+    routes = _routes(raw.get("routes"), declared, r)
+    default = _destination_list(raw["default"], "default", declared, r) if raw.get("default") is not None else None
+    config = Config(
+        server=server,
+        store=_store(raw.get("store"), r),
+        carriers=_carriers(raw.get("carriers"), r),
+        retry=retry,
+        destinations=destinations,
+        routes=routes,
+        default=default,
+        retention=_retention(raw.get("retention"), r),
+        source=source,
+    )
+    if r.errors:
+        raise ConfigError(r.errors)
+    return config
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: invalid YAML at {where}: {problem}"]) from None
+    return build(raw, environ, source=str(path))
+
+
+def defaults() -> Config:
+    """What `serve` runs with no config file: every event to the log destination."""
+    return build({"destinations": {"log": {"type": "log"}}, "default": ["log"]}, environ={})

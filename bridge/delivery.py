@@ -1,0 +1,189 @@
+"""The delivery loop: claim due deliveries, make one attempt each, record what happened.
+
+One loop per destination, so a slow or dead destination never delays another. Within a
+destination up to `concurrency` attempts run at once; ordered destinations get only the oldest
+pending delivery of each conversation (the store's claim sees to it). The retry decision is the
+pure `bridge.retry.decide`; this module only does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+
+from bridge.destinations import Attempt, Destination
+from bridge.errors import StoreError
+from bridge.retry import Dead, Delivered, Done, Failed, Outcome, decide
+from bridge.store import AttemptResult, Claim, Store
+
+log = logging.getLogger("bridge.delivery")
+
+IDLE_POLL = 1.0  # look at the store at least this often (other instances, clock drift)
+LEASE_MARGIN = 30.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        destinations: Mapping[str, Destination],
+        *,
+        on_result: Callable[[Destination, Claim, AttemptResult], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.destinations = dict(destinations)
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._on_result = on_result
+        self._wake: dict[str, asyncio.Event] = {}
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
+        self._stopping = False
+
+    def start(self) -> None:
+        for name, destination in self.destinations.items():
+            self._wake[name] = asyncio.Event()
+            self._inflight[name] = {}
+            self._loops[name] = asyncio.create_task(self._run(destination), name=f"deliver:{name}")
+
+    def notify(self, names: list[str] | tuple[str, ...]) -> None:
+        """New deliveries are due now for these destinations."""
+        for name in names:
+            wake = self._wake.get(name)
+            if wake is not None:
+                wake.set()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop claiming; let attempts in flight finish for `grace` seconds, then cancel them and
+        give their deliveries back to the queue."""
+        self._stopping = True
+        for wake in self._wake.values():
+            wake.set()
+        inflight = [task for tasks in self._inflight.values() for task in tasks]
+        if inflight:
+            await asyncio.wait(inflight, timeout=grace)
+        unfinished: list[Claim] = []
+        for tasks in self._inflight.values():
+            for task, claim in list(tasks.items()):
+                if not task.done():
+                    task.cancel()
+                    unfinished.append(claim)
+        for task in self._loops.values():
+            task.cancel()
+        await asyncio.gather(
+            *self._loops.values(), *[t for ts in self._inflight.values() for t in ts], return_exceptions=True
+        )
+        if unfinished:
+            try:
+                await self.store.release(unfinished)
+            except StoreError:
+                log.warning("could not release leased deliveries; they are retried when their lease runs out")
+            log.info("released leased deliveries", extra={"count": len(unfinished)})
+
+    async def _run(self, destination: Destination) -> None:
+        name = destination.name
+        wake, inflight = self._wake[name], self._inflight[name]
+        lease = destination.attempt_timeout + LEASE_MARGIN
+
+        def finished(task: asyncio.Task[None]) -> None:
+            inflight.pop(task, None)
+            wake.set()
+
+        while not self._stopping:
+            wake.clear()  # before claiming, so a notify during the claim is not lost
+            free = destination.concurrency - len(inflight)
+            if free <= 0:
+                await wake.wait()
+                continue
+            try:
+                claims = await self.store.claim(
+                    name, limit=free, lease=lease, ordered=destination.ordered, owner=self.owner
+                )
+            except StoreError as exc:
+                log.warning("cannot claim deliveries", extra={"destination": name, "error": str(exc)})
+                await asyncio.sleep(IDLE_POLL)
+                continue
+            if self._stopping:
+                await self.store.release(claims)
+                return
+            for claim in claims:
+                task = asyncio.create_task(self._attempt(destination, claim))
+                inflight[task] = claim
+                task.add_done_callback(finished)
+            if len(claims) == free:
+                await wake.wait()  # more may be due: go again once a slot frees up
+                continue
+            # Fewer were due than we could take: sleep until the next is due, a new delivery
+            # arrives (notify) or an attempt finishes.
+            timeout = IDLE_POLL
+            try:
+                due = await self.store.next_due(name)
+            except StoreError:
+                due = None
+            if due is not None:
+                timeout = min(IDLE_POLL, max(0.0, due - time.time()))
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout)
+
+    async def _attempt(self, destination: Destination, claim: Claim) -> None:
+        started, t0 = time.time(), time.monotonic()
+        attempt = Attempt(delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation)
+        try:
+            async with asyncio.timeout(destination.attempt_timeout):
+                outcome: Outcome = await destination.send(claim.event, attempt)
+        except TimeoutError:
+            outcome = Failed(reason=f"attempt took longer than {destination.attempt_timeout:g}s", retryable=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a poison event: dead for this destination, loop goes on
+            log.exception(
+                "destination raised",
+                extra={"event_id": claim.event_id, "destination": destination.name, "attempt": claim.attempt},
+            )
+            outcome = Failed(reason=f"{type(exc).__name__}: {exc}", retryable=False)
+        duration = time.monotonic() - t0
+        now = time.time()
+        decision = decide(
+            outcome, attempt=claim.attempt, created_at=claim.created_at, now=now, policy=destination.retry
+        )
+        label = "delivered" if isinstance(decision, Done) else "dead" if isinstance(decision, Dead) else "retry"
+        result = AttemptResult(
+            claim=claim,
+            started_at=started,
+            duration=duration,
+            outcome=label,
+            status=outcome.status,
+            error=None if isinstance(outcome, Delivered) else outcome.reason,
+            decision=decision,
+        )
+        try:
+            await self.store.complete([result])
+        except StoreError as exc:
+            # the lease runs out and the delivery is tried again: at least once, never lost
+            log.warning(
+                "cannot record attempt",
+                extra={"event_id": claim.event_id, "destination": destination.name, "error": str(exc)},
+            )
+            return
+        extra = {
+            "event_id": claim.event_id,
+            "route": claim.route,
+            "destination": destination.name,
+            "delivery_id": claim.id,
+            "attempt": claim.attempt,
+            "outcome": label,
+            "status": outcome.status,
+            "duration_ms": round(duration * 1000, 1),
+        }
+        if not isinstance(outcome, Delivered):
+            extra["error"] = outcome.reason
+        if label == "retry":
+            extra["retry_in_s"] = round(decision.at - now, 3)  # type: ignore[union-attr]
+        log.log(logging.WARNING if label == "dead" else logging.INFO, "delivery attempt", extra=extra)
+        if self._on_result is not None:
+            self._on_result(destination, claim, result)

@@ -1,0 +1,171 @@
+"""`type: webhook`: POST the event as JSON or as a structured CloudEvent, optionally signed
+with Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from bridge.config import Reader
+from bridge.destinations import USER_AGENT, Attempt, Destination, Services
+from bridge.event import Event
+from bridge.retry import Failed, Outcome, classify_http
+from bridge.secret import Secret
+
+FORMATS = ("event", "cloudevents")
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature"}
+)
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret (`whsec_` + base64)."""
+    return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def cloudevent(event: Event) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": event["id"],
+        "source": "postback-bridge",
+        "type": f"com.skycore.{event['type']}",
+        "subject": event["from"],
+        "time": event["occurred_at"] or event["received_at"],
+        "datacontenttype": "application/json",
+        "data": event,
+    }
+
+
+def render(event: Event, fmt: str) -> tuple[bytes, str]:
+    """The body and its Content-Type."""
+    if fmt == "cloudevents":
+        payload, content_type = cloudevent(event), "application/cloudevents+json"
+    else:
+        payload, content_type = event, "application/json"
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), content_type
+
+
+class WebhookDestination(Destination):
+    type_name = "webhook"
+    config_keys = frozenset({"url", "secret", "format", "headers", "timeout"})
+    required_keys = frozenset({"url"})
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        secret: Secret | None = None,
+        fmt: str = "event",
+        headers: dict[str, Secret] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__(name)
+        self.url = url
+        self.secret = secret
+        self.format = fmt
+        self.headers = headers or {}
+        self.timeout = timeout
+        self.attempt_timeout = timeout + 5.0
+        self._key = signing_key(secret.reveal()) if secret else None
+        self._http: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
+        url = r.url(options.get("url"), f"{path}.url")
+        secret = None
+        if options.get("secret") is not None:
+            secret = r.secret(options["secret"], f"{path}.secret")
+            if secret is not None:
+                try:
+                    if not signing_key(secret.reveal()):
+                        raise ValueError
+                except (binascii.Error, ValueError):
+                    r.error(f"{path}.secret", "expected a Standard Webhooks secret: whsec_ followed by base64")
+                    secret = None
+        fmt = options.get("format", "event")
+        if fmt not in FORMATS:
+            r.error(f"{path}.format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
+        headers: dict[str, Secret] = {}
+        raw_headers = options.get("headers") or {}
+        if not isinstance(raw_headers, dict):
+            r.error(f"{path}.headers", "expected a mapping of header name to value")
+        else:
+            for key, value in raw_headers.items():
+                text = r.string(value, f"{path}.headers.{key}", empty_ok=True)
+                if str(key).lower() in _RESERVED_HEADERS:
+                    r.error(f"{path}.headers.{key}", "is set by the bridge itself")
+                elif text is not None:
+                    headers[str(key)] = Secret(text)
+        timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
+        if url is None or timeout is None or fmt not in FORMATS:
+            return None
+        return cls(name, url, secret=secret, fmt=fmt, headers=headers, timeout=timeout)
+
+    def describe(self) -> str:
+        signed = ", signed" if self.secret else ""
+        return f"POST {self.url} ({self.format}{signed}, timeout {self.timeout:g}s)"
+
+    def _headers(self, event: Event, body: bytes, content_type: str, *, reveal: bool) -> dict[str, str]:
+        headers = {k: (v.reveal() if reveal else str(v)) for k, v in self.headers.items()}
+        headers.setdefault("User-Agent", USER_AGENT)
+        headers["Content-Type"] = content_type
+        if self._key is not None:
+            timestamp = int(time.time())
+            headers["webhook-id"] = event["id"]
+            headers["webhook-timestamp"] = str(timestamp)
+            headers["webhook-signature"] = sign(self._key, event["id"], timestamp, body) if reveal else "v1,**********"
+        return headers
+
+    def preview(self, event: Event) -> Any:
+        body, content_type = render(event, self.format)
+        return {
+            "method": "POST",
+            "url": self.url,
+            "headers": self._headers(event, body, content_type, reveal=False),
+            "body": json.loads(body),
+        }
+
+    async def open(self, services: Services) -> None:
+        self._http = services.http
+
+    async def send(self, event: Event, attempt: Attempt) -> Outcome:
+        assert self._http is not None, "open() first"
+        body, content_type = render(event, self.format)
+        headers = self._headers(event, body, content_type, reveal=True)
+        try:
+            async with self._http.post(
+                self.url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                allow_redirects=False,
+            ) as response:
+                text = ""
+                if not 200 <= response.status < 300:
+                    text = (await response.content.read(512)).decode("utf-8", "replace").strip()
+                outcome = classify_http(response.status, response.headers, time.time(), text)
+        except TimeoutError:
+            return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
+        except aiohttp.ClientConnectorError as exc:
+            return Failed(reason=f"cannot connect: {exc.os_error or exc}", retryable=True)
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            return Failed(reason=f"{type(exc).__name__}: {exc}", retryable=True)
+        if isinstance(outcome, Failed) and outcome.status and 300 <= outcome.status < 400:
+            return Failed(
+                reason=f"HTTP {outcome.status}: redirects are not followed", retryable=False, status=outcome.status
+            )
+        return outcome

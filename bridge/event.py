@@ -1,0 +1,146 @@
+"""Postback fields -> the normalized event (CONTRACT §5). Pure: no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.carriers import Carriers
+from bridge.postback import Fields
+
+Event = dict[str, Any]
+
+_TYPES = {
+    "SMS_MO": "sms.received",
+    "MMS_MO": "mms.received",
+    "SMS_MT": "sms.status",
+    "MMS_MT": "mms.status",
+}
+_CODE_TYPES = {
+    ("SUB", "N301"): "subscriber.opted_in",
+    ("SUB", "N302"): "subscriber.opted_out",
+    ("EMAIL_SUB", "N303"): "email_subscriber.opted_in",
+    ("EMAIL_SUB", "N304"): "email_subscriber.opted_out",
+}
+
+
+def text_of(value: Any) -> str | None:
+    """An element's text as sent; None when absent. Mixed content keeps its text part."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        inner = value.get("#text")
+        return inner if isinstance(inner, str) else None
+    if isinstance(value, list) and value:
+        return text_of(value[0])
+    return None
+
+
+def _stripped(fields: Fields, name: str) -> str | None:
+    value = text_of(fields.get(name))
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def phone(value: str | None) -> str | None:
+    """E.164 for numbers of 10+ digits; short codes and anything else as they are."""
+    if value is None:
+        return None
+    digits = value[1:] if value.startswith("+") else value
+    if len(digits) >= 10 and digits.isdigit():
+        return "+" + digits
+    return value
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """ISO 8601 in UTC. Hour-only offsets (`-04`) are fine; no offset at all is taken as UTC."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace(" ", "T", 1))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def format_time(moment: datetime, *, millis: bool = False) -> str:
+    moment = moment.astimezone(UTC)
+    if millis:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def event_type(origin: str, code: str | None) -> str:
+    origin, code = origin.upper(), (code or "").upper()
+    if origin in _TYPES:
+        return _TYPES[origin]
+    return _CODE_TYPES.get((origin, code), "postback.received")
+
+
+def _media(fields: Fields) -> list[dict[str, str]]:
+    content = fields.get("CONTENT")
+    if not isinstance(content, dict):
+        return []
+    files = content.get("FILE", [])
+    urls = (text_of(f) for f in (files if isinstance(files, list) else [files]))
+    return [{"url": url.strip()} for url in urls if url and url.strip()]
+
+
+def _keyword(fields: Fields, text: str | None) -> str | None:
+    keyword = _stripped(fields, "KEYWORD")
+    if keyword is None and text:
+        words = text.split(None, 1)
+        keyword = words[0] if words else None
+    return keyword.upper() if keyword else None
+
+
+def normalize(fields: Fields, *, event_id: str, received_at: datetime, carriers: Carriers) -> Event:
+    origin = _stripped(fields, "ORIGIN") or ""
+    code = _stripped(fields, "CODE")
+    if origin.upper() in ("SUB", "EMAIL_SUB"):
+        sender, recipient = _stripped(fields, "MOBILE"), _stripped(fields, "SHORTCODE")
+    else:
+        sender, recipient = _stripped(fields, "FROM"), _stripped(fields, "TO")
+    text = text_of(fields.get("TEXT"))
+    spid = _stripped(fields, "SPID")
+    occurred = parse_time(_stripped(fields, "RECEIVED") or _stripped(fields, "TIMESTAMP"))
+    return {
+        "id": event_id,
+        "type": event_type(origin, code),
+        "origin": origin,
+        "code": code,
+        "from": phone(sender),
+        "to": phone(recipient),
+        "keyword": _keyword(fields, text),
+        "text": text,
+        "subject": text_of(fields.get("SUBJECT")),
+        "media": _media(fields),
+        "spid": spid,
+        "carrier": carriers.lookup(spid),
+        "transaction_id": _stripped(fields, "TRANSACTIONID"),
+        "tracking_id": _stripped(fields, "TRACKINGID"),
+        "occurred_at": format_time(occurred) if occurred else None,
+        "received_at": format_time(received_at, millis=True),
+        "fields": fields,
+    }
+
+
+def dedup_key(event: Event) -> str:
+    """CONTRACT §6: ORIGIN plus TRANSACTIONID, else TRACKINGID, else FROM, TO, TEXT and time."""
+    fields = event["fields"]
+    if event["transaction_id"]:
+        parts = ["tx", event["transaction_id"]]
+    elif event["tracking_id"]:
+        parts = ["trk", event["tracking_id"]]
+    else:
+        sent_at = _stripped(fields, "RECEIVED") or _stripped(fields, "TIMESTAMP") or ""
+        parts = ["msg", event["from"] or "", event["to"] or "", event["text"] or "", sent_at]
+    raw = "\x1f".join([event["origin"], *parts])
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()

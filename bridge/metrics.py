@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per running bridge (so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from bridge import __version__
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.postbacks = Counter(
+            "bridge_postbacks_received",
+            "Postbacks received, by ORIGIN and outcome (accepted, duplicate, dropped, rejected, unavailable).",
+            ["origin", "outcome", "reason"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "bridge_events_routed", "Events per matching route ('default' for the default).", ["route"], registry=r
+        )
+        self.unmatched = Counter(
+            "bridge_events_unmatched", "Events no route matched and no default took (dropped).", registry=r
+        )
+        self.attempts = Counter(
+            "bridge_delivery_attempts",
+            "Delivery attempts by destination and outcome (delivered, retry, dead).",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "bridge_delivery_latency_seconds",
+            "Time from receiving an event to delivering it, per destination.",
+            ["destination"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pending = Gauge(
+            "bridge_deliveries_pending", "Deliveries waiting to be delivered.", ["destination"], registry=r
+        )
+        self.dead = Gauge(
+            "bridge_deliveries_dead", "Deliveries that gave up (listable, replayable).", ["destination"], registry=r
+        )
+        self.oldest = Gauge(
+            "bridge_oldest_pending_delivery_age_seconds",
+            "Age of the oldest undelivered delivery, per destination: the number to alert on.",
+            ["destination"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "bridge_config_reloads", "Config reloads by result (success, failure).", ["result"], registry=r
+        )
+        self.last_reload = Gauge(
+            "bridge_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully.",
+            registry=r,
+        )
+        self.store_up = Gauge("bridge_store_up", "1 when the store took the last write, else 0.", registry=r)
+        Info("bridge_build", "Build information.", registry=r).info({"version": __version__})
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,105 @@
+"""What happens after one delivery attempt: done, retry at T, or dead. Pure, like
+Alertmanager's `Retrier.Check`: the destinations say *how* an attempt failed, this decides."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from bridge.config import RetryPolicy
+
+
+@dataclass(frozen=True)
+class Delivered:
+    status: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+    retryable: bool
+    status: int | None = None
+    retry_after: float | None = None  # seconds, from the peer
+
+
+Outcome = Delivered | Failed
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Dead:
+    reason: str
+
+
+Decision = Done | RetryAt | Dead
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds or an HTTP-date; None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None or moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - now)
+
+
+def classify_http(status: int, headers: Mapping[str, str], now: float, body: str = "") -> Outcome:
+    """An HTTP response -> Delivered for 2xx, else Failed, retryable for 408/425/429/5xx."""
+    if 200 <= status < 300:
+        return Delivered(status=status)
+    reason = f"HTTP {status}" + (f": {body[:200]}" if body else "")
+    retryable = status in RETRYABLE_STATUSES or status >= 500
+    retry_after = parse_retry_after(headers.get("Retry-After"), now) if retryable else None
+    return Failed(reason=reason, retryable=retryable, status=status, retry_after=retry_after)
+
+
+def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max_interval, initial * 2^(n-1))]."""
+    ceiling = min(policy.max_interval, policy.initial * (2 ** min(attempt - 1, 62)))
+    return ceiling * rand()
+
+
+def decide(
+    outcome: Outcome,
+    *,
+    attempt: int,
+    created_at: float,
+    now: float,
+    policy: RetryPolicy,
+    rand: Callable[[], float] = random.random,
+) -> Decision:
+    """`attempt` counts from 1; `created_at` is when the delivery was stored."""
+    if isinstance(outcome, Delivered):
+        return Done()
+    if not outcome.retryable:
+        return Dead(outcome.reason)
+    if outcome.retry_after is not None:
+        delay = min(outcome.retry_after, policy.max_interval)
+    else:
+        delay = backoff(attempt, policy, rand)
+    at = now + delay
+    if at - created_at > policy.max_age:
+        return Dead(f"gave up after {attempt} attempts (max_age {policy.max_age:g}s): {outcome.reason}")
+    return RetryAt(at=at, reason=outcome.reason)

@@ -1,0 +1,317 @@
+"""The HTTP side: take a postback, store it with its deliveries, answer 200 (CONTRACT §4).
+
+Never a 500: bad input is a 4xx saying what is wrong; anything unexpected, or a store that
+cannot take the write, is a 503 so that Skycore retries later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohttp import web
+
+from bridge.carriers import Carriers
+from bridge.config import AuthConfig, Config
+from bridge.delivery import Dispatcher
+from bridge.destinations import USER_AGENT, Destination, Services, conversation_key
+from bridge.errors import PostbackError, StoreError
+from bridge.event import dedup_key, normalize
+from bridge.ids import event_id
+from bridge.metrics import Metrics
+from bridge.postback import parse
+from bridge.routing import route
+from bridge.store import AttemptResult, Claim, NewDelivery, Store, open_store
+
+log = logging.getLogger("bridge.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Runtime:
+    """Everything a request needs; `config` and `carriers` are swapped whole on reload."""
+
+    config: Config
+    carriers: Carriers
+    metrics: Metrics = field(default_factory=Metrics)
+    store: Store | None = None
+    dispatcher: Dispatcher | None = None
+    store_ok: bool = True
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+def client_ip(request: web.Request, auth: AuthConfig) -> str | None:
+    """The peer address, or with trusted proxies the right-most X-Forwarded-For hop that is
+    not one of them (the left part of the header is whatever the client claims)."""
+    peer = request.remote
+    if not auth.trusted_proxies or peer is None:
+        return peer
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", []) for h in v.split(",")]
+    chain = [*hops, peer]
+    for hop in reversed(chain):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop
+        if not any(address in net for net in auth.trusted_proxies):
+            return hop
+    return chain[0]
+
+
+def _allowed(ip: str | None, auth: AuthConfig) -> bool:
+    if not auth.allow_from:
+        return True
+    try:
+        address = ipaddress.ip_address((ip or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in auth.allow_from)
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
+def check_auth(request: web.Request, auth: AuthConfig) -> web.Response | None:
+    """None when the request may post; else the 401/403 to answer (with no hint of what was wrong)."""
+    if not _allowed(client_ip(request, auth), auth):
+        return error(403, "forbidden")
+    if not (auth.token or auth.basic):
+        return None
+    if auth.token:
+        given = request.match_info.get("token") or request.query.get("token")
+        if given is not None and _same(given, auth.token.reveal()):
+            return None
+    if auth.basic:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                user, password = "", ""
+            user_ok = _same(user, auth.basic.username)
+            if _same(password, auth.basic.password.reveal()) and user_ok:
+                return None
+        return error(401, "unauthorized", **{"WWW-Authenticate": 'Basic realm="postback-bridge", charset="UTF-8"'})
+    return error(401, "unauthorized")
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def read_body(request: web.Request, limit: int, patience: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (chunked too), 408 if too slow."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    chunks, size = [], 0
+    async with asyncio.timeout(patience):
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def postback(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    config, metrics = runtime.config, runtime.metrics
+    server = config.server
+    if request.match_info.get("token") is not None and not server.auth.token:
+        return error(404, "not found")
+    denied = check_auth(request, server.auth)
+    if denied is not None:
+        metrics.postbacks.labels("", "rejected", "auth").inc()
+        return denied
+    try:
+        body = await read_body(request, server.max_body_bytes, server.client_timeout)
+    except web.HTTPRequestEntityTooLarge:
+        metrics.postbacks.labels("", "rejected", "too_large").inc()
+        return error(413, f"body is larger than max_body_bytes ({server.max_body_bytes} bytes)")
+    except TimeoutError:
+        metrics.postbacks.labels("", "rejected", "timeout").inc()
+        return error(408, f"body not received within {server.client_timeout:g}s")
+    try:
+        fields = parse(body, request.headers.get("Content-Type", ""))
+    except PostbackError as exc:
+        metrics.postbacks.labels("", "rejected", "invalid").inc()
+        log.info("postback rejected", extra={"reason": str(exc), "remote": request.remote})
+        return error(400, str(exc))
+
+    received = datetime.now(UTC)
+    event = normalize(fields, event_id=event_id(), received_at=received, carriers=runtime.carriers)
+    origin = event["origin"][:32]
+    decision = route(event, config.routes, config.default)
+    for name in decision.routes or (("default",) if decision.defaulted else ()):
+        metrics.routed.labels(name).inc()
+    if decision.dropped:
+        if not decision.routes:
+            metrics.unmatched.inc()
+        metrics.postbacks.labels(origin, "dropped", "").inc()
+        log.info(
+            "event dropped",
+            extra={
+                "event_id": event["id"],
+                "type": event["type"],
+                "routes": list(decision.routes),
+                "why": "to: []" if decision.routes else "no route matched and no default",
+            },
+        )
+        return web.json_response({"status": "accepted", "id": event["id"]})
+
+    store = runtime.store
+    assert store is not None
+    conversation = conversation_key(event)
+    deliveries = [NewDelivery(d, r, conversation) for d, r in decision.destinations]
+    try:
+        result = await store.ingest(event, dedup_key(event), deliveries)
+    except StoreError as exc:
+        runtime.store_ok = False
+        metrics.store_up.set(0)
+        metrics.postbacks.labels(origin, "unavailable", "store").inc()
+        log.error("store cannot take postback", extra={"error": str(exc)})
+        return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
+    runtime.store_ok = True
+    metrics.postbacks.labels(origin, result.status, "").inc()
+    log.info(
+        "postback " + result.status,
+        extra={
+            "event_id": result.event_id,
+            "type": event["type"],
+            "from": event["from"],
+            "to": event["to"],
+            "keyword": event["keyword"],
+            "routes": list(decision.routes) or ["default"],
+            "destinations": [d for d, _ in decision.destinations],
+        },
+    )
+    if result.status == "accepted" and runtime.dispatcher is not None:
+        runtime.dispatcher.notify([d for d, _ in decision.destinations])
+    return web.json_response({"status": result.status, "id": result.event_id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    store = runtime.store
+    try:
+        if store is None:
+            raise StoreError("store is not open")
+        async with asyncio.timeout(5):
+            await store.ping()
+    except (StoreError, TimeoutError) as exc:
+        runtime.metrics.store_up.set(0)
+        return web.json_response({"status": "unavailable", "store": str(exc) or "timeout"}, status=503)
+    runtime.store_ok = True
+    runtime.metrics.store_up.set(1)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    return web.Response(
+        body=runtime.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+@web.middleware
+async def never_500(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """HTTP errors pass through; anything unexpected becomes 503 (Skycore retries) and is logged."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 500:
+            return error(503, "temporarily unavailable, retry later")
+        if exc.empty_body or exc.content_type != "application/json":
+            return error(exc.status, exc.reason.lower())
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error", extra={"path": request.path, "method": request.method})
+        return error(503, "temporarily unavailable, retry later")
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def create_app(config: Config, *, store: Store | None = None) -> web.Application:
+    runtime = Runtime(config=config, carriers=Carriers(config.carriers))
+    app = web.Application(middlewares=[never_500], client_max_size=config.server.max_body_bytes)
+    app[RUNTIME] = runtime
+    path = config.server.postback_path
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_post(path, postback)
+    app.router.add_post(path + "/{token}", postback)
+    app.router.add_post("/{token}", postback)
+    app.cleanup_ctx.append(_store_ctx(store))
+    app.cleanup_ctx.append(_delivery_ctx)
+    return app
+
+
+def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runtime = app[RUNTIME]
+        runtime.store = store or open_store(runtime.config.store)
+        await runtime.store.open()
+        yield
+        await runtime.store.close()
+
+    return ctx
+
+
+async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+    assert runtime.store is not None
+    destinations = runtime.config.destinations
+    http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
+        headers={"User-Agent": USER_AGENT},
+    )
+    services = Services(http=http, state=runtime.store)
+    for destination in destinations.values():
+        await destination.open(services)
+
+    def on_result(destination: Destination, claim: Claim, result: AttemptResult) -> None:
+        name = claim.destination
+        runtime.metrics.attempts.labels(name, result.outcome).inc()
+        if result.outcome == "delivered":
+            received = claim.event.get("received_at")
+            if received:
+                started = datetime.fromisoformat(received).timestamp()
+                runtime.metrics.latency.labels(name).observe(max(0.0, time.time() - started))
+
+    runtime.dispatcher = Dispatcher(runtime.store, destinations, on_result=on_result)
+    runtime.dispatcher.start()
+    yield
+    await runtime.dispatcher.stop()
+    for destination in destinations.values():
+        await destination.close()
+    await http.close()

@@ -1,0 +1,164 @@
+"""The store: events, their deliveries, every attempt, conversation state.
+
+A narrow interface (like procrastinate's connectors) so SQLite and PostgreSQL drop in behind it.
+The one promise everything rests on: `ingest` returns only once the event and all its delivery
+rows are committed durably, in one transaction.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+
+from bridge.event import Event
+from bridge.retry import Decision
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    destination: str
+    route: str
+    conversation: str
+
+
+@dataclass(frozen=True)
+class Ingested:
+    status: str  # "accepted" | "duplicate"
+    event_id: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    event_id: str
+    destination: str
+    attempt: int  # this attempt's number, from 1
+    created_at: float
+    conversation: str
+    route: str
+    event: Event
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    claim: Claim
+    started_at: float
+    duration: float
+    outcome: str  # delivered | retry | dead
+    status: int | None
+    error: str | None
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    event_id: str
+    destination: str
+    route: str
+    status: str
+    attempts: int
+    created_at: float
+    next_at: float | None
+    updated_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    number: int
+    at: float
+    outcome: str
+    status: int | None
+    error: str | None
+    duration: float
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    status: str | None = None
+    destination: str | None = None
+    event_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    ids: tuple[int, ...] | None = None
+    limit: int = 100
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreError unless the store can take a write now."""
+
+    @abc.abstractmethod
+    async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested: ...
+
+    @abc.abstractmethod
+    async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        """Lease up to `limit` due deliveries. With `ordered`, only the oldest pending delivery
+        of each conversation is due, so one conversation is never sent out of order."""
+
+    @abc.abstractmethod
+    async def complete(self, results: list[AttemptResult]) -> None:
+        """Record attempts and apply their decisions; a delivery no longer pending is left alone."""
+
+    @abc.abstractmethod
+    async def release(self, claims: list[Claim]) -> None:
+        """Give leased deliveries back, unattempted (on shutdown)."""
+
+    @abc.abstractmethod
+    async def next_due(self, destination: str) -> float | None:
+        """When the next pending delivery of `destination` is due, or None."""
+
+    @abc.abstractmethod
+    async def get_conversation(self, destination: str, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def put_conversation(self, destination: str, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]: ...
+
+    @abc.abstractmethod
+    async def get_event(self, event_id: str) -> Event | None: ...
+
+    @abc.abstractmethod
+    async def attempts(self, delivery_id: int) -> list[AttemptRow]: ...
+
+    @abc.abstractmethod
+    async def replay(self, where: DeliveryFilter, *, force: bool = False) -> list[int]:
+        """Make matching dead (and with `force` delivered) deliveries pending again, due now."""
+
+    @abc.abstractmethod
+    async def abandon(self, destinations: set[str], reason: str) -> int:
+        """Mark pending deliveries to destinations no longer configured dead."""
+
+
+def open_store(url: str) -> Store:
+    if url.startswith("sqlite:///"):
+        from bridge.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path(url))
+    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///bridge.db` is relative, `sqlite:////var/lib/x.db` absolute."""
+    return url.removeprefix("sqlite:///")
+
+
+def load_queries(name: str) -> dict[str, str]:
+    """Named SQL blocks (`-- name: claim`) from a .sql file beside this module."""
+    text = files("bridge.store").joinpath(name).read_text(encoding="utf-8")
+    blocks: dict[str, str] = {}
+    for match in re.finditer(r"^-- name: (\w+)\n(.*?)(?=^-- name: |\Z)", text, re.S | re.M):
+        blocks[match.group(1)] = match.group(2).strip()
+    return blocks

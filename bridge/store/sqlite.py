@@ -1,0 +1,354 @@
+"""SQLite store: WAL, fsync on every commit, and group commit.
+
+Every operation runs on one writer thread that owns the connection. Operations that arrive
+while a commit is in flight queue up and are committed together in the next transaction, so a
+burst of N postbacks costs a few fsyncs, not N, and each caller still hears back only after
+its own data is durable. Each operation runs in a savepoint, so one failing op does not undo
+its neighbours; a failed COMMIT fails them all (the store is then not ready: 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from bridge.errors import StoreError
+from bridge.event import Event
+from bridge.retry import Dead, Done, RetryAt
+from bridge.store import (
+    AttemptResult,
+    AttemptRow,
+    Claim,
+    DeliveryFilter,
+    DeliveryRow,
+    Ingested,
+    NewDelivery,
+    Store,
+    load_queries,
+)
+
+Q = load_queries("sqlite.sql")
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+_STOP = object()
+MAX_BATCH = 1024
+
+
+def _marks(values: Sequence[object]) -> str:
+    """`?, ?, ?`: the only thing ever formatted into SQL here; values are always bound."""
+    return ", ".join("?" * len(values))
+
+
+def _dumps(event: Event) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Writer(threading.Thread):
+    def __init__(self, path: str) -> None:
+        super().__init__(name="sqlite-writer", daemon=True)
+        self.path = path
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+
+    def connect(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            # created 0600 before SQLite touches it; the -wal and -shm files inherit the mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"cannot put {self.path} in WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")  # durable at COMMIT, also on power loss
+        conn.executescript(Q["schema"])
+        conn.execute(Q["recover_leases"], {"now": time.time()})
+        return conn
+
+    def run(self) -> None:
+        try:
+            conn = self.connect()
+        except BaseException as exc:  # reported to open()
+            self.startup_error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            while True:
+                first = self.queue.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except sqlite3.OperationalError:
+                    raise  # the disk or the database failed: the whole batch fails
+                except Exception as exc:  # a bad op: undo it alone
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, exc))
+                    continue
+                conn.execute("RELEASE op")
+                results.append((future, value, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = StoreError(f"SQLite: {exc}")
+            results = [(future, None, error) for _, future in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is waiting
+                loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._writer: _Writer | None = None
+
+    async def open(self) -> None:
+        writer = _Writer(self.path)
+        writer.start()
+        await asyncio.to_thread(writer.ready.wait)
+        if writer.startup_error is not None:
+            exc = writer.startup_error
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        self._writer = writer
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.queue.put(_STOP)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+
+    def _run(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._writer is None:
+            raise StoreError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writer.queue.put((op, future))
+        return future
+
+    async def ping(self) -> None:
+        now = str(time.time())
+        await self._run(lambda conn: conn.execute(Q["heartbeat"], (now,)))
+
+    async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> Ingested:
+            cursor = conn.execute(Q["insert_event"], (event["id"], dedup_key, event["type"], now, _dumps(event)))
+            if cursor.rowcount == 0:
+                (existing,) = conn.execute(Q["event_by_dedup_key"], (dedup_key,)).fetchone()
+                return Ingested("duplicate", existing)
+            conn.executemany(
+                Q["insert_delivery"],
+                [(event["id"], d.destination, d.route, d.conversation, now, now, now) for d in deliveries],
+            )
+            return Ingested("accepted", event["id"])
+
+        return await self._run(op)
+
+    async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        now = time.time()
+        params = {"destination": destination, "now": now, "lease_until": now + lease, "owner": owner, "limit": limit}
+        query = Q["claim_ordered" if ordered else "claim"]
+
+        def op(conn: sqlite3.Connection) -> list[Claim]:
+            rows = conn.execute(query, params).fetchall()
+            if not rows:
+                return []
+            ids = sorted({row[1] for row in rows})
+            bodies = dict(conn.execute(f"SELECT id, body FROM events WHERE id IN ({_marks(ids)})", ids).fetchall())
+            rows.sort(key=lambda row: row[0])
+            return [
+                Claim(
+                    id=row[0],
+                    event_id=row[1],
+                    destination=destination,
+                    attempt=row[2],
+                    created_at=row[3],
+                    conversation=row[4],
+                    route=row[5],
+                    event=json.loads(bodies[row[1]]),
+                )
+                for row in rows
+            ]
+
+        return await self._run(op)
+
+    async def complete(self, results: list[AttemptResult]) -> None:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> None:
+            for r in results:
+                decision = r.decision
+                if isinstance(decision, Done):
+                    status, next_at, error = "delivered", now, None
+                elif isinstance(decision, RetryAt):
+                    status, next_at, error = "pending", decision.at, decision.reason
+                else:
+                    assert isinstance(decision, Dead)
+                    status, next_at, error = "dead", now, decision.reason
+                conn.execute(
+                    Q["record_attempt"],
+                    {
+                        "id": r.claim.id,
+                        "number": r.claim.attempt,
+                        "at": r.started_at,
+                        "outcome": r.outcome,
+                        "status": r.status,
+                        "error": r.error,
+                        "duration": r.duration,
+                    },
+                )
+                conn.execute(
+                    Q["finish"], {"id": r.claim.id, "status": status, "next_at": next_at, "error": error, "now": now}
+                )
+
+        await self._run(op)
+
+    async def release(self, claims: list[Claim]) -> None:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(Q["release"], [{"now": now, "id": c.id} for c in claims])
+
+        await self._run(op)
+
+    async def next_due(self, destination: str) -> float | None:
+        return await self._run(lambda conn: conn.execute(Q["next_due"], (destination,)).fetchone()[0])
+
+    async def get_conversation(self, destination: str, key: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(Q["get_conversation"], (destination, key)).fetchone()
+            return row[0] if row else None
+
+        return await self._run(op)
+
+    async def put_conversation(self, destination: str, key: str, value: str) -> None:
+        await self._run(lambda conn: conn.execute(Q["put_conversation"], (destination, key, value)))
+
+    @staticmethod
+    def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        for column, value in (
+            ("status", where.status),
+            ("destination", where.destination),
+            ("event_id", where.event_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if where.since is not None:
+            clauses.append("created_at >= ?")
+            params.append(where.since)
+        if where.until is not None:
+            clauses.append("created_at < ?")
+            params.append(where.until)
+        if where.ids is not None:
+            clauses.append(f"id IN ({_marks(where.ids)})")
+            params.extend(where.ids)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
+        sql, params = self._where(where)
+        query = (
+            "SELECT id, event_id, destination, route, status, attempts, created_at, next_at, updated_at, last_error"
+            f" FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            rows = conn.execute(query, [*params, where.limit]).fetchall()
+            return [DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9]) for row in rows]
+
+        return await self._run(op)
+
+    async def get_event(self, event_id: str) -> Event | None:
+        def op(conn: sqlite3.Connection) -> Event | None:
+            row = conn.execute(Q["get_event"], (event_id,)).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self._run(op)
+
+    async def attempts(self, delivery_id: int) -> list[AttemptRow]:
+        return await self._run(
+            lambda conn: [AttemptRow(*row) for row in conn.execute(Q["attempts"], (delivery_id,)).fetchall()]
+        )
+
+    async def replay(self, where: DeliveryFilter, *, force: bool = False) -> list[int]:
+        sql, params = self._where(where)
+        statuses = ("dead", "delivered") if force else ("dead",)
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM deliveries{sql}{' AND' if sql else ' WHERE'}"
+                    f" status IN ({_marks(statuses)}) ORDER BY id LIMIT ?",
+                    [*params, *statuses, where.limit],
+                ).fetchall()
+            ]
+            # a new attempt series: due now, and max_age counts from the replay
+            conn.executemany(
+                "UPDATE deliveries SET status = 'pending', next_at = ?, created_at = ?, updated_at = ?,"
+                " leased_by = NULL, last_error = NULL WHERE id = ?",
+                [(now, now, now, i) for i in ids],
+            )
+            return ids
+
+        return await self._run(op)
+
+    async def abandon(self, destinations: set[str], reason: str) -> int:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> int:
+            return sum(conn.execute(Q["abandon"], (reason, now, d)).rowcount for d in destinations)
+
+        return await self._run(op)

@@ -1,0 +1,127 @@
+-- name: schema
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    dedup_key TEXT NOT NULL UNIQUE,        -- CONTRACT §6: permanent, not a time window
+    type TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    body TEXT NOT NULL                     -- the normalized event as JSON
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL REFERENCES events (id),
+    destination TEXT NOT NULL,
+    route TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    status TEXT NOT NULL,                  -- pending | delivered | dead
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,                 -- due time; while leased, when the lease runs out
+    leased_by TEXT,
+    last_error TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_conversation
+    ON deliveries (destination, conversation, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, updated_at);
+CREATE TABLE IF NOT EXISTS attempts (
+    delivery_id INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,                 -- delivered | retry | dead
+    status INTEGER,
+    error TEXT,
+    duration REAL NOT NULL,
+    PRIMARY KEY (delivery_id, number)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conversations (
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (destination, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- name: insert_event
+INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (dedup_key) DO NOTHING
+
+-- name: event_by_dedup_key
+SELECT id FROM events WHERE dedup_key = ?
+
+-- name: insert_delivery
+INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at, updated_at)
+VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
+
+-- name: claim
+UPDATE deliveries
+SET next_at = :lease_until, leased_by = :owner, attempts = attempts + 1
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE destination = :destination AND status = 'pending' AND next_at <= :now
+    ORDER BY next_at, id
+    LIMIT :limit
+)
+RETURNING id, event_id, attempts, created_at, conversation, route
+
+-- name: claim_ordered
+UPDATE deliveries
+SET next_at = :lease_until, leased_by = :owner, attempts = attempts + 1
+WHERE id IN (
+    SELECT d.id FROM deliveries AS d
+    WHERE d.destination = :destination AND d.status = 'pending' AND d.next_at <= :now
+      AND NOT EXISTS (
+          SELECT 1 FROM deliveries AS earlier
+          WHERE earlier.destination = d.destination AND earlier.conversation = d.conversation
+            AND earlier.status = 'pending' AND earlier.id < d.id
+      )
+    ORDER BY d.next_at, d.id
+    LIMIT :limit
+)
+RETURNING id, event_id, attempts, created_at, conversation, route
+
+-- name: finish
+UPDATE deliveries
+SET status = :status, next_at = :next_at, leased_by = NULL, last_error = :error, updated_at = :now
+WHERE id = :id AND status = 'pending'
+
+-- name: record_attempt
+INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
+VALUES (:id, :number, :at, :outcome, :status, :error, :duration)
+ON CONFLICT (delivery_id, number) DO NOTHING
+
+-- name: release
+UPDATE deliveries SET next_at = :now, leased_by = NULL, attempts = attempts - 1
+WHERE id = :id AND status = 'pending' AND leased_by IS NOT NULL
+
+-- name: recover_leases
+UPDATE deliveries SET next_at = MIN(next_at, :now), leased_by = NULL
+WHERE status = 'pending' AND leased_by IS NOT NULL
+
+-- name: next_due
+SELECT MIN(next_at) FROM deliveries WHERE destination = ? AND status = 'pending'
+
+-- name: get_conversation
+SELECT value FROM conversations WHERE destination = ? AND key = ?
+
+-- name: put_conversation
+INSERT INTO conversations (destination, key, value) VALUES (?, ?, ?)
+ON CONFLICT (destination, key) DO UPDATE SET value = excluded.value
+
+-- name: get_event
+SELECT body FROM events WHERE id = ?
+
+-- name: attempts
+SELECT number, at, outcome, status, error, duration FROM attempts WHERE delivery_id = ? ORDER BY number
+
+-- name: heartbeat
+INSERT INTO meta (key, value) VALUES ('heartbeat', ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
+-- name: abandon
+UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?
+WHERE status = 'pending' AND destination = ?
