@@ -1,0 +1,228 @@
+"""Shared test peers: a recording HTTP sink, and the real `postback-bridge serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+POSTBACKS = SHARED / "reference" / "postbacks"
+SEEDS = SHARED / "seeds"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sms(n: int | str = 1, *, text: str = "HELLO there", sender: str = "15552312102", to: str = "86717") -> bytes:
+    """A distinct SMS_MO postback (TRANSACTIONID from n)."""
+    return (
+        f"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>{sender}</FROM><TO>{to}</TO>"
+        f"<TEXT>{text}</TEXT><RECEIVED>2024-05-01T12:00:00-04:00</RECEIVED>"
+        f"<TRANSACTIONID>tx-{n}</TRANSACTIONID></POSTBACK>"
+    ).encode()
+
+
+# ---------------------------------------------------------------------------- sink
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Sink:
+    """An HTTP server on 127.0.0.1 that records requests and answers from a script.
+
+    `responses` is consumed one per request: an int status, a (status, headers) tuple, or a
+    callable(request) -> awaitable Response; when empty it answers `default`.
+    """
+
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    responses: list[Any] = field(default_factory=list)
+    default: int = 200
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.path, dict(request.headers), body, time.time()))
+        self.arrived.set()
+        script = self.responses.pop(0) if self.responses else self.default
+        if callable(script):
+            return await script(request)
+        status, headers = script if isinstance(script, tuple) else (script, {})
+        return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"sink got {len(self.received)} requests, expected {count}")
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), min(remaining, 0.2))
+            except TimeoutError:
+                pass
+        return self.received
+
+
+async def start_sink(port: int | None = None) -> tuple[Sink, web.AppRunner]:
+    sink = Sink()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", sink.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port or 0)
+    await site.start()
+    bound = runner.addresses[0][1]
+    sink.url = f"http://127.0.0.1:{bound}"
+    return sink, runner
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s, runner = await start_sink()
+    yield s
+    await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------- the real process
+
+
+@dataclass
+class BridgeProcess:
+    config_path: Path
+    workdir: Path
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    stdout_path: Path | None = None
+    stderr_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        n = len(list(self.workdir.glob("stdout*.log")))
+        self.stdout_path = self.workdir / f"stdout{n}.log"
+        self.stderr_path = self.workdir / f"stderr{n}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "-c", str(self.config_path)],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=self.stdout_path.open("wb"),
+            stderr=self.stderr_path.open("wb"),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bridge exited with {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"bridge did not listen within {timeout}s:\n{self.stderr()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("bridge did not exit in time") from None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def stdout(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("stdout*.log")))
+
+    def stderr(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("stderr*.log")))
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.stderr().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+        return lines
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", *args],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+
+@pytest.fixture
+def bridge_factory(tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
+    """Makes a BridgeProcess from a config dict (server.listen is filled in); not started."""
+    made: list[BridgeProcess] = []
+
+    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> BridgeProcess:
+        port = free_port()
+        config = json.loads(json.dumps(config))
+        config.setdefault("server", {})["listen"] = f"127.0.0.1:{port}"
+        config.setdefault("store", f"sqlite:///{tmp_path / 'bridge.db'}")
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        bridge = BridgeProcess(path, tmp_path, port, full_env)
+        made.append(bridge)
+        return bridge
+
+    yield make
+    for bridge in made:
+        if bridge.proc is not None and bridge.proc.poll() is None:
+            bridge.proc.kill()
+            bridge.proc.wait()
+
+
+async def post(url: str, body: bytes, **kwargs: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, **kwargs) as response:
+        text = await response.text()
+        try:
+            return response.status, json.loads(text)
+        except ValueError:
+            return response.status, text

@@ -1,0 +1,120 @@
+"""End to end: the real `postback-bridge serve` process, a real sink, real XML."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from cloudevents.v1.http import from_http
+from standardwebhooks import Webhook
+
+from tests.conftest import POSTBACKS, post, sms
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+FAST_RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
+
+
+def webhook_config(url: str, **extra: object) -> dict:
+    return {
+        "retry": FAST_RETRY,
+        "destinations": {"crm": {"type": "webhook", "url": url + "/hook", **extra}},
+        "default": ["crm"],
+    }
+
+
+async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory):
+    bridge = bridge_factory(webhook_config(sink.url, secret=SECRET))
+    bridge.start()
+    status, body = await post(bridge.url + "/postback", (POSTBACKS / "sms_mo_transactionid.xml").read_bytes())
+    assert status == 200 and body["status"] == "accepted"
+    (request,) = await sink.wait_for(1)
+    payload = Webhook(SECRET).verify(request.body, request.headers)
+    assert payload["id"] == body["id"] == request.headers["webhook-id"]
+    assert payload["type"] == "sms.received"
+    assert payload["from"] == "+15552312102"
+    assert request.headers["User-Agent"].startswith("postback-bridge/")
+    assert bridge.stop() == 0
+
+
+async def test_cloudevents_structured(sink, bridge_factory):
+    bridge = bridge_factory(webhook_config(sink.url, format="cloudevents"))
+    bridge.start()
+    status, body = await post(bridge.url + "/postback", (POSTBACKS / "mms_mo_v1.3.xml").read_bytes())
+    assert status == 200
+    (request,) = await sink.wait_for(1)
+    assert request.headers["Content-Type"].startswith("application/cloudevents+json")
+    event = from_http(request.headers, request.body)
+    assert event["id"] == body["id"]
+    assert event["type"] == "com.skycore.mms.received"
+    assert event.data["media"][0]["url"].endswith("1.jpg")
+
+
+async def test_500_500_200_is_one_delivery(sink, bridge_factory):
+    sink.responses = [500, 500, 200]
+    bridge = bridge_factory(webhook_config(sink.url))
+    bridge.start()
+    status, _ = await post(bridge.url + "/postback", sms(1))
+    assert status == 200
+    await sink.wait_for(3)
+    await asyncio.sleep(0.5)
+    assert len(sink.received) == 3
+    listing = json.loads(bridge.cli("deliveries", "-c", str(bridge.config_path), "--json").stdout)
+    assert [d["status"] for d in listing] == ["delivered"]
+    assert listing[0]["attempts"] == 3
+
+
+async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory):
+    sink.responses = [400]
+    bridge = bridge_factory(webhook_config(sink.url))
+    bridge.start()
+    await post(bridge.url + "/postback", sms(1))
+    await sink.wait_for(1)
+    await asyncio.sleep(0.6)
+    assert len(sink.received) == 1
+    listing = json.loads(bridge.cli("deliveries", "-c", str(bridge.config_path), "--json").stdout)
+    assert listing[0]["status"] == "dead"
+    assert "HTTP 400" in listing[0]["last_error"]
+
+
+async def test_retry_after_is_honoured(sink, bridge_factory):
+    sink.responses = [(429, {"Retry-After": "1"}), 200]
+    config = webhook_config(sink.url)
+    config["retry"] = {"initial": "10ms", "max_interval": "5s", "max_age": "1h"}
+    bridge = bridge_factory(config)
+    bridge.start()
+    await post(bridge.url + "/postback", sms(1))
+    first, second = await sink.wait_for(2, timeout=10)
+    assert second.at - first.at >= 0.95
+
+
+async def test_same_postback_twice_is_one_delivery(sink, bridge_factory):
+    bridge = bridge_factory(webhook_config(sink.url))
+    bridge.start()
+    body = (POSTBACKS / "sms_mo_transactionid.xml").read_bytes()
+    (s1, b1), (s2, b2) = [await post(bridge.url + "/postback", body) for _ in range(2)]
+    assert (s1, s2) == (200, 200)
+    assert (b1["status"], b2["status"]) == ("accepted", "duplicate")
+    assert b1["id"] == b2["id"]
+    await sink.wait_for(1)
+    await asyncio.sleep(0.5)
+    assert len(sink.received) == 1
+
+
+async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_factory):
+    sink.default = 503
+    bridge = bridge_factory(webhook_config(sink.url))
+    bridge.start()
+    ids = set()
+    for n in range(20):
+        status, body = await post(bridge.url + "/postback", sms(n))
+        assert status == 200
+        ids.add(body["id"])
+    bridge.kill()
+    sink.default = 200
+    bridge.start()
+    for _ in range(100):
+        if ids <= {r.json()["id"] for r in sink.received}:
+            break
+        await asyncio.sleep(0.2)
+    assert ids <= {r.json()["id"] for r in sink.received}
+    assert bridge.stop() == 0
