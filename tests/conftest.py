@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -86,10 +87,8 @@ class Sink:
             if remaining <= 0:
                 raise AssertionError(f"sink got {len(self.received)} requests, expected {count}")
             self.arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.arrived.wait(), min(remaining, 0.2))
-            except TimeoutError:
-                pass
         return self.received
 
 
