@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,11 +22,12 @@ from datetime import UTC, datetime
 import aiohttp
 from aiohttp import web
 
+from bridge import admin
 from bridge.carriers import Carriers
-from bridge.config import AuthConfig, Config
+from bridge.config import AuthConfig, Config, load
 from bridge.delivery import Dispatcher
 from bridge.destinations import USER_AGENT, Destination, Services, conversation_key
-from bridge.errors import PostbackError, StoreError
+from bridge.errors import ConfigError, PostbackError, StoreError
 from bridge.event import dedup_key, normalize
 from bridge.ids import event_id
 from bridge.metrics import Metrics
@@ -39,14 +42,108 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass
 class Runtime:
-    """Everything a request needs; `config` and `carriers` are swapped whole on reload."""
+    """Everything a request needs. On reload `config`, `carriers` and `dispatcher` are swapped
+    whole, so a request sees either the old config or the new one, never a mix."""
 
     config: Config
     carriers: Carriers
     metrics: Metrics = field(default_factory=Metrics)
     store: Store | None = None
     dispatcher: Dispatcher | None = None
+    services: Services | None = None
     store_ok: bool = True
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def start_delivery(self, services: Services) -> None:
+        assert self.store is not None
+        self.services = services
+        for destination in self.config.destinations.values():
+            await destination.open(services)
+        self.dispatcher = Dispatcher(self.store, self.config.destinations, on_result=self._on_result)
+        self.dispatcher.start()
+
+    async def stop_delivery(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        for destination in self.config.destinations.values():
+            await destination.close()
+
+    def _on_result(self, destination: Destination, claim: Claim, result: AttemptResult) -> None:
+        name = claim.destination
+        self.metrics.attempts.labels(name, result.outcome).inc()
+        if result.outcome == "delivered":
+            received = claim.event.get("received_at")
+            if received:
+                started = datetime.fromisoformat(received).timestamp()
+                self.metrics.latency.labels(name).observe(max(0.0, time.time() - started))
+
+    async def reload(self) -> list[str]:
+        """Load the config file again. On any problem the running config stays and the
+        problems are returned; else routes and destinations swap at once."""
+        async with self._reload_lock:
+            problems = await self._reload()
+            if problems:
+                self.metrics.reloads.labels("failure").inc()
+                log.error("config reload rejected; the running config stays", extra={"errors": problems})
+            else:
+                self.metrics.reloads.labels("success").inc()
+                self.metrics.last_reload.set_to_current_time()
+                log.info(
+                    "config reloaded",
+                    extra={"destinations": sorted(self.config.destinations), "routes": len(self.config.routes)},
+                )
+            return problems
+
+    async def _reload(self) -> list[str]:
+        old = self.config
+        if old.source is None:
+            return ["running on built-in defaults: there is no config file to reload (serve -c FILE)"]
+        try:
+            new = await asyncio.to_thread(load, old.source)
+        except ConfigError as exc:
+            return exc.problems
+        problems = []
+        if new.store != old.store:  # URLs may hold a password: not shown
+            problems.append("store: cannot change while running; restart to use the new store")
+        for what, running, wanted in (
+            ("server.listen", f"{old.server.host}:{old.server.port}", f"{new.server.host}:{new.server.port}"),
+            ("server.postback_path", old.server.postback_path, new.server.postback_path),
+        ):
+            if running != wanted:
+                problems.append(f"{what}: cannot change while running ({running}, file says {wanted}); restart")
+        if problems:
+            return problems
+        assert self.store is not None and self.services is not None
+        for destination in new.destinations.values():
+            await destination.open(self.services)
+        dispatcher = Dispatcher(self.store, new.destinations, on_result=self._on_result)
+        old_dispatcher = self.dispatcher
+        self.config, self.carriers, self.dispatcher = new, Carriers(new.carriers), dispatcher
+        dispatcher.start()
+        removed = set(old.destinations) - set(new.destinations)
+        if removed:
+            count = await self.store.abandon(removed, "destination removed")
+            log.warning(
+                "pending deliveries to removed destinations are dead",
+                extra={"destinations": sorted(removed), "count": count},
+            )
+        if old_dispatcher is not None:
+            await old_dispatcher.stop()
+        for destination in old.destinations.values():
+            await destination.close()
+        return []
+
+    async def refresh_gauges(self) -> None:
+        """Pending, dead and oldest-pending age per destination, read from the store."""
+        assert self.store is not None
+        stats = await self.store.stats()
+        now = time.time()
+        for name in set(self.config.destinations) | set(stats):
+            current = stats.get(name)
+            self.metrics.pending.labels(name).set(current.pending if current else 0)
+            self.metrics.dead.labels(name).set(current.dead if current else 0)
+            oldest = current.oldest_pending if current else None
+            self.metrics.oldest.labels(name).set(max(0.0, now - oldest) if oldest else 0)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -234,6 +331,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_view(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    try:
+        async with asyncio.timeout(5):
+            await runtime.refresh_gauges()
+        runtime.metrics.store_up.set(1)
+    except (StoreError, TimeoutError):
+        runtime.metrics.store_up.set(0)
     return web.Response(
         body=runtime.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )
@@ -262,17 +365,19 @@ async def never_500(request: web.Request, handler: Handler) -> web.StreamRespons
 
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     runtime = Runtime(config=config, carriers=Carriers(config.carriers))
-    app = web.Application(middlewares=[never_500], client_max_size=config.server.max_body_bytes)
+    app = web.Application(middlewares=[never_500, admin.admin_auth], client_max_size=config.server.max_body_bytes)
     app[RUNTIME] = runtime
     path = config.server.postback_path
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    admin.add_routes(app)
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)
     app.router.add_post("/{token}", postback)
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_delivery_ctx)
+    app.cleanup_ctx.append(_retention_ctx)
     return app
 
 
@@ -290,28 +395,57 @@ def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator
 async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     assert runtime.store is not None
-    destinations = runtime.config.destinations
     http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
         headers={"User-Agent": USER_AGENT},
     )
-    services = Services(http=http, state=runtime.store)
-    for destination in destinations.values():
-        await destination.open(services)
-
-    def on_result(destination: Destination, claim: Claim, result: AttemptResult) -> None:
-        name = claim.destination
-        runtime.metrics.attempts.labels(name, result.outcome).inc()
-        if result.outcome == "delivered":
-            received = claim.event.get("received_at")
-            if received:
-                started = datetime.fromisoformat(received).timestamp()
-                runtime.metrics.latency.labels(name).observe(max(0.0, time.time() - started))
-
-    runtime.dispatcher = Dispatcher(runtime.store, destinations, on_result=on_result)
-    runtime.dispatcher.start()
+    await runtime.start_delivery(Services(http=http, state=runtime.store))
+    loop = asyncio.get_running_loop()
+    if runtime.config.source is not None and hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runtime.reload()))
     yield
-    await runtime.dispatcher.stop()
-    for destination in destinations.values():
-        await destination.close()
+    if runtime.config.source is not None and hasattr(signal, "SIGHUP"):
+        loop.remove_signal_handler(signal.SIGHUP)
+    await runtime.stop_delivery()
     await http.close()
+
+
+RETENTION_EVERY = 600.0  # seconds between purges; each purge goes in small batches
+
+
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    runtime = app[RUNTIME]
+
+    async def purge_forever() -> None:
+        while True:
+            await purge_once(runtime)
+            await asyncio.sleep(RETENTION_EVERY)
+
+    task = asyncio.create_task(purge_forever(), name="retention")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def purge_once(runtime: Runtime, batch: int = 500) -> int:
+    """Delete finished deliveries past retention (and events left without any), a batch at a
+    time so postbacks never wait long behind it. Returns how many deliveries went."""
+    assert runtime.store is not None
+    total = 0
+    while True:
+        now, retention = time.time(), runtime.config.retention
+        try:
+            n = await runtime.store.purge(
+                delivered_before=now - retention.delivered, dead_before=now - retention.dead, batch=batch
+            )
+        except StoreError as exc:
+            log.warning("retention purge failed; trying again later", extra={"error": str(exc)})
+            return total
+        total += n
+        if n < batch:
+            break
+        await asyncio.sleep(0.05)  # let postbacks through between batches
+    if total:
+        log.info("retention purge", extra={"deliveries": total})
+    return total

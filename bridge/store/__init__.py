@@ -77,6 +77,24 @@ class AttemptRow:
 
 
 @dataclass(frozen=True)
+class EventFilter:
+    type: str | None = None
+    sender: str | None = None  # the event's `from`
+    to: str | None = None
+    keyword: str | None = None
+    since: float | None = None  # received_at
+    until: float | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class DestinationStats:
+    pending: int = 0
+    dead: int = 0
+    oldest_pending: float | None = None  # created_at of the oldest undelivered delivery
+
+
+@dataclass(frozen=True)
 class DeliveryFilter:
     status: str | None = None
     destination: str | None = None
@@ -140,6 +158,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def abandon(self, destinations: set[str], reason: str) -> int:
         """Mark pending deliveries to destinations no longer configured dead."""
+
+    @abc.abstractmethod
+    async def list_events(self, where: EventFilter) -> list[Event]: ...
+
+    @abc.abstractmethod
+    async def event_deliveries(self, event_id: str) -> list[DeliveryRow]: ...
+
+    @abc.abstractmethod
+    async def stats(self) -> dict[str, DestinationStats]:
+        """Pending and dead counts and the oldest pending delivery, per destination."""
+
+    @abc.abstractmethod
+    async def purge(self, *, delivered_before: float, dead_before: float, batch: int = 500) -> int:
+        """Delete one batch of finished deliveries older than the cut-offs, their attempts, and
+        events left with no delivery; the number of deliveries deleted (0: nothing left)."""
 
 
 def open_store(url: str) -> Store:

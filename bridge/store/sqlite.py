@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from bridge.errors import StoreError
@@ -29,6 +30,8 @@ from bridge.store import (
     Claim,
     DeliveryFilter,
     DeliveryRow,
+    DestinationStats,
+    EventFilter,
     Ingested,
     NewDelivery,
     Store,
@@ -352,3 +355,62 @@ class SQLiteStore(Store):
             return sum(conn.execute(Q["abandon"], (reason, now, d)).rowcount for d in destinations)
 
         return await self._run(op)
+
+    async def list_events(self, where: EventFilter) -> list[Event]:
+        clauses, params = [], []
+        for path, value in (("$.type", where.type), ("$.from", where.sender), ("$.to", where.to)):
+            if value is not None:
+                clauses.append(f"json_extract(body, '{path}') = ?")
+                params.append(value)
+        if where.keyword is not None:
+            clauses.append("upper(json_extract(body, '$.keyword')) = upper(?)")
+            params.append(where.keyword)
+        if where.since is not None:
+            clauses.append("received_at >= ?")
+            params.append(where.since)
+        if where.until is not None:
+            clauses.append("received_at < ?")
+            params.append(where.until)
+        sql = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        query = f"SELECT body FROM events{sql} ORDER BY received_at DESC, id DESC LIMIT ?"
+        return await self._run(
+            lambda conn: [json.loads(row[0]) for row in conn.execute(query, [*params, where.limit]).fetchall()]
+        )
+
+    async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            rows = conn.execute(Q["deliveries_of_event"], (event_id,)).fetchall()
+            return [_delivery_row(row) for row in rows]
+
+        return await self._run(op)
+
+    async def stats(self) -> dict[str, DestinationStats]:
+        def op(conn: sqlite3.Connection) -> dict[str, DestinationStats]:
+            out: dict[str, DestinationStats] = {}
+            for destination, status, count, oldest in conn.execute(Q["stats"]).fetchall():
+                current = out.get(destination, DestinationStats())
+                if status == "pending":
+                    current = replace(current, pending=count, oldest_pending=oldest)
+                else:
+                    current = replace(current, dead=count)
+                out[destination] = current
+            return out
+
+        return await self._run(op)
+
+    async def purge(self, *, delivered_before: float, dead_before: float, batch: int = 500) -> int:
+        params = {"delivered_before": delivered_before, "dead_before": dead_before, "batch": batch}
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(Q["purge_deliveries"], params).fetchall()
+            conn.executemany(Q["purge_attempts"], [(row[0],) for row in rows])
+            conn.executemany(Q["purge_event"], [(e, e) for e in {row[1] for row in rows}])
+            if rows:
+                conn.execute("PRAGMA incremental_vacuum(256)")
+            return len(rows)
+
+        return await self._run(op)
+
+
+def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
+    return DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9])

@@ -125,3 +125,26 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 -- name: abandon
 UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?
 WHERE status = 'pending' AND destination = ?
+
+-- name: stats
+SELECT destination, status, COUNT(*), MIN(created_at) FROM deliveries
+WHERE status IN ('pending', 'dead') GROUP BY destination, status
+
+-- name: purge_deliveries
+DELETE FROM deliveries WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE (status = 'delivered' AND updated_at < :delivered_before)
+       OR (status = 'dead' AND updated_at < :dead_before)
+    LIMIT :batch
+)
+RETURNING id, event_id
+
+-- name: purge_attempts
+DELETE FROM attempts WHERE delivery_id = ?
+
+-- name: purge_event
+DELETE FROM events WHERE id = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?)
+
+-- name: deliveries_of_event
+SELECT id, event_id, destination, route, status, attempts, created_at, next_at, updated_at, last_error
+FROM deliveries WHERE event_id = ? ORDER BY id

@@ -1,0 +1,361 @@
+"""`/admin/*`: events, deliveries with every attempt, replay and reload, as JSON.
+
+Guarded by the bearer `server.admin_token`. Without one it is open on a loopback listen (the
+operator's own machine) and off (404) anywhere else.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from bridge import __version__
+from bridge.store import AttemptRow, DeliveryFilter, DeliveryRow, EventFilter
+
+STATUSES = ("pending", "delivered", "dead")
+MAX_LIMIT = 1000
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def delivery_json(row: DeliveryRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "event_id": row.event_id,
+        "destination": row.destination,
+        "route": row.route,
+        "status": row.status,
+        "attempts": row.attempts,
+        "created_at": iso(row.created_at),
+        "next_at": iso(row.next_at),
+        "updated_at": iso(row.updated_at),
+        "last_error": row.last_error,
+    }
+
+
+def attempt_json(row: AttemptRow) -> dict[str, Any]:
+    return {
+        "number": row.number,
+        "at": iso(row.at),
+        "outcome": row.outcome,
+        "status": row.status,
+        "error": row.error,
+        "duration_ms": round(row.duration * 1000, 1),
+    }
+
+
+class BadQuery(web.HTTPBadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(text=f'{{"error": {_json_str(message)}}}', content_type="application/json")
+
+
+def _json_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)
+
+
+def _time(query: Any, key: str) -> float | None:
+    value = query.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadQuery(f"{key}: expected an ISO 8601 time like 2026-11-23T10:00:00Z, got {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _limit(query: Any) -> int:
+    value = query.get("limit", "100")
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise BadQuery(f"limit: expected a number from 1 to {MAX_LIMIT}")
+    return int(value)
+
+
+def _flag(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def delivery_filter(query: Any, *, default_status: str | None = None) -> DeliveryFilter:
+    status = query.get("status", default_status)
+    if status is not None and status not in STATUSES:
+        raise BadQuery(f"status: expected one of {', '.join(STATUSES)}")
+    return DeliveryFilter(
+        status=status,
+        destination=query.get("destination"),
+        event_id=query.get("event_id"),
+        since=_time(query, "since"),
+        until=_time(query, "until"),
+        limit=_limit(query),
+    )
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+def _runtime(request: web.Request) -> Any:
+    from bridge.server import RUNTIME
+
+    return request.app[RUNTIME]
+
+
+async def list_events(request: web.Request) -> web.Response:
+    q = request.query
+    where = EventFilter(
+        type=q.get("type"),
+        sender=q.get("from"),
+        to=q.get("to"),
+        keyword=q.get("keyword"),
+        since=_time(q, "since"),
+        until=_time(q, "until"),
+        limit=_limit(q),
+    )
+    events = await _runtime(request).store.list_events(where)
+    return web.json_response({"events": events})
+
+
+async def get_event(request: web.Request) -> web.Response:
+    store = _runtime(request).store
+    event_id = request.match_info["event_id"]
+    event = await store.get_event(event_id)
+    if event is None:
+        return web.json_response({"error": f"no event {event_id}"}, status=404)
+    deliveries = []
+    for row in await store.event_deliveries(event_id):
+        item = delivery_json(row)
+        item["attempt_log"] = [attempt_json(a) for a in await store.attempts(row.id)]
+        deliveries.append(item)
+    return web.json_response({"event": event, "deliveries": deliveries})
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    rows = await _runtime(request).store.list_deliveries(delivery_filter(request.query))
+    return web.json_response({"deliveries": [delivery_json(r) for r in rows]})
+
+
+async def get_delivery(request: web.Request) -> web.Response:
+    store = _runtime(request).store
+    delivery_id = _int(request.match_info["delivery_id"])
+    rows = await store.list_deliveries(DeliveryFilter(ids=(delivery_id,), limit=1))
+    if not rows:
+        return web.json_response({"error": f"no delivery {delivery_id}"}, status=404)
+    item = delivery_json(rows[0])
+    item["attempt_log"] = [attempt_json(a) for a in await store.attempts(delivery_id)]
+    return web.json_response(item)
+
+
+def _int(text: str) -> int:
+    if not text.isdigit():
+        raise BadQuery(f"{text!r} is not a delivery id")
+    return int(text)
+
+
+async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
+    runtime = _runtime(request)
+    force = _flag(request.query.get("force"))
+    ids = await runtime.store.replay(where, force=force)
+    if single and not ids:
+        rows = await runtime.store.list_deliveries(where)
+        if not rows:
+            return web.json_response({"error": "nothing to replay: no such delivery or event"}, status=404)
+        if any(r.status == "delivered" for r in rows) and not force:
+            return web.json_response(
+                {"error": "already delivered: add ?force=true to send it again", "replayed": []}, status=409
+            )
+    if ids and runtime.dispatcher is not None:
+        runtime.dispatcher.notify(tuple(runtime.config.destinations))
+    return web.json_response({"replayed": ids})
+
+
+async def replay_delivery(request: web.Request) -> web.Response:
+    delivery_id = _int(request.match_info["delivery_id"])
+    return await _replay(request, DeliveryFilter(ids=(delivery_id,), limit=1), single=True)
+
+
+async def replay_event(request: web.Request) -> web.Response:
+    where = DeliveryFilter(event_id=request.match_info["event_id"], limit=MAX_LIMIT)
+    return await _replay(request, where, single=True)
+
+
+async def replay_many(request: web.Request) -> web.Response:
+    """Every dead delivery of a destination and/or time range (query or JSON body)."""
+    params: dict[str, Any] = dict(request.query)
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadQuery("body: expected a JSON object") from None
+        if not isinstance(body, dict):
+            raise BadQuery("body: expected a JSON object")
+        params.update({k: str(v) if not isinstance(v, str) else v for k, v in body.items()})
+    if not any(params.get(k) for k in ("destination", "since", "until", "event_id")):
+        raise BadQuery("say which deliveries: destination, since/until or event_id")
+    params.setdefault("limit", str(MAX_LIMIT))
+    where = delivery_filter(params)
+    return await _replay(request, where, single=False)
+
+
+async def reload(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    problems = await runtime.reload()
+    if problems:
+        return web.json_response({"status": "rejected", "errors": problems}, status=422)
+    return web.json_response({"status": "reloaded", "source": runtime.config.source})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+# ---------------------------------------------------------------------------- wiring
+
+
+def guard(request: web.Request) -> web.Response | None:
+    runtime = _runtime(request)
+    server = runtime.config.server
+    token = server.admin_token
+    if token is None:
+        if server.loopback:
+            return None
+        return web.json_response({"error": "not found"}, status=404)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+        return None
+    return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/admin/") or request.path == "/admin":
+        denied = guard(request)
+        if denied is not None:
+            return denied
+    return await handler(request)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/admin/openapi.json", openapi)
+    r.add_get("/admin/events", list_events)
+    r.add_get("/admin/events/{event_id}", get_event)
+    r.add_post("/admin/events/{event_id}/replay", replay_event)
+    r.add_get("/admin/deliveries", list_deliveries)
+    r.add_get("/admin/deliveries/{delivery_id}", get_delivery)
+    r.add_post("/admin/deliveries/{delivery_id}/replay", replay_delivery)
+    r.add_post("/admin/replay", replay_many)
+    r.add_post("/admin/reload", reload)
+
+
+def _param(name: str, description: str, schema: dict[str, Any] | None = None, where: str = "query") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "description": description,
+            "schema": schema or {"type": "string"}}  # fmt: skip
+
+
+_TIME = {"type": "string", "format": "date-time"}
+_DELIVERY_FILTERS = [
+    _param("status", "pending, delivered or dead", {"type": "string", "enum": list(STATUSES)}),
+    _param("destination", "destination name"),
+    _param("event_id", "evt_..."),
+    _param("since", "created at or after", _TIME),
+    _param("until", "created before", _TIME),
+    _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+]
+_ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_OK = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
+_REPLAYED = {
+    "description": "replayed delivery ids",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Replayed"}}},
+}
+_FORCE = _param("force", "also send delivered ones again", {"type": "boolean"})
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "postback-bridge admin API", "version": __version__},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+            "Replayed": {
+                "type": "object",
+                "properties": {"replayed": {"type": "array", "items": {"type": "integer"}}},
+                "required": ["replayed"],
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/admin/events": {
+            "get": {
+                "summary": "List events, newest first",
+                "parameters": [
+                    _param("type", "sms.received, mms.received, ..."),
+                    _param("from", "sender, E.164"),
+                    _param("to", "short code"),
+                    _param("keyword", "keyword, any case"),
+                    _param("since", "received at or after", _TIME),
+                    _param("until", "received before", _TIME),
+                    _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                ],
+                "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
+            }
+        },
+        "/admin/events/{event_id}": {
+            "get": {
+                "summary": "One event with its deliveries and every attempt",
+                "parameters": [_param("event_id", "evt_...", where="path")],
+                "responses": {"200": _OK, "401": _ERROR, "404": _ERROR},
+            }
+        },
+        "/admin/events/{event_id}/replay": {
+            "post": {
+                "summary": "Replay the dead deliveries of one event (same event id)",
+                "parameters": [_param("event_id", "evt_...", where="path"), _FORCE],
+                "responses": {"200": _REPLAYED, "401": _ERROR, "404": _ERROR, "409": _ERROR},
+            }
+        },
+        "/admin/deliveries": {
+            "get": {
+                "summary": "List deliveries, newest first",
+                "parameters": _DELIVERY_FILTERS,
+                "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
+            }
+        },
+        "/admin/deliveries/{delivery_id}": {
+            "get": {
+                "summary": "One delivery with every attempt",
+                "parameters": [_param("delivery_id", "delivery id", {"type": "integer"}, where="path")],
+                "responses": {"200": _OK, "400": _ERROR, "401": _ERROR, "404": _ERROR},
+            }
+        },
+        "/admin/deliveries/{delivery_id}/replay": {
+            "post": {
+                "summary": "Replay one delivery (a delivered one needs force)",
+                "parameters": [_param("delivery_id", "delivery id", {"type": "integer"}, where="path"), _FORCE],
+                "responses": {"200": _REPLAYED, "400": _ERROR, "401": _ERROR, "404": _ERROR, "409": _ERROR},
+            }
+        },
+        "/admin/replay": {
+            "post": {
+                "summary": "Replay every dead delivery of a destination and/or time range",
+                "parameters": [p for p in _DELIVERY_FILTERS if p["name"] != "status"] + [_FORCE],
+                "responses": {"200": _REPLAYED, "400": _ERROR, "401": _ERROR},
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "Reload the config file; on any error the old config stays",
+                "responses": {"200": _OK, "401": _ERROR, "422": _ERROR},
+            }
+        },
+    },
+}
