@@ -1,0 +1,310 @@
+"""Running it in production: metrics, the admin API, CLI replay, hot reload, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.config import build
+from bridge.server import RUNTIME, create_app, purge_once
+from tests.conftest import POSTBACKS, post, sms
+
+ADMIN = "admin-secret-token"
+FAST = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
+
+
+def config_for(url: str, **server: object) -> dict:
+    return {
+        "server": {"admin_token": ADMIN, **server},
+        "retry": FAST,
+        "destinations": {
+            "crm": {"type": "webhook", "url": url + "/crm"},
+            "audit": {"type": "webhook", "url": url + "/audit"},
+        },
+        "routes": [{"name": "stop", "match": {"keyword": "STOP"}, "to": ["crm"]}],
+        "default": ["audit"],
+    }
+
+
+async def admin(bridge, method: str, path: str, token: str | None = ADMIN, **kwargs) -> tuple[int, object]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.request(method, bridge.url + path, headers=headers, **kwargs) as r:
+        return r.status, await r.json(content_type=None)
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def scrape(bridge) -> dict[tuple[str, tuple], float]:
+    async with aiohttp.ClientSession() as s, s.get(bridge.url + "/metrics") as r:
+        assert r.status == 200
+        return samples(await r.text())
+
+
+def rewrite(bridge, change) -> None:
+    """Edit the running bridge's config file as an operator would."""
+    config = yaml.safe_load(bridge.config_path.read_text())
+    change(config)
+    bridge.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------- admin auth
+
+
+async def test_admin_needs_the_bearer_token(sink, bridge_factory):
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    assert (await admin(bridge, "GET", "/admin/deliveries", token=None))[0] == 401
+    assert (await admin(bridge, "GET", "/admin/deliveries", token="wrong"))[0] == 401
+    status, body = await admin(bridge, "GET", "/admin/deliveries")
+    assert status == 200 and body == {"deliveries": []}
+    status, spec = await admin(bridge, "GET", "/admin/openapi.json")
+    assert status == 200 and "/admin/replay" in spec["paths"]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+async def test_every_metric_moves_in_an_end_to_end_run(sink, bridge_factory):
+    sink.responses = [400]  # the first crm delivery dies
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    before = await scrape(bridge)
+    assert before[("bridge_build_info", (("version", "0.1.0"),))] == 1
+
+    await post(bridge.url + "/postback", sms(1, text="STOP"))  # -> crm, dies on 400
+    await post(bridge.url + "/postback", sms(1, text="STOP"))  # duplicate
+    await post(bridge.url + "/postback", sms(2, text="hello"))  # -> default (audit)
+    await post(bridge.url + "/postback", b"not xml")  # rejected
+    await sink.wait_for(2)
+
+    async def settled() -> bool:
+        m = await scrape(bridge)
+        return (
+            m.get(("bridge_deliveries_dead", (("destination", "crm"),))) == 1
+            and m.get(("bridge_delivery_attempts_total", (("destination", "audit"), ("outcome", "delivered")))) == 1
+        )
+
+    await wait_until(settled)
+    m = await scrape(bridge)
+    assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "accepted"), ("reason", "")))] == 2
+    assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "duplicate"), ("reason", "")))] == 1
+    assert m[("bridge_postbacks_received_total", (("origin", ""), ("outcome", "rejected"), ("reason", "invalid")))] == 1
+    assert m[("bridge_events_routed_total", (("route", "stop"),))] == 2
+    assert m[("bridge_events_routed_total", (("route", "default"),))] == 1
+    assert m[("bridge_delivery_attempts_total", (("destination", "crm"), ("outcome", "dead")))] == 1
+    assert m[("bridge_delivery_latency_seconds_count", (("destination", "audit"),))] == 1
+    assert m[("bridge_deliveries_pending", (("destination", "audit"),))] == 0
+    assert m[("bridge_store_up", ())] == 1
+
+
+async def test_oldest_pending_age_grows_while_a_destination_is_down(sink, bridge_factory):
+    sink.default = 503
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    await post(bridge.url + "/postback", sms(1))
+    await asyncio.sleep(1.2)
+    m = await scrape(bridge)
+    assert m[("bridge_deliveries_pending", (("destination", "audit"),))] == 1
+    assert m[("bridge_oldest_pending_delivery_age_seconds", (("destination", "audit"),))] >= 1.0
+
+
+# ---------------------------------------------------------------------------- listing and replay
+
+
+async def test_filters_attempts_and_replay_end_to_end(sink, bridge_factory):
+    sink.responses = [400, 400]  # the first attempts of both events die
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    _, stop = await post(bridge.url + "/postback", sms(1, text="STOP"))
+    _, hello = await post(bridge.url + "/postback", sms(2, text="hello"))
+    await sink.wait_for(2)
+
+    async def both_dead() -> bool:
+        _, body = await admin(bridge, "GET", "/admin/deliveries?status=dead")
+        return len(body["deliveries"]) == 2
+
+    await wait_until(both_dead)
+    status, body = await admin(bridge, "GET", "/admin/events?keyword=stop")
+    assert [e["id"] for e in body["events"]] == [stop["id"]]
+    status, body = await admin(bridge, "GET", "/admin/events?type=sms.received&from=%2B15552312102")
+    assert {e["id"] for e in body["events"]} == {stop["id"], hello["id"]}
+    status, body = await admin(bridge, "GET", "/admin/deliveries?destination=crm")
+    (crm,) = body["deliveries"]
+    assert crm["event_id"] == stop["id"] and crm["status"] == "dead" and "HTTP 400" in crm["last_error"]
+    status, body = await admin(bridge, "GET", "/admin/deliveries?since=not-a-time")
+    assert status == 400 and "since" in body["error"]
+
+    status, detail = await admin(bridge, "GET", f"/admin/events/{stop['id']}")
+    (delivery,) = detail["deliveries"]
+    assert delivery["attempt_log"][0]["status"] == 400 and delivery["attempt_log"][0]["outcome"] == "dead"
+
+    # one delivery by id, through the API: same event id, a new attempt
+    status, body = await admin(bridge, "POST", f"/admin/deliveries/{crm['id']}/replay")
+    assert status == 200 and body == {"replayed": [crm["id"]]}
+    await sink.wait_for(3)
+    assert sink.received[2].path == "/crm" and sink.received[2].json()["id"] == stop["id"]
+
+    async def crm_delivered() -> bool:
+        _, d = await admin(bridge, "GET", f"/admin/deliveries/{crm['id']}")
+        return d["status"] == "delivered"
+
+    await wait_until(crm_delivered)
+    _, d = await admin(bridge, "GET", f"/admin/deliveries/{crm['id']}")
+    assert [a["outcome"] for a in d["attempt_log"]] == ["dead", "delivered"]
+    # replaying a delivered one needs force
+    status, body = await admin(bridge, "POST", f"/admin/deliveries/{crm['id']}/replay")
+    assert status == 409
+    status, body = await admin(bridge, "POST", f"/admin/deliveries/{crm['id']}/replay?force=true")
+    assert status == 200 and body["replayed"] == [crm["id"]]
+    await sink.wait_for(4)
+
+    # all dead ones of a destination, through the CLI on the store directly
+    done = bridge.cli("replay", "-c", str(bridge.config_path), "--destination", "audit")
+    assert "replayed 1" in done.stdout
+    await sink.wait_for(5, timeout=15)
+    assert sink.received[4].path == "/audit" and sink.received[4].json()["id"] == hello["id"]
+    table = bridge.cli("deliveries", "-c", str(bridge.config_path)).stdout
+    assert "DESTINATION" in table and "audit" in table
+
+
+async def test_replay_cli_refuses_without_a_selector(bridge_factory, sink):
+    bridge = bridge_factory(config_for(sink.url))
+    done = bridge.cli("replay", "-c", str(bridge.config_path), check=False)
+    assert done.returncode == 2 and "say which" in done.stderr
+
+
+# ---------------------------------------------------------------------------- reload
+
+
+async def test_reload_good_file_takes_effect_for_the_next_postback(sink, bridge_factory):
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    rewrite(bridge, lambda c: c["routes"].insert(0, {"name": "hello", "match": {"keyword": "HELLO"}, "to": ["crm"]}))
+    status, body = await admin(bridge, "POST", "/admin/reload")
+    assert status == 200 and body["status"] == "reloaded"
+    await post(bridge.url + "/postback", sms(1, text="hello"))
+    (request,) = await sink.wait_for(1)
+    assert request.path == "/crm"
+
+
+async def test_reload_bad_file_keeps_the_old_routes_and_says_why(sink, bridge_factory):
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    rewrite(bridge, lambda c: c["routes"][0].update(to=["nowhere"]))
+    status, body = await admin(bridge, "POST", "/admin/reload")
+    assert status == 422 and any("routes[0].to" in e and "nowhere" in e for e in body["errors"])
+    bridge.proc.send_signal(signal.SIGHUP)  # the same through SIGHUP: logged, old config kept
+    await post(bridge.url + "/postback", sms(1, text="STOP"))
+    (request,) = await sink.wait_for(1)
+    assert request.path == "/crm"
+    await asyncio.sleep(0.3)
+    assert any(line["msg"].startswith("config reload rejected") for line in bridge.log_lines())
+    m = await scrape(bridge)
+    assert m[("bridge_config_reloads_total", (("result", "failure"),))] == 2
+
+
+async def test_reload_during_a_burst_refuses_and_loses_nothing(sink, bridge_factory):
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+
+    async def burst() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+
+            async def one(n: int) -> int:
+                async with s.post(bridge.url + "/postback", data=sms(n)) as r:
+                    return r.status
+
+            return await asyncio.gather(*(one(n) for n in range(200)))
+
+    async def reloads() -> None:
+        for n in range(3):
+            rewrite(bridge, lambda c, n=n: c["routes"].append({"name": f"r{n}", "match": {"keyword": "X"}, "to": []}))
+            assert (await admin(bridge, "POST", "/admin/reload"))[0] == 200
+            await asyncio.sleep(0.05)
+
+    statuses, _ = await asyncio.gather(burst(), reloads())
+    assert statuses == [200] * 200
+    await sink.wait_for(200, timeout=30)
+
+    async def all_delivered() -> bool:
+        _, body = await admin(bridge, "GET", "/admin/deliveries?status=pending&limit=1000")
+        return not body["deliveries"]
+
+    await wait_until(all_delivered, timeout=30)
+    delivered = {r.json()["id"] for r in sink.received}
+    _, events = await admin(bridge, "GET", "/admin/events?limit=1000")
+    assert {e["id"] for e in events["events"]} <= delivered
+
+
+async def test_removed_destination_keeps_its_pending_deliveries_as_dead(sink, bridge_factory):
+    sink.default = 503
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    await post(bridge.url + "/postback", sms(1, text="STOP"))  # crm, which keeps failing
+
+    def remove_crm(config: dict) -> None:
+        config["routes"] = []
+        del config["destinations"]["crm"]
+
+    rewrite(bridge, remove_crm)
+    assert (await admin(bridge, "POST", "/admin/reload"))[0] == 200
+    _, body = await admin(bridge, "GET", "/admin/deliveries?destination=crm")
+    assert [(d["status"], d["last_error"]) for d in body["deliveries"]] == [("dead", "destination removed")]
+
+
+# ---------------------------------------------------------------------------- retention
+
+
+async def test_retention_purges_only_what_is_old_enough(tmp_path: Path, aiohttp_client, sink):
+    raw = config_for(sink.url)
+    raw["store"] = f"sqlite:///{tmp_path / 'b.db'}"
+    raw["retention"] = {"delivered": "1s", "dead": "1h"}
+    sink.responses = [400]  # the first one dies: kept for an hour
+    app = create_app(build(raw, environ={}))
+    client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    await client.post("/postback", data=sms(1, text="STOP"))  # crm -> dead
+    await client.post("/postback", data=sms(2, text="hello"))  # audit -> delivered
+    await sink.wait_for(2)
+    await asyncio.sleep(1.3)
+    await client.post("/postback", data=sms(3, text="later"))  # delivered, but fresh
+    await sink.wait_for(3)
+    await asyncio.sleep(0.3)
+    assert await purge_once(runtime) == 1
+    events = {e["fields"]["TRANSACTIONID"] for e in await runtime.store.list_events(_all())}
+    assert events == {"tx-1", "tx-3"}
+    assert await purge_once(runtime) == 0
+
+
+def _all():
+    from bridge.store import EventFilter
+
+    return EventFilter(limit=1000)
+
+
+async def test_route_dry_run_shows_the_admin_free_event(bridge_factory, sink):
+    bridge = bridge_factory(config_for(sink.url))
+    done = bridge.cli("route", "-c", str(bridge.config_path), "--json", str(POSTBACKS / "sms_mo_v1.3.xml"))
+    report = json.loads(done.stdout)
+    assert report["routes"] == ["stop"] and list(report["destinations"]) == ["crm"]
