@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from bridge.config import RetryPolicy
@@ -60,8 +61,10 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if moment is None or moment.tzinfo is None:
+    if moment is None:
         return None
+    if moment.tzinfo is None:  # asctime dates carry no zone; every HTTP-date is GMT (RFC 9110 5.6.7)
+        moment = moment.replace(tzinfo=UTC)
     return max(0.0, moment.timestamp() - now)
 
 

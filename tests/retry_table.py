@@ -1,0 +1,50 @@
+"""One table of HTTP statuses -> what the delivery loop must make of them (CONTRACT §6).
+
+Shared like Alertmanager's notify tests: every destination that speaks HTTP checks its own
+outcomes against this table, so "is 429 retryable?" has one answer across the project.
+
+    from tests.retry_table import STATUS_TABLE, kind
+    assert kind(await destination.send(event, attempt)) == expected
+"""
+
+from __future__ import annotations
+
+from bridge.retry import Delivered, Failed, Outcome
+
+DELIVERED = "delivered"
+RETRYABLE = "retryable"
+PERMANENT = "permanent"
+
+STATUS_TABLE: list[tuple[int, str]] = [
+    (200, DELIVERED),
+    (201, DELIVERED),
+    (202, DELIVERED),
+    (204, DELIVERED),
+    (301, PERMANENT),  # a moved webhook URL needs a config change, not a retry
+    (302, PERMANENT),
+    (400, PERMANENT),
+    (401, PERMANENT),
+    (403, PERMANENT),
+    (404, PERMANENT),
+    (405, PERMANENT),
+    (409, PERMANENT),
+    (410, PERMANENT),
+    (413, PERMANENT),
+    (422, PERMANENT),
+    (408, RETRYABLE),
+    (425, RETRYABLE),
+    (429, RETRYABLE),
+    (500, RETRYABLE),
+    (502, RETRYABLE),
+    (503, RETRYABLE),
+    (504, RETRYABLE),
+    (507, RETRYABLE),
+]
+
+
+def kind(outcome: Outcome) -> str:
+    """An attempt's outcome as one word of the table."""
+    if isinstance(outcome, Delivered):
+        return DELIVERED
+    assert isinstance(outcome, Failed), outcome
+    return RETRYABLE if outcome.retryable else PERMANENT
