@@ -28,6 +28,46 @@ if TYPE_CHECKING:
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PLACEHOLDER = re.compile(r"__bridge_env_(\d+)__")
+
+
+class EnvStr(str):
+    """A value that came whole from one `${VAR}`: `port: ${SMTP_PORT}` may then be a number."""
+
+    __slots__ = ()
+
+
+class _Unset(EnvStr):
+    """A value whose variable is unset. Readers report it (the same message as interpolation,
+    so it shows once) instead of a confusing "must not be empty"."""
+
+    names: tuple[str, ...] = ()
+
+
+def _unset_message(name: str) -> str:
+    return f"environment variable {name} is not set (use ${{{name}:-default}} for a default)"
+
+
+def protect_env(text: str) -> tuple[str, list[str]]:
+    """Swap each `${...}` in YAML source for a plain placeholder before parsing, so that
+    `{password: ${PASS}}` (a flow mapping) parses and no variable's value is read as YAML."""
+    found: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        found.append(m.group(0))
+        return f"__bridge_env_{len(found) - 1}__"
+
+    return _ENV.sub(sub, text), found
+
+
+def restore_env(value: Any, found: list[str]) -> Any:
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda m: found[int(m.group(1))], value) if "__bridge_env_" in value else value
+    if isinstance(value, dict):
+        return {restore_env(k, found): restore_env(v, found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [restore_env(v, found) for v in value]
+    return value
 
 
 def parse_duration(value: str | int | float) -> float:
@@ -39,6 +79,8 @@ def parse_duration(value: str | int | float) -> float:
             raise ValueError("a duration cannot be negative")
         return float(value)
     text = value.strip()
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
     pos, total = 0, 0.0
     for m in _DURATION.finditer(text):
         if m.start() != pos:
@@ -171,6 +213,10 @@ class Reader:
     def error(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
 
+    def unset(self, value: _Unset, path: str) -> None:
+        for name in value.names:
+            self.error(path, _unset_message(name))
+
     def mapping(
         self,
         value: Any,
@@ -194,6 +240,8 @@ class Reader:
         return value
 
     def string(self, value: Any, path: str, *, empty_ok: bool = False) -> str | None:
+        if isinstance(value, _Unset):
+            return self.unset(value, path)
         if isinstance(value, bool) or value is None or isinstance(value, dict | list):
             self.error(path, f"expected a string, got {_kind(value)}")
             return None
@@ -208,6 +256,10 @@ class Reader:
         return Secret(text) if text is not None else None
 
     def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int | None:
+        if isinstance(value, _Unset):
+            return self.unset(value, path)
+        if isinstance(value, EnvStr) and value.strip().isdigit():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(path, f"expected an integer, got {_kind(value)}")
             return None
@@ -217,12 +269,18 @@ class Reader:
         return value
 
     def boolean(self, value: Any, path: str) -> bool | None:
+        if isinstance(value, _Unset):
+            return self.unset(value, path)
+        if isinstance(value, EnvStr) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
         if not isinstance(value, bool):
             self.error(path, f"expected true or false, got {_kind(value)}")
             return None
         return value
 
     def duration(self, value: Any, path: str, *, positive: bool = True) -> float | None:
+        if isinstance(value, _Unset):
+            return self.unset(value, path)
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             self.error(path, f"expected a duration like 500ms, 10s, 5m, 24h, got {_kind(value)}")
             return None
@@ -312,13 +370,22 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads an unquoted 0001470 as the octal number 824: SPIDs and short codes with leading
+# zeros stay the digits the user wrote.
+_StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.yaml_implicit_resolvers["0"].insert(0, ("tag:yaml.org,2002:str", re.compile(r"^0[0-9_]+$")))
 
 
 def _interpolate(value: Any, path: str, environ: Mapping[str, str], r: Reader) -> Any:
     if isinstance(value, str):
         text, missing = expand_env(value, environ)
+        if missing:
+            text = _Unset(text)
+            text.names = tuple(missing)
+        elif _ENV.fullmatch(value) and value != "$$":
+            text = EnvStr(text)
         for name in missing:
-            r.error(path, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+            r.error(path, _unset_message(name))
         return text
     if isinstance(value, dict):
         return {k: _interpolate(v, _join(path, str(k)), environ, r) for k, v in value.items()}
@@ -593,7 +660,7 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
         source=source,
     )
     if r.errors:
-        raise ConfigError(r.errors)
+        raise ConfigError(list(dict.fromkeys(r.errors)))  # an unset variable is seen twice
     return config
 
 
@@ -605,8 +672,9 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    text, found = protect_env(text)
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        raw = restore_env(yaml.load(text, Loader=_StrictLoader), found)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
