@@ -296,14 +296,15 @@ class Reader:
 
     def strings(self, value: Any, path: str, *, allow_single: bool = True) -> tuple[str, ...] | None:
         """A list of strings; a single string is a list of one where allowed."""
-        if allow_single and not isinstance(value, list):
+        single = allow_single and not isinstance(value, list)
+        if single:
             value = [value]
         if not isinstance(value, list):
             self.error(path, f"expected a list, got {_kind(value)}")
             return None
         out = []
         for i, item in enumerate(value):
-            text = self.string(item, f"{path}[{i}]")
+            text = self.string(item, path if single else f"{path}[{i}]")  # the place the user wrote
             if text is not None:
                 out.append(text)
         return tuple(out) if len(out) == len(value) else None

@@ -85,7 +85,7 @@ class WebhookDestination(Destination):
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
-        url = r.url(options.get("url"), f"{path}.url")
+        url = r.url(options["url"], f"{path}.url") if "url" in options else None  # else "is required" said it
         secret = None
         if options.get("secret") is not None:
             secret = r.secret(options["secret"], f"{path}.secret")
