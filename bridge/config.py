@@ -441,7 +441,7 @@ def _server(raw: Any, r: Reader) -> ServerConfig:
         kwargs["client_timeout"] = r.duration(data["client_timeout"], "server.client_timeout")
     if "auth" in data:
         kwargs["auth"] = _auth(data["auth"], r)
-    if "admin_token" in data:
+    if "admin_token" in data and data["admin_token"] != "":  # `${ADMIN_TOKEN:-}`: no admin API off loopback
         kwargs["admin_token"] = r.secret(data["admin_token"], "server.admin_token")
     return ServerConfig(**{k: v for k, v in kwargs.items() if v is not None})
 
