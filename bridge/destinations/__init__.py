@@ -95,8 +95,9 @@ class Destination(abc.ABC):
 @cache
 def registry() -> Mapping[str, type[Destination]]:
     """`type:` -> destination class."""
+    from bridge.destinations.email import EmailDestination
     from bridge.destinations.log import LogDestination
     from bridge.destinations.webhook import WebhookDestination
 
-    classes: list[type[Destination]] = [LogDestination, WebhookDestination]
+    classes: list[type[Destination]] = [EmailDestination, LogDestination, WebhookDestination]
     return {cls.type_name: cls for cls in classes}
