@@ -33,8 +33,8 @@ from bridge.destinations.webhook import WebhookDestination
 from bridge.event import Event, dedup_key, normalize
 from bridge.ids import event_id
 from bridge.postback import parse
-from bridge.retry import Delivered, Outcome
-from bridge.store import DeliveryFilter, NewDelivery
+from bridge.retry import Dead, Decision, Delivered, Done, Outcome, RetryAt
+from bridge.store import AttemptResult, Claim, DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from tests.conftest import BridgeProcess, Sink, post, sms, start_sink
 
@@ -508,4 +508,58 @@ async def test_poison_event_is_dead_for_its_destination_and_blocks_nothing(sink,
     finally:
         await dispatcher.stop(grace=1)
         await http.close()
+        await store.close()
+
+
+# ---------------------------------------------------------------------------- leases
+
+
+def stored_event(n: int) -> tuple[Event, str, list[NewDelivery]]:
+    event = normalize(parse(sms(n)), event_id=event_id(), received_at=datetime.now(UTC), carriers=Carriers({}))
+    return event, dedup_key(event), [NewDelivery("crm", "default", conversation_key(event))]
+
+
+def finished(claim: Claim, decision: Decision) -> AttemptResult:
+    label = {Done: "delivered", RetryAt: "retry", Dead: "dead"}[type(decision)]
+    error = None if isinstance(decision, Done) else decision.reason
+    return AttemptResult(claim, time.time(), 0.01, label, None, error, decision)
+
+
+async def test_expired_lease_is_reclaimed_and_late_completions_are_harmless(tmp_path):
+    store = SQLiteStore(str(tmp_path / "lease.db"))
+    await store.open()
+    try:
+        await store.ingest(*stored_event(1))
+
+        async def claim(owner: str, lease: float) -> list[Claim]:
+            return await store.claim("crm", limit=10, lease=lease, ordered=True, owner=owner)
+
+        (first,) = await claim("a", 0.3)
+        assert await claim("b", 30) == [], "a leased delivery was handed out twice"
+        await asyncio.sleep(0.5)
+        (second,) = await claim("b", 30)  # a's lease ran out: b takes it over
+        assert (second.id, second.attempt) == (first.id, 2)
+
+        # a comes back late and says "retry": b still holds the delivery, nobody else gets it
+        await store.complete([finished(first, RetryAt(time.time(), "HTTP 500"))])
+        assert await claim("c", 30) == [], "a stale completion freed a delivery another worker holds"
+
+        await store.complete([finished(second, Done())])
+        await store.complete([finished(second, Done())])  # finished twice
+        await store.complete([finished(first, Dead("late and wrong"))])  # and a stale verdict after
+        (row,) = await store.list_deliveries(DeliveryFilter())
+        assert (row.status, row.attempts, row.last_error) == ("delivered", 2, None)
+        assert [(a.number, a.outcome) for a in await store.attempts(row.id)] == [(1, "retry"), (2, "delivered")]
+        assert await claim("c", 30) == []
+
+        # a late "delivered" from an expired lease is the truth: the peer has it
+        await store.ingest(*stored_event(2))
+        (old,) = await claim("a", 0.3)
+        await asyncio.sleep(0.5)
+        (new,) = await claim("b", 30)
+        await store.complete([finished(old, Done())])
+        await store.complete([finished(new, RetryAt(time.time(), "timeout"))])
+        rows = await store.list_deliveries(DeliveryFilter(event_id=old.event_id))
+        assert [r.status for r in rows] == ["delivered"]
+    finally:
         await store.close()

@@ -251,7 +251,15 @@ class SQLiteStore(Store):
                     },
                 )
                 conn.execute(
-                    Q["finish"], {"id": r.claim.id, "status": status, "next_at": next_at, "error": error, "now": now}
+                    Q["finish"],
+                    {
+                        "id": r.claim.id,
+                        "attempt": r.claim.attempt,
+                        "status": status,
+                        "next_at": next_at,
+                        "error": error,
+                        "now": now,
+                    },
                 )
 
         await self._run(op)

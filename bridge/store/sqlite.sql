@@ -85,9 +85,12 @@ WHERE id IN (
 RETURNING id, event_id, attempts, created_at, conversation, route
 
 -- name: finish
+-- Idempotent, and safe when late: a verdict from an attempt whose lease ran out (the delivery
+-- has been claimed again since, so attempts moved on) is ignored, unless it is 'delivered':
+-- the peer has the event, so the newer attempt's verdict no longer matters.
 UPDATE deliveries
 SET status = :status, next_at = :next_at, leased_by = NULL, last_error = :error, updated_at = :now
-WHERE id = :id AND status = 'pending'
+WHERE id = :id AND status = 'pending' AND (attempts = :attempt OR :status = 'delivered')
 
 -- name: record_attempt
 INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
