@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
 import signal
 import time
@@ -219,16 +220,25 @@ def check_auth(request: web.Request, auth: AuthConfig) -> web.Response | None:
 
 
 async def read_body(request: web.Request, limit: int, patience: float) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (chunked too), 408 if too slow."""
+    """The body, refused with 413 as soon as it passes `limit` (chunked too), 408 if too slow.
+
+    aiohttp has already undone any Content-Encoding, so the limit is on the decompressed size
+    (a gzip bomb stops at `limit`); a body that does not decode is a 400, not our fault.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     chunks, size = [], 0
-    async with asyncio.timeout(patience):
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-            chunks.append(chunk)
+    try:
+        async with asyncio.timeout(patience):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                chunks.append(chunk)
+    except web.RequestPayloadError as exc:
+        reason = getattr(exc.__cause__, "message", None) or "malformed"
+        message = json.dumps({"error": f"cannot read the body: {reason}"})
+        raise web.HTTPBadRequest(text=message, content_type="application/json") from None
     return b"".join(chunks)
 
 
@@ -365,7 +375,12 @@ async def never_500(request: web.Request, handler: Handler) -> web.StreamRespons
 
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     runtime = Runtime(config=config, carriers=Carriers(config.carriers))
-    app = web.Application(middlewares=[never_500, admin.admin_auth], client_max_size=config.server.max_body_bytes)
+    app = web.Application(
+        middlewares=[never_500, admin.admin_auth],
+        client_max_size=config.server.max_body_bytes,
+        # a connection that has not finished its request headers by then is closed (slowloris)
+        handler_args={"keepalive_timeout": config.server.client_timeout},
+    )
     app[RUNTIME] = runtime
     path = config.server.postback_path
     app.router.add_get("/healthz", healthz)
