@@ -48,8 +48,12 @@ class Attempt:
 
 
 def conversation_key(event: Event) -> str:
-    """One texter talking to one short code; status and subscriber events key the same way."""
-    return f"{event['from'] or ''}|{event['to'] or ''}"
+    """One texter talking to one short code; status and subscriber events key the same way.
+    A delivery report goes from the short code to the texter, so its ends are swapped."""
+    sender, recipient = event["from"], event["to"]
+    if event["type"] in ("sms.status", "mms.status"):
+        sender, recipient = recipient, sender
+    return f"{sender or ''}|{recipient or ''}"
 
 
 class Destination(abc.ABC):
@@ -97,7 +101,8 @@ def registry() -> Mapping[str, type[Destination]]:
     """`type:` -> destination class."""
     from bridge.destinations.email import EmailDestination
     from bridge.destinations.log import LogDestination
+    from bridge.destinations.slack import SlackDestination
     from bridge.destinations.webhook import WebhookDestination
 
-    classes: list[type[Destination]] = [EmailDestination, LogDestination, WebhookDestination]
+    classes: list[type[Destination]] = [EmailDestination, LogDestination, SlackDestination, WebhookDestination]
     return {cls.type_name: cls for cls in classes}
