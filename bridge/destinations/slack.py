@@ -443,9 +443,9 @@ class SlackDestination(Destination):
             # post the pictures as links rather than lose the message.
             outcome, ts = await self._post(render(event, images=False), thread_ts)
 
-        if self.thread_by_sender and thread_ts is None and ts and isinstance(outcome, Delivered):
+        if self._state is not None and self.thread_by_sender and thread_ts is None and ts:
             try:
-                await self._state.put_conversation(self.name, key, ts)  # type: ignore[union-attr]
+                await self._state.put_conversation(self.name, key, ts)
             except StoreError as exc:
                 # posted already: retrying would post it twice; the next text starts a new thread
                 log.warning(
