@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class Secret:
     """A string that never shows itself in repr, str, logs or tracebacks."""
@@ -26,3 +28,15 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+
+def redact(text: str, secrets: Iterable[Secret | None]) -> str:
+    """`text` with every value of `secrets` masked, and each long word of one (`Bearer <token>`
+    echoed as just `<token>`): for what a peer sends back, which may quote our request."""
+    for secret in secrets:
+        if not secret:
+            continue
+        value = secret.reveal()
+        for part in sorted({value, *(w for w in value.split() if len(w) >= 8)}, key=len, reverse=True):
+            text = text.replace(part, "**********")
+    return text

@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import socket
 import stat
 import subprocess
@@ -35,9 +36,9 @@ from aiohttp.test_utils import TestClient
 
 from bridge.config import build
 from bridge.logs import JSONFormatter
-from bridge.secret import Secret
+from bridge.secret import Secret, redact
 from bridge.server import RUNTIME, create_app
-from tests.conftest import post, sms
+from tests.conftest import POSTBACKS, free_port, post, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 Client = TestClient[web.Request, web.Application]
@@ -771,6 +772,19 @@ def test_secret_never_shows_itself():
     assert "s3cr3t-value" not in JSONFormatter().format(record)
 
 
+@pytest.mark.parametrize(
+    ("echo", "shown"),
+    [
+        ('{"Authorization": "Bearer crm_4f9Qx2LmZ"}', '{"Authorization": "**********"}'),
+        ("bad token crm_4f9Qx2LmZ, go away", "bad token **********, go away"),
+        ("whsec_c2VjcmV0LWtleS0x is not valid", "********** is not valid"),
+        ("Bearer nothing to hide", "Bearer nothing to hide"),
+    ],
+)
+def test_redact_masks_what_a_peer_echoes_back(echo, shown):
+    assert redact(echo, [Secret("Bearer crm_4f9Qx2LmZ"), Secret("whsec_c2VjcmV0LWtleS0x"), None]) == shown
+
+
 async def test_sqlite_file_and_log_files_are_created_0600(aiohttp_client, tmp_path):
     raw = {
         "store": f"sqlite:///{tmp_path / 'bridge.db'}",
@@ -854,3 +868,156 @@ async def test_the_watchers_notice_access(tmp_path, listener):
     assert b"FETCHED-MARKER" in await reader.read()
     writer.close()
     assert listener.connections == 1
+
+
+# ---------------------------------------------------------------------------- secrets: a full e2e run
+
+
+def hostile_echo(hits: dict[str, int]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Downstream peers that fail and echo every request header back in their error body: the
+    worst case for a bridge that keeps response bodies in its error messages."""
+
+    async def answer(request: web.Request) -> web.Response:
+        echo = json.dumps(dict(request.headers))
+        hits[request.path] = hits.get(request.path, 0) + 1
+        if request.path == "/hook":
+            return web.Response(status=500 if hits["/hook"] <= 2 else 400, text=echo)
+        if request.path.startswith("/slack/"):
+            return web.json_response({"ok": False, "error": "invalid_auth", "echo": echo})
+        return web.Response(status=403, text="invalid_token " + echo)
+
+    return answer
+
+
+async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, bridge_factory, tmp_path):
+    env = {
+        "POSTBACK_TOKEN": "tok_" + secrets.token_urlsafe(16),
+        "POSTBACK_PASSWORD": "pw_" + secrets.token_urlsafe(16),
+        "ADMIN_TOKEN": "adm_" + secrets.token_urlsafe(16),
+        "CRM_WEBHOOK_SECRET": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+        "CRM_TOKEN": "crm_" + secrets.token_urlsafe(16),
+        "SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(12),
+        "SLACK_WEBHOOK_URL": f"{sink.url}/services/T0/B0/{secrets.token_hex(12)}",
+        "SMTP_PASSWORD": "smtp_" + secrets.token_urlsafe(16),
+    }
+    hits: dict[str, int] = {}
+    sink.responses = [hostile_echo(hits)] * 1000
+    events_file = tmp_path / "events.jsonl"
+    config = {
+        "server": {
+            "auth": {
+                "token": "${POSTBACK_TOKEN}",
+                "basic": {"username": "skycore", "password": "${POSTBACK_PASSWORD}"},
+            },
+            "admin_token": "${ADMIN_TOKEN}",
+        },
+        "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"},
+        "destinations": {
+            "crm": {
+                "type": "webhook",
+                "url": sink.url + "/hook",
+                "secret": "${CRM_WEBHOOK_SECRET}",
+                "headers": {"Authorization": "Bearer ${CRM_TOKEN}"},
+            },
+            "inbox": {
+                "type": "slack",
+                "token": "${SLACK_BOT_TOKEN}",
+                "channel": "#sms",
+                "api_url": sink.url + "/slack/",
+            },
+            "hook": {"type": "slack", "webhook_url": "${SLACK_WEBHOOK_URL}"},
+            "compliance": {
+                "type": "email",
+                "smtp": {
+                    "host": "127.0.0.1",
+                    "port": free_port(),  # nobody listens: every attempt fails to connect
+                    "security": "none",
+                    "username": "bridge",
+                    "password": "${SMTP_PASSWORD}",
+                },
+                "from": "bridge@example.com",
+                "to": ["compliance@example.com"],
+            },
+            "audit": {"type": "log", "path": str(events_file)},
+        },
+        "routes": [{"name": "opt-out", "match": {"keyword": "STOP"}, "to": ["crm", "compliance"]}],
+        "default": ["crm", "inbox", "hook", "audit"],
+    }
+    bridge = bridge_factory(config, env)
+    bridge.start()
+    seen: list[str] = []  # every answer the bridge gave, over HTTP or on a terminal
+    token, password, admin = env["POSTBACK_TOKEN"], env["POSTBACK_PASSWORD"], env["ADMIN_TOKEN"]
+    url = bridge.url
+
+    async with aiohttp.ClientSession() as http:
+
+        async def call(method: str, path: str, expect: int, **kwargs: Any) -> Any:
+            async with http.request(method, url + path, **kwargs) as response:
+                text = await response.text()
+                seen.append(f"{response.status} {dict(response.headers)} {text}")
+                assert response.status == expect, (path, text)
+                return json.loads(text) if response.content_type == "application/json" else text
+
+        bearer = {"Authorization": f"Bearer {admin}"}
+        await call("POST", f"/postback/{token}", 200, data=sms(1))
+        await call("POST", f"/postback?token={token}", 200, data=sms(2, text="STOP"))
+        await call("POST", "/postback", 200, data=sms(3), headers={"Authorization": basic("skycore", password)})
+        await call("POST", f"/postback/{token}x", 401, data=sms(4))
+        await call("POST", "/postback", 401, data=sms(4), headers={"Authorization": basic("skycore", password + "x")})
+        await call("POST", f"/postback/{token}", 400, data=b"<!DOCTYPE x><POSTBACK/>")
+        await call("GET", "/admin/events", 401, headers={"Authorization": f"Bearer {admin}x"})
+
+        for _ in range(150):  # until the failing peers have been tried and given up on
+            dead = await call("GET", "/admin/deliveries?status=dead", 200, headers=bearer)
+            if len(dead["deliveries"] if isinstance(dead, dict) else dead) >= 6 and hits.get("/hook", 0) >= 4:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"deliveries did not die in time: {hits}")
+
+        events = await call("GET", "/admin/events", 200, headers=bearer)
+        deliveries = await call("GET", "/admin/deliveries", 200, headers=bearer)
+        for row in deliveries["deliveries"] if isinstance(deliveries, dict) else deliveries:
+            await call("GET", f"/admin/deliveries/{row['id']}", 200, headers=bearer)
+        for event in events["events"] if isinstance(events, dict) else events:
+            await call("GET", f"/admin/events/{event['id']}", 200, headers=bearer)
+        await call("GET", "/admin/openapi.json", 200, headers=bearer)
+        await call("POST", "/admin/reload", 200, headers=bearer)
+        await call("GET", "/metrics", 200)
+        await call("GET", "/readyz", 200)
+
+    postback_file = tmp_path / "stop.xml"
+    postback_file.write_bytes(sms(5, text="STOP now"))
+    for args in [
+        ("check-config", "-c", str(bridge.config_path)),
+        ("route", "-c", str(bridge.config_path), str(postback_file)),
+        ("route", "-c", str(bridge.config_path), "--json", str(postback_file), str(POSTBACKS / "mms_mo_v1.3.xml")),
+        ("deliveries", "-c", str(bridge.config_path), "--json"),
+        ("deliveries", "-c", str(bridge.config_path), "--status", "dead"),
+    ]:
+        done = bridge.cli(*args)
+        seen.append(done.stdout + done.stderr)
+    assert bridge.stop() == 0
+
+    for name in ("bridge.db", "bridge.db-wal", "events.jsonl"):
+        if (tmp_path / name).exists():
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    outputs = {
+        "bridge stdout": bridge.stdout(),
+        "bridge stderr": bridge.stderr(),
+        "HTTP answers and CLI output": "\n".join(seen),
+        "log destination file": events_file.read_text(),
+        "SQLite files": b"".join(p.read_bytes() for p in tmp_path.glob("bridge.db*")).decode("latin-1"),
+    }
+    assert "sms.received" in outputs["log destination file"]
+    assert '"invalid_auth"' in outputs["HTTP answers and CLI output"] or "invalid_auth" in outputs["bridge stderr"]
+    forms = dict(env)
+    forms["the basic Authorization value"] = base64.b64encode(f"skycore:{password}".encode()).decode()
+    forms["the webhook signing key"] = env["CRM_WEBHOOK_SECRET"].removeprefix("whsec_")
+    leaks = [
+        f"{secret_name} in {where}"
+        for secret_name, value in forms.items()
+        for where, text in outputs.items()
+        if value in text
+    ]
+    assert not leaks, leaks

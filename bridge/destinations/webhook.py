@@ -18,7 +18,7 @@ from bridge.config import Reader
 from bridge.destinations import USER_AGENT, Attempt, Destination, Services
 from bridge.event import Event
 from bridge.retry import Failed, Outcome, classify_http
-from bridge.secret import Secret
+from bridge.secret import Secret, redact
 
 FORMATS = ("event", "cloudevents")
 _RESERVED_HEADERS = frozenset(
@@ -157,6 +157,7 @@ class WebhookDestination(Destination):
                 text = ""
                 if not 200 <= response.status < 300:
                     text = (await response.content.read(512)).decode("utf-8", "replace").strip()
+                    text = redact(text, [*self.headers.values(), self.secret])  # kept as the reason
                 outcome = classify_http(response.status, response.headers, time.time(), text)
         except TimeoutError:
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
