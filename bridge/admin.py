@@ -229,7 +229,9 @@ def guard(request: web.Request) -> web.Response | None:
             return None
         return web.json_response({"error": "not found"}, status=404)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.reveal().encode("utf-8", "surrogateescape")
+    ):
         return None
     return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hmac
 import ipaddress
@@ -207,7 +206,7 @@ def check_auth(request: web.Request, auth: AuthConfig) -> web.Response | None:
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # bad base64 (binascii.Error), non-ASCII header, or not UTF-8
                 user, password = "", ""
             user_ok = _same(user, auth.basic.username)
             if _same(password, auth.basic.password.reveal()) and user_ok:
@@ -366,7 +365,9 @@ async def never_500(request: web.Request, handler: Handler) -> web.StreamRespons
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("unexpected error", extra={"path": request.path, "method": request.method})
+        resource = request.match_info.route.resource
+        where = resource.canonical if resource is not None else request.path  # never the token in the path
+        log.exception("unexpected error", extra={"path": where, "method": request.method})
         return error(503, "temporarily unavailable, retry later")
 
 

@@ -41,6 +41,7 @@ from bridge.server import RUNTIME, create_app
 from tests.conftest import POSTBACKS, free_port, post, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
+ADMIN = "adm_Q2w9Ztk4"
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
@@ -200,6 +201,33 @@ async def test_basic_right_credentials_are_accepted(make_client, scheme):
     assert response.status == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "header"),
+    [
+        ("/postback", b"Authorization: Basic \xff\xfe"),
+        ("/postback", b"Authorization: Basic c2t5Y29yZTpw\xc3\xa4"),
+        ("/postback", b"Authorization: \xff"),
+        ("/postback", b"X-Forwarded-For: \xff\xfe"),
+        ("/postback/tok%ff", b"X-Any: 1"),
+        ("/postback?token=%ff%fe", b"X-Any: 1"),
+        ("/postback?token=%00", b"X-Any: 1"),
+        ("/admin/events", b"Authorization: Bearer \xff\xfe"),
+        ("/admin/events", b"Authorization: Bearer " + ADMIN.encode() + b"\xff"),
+        ("/admin/events", b"Authorization: \xc3\xa4"),
+    ],
+)
+async def test_undecodable_credentials_are_401_not_5xx(make_client, path, header):
+    """Header bytes that are not UTF-8 reach us as surrogate escapes; they are just wrong."""
+    client = await make_client({"auth": {"token": TOKEN, "basic": BASIC}, "admin_token": ADMIN})
+    method = "GET" if path.startswith("/admin") else "POST"
+    body = sms(1)
+    async with connection(client) as (reader, writer):
+        request = f"{method} {path} HTTP/1.1\r\nHost: bridge\r\nConnection: close\r\n".encode()
+        writer.write(request + header + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, _, answer = await asyncio.wait_for(read_response(reader), 10)
+    assert status == 401, answer
+
+
 # ---------------------------------------------------------------------------- auth: allow_from
 
 
@@ -275,9 +303,6 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(make_client, 
 
 
 # ---------------------------------------------------------------------------- /admin
-
-
-ADMIN = "adm_Q2w9Ztk4"
 
 
 @pytest.mark.parametrize(
