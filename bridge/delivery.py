@@ -130,6 +130,27 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
 
+    async def _record(self, destination: Destination, result: AttemptResult, *, give_up_at: float) -> bool:
+        """Record an attempt. While the store cannot take it (disk full), try again until well
+        before the lease runs out: what the peer already has is then not sent again once the
+        store is back (recording twice is harmless). After that the lease runs out and the
+        delivery is tried again: at least once, never lost."""
+        claim, delay = result.claim, 0.1
+        while True:
+            try:
+                await self.store.complete([result])
+                return True
+            except StoreError as exc:
+                if delay == 0.1:
+                    log.warning(
+                        "cannot record attempt",
+                        extra={"event_id": claim.event_id, "destination": destination.name, "error": str(exc)},
+                    )
+                if time.monotonic() + delay > give_up_at:
+                    return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def _attempt(self, destination: Destination, claim: Claim) -> None:
         started, t0 = time.time(), time.monotonic()
         attempt = Attempt(delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation)
@@ -161,14 +182,7 @@ class Dispatcher:
             error=None if isinstance(outcome, Delivered) else outcome.reason,
             decision=decision,
         )
-        try:
-            await self.store.complete([result])
-        except StoreError as exc:
-            # the lease runs out and the delivery is tried again: at least once, never lost
-            log.warning(
-                "cannot record attempt",
-                extra={"event_id": claim.event_id, "destination": destination.name, "error": str(exc)},
-            )
+        if not await self._record(destination, result, give_up_at=t0 + destination.attempt_timeout + LEASE_MARGIN / 2):
             return
         extra = {
             "event_id": claim.event_id,

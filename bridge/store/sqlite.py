@@ -50,6 +50,27 @@ def _marks(values: Sequence[object]) -> str:
     return ", ".join("?" * len(values))
 
 
+def _owner_gone(owner: str) -> bool:
+    """Whether the process holding a lease is gone. Owners are `node:pid:nonce` (see
+    `Dispatcher.owner`); a lease taken on another machine is left to run out."""
+    try:
+        node, pid_text, _ = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if node != os.uname().nodename:
+        return False
+    if pid == os.getpid():
+        return True  # an earlier life of this pid (PID 1 in a restarted container): we hold none yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
+
+
 def _dumps(event: Event) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
@@ -75,7 +96,13 @@ class _Writer(threading.Thread):
             raise StoreError(f"cannot put {self.path} in WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")  # durable at COMMIT, also on power loss
         conn.executescript(Q["schema"])
-        conn.execute(Q["recover_leases"], {"now": time.time()})
+        # Leases of a process that is gone (kill -9, power cut) are due again at once, not when
+        # they run out. Only those: `deliveries` or `replay` opening the store beside a running
+        # server must not take the deliveries it is sending away from it (they would go twice).
+        now = time.time()
+        for (owner,) in conn.execute(Q["lease_owners"]).fetchall():
+            if _owner_gone(owner):
+                conn.execute(Q["recover_leases"], {"now": now, "owner": owner})
         return conn
 
     def run(self) -> None:

@@ -101,9 +101,12 @@ ON CONFLICT (delivery_id, number) DO NOTHING
 UPDATE deliveries SET next_at = :now, leased_by = NULL, attempts = attempts - 1
 WHERE id = :id AND status = 'pending' AND leased_by IS NOT NULL
 
+-- name: lease_owners
+SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL
+
 -- name: recover_leases
 UPDATE deliveries SET next_at = MIN(next_at, :now), leased_by = NULL
-WHERE status = 'pending' AND leased_by IS NOT NULL
+WHERE status = 'pending' AND leased_by = :owner
 
 -- name: next_due
 SELECT MIN(next_at) FROM deliveries WHERE destination = ? AND status = 'pending'
