@@ -15,16 +15,45 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+from bridge.config import RetryPolicy
 from bridge.destinations import Attempt, Destination
 from bridge.errors import StoreError
-from bridge.retry import Dead, Delivered, Done, Failed, Outcome, decide
+from bridge.retry import Dead, Delivered, Done, Failed, Outcome, backoff, decide
 from bridge.store import AttemptResult, Claim, Store
 
 log = logging.getLogger("bridge.delivery")
 
 IDLE_POLL = 1.0  # look at the store at least this often (other instances, clock drift)
 LEASE_MARGIN = 30.0
+BREAK_AFTER = 5  # retryable failures in a row before a destination is taken to be down
+
+
+@dataclass
+class Health:
+    """Whether a destination looks down. While it does, its loop sends one probe at a time with
+    backoff instead of trying every pending delivery: a CRM that is down for an hour costs a
+    few requests, not one per backlog item per retry, and the backlog waits in the store.
+    A 429/503 with Retry-After pauses the whole destination for that long."""
+
+    failures: int = 0
+    paused_until: float = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.failures >= BREAK_AFTER
+
+    def record(self, outcome: Outcome, policy: RetryPolicy, now: float) -> None:
+        if not (isinstance(outcome, Failed) and outcome.retryable):
+            self.failures, self.paused_until = 0, 0.0  # it answered: up (a 4xx is the payload's fault)
+            return
+        self.failures += 1
+        if outcome.retry_after is not None:
+            self.paused_until = max(self.paused_until, now + min(outcome.retry_after, policy.max_interval))
+        elif self.down:
+            delay = policy.initial + backoff(self.failures - BREAK_AFTER + 1, policy)
+            self.paused_until = max(self.paused_until, now + min(delay, policy.max_interval))
 
 
 class Dispatcher:
@@ -42,7 +71,9 @@ class Dispatcher:
         self._wake: dict[str, asyncio.Event] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
+        self.health: dict[str, Health] = {name: Health() for name in self.destinations}
         self._stopping = False
+        self._stopped = asyncio.Event()
 
     def start(self) -> None:
         for name, destination in self.destinations.items():
@@ -61,8 +92,13 @@ class Dispatcher:
         """Stop claiming; let attempts in flight finish for `grace` seconds, then cancel them and
         give their deliveries back to the queue."""
         self._stopping = True
+        self._stopped.set()
         for wake in self._wake.values():
             wake.set()
+        # Loops are not cancelled mid-claim: a claim cut off there would leave its deliveries
+        # leased by nobody until the lease runs out. They notice `_stopping` and return.
+        if self._loops:
+            await asyncio.wait(self._loops.values(), timeout=grace)
         inflight = [task for tasks in self._inflight.values() for task in tasks]
         if inflight:
             await asyncio.wait(inflight, timeout=grace)
@@ -93,9 +129,15 @@ class Dispatcher:
             inflight.pop(task, None)
             wake.set()
 
+        health = self.health[name]
         while not self._stopping:
             wake.clear()  # before claiming, so a notify during the claim is not lost
-            free = destination.concurrency - len(inflight)
+            pause = health.paused_until - time.time()
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), pause)
+                continue
+            free = (1 if health.down else destination.concurrency) - len(inflight)
             if free <= 0:
                 await wake.wait()
                 continue
@@ -108,7 +150,9 @@ class Dispatcher:
                 await asyncio.sleep(IDLE_POLL)
                 continue
             if self._stopping:
-                await self.store.release(claims)
+                if claims:
+                    with contextlib.suppress(StoreError):  # else their lease runs out: retried then
+                        await self.store.release(claims)
                 return
             for claim in claims:
                 task = asyncio.create_task(self._attempt(destination, claim))
@@ -169,6 +213,14 @@ class Dispatcher:
             outcome = Failed(reason=f"{type(exc).__name__}: {exc}", retryable=False)
         duration = time.monotonic() - t0
         now = time.time()
+        health = self.health[destination.name]
+        was_down = health.down
+        health.record(outcome, destination.retry, now)
+        if health.down != was_down:
+            log.warning(
+                "destination down: probing one delivery at a time" if health.down else "destination back up",
+                extra={"destination": destination.name, "failures": health.failures},
+            )
         decision = decide(
             outcome, attempt=claim.attempt, created_at=claim.created_at, now=now, policy=destination.retry
         )
