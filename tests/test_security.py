@@ -291,8 +291,9 @@ SKYCORE_V6 = "2001:db8:5::/48"
     ],
 )
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(make_client, trusted, forwarded, status):
-    auth = {"allow_from": [SKYCORE_V4, SKYCORE_V6], "trusted_proxies": trusted} if trusted else {}
-    auth = auth or {"allow_from": [SKYCORE_V4, SKYCORE_V6]}
+    auth: dict[str, Any] = {"allow_from": [SKYCORE_V4, SKYCORE_V6]}
+    if trusted:
+        auth["trusted_proxies"] = trusted
     client = await make_client({"auth": auth})
     async with connection(client) as (reader, writer):
         body = sms(1)
@@ -374,7 +375,7 @@ async def test_chunked_body_over_the_limit_is_413_while_it_is_still_arriving(mak
         finally:
             sender.cancel()
     assert status == 413
-    assert sent < 200_000  # answered long before the client would have finished
+    assert sent < 500_000  # answered long before the client would have finished (1 MB)
 
 
 async def test_chunked_body_under_the_limit_is_accepted(make_client):
