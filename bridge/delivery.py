@@ -14,13 +14,14 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from bridge.config import RetryPolicy
 from bridge.destinations import Attempt, Destination
 from bridge.errors import StoreError
-from bridge.retry import Dead, Delivered, Done, Failed, Outcome, backoff, decide
+from bridge.retry import Dead, Delivered, Done, Failed, Outcome, RetryAt, backoff, decide
 from bridge.store import AttemptResult, Claim, Store
 
 log = logging.getLogger("bridge.delivery")
@@ -71,14 +72,17 @@ class Dispatcher:
         self._wake: dict[str, asyncio.Event] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
+        self._ready: dict[str, deque[Claim]] = {}  # claimed, waiting for a free slot
         self.health: dict[str, Health] = {name: Health() for name in self.destinations}
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._recorder = _Recorder(store, self._recorded)
 
     def start(self) -> None:
         for name, destination in self.destinations.items():
             self._wake[name] = asyncio.Event()
             self._inflight[name] = {}
+            self._ready[name] = deque()
             self._loops[name] = asyncio.create_task(self._run(destination), name=f"deliver:{name}")
 
     def notify(self, names: list[str] | tuple[str, ...]) -> None:
@@ -102,7 +106,9 @@ class Dispatcher:
         inflight = [task for tasks in self._inflight.values() for task in tasks]
         if inflight:
             await asyncio.wait(inflight, timeout=grace)
-        unfinished: list[Claim] = []
+        unfinished: list[Claim] = [claim for ready in self._ready.values() for claim in ready]
+        for ready in self._ready.values():
+            ready.clear()
         for tasks in self._inflight.values():
             for task, claim in list(tasks.items()):
                 if not task.done():
@@ -113,6 +119,7 @@ class Dispatcher:
         await asyncio.gather(
             *self._loops.values(), *[t for ts in self._inflight.values() for t in ts], return_exceptions=True
         )
+        await self._recorder.drain(grace)
         if unfinished:
             try:
                 await self.store.release(unfinished)
@@ -122,14 +129,21 @@ class Dispatcher:
 
     async def _run(self, destination: Destination) -> None:
         name = destination.name
-        wake, inflight = self._wake[name], self._inflight[name]
+        wake, inflight, ready = self._wake[name], self._inflight[name], self._ready[name]
         lease = destination.attempt_timeout + LEASE_MARGIN
+        health = self.health[name]
 
         def finished(task: asyncio.Task[None]) -> None:
             inflight.pop(task, None)
             wake.set()
 
-        health = self.health[name]
+        def start_ready(slots: int) -> None:
+            while ready and len(inflight) < slots:
+                claim = ready.popleft()
+                task = asyncio.create_task(self._attempt(destination, claim))
+                inflight[task] = claim
+                task.add_done_callback(finished)
+
         while not self._stopping:
             wake.clear()  # before claiming, so a notify during the claim is not lost
             pause = health.paused_until - time.time()
@@ -137,31 +151,29 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopped.wait(), pause)
                 continue
-            free = (1 if health.down else destination.concurrency) - len(inflight)
-            if free <= 0:
+            slots = 1 if health.down else destination.concurrency
+            start_ready(slots)
+            # Claims come a batch at a time, one batch ahead of the free slots, so a finished
+            # attempt starts the next from memory instead of waiting for a claim of one.
+            want = (slots - len(inflight)) + (0 if health.down else slots) - len(ready)
+            if want <= 0 or len(ready) > slots // 2:
                 await wake.wait()
                 continue
             try:
                 claims = await self.store.claim(
-                    name, limit=free, lease=lease, ordered=destination.ordered, owner=self.owner
+                    name, limit=want, lease=lease, ordered=destination.ordered, owner=self.owner
                 )
             except StoreError as exc:
                 log.warning("cannot claim deliveries", extra={"destination": name, "error": str(exc)})
                 await asyncio.sleep(IDLE_POLL)
                 continue
+            ready.extend(claims)
             if self._stopping:
-                if claims:
-                    with contextlib.suppress(StoreError):  # else their lease runs out: retried then
-                        await self.store.release(claims)
-                return
-            for claim in claims:
-                task = asyncio.create_task(self._attempt(destination, claim))
-                inflight[task] = claim
-                task.add_done_callback(finished)
-            if len(claims) == free:
-                await wake.wait()  # more may be due: go again once a slot frees up
-                continue
-            # Fewer were due than we could take: sleep until the next is due, a new delivery
+                return  # stop() gives back what is in `ready`
+            start_ready(slots)
+            if len(claims) == want:
+                continue  # more may be due
+            # Fewer were due than we asked for: sleep until the next is due, a new delivery
             # arrives (notify) or an attempt finishes.
             timeout = IDLE_POLL
             try:
@@ -174,26 +186,33 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
 
-    async def _record(self, destination: Destination, result: AttemptResult, *, give_up_at: float) -> bool:
-        """Record an attempt. While the store cannot take it (disk full), try again until well
-        before the lease runs out: what the peer already has is then not sent again once the
-        store is back (recording twice is harmless). After that the lease runs out and the
-        delivery is tried again: at least once, never lost."""
-        claim, delay = result.claim, 0.1
-        while True:
-            try:
-                await self.store.complete([result])
-                return True
-            except StoreError as exc:
-                if delay == 0.1:
-                    log.warning(
-                        "cannot record attempt",
-                        extra={"event_id": claim.event_id, "destination": destination.name, "error": str(exc)},
-                    )
-                if time.monotonic() + delay > give_up_at:
-                    return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    def _recorded(self, batch: list[tuple[Destination, AttemptResult, float]]) -> None:
+        for destination, result, _ in batch:
+            self._log_attempt(destination, result)
+            if self._on_result is not None:
+                self._on_result(destination, result.claim, result)
+            wake = self._wake.get(destination.name)
+            if wake is not None and destination.ordered:
+                wake.set()  # the conversation's next delivery may be due now
+
+    @staticmethod
+    def _log_attempt(destination: Destination, result: AttemptResult) -> None:
+        claim, decision = result.claim, result.decision
+        extra: dict[str, object] = {
+            "event_id": claim.event_id,
+            "route": claim.route,
+            "destination": destination.name,
+            "delivery_id": claim.id,
+            "attempt": claim.attempt,
+            "outcome": result.outcome,
+            "status": result.status,
+            "duration_ms": round(result.duration * 1000, 1),
+        }
+        if result.error is not None:
+            extra["error"] = result.error
+        if isinstance(decision, RetryAt):
+            extra["retry_in_s"] = round(decision.at - time.time(), 3)
+        log.log(logging.WARNING if result.outcome == "dead" else logging.INFO, "delivery attempt", extra=extra)
 
     async def _attempt(self, destination: Destination, claim: Claim) -> None:
         started, t0 = time.time(), time.monotonic()
@@ -234,22 +253,63 @@ class Dispatcher:
             error=None if isinstance(outcome, Delivered) else outcome.reason,
             decision=decision,
         )
-        if not await self._record(destination, result, give_up_at=t0 + destination.attempt_timeout + LEASE_MARGIN / 2):
-            return
-        extra = {
-            "event_id": claim.event_id,
-            "route": claim.route,
-            "destination": destination.name,
-            "delivery_id": claim.id,
-            "attempt": claim.attempt,
-            "outcome": label,
-            "status": outcome.status,
-            "duration_ms": round(duration * 1000, 1),
-        }
-        if not isinstance(outcome, Delivered):
-            extra["error"] = outcome.reason
-        if label == "retry":
-            extra["retry_in_s"] = round(decision.at - now, 3)  # type: ignore[union-attr]
-        log.log(logging.WARNING if label == "dead" else logging.INFO, "delivery attempt", extra=extra)
-        if self._on_result is not None:
-            self._on_result(destination, claim, result)
+        # Recorded in the background, batched with other attempts' results: the slot is free for
+        # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered
+        # destinations, holds back the rest of its conversation), so nothing is sent twice.
+        self._recorder.add(destination, result, give_up_at=t0 + destination.attempt_timeout + LEASE_MARGIN / 2)
+
+
+class _Recorder:
+    """Writes attempt results to the store in batches: whatever piled up while the previous
+    write was in flight goes in the next one. While the store cannot take them (disk full) it
+    keeps trying until well before each lease runs out: what the peer already has is then not
+    sent again once the store is back (recording twice is harmless). After that the lease runs
+    out and the delivery is tried again: at least once, never lost."""
+
+    def __init__(
+        self, store: Store, on_recorded: Callable[[list[tuple[Destination, AttemptResult, float]]], None]
+    ) -> None:
+        self.store = store
+        self._on_recorded = on_recorded
+        self._pending: list[tuple[Destination, AttemptResult, float]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._warned: set[int] = set()  # said once per delivery, not once per retry
+
+    def add(self, destination: Destination, result: AttemptResult, *, give_up_at: float) -> None:
+        self._pending.append((destination, result, give_up_at))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="record-attempts")
+
+    async def drain(self, grace: float) -> None:
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self.store.complete([result for _, result, _ in batch])
+            except StoreError as exc:
+                for destination, result, _ in batch:
+                    if result.claim.id not in self._warned:
+                        self._warned.add(result.claim.id)
+                        log.warning(
+                            "cannot record attempt",
+                            extra={
+                                "event_id": result.claim.event_id,
+                                "destination": destination.name,
+                                "error": str(exc),
+                            },
+                        )
+                now = time.monotonic()
+                kept = [item for item in batch if item[2] > now + delay]
+                self._warned.difference_update(r.claim.id for _, r, give_up in batch if give_up <= now + delay)
+                self._pending = kept + self._pending
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            self._warned.difference_update(result.claim.id for _, result, _ in batch)
+            self._on_recorded(batch)

@@ -9,21 +9,28 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
 from typing import Any
 
 logger = logging.getLogger("bridge")
 
+FLUSH_EVERY = 0.1  # seconds an info line may wait before it is written
+FLUSH_LINES = 512
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
 class JSONFormatter(logging.Formatter):
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime a second, not one a line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
@@ -32,41 +39,82 @@ class JSONFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return _encode(line)
 
 
-class _Handoff(logging.handlers.QueueHandler):
-    """Hands records to the writer thread as they are, tracebacks rendered here."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        if record.exc_info:
-            record.traceback = logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-        record.msg, record.args = record.getMessage(), None
-        return record
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
-_listener: logging.handlers.QueueListener | None = None
+class _BatchingHandler(logging.Handler):
+    """Formats on the caller's thread (a few microseconds) and leaves the writing to a thread
+    that writes whatever has piled up in one call. Formatting in a background thread instead
+    would hold the GIL away from the event loop for milliseconds at a time under load."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self.setFormatter(JSONFormatter())
+        self._lines: list[str] = []
+        self._wake = threading.Event()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_forever, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record) + "\n")
+        except Exception:  # never let a log line break the request that logs it
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._lines) >= FLUSH_LINES:
+            self._wake.set()  # else the writer comes by within FLUSH_EVERY: waking it per line costs more
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_EVERY)
+            self._wake.clear()
+            self._drain()
+            if self._closed:
+                return
+
+    def _drain(self) -> None:
+        lines, self._lines = self._lines, []
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed: nowhere left to say it
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._writer.join(timeout=5)
+        self._drain()
+        super().close()
+
+
+_handler: _BatchingHandler | None = None
 
 
 def setup(level: str = "info", stream: Any = None) -> None:
-    """Log JSON lines to `stream` (stderr) through a background thread."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JSONFormatter())
-    log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(log_queue, handler)
-    _listener.start()
-    logger.handlers[:] = [_Handoff(log_queue)]
+    """Log JSON lines to `stream` (stderr), written by a background thread."""
+    global _handler
+    flush()
+    # The logging HOWTO's "Optimization" switches: we never print caller, thread or process.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    _handler = _BatchingHandler(stream or sys.stderr)
+    logger.handlers[:] = [_handler]
     logger.setLevel(level.upper())
     logger.propagate = False
     atexit.register(flush)
 
 
 def flush() -> None:
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    """Write out what is buffered and stop the writer (at exit)."""
+    global _handler
+    if _handler is not None:
+        logger.removeHandler(_handler)
+        _handler.close()
+        _handler = None

@@ -11,8 +11,6 @@ from typing import Any
 from urllib.parse import parse_qs
 from xml.parsers import expat
 
-import xmltodict
-
 from bridge.errors import PostbackError
 
 Fields = dict[str, Any]
@@ -29,60 +27,63 @@ class _TooDeepError(Exception):
     pass
 
 
-class _GuardedParser:
-    """An expat parser as xmltodict drives it, with DTDs refused and nesting bounded.
-
-    Refusing the DOCTYPE itself means no entity is ever declared, expanded or fetched.
-    """
-
-    def __init__(self, parser: Any) -> None:
-        object.__setattr__(self, "_parser", parser)
-        object.__setattr__(self, "_depth", 0)
-
-        def refuse(*_: Any) -> None:
-            raise _DTDRefusedError
-
-        parser.StartDoctypeDeclHandler = refuse
-        parser.EntityDeclHandler = refuse
-        parser.ExternalEntityRefHandler = refuse
-        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._parser, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "StartElementHandler":
-            value = self._counting_start(value)
-        elif name == "EndElementHandler":
-            value = self._counting_end(value)
-        elif name == "EntityDeclHandler":
-            return  # keep ours: it refuses with a clearer error than xmltodict's
-        setattr(self._parser, name, value)
-
-    def _counting_start(self, handler: Any) -> Any:
-        def start(*args: Any) -> Any:
-            depth = self._depth + 1
-            if depth > MAX_DEPTH:
-                raise _TooDeepError
-            object.__setattr__(self, "_depth", depth)
-            return handler(*args)
-
-        return start
-
-    def _counting_end(self, handler: Any) -> Any:
-        def end(*args: Any) -> Any:
-            object.__setattr__(self, "_depth", self._depth - 1)
-            return handler(*args)
-
-        return end
+def _refuse(*_: Any) -> None:
+    raise _DTDRefusedError
 
 
-class _GuardedExpat:
-    """The `expat` module as xmltodict sees it."""
+def _tree(xml: str) -> tuple[str, Any]:
+    """XML -> (root name, value) straight from expat handlers: an element with children is a
+    dict (repeated names become lists, FILE always one), a leaf is its text as sent ("" when
+    empty), text between child elements is dropped unless it says something (`#text`).
+    Attributes, comments and processing instructions are ignored. Refusing the DOCTYPE itself
+    means no entity is ever declared, expanded or fetched."""
+    parser = expat.ParserCreate("utf-8")
+    parser.buffer_text = True
+    parser.StartDoctypeDeclHandler = _refuse
+    parser.EntityDeclHandler = _refuse
+    parser.ExternalEntityRefHandler = _refuse
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    # one frame per open element: [name, children, repeated names, text parts]
+    stack: list[list[Any]] = []
+    root: list[Any] = []
 
-    @staticmethod
-    def ParserCreate(*args: Any, **kwargs: Any) -> _GuardedParser:  # noqa: N802 (expat's name)
-        return _GuardedParser(expat.ParserCreate(*args, **kwargs))
+    def start(name: str, _attrs: Any) -> None:
+        if len(stack) >= MAX_DEPTH:
+            raise _TooDeepError
+        stack.append([name, {}, set(), []])
+
+    def text(data: str) -> None:
+        if stack:
+            stack[-1][3].append(data)
+
+    def end(_name: str) -> None:
+        name, children, _, parts = stack.pop()
+        content = "".join(parts)
+        if children:
+            value: Any = children
+            if content.strip():
+                children["#text"] = content
+        else:
+            value = content
+        if not stack:
+            root.append((name, value))
+            return
+        siblings, repeated = stack[-1][1], stack[-1][2]
+        if name == "FILE":
+            siblings.setdefault(name, []).append(value)
+        elif name in repeated:
+            siblings[name].append(value)
+        elif name in siblings:
+            siblings[name] = [siblings[name], value]
+            repeated.add(name)
+        else:
+            siblings[name] = value
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    parser.Parse(xml.encode("utf-8"), True)
+    return root[0]
 
 
 def extract_xml(body: bytes, content_type: str = "") -> str:
@@ -120,13 +121,7 @@ def parse(body: bytes, content_type: str = "") -> Fields:
     """The postback's fields, wrapper removed. Raises PostbackError for anything else."""
     xml = extract_xml(body, content_type)
     try:
-        doc = xmltodict.parse(
-            xml,
-            expat=_GuardedExpat,
-            strip_whitespace=False,
-            xml_attribs=False,
-            force_list=("FILE",),
-        )
+        root_name, fields = _tree(xml)
     except _DTDRefusedError:
         raise PostbackError("DTDs and entity declarations are not accepted") from None
     except _TooDeepError:
@@ -136,10 +131,8 @@ def parse(body: bytes, content_type: str = "") -> Fields:
             f"malformed XML: {expat.ErrorString(exc.code)} at line {exc.lineno}, column {exc.offset}"
         ) from None
 
-    root_name, root = next(iter(doc.items()))
     if root_name != "POSTBACK":
         raise PostbackError(f"root element is <{root_name}>, expected <POSTBACK>")
-    fields = _clean(root)
     if not isinstance(fields, dict):
         raise PostbackError("<POSTBACK> is empty")
     wrapped = fields.get("NOTIFICATION")
@@ -149,24 +142,3 @@ def parse(body: bytes, content_type: str = "") -> Fields:
     if not isinstance(origin, str) or not origin.strip():
         raise PostbackError("postback has no <ORIGIN>")
     return fields
-
-
-def _clean(value: Any) -> Any:
-    """xmltodict's output -> our field shape: "" for empty elements, no whitespace-only text
-    between child elements, FILE always a list."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if key == "#text":
-            if item.strip():
-                out[key] = item
-            continue
-        out[key] = _clean(item)
-    if "FILE" in out and not isinstance(out["FILE"], list):
-        out["FILE"] = [out["FILE"]]
-    return out

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from bridge.errors import StoreError
@@ -135,11 +135,19 @@ class _Writer(threading.Thread):
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any], bool]]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
+            ingests = [(op, future) for op, future, _ in batch if isinstance(op, _Ingest)]
+            if ingests:
+                results.extend(_ingest_all(conn, ingests))
+            for op, future, isolated in batch:
+                if isinstance(op, _Ingest):
+                    continue
+                if not isolated:  # cannot fail halfway but for the disk: no savepoint needed
+                    results.append((future, op(conn), None))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     value = op(conn)
@@ -158,13 +166,48 @@ class _Writer(threading.Thread):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             error = StoreError(f"SQLite: {exc}")
-            results = [(future, None, error) for _, future in batch]
+            results = [(future, None, error) for _, future, _ in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for item in results:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed; nobody is waiting
                 loop.call_soon_threadsafe(_settle, items)
+
+
+@dataclass(frozen=True)
+class _Ingest:
+    event_id: str
+    dedup_key: str
+    type: str
+    received_at: float
+    body: str
+    deliveries: list[NewDelivery]
+
+
+def _ingest_all(
+    conn: sqlite3.Connection, ingests: list[tuple[_Ingest, asyncio.Future[Any]]]
+) -> list[tuple[asyncio.Future[Any], Any, None]]:
+    """Every postback of a commit in two statements: the events (duplicates skipped by the
+    unique dedup key), then the deliveries of those that were new."""
+    before = conn.total_changes
+    conn.executemany(Q["insert_event"], [(i.event_id, i.dedup_key, i.type, i.received_at, i.body) for i, _ in ingests])
+    if conn.total_changes - before == len(ingests):
+        owner = {i.dedup_key: i.event_id for i, _ in ingests}
+    else:  # some were duplicates (of a stored event, or of one earlier in this batch)
+        keys = list({i.dedup_key for i, _ in ingests})
+        owner = dict(conn.execute(f"SELECT dedup_key, id FROM events WHERE dedup_key IN ({_marks(keys)})", keys))
+    rows, results = [], []
+    for item, future in ingests:
+        stored_id = owner[item.dedup_key]
+        if stored_id == item.event_id:
+            now = item.received_at
+            rows.extend((item.event_id, d.destination, d.route, d.conversation, now, now, now) for d in item.deliveries)
+            results.append((future, Ingested("accepted", item.event_id), None))
+        else:
+            results.append((future, Ingested("duplicate", stored_id), None))
+    conn.executemany(Q["insert_delivery"], rows)
+    return results
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -197,11 +240,13 @@ class SQLiteStore(Store):
             await asyncio.to_thread(self._writer.join)
             self._writer = None
 
-    def _run(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> asyncio.Future[T]:
+        """Queue `op` for the next commit. `isolated=False` is for ops whose only possible failure
+        is the database's own (which fails the whole batch anyway): they skip the savepoint."""
         if self._writer is None:
             raise StoreError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._writer.queue.put((op, future))
+        self._writer.queue.put((op, future, isolated))
         return future
 
     async def ping(self) -> None:
@@ -209,20 +254,8 @@ class SQLiteStore(Store):
         await self._run(lambda conn: conn.execute(Q["heartbeat"], (now,)))
 
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
-        now = time.time()
-
-        def op(conn: sqlite3.Connection) -> Ingested:
-            cursor = conn.execute(Q["insert_event"], (event["id"], dedup_key, event["type"], now, _dumps(event)))
-            if cursor.rowcount == 0:
-                (existing,) = conn.execute(Q["event_by_dedup_key"], (dedup_key,)).fetchone()
-                return Ingested("duplicate", existing)
-            conn.executemany(
-                Q["insert_delivery"],
-                [(event["id"], d.destination, d.route, d.conversation, now, now, now) for d in deliveries],
-            )
-            return Ingested("accepted", event["id"])
-
-        return await self._run(op)
+        item = _Ingest(event["id"], dedup_key, event["type"], time.time(), _dumps(event), deliveries)
+        return await self._run(item, isolated=False)  # type: ignore[arg-type]  (see _ingest_all)
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
         now = time.time()

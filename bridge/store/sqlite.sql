@@ -50,9 +50,6 @@ CREATE TABLE IF NOT EXISTS meta (
 INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (dedup_key) DO NOTHING
 
--- name: event_by_dedup_key
-SELECT id FROM events WHERE dedup_key = ?
-
 -- name: insert_delivery
 INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at, updated_at)
 VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
