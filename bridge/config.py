@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bridge.errors import ConfigError
+from bridge.event import phone
 from bridge.secret import Secret
 
 if TYPE_CHECKING:
@@ -576,6 +577,9 @@ def _match(raw: Any, path: str, r: Reader) -> Match:
     for key in ("origin", "type", "code", "shortcode", "spid", "carrier"):
         if key in data:
             kwargs[key] = r.strings(data[key], f"{path}.{key}")
+    if kwargs.get("shortcode"):
+        # a long code written as Skycore sends it (15551234567) matches the event's +15551234567
+        kwargs["shortcode"] = tuple(phone(code.strip()) or code for code in kwargs["shortcode"])
     if "keyword" in data:
         words = r.strings(data["keyword"], f"{path}.keyword")
         kwargs["keyword"] = tuple(w.strip().upper() for w in words) if words is not None else None

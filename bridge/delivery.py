@@ -210,6 +210,8 @@ class Dispatcher:
         }
         if result.error is not None:
             extra["error"] = result.error
+        if result.detail is not None:
+            extra["detail"] = result.detail
         if isinstance(decision, RetryAt):
             extra["retry_in_s"] = round(decision.at - time.time(), 3)
         log.log(logging.WARNING if result.outcome == "dead" else logging.INFO, "delivery attempt", extra=extra)
@@ -252,6 +254,7 @@ class Dispatcher:
             status=outcome.status,
             error=None if isinstance(outcome, Delivered) else outcome.reason,
             decision=decision,
+            detail=outcome.detail if isinstance(outcome, Delivered) else None,
         )
         # Recorded in the background, batched with other attempts' results: the slot is free for
         # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered

@@ -207,3 +207,28 @@ def test_no_routes_no_default_drops():
 def test_unnamed_routes_are_named_by_their_place():
     decision = decide(SMS, [{"match": {"origin": "SUB"}, "to": ["audit"]}, {"to": ["crm"]}])
     assert decision.destinations == (("crm", "routes[1]"),)
+
+
+def test_a_long_code_written_as_skycore_sends_it_matches_the_e164_event():
+    config = build(
+        {
+            "destinations": {"crm": {"type": "log"}},
+            "routes": [{"name": "long", "match": {"shortcode": 15551234567}, "to": ["crm"]}],
+        },
+        environ={},
+    )
+    event = {**_EVENT_FOR_LONG_CODE, "to": "+15551234567"}
+    assert route(event, config.routes, config.default).routes == ("long",)
+    assert route({**event, "to": "+15551234568"}, config.routes, config.default).routes == ()
+
+
+_EVENT_FOR_LONG_CODE = {
+    "origin": "SMS_MO",
+    "type": "sms.received",
+    "code": "N211",
+    "keyword": "HI",
+    "from": "+15552312102",
+    "spid": None,
+    "carrier": None,
+    "text": "hi",
+}

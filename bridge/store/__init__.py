@@ -50,6 +50,7 @@ class AttemptResult:
     status: int | None
     error: str | None
     decision: Decision
+    detail: str | None = None  # what a destination says about a success (e.g. a side step that failed)
 
 
 @dataclass(frozen=True)
