@@ -13,42 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
-from bridge.store import AttemptRow, DeliveryFilter, DeliveryRow, EventFilter
+from bridge.store import DeliveryFilter, EventFilter
 
 STATUSES = ("pending", "delivered", "dead")
 MAX_LIMIT = 1000
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def delivery_json(row: DeliveryRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "event_id": row.event_id,
-        "destination": row.destination,
-        "route": row.route,
-        "status": row.status,
-        "attempts": row.attempts,
-        "created_at": iso(row.created_at),
-        "next_at": iso(row.next_at),
-        "updated_at": iso(row.updated_at),
-        "last_error": row.last_error,
-    }
-
-
-def attempt_json(row: AttemptRow) -> dict[str, Any]:
-    return {
-        "number": row.number,
-        "at": iso(row.at),
-        "outcome": row.outcome,
-        "status": row.status,
-        "error": row.error,
-        "duration_ms": round(row.duration * 1000, 1),
-    }
 
 
 class BadQuery(web.HTTPBadRequest):
@@ -132,15 +100,15 @@ async def get_event(request: web.Request) -> web.Response:
         return web.json_response({"error": f"no event {event_id}"}, status=404)
     deliveries = []
     for row in await store.event_deliveries(event_id):
-        item = delivery_json(row)
-        item["attempt_log"] = [attempt_json(a) for a in await store.attempts(row.id)]
+        item = row.as_json()
+        item["attempt_log"] = [a.as_json() for a in await store.attempts(row.id)]
         deliveries.append(item)
     return web.json_response({"event": event, "deliveries": deliveries})
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
     rows = await _runtime(request).store.list_deliveries(delivery_filter(request.query))
-    return web.json_response({"deliveries": [delivery_json(r) for r in rows]})
+    return web.json_response({"deliveries": [r.as_json() for r in rows]})
 
 
 async def get_delivery(request: web.Request) -> web.Response:
@@ -149,8 +117,8 @@ async def get_delivery(request: web.Request) -> web.Response:
     rows = await store.list_deliveries(DeliveryFilter(ids=(delivery_id,), limit=1))
     if not rows:
         return web.json_response({"error": f"no delivery {delivery_id}"}, status=404)
-    item = delivery_json(rows[0])
-    item["attempt_log"] = [attempt_json(a) for a in await store.attempts(delivery_id)]
+    item = rows[0].as_json()
+    item["attempt_log"] = [a.as_json() for a in await store.attempts(delivery_id)]
     return web.json_response(item)
 
 

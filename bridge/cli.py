@@ -257,7 +257,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     config = _config(args.config)
     rows = asyncio.run(_with_store(config, lambda store: store.list_deliveries(_filter(args))))
     if args.json:
-        print(json.dumps([_row_json(r) for r in rows], indent=2))
+        print(json.dumps([r.as_json() for r in rows], indent=2))
         return 0
     if not rows:
         print("no deliveries match")
@@ -280,21 +280,6 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
-
-
-def _row_json(r: Any) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "event_id": r.event_id,
-        "destination": r.destination,
-        "route": r.route,
-        "status": r.status,
-        "attempts": r.attempts,
-        "created_at": _iso(r.created_at),
-        "next_at": _iso(r.next_at) if r.next_at else None,
-        "updated_at": _iso(r.updated_at),
-        "last_error": r.last_error,
-    }
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -8,9 +8,12 @@ rows are committed durably, in one transaction.
 from __future__ import annotations
 
 import abc
+import os
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.resources import files
+from typing import Any
 
 from bridge.event import Event
 from bridge.retry import Decision
@@ -53,6 +56,13 @@ class AttemptResult:
     detail: str | None = None  # what a destination says about a success (e.g. a side step that failed)
 
 
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds -> `2026-11-23T10:00:00.123Z` (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 @dataclass(frozen=True)
 class DeliveryRow:
     id: int
@@ -66,6 +76,21 @@ class DeliveryRow:
     updated_at: float
     last_error: str | None
 
+    def as_json(self) -> dict[str, Any]:
+        """As the admin API and `deliveries --json` show it."""
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "destination": self.destination,
+            "route": self.route,
+            "status": self.status,
+            "attempts": self.attempts,
+            "created_at": iso(self.created_at),
+            "next_at": iso(self.next_at),
+            "updated_at": iso(self.updated_at),
+            "last_error": self.last_error,
+        }
+
 
 @dataclass(frozen=True)
 class AttemptRow:
@@ -75,6 +100,16 @@ class AttemptRow:
     status: int | None
     error: str | None
     duration: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "at": iso(self.at),
+            "outcome": self.outcome,
+            "status": self.status,
+            "error": self.error,
+            "duration_ms": round(self.duration * 1000, 1),
+        }
 
 
 @dataclass(frozen=True)
@@ -181,12 +216,37 @@ def open_store(url: str) -> Store:
         from bridge.store.sqlite import SQLiteStore
 
         return SQLiteStore(sqlite_path(url))
+    if url.startswith(("postgresql://", "postgres://")):
+        from bridge.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
 
 
 def sqlite_path(url: str) -> str:
     """`sqlite:///bridge.db` is relative, `sqlite:////var/lib/x.db` absolute."""
     return url.removeprefix("sqlite:///")
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the process holding a lease is gone. Owners are `node:pid:nonce` (see
+    `Dispatcher.owner`); a lease taken on another machine is left to run out."""
+    try:
+        node, pid_text, _ = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if node != os.uname().nodename:
+        return False
+    if pid == os.getpid():
+        return True  # an earlier life of this pid (PID 1 in a restarted container): we hold none yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 def load_queries(name: str) -> dict[str, str]:
