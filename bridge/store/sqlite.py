@@ -36,6 +36,7 @@ from bridge.store import (
     NewDelivery,
     Store,
     load_queries,
+    owner_gone,
 )
 
 Q = load_queries("sqlite.sql")
@@ -48,27 +49,6 @@ MAX_BATCH = 1024
 def _marks(values: Sequence[object]) -> str:
     """`?, ?, ?`: the only thing ever formatted into SQL here; values are always bound."""
     return ", ".join("?" * len(values))
-
-
-def _owner_gone(owner: str) -> bool:
-    """Whether the process holding a lease is gone. Owners are `node:pid:nonce` (see
-    `Dispatcher.owner`); a lease taken on another machine is left to run out."""
-    try:
-        node, pid_text, _ = owner.rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if node != os.uname().nodename:
-        return False
-    if pid == os.getpid():
-        return True  # an earlier life of this pid (PID 1 in a restarted container): we hold none yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, someone else's
-    return False
 
 
 def _dumps(event: Event) -> str:
@@ -101,7 +81,7 @@ class _Writer(threading.Thread):
         # server must not take the deliveries it is sending away from it (they would go twice).
         now = time.time()
         for (owner,) in conn.execute(Q["lease_owners"]).fetchall():
-            if _owner_gone(owner):
+            if owner_gone(owner):
                 conn.execute(Q["recover_leases"], {"now": now, "owner": owner})
         return conn
 
@@ -328,7 +308,7 @@ class SQLiteStore(Store):
         now = time.time()
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.executemany(Q["release"], [{"now": now, "id": c.id} for c in claims])
+            conn.executemany(Q["release"], [{"now": now, "id": c.id, "attempt": c.attempt} for c in claims])
 
         await self._run(op)
 

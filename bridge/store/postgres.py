@@ -1,0 +1,328 @@
+"""PostgreSQL store: several bridge instances on one database.
+
+Same semantics as the SQLite store, with the database doing the coordination instead of one
+writer thread: each operation is one transaction on a pooled connection, claims skip rows
+another instance is claiming (`FOR UPDATE SKIP LOCKED`), and a claimed delivery stays
+'pending' with a lease (`next_at` in the future, `leased_by` its owner) until its verdict is
+recorded. All SQL is in postgres.sql. Errors of the driver or the network become StoreError
+here, at the boundary, so callers answer 503 and retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from bridge.config import _redact_url as redact
+from bridge.errors import StoreError
+from bridge.event import Event
+from bridge.retry import Dead, Done, RetryAt
+from bridge.store import (
+    AttemptResult,
+    AttemptRow,
+    Claim,
+    DeliveryFilter,
+    DeliveryRow,
+    DestinationStats,
+    EventFilter,
+    Ingested,
+    NewDelivery,
+    Store,
+    load_queries,
+    owner_gone,
+)
+
+Q = load_queries("postgres.sql")
+POOL_SIZE = 10
+CONNECT_TIMEOUT = 10.0  # seconds; also how long an operation waits for a free connection
+COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request that never ends
+
+# What the driver and the network raise; anything else is a bug and is not dressed up.
+DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def _dumps(event: Event) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+def _key(destination: str, conversation: str) -> int:
+    """A signed 64-bit advisory lock key for (destination, conversation), stable across processes
+    (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(f"{destination}\0{conversation}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class _Params:
+    """`$1, $2, ...` placeholders for a query built from optional filters; values are bound."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def add(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
+    clauses = []
+    for column, value in (("status", where.status), ("destination", where.destination), ("event_id", where.event_id)):
+        if value is not None:
+            clauses.append(f"{column} = {p.add(value)}")
+    if where.since is not None:
+        clauses.append(f"created_at >= {p.add(where.since)}")
+    if where.until is not None:
+        clauses.append(f"created_at < {p.add(where.until)}")
+    if where.ids is not None:
+        clauses.append(f"id = ANY({p.add(list(where.ids))}::bigint[])")
+    return clauses
+
+
+def _sql_where(clauses: list[str]) -> str:
+    return (" WHERE " + " AND ".join(clauses)) if clauses else ""
+
+
+def _settings(url: str) -> dict[str, str]:
+    """Name our sessions in pg_stat_activity, unless the URL does (`?application_name=...`;
+    other query parameters such as `search_path` are server settings too)."""
+    query = parse_qs(urlsplit(url).query)
+    return {} if "application_name" in query else {"application_name": "postback-bridge"}
+
+
+def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
+    return DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9])
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        try:
+            pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=POOL_SIZE,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings=_settings(self.url),
+            )
+        except (*DRIVER_ERRORS, ValueError) as exc:  # ValueError: a malformed URL
+            raise StoreError(f"cannot open PostgreSQL store {redact(self.url)}: {exc}") from exc
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
+                await conn.execute(Q["schema_lock"])
+                await conn.execute(Q["schema"])
+                # Leases of a process on this host that is gone (kill -9) are due again at once.
+                # Only those: a lease of another instance, here or on another host, is live or
+                # runs out by itself; taking it away would send its delivery twice.
+                now = time.time()
+                for (owner,) in await conn.fetch(Q["lease_owners"]):
+                    if owner_gone(owner):
+                        await conn.execute(Q["recover_leases"], owner, now)
+        except DRIVER_ERRORS as exc:
+            await pool.close()
+            raise StoreError(f"cannot open PostgreSQL store {redact(self.url)}: {exc}") from exc
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await pool.close()
+            except DRIVER_ERRORS:
+                pool.terminate()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction; driver errors leave as StoreError."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(Q["heartbeat"], str(time.time()))
+
+    async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
+        now = time.time()
+        async with self._tx() as conn:
+            if deliveries:
+                await conn.execute(Q["lock_conversations"], [_key(d.destination, d.conversation) for d in deliveries])
+            stored = await conn.fetchval(Q["insert_event"], event["id"], dedup_key, event["type"], now, _dumps(event))
+            if stored is None:  # the key is taken, by a committed event (or one that just committed)
+                existing = await conn.fetchval(Q["event_by_dedup_key"], dedup_key)
+                return Ingested("duplicate", existing)
+            if deliveries:
+                await conn.execute(
+                    Q["insert_deliveries"],
+                    event["id"],
+                    [d.destination for d in deliveries],
+                    [d.route for d in deliveries],
+                    [d.conversation for d in deliveries],
+                    now,
+                )
+        return Ingested("accepted", event["id"])
+
+    async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        now = time.time()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                Q["claim_ordered" if ordered else "claim"], destination, now, limit, now + lease, owner
+            )
+        return [
+            Claim(
+                id=row[0],
+                event_id=row[1],
+                destination=destination,
+                attempt=row[2],
+                created_at=row[3],
+                conversation=row[4],
+                route=row[5],
+                event=json.loads(row[6]),
+            )
+            for row in sorted(rows, key=lambda row: row[0])
+        ]
+
+    async def complete(self, results: list[AttemptResult]) -> None:
+        now = time.time()
+        attempts, finishes = [], []
+        for r in results:
+            decision = r.decision
+            if isinstance(decision, Done):
+                status, next_at, error = "delivered", now, None
+            elif isinstance(decision, RetryAt):
+                status, next_at, error = "pending", decision.at, decision.reason
+            else:
+                assert isinstance(decision, Dead)
+                status, next_at, error = "dead", now, decision.reason
+            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
+            finishes.append((r.claim.id, r.claim.attempt, status, next_at, error, now))
+        if not results:
+            return
+        async with self._tx() as conn:
+            await conn.executemany(Q["record_attempt"], attempts)
+            await conn.executemany(Q["finish"], finishes)
+
+    async def release(self, claims: list[Claim]) -> None:
+        if not claims:
+            return
+        now = time.time()
+        async with self._tx() as conn:
+            await conn.executemany(Q["release"], [(c.id, c.attempt, now) for c in claims])
+
+    async def next_due(self, destination: str) -> float | None:
+        async with self._tx() as conn:
+            return await conn.fetchval(Q["next_due"], destination)
+
+    async def get_conversation(self, destination: str, key: str) -> str | None:
+        async with self._tx() as conn:
+            return await conn.fetchval(Q["get_conversation"], destination, key)
+
+    async def put_conversation(self, destination: str, key: str, value: str) -> None:
+        async with self._tx() as conn:
+            await conn.execute(Q["put_conversation"], destination, key, value)
+
+    async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
+        p = _Params()
+        sql = _sql_where(_delivery_where(where, p))
+        query = (
+            "SELECT id, event_id, destination, route, status, attempts, created_at, next_at, updated_at, last_error"
+            f" FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
+        )
+        async with self._tx() as conn:
+            rows = await conn.fetch(query, *p.values)
+        return [_delivery_row(row) for row in rows]
+
+    async def get_event(self, event_id: str) -> Event | None:
+        async with self._tx() as conn:
+            body = await conn.fetchval(Q["get_event"], event_id)
+        return json.loads(body) if body is not None else None
+
+    async def attempts(self, delivery_id: int) -> list[AttemptRow]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(Q["attempts"], delivery_id)
+        return [AttemptRow(*row) for row in rows]
+
+    async def replay(self, where: DeliveryFilter, *, force: bool = False) -> list[int]:
+        p = _Params()
+        clauses = _delivery_where(where, p)
+        clauses.append(f"status = ANY({p.add(['dead', 'delivered'] if force else ['dead'])}::text[])")
+        now = p.add(time.time())
+        # a new attempt series: due now, and max_age counts from the replay
+        query = (
+            f"UPDATE deliveries SET status = 'pending', next_at = {now}, created_at = {now}, updated_at = {now},"
+            " leased_by = NULL, last_error = NULL"
+            f" WHERE id IN (SELECT id FROM deliveries{_sql_where(clauses)} ORDER BY id LIMIT {p.add(where.limit)}"
+            " FOR UPDATE) RETURNING id"
+        )
+        async with self._tx() as conn:
+            rows = await conn.fetch(query, *p.values)
+        return sorted(row[0] for row in rows)
+
+    async def abandon(self, destinations: set[str], reason: str) -> int:
+        if not destinations:
+            return 0
+        async with self._tx() as conn:
+            status = await conn.execute(Q["abandon"], reason, time.time(), sorted(destinations))
+        return int(status.rsplit(" ", 1)[-1])  # "UPDATE n"
+
+    async def list_events(self, where: EventFilter) -> list[Event]:
+        p = _Params()
+        clauses = []
+        if where.type is not None:
+            clauses.append(f"type = {p.add(where.type)}")
+        for field, value in (("from", where.sender), ("to", where.to)):
+            if value is not None:
+                clauses.append(f"body::json ->> '{field}' = {p.add(value)}")
+        if where.keyword is not None:
+            clauses.append(f"upper(body::json ->> 'keyword') = upper({p.add(where.keyword)})")
+        if where.since is not None:
+            clauses.append(f"received_at >= {p.add(where.since)}")
+        if where.until is not None:
+            clauses.append(f"received_at < {p.add(where.until)}")
+        query = (
+            f"SELECT body FROM events{_sql_where(clauses)}"
+            f" ORDER BY received_at DESC, id DESC LIMIT {p.add(where.limit)}"
+        )
+        async with self._tx() as conn:
+            rows = await conn.fetch(query, *p.values)
+        return [json.loads(row[0]) for row in rows]
+
+    async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(Q["deliveries_of_event"], event_id)
+        return [_delivery_row(row) for row in rows]
+
+    async def stats(self) -> dict[str, DestinationStats]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(Q["stats"])
+        out: dict[str, DestinationStats] = {}
+        for destination, status, count, oldest in rows:
+            current = out.get(destination, DestinationStats())
+            if status == "pending":
+                current = replace(current, pending=count, oldest_pending=oldest)
+            else:
+                current = replace(current, dead=count)
+            out[destination] = current
+        return out
+
+    async def purge(self, *, delivered_before: float, dead_before: float, batch: int = 500) -> int:
+        async with self._tx() as conn:
+            rows = await conn.fetch(Q["purge_deliveries"], delivered_before, dead_before, batch)
+            if rows:
+                await conn.execute(Q["purge_attempts"], [row[0] for row in rows])
+                await conn.execute(Q["purge_events"], list({row[1] for row in rows}))
+        return len(rows)

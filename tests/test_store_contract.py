@@ -1,0 +1,658 @@
+"""The Store contract, held by every backend: one set of tests over a fresh SQLite store and a
+fresh PostgreSQL store (a schema of its own per test), then what only several instances on one
+PostgreSQL database can show: concurrent claims, and two real `serve` processes sharing work.
+
+PostgreSQL tests need BRIDGE_TEST_POSTGRES_URL (postgresql://postgres@127.0.0.1:5432/test in CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from bridge.carriers import Carriers
+from bridge.errors import StoreError
+from bridge.event import Event, dedup_key, normalize
+from bridge.ids import event_id
+from bridge.postback import parse
+from bridge.retry import Dead, Decision, Done, RetryAt
+from bridge.store import (
+    AttemptResult,
+    Claim,
+    DeliveryFilter,
+    EventFilter,
+    Ingested,
+    NewDelivery,
+    Store,
+    open_store,
+)
+from bridge.store.postgres import PostgresStore
+from tests.conftest import BridgeProcess, Sink, sms
+
+PG_URL = os.environ.get("BRIDGE_TEST_POSTGRES_URL")
+NO_PG = (
+    "BRIDGE_TEST_POSTGRES_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test): PostgreSQL store untested"
+)
+NODE = os.uname().nodename
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+def with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.update(params)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A URL whose search_path is a fresh schema, dropped afterwards."""
+    if not PG_URL:
+        pytest.skip(NO_PG)
+    schema = f"bridge_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(PG_URL)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield with_query(PG_URL, search_path=schema)
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = open_store(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def make_event(n: int, *, sender: str = "15552312102", to: str = "86717", text: str = "HELLO there") -> Event:
+    fields = parse(sms(n, text=text, sender=sender, to=to))
+    return normalize(fields, event_id=event_id(), received_at=datetime.now(UTC), carriers=Carriers({}))
+
+
+async def put(
+    store: Store, n: int, *, destinations: tuple[str, ...] = ("crm",), conversation: str = "c", **kw: str
+) -> str:
+    event = make_event(n, **kw)
+    result = await store.ingest(event, dedup_key(event), [NewDelivery(d, "r", conversation) for d in destinations])
+    assert result == Ingested("accepted", event["id"])
+    return event["id"]
+
+
+def finished(claim: Claim, decision: Decision) -> AttemptResult:
+    label = {Done: "delivered", RetryAt: "retry", Dead: "dead"}[type(decision)]
+    error = None if isinstance(decision, Done) else decision.reason
+    return AttemptResult(claim, time.time(), 0.01, label, 200 if label == "delivered" else 500, error, decision)
+
+
+async def claim(store: Store, owner: str = "a", *, limit: int = 100, lease: float = 30, ordered: bool = False):
+    return await store.claim("crm", limit=limit, lease=lease, ordered=ordered, owner=owner)
+
+
+def dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+# ---------------------------------------------------------------------------- ingest
+
+
+async def test_ingest_stores_event_and_deliveries_and_a_duplicate_gets_the_first_id(store):
+    event = make_event(1)
+    first = await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", "c"), NewDelivery("log", "r", "c")])
+    assert first == Ingested("accepted", event["id"])
+    again = make_event(1)  # Skycore's retry: same postback, a new id drawn for it
+    assert again["id"] != event["id"]
+    assert await store.ingest(again, dedup_key(again), [NewDelivery("crm", "r", "c")]) == Ingested(
+        "duplicate", event["id"]
+    )
+    stored = await store.get_event(event["id"])
+    assert stored == event and list(stored) == list(event)  # the body as sent, key order too
+    assert await store.get_event(again["id"]) is None
+    rows = await store.event_deliveries(event["id"])
+    assert [(r.destination, r.status, r.attempts, r.next_at is not None) for r in rows] == [
+        ("crm", "pending", 0, True),
+        ("log", "pending", 0, True),
+    ]
+    assert len(await store.list_deliveries(DeliveryFilter())) == 2
+
+
+async def test_unicode_text_round_trips(store):
+    event = make_event(1, text="Olá 👋 ‏שלום &lt;&amp;&gt; \\ \" '")
+    assert event["text"].endswith("<&> \\ \" '")
+    await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", "c")])
+    assert (await store.get_event(event["id"]))["text"] == event["text"]
+    (c,) = await claim(store)
+    assert c.event == event
+
+
+async def test_ping_writes(store):
+    await store.ping()
+    await store.ping()
+
+
+# ---------------------------------------------------------------------------- claims and leases
+
+
+async def test_claim_leases_oldest_first_and_never_twice(store):
+    ids = [await put(store, n) for n in range(3)]
+    first = await claim(store, "a", limit=2)
+    assert [c.event_id for c in first] == ids[:2]
+    assert [c.attempt for c in first] == [1, 1]
+    assert first[0].event["id"] == ids[0] and first[0].destination == "crm" and first[0].conversation == "c"
+    second = await claim(store, "b")
+    assert [c.event_id for c in second] == ids[2:]
+    assert await claim(store, "c") == []
+    assert await store.claim("other", limit=10, lease=30, ordered=False, owner="a") == []
+    # leased: due again only when the lease runs out
+    assert await store.next_due("crm") > time.time() + 20
+    assert await store.next_due("other") is None
+
+
+async def test_expired_lease_is_reclaimed_and_late_completions_are_harmless(store):
+    await put(store, 1)
+    (first,) = await claim(store, "a", lease=0.3, ordered=True)
+    assert await claim(store, "b", ordered=True) == [], "a leased delivery was handed out twice"
+    await asyncio.sleep(0.5)
+    (second,) = await claim(store, "b", ordered=True)
+    assert (second.id, second.attempt) == (first.id, 2)
+
+    await store.complete([finished(first, RetryAt(time.time(), "HTTP 500"))])  # late and stale
+    assert await claim(store, "c") == [], "a stale completion freed a delivery another worker holds"
+
+    await store.complete([finished(second, Done())])
+    await store.complete([finished(second, Done())])  # twice
+    await store.complete([finished(first, Dead("late and wrong"))])
+    (row,) = await store.list_deliveries(DeliveryFilter())
+    assert (row.status, row.attempts, row.last_error, row.next_at) == ("delivered", 2, None, None)
+    assert [(a.number, a.outcome) for a in await store.attempts(row.id)] == [(1, "retry"), (2, "delivered")]
+    assert await claim(store, "c") == []
+
+    # a late "delivered" from an expired lease is the truth: the peer has it
+    await put(store, 2)
+    (old,) = await claim(store, "a", lease=0.3)
+    await asyncio.sleep(0.5)
+    (new,) = await claim(store, "b")
+    await store.complete([finished(old, Done())])
+    await store.complete([finished(new, RetryAt(time.time(), "timeout"))])
+    assert [r.status for r in await store.list_deliveries(DeliveryFilter(event_id=old.event_id))] == ["delivered"]
+
+
+async def test_retry_is_due_at_its_time_and_dead_keeps_the_reason(store):
+    await put(store, 1)
+    await put(store, 2)
+    c1, c2 = await claim(store)
+    await store.complete([finished(c1, RetryAt(time.time() + 0.3, "HTTP 503")), finished(c2, Dead("HTTP 400"))])
+    assert await claim(store) == []
+    due = await store.next_due("crm")
+    assert abs(due - (time.time() + 0.3)) < 0.3
+    await asyncio.sleep(0.4)
+    (again,) = await claim(store)
+    assert (again.id, again.attempt) == (c1.id, 2)
+    (dead,) = await store.list_deliveries(DeliveryFilter(status="dead"))
+    assert (dead.id, dead.last_error, dead.next_at) == (c2.id, "HTTP 400", None)
+
+
+async def test_ordered_claims_give_only_the_oldest_pending_of_each_conversation(store):
+    a = [await put(store, n, conversation="alice") for n in range(3)]
+    b = [await put(store, n, conversation="bob") for n in range(10, 12)]
+    got = await claim(store, ordered=True)
+    assert {c.event_id for c in got} == {a[0], b[0]}
+    assert await claim(store, "b", ordered=True) == []
+    first_a = next(c for c in got if c.event_id == a[0])
+    first_b = next(c for c in got if c.event_id == b[0])
+    await store.complete([finished(first_a, Done())])
+    (next_a,) = await claim(store, ordered=True)
+    assert next_a.event_id == a[1]
+    # a retry keeps its place: the conversation waits for it, even once later ones are due
+    await store.complete([finished(next_a, RetryAt(time.time() + 60, "HTTP 500"))])
+    assert await claim(store, ordered=True) == []
+    # dead lets the conversation go on
+    await store.complete([finished(first_b, Dead("HTTP 400"))])
+    (next_b,) = await claim(store, ordered=True)
+    assert next_b.event_id == b[1]
+
+
+async def test_unordered_claims_take_every_due_delivery(store):
+    ids = [await put(store, n, conversation="alice") for n in range(3)]
+    assert [c.event_id for c in await claim(store)] == ids
+
+
+async def test_release_gives_back_unattempted_only_while_the_claim_is_ours(store):
+    await put(store, 1)
+    await put(store, 2)
+    c1, c2 = await claim(store, "a", lease=0.3)
+    await store.release([c1])
+    (again,) = await claim(store, "b")
+    assert (again.id, again.attempt) == (c1.id, 1)  # the released claim was not an attempt
+    await asyncio.sleep(0.5)
+    (taken,) = await claim(store, "c")  # c2's lease ran out; c holds it now
+    assert (taken.id, taken.attempt) == (c2.id, 2)
+    await store.release([c2])  # a's late release must not free c's claim
+    assert await claim(store, "d") == []
+
+
+async def test_opening_recovers_only_leases_of_dead_processes_on_this_host(store_url):
+    first = open_store(store_url)
+    await first.open()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        owners = [
+            f"{NODE}:{dead_pid()}:gone",
+            f"{NODE}:{alive.pid}:live",
+            f"elsewhere.example:{dead_pid()}:other-host",
+            f"{NODE}:{os.getpid()}:earlier-life",  # PID 1 in a restarted container
+        ]
+        held = {}
+        for n, owner in enumerate(owners):
+            await put(first, n, conversation=str(n))
+            (c,) = await claim(first, owner, limit=1)
+            held[owner] = c.event_id
+        await first.close()
+        second = open_store(store_url)  # as `deliveries` or a restarted server would
+        await second.open()
+        try:
+            back = await claim(second, "new")
+            assert {c.event_id for c in back} == {held[owners[0]], held[owners[3]]}
+            assert {c.attempt for c in back} == {2}
+        finally:
+            await second.close()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+async def test_replay_makes_dead_pending_and_delivered_only_with_force(store):
+    for n in range(3):
+        await put(store, n)
+    c0, c1, _leased = await claim(store)
+    await store.complete([finished(c0, Dead("HTTP 400")), finished(c1, Done())])
+    assert await store.replay(DeliveryFilter()) == [c0.id]
+    (row,) = await store.list_deliveries(DeliveryFilter(ids=(c0.id,)))
+    assert (row.status, row.last_error) == ("pending", None)
+    assert row.next_at <= time.time()
+    assert await store.replay(DeliveryFilter()) == []  # nothing dead left; c2 (leased) untouched
+    assert await store.replay(DeliveryFilter(), force=True) == [c1.id]
+    got = await claim(store)
+    assert {c.id for c in got} == {c0.id, c1.id}
+    assert {c.attempt for c in got} == {2}
+
+
+async def test_replay_filters(store):
+    await put(store, 1, destinations=("crm", "log"))
+    await put(store, 2)
+    claims = await claim(store) + await store.claim("log", limit=10, lease=30, ordered=False, owner="a")
+    await store.complete([finished(c, Dead("no")) for c in claims])
+    by = {(c.event_id, c.destination): c.id for c in claims}
+    log_id = next(i for (e, d), i in by.items() if d == "log")
+    assert await store.replay(DeliveryFilter(destination="log")) == [log_id]
+    some = sorted(by.values())[:1]
+    assert await store.replay(DeliveryFilter(ids=tuple(some))) == ([] if some == [log_id] else some)
+    assert len(await store.replay(DeliveryFilter(since=time.time() + 60))) == 0
+    rest = await store.replay(DeliveryFilter(limit=1))
+    assert len(rest) == 1
+
+
+async def test_abandon_kills_pending_deliveries_of_removed_destinations(store):
+    await put(store, 1, destinations=("crm", "gone", "also-gone"))
+    assert await store.abandon({"gone", "also-gone"}, "destination removed") == 2
+    rows = {r.destination: r for r in await store.list_deliveries(DeliveryFilter())}
+    assert (rows["gone"].status, rows["gone"].last_error) == ("dead", "destination removed")
+    assert rows["crm"].status == "pending"
+    assert await store.abandon(set(), "x") == 0
+
+
+async def test_stats_count_pending_and_dead_per_destination(store):
+    assert await store.stats() == {}
+    before = time.time()
+    await put(store, 1, destinations=("crm", "log"))
+    await put(store, 2)
+    await put(store, 3)
+    c = (await claim(store, limit=2))[:2]
+    await store.complete([finished(c[0], Dead("x")), finished(c[1], Done())])
+    stats = await store.stats()
+    assert (stats["crm"].pending, stats["crm"].dead) == (1, 1)
+    assert (stats["log"].pending, stats["log"].dead) == (1, 0)
+    assert before - 1 <= stats["log"].oldest_pending <= time.time()
+
+
+async def test_purge_deletes_finished_deliveries_their_attempts_and_orphaned_events(store):
+    kept_event = await put(store, 1, destinations=("crm", "log"))
+    gone_event = await put(store, 2)
+    pending_event = await put(store, 3)
+    claims = await claim(store)
+    await store.complete([finished(c, Done()) for c in claims if c.event_id != pending_event])
+    now = time.time() + 1
+    assert await store.purge(delivered_before=now, dead_before=now, batch=1) == 1
+    assert await store.purge(delivered_before=now, dead_before=now, batch=10) == 1
+    assert await store.purge(delivered_before=now, dead_before=now) == 0
+    assert await store.get_event(gone_event) is None
+    assert await store.get_event(kept_event) is not None  # its log delivery is pending
+    assert [r.destination for r in await store.event_deliveries(kept_event)] == ["log"]
+    assert await store.get_event(pending_event) is not None
+    for c in claims:
+        if c.event_id != pending_event:
+            assert await store.attempts(c.id) == []
+    assert await store.purge(delivered_before=0, dead_before=0) == 0  # nothing that old
+
+
+async def test_list_deliveries_filters(store):
+    e1 = await put(store, 1, destinations=("crm", "log"))
+    await put(store, 2)
+    (c,) = await store.claim("log", limit=10, lease=30, ordered=False, owner="a")
+    await store.complete([finished(c, Dead("x"))])
+    rows = await store.list_deliveries(DeliveryFilter())
+    assert [r.id for r in rows] == sorted((r.id for r in rows), reverse=True)
+    assert len(rows) == 3
+    assert [r.destination for r in await store.list_deliveries(DeliveryFilter(status="dead"))] == ["log"]
+    assert len(await store.list_deliveries(DeliveryFilter(destination="crm"))) == 2
+    assert {r.destination for r in await store.list_deliveries(DeliveryFilter(event_id=e1))} == {"crm", "log"}
+    assert [r.id for r in await store.list_deliveries(DeliveryFilter(ids=(rows[0].id, rows[2].id)))] == [
+        rows[0].id,
+        rows[2].id,
+    ]
+    assert await store.list_deliveries(DeliveryFilter(since=time.time() + 60)) == []
+    assert await store.list_deliveries(DeliveryFilter(until=0)) == []
+    assert len(await store.list_deliveries(DeliveryFilter(limit=2))) == 2
+
+
+async def test_list_events_filters_newest_first(store):
+    ids = []
+    for n, (sender, text) in enumerate([("15551110000", "STOP"), ("15552220000", "stop now"), ("15552220000", "hi")]):
+        ids.append(await put(store, n, sender=sender, text=text))
+        await asyncio.sleep(0.01)
+    assert [e["id"] for e in await store.list_events(EventFilter())] == ids[::-1]
+    assert [e["id"] for e in await store.list_events(EventFilter(sender="+15552220000"))] == ids[:0:-1]
+    assert [e["id"] for e in await store.list_events(EventFilter(keyword="stop"))] == ids[1::-1]
+    assert len(await store.list_events(EventFilter(type="sms.received", to="86717"))) == 3
+    assert await store.list_events(EventFilter(type="mms.received")) == []
+    assert await store.list_events(EventFilter(to="99999")) == []
+    assert await store.list_events(EventFilter(since=time.time() + 60)) == []
+    assert len(await store.list_events(EventFilter(until=time.time() + 60, limit=2))) == 2
+
+
+async def test_conversation_state_is_kept_per_destination(store):
+    assert await store.get_conversation("slack", "+1555|86717") is None
+    await store.put_conversation("slack", "+1555|86717", "1700000000.000100")
+    await store.put_conversation("email", "+1555|86717", "<m@x>")
+    await store.put_conversation("slack", "+1555|86717", "1700000000.000200")
+    assert await store.get_conversation("slack", "+1555|86717") == "1700000000.000200"
+    assert await store.get_conversation("email", "+1555|86717") == "<m@x>"
+
+
+# ---------------------------------------------------------------------------- PostgreSQL only
+
+
+async def test_postgres_errors_are_store_errors_without_the_password():
+    if not PG_URL:
+        pytest.skip(NO_PG)
+    parts = urlsplit(PG_URL)
+    url = urlunsplit(parts._replace(netloc="bridge:s3cret-pw@127.0.0.1:1"))
+    with pytest.raises(StoreError) as info:
+        await PostgresStore(url).open()
+    assert "s3cret-pw" not in str(info.value) and "127.0.0.1:1" in str(info.value)
+    with pytest.raises(StoreError):
+        await PostgresStore(url).ping()  # never opened
+
+
+async def test_postgres_ping_fails_when_the_database_cannot_take_a_write(pg_url):
+    store = PostgresStore(with_query(pg_url, statement_timeout="300"))
+    await store.open()
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await store.ping()
+        async with admin.transaction():
+            await admin.execute("LOCK TABLE meta IN ACCESS EXCLUSIVE MODE")  # writes to it wait
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match="statement timeout"):
+                await store.ping()
+            assert time.monotonic() - t0 < 5
+        await store.ping()
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_postgres_store_reconnects_after_its_connections_are_killed(pg_url):
+    name = f"bridge-test-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(with_query(pg_url, application_name=name))
+    await store.open()
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await store.ping()
+        query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1"
+        assert await admin.fetchval(query, name) >= 1
+        await asyncio.sleep(0.1)
+        failures = 0
+        for n in range(3):
+            event = make_event(n)
+            try:
+                assert (await store.ingest(event, dedup_key(event), [])).status == "accepted"
+            except StoreError:  # at most the one that met the dead connection
+                failures += 1
+        assert failures <= 1
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_two_postgres_stores_never_claim_the_same_delivery(pg_url):
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    await one.open()
+    await two.open()
+    try:
+        for n in range(200):
+            await put(one if n % 2 else two, n, conversation=str(n % 7))
+        got: list[tuple[str, Claim]] = []
+
+        async def worker(store: Store, owner: str) -> None:
+            while batch := await store.claim("crm", limit=random.randint(1, 9), lease=30, ordered=False, owner=owner):
+                got.extend((owner, c) for c in batch)
+                await store.complete([finished(c, Done()) for c in batch])
+
+        await asyncio.gather(*(worker(s, f"{name}{i}") for name, s in (("one", one), ("two", two)) for i in range(4)))
+        counts = Counter(c.id for _, c in got)
+        assert len(counts) == 200 and max(counts.values()) == 1
+        assert {c.attempt for _, c in got} == {1}
+        assert len({owner[:3] for owner, _ in got}) == 2  # both stores took part
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_two_postgres_stores_keep_each_conversation_in_order(pg_url):
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    await one.open()
+    await two.open()
+    try:
+        # ingested concurrently from both stores, interleaved within each conversation
+        await asyncio.gather(
+            *(
+                put(one if n % 2 else two, n, conversation=f"conv{n % 10}", sender=f"1555{n % 10:07d}")
+                for n in range(120)
+            )
+        )
+        inflight: dict[str, int] = {}
+        sent: dict[str, list[int]] = defaultdict(list)
+        violations: list[str] = []
+
+        async def worker(store: Store, owner: str) -> None:
+            idle = 0
+            while idle < 3:
+                batch = await store.claim("crm", limit=4, lease=30, ordered=True, owner=owner)
+                if not batch:
+                    idle += 1
+                    await asyncio.sleep(0.02)
+                    continue
+                idle = 0
+                for c in batch:
+                    if c.conversation in inflight:
+                        violations.append(f"{c.conversation}: {c.id} while {inflight[c.conversation]} in flight")
+                    inflight[c.conversation] = c.id
+                await asyncio.sleep(0.005)
+                for c in batch:
+                    sent[c.conversation].append(c.id)
+                    inflight.pop(c.conversation, None)
+                await store.complete([finished(c, Done()) for c in batch])
+
+        await asyncio.gather(*(worker(s, f"w{i}") for s in (one, two) for i in range(3)))
+        assert violations == []
+        assert sum(len(v) for v in sent.values()) == 120
+        for conversation, ids in sent.items():
+            assert ids == sorted(ids), f"{conversation} sent out of order: {ids}"
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_the_same_postback_at_two_stores_at_once_is_stored_once(pg_url):
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    await one.open()
+    await two.open()
+    try:
+        for n in range(20):
+            a, b = make_event(n), make_event(n)
+            results = await asyncio.gather(
+                one.ingest(a, dedup_key(a), [NewDelivery("crm", "r", "c")]),
+                two.ingest(b, dedup_key(b), [NewDelivery("crm", "r", "c")]),
+            )
+            assert sorted(r.status for r in results) == ["accepted", "duplicate"]
+            assert results[0].event_id == results[1].event_id
+        assert len(await one.list_deliveries(DeliveryFilter(limit=1000))) == 20
+    finally:
+        await one.close()
+        await two.close()
+
+
+# ---------------------------------------------------------------------------- the real process
+
+
+def hook_config(store: str, url: str) -> dict[str, Any]:
+    return {
+        "store": store,
+        "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"},
+        "destinations": {"crm": {"type": "webhook", "url": url + "/hook"}},
+        "default": ["crm"],
+    }
+
+
+def log_lines(bridge: BridgeProcess) -> list[dict[str, Any]]:
+    """This process's JSON log lines (both processes share a work directory)."""
+    assert bridge.stderr_path is not None
+    lines = []
+    for line in bridge.stderr_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            lines.append(json.loads(line))
+    return lines
+
+
+async def wait_for_ids(sink: Sink, ids: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ids <= {r.json()["id"] for r in sink.received}:
+        if time.monotonic() > deadline:
+            missing = ids - {r.json()["id"] for r in sink.received}
+            raise AssertionError(f"{len(missing)} of {len(ids)} events not delivered in {timeout:g}s")
+        await asyncio.sleep(0.1)
+
+
+async def test_serve_with_postgres_delivers_end_to_end(sink, bridge_factory, pg_url):
+    bridge = bridge_factory(hook_config(pg_url, sink.url))
+    bridge.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(bridge.url + "/readyz") as r:
+            assert r.status == 200
+        async with session.post(bridge.url + "/postback", data=sms(1)) as r:
+            assert r.status == 200
+            body = await r.json()
+        async with session.post(bridge.url + "/postback", data=sms(1)) as r:
+            assert (r.status, await r.json()) == (200, {"status": "duplicate", "id": body["id"]})
+    (request,) = await sink.wait_for(1)
+    assert request.json()["id"] == body["id"] and request.json()["from"] == "+15552312102"
+    await asyncio.sleep(0.3)
+    assert len(sink.received) == 1
+    listing = bridge.cli("deliveries", "-c", str(bridge.config_path), "--json").stdout
+    assert '"status": "delivered"' in listing
+    assert bridge.stop() == 0
+
+
+async def test_two_serve_processes_on_one_database_share_the_work(sink, bridge_factory, pg_url):
+    async def slow_ok(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.01)  # a backlog builds, and both instances poll it
+        return web.Response(text="ok")
+
+    sink.default = slow_ok
+    env = {"BRIDGE_LOG_LEVEL": "info"}
+    first = bridge_factory(hook_config(pg_url, sink.url), env)
+    first.start()
+    second = bridge_factory(hook_config(pg_url, sink.url), env)  # same database, same destination
+    second.start()
+    bridges = [first, second]
+    ids: dict[int, str] = {}
+    limit = asyncio.Semaphore(16)
+
+    async with aiohttp.ClientSession() as session:
+
+        async def send(n: int, bridge: BridgeProcess) -> tuple[int, dict[str, str]]:
+            async with limit, session.post(bridge.url + "/postback", data=sms(n)) as r:
+                return r.status, await r.json()
+
+        answers = await asyncio.gather(*(send(n, bridges[n % 2]) for n in range(300)))
+        for n, (status, body) in enumerate(answers):
+            assert (status, body["status"]) == (200, "accepted"), (n, status, body)
+            ids[n] = body["id"]
+        # Skycore retrying some of them, at either instance, and some at both at once
+        again = await asyncio.gather(
+            *(send(n, bridges[(n + 1) % 2]) for n in range(0, 300, 7)),
+            *(send(n, b) for n in range(3, 300, 31) for b in bridges),
+        )
+        assert all(status == 200 and body["status"] == "duplicate" for status, body in again), again
+        assert [body["id"] for _, body in again[: len(range(0, 300, 7))]] == [ids[n] for n in range(0, 300, 7)]
+
+    await wait_for_ids(sink, set(ids.values()), timeout=40)
+    await asyncio.sleep(0.5)
+    counts = Counter(r.json()["id"] for r in sink.received)
+    assert sum(counts.values()) == 300 and max(counts.values()) == 1, "an event was sent twice"
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetch("SELECT status, attempts, count(*) FROM deliveries GROUP BY status, attempts")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [("delivered", 1, 300)], "a delivery was claimed more than once"
+    for bridge in bridges:
+        assert bridge.stop() == 0
+    per_process = [sum(line.get("msg") == "delivery attempt" for line in log_lines(b)) for b in bridges]
+    assert sum(per_process) == 300 and min(per_process) > 0, per_process
