@@ -51,7 +51,6 @@ class Runtime:
     store: Store | None = None
     dispatcher: Dispatcher | None = None
     services: Services | None = None
-    store_ok: bool = True
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start_delivery(self, services: Services) -> None:
@@ -294,12 +293,10 @@ async def postback(request: web.Request) -> web.Response:
     try:
         result = await store.ingest(event, dedup_key(event), deliveries)
     except StoreError as exc:
-        runtime.store_ok = False
         metrics.store_up.set(0)
         metrics.postbacks.labels(origin, "unavailable", "store").inc()
         log.error("store cannot take postback", extra={"error": str(exc)})
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
-    runtime.store_ok = True
     metrics.postbacks.labels(origin, result.status, "").inc()
     log.info(
         "postback " + result.status,
@@ -333,7 +330,6 @@ async def readyz(request: web.Request) -> web.Response:
     except (StoreError, TimeoutError) as exc:
         runtime.metrics.store_up.set(0)
         return web.json_response({"status": "unavailable", "store": str(exc) or "timeout"}, status=503)
-    runtime.store_ok = True
     runtime.metrics.store_up.set(1)
     return web.json_response({"status": "ready"})
 
