@@ -502,6 +502,8 @@ def _store(raw: Any, r: Reader) -> str:
 
 
 def _redact_url(url: str) -> str:
+    """The URL without its password, whether in the userinfo or as libpq's `?password=`."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1****", url)
     return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:****@", url)
 
 

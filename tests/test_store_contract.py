@@ -656,3 +656,21 @@ async def test_two_serve_processes_on_one_database_share_the_work(sink, bridge_f
         assert bridge.stop() == 0
     per_process = [sum(line.get("msg") == "delivery attempt" for line in log_lines(b)) for b in bridges]
     assert sum(per_process) == 300 and min(per_process) > 0, per_process
+
+
+def test_check_config_never_shows_the_database_password(tmp_path):
+    for url in (
+        "postgresql://bridge:pw-in-userinfo@db:5432/b",
+        "postgresql://bridge@db/b?sslmode=require&password=pw-in-query",
+    ):
+        path = tmp_path / "config.yaml"
+        path.write_text(f"store: {url}\ndestinations: {{audit: {{type: log}}}}\ndefault: [audit]\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "store postgresql://bridge" in done.stdout and "****" in done.stdout
+        assert "pw-in" not in done.stdout + done.stderr
