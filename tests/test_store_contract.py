@@ -66,7 +66,8 @@ def with_query(url: str, **params: str) -> str:
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
-    """A URL whose search_path is a fresh schema, dropped afterwards."""
+    """A URL whose search_path is a fresh schema, dropped afterwards. Tests ask for it before
+    bridge_factory, so their bridges are stopped before the schema goes."""
     if not PG_URL:
         pytest.skip(NO_PG)
     schema = f"bridge_test_{uuid.uuid4().hex[:12]}"
@@ -588,7 +589,7 @@ async def wait_for_ids(sink: Sink, ids: set[str], timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_serve_with_postgres_delivers_end_to_end(sink, bridge_factory, pg_url):
+async def test_serve_with_postgres_delivers_end_to_end(pg_url, sink, bridge_factory):
     bridge = bridge_factory(hook_config(pg_url, sink.url))
     bridge.start()
     async with aiohttp.ClientSession() as session:
@@ -608,7 +609,7 @@ async def test_serve_with_postgres_delivers_end_to_end(sink, bridge_factory, pg_
     assert bridge.stop() == 0
 
 
-async def test_two_serve_processes_on_one_database_share_the_work(sink, bridge_factory, pg_url):
+async def test_two_serve_processes_on_one_database_share_the_work(pg_url, sink, bridge_factory):
     async def slow_ok(request: web.Request) -> web.Response:
         await asyncio.sleep(0.01)  # a backlog builds, and both instances poll it
         return web.Response(text="ok")
