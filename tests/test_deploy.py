@@ -79,11 +79,17 @@ def test_container_config_is_valid_and_refuses_without_a_token():
     assert missing.returncode == 1 and "POSTBACK_TOKEN" in missing.stderr
 
 
-def test_compose_file_builds_the_image_and_keeps_the_store_on_a_volume():
+def test_compose_file_runs_the_bridge_on_its_postgresql():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    bridge = compose["services"]["bridge"]
+    bridge, db = compose["services"]["bridge"], compose["services"]["db"]
     assert (DEPLOY / bridge["build"] / "Dockerfile").exists()
-    assert any(v.endswith(":/var/lib/postback-bridge") for v in bridge["volumes"])
+    assert db["image"].startswith("postgres:")
+    assert bridge["depends_on"]["db"]["condition"] == "service_healthy"
+    store = bridge["environment"]["BRIDGE_STORE"]
+    assert store.startswith("postgresql://") and "@db:5432/" in store
+    # the image's config takes the store from BRIDGE_STORE
+    assert "${BRIDGE_STORE:-" in (DEPLOY / "container-config.yaml").read_text()
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in db["volumes"])
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
