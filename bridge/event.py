@@ -71,10 +71,9 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 def format_time(moment: datetime, *, millis: bool = False) -> str:
-    moment = moment.astimezone(UTC)
-    if millis:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    m = moment.astimezone(UTC)  # f-string, not strftime: this runs for every postback
+    stamp = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+    return f"{stamp}.{m.microsecond // 1000:03d}Z" if millis else f"{stamp}Z"
 
 
 def event_type(origin: str, code: str | None) -> str:

@@ -148,6 +148,12 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 
 
+def answer(status: str, event_id: str) -> web.Response:
+    """`{"status": ..., "id": ...}`, as json.dumps would write it (both values are plain ASCII)."""
+    body = f'{{"status": "{status}", "id": "{event_id}"}}'.encode()
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+
 def error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
@@ -284,7 +290,7 @@ async def postback(request: web.Request) -> web.Response:
                 "why": "to: []" if decision.routes else "no route matched and no default",
             },
         )
-        return web.json_response({"status": "accepted", "id": event["id"]})
+        return answer("accepted", event["id"])
 
     store = runtime.store
     assert store is not None
@@ -312,7 +318,7 @@ async def postback(request: web.Request) -> web.Response:
     )
     if result.status == "accepted" and runtime.dispatcher is not None:
         runtime.dispatcher.notify([d for d, _ in decision.destinations])
-    return web.json_response({"status": result.status, "id": result.event_id})
+    return answer(result.status, result.event_id)
 
 
 async def healthz(request: web.Request) -> web.Response:
