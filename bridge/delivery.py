@@ -64,15 +64,17 @@ class Dispatcher:
         destinations: Mapping[str, Destination],
         *,
         on_result: Callable[[Destination, Claim, AttemptResult], None] | None = None,
+        lease_margin: float = LEASE_MARGIN,
     ) -> None:
         self.store = store
         self.destinations = dict(destinations)
+        self.lease_margin = lease_margin
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._on_result = on_result
         self._wake: dict[str, asyncio.Event] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
-        self._ready: dict[str, deque[Claim]] = {}  # claimed, waiting for a free slot
+        self._ready: dict[str, deque[tuple[Claim, float]]] = {}  # claimed (when), waiting for a slot
         self.health: dict[str, Health] = {name: Health() for name in self.destinations}
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -106,7 +108,7 @@ class Dispatcher:
         inflight = [task for tasks in self._inflight.values() for task in tasks]
         if inflight:
             await asyncio.wait(inflight, timeout=grace)
-        unfinished: list[Claim] = [claim for ready in self._ready.values() for claim in ready]
+        unfinished: list[Claim] = [claim for ready in self._ready.values() for claim, _ in ready]
         for ready in self._ready.values():
             ready.clear()
         for tasks in self._inflight.values():
@@ -130,29 +132,40 @@ class Dispatcher:
     async def _run(self, destination: Destination) -> None:
         name = destination.name
         wake, inflight, ready = self._wake[name], self._inflight[name], self._ready[name]
-        lease = destination.attempt_timeout + LEASE_MARGIN
+        # A claim may wait in `ready` for about one attempt before its own attempt starts, so
+        # the lease covers two attempts and a margin; one that waited longer is given back.
+        lease = 2 * destination.attempt_timeout + self.lease_margin
+        start_within = destination.attempt_timeout + self.lease_margin / 2
         health = self.health[name]
 
         def finished(task: asyncio.Task[None]) -> None:
             inflight.pop(task, None)
             wake.set()
 
-        def start_ready(slots: int) -> None:
+        async def start_ready(slots: int) -> None:
+            stale = []
             while ready and len(inflight) < slots:
-                claim = ready.popleft()
+                claim, claimed_at = ready.popleft()
+                if time.monotonic() - claimed_at > start_within:
+                    stale.append(claim)  # its lease could run out mid-attempt: another may take it
+                    continue
                 task = asyncio.create_task(self._attempt(destination, claim))
                 inflight[task] = claim
                 task.add_done_callback(finished)
+            await self._release(stale)
 
         while not self._stopping:
             wake.clear()  # before claiming, so a notify during the claim is not lost
             pause = health.paused_until - time.time()
             if pause > 0:
+                # what was claimed ahead goes back now: its lease would run out while we wait
+                await self._release([claim for claim, _ in ready])
+                ready.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopped.wait(), pause)
                 continue
             slots = 1 if health.down else destination.concurrency
-            start_ready(slots)
+            await start_ready(slots)
             # Claims come a batch at a time, one batch ahead of the free slots, so a finished
             # attempt starts the next from memory instead of waiting for a claim of one.
             want = (slots - len(inflight)) + (0 if health.down else slots) - len(ready)
@@ -163,28 +176,42 @@ class Dispatcher:
                 claims = await self.store.claim(
                     name, limit=want, lease=lease, ordered=destination.ordered, owner=self.owner
                 )
-            except StoreError as exc:
+            except Exception as exc:  # the store (StoreError) or a bug: the loop must not die
                 log.warning("cannot claim deliveries", extra={"destination": name, "error": str(exc)})
                 await asyncio.sleep(IDLE_POLL)
                 continue
-            ready.extend(claims)
+            claimed_at = time.monotonic()
+            ready.extend((claim, claimed_at) for claim in claims)
             if self._stopping:
                 return  # stop() gives back what is in `ready`
-            start_ready(slots)
+            await start_ready(slots)
             if len(claims) == want:
                 continue  # more may be due
-            # Fewer were due than we asked for: sleep until the next is due, a new delivery
-            # arrives (notify) or an attempt finishes.
+            await self._idle(destination, wake)
+
+    async def _idle(self, destination: Destination, wake: asyncio.Event) -> None:
+        """Fewer deliveries were due than asked for: sleep until the next is due, a new one
+        arrives (notify) or an attempt finishes (its verdict may free a conversation's next)."""
+        try:
+            due = await self.store.next_due(destination.name)
+        except Exception:
+            due = None
+        now = time.time()
+        if due is None:
             timeout = IDLE_POLL
-            try:
-                due = await self.store.next_due(name)
-            except StoreError:
-                due = None
-            if due is not None:
-                timeout = min(IDLE_POLL, max(0.0, due - time.time()))
-            if timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout)
+        elif due > now:
+            timeout = min(IDLE_POLL, due - now)
+        else:
+            # Due but not handed out: for an ordered destination, behind an earlier delivery of
+            # its conversation (a verdict wakes us); otherwise just taken by another instance.
+            timeout = IDLE_POLL if destination.ordered else 0.01
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
+
+    async def _release(self, claims: list[Claim]) -> None:
+        if claims:
+            with contextlib.suppress(StoreError):  # else their lease runs out: retried then
+                await self.store.release(claims)
 
     def _recorded(self, batch: list[tuple[Destination, AttemptResult, float]]) -> None:
         for destination, result, _ in batch:
@@ -259,7 +286,7 @@ class Dispatcher:
         # Recorded in the background, batched with other attempts' results: the slot is free for
         # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered
         # destinations, holds back the rest of its conversation), so nothing is sent twice.
-        self._recorder.add(destination, result, give_up_at=t0 + destination.attempt_timeout + LEASE_MARGIN / 2)
+        self._recorder.add(destination, result, give_up_at=t0 + destination.attempt_timeout + self.lease_margin / 2)
 
 
 class _Recorder:

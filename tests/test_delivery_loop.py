@@ -1,0 +1,103 @@
+"""The delivery loop in process, with a real SQLite store and real peers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import resource
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from bridge.config import RetryPolicy
+from bridge.delivery import Dispatcher
+from bridge.destinations import Services
+from bridge.destinations.webhook import WebhookDestination
+from bridge.store import NewDelivery
+from bridge.store.sqlite import SQLiteStore
+
+
+def event(n: int) -> dict:
+    return {"id": f"evt_{n:04d}", "type": "sms.received", "origin": "SMS_MO", "received_at": "2026-01-01T00:00:00.000Z"}
+
+
+async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: Path):
+    """A 429 with Retry-After pauses the destination for longer than the leases of the
+    deliveries already claimed ahead: they go back to the queue, and nothing is sent twice."""
+    received: collections.Counter[str] = collections.Counter()
+    first = True
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal first
+        body = await request.json()
+        if first:
+            first = False
+            return web.Response(status=429, headers={"Retry-After": "4"})
+        await asyncio.sleep(0.3)
+        received[body["id"]] += 1
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", url, timeout=0.5)
+    destination.attempt_timeout = 1.0  # with lease_margin 0.5: leases of 2.5 s, under the 4 s pause
+    destination.concurrency = 4
+    destination.retry = RetryPolicy(initial=0.1, max_interval=60, max_age=3600)
+    await destination.open(Services(http=http, state=store))
+    for n in range(8):
+        await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", f"c{n}")])
+    dispatcher = Dispatcher(store, {"crm": destination}, lease_margin=0.5)
+    dispatcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(received) < 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # room for a duplicate to show up
+    finally:
+        await dispatcher.stop()
+        await http.close()
+        await store.close()
+        await runner.cleanup()
+    assert set(received) == {event(n)["id"] for n in range(8)}
+    assert {k: v for k, v in received.items() if v > 1} == {}
+
+
+async def test_a_blocked_conversation_does_not_spin_the_loop(tmp_path: Path, sink):
+    """Two texts of one conversation to an ordered destination, the first waiting for a retry:
+    the second is due but held back, and the loop waits instead of asking the store again and
+    again (which would burn a core and slow every postback)."""
+    sink.default = 500
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", sink.url + "/hook", timeout=2)
+    destination.ordered = True
+    destination.retry = RetryPolicy(initial=30, max_interval=60, max_age=3600)
+    await destination.open(Services(http=http, state=store))
+    for n in range(2):
+        await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", "+15552312102|86717")])
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        await sink.wait_for(1)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.sleep(2.0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        await dispatcher.stop()
+        await http.close()
+        await store.close()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert len(sink.received) == 1  # the second waits for the first, in order
+    assert cpu < 0.5, f"the loop used {cpu:.2f} s of CPU in 2 s while it had nothing to send"
