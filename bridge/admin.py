@@ -7,6 +7,7 @@ operator's own machine) and off (404) anywhere else.
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -131,11 +132,16 @@ def _int(text: str) -> int:
 async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
     runtime = _runtime(request)
     force = _flag(request.query.get("force"))
-    ids = await runtime.store.replay(where, force=force)
+    configured = tuple(runtime.config.destinations)  # a replay to a removed one would wait forever
+    ids = await runtime.store.replay(replace(where, destinations=configured), force=force)
     if single and not ids:
         rows = await runtime.store.list_deliveries(where)
         if not rows:
             return web.json_response({"error": "nothing to replay: no such delivery or event"}, status=404)
+        gone = sorted({r.destination for r in rows} - set(configured))
+        if gone:
+            message = f"destination {', '.join(gone)} is not in the config: add it back, reload, then replay"
+            return web.json_response({"error": message, "replayed": []}, status=409)
         if any(r.status == "delivered" for r in rows) and not force:
             return web.json_response(
                 {"error": "already delivered: add ?force=true to send it again", "replayed": []}, status=409

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,17 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args.config, required=False)
     logs.setup(args.log_level)
-    server = config.server
-    auth = server.auth
-    if not server.loopback and not auth.configured and not auth.allow_unauthenticated:
-        print(
-            f"refusing to listen on {server.host}:{server.port} without authentication: anyone could post.\n"
-            "  set server.auth.token (then point Skycore at /postback/<token>), server.auth.basic or\n"
-            "  server.auth.allow_from, listen on 127.0.0.1 behind a proxy, or set\n"
-            "  server.auth.allow_unauthenticated: true if something in front already guards it.",
-            file=sys.stderr,
-        )
-        return 2
+    server = config.server  # a public listen without auth is a config error: see config.build
     app = create_app(config)
     log = logs.logger.getChild("serve")
 
@@ -287,7 +278,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("replay: say which deliveries: ids, --destination, --event, --since/--until, or --all", file=sys.stderr)
         return 2
     config = _config(args.config)
-    ids = asyncio.run(_with_store(config, lambda store: store.replay(_filter(args, status=None), force=args.force)))
+    if args.destination and args.destination not in config.destinations:
+        print(f"replay: destination {args.destination!r} is not in {config.source}", file=sys.stderr)
+        return 2
+    # only to destinations the config has: a replay to a removed one would wait forever
+    where = replace(_filter(args, status=None), destinations=tuple(config.destinations))
+    ids = asyncio.run(_with_store(config, lambda store: store.replay(where, force=args.force)))
     if args.json:
         print(json.dumps({"replayed": ids}))
     else:
@@ -327,22 +323,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_route)
 
-    def with_filters(p: argparse.ArgumentParser) -> None:
+    def with_filters(p: argparse.ArgumentParser, limit: int) -> None:
         with_config(p)
         p.add_argument("--destination", metavar="NAME")
         p.add_argument("--event", metavar="EVENT_ID")
         p.add_argument("--since", type=parse_when, metavar="TIME", help="ISO time, or a duration ago (2h)")
         p.add_argument("--until", type=parse_when, metavar="TIME")
-        p.add_argument("--limit", type=int, default=100)
+        p.add_argument("--limit", type=int, default=limit, help=f"at most this many (default {limit})")
         p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("deliveries", help="list deliveries")
-    with_filters(p)
+    with_filters(p, 100)
     p.add_argument("--status", choices=["pending", "delivered", "dead"])
     p.set_defaults(func=cmd_deliveries)
 
     p = sub.add_parser("replay", help="send dead deliveries again (a new attempt series, same event id)")
-    with_filters(p)
+    with_filters(p, 1_000_000)
     p.add_argument("ids", nargs="*", type=int, metavar="DELIVERY_ID")
     p.add_argument("--all", action="store_true", help="every dead delivery (within the other filters)")
     p.add_argument("--force", action="store_true", help="also replay delivered ones")

@@ -504,7 +504,7 @@ def _store(raw: Any, r: Reader) -> str:
 def _redact_url(url: str) -> str:
     """The URL without its password, whether in the userinfo or as libpq's `?password=`."""
     url = re.sub(r"([?&]password=)[^&#]*", r"\1****", url)
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:****@", url)
+    return re.sub(r"://([^:/@]+):[^/]*@", r"://\1:****@", url)  # up to the last @: a password may hold one
 
 
 def _carriers(raw: Any, r: Reader) -> dict[str, str]:
@@ -650,6 +650,14 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
     raw = _interpolate(raw, "", environ, r)
     r.mapping(raw, "", _TOP)
     server = _server(raw.get("server"), r)
+    if not r.errors and not server.loopback and not server.auth.configured and not server.auth.allow_unauthenticated:
+        r.error(
+            "server.auth",
+            f"is required to listen on {server.host}:{server.port} (not loopback): anyone could post. Set "
+            "server.auth.token (and point Skycore at /postback/<token>), server.auth.basic or "
+            "server.auth.allow_from; or listen on 127.0.0.1 behind a proxy; or set "
+            "server.auth.allow_unauthenticated: true if something in front already guards it",
+        )
     retry = parse_retry(raw.get("retry"), "retry", RetryPolicy(), r) if "retry" in raw else RetryPolicy()
     destinations = _destinations(raw.get("destinations"), retry, r)
     declared = set(raw["destinations"]) if isinstance(raw.get("destinations"), dict) else set()

@@ -47,7 +47,7 @@ class Dead:
 
 Decision = Done | RetryAt | Dead
 
-RETRYABLE_STATUSES = frozenset({408, 425, 429})
+RETRYABLE_STATUSES = frozenset({408, 429})  # CONTRACT §6: every other 4xx is dead at once
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -69,7 +69,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def classify_http(status: int, headers: Mapping[str, str], now: float, body: str = "") -> Outcome:
-    """An HTTP response -> Delivered for 2xx, else Failed, retryable for 408/425/429/5xx."""
+    """An HTTP response -> Delivered for 2xx, else Failed, retryable for 408/429/5xx."""
     if 200 <= status < 300:
         return Delivered(status=status)
     reason = f"HTTP {status}" + (f": {body[:200]}" if body else "")

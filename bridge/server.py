@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hmac
 import ipaddress
@@ -15,9 +16,10 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +40,9 @@ from bridge.store import AttemptResult, Claim, NewDelivery, Store, open_store
 log = logging.getLogger("bridge.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Skycore gives up on an answer after 10 s; a store slower than this gets a 503 (it may still
+# commit: Skycore's retry is then answered "duplicate", and the event is delivered once)
+STORE_PATIENCE = 8.0
 
 
 @dataclass
@@ -52,6 +57,43 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     services: Services | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # postbacks being routed and stored, by the config (id) that routes them; a reload waits for
+    # the old config's to be stored before it retires that config's destinations
+    _routing: collections.Counter[int] = field(default_factory=collections.Counter)
+    _routed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @contextlib.contextmanager
+    def routing(self) -> Iterator[Config]:
+        """The config to route one postback with, held until its deliveries are stored."""
+        config = self.config
+        key = id(config)
+        self._routing[key] += 1
+        try:
+            yield config
+        finally:
+            self._routing[key] -= 1
+            if not self._routing[key]:
+                del self._routing[key]
+                self._routed.set()
+
+    async def _routed_with(self, config: Config, patience: float) -> None:
+        deadline = time.monotonic() + patience
+        while id(config) in self._routing and time.monotonic() < deadline:
+            self._routed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._routed.wait(), 0.1)
+
+    async def sweep(self) -> None:
+        """Pending deliveries to destinations the config no longer has are dead (listable,
+        replayable once it is back): never left pending for a destination nobody sends to."""
+        assert self.store is not None
+        try:
+            count = await self.store.abandon_unknown(set(self.config.destinations), "destination removed")
+        except StoreError as exc:
+            log.warning("cannot retire deliveries to removed destinations", extra={"error": str(exc)})
+            return
+        if count:
+            log.warning("pending deliveries to removed destinations are dead", extra={"count": count})
 
     async def start_delivery(self, services: Services) -> None:
         assert self.store is not None
@@ -119,17 +161,15 @@ class Runtime:
         old_dispatcher = self.dispatcher
         self.config, self.carriers, self.dispatcher = new, Carriers(new.carriers), dispatcher
         dispatcher.start()
-        removed = set(old.destinations) - set(new.destinations)
-        if removed:
-            count = await self.store.abandon(removed, "destination removed")
-            log.warning(
-                "pending deliveries to removed destinations are dead",
-                extra={"destinations": sorted(removed), "count": count},
-            )
-        if old_dispatcher is not None:
-            await old_dispatcher.stop()
-        for destination in old.destinations.values():
-            await destination.close()
+        try:
+            # postbacks that were routed with the old config are stored before we look
+            await self._routed_with(old, patience=old.server.client_timeout + 15)
+            await self.sweep()
+        finally:
+            if old_dispatcher is not None:
+                await old_dispatcher.stop()
+            for destination in old.destinations.values():
+                await destination.close()
         return []
 
     async def refresh_gauges(self) -> None:
@@ -271,6 +311,13 @@ async def postback(request: web.Request) -> web.Response:
         log.info("postback rejected", extra={"reason": str(exc), "remote": request.remote})
         return error(400, str(exc))
 
+    with runtime.routing() as config:  # the config now, which may be newer than the request's
+        return await _take(runtime, config, fields)
+
+
+async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web.Response:
+    """Normalize, route and store one postback; the 200 (or 503) to answer."""
+    metrics = runtime.metrics
     received = datetime.now(UTC)
     event = normalize(fields, event_id=event_id(), received_at=received, carriers=runtime.carriers)
     origin = event["origin"][:32]
@@ -297,11 +344,12 @@ async def postback(request: web.Request) -> web.Response:
     conversation = conversation_key(event)
     deliveries = [NewDelivery(d, r, conversation) for d, r in decision.destinations]
     try:
-        result = await store.ingest(event, dedup_key(event), deliveries)
-    except StoreError as exc:
+        async with asyncio.timeout(STORE_PATIENCE):
+            result = await store.ingest(event, dedup_key(event), deliveries)
+    except (StoreError, TimeoutError) as exc:
         metrics.store_up.set(0)
         metrics.postbacks.labels(origin, "unavailable", "store").inc()
-        log.error("store cannot take postback", extra={"error": str(exc)})
+        log.error("store cannot take postback", extra={"error": str(exc) or "timed out"})
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
     metrics.postbacks.labels(origin, result.status, "").inc()
     log.info(
@@ -417,6 +465,7 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
         headers={"User-Agent": USER_AGENT},
     )
+    await runtime.sweep()  # the config may have lost a destination since the last run
     await runtime.start_delivery(Services(http=http, state=runtime.store))
     loop = asyncio.get_running_loop()
     if runtime.config.source is not None and hasattr(signal, "SIGHUP"):

@@ -32,7 +32,7 @@ STATUS_TABLE: list[tuple[int, str]] = [
     (413, PERMANENT),
     (422, PERMANENT),
     (408, RETRYABLE),
-    (425, RETRYABLE),
+    (425, PERMANENT),  # CONTRACT §6 names 408 and 429 only
     (429, RETRYABLE),
     (500, RETRYABLE),
     (502, RETRYABLE),

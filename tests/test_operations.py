@@ -12,8 +12,9 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.config import build
+from bridge.config import build, load
 from bridge.server import RUNTIME, create_app, purge_once
+from bridge.store import DeliveryFilter
 from tests.conftest import POSTBACKS, post, sms
 
 ADMIN = "admin-secret-token"
@@ -308,3 +309,64 @@ async def test_route_dry_run_shows_the_admin_free_event(bridge_factory, sink):
     done = bridge.cli("route", "-c", str(bridge.config_path), "--json", str(POSTBACKS / "sms_mo_v1.3.xml"))
     report = json.loads(done.stdout)
     assert report["routes"] == ["stop"] and list(report["destinations"]) == ["crm"]
+
+
+# ---------------------------------------------------------------------------- removed destinations
+
+
+async def test_a_postback_in_flight_during_a_reload_is_routed_by_the_new_config(tmp_path: Path, aiohttp_server):
+    """Half a postback arrives, a reload swaps destination `a` for `b`, then the rest arrives:
+    the event goes to `b`, and nothing is left pending for `a`, which nobody sends to any more."""
+    path = tmp_path / "c.yaml"
+
+    def write(name: str) -> None:
+        path.write_text(
+            f"store: sqlite:///{tmp_path / 'b.db'}\n"
+            f"destinations:\n  {name}: {{type: log, path: {tmp_path / name}.jsonl}}\n"
+            f"default: [{name}]\n"
+        )
+
+    write("a")
+    app = create_app(load(path))
+    server = await aiohttp_server(app)
+    runtime = app[RUNTIME]
+    body = sms(1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    head = f"POST /postback HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    writer.write(head + body[:20])
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the handler is waiting for the rest of the body
+    write("b")
+    assert await runtime.reload() == []
+    writer.write(body[20:])
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+    async def delivered() -> bool:
+        rows = await runtime.store.list_deliveries(DeliveryFilter())
+        return [(r.destination, r.status) for r in rows] == [("b", "delivered")]
+
+    await wait_until(delivered)
+
+
+async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sink, bridge_factory):
+    sink.default = 503
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    await post(bridge.url + "/postback", sms(1, text="STOP"))  # crm, which keeps failing
+    assert bridge.stop() == 0
+
+    def remove_crm(config: dict) -> None:
+        config["routes"] = []
+        del config["destinations"]["crm"]
+
+    rewrite(bridge, remove_crm)
+    bridge.start()
+    _, body = await admin(bridge, "GET", "/admin/deliveries?destination=crm")
+    assert [(d["status"], d["last_error"]) for d in body["deliveries"]] == [("dead", "destination removed")]
+    # replaying it while crm is still missing would leave it pending forever: refused, with why
+    status, body = await admin(bridge, "POST", f"/admin/deliveries/{body['deliveries'][0]['id']}/replay")
+    assert status == 409 and "crm" in body["error"]
+    done = bridge.cli("replay", "-c", str(bridge.config_path), "--destination", "crm", check=False)
+    assert done.returncode == 2 and "not in" in done.stderr

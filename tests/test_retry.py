@@ -47,7 +47,7 @@ def test_the_table_covers_the_contract():
     table = dict(STATUS_TABLE)
     assert {s for s, k in table.items() if k == DELIVERED} >= {200, 201, 204}
     assert {s for s, k in table.items() if k == PERMANENT} >= {301, 400, 401, 403, 404, 410, 422}
-    assert {s for s, k in table.items() if k == RETRYABLE} >= {408, 425, 429, 500, 502, 503, 504}
+    assert {s for s, k in table.items() if k == RETRYABLE} >= {408, 429, 500, 502, 503, 504}
 
 
 def test_the_reason_keeps_the_start_of_the_body():

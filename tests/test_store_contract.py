@@ -327,13 +327,22 @@ async def test_replay_filters(store):
     assert len(rest) == 1
 
 
-async def test_abandon_kills_pending_deliveries_of_removed_destinations(store):
+async def test_abandon_unknown_kills_pending_deliveries_of_removed_destinations(store):
     await put(store, 1, destinations=("crm", "gone", "also-gone"))
-    assert await store.abandon({"gone", "also-gone"}, "destination removed") == 2
+    assert await store.abandon_unknown({"crm", "slack"}, "destination removed") == 2
     rows = {r.destination: r for r in await store.list_deliveries(DeliveryFilter())}
     assert (rows["gone"].status, rows["gone"].last_error) == ("dead", "destination removed")
     assert rows["crm"].status == "pending"
-    assert await store.abandon(set(), "x") == 0
+    assert await store.abandon_unknown({"crm"}, "x") == 0
+    assert await store.abandon_unknown(set(), "no destinations at all") == 1  # crm too
+
+
+async def test_replay_can_be_kept_to_the_configured_destinations(store):
+    await put(store, 1, destinations=("crm", "gone"))
+    assert await store.abandon_unknown({"crm"}, "destination removed") == 1
+    assert await store.replay(DeliveryFilter(destinations=("crm",))) == []
+    rows = {r.destination: r for r in await store.list_deliveries(DeliveryFilter())}
+    assert await store.replay(DeliveryFilter(destinations=("crm", "gone"))) == [rows["gone"].id]
 
 
 async def test_stats_count_pending_and_dead_per_destination(store):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
@@ -138,6 +139,7 @@ class DeliveryFilter:
     since: float | None = None
     until: float | None = None
     ids: tuple[int, ...] | None = None
+    destinations: tuple[str, ...] | None = None  # only these (replay: the configured ones)
     limit: int = 100
 
 
@@ -192,8 +194,9 @@ class Store(abc.ABC):
         """Make matching dead (and with `force` delivered) deliveries pending again, due now."""
 
     @abc.abstractmethod
-    async def abandon(self, destinations: set[str], reason: str) -> int:
-        """Mark pending deliveries to destinations no longer configured dead."""
+    async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
+        """Mark pending deliveries to any destination not in `keep` dead (the config no
+        longer has it); how many."""
 
     @abc.abstractmethod
     async def list_events(self, where: EventFilter) -> list[Event]: ...

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -82,6 +82,8 @@ def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
         clauses.append(f"created_at < {p.add(where.until)}")
     if where.ids is not None:
         clauses.append(f"id = ANY({p.add(list(where.ids))}::bigint[])")
+    if where.destinations is not None:
+        clauses.append(f"destination = ANY({p.add(list(where.destinations))}::text[])")
     return clauses
 
 
@@ -272,11 +274,9 @@ class PostgresStore(Store):
             rows = await conn.fetch(query, *p.values)
         return sorted(row[0] for row in rows)
 
-    async def abandon(self, destinations: set[str], reason: str) -> int:
-        if not destinations:
-            return 0
+    async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
         async with self._tx() as conn:
-            status = await conn.execute(Q["abandon"], reason, time.time(), sorted(destinations))
+            status = await conn.execute(Q["abandon_unknown"], reason, time.time(), sorted(keep))
         return int(status.rsplit(" ", 1)[-1])  # "UPDATE n"
 
     async def list_events(self, where: EventFilter) -> list[Event]:

@@ -167,9 +167,9 @@ SELECT number, at, outcome, status, error, duration FROM attempts WHERE delivery
 INSERT INTO meta (key, value) VALUES ('heartbeat', $1)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
 
--- name: abandon
+-- name: abandon_unknown
 UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
-WHERE status = 'pending' AND destination = ANY($3::text[])
+WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
 
 -- name: stats
 SELECT destination, status, count(*), min(created_at) FROM deliveries

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from bridge.store import (
     owner_gone,
 )
 
+log = logging.getLogger("bridge.store")
 Q = load_queries("sqlite.sql")
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -140,10 +142,12 @@ class _Writer(threading.Thread):
                 conn.execute("RELEASE op")
                 results.append((future, value, None))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the database, or a bug in an op that has no savepoint
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if not isinstance(exc, sqlite3.Error):
+                log.exception("store operation failed; its batch is rolled back")
             error = StoreError(f"SQLite: {exc}")
             results = [(future, None, error) for _, future, _ in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
@@ -344,6 +348,9 @@ class SQLiteStore(Store):
         if where.ids is not None:
             clauses.append(f"id IN ({_marks(where.ids)})")
             params.extend(where.ids)
+        if where.destinations is not None:
+            clauses.append(f"destination IN ({_marks(where.destinations)})")
+            params.extend(where.destinations)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
@@ -395,11 +402,15 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def abandon(self, destinations: set[str], reason: str) -> int:
-        now = time.time()
+    async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
+        now, names = time.time(), sorted(keep)
 
         def op(conn: sqlite3.Connection) -> int:
-            return sum(conn.execute(Q["abandon"], (reason, now, d)).rowcount for d in destinations)
+            query = (
+                "UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?"
+                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)})"
+            )
+            return conn.execute(query, [reason, now, *names]).rowcount
 
         return await self._run(op)
 

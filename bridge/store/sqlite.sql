@@ -127,10 +127,6 @@ SELECT number, at, outcome, status, error, duration FROM attempts WHERE delivery
 INSERT INTO meta (key, value) VALUES ('heartbeat', ?)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
 
--- name: abandon
-UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?
-WHERE status = 'pending' AND destination = ?
-
 -- name: stats
 SELECT destination, status, COUNT(*), MIN(created_at) FROM deliveries
 WHERE status IN ('pending', 'dead') GROUP BY destination, status
