@@ -221,7 +221,11 @@ def end_to_end(work: Path, peers: list[str], args: argparse.Namespace, *, target
         process([*peers, "sink", str(sink_port)], 1, sink_port, work / "sink2.log"),
         process(bridge_argv(config), 0, port, e2e / "bridge.log") as bridge,
     ):
-        steps, best, rate, latency = [], None, target, 5.0
+        flat_out = offered(port, sink_port, rate=1e9, connections=args.connections, seconds=args.seconds)
+        # start from what it delivered flat out (with ingest taking its share) and the target,
+        # whichever is lower, and move by 12% a step
+        steps, best, latency = [], None, 5.0
+        rate = min(target, 1.2 * flat_out["delivered_during_load_per_s"])
         for _ in range(args.steps):
             run = offered(
                 port, sink_port, rate=rate, connections=args.connections, seconds=args.seconds, latency_ms=latency
@@ -235,10 +239,9 @@ def end_to_end(work: Path, peers: list[str], args: argparse.Namespace, *, target
             )
             if sustained(run):
                 best = run if best is None or run["per_s"] > best["per_s"] else best
-                rate *= 1.15
+                rate *= 1.12
             else:
-                rate *= 0.85
-        flat_out = offered(port, sink_port, rate=1e9, connections=args.connections, seconds=args.seconds)
+                rate *= 0.88
         return {"sustained": best, "steps": steps, "flat_out": flat_out, **rss_mb(bridge.pid)}
 
 
@@ -297,7 +300,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--backlog", type=int, default=100_000, help="pending deliveries for the memory check")
-    parser.add_argument("--steps", type=int, default=4, help="offered rates tried for the sustained end to end")
+    parser.add_argument("--steps", type=int, default=5, help="offered rates tried for the sustained end to end")
     args = parser.parse_args()
     results = run(args)
     text = report(results)

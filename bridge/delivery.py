@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from bridge import logs
 from bridge.config import RetryPolicy
 from bridge.destinations import Attempt, Destination
 from bridge.errors import StoreError
@@ -241,7 +242,7 @@ class Dispatcher:
             extra["detail"] = result.detail
         if isinstance(decision, RetryAt):
             extra["retry_in_s"] = round(decision.at - time.time(), 3)
-        log.log(logging.WARNING if result.outcome == "dead" else logging.INFO, "delivery attempt", extra=extra)
+        logs.hot(log, logging.WARNING if result.outcome == "dead" else logging.INFO, "delivery attempt", extra)
 
     async def _attempt(self, destination: Destination, claim: Claim) -> None:
         started, t0 = time.time(), time.monotonic()

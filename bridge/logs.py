@@ -25,12 +25,15 @@ class JSONFormatter(logging.Formatter):
     _second = -1
     _stamp = ""
 
-    def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+    def timestamp(self, created: float) -> str:
+        second = int(created)
         if second != self._second:  # one strftime a second, not one a line
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
+            "ts": self.timestamp(record.created),
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
@@ -62,11 +65,20 @@ class _BatchingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record) + "\n")
+            self._add(self.format(record) + "\n", record.levelno)
         except Exception:  # never let a log line break the request that logs it
             self.handleError(record)
-            return
-        if record.levelno >= logging.WARNING or len(self._lines) >= FLUSH_LINES:
+
+    def line(self, level: int, msg: str, fields: dict[str, Any]) -> None:
+        """The same JSON line as `emit` would write, without a LogRecord on the way."""
+        formatter = self.formatter
+        assert isinstance(formatter, JSONFormatter)
+        head = {"ts": formatter.timestamp(time.time()), "level": logging.getLevelName(level).lower(), "msg": msg}
+        self._add(_encode({**head, **fields}) + "\n", level)
+
+    def _add(self, text: str, level: int) -> None:
+        self._lines.append(text)
+        if level >= logging.WARNING or len(self._lines) >= FLUSH_LINES:
             self._wake.set()  # else the writer comes by within FLUSH_EVERY: waking it per line costs more
 
     def _write_forever(self) -> None:
@@ -95,6 +107,18 @@ class _BatchingHandler(logging.Handler):
 
 
 _handler: _BatchingHandler | None = None
+
+
+def hot(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> None:
+    """For the lines written per postback and per attempt: with `setup`'s handler, the line goes
+    straight to it (a LogRecord and its handling cost as much as the rest of a postback's work);
+    without it (a library user, a test), through `logger` as usual."""
+    if not logger.isEnabledFor(level):
+        return
+    if _handler is not None:
+        _handler.line(level, msg, fields)
+    else:
+        logger.log(level, msg, extra=fields)
 
 
 def setup(level: str = "info", stream: Any = None) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bridge import admin
+from bridge import admin, logs
 from bridge.carriers import Carriers
 from bridge.config import AuthConfig, Config, load
 from bridge.delivery import Dispatcher
@@ -352,9 +352,11 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
         log.error("store cannot take postback", extra={"error": str(exc) or "timed out"})
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
     metrics.postbacks.labels(origin, result.status, "").inc()
-    log.info(
+    logs.hot(
+        log,
+        logging.INFO,
         "postback " + result.status,
-        extra={
+        {
             "event_id": result.event_id,
             "type": event["type"],
             "from": event["from"],
