@@ -429,7 +429,7 @@ async def never_500(request: web.Request, handler: Handler) -> web.StreamRespons
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
     runtime = Runtime(config=config, carriers=Carriers(config.carriers))
     app = web.Application(
-        middlewares=[never_500, admin.admin_auth],
+        middlewares=[never_500],
         client_max_size=config.server.max_body_bytes,
         # a connection that has not finished its request headers by then is closed (slowloris)
         handler_args={"keepalive_timeout": config.server.client_timeout},
