@@ -17,7 +17,7 @@ from importlib.resources import files
 from typing import Any
 
 from bridge.event import Event
-from bridge.retry import Decision
+from bridge.retry import Dead, Decision, Done, RetryAt
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,16 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def verdict(decision: Decision, now: float) -> tuple[str, float, str | None]:
+    """A decision as a delivery row's (status, next_at, last_error)."""
+    if isinstance(decision, Done):
+        return "delivered", now, None
+    if isinstance(decision, RetryAt):
+        return "pending", decision.at, decision.reason
+    assert isinstance(decision, Dead)
+    return "dead", now, decision.reason
 
 
 @dataclass(frozen=True)

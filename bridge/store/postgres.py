@@ -24,7 +24,6 @@ import asyncpg
 from bridge.config import _redact_url as redact
 from bridge.errors import StoreError
 from bridge.event import Event
-from bridge.retry import Dead, Done, RetryAt
 from bridge.store import (
     AttemptResult,
     AttemptRow,
@@ -38,6 +37,7 @@ from bridge.store import (
     Store,
     load_queries,
     owner_gone,
+    verdict,
 )
 
 Q = load_queries("postgres.sql")
@@ -202,14 +202,7 @@ class PostgresStore(Store):
         now = time.time()
         attempts, finishes = [], []
         for r in results:
-            decision = r.decision
-            if isinstance(decision, Done):
-                status, next_at, error = "delivered", now, None
-            elif isinstance(decision, RetryAt):
-                status, next_at, error = "pending", decision.at, decision.reason
-            else:
-                assert isinstance(decision, Dead)
-                status, next_at, error = "dead", now, decision.reason
+            status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
             finishes.append((r.claim.id, r.claim.attempt, status, next_at, error, now))
         if not results:

@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 from bridge.errors import StoreError
 from bridge.event import Event
-from bridge.retry import Dead, Done, RetryAt
 from bridge.store import (
     AttemptResult,
     AttemptRow,
@@ -38,6 +37,7 @@ from bridge.store import (
     Store,
     load_queries,
     owner_gone,
+    verdict,
 )
 
 log = logging.getLogger("bridge.store")
@@ -273,14 +273,7 @@ class SQLiteStore(Store):
 
         def op(conn: sqlite3.Connection) -> None:
             for r in results:
-                decision = r.decision
-                if isinstance(decision, Done):
-                    status, next_at, error = "delivered", now, None
-                elif isinstance(decision, RetryAt):
-                    status, next_at, error = "pending", decision.at, decision.reason
-                else:
-                    assert isinstance(decision, Dead)
-                    status, next_at, error = "dead", now, decision.reason
+                status, next_at, error = verdict(r.decision, now)
                 conn.execute(
                     Q["record_attempt"],
                     {
