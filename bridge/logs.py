@@ -7,6 +7,8 @@ reach here: config values that are secret are `Secret`s, which print as asterisk
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
 import json
 import logging
 import sys
@@ -57,7 +59,7 @@ class _BatchingHandler(logging.Handler):
         super().__init__()
         self.stream = stream
         self.setFormatter(JSONFormatter())
-        self._lines: list[str] = []
+        self._lines: collections.deque[str] = collections.deque()  # append/popleft: atomic, no lock
         self._wake = threading.Event()
         self._closed = False
         self._writer = threading.Thread(target=self._write_forever, name="log-writer", daemon=True)
@@ -90,7 +92,10 @@ class _BatchingHandler(logging.Handler):
                 return
 
     def _drain(self) -> None:
-        lines, self._lines = self._lines, []
+        lines = []
+        with contextlib.suppress(IndexError):
+            while True:
+                lines.append(self._lines.popleft())
         if lines:
             try:
                 self.stream.write("".join(lines))
