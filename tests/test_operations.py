@@ -370,3 +370,31 @@ async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sin
     assert status == 409 and "crm" in body["error"]
     done = bridge.cli("replay", "-c", str(bridge.config_path), "--destination", "crm", check=False)
     assert done.returncode == 2 and "not in" in done.stderr
+
+
+async def test_unmatched_and_dropped_events_are_counted_not_stored(tmp_path: Path, aiohttp_client):
+    raw = {
+        "store": f"sqlite:///{tmp_path / 'b.db'}",
+        "destinations": {"audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")}},
+        "routes": [{"name": "quiet", "match": {"keyword": "QUIET"}, "to": []}],
+    }
+    app = create_app(build(raw, environ={}))
+    client = await aiohttp_client(app)
+    for n, text in enumerate(["hello", "quiet please"]):
+        response = await client.post("/postback", data=sms(n, text=text))
+        assert response.status == 200 and (await response.json())["status"] == "accepted"
+    m = samples(await (await client.get("/metrics")).text())
+    assert m[("bridge_events_unmatched_total", ())] == 1  # "hello": no route, no default
+    assert m[("bridge_events_routed_total", (("route", "quiet"),))] == 1  # dropped on purpose
+    assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "dropped"), ("reason", "")))] == 2
+    assert await app[RUNTIME].store.list_events(_all()) == []
+
+
+async def test_a_good_reload_is_counted_with_its_time(sink, bridge_factory):
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    before = time.time()
+    assert (await admin(bridge, "POST", "/admin/reload"))[0] == 200
+    m = await scrape(bridge)
+    assert m[("bridge_config_reloads_total", (("result", "success"),))] == 1
+    assert m[("bridge_config_last_reload_success_timestamp_seconds", ())] >= before - 1
