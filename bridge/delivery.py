@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -150,7 +151,7 @@ class Dispatcher:
                 if time.monotonic() - claimed_at > start_within:
                     stale.append(claim)  # its lease could run out mid-attempt: another may take it
                     continue
-                task = asyncio.create_task(self._attempt(destination, claim))
+                task = asyncio.create_task(self._attempt(destination, claim, claimed_at))
                 inflight[task] = claim
                 task.add_done_callback(finished)
             await self._release(stale)
@@ -244,7 +245,7 @@ class Dispatcher:
             extra["retry_in_s"] = round(decision.at - time.time(), 3)
         logs.hot(log, logging.WARNING if result.outcome == "dead" else logging.INFO, "delivery attempt", extra)
 
-    async def _attempt(self, destination: Destination, claim: Claim) -> None:
+    async def _attempt(self, destination: Destination, claim: Claim, claimed_at: float) -> None:
         started, t0 = time.time(), time.monotonic()
         attempt = Attempt(delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation)
         try:
@@ -260,6 +261,8 @@ class Dispatcher:
                 extra={"event_id": claim.event_id, "destination": destination.name, "attempt": claim.attempt},
             )
             outcome = Failed(reason=f"{type(exc).__name__}: {exc}", retryable=False)
+        if isinstance(outcome, Failed):
+            outcome = dataclasses.replace(outcome, reason=_printable(outcome.reason))
         duration = time.monotonic() - t0
         now = time.time()
         health = self.health[destination.name]
@@ -287,7 +290,14 @@ class Dispatcher:
         # Recorded in the background, batched with other attempts' results: the slot is free for
         # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered
         # destinations, holds back the rest of its conversation), so nothing is sent twice.
-        self._recorder.add(destination, result, give_up_at=t0 + destination.attempt_timeout + self.lease_margin / 2)
+        lease_ends = claimed_at + 2 * destination.attempt_timeout + self.lease_margin
+        self._recorder.add(destination, result, give_up_at=lease_ends - self.lease_margin / 2)
+
+
+def _printable(text: str) -> str:
+    """Text a store can keep: a peer's reply decoded with surrogateescape (an SMTP server's
+    Latin-1) would make the whole batch of results fail to record."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Recorder:
@@ -341,6 +351,26 @@ class _Recorder:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            except Exception:  # one bad result must not keep its neighbours from being recorded
+                batch = await self._one_by_one(batch)
             delay = 0.1
             self._warned.difference_update(result.claim.id for _, result, _ in batch)
-            self._on_recorded(batch)
+            try:
+                self._on_recorded(batch)
+            except Exception:  # logs and metrics only: the results are recorded
+                log.exception("after recording attempts")
+
+    async def _one_by_one(
+        self, batch: list[tuple[Destination, AttemptResult, float]]
+    ) -> list[tuple[Destination, AttemptResult, float]]:
+        """Record each result alone; those that still fail are dropped (their lease runs out and
+        they are tried again). Returns the recorded ones."""
+        recorded = []
+        for item in batch:
+            try:
+                await self.store.complete([item[1]])
+            except Exception:
+                log.exception("cannot record attempt", extra={"event_id": item[1].claim.event_id})
+                continue
+            recorded.append(item)
+        return recorded

@@ -6,17 +6,22 @@ import asyncio
 import collections
 import resource
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from bridge.carriers import Carriers
 from bridge.config import RetryPolicy
 from bridge.delivery import Dispatcher
 from bridge.destinations import Services
 from bridge.destinations.webhook import WebhookDestination
-from bridge.store import NewDelivery
+from bridge.event import normalize
+from bridge.postback import parse
+from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
+from tests.conftest import sms
 
 
 def event(n: int) -> dict:
@@ -101,3 +106,76 @@ async def test_a_blocked_conversation_does_not_spin_the_loop(tmp_path: Path, sin
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert len(sink.received) == 1  # the second waits for the first, in order
     assert cpu < 0.5, f"the loop used {cpu:.2f} s of CPU in 2 s while it had nothing to send"
+
+
+async def _latin1_smtp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A mail server that refuses every recipient in Latin-1, as some do."""
+    writer.write(b"220 mail.example ESMTP\r\n")
+    while line := await reader.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            writer.write(b"250 mail.example\r\n")
+        elif verb == b"RCPT":
+            writer.write(b"550 5.1.1 Empf\xe4nger unbekannt\r\n")
+        elif verb == b"QUIT":
+            writer.write(b"221 bye\r\n")
+            await writer.drain()
+            break
+        else:
+            writer.write(b"250 ok\r\n")
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_path: Path, sink):
+    """The SMTP reply's Latin-1 byte reaches us as a lone surrogate; the delivery is dead with a
+    readable reason, and the webhook deliveries recorded in the same batches each go out once."""
+    from bridge.config import Reader
+    from bridge.destinations.email import EmailDestination
+
+    server = await asyncio.start_server(_latin1_smtp, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r = Reader()
+    mail = EmailDestination.from_config(
+        "mail",
+        {
+            "smtp": {"host": "127.0.0.1", "port": port, "security": "none"},
+            "from": "b@example.com",
+            "to": "c@example.com",
+        },
+        "destinations.mail",
+        r,
+    )
+    assert mail is not None, r.errors
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    hook = WebhookDestination("crm", sink.url + "/hook", timeout=2)
+    for destination in (mail, hook):
+        await destination.open(Services(http=http, state=store))
+    carriers = Carriers()
+    events = [normalize(parse(sms(n)), event_id=f"evt_{n:04d}", received_at=datetime.now(UTC), carriers=carriers)
+              for n in range(6)]  # fmt: skip
+    for n, e in enumerate(events):
+        await store.ingest(e, f"k{n}", [NewDelivery("mail", "r", f"c{n}"), NewDelivery("crm", "r", f"c{n}")])
+    dispatcher = Dispatcher(store, {"mail": mail, "crm": hook})
+    dispatcher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = await store.list_deliveries(DeliveryFilter())
+            if all(row.status != "pending" for row in rows):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await dispatcher.stop()
+        await http.close()
+        await store.close()
+        server.close()
+    by_destination = collections.defaultdict(list)
+    for row in rows:
+        by_destination[row.destination].append(row)
+    assert [row.status for row in by_destination["crm"]] == ["delivered"] * 6
+    assert collections.Counter(request.json()["id"] for request in sink.received) == {e["id"]: 1 for e in events}
+    for row in by_destination["mail"]:
+        assert row.status == "dead" and "Empf\\udce4nger unbekannt" in row.last_error, row.last_error
