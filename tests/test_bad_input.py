@@ -13,20 +13,9 @@ import pytest
 
 from bridge.config import build
 from bridge.server import create_app
-from tests.conftest import POSTBACKS, sms
+from tests.conftest import BILLION_LAUGHS, POSTBACKS, sms
 
 MAX_BODY = 1024
-
-BILLION_LAUGHS = b"""<?xml version="1.0"?>
-<!DOCTYPE lolz [
- <!ENTITY lol "lol">
- <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
- <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
- <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
- <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
- <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
-]>
-<POSTBACK><ORIGIN>SMS_MO</ORIGIN><TEXT>&lol6;</TEXT></POSTBACK>"""
 
 # (body, Content-Type, status, what the error says)
 BAD = [

@@ -8,7 +8,7 @@ import pytest
 
 from bridge.errors import PostbackError
 from bridge.postback import MAX_DEPTH, parse
-from tests.conftest import POSTBACKS
+from tests.conftest import BILLION_LAUGHS, POSTBACKS
 
 SMS = (
     "<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>15552312102</FROM><TO>86717</TO>"
@@ -157,15 +157,6 @@ def test_every_reference_postback_parses(path):
 
 
 # ---------------------------------------------------------------------------- refused
-
-BILLION_LAUGHS = b"""<?xml version="1.0"?>
-<!DOCTYPE lolz [
- <!ENTITY lol "lol">
- <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
- <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
- <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
-]>
-<POSTBACK><ORIGIN>SMS_MO</ORIGIN><TEXT>&lol4;</TEXT></POSTBACK>"""
 
 REFUSED = [
     pytest.param(b"", "empty body", id="empty"),
