@@ -1,0 +1,347 @@
+"""bridge.http1, the webhook client, against real servers on 127.0.0.1: an aiohttp app for the
+ordinary case and a scripted asyncio server for what HTTP/1.1 allows and peers really do
+(chunked, read-until-close, 1xx, keep-alive connections the peer already closed, garbage)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+from aiohttp import web
+
+from bridge import http1
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Peer"], Awaitable[None]]
+
+
+@dataclass
+class Peer:
+    """A raw TCP server: `script` answers each connection; requests and connections are counted."""
+
+    script: Script
+    port: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook?x=1"
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+            0,
+        )
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        return request
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Callable[[Script], Awaitable[Peer]]]:
+    servers = []
+
+    async def start(script: Script) -> Peer:
+        p = Peer(script)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            p.connections += 1
+            try:
+                await p.script(reader, writer, p)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        p.port = server.sockets[0].getsockname()[1]
+        return p
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answering(*responses: bytes, close_after: bool = False) -> Script:
+    """Each request on a connection gets the next response (the last one repeats)."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, p: Peer) -> None:
+        n = 0
+        while await p.read_request(reader) is not None:
+            writer.write(responses[min(n, len(responses) - 1)])
+            await writer.drain()
+            n += 1
+            if close_after:
+                return
+
+    return script
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_posts_to_an_aiohttp_server_and_reuses_the_connection() -> None:
+    seen = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path_qs, request.host, dict(request.headers), await request.read()))
+        seen[-1][3]["peer"] = request.transport.get_extra_info("peername")[1]
+        return web.json_response({"ok": True}, status=201, headers={"X-Thing": "a"})
+
+    app = web.Application()
+    app.router.add_post("/in", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = http1.Client()
+    try:
+        for n in range(3):
+            response = await client.post(
+                f"http://127.0.0.1:{port}/in?a=1&b=%20", b'{"n":%d}' % n, {"Content-Type": "application/json"}
+            )
+            assert response.status == 201 and response.body == b'{"ok": true}'
+            assert response.headers.get("x-thing") == response.headers["X-THING"] == "a"
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert [s[0] for s in seen] == ["POST"] * 3
+    assert seen[0][1] == "/in?a=1&b=%20" and seen[0][2] == f"127.0.0.1:{port}"
+    assert [s[4] for s in seen] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    assert seen[0][3]["Content-Type"] == "application/json"
+    assert len({s[3]["peer"] for s in seen}) == 1  # one connection, kept alive
+
+
+async def test_chunked_body_with_extensions_and_trailers_then_reuse(peer) -> None:
+    chunked = (
+        b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    p = await peer(answering(chunked, OK))
+    client = http1.Client()
+    first = await client.post(p.url, b"{}", {})
+    second = await client.post(p.url, b"{}", {})
+    await client.close()
+    assert (first.status, first.body) == (500, b"hello, world")
+    assert (second.status, second.body) == (200, b"ok")
+    assert p.connections == 1
+
+
+async def test_body_until_close_and_http_1_0_are_not_reused(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 200 OK\r\n\r\nread until close", close_after=True))
+    client = http1.Client()
+    assert (await client.post(p.url, b"1", {})).body == b"read until close"
+    assert (await client.post(p.url, b"2", {})).status == 200
+    q = await peer(answering(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    await client.post(q.url, b"1", {})
+    await client.post(q.url, b"2", {})
+    await client.close()
+    assert p.connections == 2 and q.connections == 2
+
+
+async def test_connection_close_header_is_honoured(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"))
+    client = http1.Client()
+    for _ in range(2):
+        assert (await client.post(p.url, b"x", {})).status == 200
+    await client.close()
+    assert p.connections == 2
+
+
+async def test_interim_1xx_responses_are_skipped(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK))
+    client = http1.Client()
+    response = await client.post(p.url, b"x", {})
+    await client.close()
+    assert (response.status, response.body) == (200, b"ok")
+
+
+async def test_no_body_for_204_even_with_a_length(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 204 No Content\r\n\r\n", OK))
+    client = http1.Client()
+    assert (await client.post(p.url, b"x", {})).status == 204
+    assert (await client.post(p.url, b"x", {})).status == 200
+    await client.close()
+    assert p.connections == 1
+
+
+async def test_an_idle_connection_the_peer_closed_is_not_used(peer) -> None:
+    # the peer answers and closes without saying so (its keep-alive timeout ran out): its FIN
+    # is seen while the connection is idle, so the next request goes on a new connection
+    p = await peer(answering(OK, close_after=True))
+    client = http1.Client()
+    assert (await client.post(p.url, b"1", {})).status == 200
+    await asyncio.sleep(0.05)
+    assert (await client.post(p.url, b"2", {})).status == 200
+    await client.close()
+    assert [r.endswith(b"2") for r in p.requests] == [False, True]
+    assert p.connections == 2
+
+
+async def test_a_request_the_peer_took_and_dropped_is_not_sent_again(peer) -> None:
+    # on a kept-alive connection too: the peer may have acted on it before closing, so this is
+    # an error for the delivery loop to retry (one attempt, one request), not a silent resend
+    async def take_and_drop(reader, writer, p: Peer) -> None:
+        await p.read_request(reader)
+        if len(p.requests) > 1:
+            return
+        writer.write(OK)
+        await p.read_request(reader)
+
+    p = await peer(take_and_drop)
+    client = http1.Client()
+    await client.post(p.url, b"1", {})
+    with pytest.raises(http1.HTTPError, match="closed by peer"):
+        await client.post(p.url, b"2", {})
+    with pytest.raises(http1.HTTPError, match="closed by peer"):
+        await client.post(p.url, b"3", {})  # a new connection, dropped the same way
+    await client.close()
+    assert [r[-1:] for r in p.requests] == [b"1", b"2", b"3"]
+
+
+async def test_a_response_cut_short_on_a_reused_connection_is_not_retried(peer) -> None:
+    async def second_cut(reader, writer, p: Peer) -> None:
+        await p.read_request(reader)
+        writer.write(OK)
+        await p.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+
+    p = await peer(second_cut)
+    client = http1.Client()
+    await client.post(p.url, b"1", {})
+    with pytest.raises(http1.HTTPError):
+        await client.post(p.url, b"2", {})
+    await client.close()
+    assert len(p.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x response"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x response"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed response header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 * 1024), "larger than"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+    ],
+)
+async def test_a_peer_that_does_not_speak_http_is_an_error(peer, reply: bytes, message: str) -> None:
+    p = await peer(answering(reply))
+    client = http1.Client()
+    with pytest.raises(http1.HTTPError, match=message):
+        await client.post(p.url, b"x", {})
+    await client.close()
+
+
+async def test_a_large_body_keeps_only_the_start_and_drops_the_connection(peer) -> None:
+    big = b"x" * (2 * 1024 * 1024)
+    p = await peer(answering(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n" % len(big) + big))
+    client = http1.Client()
+    response = await client.post(p.url, b"1", {}, keep=512)
+    assert (response.status, response.reason, response.body) == (500, "Oops", b"x" * 512)
+    await client.post(p.url, b"2", {})
+    await client.close()
+    assert p.connections == 2
+
+
+async def test_repeated_headers_are_joined() -> None:
+    async def script(reader, writer, p: Peer) -> None:
+        await p.read_request(reader)
+        writer.write(b"HTTP/1.1 429 Too Many\r\nRetry-After: 5\r\nVary: a\r\nvary: b\r\nContent-Length: 0\r\n\r\n")
+
+    server = await asyncio.start_server(lambda r, w: script(r, w, Peer(script)), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = http1.Client()
+    response = await client.post(f"http://127.0.0.1:{port}/", b"", {})
+    await client.close()
+    server.close()
+    assert response.headers.get("Retry-After") == "5" and response.headers["vary"] == "a, b"
+
+
+async def test_cancelled_mid_response_the_connection_is_not_reused(peer) -> None:
+    async def slow_then_fast(reader, writer, p: Peer) -> None:
+        await p.read_request(reader)
+        if len(p.requests) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")  # body never comes
+            await asyncio.sleep(5)
+        else:
+            writer.write(OK)
+        while await p.read_request(reader) is not None:
+            writer.write(OK)
+
+    p = await peer(slow_then_fast)
+    client = http1.Client()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await client.post(p.url, b"1", {})
+    # a reused connection would hand this request the first one's missing body
+    assert (await client.post(p.url, b"2", {})).body == b"ok"
+    await client.close()
+    assert p.connections == 2
+
+
+async def test_userinfo_in_the_url_is_basic_auth_and_header_injection_is_refused(peer) -> None:
+    p = await peer(answering(OK))
+    client = http1.Client()
+    await client.post(f"http://crm:s%40cret@127.0.0.1:{p.port}/in", b"x", {})
+    assert b"\r\nAuthorization: Basic Y3JtOnNAY3JldA==\r\n" in p.requests[0]  # crm:s@cret
+    assert b"@" not in p.requests[0].split(b"\r\n")[0]
+    with pytest.raises(ValueError, match="line break"):
+        await client.post(p.url, b"x", {"X-Evil": "a\r\nInjected: yes"})
+    await client.close()
+
+
+async def test_nobody_listening_is_a_connect_error() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    client = http1.Client()
+    with pytest.raises(http1.ConnectError):
+        await client.post(f"http://127.0.0.1:{port}/", b"x", {})
+    await client.close()
+
+
+async def test_https_verifies_the_certificate() -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_tls)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(OK)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            writer.close()
+
+    server = await asyncio.start_server(script, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    client = http1.Client(ssl_context=trusting)
+    try:
+        assert (await client.post(f"https://localhost:{port}/in", b"x", {})).body == b"ok"
+        strict = http1.Client()  # the system's trust store does not know this CA
+        with pytest.raises(http1.ConnectError, match="certificate"):
+            await strict.post(f"https://localhost:{port}/in", b"x", {})
+        await strict.close()
+    finally:
+        await client.close()
+        server.close()
