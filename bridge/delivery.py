@@ -247,10 +247,12 @@ class Dispatcher:
 
     async def _attempt(self, destination: Destination, claim: Claim, claimed_at: float) -> None:
         started, t0 = time.time(), time.monotonic()
-        attempt = Attempt(delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation)
+        attempt = Attempt(
+            delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation, event_id=claim.event_id
+        )
         try:
             async with asyncio.timeout(destination.attempt_timeout):
-                outcome: Outcome = await destination.send(claim.event, attempt)
+                outcome: Outcome = await destination.send_stored(claim.body, attempt)
         except TimeoutError:
             outcome = Failed(reason=f"attempt took longer than {destination.attempt_timeout:g}s", retryable=True)
         except asyncio.CancelledError:

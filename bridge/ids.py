@@ -40,3 +40,17 @@ def ulid(now_ms: int | None = None) -> str:
 
 def event_id() -> str:
     return "evt_" + ulid()
+
+
+def timestamp(ulid_or_id: str) -> float | None:
+    """When an id was made (seconds since the epoch), read from its first 10 characters."""
+    text = ulid_or_id.rpartition("_")[2]
+    if len(text) != 26:
+        return None
+    ms = 0
+    for char in text[:10]:
+        value = _ALPHABET.find(char.upper())
+        if value < 0:
+            return None
+        ms = ms * 32 + value
+    return ms / 1000

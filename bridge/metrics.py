@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from bridge import __version__
@@ -60,6 +62,31 @@ class Metrics:
         )
         self.store_up = Gauge("bridge_store_up", "1 when the store took the last write, else 0.", registry=r)
         Info("bridge_build", "Build information.", registry=r).info({"version": __version__})
+
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: labels() validates and locks on every call,
+        which costs more than the increment on the per-postback and per-attempt paths."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            if len(self._children) < 10_000:  # label values come from postbacks (ORIGIN): bounded
+                self._children[key] = child
+        return child
+
+    def postback(self, origin: str, outcome: str, reason: str = "") -> None:
+        self._child(self.postbacks, origin, outcome, reason).inc()
+
+    def route(self, name: str) -> None:
+        self._child(self.routed, name).inc()
+
+    def attempt(self, destination: str, outcome: str) -> None:
+        self._child(self.attempts, destination, outcome).inc()
+
+    def delivered_after(self, destination: str, seconds: float) -> None:
+        self._child(self.latency, destination).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,7 +31,7 @@ from bridge.delivery import Dispatcher
 from bridge.destinations import USER_AGENT, Destination, Services, conversation_key
 from bridge.errors import ConfigError, PostbackError, StoreError
 from bridge.event import dedup_key, normalize
-from bridge.ids import event_id
+from bridge.ids import event_id, timestamp
 from bridge.metrics import Metrics
 from bridge.postback import parse
 from bridge.routing import route
@@ -111,12 +111,11 @@ class Runtime:
 
     def _on_result(self, destination: Destination, claim: Claim, result: AttemptResult) -> None:
         name = claim.destination
-        self.metrics.attempts.labels(name, result.outcome).inc()
+        self.metrics.attempt(name, result.outcome)
         if result.outcome == "delivered":
-            received = claim.event.get("received_at")
-            if received:
-                started = datetime.fromisoformat(received).timestamp()
-                self.metrics.latency.labels(name).observe(max(0.0, time.time() - started))
+            received = timestamp(claim.event_id)  # the id is made when the postback is received
+            if received is not None:
+                self.metrics.delivered_after(name, max(0.0, time.time() - received))
 
     async def reload(self) -> list[str]:
         """Load the config file again. On any problem the running config stays and the
@@ -272,6 +271,13 @@ async def read_body(request: web.Request, limit: int, patience: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     chunks, size = [], 0
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # all of it came with the headers (a postback is small): nothing to wait for, no timer
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+        return body
     try:
         async with asyncio.timeout(patience):
             async for chunk in request.content.iter_any():
@@ -294,20 +300,20 @@ async def postback(request: web.Request) -> web.Response:
         return error(404, "not found")
     denied = check_auth(request, server.auth)
     if denied is not None:
-        metrics.postbacks.labels("", "rejected", "auth").inc()
+        metrics.postback("", "rejected", "auth")
         return denied
     try:
         body = await read_body(request, server.max_body_bytes, server.client_timeout)
     except web.HTTPRequestEntityTooLarge:
-        metrics.postbacks.labels("", "rejected", "too_large").inc()
+        metrics.postback("", "rejected", "too_large")
         return error(413, f"body is larger than max_body_bytes ({server.max_body_bytes} bytes)")
     except TimeoutError:
-        metrics.postbacks.labels("", "rejected", "timeout").inc()
+        metrics.postback("", "rejected", "timeout")
         return error(408, f"body not received within {server.client_timeout:g}s")
     try:
         fields = parse(body, request.headers.get("Content-Type", ""))
     except PostbackError as exc:
-        metrics.postbacks.labels("", "rejected", "invalid").inc()
+        metrics.postback("", "rejected", "invalid")
         log.info("postback rejected", extra={"reason": str(exc), "remote": request.remote})
         return error(400, str(exc))
 
@@ -323,11 +329,11 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
     origin = event["origin"][:32]
     decision = route(event, config.routes, config.default)
     for name in decision.routes or (("default",) if decision.defaulted else ()):
-        metrics.routed.labels(name).inc()
+        metrics.route(name)
     if decision.dropped:
         if not decision.routes:
             metrics.unmatched.inc()
-        metrics.postbacks.labels(origin, "dropped", "").inc()
+        metrics.postback(origin, "dropped", "")
         log.info(
             "event dropped",
             extra={
@@ -348,10 +354,10 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
             result = await store.ingest(event, dedup_key(event), deliveries)
     except (StoreError, TimeoutError) as exc:
         metrics.store_up.set(0)
-        metrics.postbacks.labels(origin, "unavailable", "store").inc()
+        metrics.postback(origin, "unavailable", "store")
         log.error("store cannot take postback", extra={"error": str(exc) or "timed out"})
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
-    metrics.postbacks.labels(origin, result.status, "").inc()
+    metrics.postback(origin, result.status, "")
     logs.hot(
         log,
         logging.INFO,

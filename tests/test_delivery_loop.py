@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import resource
 import time
 from datetime import UTC, datetime
@@ -18,7 +19,9 @@ from bridge.delivery import Dispatcher
 from bridge.destinations import Services
 from bridge.destinations.webhook import WebhookDestination
 from bridge.event import normalize
+from bridge.ids import event_id
 from bridge.postback import parse
+from bridge.secret import Secret
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from tests.conftest import sms
@@ -179,3 +182,42 @@ async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_p
     assert collections.Counter(request.json()["id"] for request in sink.received) == {e["id"]: 1 for e in events}
     for row in by_destination["mail"]:
         assert row.status == "dead" and "Empf\\udce4nger unbekannt" in row.last_error, row.last_error
+
+
+async def test_a_webhook_sends_the_stored_json_as_it_is(tmp_path: Path, sink):
+    """format: event sends the event as stored (no decoding and encoding again per delivery):
+    the same bytes render() makes, signed over those bytes; cloudevents still wraps it."""
+    from standardwebhooks import Webhook
+
+    from bridge.destinations.webhook import render
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    plain = WebhookDestination("plain", sink.url + "/plain", secret=Secret(secret))
+    wrapped = WebhookDestination("wrapped", sink.url + "/wrapped", fmt="cloudevents")
+    stored = normalize(
+        parse(sms(1, text='Caf\u00e9 \U0001f600 &lt;ok&gt; &amp; "quoted"')),
+        event_id=event_id(),
+        received_at=datetime.now(UTC),
+        carriers=Carriers(),
+    )
+    await store.ingest(stored, "k", [NewDelivery("plain", "r", "c"), NewDelivery("wrapped", "r", "c")])
+    dispatcher = Dispatcher(store, {"plain": plain, "wrapped": wrapped})
+    for destination in (plain, wrapped):
+        await destination.open(Services(http=http, state=store))
+    dispatcher.start()
+    try:
+        received = await sink.wait_for(2)
+    finally:
+        await dispatcher.stop()
+        for destination in (plain, wrapped):
+            await destination.close()
+        await http.close()
+        await store.close()
+    by_path = {r.path: r for r in received}
+    assert by_path["/plain"].body == render(stored, "event")[0]
+    assert Webhook(secret).verify(by_path["/plain"].body, by_path["/plain"].headers) == stored
+    assert by_path["/plain"].headers["webhook-id"] == stored["id"]
+    assert json.loads(by_path["/wrapped"].body)["data"] == stored

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.carriers import Carriers
 from bridge.event import dedup_key, normalize, parse_time, phone
-from bridge.ids import event_id, ulid
+from bridge.ids import _encode, event_id, timestamp, ulid
 from bridge.postback import parse
 from tests.conftest import POSTBACKS
 from tests.golden import regen
@@ -429,6 +429,13 @@ def test_event_ids_carry_their_time():
     for char in made[4:14]:
         millis = millis * 32 + alphabet.index(char)
     assert before <= millis <= int(time.time() * 1000)
+    assert timestamp(made) == millis / 1000  # what the delivery latency metric counts from
+
+
+def test_ids_that_are_not_ulids_have_no_time():
+    assert timestamp("evt_0001") is None
+    assert timestamp("evt_" + "U" * 26) is None  # not Crockford base32
+    assert timestamp(_encode((1_700_000_000_123 << 80) | 12345)) == 1_700_000_000.123
 
 
 def test_later_ids_sort_after_earlier_ones():

@@ -8,6 +8,7 @@ attempts, backoff, leases and logging, so no destination retries on its own.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -45,6 +46,7 @@ class Attempt:
     delivery_id: int
     number: int  # 1 for the first attempt
     conversation: str  # the (sender, short code) key of the event
+    event_id: str = ""
 
 
 def conversation_key(event: Event) -> str:
@@ -88,6 +90,11 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
         """Make one attempt. Raise only for bugs: the loop then marks the delivery dead."""
+
+    async def send_stored(self, body: str, attempt: Attempt) -> Outcome:
+        """What the delivery loop calls, with the event as the store keeps it (JSON): `send`
+        with it decoded. A destination that can use the JSON as it is overrides this."""
+        return await self.send(json.loads(body), attempt)
 
     async def open(self, services: Services) -> None:  # noqa: B027 (optional hook)
         """Open clients; called once before the first send."""

@@ -193,7 +193,7 @@ class PostgresStore(Store):
                 created_at=row[3],
                 conversation=row[4],
                 route=row[5],
-                event=json.loads(row[6]),
+                body=row[6],
             )
             for row in sorted(rows, key=lambda row: row[0])
         ]

@@ -261,7 +261,7 @@ class SQLiteStore(Store):
                     created_at=row[3],
                     conversation=row[4],
                     route=row[5],
-                    event=json.loads(bodies[row[1]]),
+                    body=bodies[row[1]],
                 )
                 for row in rows
             ]
@@ -270,33 +270,15 @@ class SQLiteStore(Store):
 
     async def complete(self, results: list[AttemptResult]) -> None:
         now = time.time()
+        attempts, finishes = [], []
+        for r in results:
+            status, next_at, error = verdict(r.decision, now)
+            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
+            finishes.append((status, next_at, error, now, r.claim.id, r.claim.attempt))
 
         def op(conn: sqlite3.Connection) -> None:
-            for r in results:
-                status, next_at, error = verdict(r.decision, now)
-                conn.execute(
-                    Q["record_attempt"],
-                    {
-                        "id": r.claim.id,
-                        "number": r.claim.attempt,
-                        "at": r.started_at,
-                        "outcome": r.outcome,
-                        "status": r.status,
-                        "error": r.error,
-                        "duration": r.duration,
-                    },
-                )
-                conn.execute(
-                    Q["finish"],
-                    {
-                        "id": r.claim.id,
-                        "attempt": r.claim.attempt,
-                        "status": status,
-                        "next_at": next_at,
-                        "error": error,
-                        "now": now,
-                    },
-                )
+            conn.executemany(Q["record_attempt"], attempts)
+            conn.executemany(Q["finish"], finishes)
 
         await self._run(op)
 

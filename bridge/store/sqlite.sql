@@ -86,12 +86,12 @@ RETURNING id, event_id, attempts, created_at, conversation, route
 -- has been claimed again since, so attempts moved on) is ignored, unless it is 'delivered':
 -- the peer has the event, so the newer attempt's verdict no longer matters.
 UPDATE deliveries
-SET status = :status, next_at = :next_at, leased_by = NULL, last_error = :error, updated_at = :now
-WHERE id = :id AND status = 'pending' AND (attempts = :attempt OR :status = 'delivered')
+SET status = ?1, next_at = ?2, leased_by = NULL, last_error = ?3, updated_at = ?4
+WHERE id = ?5 AND status = 'pending' AND (attempts = ?6 OR ?1 = 'delivered')
 
 -- name: record_attempt
 INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
-VALUES (:id, :number, :at, :outcome, :status, :error, :duration)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (delivery_id, number) DO NOTHING
 
 -- name: release
