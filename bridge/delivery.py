@@ -29,6 +29,10 @@ from bridge.store import AttemptResult, Claim, Store
 log = logging.getLogger("bridge.delivery")
 
 IDLE_POLL = 1.0  # look at the store at least this often (other instances, clock drift)
+# After a wake-up, wait this long before claiming, so that one claim takes every postback that
+# came in meanwhile: a claim (and later a record) per postback would cost a store round trip and
+# a commit each, which under load costs more than the postbacks themselves.
+LINGER = 0.005
 LEASE_MARGIN = 30.0
 BREAK_AFTER = 5  # retryable failures in a row before a destination is taken to be down
 
@@ -156,6 +160,7 @@ class Dispatcher:
                 task.add_done_callback(finished)
             await self._release(stale)
 
+        lingered = False
         while not self._stopping:
             wake.clear()  # before claiming, so a notify during the claim is not lost
             pause = health.paused_until - time.time()
@@ -164,7 +169,8 @@ class Dispatcher:
                 await self._release([claim for claim, _ in ready])
                 ready.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopped.wait(), pause)
+                    async with asyncio.timeout(pause):
+                        await self._stopped.wait()
                 continue
             slots = 1 if health.down else destination.concurrency
             await start_ready(slots)
@@ -173,7 +179,13 @@ class Dispatcher:
             want = (slots - len(inflight)) + (0 if health.down else slots) - len(ready)
             if want <= 0 or len(ready) > slots // 2:
                 await wake.wait()
+                lingered = False
                 continue
+            if not lingered:
+                lingered = True
+                await asyncio.sleep(LINGER)
+                continue  # slots may have changed meanwhile
+            lingered = False
             try:
                 claims = await self.store.claim(
                     name, limit=want, lease=lease, ordered=destination.ordered, owner=self.owner
@@ -188,7 +200,8 @@ class Dispatcher:
                 return  # stop() gives back what is in `ready`
             await start_ready(slots)
             if len(claims) == want:
-                continue  # more may be due
+                lingered = True  # more may be due now: claim again at once
+                continue
             await self._idle(destination, wake)
 
     async def _idle(self, destination: Destination, wake: asyncio.Event) -> None:
@@ -208,7 +221,8 @@ class Dispatcher:
             # its conversation (a verdict wakes us); otherwise just taken by another instance.
             timeout = IDLE_POLL if destination.ordered else 0.01
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await wake.wait()
 
     async def _release(self, claims: list[Claim]) -> None:
         if claims:
@@ -330,6 +344,7 @@ class _Recorder:
 
     async def _run(self) -> None:
         delay = 0.1
+        await asyncio.sleep(LINGER)  # one write for the results of attempts finishing about now
         while self._pending:
             batch, self._pending = self._pending, []
             try:

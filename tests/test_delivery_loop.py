@@ -221,3 +221,46 @@ async def test_a_webhook_sends_the_stored_json_as_it_is(tmp_path: Path, sink):
     assert Webhook(secret).verify(by_path["/plain"].body, by_path["/plain"].headers) == stored
     assert by_path["/plain"].headers["webhook-id"] == stored["id"]
     assert json.loads(by_path["/wrapped"].body)["data"] == stored
+
+
+class CountingStore(SQLiteStore):
+    """The real SQLite store, counting the claims and the writes of attempt results."""
+
+    claims = 0
+    completes = 0
+
+    async def claim(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.claims += 1
+        return await super().claim(*args, **kwargs)
+
+    async def complete(self, results):  # type: ignore[no-untyped-def]
+        self.completes += 1
+        return await super().complete(results)
+
+
+async def test_postbacks_arriving_together_are_claimed_and_recorded_together(tmp_path: Path, sink):
+    """A notify per postback, as the server sends: one claim takes the postbacks that came in
+    about the same time, and their results are written together, instead of a store round
+    trip (and a commit) per postback for each."""
+    store = CountingStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", sink.url + "/hook")
+    await destination.open(Services(http=http, state=store))
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        await asyncio.sleep(0.1)  # the loop is idle, waiting
+        for n in range(40):
+            await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", f"c{n}")])
+            dispatcher.notify(["crm"])
+        await sink.wait_for(40)
+        await asyncio.sleep(0.2)
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+        await store.close()
+    assert len(sink.received) == 40
+    assert store.claims <= 12, f"{store.claims} claims for 40 postbacks"
+    assert store.completes <= 12, f"{store.completes} writes of results for 40 postbacks"
