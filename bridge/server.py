@@ -16,7 +16,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,19 +62,19 @@ class Runtime:
     _routing: collections.Counter[int] = field(default_factory=collections.Counter)
     _routed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    @contextlib.contextmanager
-    def routing(self) -> Iterator[Config]:
-        """The config to route one postback with, held until its deliveries are stored."""
+    def hold(self) -> Config:
+        """The config to route one postback with; `release` it once its deliveries are stored.
+        (Two calls, not a context manager: this is on every postback's path.)"""
         config = self.config
+        self._routing[id(config)] += 1
+        return config
+
+    def release(self, config: Config) -> None:
         key = id(config)
-        self._routing[key] += 1
-        try:
-            yield config
-        finally:
-            self._routing[key] -= 1
-            if not self._routing[key]:
-                del self._routing[key]
-                self._routed.set()
+        self._routing[key] -= 1
+        if not self._routing[key]:
+            del self._routing[key]
+            self._routed.set()
 
     async def _routed_with(self, config: Config, patience: float) -> None:
         deadline = time.monotonic() + patience
@@ -317,8 +317,11 @@ async def postback(request: web.Request) -> web.Response:
         log.info("postback rejected", extra={"reason": str(exc), "remote": request.remote})
         return error(400, str(exc))
 
-    with runtime.routing() as config:  # the config now, which may be newer than the request's
+    config = runtime.hold()  # the config now, which may be newer than the request's
+    try:
         return await _take(runtime, config, fields)
+    finally:
+        runtime.release(config)
 
 
 async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web.Response:
