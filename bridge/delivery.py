@@ -178,8 +178,8 @@ class Dispatcher:
             # attempt starts the next from memory instead of waiting for a claim of one.
             want = (slots - len(inflight)) + (0 if health.down else slots) - len(ready)
             if want <= 0 or len(ready) > slots // 2:
-                await wake.wait()
-                lingered = False
+                await wake.wait()  # a slot frees up: top up at once, this is a backlog
+                lingered = True
                 continue
             if not lingered:
                 lingered = True
