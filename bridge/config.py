@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from yarl import URL
 
 from bridge.errors import ConfigError
 from bridge.event import phone
@@ -317,6 +318,13 @@ class Reader:
         scheme, sep, rest = text.partition("://")
         if not sep or scheme.lower() not in schemes or not rest or rest.startswith("/"):
             self.error(path, f"expected an {' or '.join(schemes)} URL, got {text!r}")
+            return None
+        try:
+            parsed = URL(text)
+            if not parsed.raw_host or parsed.port is None:
+                raise ValueError("no host")
+        except (ValueError, TypeError) as exc:  # a port past 65535, a bad IPv6 literal, ...
+            self.error(path, f"not a valid URL: {exc}")
             return None
         return text
 

@@ -209,12 +209,12 @@ async def test_a_request_the_peer_took_and_dropped_is_not_sent_again(peer) -> No
     assert [r[-1:] for r in p.requests] == [b"1", b"2", b"3"]
 
 
-async def test_a_response_cut_short_on_a_reused_connection_is_not_retried(peer) -> None:
+async def test_an_error_response_cut_short_is_an_error_and_not_resent(peer) -> None:
     async def second_cut(reader, writer, p: Peer) -> None:
         await p.read_request(reader)
         writer.write(OK)
         await p.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 10\r\n\r\nabc")
         await writer.drain()
 
     p = await peer(second_cut)
@@ -227,16 +227,51 @@ async def test_a_response_cut_short_on_a_reused_connection_is_not_retried(peer) 
 
 
 @pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",  # then the peer closes
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",  # stalls mid-chunk
+        b"HTTP/1.1 201 Created\r\n\r\nno length, connection left open",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n",
+    ],
+)
+async def test_a_2xx_counts_whatever_its_body_does(peer, monkeypatch, reply: bytes) -> None:
+    # the receiver said it has the event: a body that breaks off or never ends must not make
+    # the delivery go again (a duplicate for the receiver), nor wait for the caller's timeout
+    monkeypatch.setattr(http1, "BODY_PATIENCE", 0.3)
+
+    async def answer_then_hold(reader, writer, p: Peer) -> None:
+        await p.read_request(reader)
+        writer.write(reply)
+        await writer.drain()
+        if b"closes" not in reply:
+            await asyncio.sleep(2)
+
+    p = await peer(answer_then_hold)
+    client = http1.Client()
+    async with asyncio.timeout(1.5):
+        response = await client.post(p.url, b"1", {})
+    assert 200 <= response.status < 300
+    assert (await client.post(p.url, b"2", {})).status >= 200  # on a new connection
+    await client.close()
+    assert p.connections == 2
+
+
+@pytest.mark.parametrize(
     ("reply", "message"),
     [
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x response"),
         (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x response"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed response header"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok", "bad Content-Length"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 500 No\r\nContent-Length: 2, 3\r\n\r\nok", "bad Content-Length"),
+        (b"HTTP/1.1 500 No\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 500 No\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 * 1024), "larger than"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 2\xb20 OK\r\n\r\n", "not an HTTP/1.x response"),  # a superscript two
+        (b"HTTP/1.1 500 No\r\nContent-Length: \xb2\r\n\r\nok", "bad Content-Length"),
+        (b"HTTP/1.1 500 No\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\n", "bad chunk size"),
+        (b"HTTP/1.1 500 No\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n", "bad chunk size"),
     ],
 )
 async def test_a_peer_that_does_not_speak_http_is_an_error(peer, reply: bytes, message: str) -> None:
@@ -338,6 +373,8 @@ async def test_https_verifies_the_certificate() -> None:
     client = http1.Client(ssl_context=trusting)
     try:
         assert (await client.post(f"https://localhost:{port}/in", b"x", {})).body == b"ok"
+        # a fully qualified name (trailing dot): certificates never carry the dot
+        assert client._target("https://crm.example.com./in").server_hostname == "crm.example.com"
         strict = http1.Client()  # the system's trust store does not know this CA
         with pytest.raises(http1.ConnectError, match="certificate"):
             await strict.post(f"https://localhost:{port}/in", b"x", {})
@@ -345,3 +382,75 @@ async def test_https_verifies_the_certificate() -> None:
     finally:
         await client.close()
         server.close()
+
+
+async def test_bare_lf_line_ends_and_folded_headers_are_read(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 500 Oops\nX-Long: one\n  two\nTransfer-Encoding: chunked\n\n3\nabc\n0\n\n"))
+    client = http1.Client()
+    response = await client.post(p.url, b"x", {})
+    await client.close()
+    assert (response.status, response.body, response.headers["x-long"]) == (500, b"abc", "one two")
+
+
+async def test_the_first_retry_after_counts(peer) -> None:
+    p = await peer(
+        answering(
+            b"HTTP/1.1 503 Busy\r\nRetry-After: Wed, 21 Oct 2026 07:28:00 GMT\r\nRetry-After: 5\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+    )
+    client = http1.Client()
+    response = await client.post(p.url, b"x", {})
+    await client.close()
+    assert response.headers.get("retry-after") == "Wed, 21 Oct 2026 07:28:00 GMT"
+
+
+async def test_a_204_that_announces_a_body_is_not_reused(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", OK))
+    client = http1.Client()
+    assert (await client.post(p.url, b"1", {})).status == 204
+    assert (await client.post(p.url, b"2", {})).status == 204
+    await client.close()
+    assert p.connections == 2
+
+
+async def test_keep_alive_timeout_of_the_server_is_respected(peer) -> None:
+    p = await peer(answering(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2\r\nContent-Length: 2\r\n\r\nok"))
+    client = http1.Client()
+    await client.post(p.url, b"1", {})
+    await client.post(p.url, b"2", {})  # at once: the same connection
+    await asyncio.sleep(1.2)  # past the server's 2 s less our 1 s margin
+    await client.post(p.url, b"3", {})
+    await client.close()
+    assert p.connections == 2
+
+
+async def test_bytes_on_an_idle_connection_make_it_unusable(peer) -> None:
+    async def chatty(reader, writer, p: Peer) -> None:
+        while await p.read_request(reader) is not None:
+            writer.write(OK)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nXX")  # nobody asked
+
+    p = await peer(chatty)
+    client = http1.Client()
+    await client.post(p.url, b"1", {})
+    await asyncio.sleep(0.2)
+    # reused, the stray response would be taken for this request's
+    response = await client.post(p.url, b"2", {})
+    await client.close()
+    assert response.body == b"ok" and p.connections == 2
+
+
+async def test_a_host_header_of_the_caller_replaces_ours(peer) -> None:
+    p = await peer(answering(OK))
+    client = http1.Client()
+    await client.post(p.url, b"x", {"Host": "crm.example.com"})
+    with pytest.raises(ValueError, match="one"):
+        await client.post(f"http://u:p@127.0.0.1:{p.port}/", b"x", {"authorization": "Bearer t"})
+    with pytest.raises(ValueError, match="not an HTTP token"):
+        await client.post(p.url, b"x", {"Bad Name": "x"})
+    await client.close()
+    head = p.requests[0].split(b"\r\n\r\n")[0].lower()
+    assert head.count(b"\r\nhost: ") == 1 and b"\r\nhost: crm.example.com" in head

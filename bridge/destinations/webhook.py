@@ -21,7 +21,15 @@ from bridge.secret import Secret, redact
 
 FORMATS = ("event", "cloudevents")
 _RESERVED_HEADERS = frozenset(
-    {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature"}
+    {
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
 )
 
 
@@ -108,7 +116,19 @@ class WebhookDestination(Destination):
                 if str(key).lower() in _RESERVED_HEADERS:
                     r.error(f"{path}.headers.{key}", "is set by the bridge itself")
                 elif text is not None:
+                    if not http1.is_token(str(key)):
+                        r.error(f"{path}.headers.{key}", "is not an HTTP header name")
+                        continue
+                    if any(c in text for c in "\r\n\0"):
+                        r.error(f"{path}.headers.{key}", "has a line break in its value")
+                        continue
                     headers[str(key)] = Secret(text)
+            if (
+                url is not None
+                and "@" in url.partition("://")[2].split("/", 1)[0]
+                and any(k.lower() == "authorization" for k in headers)
+            ):
+                r.error(f"{path}.headers.Authorization", "the url has a user:password already: use one or the other")
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
         if url is None or timeout is None or fmt not in FORMATS:
             return None
