@@ -277,6 +277,10 @@ def end_to_end(
                 rate *= 1.12
             else:
                 rate *= 0.88
+        # wrk as fast as the bridge answers is the highest offered rate of all: if deliveries
+        # kept up with that too, it is the sustained figure
+        if sustained(flat_out) and (best is None or flat_out["per_s"] > best["per_s"]):
+            best = {**flat_out, "offered_per_s": round(flat_out["per_s"]), "flat_out": True}
         return {"sustained": best, "steps": steps, "flat_out": flat_out, **rss_mb(bridge.pid)}
 
 
@@ -306,7 +310,8 @@ def report(r: dict) -> str:
         f"{down['p99_ms']:.1f} |",
         f"| bridge: flat out while delivering to a fast sink | {flat['per_s']:,.0f} | {flat['p50_ms']:.1f} | "
         f"{flat['p99_ms']:.1f} |",
-        f"| bridge: sustained end to end (offered {e2e['offered_per_s']:,}/s) | {e2e['per_s']:,.0f} | "
+        f"| bridge: sustained end to end ({'flat out' if e2e.get('flat_out') else 'offered'} "
+        f"{e2e['offered_per_s']:,}/s) | {e2e['per_s']:,.0f} | "
         f"{e2e['p50_ms']:.1f} | {e2e['p99_ms']:.1f} |",
         "",
         f"End to end, sustained: {e2e['delivered_during_load_per_s']:,.0f} delivered/s during the load "
