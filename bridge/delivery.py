@@ -265,8 +265,11 @@ class Dispatcher:
             delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation, event_id=claim.event_id
         )
         try:
-            async with asyncio.timeout(destination.attempt_timeout):
+            if destination.bounds_itself:
                 outcome: Outcome = await destination.send_stored(claim.body, attempt)
+            else:
+                async with asyncio.timeout(destination.attempt_timeout):
+                    outcome = await destination.send_stored(claim.body, attempt)
         except TimeoutError:
             outcome = Failed(reason=f"attempt took longer than {destination.attempt_timeout:g}s", retryable=True)
         except asyncio.CancelledError:

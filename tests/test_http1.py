@@ -454,3 +454,21 @@ async def test_a_host_header_of_the_caller_replaces_ours(peer) -> None:
     await client.close()
     head = p.requests[0].split(b"\r\n\r\n")[0].lower()
     assert head.count(b"\r\nhost: ") == 1 and b"\r\nhost: crm.example.com" in head
+
+
+async def test_a_webhook_sends_one_user_agent_its_own_or_the_configured_one(peer) -> None:
+    from bridge.destinations import Attempt
+    from bridge.destinations.webhook import WebhookDestination
+    from bridge.secret import Secret
+
+    p = await peer(answering(OK))
+    plain = WebhookDestination("a", p.url)
+    custom = WebhookDestination("b", p.url, headers={"user-agent": Secret("crm-sync/2")})
+    attempt = Attempt(delivery_id=1, number=1, conversation="c", event_id="evt_1")
+    for destination in (plain, custom):
+        await destination.open(None)  # type: ignore[arg-type]  (a webhook needs no services)
+        assert (await destination.send_stored('{"id":"evt_1"}', attempt)).status == 200
+        await destination.close()
+    heads = [r.split(b"\r\n\r\n")[0].lower() for r in p.requests]
+    assert [h.count(b"\r\nuser-agent: ") for h in heads] == [1, 1]
+    assert b"\r\nuser-agent: postback-bridge/" in heads[0] and b"\r\nuser-agent: crm-sync/2" in heads[1]

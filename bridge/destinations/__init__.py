@@ -68,6 +68,9 @@ class Destination(abc.ABC):
     ordered: bool = False
     #: the longest one attempt may take; the delivery loop cancels it after this
     attempt_timeout: float = 30.0
+    #: True when `send` bounds all of its own waiting by a timeout shorter than attempt_timeout
+    #: (the delivery loop then sets no timer of its own: one per attempt is enough)
+    bounds_itself: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -72,6 +72,7 @@ class WebhookDestination(Destination):
     # in ~2,800 postbacks/s; at 32 they keep up. A receiver that wants fewer says 429 or sets
     # `concurrency:`.
     default_concurrency = 32
+    bounds_itself = True  # the POST, connecting included, runs under `timeout`
     config_keys = frozenset({"url", "secret", "format", "headers", "timeout"})
     required_keys = frozenset({"url"})
 
@@ -94,6 +95,7 @@ class WebhookDestination(Destination):
         self.attempt_timeout = timeout + 5.0
         self._key = signing_key(secret.reveal()) if secret else None
         self._client: http1.Client | None = None
+        self._revealed: dict[str, str] | None = None
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
@@ -144,8 +146,16 @@ class WebhookDestination(Destination):
         return f"POST {self.url} ({self.format}{signed}, timeout {self.timeout:g}s)"
 
     def _headers(self, event_id: str, body: bytes, content_type: str, *, reveal: bool) -> dict[str, str]:
-        headers = {k: (v.reveal() if reveal else str(v)) for k, v in self.headers.items()}
-        headers.setdefault("User-Agent", USER_AGENT)
+        if reveal:
+            if self._revealed is None:  # the same for every request: worked out once
+                self._revealed = {k: v.reveal() for k, v in self.headers.items()}
+                if not any(k.lower() == "user-agent" for k in self._revealed):
+                    self._revealed["User-Agent"] = USER_AGENT
+            headers = dict(self._revealed)
+        else:
+            headers = {k: str(v) for k, v in self.headers.items()}
+            if not any(k.lower() == "user-agent" for k in headers):
+                headers["User-Agent"] = USER_AGENT
         headers["Content-Type"] = content_type
         if self._key is not None:
             timestamp = int(time.time())
