@@ -118,3 +118,60 @@ async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_fact
         await asyncio.sleep(0.2)
     assert ids <= {r.json()["id"] for r in sink.received}
     assert bridge.stop() == 0
+
+
+async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_path):
+    """The real process posts over TLS, trusting the CA that SSL_CERT_FILE names (as on a host
+    with a private CA), and refuses a receiver whose certificate it cannot verify."""
+    import ssl
+
+    import trustme
+    from aiohttp import web
+
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        config = {
+            "retry": FAST_RETRY,
+            "destinations": {
+                "trusted": {"type": "webhook", "url": f"https://localhost:{port}/hook"},
+                "wrong_name": {"type": "webhook", "url": f"https://127.0.0.1:{port}/hook"},
+            },
+            "default": ["trusted", "wrong_name"],
+        }
+        bridge = bridge_factory(config, env={"SSL_CERT_FILE": str(tmp_path / "ca.pem")})
+        await asyncio.to_thread(bridge.start)
+        status, body = await post(bridge.url + "/postback", sms(1))
+        assert status == 200
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.1)
+        assert [e["id"] for e in received] == [body["id"]]  # once: the other name is not trusted
+        await asyncio.sleep(0.5)
+        attempts = [
+            line
+            for line in bridge.log_lines()
+            if line.get("msg") == "delivery attempt" and line.get("destination") == "wrong_name"
+        ]
+        assert attempts and attempts[0]["outcome"] == "retry"
+        assert "certificate" in attempts[0]["error"].lower()
+        assert len(received) == 1
+        assert await asyncio.to_thread(bridge.stop) == 0
+    finally:
+        await runner.cleanup()
