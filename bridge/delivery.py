@@ -130,7 +130,7 @@ class Dispatcher:
         await self._recorder.drain(grace)
         if unfinished:
             try:
-                await self.store.release(unfinished)
+                await self.store.release(unfinished, owner=self.owner)
             except StoreError:
                 log.warning("could not release leased deliveries; they are retried when their lease runs out")
             log.info("released leased deliveries", extra={"count": len(unfinished)})
@@ -227,7 +227,7 @@ class Dispatcher:
     async def _release(self, claims: list[Claim]) -> None:
         if claims:
             with contextlib.suppress(StoreError):  # else their lease runs out: retried then
-                await self.store.release(claims)
+                await self.store.release(claims, owner=self.owner)
 
     def _recorded(self, batch: list[tuple[Destination, AttemptResult, float]]) -> None:
         for destination, result, _ in batch:

@@ -253,14 +253,19 @@ async def test_release_gives_back_unattempted_only_while_the_claim_is_ours(store
     await put(store, 1)
     await put(store, 2)
     c1, c2 = await claim(store, "a", lease=0.3)
-    await store.release([c1])
+    await store.release([c1], owner="a")
     (again,) = await claim(store, "b")
     assert (again.id, again.attempt) == (c1.id, 1)  # the released claim was not an attempt
+    # a gives c1 back a second time (late): b holds it now at the same attempt number
+    await store.release([c1], owner="a")
     await asyncio.sleep(0.5)
     (taken,) = await claim(store, "c")  # c2's lease ran out; c holds it now
     assert (taken.id, taken.attempt) == (c2.id, 2)
-    await store.release([c2])  # a's late release must not free c's claim
+    await store.release([c2], owner="a")  # a's late release must not free c's claim
     assert await claim(store, "d") == []
+    await store.release([again], owner="b")  # b's own release does
+    (back,) = await claim(store, "d")
+    assert (back.id, back.attempt) == (c1.id, 1)
 
 
 async def test_opening_recovers_only_leases_of_dead_processes_on_this_host(store_url):

@@ -184,8 +184,8 @@ class Store(abc.ABC):
         """Record attempts and apply their decisions; a delivery no longer pending is left alone."""
 
     @abc.abstractmethod
-    async def release(self, claims: list[Claim]) -> None:
-        """Give leased deliveries back, unattempted (on shutdown)."""
+    async def release(self, claims: list[Claim], *, owner: str) -> None:
+        """Give leased deliveries back, unattempted (on shutdown), while `owner` still holds them."""
 
     @abc.abstractmethod
     async def next_due(self, destination: str) -> float | None:

@@ -211,12 +211,12 @@ class PostgresStore(Store):
             await conn.executemany(Q["record_attempt"], attempts)
             await conn.executemany(Q["finish"], finishes)
 
-    async def release(self, claims: list[Claim]) -> None:
+    async def release(self, claims: list[Claim], *, owner: str) -> None:
         if not claims:
             return
         now = time.time()
         async with self._tx() as conn:
-            await conn.executemany(Q["release"], [(c.id, c.attempt, now) for c in claims])
+            await conn.executemany(Q["release"], [(c.id, c.attempt, now, owner) for c in claims])
 
     async def next_due(self, destination: str) -> float | None:
         async with self._tx() as conn:

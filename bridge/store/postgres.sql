@@ -135,10 +135,10 @@ SET status = $3, next_at = $4, leased_by = NULL, last_error = $5, updated_at = $
 WHERE id = $1 AND status = 'pending' AND (attempts = $2 OR $3 = 'delivered')
 
 -- name: release
--- Only while the claim is still ours (same attempt number): once our lease ran out another
--- instance may hold the delivery, and giving it back would send it twice.
+-- Only while the claim is still ours (our lease, same attempt number): once our lease ran out
+-- another instance may hold the delivery, and giving it back would send it twice.
 UPDATE deliveries SET next_at = $3, leased_by = NULL, attempts = attempts - 1
-WHERE id = $1 AND attempts = $2 AND status = 'pending' AND leased_by IS NOT NULL
+WHERE id = $1 AND attempts = $2 AND status = 'pending' AND leased_by = $4
 
 -- name: lease_owners
 SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL

@@ -282,11 +282,12 @@ class SQLiteStore(Store):
 
         await self._run(op)
 
-    async def release(self, claims: list[Claim]) -> None:
+    async def release(self, claims: list[Claim], *, owner: str) -> None:
         now = time.time()
+        rows = [{"now": now, "id": c.id, "attempt": c.attempt, "owner": owner} for c in claims]
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.executemany(Q["release"], [{"now": now, "id": c.id, "attempt": c.attempt} for c in claims])
+            conn.executemany(Q["release"], rows)
 
         await self._run(op)
 
