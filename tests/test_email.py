@@ -50,6 +50,7 @@ class Mail:
     message: EmailMessage
     tls: bool
     login: str | None
+    ehlo: str | None = None  # the name the client gave in EHLO/HELO
 
 
 @dataclass
@@ -80,7 +81,7 @@ class MailServer:
             return self.data_replies.pop(0)
         tls = server.transport.get_extra_info("ssl_object") is not None
         login = session.auth_data.login.decode() if session.authenticated else None
-        self.mails.append(Mail(envelope.mail_from, list(envelope.rcpt_tos), message, tls, login))
+        self.mails.append(Mail(envelope.mail_from, list(envelope.rcpt_tos), message, tls, login, session.host_name))
         return "250 2.0.0 queued"
 
     async def wait_for(self, count: int, timeout: float = 15.0) -> list[Mail]:
@@ -249,6 +250,26 @@ async def test_subject_template(services, mail_servers):
 
 
 # ---------------------------------------------------------------------------- TLS and AUTH
+
+
+async def test_the_ehlo_name_is_local_hostname_when_set(services, mail_servers):
+    # some relays refuse an EHLO of "localhost" or a bare container id: the name can be set
+    peer, server = await start_mail_server()
+    mail_servers.append(server)
+    event = event_of(sms(1))
+    named = await destination(services, peer.port, {"local_hostname": "bridge.example.com"})
+    assert await send(named, event) == Delivered()
+    default = await destination(services, peer.port)
+    assert await send(default, event) == Delivered()
+    assert peer.mails[0].ehlo == "bridge.example.com"
+    assert peer.mails[1].ehlo and peer.mails[1].ehlo != "bridge.example.com"  # this machine's name
+    assert errors_of(
+        {
+            "smtp": {"host": "smtp.example.com", "local_hostname": "bad name!"},
+            "from": "a@example.com",
+            "to": "b@example.com",
+        }
+    ) == ["destinations.mail.smtp.local_hostname: 'bad name!' is not a host name or an [address] literal"]
 
 
 async def test_starttls_with_auth(services, mail_servers, tls):

@@ -35,7 +35,9 @@ SECURITY = ("none", "starttls", "tls")
 DEFAULT_PORTS = {"none": 25, "starttls": 587, "tls": 465}
 DEFAULT_SUBJECT = "[{to}] {keyword} from {from}"
 SUBJECT_FIELDS = frozenset({"id", "type", "origin", "code", "from", "to", "keyword", "text", "carrier"})
-_SMTP_KEYS = frozenset({"host", "port", "security", "username", "password", "timeout", "ca_file"})
+_SMTP_KEYS = frozenset({"host", "port", "security", "username", "password", "timeout", "ca_file", "local_hostname"})
+# what EHLO may name: a domain (letters, digits, hyphens, dots) or an address literal [192.0.2.1]
+_EHLO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _SUBJECT_MAX = 200
 QUIT_TIMEOUT = 5.0
@@ -273,6 +275,7 @@ class SMTPSettings:
     password: Secret | None = None
     timeout: float = 30.0
     ca_file: str | None = None
+    local_hostname: str | None = None  # the EHLO name; None: this machine's fully qualified name
 
     def describe(self) -> str:
         who = f", as {self.username}" if self.username else ""
@@ -353,9 +356,15 @@ def _smtp(raw: Any, path: str, r: Reader) -> SMTPSettings | None:
             except (OSError, ssl.SSLError) as exc:
                 r.error(f"{path}.ca_file", f"cannot load CA certificates from {ca_file!r}: {exc}")
                 ok = False
+    local_hostname = None
+    if "local_hostname" in data:
+        local_hostname = r.string(data["local_hostname"], f"{path}.local_hostname")
+        if local_hostname is not None and not _EHLO_NAME.fullmatch(local_hostname):
+            r.error(f"{path}.local_hostname", f"{local_hostname!r} is not a host name or an [address] literal")
+            ok = False
     if not ok or host is None or port is None or timeout is None:
         return None
-    return SMTPSettings(host, port, security, username, password, timeout, ca_file)
+    return SMTPSettings(host, port, security, username, password, timeout, ca_file, local_hostname)
 
 
 class EmailDestination(Destination):
@@ -434,6 +443,7 @@ class EmailDestination(Destination):
             use_tls=s.security == "tls",
             start_tls=s.security == "starttls",
             tls_context=self._tls,
+            local_hostname=s.local_hostname,
         )
         try:
             async with asyncio.timeout(s.timeout):
