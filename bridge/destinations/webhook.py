@@ -12,6 +12,8 @@ import json
 import time
 from typing import Any
 
+from yarl import URL
+
 from bridge import http1
 from bridge.config import Reader
 from bridge.destinations import USER_AGENT, Attempt, Destination, Services
@@ -130,11 +132,7 @@ class WebhookDestination(Destination):
                         r.error(f"{path}.headers.{key}", "has a line break in its value")
                         continue
                     headers[str(key)] = Secret(text)
-            if (
-                url is not None
-                and "@" in url.partition("://")[2].split("/", 1)[0]
-                and any(k.lower() == "authorization" for k in headers)
-            ):
+            if url is not None and URL(url).user is not None and any(k.lower() == "authorization" for k in headers):
                 r.error(f"{path}.headers.Authorization", "the url has a user:password already: use one or the other")
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
         if url is None or timeout is None or fmt not in FORMATS:
@@ -145,17 +143,20 @@ class WebhookDestination(Destination):
         signed = ", signed" if self.secret else ""
         return f"POST {self.url} ({self.format}{signed}, timeout {self.timeout:g}s)"
 
+    def _configured(self, *, reveal: bool) -> dict[str, str]:
+        """`headers:` (revealed or masked), with our User-Agent unless they name their own."""
+        headers = {k: (v.reveal() if reveal else str(v)) for k, v in self.headers.items()}
+        if not any(k.lower() == "user-agent" for k in headers):
+            headers["User-Agent"] = USER_AGENT
+        return headers
+
     def _headers(self, event_id: str, body: bytes, content_type: str, *, reveal: bool) -> dict[str, str]:
         if reveal:
             if self._revealed is None:  # the same for every request: worked out once
-                self._revealed = {k: v.reveal() for k, v in self.headers.items()}
-                if not any(k.lower() == "user-agent" for k in self._revealed):
-                    self._revealed["User-Agent"] = USER_AGENT
+                self._revealed = self._configured(reveal=True)
             headers = dict(self._revealed)
         else:
-            headers = {k: str(v) for k, v in self.headers.items()}
-            if not any(k.lower() == "user-agent" for k in headers):
-                headers["User-Agent"] = USER_AGENT
+            headers = self._configured(reveal=False)
         headers["Content-Type"] = content_type
         if self._key is not None:
             timestamp = int(time.time())
