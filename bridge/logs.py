@@ -9,12 +9,13 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import json
 import logging
 import sys
 import threading
 import time
 from typing import Any
+
+from bridge.jsonout import dumps
 
 logger = logging.getLogger("bridge")
 
@@ -44,10 +45,7 @@ class JSONFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        return _encode(line)
-
-
-_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+        return dumps(line, default=str)
 
 
 class _BatchingHandler(logging.Handler):
@@ -76,7 +74,7 @@ class _BatchingHandler(logging.Handler):
         formatter = self.formatter
         assert isinstance(formatter, JSONFormatter)
         head = {"ts": formatter.timestamp(time.time()), "level": logging.getLevelName(level).lower(), "msg": msg}
-        self._add(_encode({**head, **fields}) + "\n", level)
+        self._add(dumps({**head, **fields}, default=str) + "\n", level)
 
     def _add(self, text: str, level: int) -> None:
         self._lines.append(text)

@@ -45,6 +45,59 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STORE_PATIENCE = 8.0
 
 
+class Patience:
+    """Cuts short the postbacks whose store write takes longer than `seconds` (to about
+    `seconds + every`). One sweep for all of them instead of a timer per postback:
+    `asyncio.timeout` costs a timer handle, a heap push and its cleanup on every postback.
+
+        task = patience.start()
+        try:
+            await store.ingest(...)
+        except asyncio.CancelledError:
+            if not patience.ran_out(task):
+                raise  # cancelled by someone else (shutdown): not ours to swallow
+            ...  # too slow
+        finally:
+            patience.stop(task)
+    """
+
+    def __init__(self, seconds: float, every: float = 0.25) -> None:
+        self.seconds, self.every = seconds, every
+        # deadline by task, in start order; with one `seconds` that is deadline order too
+        self._waiting: dict[asyncio.Task[Any], float] = {}
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = time.monotonic() + self.seconds
+        return task
+
+    def stop(self, task: asyncio.Task[Any]) -> None:
+        self._waiting.pop(task, None)
+        self._cut.discard(task)
+
+    def ran_out(self, task: asyncio.Task[Any]) -> bool:
+        """True when this sweep cancelled `task` and nothing else has asked to cancel it too."""
+        if task not in self._cut:
+            return False
+        self._cut.discard(task)
+        return task.uncancel() == 0
+
+    def sweep(self, now: float) -> None:
+        for task, deadline in list(self._waiting.items()):
+            if deadline > now:
+                break
+            del self._waiting[task]
+            self._cut.add(task)
+            task.cancel()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.sweep(time.monotonic())
+
+
 @dataclass
 class Runtime:
     """Everything a request needs. On reload `config`, `carriers` and `dispatcher` are swapped
@@ -56,6 +109,7 @@ class Runtime:
     store: Store | None = None
     dispatcher: Dispatcher | None = None
     services: Services | None = None
+    patience: Patience = field(default_factory=lambda: Patience(STORE_PATIENCE))
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # postbacks being routed and stored, by the config (id) that routes them; a reload waits for
     # the old config's to be stored before it retires that config's destinations
@@ -352,14 +406,20 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
     assert store is not None
     conversation = conversation_key(event)
     deliveries = [NewDelivery(d, r, conversation) for d, r in decision.destinations]
+    patience = runtime.patience
+    task = patience.start()
     try:
-        async with asyncio.timeout(STORE_PATIENCE):
-            result = await store.ingest(event, dedup_key(event), deliveries)
-    except (StoreError, TimeoutError) as exc:
+        result = await store.ingest(event, dedup_key(event), deliveries)
+    except (StoreError, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not patience.ran_out(task):
+            raise
         metrics.store_up.set(0)
         metrics.postback(origin, "unavailable", "store")
-        log.error("store cannot take postback", extra={"error": str(exc) or "timed out"})
+        reason = str(exc) if isinstance(exc, StoreError) else f"no answer within {patience.seconds:g}s"
+        log.error("store cannot take postback", extra={"error": reason})
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
+    finally:
+        patience.stop(task)
     metrics.postback(origin, result.status, "")
     logs.hot(
         log,
@@ -463,7 +523,11 @@ def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator
         runtime = app[RUNTIME]
         runtime.store = store or open_store(runtime.config.store)
         await runtime.store.open()
+        sweeper = asyncio.create_task(runtime.patience.run(), name="store-patience")
         yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         await runtime.store.close()
 
     return ctx

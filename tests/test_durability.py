@@ -615,3 +615,93 @@ async def test_expired_lease_is_reclaimed_and_late_completions_are_harmless(tmp_
         assert [r.status for r in rows] == ["delivered"]
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------------------- a store that hangs
+
+
+class _StallingStore(SQLiteStore):
+    """Takes no postback until `unstick` is set: a database or disk that hangs."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.unstick = asyncio.Event()
+
+    async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]):
+        await self.unstick.wait()
+        return await super().ingest(event, dedup_key, deliveries)
+
+
+async def test_a_store_that_hangs_is_a_503_within_patience_and_loses_nothing(aiohttp_client, sink, tmp_path):
+    from bridge.config import build
+    from bridge.server import RUNTIME, Patience, create_app
+
+    config = build(
+        {
+            "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+            "destinations": {"crm": {"type": "webhook", "url": sink.url + "/hook"}},
+            "default": ["crm"],
+        },
+        environ={},
+    )
+    store = _StallingStore(str(tmp_path / "bridge.db"))
+    app = create_app(config, store=store)
+    app[RUNTIME].patience = Patience(0.3, every=0.05)
+    client = await aiohttp_client(app)
+
+    started = time.monotonic()
+    async with asyncio.timeout(5):  # patience not kept: fail, do not hang
+        answers = await asyncio.gather(*(client.post("/postback", data=sms(n)) for n in range(5)))
+    waited = time.monotonic() - started
+    for response in answers:
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "30"
+        assert (await response.json()) == {"error": "store unavailable, retry later"}
+    assert 0.3 <= waited < 3, waited
+
+    store.unstick.set()  # the store is back: Skycore's retries are taken, each delivered once
+    for n in range(5):
+        response = await client.post("/postback", data=sms(n))
+        assert response.status == 200, await response.text()
+    received = await sink.wait_for(5)
+    await asyncio.sleep(0.3)
+    assert sorted(r.json()["transaction_id"] for r in received) == sorted(f"tx-{n}" for n in range(5))
+
+
+async def test_patience_never_swallows_a_cancel_it_did_not_make():
+    from bridge.server import Patience
+
+    patience = Patience(60, every=0.01)
+    outcomes: list[str] = []
+
+    async def postback() -> None:
+        task = patience.start()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if not patience.ran_out(task):
+                outcomes.append("cancelled")
+                raise
+            outcomes.append("ran out")
+        finally:
+            patience.stop(task)
+
+    shutdown = asyncio.create_task(postback())  # cancelled from outside (shutdown): raised
+    await asyncio.sleep(0)
+    shutdown.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await shutdown
+
+    slow = asyncio.create_task(postback())  # past its deadline: cut, and answered
+    await asyncio.sleep(0)
+    patience.sweep(time.monotonic() + 61)
+    await slow
+
+    both = asyncio.create_task(postback())  # cut and cancelled from outside: still raised
+    await asyncio.sleep(0)
+    patience.sweep(time.monotonic() + 61)
+    both.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await both
+    assert outcomes == ["cancelled", "ran out", "cancelled"]
+    assert not patience._waiting and not patience._cut

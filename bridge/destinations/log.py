@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import threading
@@ -12,11 +11,12 @@ from typing import Any
 from bridge.config import Reader
 from bridge.destinations import Attempt, Destination, Services
 from bridge.event import Event
+from bridge.jsonout import dumps
 from bridge.retry import Delivered, Failed, Outcome
 
 
 def render(event: Event) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return dumps(event) + "\n"
 
 
 class LogDestination(Destination):

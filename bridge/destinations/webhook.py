@@ -18,6 +18,7 @@ from bridge import http1
 from bridge.config import Reader
 from bridge.destinations import USER_AGENT, Attempt, Destination, Services
 from bridge.event import Event
+from bridge.jsonout import dumps
 from bridge.retry import Failed, Outcome, classify_http
 from bridge.secret import Secret, redact
 
@@ -64,7 +65,7 @@ def render(event: Event, fmt: str) -> tuple[bytes, str]:
         payload, content_type = cloudevent(event), "application/cloudevents+json"
     else:
         payload, content_type = event, "application/json"
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), content_type
+    return dumps(payload).encode(), content_type
 
 
 class WebhookDestination(Destination):

@@ -24,6 +24,7 @@ import asyncpg
 from bridge.config import _redact_url as redact
 from bridge.errors import StoreError
 from bridge.event import Event
+from bridge.jsonout import dumps
 from bridge.store import (
     AttemptResult,
     AttemptRow,
@@ -47,10 +48,6 @@ COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request
 
 # What the driver and the network raise; anything else is a bug and is not dressed up.
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
-def _dumps(event: Event) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 def _key(destination: str, conversation: str) -> int:
@@ -163,7 +160,7 @@ class PostgresStore(Store):
         async with self._tx() as conn:
             if deliveries:
                 await conn.execute(Q["lock_conversations"], [_key(d.destination, d.conversation) for d in deliveries])
-            stored = await conn.fetchval(Q["insert_event"], event["id"], dedup_key, event["type"], now, _dumps(event))
+            stored = await conn.fetchval(Q["insert_event"], event["id"], dedup_key, event["type"], now, dumps(event))
             if stored is None:  # the key is taken, by a committed event (or one that just committed)
                 existing = await conn.fetchval(Q["event_by_dedup_key"], dedup_key)
                 return Ingested("duplicate", existing)

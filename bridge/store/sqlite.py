@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from bridge.errors import StoreError
 from bridge.event import Event
+from bridge.jsonout import dumps
 from bridge.store import (
     AttemptResult,
     AttemptRow,
@@ -51,9 +52,6 @@ MAX_BATCH = 1024
 def _marks(values: Sequence[object]) -> str:
     """`?, ?, ?`: the only thing ever formatted into SQL here; values are always bound."""
     return ", ".join("?" * len(values))
-
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class _Writer(threading.Thread):
@@ -237,7 +235,7 @@ class SQLiteStore(Store):
         await self._run(lambda conn: conn.execute(Q["heartbeat"], (now,)))
 
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
-        item = _Ingest(event["id"], dedup_key, event["type"], time.time(), _dumps(event), deliveries)
+        item = _Ingest(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries)
         return await self._run(item, isolated=False)  # type: ignore[arg-type]  (see _ingest_all)
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
