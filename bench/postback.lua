@@ -23,8 +23,11 @@ end
 
 function request()
   counter = counter + 1
+  -- texters' numbers scattered as real ones are (a permutation of 10^7 numbers per thread), not
+  -- in sequence: the store indexes by sender, and sequential keys would flatter it
+  local sender = (counter * 7919 + tid * 1000003) % 10000000
   local body = "<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>1555" ..
-    string.format("%07d", counter % 10000000) .. "</FROM><TO>86717</TO><TEXT>HELLO bench " ..
+    string.format("%07d", sender) .. "</FROM><TO>86717</TO><TEXT>HELLO bench " ..
     counter .. "</TEXT><RECEIVED>2024-05-01T12:00:00-04:00</RECEIVED><TRANSACTIONID>" ..
     prefix .. "-" .. counter .. "</TRANSACTIONID></POSTBACK>"
   return wrk.format("POST", path, {["Content-Type"] = "text/xml"}, body)

@@ -405,7 +405,8 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
     store = runtime.store
     assert store is not None
     conversation = conversation_key(event)
-    deliveries = [NewDelivery(d, r, conversation) for d, r in decision.destinations]
+    destinations = config.destinations
+    deliveries = [NewDelivery(d, r, conversation, destinations[d].ordered) for d, r in decision.destinations]
     patience = runtime.patience
     task = patience.start()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -398,3 +399,31 @@ async def test_a_good_reload_is_counted_with_its_time(sink, bridge_factory):
     m = await scrape(bridge)
     assert m[("bridge_config_reloads_total", (("result", "success"),))] == 1
     assert m[("bridge_config_last_reload_success_timestamp_seconds", ())] >= before - 1
+
+
+async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp_path: Path, aiohttp_client):
+    """A webhook or log sends in any order; email and threaded Slack keep a conversation in
+    order, and only their deliveries are stored (and indexed) as ordered."""
+    raw = {
+        "store": f"sqlite:///{tmp_path / 'b.db'}",
+        "destinations": {
+            "crm": {"type": "webhook", "url": "http://127.0.0.1:9/nobody"},
+            "audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")},
+            "mail": {"type": "email", "smtp": {"host": "127.0.0.1", "port": 9, "security": "none"},
+                     "from": "bridge@example.com", "to": "team@example.com"},
+            "threads": {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": True,
+                        "api_url": "http://127.0.0.1:9/api/"},
+            "flat": {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": False,
+                     "api_url": "http://127.0.0.1:9/api/"},
+        },
+        "default": ["crm", "audit", "mail", "threads", "flat"],
+    }  # fmt: skip
+    client = await aiohttp_client(create_app(build(raw, environ={})))
+    response = await client.post("/postback", data=sms(1))
+    assert response.status == 200, await response.text()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    try:
+        stored = dict(conn.execute("SELECT destination, ordered FROM deliveries"))
+    finally:
+        conn.close()
+    assert stored == {"crm": 0, "audit": 0, "mail": 1, "threads": 1, "flat": 0}

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -247,6 +248,65 @@ async def test_ordered_claims_give_only_the_oldest_pending_of_each_conversation(
 async def test_unordered_claims_take_every_due_delivery(store):
     ids = [await put(store, n, conversation="alice") for n in range(3)]
     assert [c.event_id for c in await claim(store)] == ids
+
+
+async def test_deliveries_of_unordered_destinations_do_not_hold_a_conversation_back(store):
+    """`NewDelivery.ordered` is the destination's: only ordered deliveries queue behind each other
+    (and only they go into the conversation index). A destination made ordered by a reload
+    keeps sending what was queued before in any order."""
+    event = make_event(1)
+    loose = [NewDelivery("crm", "r", "alice", ordered=False)]
+    await store.ingest(event, dedup_key(event), loose)
+    later = make_event(2)
+    await store.ingest(later, dedup_key(later), loose)
+    got = await claim(store, ordered=True)
+    assert [c.event_id for c in got] == [event["id"], later["id"]]
+
+
+async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
+    """Turn the schema back into what stores made before `deliveries.ordered` have."""
+    old_index = (
+        "CREATE INDEX deliveries_conversation ON deliveries (destination, conversation, id) WHERE status = 'pending'"
+    )
+    if store_url.startswith("sqlite"):
+        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+        with conn:
+            conn.execute("DROP INDEX deliveries_ordered")
+            conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
+            conn.execute(old_index)
+        conn.close()
+        return
+    conn = await asyncpg.connect(store_url)
+    try:
+        await conn.execute("DROP INDEX deliveries_ordered")
+        await conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
+        await conn.execute(old_index)
+    finally:
+        await conn.close()
+
+
+async def test_a_store_from_before_ordered_deliveries_is_upgraded_and_keeps_its_order(store_url):
+    first = open_store(store_url)
+    await first.open()
+    queued = [await put(first, n, conversation="alice") for n in range(3)]
+    await first.close()
+    await _make_it_a_store_from_before_ordered(store_url)
+
+    upgraded = open_store(store_url)  # a new version of the bridge opening the old store
+    await upgraded.open()
+    try:
+        (oldest,) = await claim(upgraded, ordered=True)  # what was queued counts as ordered
+        assert oldest.event_id == queued[0]
+        await upgraded.complete([finished(oldest, Done())])
+        assert [c.event_id for c in await claim(upgraded, ordered=True)] == [queued[1]]
+        event = make_event(9)
+        await upgraded.ingest(event, dedup_key(event), [NewDelivery("crm", "r", "bob", ordered=False)])
+        assert [c.event_id for c in await claim(upgraded, "b", ordered=True)] == [event["id"]]
+    finally:
+        await upgraded.close()
+    again = open_store(store_url)  # and opening it once more changes nothing
+    await again.open()
+    await again.close()
 
 
 async def test_release_gives_back_unattempted_only_while_the_claim_is_ours(store):

@@ -27,6 +27,7 @@ class NewDelivery:
     destination: str
     route: str
     conversation: str
+    ordered: bool = True  # the destination sends a conversation in order (Destination.ordered)
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,9 @@ class PostgresStore(Store):
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
         now = time.time()
         async with self._tx() as conn:
-            if deliveries:
-                await conn.execute(Q["lock_conversations"], [_key(d.destination, d.conversation) for d in deliveries])
+            ordered = [_key(d.destination, d.conversation) for d in deliveries if d.ordered]
+            if ordered:
+                await conn.execute(Q["lock_conversations"], ordered)
             stored = await conn.fetchval(Q["insert_event"], event["id"], dedup_key, event["type"], now, dumps(event))
             if stored is None:  # the key is taken, by a committed event (or one that just committed)
                 existing = await conn.fetchval(Q["event_by_dedup_key"], dedup_key)
@@ -171,6 +172,7 @@ class PostgresStore(Store):
                     [d.destination for d in deliveries],
                     [d.route for d in deliveries],
                     [d.conversation for d in deliveries],
+                    [d.ordered for d in deliveries],
                     now,
                 )
         return Ingested("accepted", event["id"])

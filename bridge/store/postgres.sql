@@ -23,9 +23,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error text,
     updated_at double precision NOT NULL
 );
+-- a store made before deliveries had the column: every delivery in it counts as ordered
+ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS ordered boolean NOT NULL DEFAULT true;
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_at) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_conversation
-    ON deliveries (destination, conversation, id) WHERE status = 'pending';
+-- Only the deliveries of ordered destinations are in the index `claim_ordered` reads: texters'
+-- numbers are random, so each entry is a write to a random page, paid on every postback; a
+-- destination that sends in any order (webhooks, logs) has no use for it.
+DROP INDEX IF EXISTS deliveries_conversation;
+CREATE INDEX IF NOT EXISTS deliveries_ordered
+    ON deliveries (destination, conversation, id) WHERE status = 'pending' AND ordered;
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, updated_at);
 CREATE INDEX IF NOT EXISTS deliveries_leased ON deliveries (leased_by) WHERE leased_by IS NOT NULL;
@@ -54,8 +60,8 @@ CREATE TABLE IF NOT EXISTS meta (
 SELECT pg_advisory_xact_lock(hashtextextended('postback-bridge schema', 0))
 
 -- name: lock_conversations
--- Ingests that add deliveries to the same (destination, conversation) take turns, so within a
--- conversation delivery ids are committed in id order. Without it, an ingest that drew id 10
+-- Ingests that add deliveries to the same (destination, conversation) of an ordered destination
+-- take turns, so within a conversation delivery ids are committed in id order. Without it, an ingest that drew id 10
 -- but committed after another that drew id 11 would let a claimer see 11 as the oldest pending
 -- delivery of its conversation and send it before 10. Keys are locked in sorted order so two
 -- ingests never wait on each other in a cycle; a hash collision only makes two unrelated
@@ -71,9 +77,10 @@ RETURNING id
 SELECT id FROM events WHERE dedup_key = $1
 
 -- name: insert_deliveries
-INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at, updated_at)
-SELECT $1, d.destination, d.route, d.conversation, 'pending', $5, $5, $5
-FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS d (destination, route, conversation, n)
+INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
+SELECT $1, d.destination, d.route, d.conversation, d.ordered, 'pending', $6, $6, $6
+FROM unnest($2::text[], $3::text[], $4::text[], $5::boolean[])
+    WITH ORDINALITY AS d (destination, route, conversation, ordered, n)
 ORDER BY d.n
 
 -- name: claim
@@ -109,7 +116,7 @@ WITH due AS (
       AND NOT EXISTS (
           SELECT 1 FROM deliveries AS earlier
           WHERE earlier.destination = d.destination AND earlier.conversation = d.conversation
-            AND earlier.status = 'pending' AND earlier.id < d.id
+            AND earlier.status = 'pending' AND earlier.ordered AND earlier.id < d.id
       )
     ORDER BY d.next_at, d.id
     LIMIT $3

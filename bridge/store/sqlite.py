@@ -75,6 +75,9 @@ class _Writer(threading.Thread):
             raise StoreError(f"cannot put {self.path} in WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")  # durable at COMMIT, also on power loss
         conn.executescript(Q["schema"])
+        if "ordered" not in {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}:
+            conn.execute(Q["add_ordered"])
+        conn.executescript(Q["ordered_index"])
         # Leases of a process that is gone (kill -9, power cut) are due again at once, not when
         # they run out. Only those: `deliveries` or `replay` opening the store beside a running
         # server must not take the deliveries it is sending away from it (they would go twice).
@@ -182,8 +185,8 @@ def _ingest_all(
     for item, future in ingests:
         stored_id = owner[item.dedup_key]
         if stored_id == item.event_id:
-            now = item.received_at
-            rows.extend((item.event_id, d.destination, d.route, d.conversation, now, now, now) for d in item.deliveries)
+            eid, at = item.event_id, item.received_at
+            rows.extend((eid, d.destination, d.route, d.conversation, d.ordered, at, at, at) for d in item.deliveries)
             results.append((future, Ingested("accepted", item.event_id), None))
         else:
             results.append((future, Ingested("duplicate", stored_id), None))
