@@ -95,7 +95,10 @@ class Patience:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.every)
-            self.sweep(time.monotonic())
+            try:
+                self.sweep(time.monotonic())
+            except Exception:  # never expected; without the sweep a hung store would hang requests
+                log.exception("store patience sweep failed")
 
 
 @dataclass
@@ -139,15 +142,21 @@ class Runtime:
 
     async def sweep(self) -> None:
         """Pending deliveries to destinations the config no longer has are dead (listable,
-        replayable once it is back): never left pending for a destination nobody sends to."""
+        replayable once it is back): never left pending for a destination nobody sends to. And
+        a destination that is ordered now (Slack `thread_by_sender` turned on) orders what was
+        queued for it before, too."""
         assert self.store is not None
+        destinations = self.config.destinations
         try:
-            count = await self.store.abandon_unknown(set(self.config.destinations), "destination removed")
+            count = await self.store.abandon_unknown(set(destinations), "destination removed")
+            ordered = await self.store.order_pending([name for name, d in destinations.items() if d.ordered])
         except StoreError as exc:
-            log.warning("cannot retire deliveries to removed destinations", extra={"error": str(exc)})
+            log.warning("cannot update pending deliveries for the config", extra={"error": str(exc)})
             return
         if count:
             log.warning("pending deliveries to removed destinations are dead", extra={"count": count})
+        if ordered:
+            log.info("pending deliveries now go in conversation order", extra={"count": ordered})
 
     async def start_delivery(self, services: Services) -> None:
         assert self.store is not None

@@ -427,3 +427,29 @@ async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp
     finally:
         conn.close()
     assert stored == {"crm": 0, "audit": 0, "mail": 1, "threads": 1, "flat": 0}
+
+
+async def test_a_destination_made_ordered_orders_what_was_queued_for_it(tmp_path: Path, aiohttp_client):
+    """Slack `thread_by_sender` turned on between two runs (or by a reload): the deliveries
+    queued while it was off go in conversation order too, so one texter gets one thread."""
+
+    def config(threads: bool) -> dict:
+        slack = {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": threads,
+                 "api_url": "http://127.0.0.1:9/api/"}  # fmt: skip
+        return {"store": f"sqlite:///{tmp_path / 'b.db'}", "destinations": {"chat": slack}, "default": ["chat"]}
+
+    def stored() -> list[int]:
+        conn = sqlite3.connect(tmp_path / "b.db")
+        try:
+            return [row[0] for row in conn.execute("SELECT ordered FROM deliveries WHERE status = 'pending'")]
+        finally:
+            conn.close()
+
+    first = await aiohttp_client(create_app(build(config(False), environ={})))
+    for n in range(2):
+        assert (await first.post("/postback", data=sms(n))).status == 200
+    await first.close()
+    assert stored() == [0, 0]
+    again = await aiohttp_client(create_app(build(config(True), environ={})))
+    assert stored() == [1, 1]
+    await again.close()

@@ -252,8 +252,7 @@ async def test_unordered_claims_take_every_due_delivery(store):
 
 async def test_deliveries_of_unordered_destinations_do_not_hold_a_conversation_back(store):
     """`NewDelivery.ordered` is the destination's: only ordered deliveries queue behind each other
-    (and only they go into the conversation index). A destination made ordered by a reload
-    keeps sending what was queued before in any order."""
+    (and only they go into the conversation index)."""
     event = make_event(1)
     loose = [NewDelivery("crm", "r", "alice", ordered=False)]
     await store.ingest(event, dedup_key(event), loose)
@@ -261,6 +260,26 @@ async def test_deliveries_of_unordered_destinations_do_not_hold_a_conversation_b
     await store.ingest(later, dedup_key(later), loose)
     got = await claim(store, ordered=True)
     assert [c.event_id for c in got] == [event["id"], later["id"]]
+
+
+async def test_order_pending_puts_what_was_queued_unordered_in_line(store):
+    """A reload that makes a destination ordered (Slack `thread_by_sender` turned on): what was
+    queued before goes in conversation order too, and the first new one waits behind it."""
+    before = make_event(1)
+    await store.ingest(before, dedup_key(before), [NewDelivery("crm", "r", "alice", ordered=False)])
+    other = make_event(2)
+    await store.ingest(other, dedup_key(other), [NewDelivery("log", "r", "alice", ordered=False)])
+    after = make_event(3)
+    await store.ingest(after, dedup_key(after), [NewDelivery("crm", "r", "alice", ordered=True)])
+    assert await store.order_pending(["crm"]) == 1
+    assert await store.order_pending(["crm"]) == 0
+    assert await store.order_pending([]) == 0
+    (first,) = await claim(store, ordered=True)
+    assert first.event_id == before["id"]
+    await store.complete([finished(first, Done())])
+    assert [c.event_id for c in await claim(store, ordered=True)] == [after["id"]]
+    (loose,) = await store.claim("log", limit=10, lease=30, ordered=True, owner="a")
+    assert loose.event_id == other["id"]  # not named: left as it was
 
 
 async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
@@ -307,6 +326,46 @@ async def test_a_store_from_before_ordered_deliveries_is_upgraded_and_keeps_its_
     again = open_store(store_url)  # and opening it once more changes nothing
     await again.open()
     await again.close()
+
+
+async def test_an_old_sqlite_store_opened_by_several_at_once_is_upgraded_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first = open_store(url)
+    await first.open()
+    await put(first, 1)
+    await first.close()
+    for _ in range(10):
+        await _make_it_a_store_from_before_ordered(url)
+        stores = [open_store(url) for _ in range(4)]  # the server and `deliveries`, say
+        try:
+            await asyncio.gather(*(s.open() for s in stores))
+        finally:
+            for s in stores:
+                await s.close()
+
+
+async def test_opening_a_postgres_store_does_not_stop_the_running_ones_behind_a_reader(pg_url):
+    """Opening runs the schema script; in steady state it must take no lock that waits for a
+    long report on `deliveries`, since everyone's postbacks would queue behind that wait."""
+    running = PostgresStore(pg_url)
+    await running.open()
+    reader = await asyncpg.connect(pg_url)
+    try:
+        await put(running, 1)
+        report = reader.transaction()
+        await report.start()
+        await reader.fetchval("SELECT count(*) FROM deliveries")  # holds a read lock until done
+        starting = PostgresStore(pg_url)
+        opening = asyncio.create_task(starting.open())
+        await asyncio.sleep(0.3)
+        async with asyncio.timeout(3):
+            await put(running, 2)  # a postback at the running instance meanwhile
+        await report.rollback()
+        await opening
+        await starting.close()
+    finally:
+        await reader.close()
+        await running.close()
 
 
 async def test_release_gives_back_unattempted_only_while_the_claim_is_ours(store):

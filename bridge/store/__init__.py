@@ -217,6 +217,11 @@ class Store(abc.ABC):
         longer has it); how many."""
 
     @abc.abstractmethod
+    async def order_pending(self, destinations: Collection[str]) -> int:
+        """Pending deliveries to these destinations (the ordered ones) queue behind each other
+        from now on, also those stored while a destination was not ordered; how many changed."""
+
+    @abc.abstractmethod
     async def list_events(self, where: EventFilter) -> list[Event]: ...
 
     @abc.abstractmethod

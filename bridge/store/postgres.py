@@ -271,6 +271,11 @@ class PostgresStore(Store):
             status = await conn.execute(Q["abandon_unknown"], reason, time.time(), sorted(keep))
         return int(status.rsplit(" ", 1)[-1])  # "UPDATE n"
 
+    async def order_pending(self, destinations: Collection[str]) -> int:
+        async with self._tx() as conn:
+            status = await conn.execute(Q["order_pending"], sorted(destinations))
+        return int(status.rsplit(" ", 1)[-1])  # "UPDATE n"
+
     async def list_events(self, where: EventFilter) -> list[Event]:
         p = _Params()
         clauses = []

@@ -23,13 +23,26 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error text,
     updated_at double precision NOT NULL
 );
--- a store made before deliveries had the column: every delivery in it counts as ordered
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS ordered boolean NOT NULL DEFAULT true;
+-- A store made before deliveries had the column: every delivery in it counts as ordered. Only
+-- when it is missing: ALTER TABLE (even ... IF NOT EXISTS) and DROP INDEX lock the table against
+-- readers too, and every running instance's postbacks would queue behind a long report.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'deliveries'::regclass AND attname = 'ordered' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE deliveries ADD COLUMN ordered boolean NOT NULL DEFAULT true;
+    END IF;
+    -- Only the deliveries of ordered destinations are in the index `claim_ordered` reads:
+    -- texters' numbers are random, so each entry is a write to a random page, paid on every
+    -- postback; a destination that sends in any order (webhooks, logs) has no use for it.
+    IF to_regclass('deliveries_conversation') IS NOT NULL THEN
+        DROP INDEX deliveries_conversation;
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_at) WHERE status = 'pending';
--- Only the deliveries of ordered destinations are in the index `claim_ordered` reads: texters'
--- numbers are random, so each entry is a write to a random page, paid on every postback; a
--- destination that sends in any order (webhooks, logs) has no use for it.
-DROP INDEX IF EXISTS deliveries_conversation;
 CREATE INDEX IF NOT EXISTS deliveries_ordered
     ON deliveries (destination, conversation, id) WHERE status = 'pending' AND ordered;
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
@@ -177,6 +190,10 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 -- name: abandon_unknown
 UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
 WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
+
+-- name: order_pending
+UPDATE deliveries SET ordered = true
+WHERE status = 'pending' AND NOT ordered AND destination = ANY($1::text[])
 
 -- name: stats
 SELECT destination, status, count(*), min(created_at) FROM deliveries
