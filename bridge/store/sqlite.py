@@ -5,9 +5,6 @@ while a commit is in flight queue up and are committed together in the next tran
 burst of N postbacks costs a few fsyncs, not N, and each caller still hears back only after
 its own data is durable. Each operation runs in a savepoint, so one failing op does not undo
 its neighbours; a failed COMMIT fails them all (the store is then not ready: 503).
-
-Checkpoints (copying committed pages from the WAL into the database file) run beside the
-writer, on a thread and connection of their own, once a second (see `_Checkpointer`).
 """
 
 from __future__ import annotations
@@ -50,43 +47,6 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 _STOP = object()
 MAX_BATCH = 1024
-CHECKPOINT_EVERY = 1.0  # seconds
-
-
-class _Checkpointer(threading.Thread):
-    """Copies what the WAL holds into the database file, once every `every` seconds.
-
-    SQLite's own checkpoint runs inside the COMMIT that takes the WAL past 1,000 pages, and the
-    postbacks of that commit wait for it. Here the copying runs beside the writer, and a page
-    that many commits changed (the end of every index) is copied once a second, not once per
-    1,000 pages written. The WAL starts over from its beginning only when all of it has been
-    copied while no commit is adding to it: after each round here, `copied` asks the writer to
-    copy the little that came meanwhile itself, between two batches.
-    """
-
-    def __init__(self, path: str, every: float) -> None:
-        super().__init__(name="sqlite-checkpointer", daemon=True)
-        self.path, self.every = path, every
-        self.stop = threading.Event()
-        self.copied = threading.Event()
-
-    def run(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            log.error("SQLite checkpoints fall back to the writer", extra={"error": str(exc)})
-            return
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
-            while not self.stop.wait(self.every):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:  # a full disk: the writer is failing too; try again
-                    log.warning("SQLite checkpoint failed", extra={"error": str(exc)})
-                    continue
-                self.copied.set()
-        finally:
-            conn.close()
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -114,7 +74,6 @@ class _Writer(threading.Thread):
         if mode.lower() != "wal":
             raise StoreError(f"cannot put {self.path} in WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")  # durable at COMMIT, also on power loss
-        conn.execute("PRAGMA wal_autocheckpoint = 0")  # _Checkpointer does it
         conn.executescript(Q["schema"])
         conn.execute("BEGIN IMMEDIATE")  # the look and the change as one: others may open it too
         try:
@@ -142,8 +101,6 @@ class _Writer(threading.Thread):
             self.ready.set()
             return
         self.ready.set()
-        checkpointer = _Checkpointer(self.path, CHECKPOINT_EVERY)
-        checkpointer.start()
         try:
             while True:
                 first = self.queue.get()
@@ -161,27 +118,10 @@ class _Writer(threading.Thread):
                         break
                     batch.append(item)
                 self._run_batch(conn, batch)
-                if checkpointer.copied.is_set():
-                    checkpointer.copied.clear()
-                    self._catch_up(conn)
-                elif not checkpointer.is_alive() and not checkpointer.stop.is_set():
-                    checkpointer.stop.set()  # it could not start: SQLite's own checkpoints again
-                    conn.execute("PRAGMA wal_autocheckpoint = 1000")
                 if stop:
                     return
         finally:
-            checkpointer.stop.set()
-            checkpointer.join()
             conn.close()
-
-    @staticmethod
-    def _catch_up(conn: sqlite3.Connection) -> None:
-        """Copy what was committed since the checkpointer's last round, so that the next commit
-        starts the WAL over (a few milliseconds, after the last batch was answered)."""
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:
-            log.warning("SQLite checkpoint failed", extra={"error": str(exc)})
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any], bool]]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
