@@ -1,4 +1,7 @@
-"""Running it in production: metrics, the admin API, CLI replay, hot reload, retention."""
+"""Running it in production: metrics, the admin API, CLI replay, hot reload, retention.
+
+The admin API with replay, a reload that removes a destination, and retention run on both
+stores (PostgreSQL when BRIDGE_TEST_POSTGRES_URL is set)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,9 +21,18 @@ from bridge.config import build, load
 from bridge.server import RUNTIME, create_app, purge_once
 from bridge.store import DeliveryFilter
 from tests.conftest import POSTBACKS, post, sms
+from tests.test_store_contract import pg_url  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
 
 ADMIN = "admin-secret-token"
 FAST = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The `store:` URL. Ask for it before bridge_factory, so bridges stop before the schema goes."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bridge.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 def config_for(url: str, **server: object) -> dict:
@@ -134,9 +147,9 @@ async def test_oldest_pending_age_grows_while_a_destination_is_down(sink, bridge
 # ---------------------------------------------------------------------------- listing and replay
 
 
-async def test_filters_attempts_and_replay_end_to_end(sink, bridge_factory):
+async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factory):
     sink.responses = [400, 400]  # the first attempts of both events die
-    bridge = bridge_factory(config_for(sink.url))
+    bridge = bridge_factory({**config_for(sink.url), "store": store})
     bridge.start()
     _, stop = await post(bridge.url + "/postback", sms(1, text="STOP"))
     _, hello = await post(bridge.url + "/postback", sms(2, text="hello"))
@@ -259,9 +272,9 @@ async def test_reload_during_a_burst_refuses_and_loses_nothing(sink, bridge_fact
     assert {e["id"] for e in events["events"]} <= delivered
 
 
-async def test_removed_destination_keeps_its_pending_deliveries_as_dead(sink, bridge_factory):
+async def test_removed_destination_keeps_its_pending_deliveries_as_dead(sink, store, bridge_factory):
     sink.default = 503
-    bridge = bridge_factory(config_for(sink.url))
+    bridge = bridge_factory({**config_for(sink.url), "store": store})
     bridge.start()
     await post(bridge.url + "/postback", sms(1, text="STOP"))  # crm, which keeps failing
 
@@ -278,9 +291,9 @@ async def test_removed_destination_keeps_its_pending_deliveries_as_dead(sink, br
 # ---------------------------------------------------------------------------- retention
 
 
-async def test_retention_purges_only_what_is_old_enough(tmp_path: Path, aiohttp_client, sink):
+async def test_retention_purges_only_what_is_old_enough(store, aiohttp_client, sink):
     raw = config_for(sink.url)
-    raw["store"] = f"sqlite:///{tmp_path / 'b.db'}"
+    raw["store"] = store
     raw["retention"] = {"delivered": "1s", "dead": "1h"}
     sink.responses = [400]  # the first one dies: kept for an hour
     app = create_app(build(raw, environ={}))
