@@ -6,6 +6,7 @@ stores (PostgreSQL when BRIDGE_TEST_POSTGRES_URL is set)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
@@ -414,6 +415,17 @@ async def test_a_good_reload_is_counted_with_its_time(sink, bridge_factory):
     assert m[("bridge_config_last_reload_success_timestamp_seconds", ())] >= before - 1
 
 
+def _slack(thread_by_sender: bool) -> dict:
+    """A Slack destination whose API is nowhere (127.0.0.1:9): its deliveries stay pending."""
+    return {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": thread_by_sender,
+            "api_url": "http://127.0.0.1:9/api/"}  # fmt: skip
+
+
+def _rows(db: Path, query: str) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(query).fetchall()
+
+
 async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp_path: Path, aiohttp_client):
     """A webhook or log sends in any order; email and threaded Slack keep a conversation in
     order, and only their deliveries are stored (and indexed) as ordered."""
@@ -424,21 +436,15 @@ async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp
             "audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")},
             "mail": {"type": "email", "smtp": {"host": "127.0.0.1", "port": 9, "security": "none"},
                      "from": "bridge@example.com", "to": "team@example.com"},
-            "threads": {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": True,
-                        "api_url": "http://127.0.0.1:9/api/"},
-            "flat": {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": False,
-                     "api_url": "http://127.0.0.1:9/api/"},
+            "threads": _slack(True),
+            "flat": _slack(False),
         },
         "default": ["crm", "audit", "mail", "threads", "flat"],
     }  # fmt: skip
     client = await aiohttp_client(create_app(build(raw, environ={})))
     response = await client.post("/postback", data=sms(1))
     assert response.status == 200, await response.text()
-    conn = sqlite3.connect(tmp_path / "b.db")
-    try:
-        stored = dict(conn.execute("SELECT destination, ordered FROM deliveries"))
-    finally:
-        conn.close()
+    stored = dict(_rows(tmp_path / "b.db", "SELECT destination, ordered FROM deliveries"))
     assert stored == {"crm": 0, "audit": 0, "mail": 1, "threads": 1, "flat": 0}
 
 
@@ -447,16 +453,14 @@ async def test_a_destination_made_ordered_orders_what_was_queued_for_it(tmp_path
     queued while it was off go in conversation order too, so one texter gets one thread."""
 
     def config(threads: bool) -> dict:
-        slack = {"type": "slack", "token": "xoxb-1", "channel": "C1", "thread_by_sender": threads,
-                 "api_url": "http://127.0.0.1:9/api/"}  # fmt: skip
-        return {"store": f"sqlite:///{tmp_path / 'b.db'}", "destinations": {"chat": slack}, "default": ["chat"]}
+        return {
+            "store": f"sqlite:///{tmp_path / 'b.db'}",
+            "destinations": {"chat": _slack(threads)},
+            "default": ["chat"],
+        }
 
     def stored() -> list[int]:
-        conn = sqlite3.connect(tmp_path / "b.db")
-        try:
-            return [row[0] for row in conn.execute("SELECT ordered FROM deliveries WHERE status = 'pending'")]
-        finally:
-            conn.close()
+        return [row[0] for row in _rows(tmp_path / "b.db", "SELECT ordered FROM deliveries WHERE status = 'pending'")]
 
     first = await aiohttp_client(create_app(build(config(False), environ={})))
     for n in range(2):

@@ -50,6 +50,11 @@ COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
+def _updated(status: str) -> int:
+    """How many rows an UPDATE changed, from asyncpg's command tag ("UPDATE n")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def _key(destination: str, conversation: str) -> int:
     """A signed 64-bit advisory lock key for (destination, conversation), stable across processes
     (Python's hash() is salted per process)."""
@@ -269,12 +274,12 @@ class PostgresStore(Store):
     async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
         async with self._tx() as conn:
             status = await conn.execute(Q["abandon_unknown"], reason, time.time(), sorted(keep))
-        return int(status.rsplit(" ", 1)[-1])  # "UPDATE n"
+        return _updated(status)
 
     async def order_pending(self, destinations: Collection[str]) -> int:
         async with self._tx() as conn:
             status = await conn.execute(Q["order_pending"], sorted(destinations))
-        return int(status.rsplit(" ", 1)[-1])  # "UPDATE n"
+        return _updated(status)
 
     async def list_events(self, where: EventFilter) -> list[Event]:
         p = _Params()

@@ -74,9 +74,9 @@ SELECT pg_advisory_xact_lock(hashtextextended('postback-bridge schema', 0))
 
 -- name: lock_conversations
 -- Ingests that add deliveries to the same (destination, conversation) of an ordered destination
--- take turns, so within a conversation delivery ids are committed in id order. Without it, an ingest that drew id 10
--- but committed after another that drew id 11 would let a claimer see 11 as the oldest pending
--- delivery of its conversation and send it before 10. Keys are locked in sorted order so two
+-- take turns, so within a conversation delivery ids are committed in id order. Without it, an
+-- ingest that drew id 10 but committed after another that drew id 11 would let a claimer see 11
+-- as the oldest pending delivery of its conversation and send it before 10. Keys are locked in sorted order so two
 -- ingests never wait on each other in a cycle; a hash collision only makes two unrelated
 -- conversations take turns. Released at commit.
 SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT unnest($1::bigint[]) AS k) AS keys ORDER BY k

@@ -106,8 +106,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (delivery_id, number) DO NOTHING
 
 -- name: release
--- Only while the claim is still ours (our lease, same attempt number): once its lease ran out the delivery
--- may have been claimed again, and giving it back would send it twice.
+-- Only while the claim is still ours (our lease, same attempt number): once its lease ran out
+-- the delivery may have been claimed again, and giving it back would send it twice.
 UPDATE deliveries SET next_at = :now, leased_by = NULL, attempts = attempts - 1
 WHERE id = :id AND attempts = :attempt AND status = 'pending' AND leased_by = :owner
 
