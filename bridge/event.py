@@ -58,16 +58,17 @@ def phone(value: str | None) -> str | None:
 
 
 def parse_time(value: str | None) -> datetime | None:
-    """ISO 8601 in UTC. Hour-only offsets (`-04`) are fine; no offset at all is taken as UTC."""
+    """ISO 8601 in UTC. Hour-only offsets (`-04`) are fine; no offset at all is taken as UTC.
+    None when it does not parse, or when it is outside the years 1-9999 once in UTC."""
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value.strip().replace(" ", "T", 1))
-    except ValueError:
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # 9999-12-31T23:00:00-04:00 is past year 9999 in UTC
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def format_time(moment: datetime, *, millis: bool = False) -> str:

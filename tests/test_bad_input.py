@@ -56,6 +56,8 @@ GOOD = [
     pytest.param(lambda n: sms(n).replace(b"<POSTBACK>", b"<POSTBACK><NOTIFICATION>").replace(
         b"</POSTBACK>", b"</NOTIFICATION></POSTBACK>"), "application/xml", id="notification-wrapper"),
     pytest.param(lambda n: sms(n).replace(b"SMS_MO", b"FUTURE_MO"), "", id="unknown-origin"),
+    pytest.param(lambda n: sms(n).replace(b"<TEXT>", b"<RECEIVED>9999-12-31T23:59:59-14:00</RECEIVED><TEXT>"), "",
+                 id="time-past-year-9999"),  # occurred_at null: once a 503, which Skycore would retry forever
 ]  # fmt: skip
 
 
