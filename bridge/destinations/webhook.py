@@ -47,16 +47,20 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def cloudevent(event: Event) -> dict[str, Any]:
-    return {
+    """A structured CloudEvent. `subject` is the sender, left out when there is none: readers
+    (the `cloudevents` SDK's core reader among them) refuse a null or empty subject."""
+    envelope: dict[str, Any] = {
         "specversion": "1.0",
         "id": event["id"],
         "source": "postback-bridge",
         "type": f"com.skycore.{event['type']}",
-        "subject": event["from"],
-        "time": event["occurred_at"] or event["received_at"],
-        "datacontenttype": "application/json",
-        "data": event,
     }
+    if event["from"]:
+        envelope["subject"] = event["from"]
+    envelope["time"] = event["occurred_at"] or event["received_at"]
+    envelope["datacontenttype"] = "application/json"
+    envelope["data"] = event
+    return envelope
 
 
 def render(event: Event, fmt: str) -> tuple[bytes, str]:
