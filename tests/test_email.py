@@ -200,7 +200,8 @@ async def test_plain_smtp_mail_names_everything_in_both_parts(services, mail_ser
     assert m["Date"] is not None and m["In-Reply-To"] is None
     assert m.get_content_type() == "multipart/alternative"
     for part in parts(m):
-        for fact in ("+1 555-231-2102", "86717", "STOP", "2024-05-01 16:00:00 UTC", event["id"], "Carrier"):
+        facts = ("+1 555-231-2102", "+15552312102", "86717", "STOP", "2024-05-01 16:00:00 UTC", event["id"], "Carrier")
+        for fact in facts:  # the sender as people read it and as E.164 (event["from"]), to search for
             assert fact in part
 
 

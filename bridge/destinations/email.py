@@ -79,6 +79,12 @@ def pretty_phone(number: str | None) -> str:
     return number
 
 
+def sender_fact(number: str | None) -> str:
+    """For people and for searching: `+1 555-231-2102 (+15552312102)`; other numbers once."""
+    shown = pretty_phone(number)
+    return f"{shown} ({number})" if number and shown != number else shown
+
+
 def subject_fields(template: str) -> list[str]:
     """The placeholder names a subject template uses (`{from}` -> `from`)."""
     return [m.group(1) for m in _PLACEHOLDER.finditer(template) if m.group(1) is not None]
@@ -138,7 +144,7 @@ def _headline(event: Event) -> str:
 
 def _facts(event: Event) -> list[tuple[str, str]]:
     facts = [
-        ("From", pretty_phone(event["from"])),
+        ("From", sender_fact(event["from"])),
         ("Short code", event["to"] or "unknown"),
         ("Keyword", event["keyword"] or "(none)"),
     ]
