@@ -7,6 +7,8 @@ with the 2014 `<NOTIFICATION>` wrapper removed, so later steps never see the sha
 
 from __future__ import annotations
 
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 from urllib.parse import parse_qs
 from xml.parsers import expat
@@ -96,8 +98,31 @@ def extract_xml(body: bytes, content_type: str = "") -> str:
         raise PostbackError(f"body is not valid UTF-8 (byte {exc.start})") from None
     text = text.removeprefix(_BOM).lstrip()
     if not text.startswith("<"):
+        if content_type.lower().lstrip().startswith("multipart/form-data"):
+            return _xml_from_multipart(body, content_type)
         text = _xml_from_form(text, content_type)
     return text
+
+
+def _xml_from_multipart(body: bytes, content_type: str) -> str:
+    """The `xml` field of a multipart form (`curl -F xml=<postback.xml`), as a value or a file."""
+    message = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart() or message.defects:
+        raise PostbackError("malformed multipart form body")
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") != "xml":
+            continue
+        payload = part.get_payload(decode=True) or b""
+        try:
+            xml = payload.decode("utf-8").removeprefix(_BOM).lstrip()
+        except UnicodeDecodeError as exc:
+            raise PostbackError(f"form field 'xml' is not valid UTF-8 (byte {exc.start})") from None
+        if xml.startswith("<"):
+            return xml
+        raise PostbackError("form field 'xml' does not hold XML")
+    raise PostbackError("form body has no field named 'xml'")
 
 
 def _xml_from_form(text: str, content_type: str) -> str:

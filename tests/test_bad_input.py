@@ -14,6 +14,7 @@ import pytest
 from bridge.config import build
 from bridge.server import create_app
 from tests.conftest import BILLION_LAUGHS, POSTBACKS, sms
+from tests.test_postback import MULTIPART, multipart
 
 MAX_BODY = 1024
 
@@ -51,6 +52,7 @@ GOOD = [
     pytest.param(lambda n: sms(n), "application/json", id="raw-wrong-content-type"),
     pytest.param(lambda n: urlencode({"xml": sms(n).decode()}).encode(), "application/x-www-form-urlencoded",
                  id="form-field-xml"),
+    pytest.param(lambda n: multipart(("xml", sms(n).decode(), None)), MULTIPART, id="multipart-field-xml"),
     pytest.param(lambda n: b"\xef\xbb\xbf<?xml version='1.0' encoding='UTF-8'?>\n" + sms(n) + b"\n", "text/xml",
                  id="bom-declaration-whitespace"),
     pytest.param(lambda n: sms(n).replace(b"<POSTBACK>", b"<POSTBACK><NOTIFICATION>").replace(

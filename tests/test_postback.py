@@ -72,6 +72,47 @@ def test_every_shape_gives_the_same_fields(body):
     assert parse(body, "application/x-www-form-urlencoded") == SMS_FIELDS
 
 
+BOUNDARY = "bridge-test-7d3a"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart(*fields: tuple[str, str, str | None]) -> bytes:
+    """A multipart form as `curl -F name=value` (or `name=@file`, with a file name) sends it."""
+    out = b""
+    for name, value, filename in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        head = f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n"
+        head += "Content-Type: application/xml\r\n" if filename else ""
+        out += (head + "\r\n").encode() + value.encode() + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(multipart(("xml", SMS, None)), id="value"),
+        pytest.param(multipart(("account", "42", None), ("xml", SMS, "postback.xml")), id="file-among-fields"),
+        pytest.param(multipart(("xml", "\ufeff " + SMS, None)), id="with-bom"),
+    ],
+)
+def test_a_multipart_form_field_xml_gives_the_same_fields(body):
+    assert parse(body, MULTIPART) == SMS_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        pytest.param(multipart(("account", "42", None)), MULTIPART, "no field named 'xml'", id="no-xml-field"),
+        pytest.param(multipart(("xml", "hello", None)), MULTIPART, "does not hold XML", id="xml-not-xml"),
+        pytest.param(b"--nope\r\nhello", MULTIPART, "malformed multipart", id="garbage"),
+        pytest.param(multipart(("xml", SMS, None)), "multipart/form-data", "malformed multipart", id="no-boundary"),
+    ],
+)
+def test_a_bad_multipart_form_is_refused_with_a_reason(body, content_type, message):
+    with pytest.raises(PostbackError, match=message):
+        parse(body, content_type)
+
+
 def test_the_wrapper_gives_the_same_fields_as_the_plain_shape():
     wrapped = parse((POSTBACKS / "mms_mo_notification_wrapper.xml").read_bytes())
     plain = parse((POSTBACKS / "mms_mo_subject.xml").read_bytes())
