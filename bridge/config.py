@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from yarl import URL
 
+from bridge.carriers import spid_key
 from bridge.errors import ConfigError
 from bridge.event import phone
 from bridge.secret import Secret
@@ -384,6 +385,14 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 # zeros stay the digits the user wrote.
 _StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _StrictLoader.yaml_implicit_resolvers["0"].insert(0, ("tag:yaml.org,2002:str", re.compile(r"^0[0-9_]+$")))
+# YAML 1.1 also reads yes/no/on/off (any case) as booleans, so `keyword: [YES, NO, On]` would be
+# an error. As in YAML 1.2's core schema, only true/false (True, TRUE, False, FALSE) are booleans;
+# the rest stay the strings the user wrote (and `continue: yes` is a type error naming its place).
+_BOOL = "tag:yaml.org,2002:bool"
+for _first, _resolvers in _StrictLoader.yaml_implicit_resolvers.items():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != _BOOL]
+    if _first and _first in "tTfF":
+        _resolvers.insert(0, (_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")))
 
 
 def _interpolate(value: Any, path: str, environ: Mapping[str, str], r: Reader) -> Any:
@@ -430,11 +439,14 @@ def _server(raw: Any, r: Reader) -> ServerConfig:
     if not data:
         return ServerConfig()
     kwargs: dict[str, Any] = {}
+    listen_known = auth_known = True  # whether the auth check below can tell
     if "listen" in data:
+        listen_known = False
         text = r.string(data["listen"], "server.listen")
         if text is not None:
             try:
                 kwargs["host"], kwargs["port"] = parse_listen(text)
+                listen_known = True
             except ValueError as exc:
                 r.error("server.listen", str(exc))
     if "postback_path" in data:
@@ -445,14 +457,32 @@ def _server(raw: Any, r: Reader) -> ServerConfig:
             else:
                 kwargs["postback_path"] = path
     if "max_body_bytes" in data:
-        kwargs["max_body_bytes"] = r.integer(data["max_body_bytes"], "server.max_body_bytes", minimum=1024)
+        kwargs["max_body_bytes"] = r.integer(data["max_body_bytes"], "server.max_body_bytes", minimum=1)
     if "client_timeout" in data:
         kwargs["client_timeout"] = r.duration(data["client_timeout"], "server.client_timeout")
     if "auth" in data:
+        errors_before = len(r.errors)
         kwargs["auth"] = _auth(data["auth"], r)
+        auth_known = len(r.errors) == errors_before  # a broken token is not a missing one
     if "admin_token" in data and data["admin_token"] != "":  # `${ADMIN_TOKEN:-}`: no admin API off loopback
         kwargs["admin_token"] = r.secret(data["admin_token"], "server.admin_token")
-    return ServerConfig(**{k: v for k, v in kwargs.items() if v is not None})
+    server = ServerConfig(**{k: v for k, v in kwargs.items() if v is not None})
+    if listen_known and auth_known and not server.loopback:
+        _require_auth(server, r)
+    return server
+
+
+def _require_auth(server: ServerConfig, r: Reader) -> None:
+    """A public listen needs auth: reported with the other errors, not only when it is the last one."""
+    if server.auth.configured or server.auth.allow_unauthenticated:
+        return
+    r.error(
+        "server.auth",
+        f"is required to listen on {server.host}:{server.port} (not loopback): anyone could post. Set "
+        "server.auth.token (and point Skycore at /postback/<token>), server.auth.basic or "
+        "server.auth.allow_from; or listen on 127.0.0.1 behind a proxy; or set "
+        "server.auth.allow_unauthenticated: true if something in front already guards it",
+    )
 
 
 def _auth(raw: Any, r: Reader) -> AuthConfig:
@@ -587,6 +617,9 @@ def _match(raw: Any, path: str, r: Reader) -> Match:
     for key in ("origin", "type", "code", "shortcode", "spid", "carrier"):
         if key in data:
             kwargs[key] = r.strings(data[key], f"{path}.{key}")
+    if kwargs.get("spid"):
+        # `spid: 1470` is the carrier table's 0001470, as the event's SPID is (routing.matches)
+        kwargs["spid"] = tuple(spid_key(spid) for spid in kwargs["spid"])
     if kwargs.get("shortcode"):
         # a long code written as Skycore sends it (15551234567) matches the event's +15551234567
         kwargs["shortcode"] = tuple(phone(code.strip()) or code for code in kwargs["shortcode"])
@@ -658,14 +691,6 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
     raw = _interpolate(raw, "", environ, r)
     r.mapping(raw, "", _TOP)
     server = _server(raw.get("server"), r)
-    if not r.errors and not server.loopback and not server.auth.configured and not server.auth.allow_unauthenticated:
-        r.error(
-            "server.auth",
-            f"is required to listen on {server.host}:{server.port} (not loopback): anyone could post. Set "
-            "server.auth.token (and point Skycore at /postback/<token>), server.auth.basic or "
-            "server.auth.allow_from; or listen on 127.0.0.1 behind a proxy; or set "
-            "server.auth.allow_unauthenticated: true if something in front already guards it",
-        )
     retry = parse_retry(raw.get("retry"), "retry", RetryPolicy(), r) if "retry" in raw else RetryPolicy()
     destinations = _destinations(raw.get("destinations"), retry, r)
     declared = set(raw["destinations"]) if isinstance(raw.get("destinations"), dict) else set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from bridge.carriers import spid_key
 from bridge.config import Match, Route
 from bridge.event import Event
 
@@ -42,8 +43,10 @@ def matches(match: Match, event: Event) -> bool:
         return False
     if not _any(match.shortcode, event["to"]):
         return False
-    if not _any(match.spid, event["spid"]):
-        return False
+    if match.spid is not None:  # normalized at load; the event's only when a route asks
+        spid = event["spid"]
+        if spid is None or spid_key(spid) not in match.spid:
+            return False
     if not _any(match.carrier, event["carrier"], fold=True):
         return False
     if match.from_ is not None:

@@ -96,6 +96,25 @@ def test_empty_file_is_an_empty_config():
     assert config.server.max_body_bytes == 65536
 
 
+def test_max_body_bytes_has_no_floor_beyond_one_byte():
+    assert load(TESTDATA / "valid" / "small_max_body.yml", environ={}).server.max_body_bytes == 100
+
+
+def test_only_true_and_false_are_booleans_as_in_yaml_1_2():
+    config = load(TESTDATA / "valid" / "yaml12_booleans.yml", environ={})
+    assert config.routes[0].match.keyword == ("YES", "NO", "ON", "OFF", "Y", "N", "YES", "ON")
+    assert [r.continue_ for r in config.routes] == [True, False]
+    assert config.destinations["inbox"].thread_by_sender is True
+    assert yaml.safe_load("a: yes") == {"a": True}  # PyYAML's own loader is left alone
+
+
+def test_match_spid_is_zero_padded_like_the_carrier_table(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text('routes:\n  - match: {spid: [1470, "1650", 0001470, 01470, " 502 ", X1]}\n    to: []\n')
+    config = load(path, environ={})
+    assert config.routes[0].match.spid == ("0001470", "0001650", "0001470", "0001470", "0000502", "X1")
+
+
 def test_builtin_defaults_send_everything_to_log():
     config = defaults()
     assert config.default == ("log",)

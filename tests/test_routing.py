@@ -84,6 +84,7 @@ def test_unmatched_without_default_is_dropped():
 # ---------------------------------------------------------------------------- each match key
 
 SMS = event(TEXT="Hello World", SPID="0001470")
+SHORT_SPID = event(TEXT="Hello World", SPID="1470")
 MMS = reference("mms_mo_v1.3.xml")  # SPID 0001650 (Sprint), no TEXT
 SUB = reference("sub_n302_unsubscribed.xml")
 MT = reference("sms_mt_n202_delivered.xml")
@@ -125,6 +126,13 @@ MATCH_CASES = [
     ({"spid": "0001470"}, SMS, True),
     ({"spid": "0001650"}, SMS, False),
     ({"spid": "0001650"}, MMS, True),
+    ({"spid": 1470}, SMS, True),  # zero-padded like `carriers:` keys: the SPID 0001470
+    ({"spid": "1470"}, SMS, True),
+    ({"spid": [1650, 1470]}, SMS, True),
+    ({"spid": 14700}, SMS, False),
+    ({"spid": "0001470"}, SHORT_SPID, True),  # a sender that dropped the leading zeros
+    ({"spid": 1470}, SHORT_SPID, True),
+    ({"spid": "1470"}, SUB, False),  # no SPID at all
     ({"carrier": "AT&T"}, SMS, True),
     ({"carrier": "at&t"}, SMS, True),
     ({"carrier": ["Sprint", "Verizon"]}, MMS, True),
