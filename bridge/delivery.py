@@ -35,6 +35,17 @@ IDLE_POLL = 1.0  # look at the store at least this often (other instances, clock
 LINGER = 0.005
 LEASE_MARGIN = 30.0
 BREAK_AFTER = 5  # retryable failures in a row before a destination is taken to be down
+# Retries stop at max_age (`decide`), but a backlog behind a destination that is down or paused
+# waits in the store unattempted. A check per destination marks what is pending past its
+# max_age dead: every 1% of max_age, at least every second and at most every minute, since each
+# check reads the destination's pending deliveries (a 24h max_age is not paid for every second).
+EXPIRE_EVERY_MIN = 1.0
+EXPIRE_EVERY_MAX = 60.0
+
+
+def expire_every(max_age: float) -> float:
+    """Seconds between two checks for deliveries past `max_age`."""
+    return min(EXPIRE_EVERY_MAX, max(EXPIRE_EVERY_MIN, max_age / 100))
 
 
 @dataclass
@@ -59,8 +70,8 @@ class Health:
         if outcome.retry_after is not None:
             self.paused_until = max(self.paused_until, now + min(outcome.retry_after, policy.max_interval))
         elif self.down:
-            delay = policy.initial + backoff(self.failures - BREAK_AFTER + 1, policy)
-            self.paused_until = max(self.paused_until, now + min(delay, policy.max_interval))
+            delay = backoff(self.failures - BREAK_AFTER + 1, policy)  # in [initial, max_interval]
+            self.paused_until = max(self.paused_until, now + delay)
 
 
 class Dispatcher:
@@ -85,6 +96,7 @@ class Dispatcher:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._recorder = _Recorder(store, self._recorded)
+        self._expiry: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         for name, destination in self.destinations.items():
@@ -92,6 +104,8 @@ class Dispatcher:
             self._inflight[name] = {}
             self._ready[name] = deque()
             self._loops[name] = asyncio.create_task(self._run(destination), name=f"deliver:{name}")
+        if self.destinations:
+            self._expiry = asyncio.create_task(self._expire(), name="expire")
 
     def notify(self, names: list[str] | tuple[str, ...]) -> None:
         """New deliveries are due now for these destinations."""
@@ -109,8 +123,9 @@ class Dispatcher:
             wake.set()
         # Loops are not cancelled mid-claim: a claim cut off there would leave its deliveries
         # leased by nobody until the lease runs out. They notice `_stopping` and return.
-        if self._loops:
-            await asyncio.wait(self._loops.values(), timeout=grace)
+        background = [*self._loops.values(), *([self._expiry] if self._expiry is not None else [])]
+        if background:
+            await asyncio.wait(background, timeout=grace)
         inflight = [task for tasks in self._inflight.values() for task in tasks]
         if inflight:
             await asyncio.wait(inflight, timeout=grace)
@@ -122,11 +137,9 @@ class Dispatcher:
                 if not task.done():
                     task.cancel()
                     unfinished.append(claim)
-        for task in self._loops.values():
+        for task in background:
             task.cancel()
-        await asyncio.gather(
-            *self._loops.values(), *[t for ts in self._inflight.values() for t in ts], return_exceptions=True
-        )
+        await asyncio.gather(*background, *[t for ts in self._inflight.values() for t in ts], return_exceptions=True)
         await self._recorder.drain(grace)
         if unfinished:
             try:
@@ -223,6 +236,35 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await wake.wait()
+
+    async def _expire(self) -> None:
+        """Mark dead what is pending past its destination's `retry.max_age` and not being sent
+        (see EXPIRE_EVERY_MIN). A delivery being sent is left to its attempt's verdict."""
+        due = dict.fromkeys(self.destinations, 0.0)
+        while not self._stopping:
+            for name, destination in self.destinations.items():
+                if self._stopping or time.monotonic() < due[name]:
+                    continue
+                max_age = destination.retry.max_age
+                due[name] = time.monotonic() + expire_every(max_age)
+                try:
+                    count = await self.store.expire(name, max_age=max_age)
+                except Exception as exc:  # the store (StoreError) or a bug: the check must not die
+                    log.warning(
+                        "cannot mark deliveries past max_age dead", extra={"destination": name, "error": str(exc)}
+                    )
+                    continue
+                if count:
+                    log.warning(
+                        "deliveries past max_age are dead",
+                        extra={"destination": name, "count": count, "max_age_s": max_age},
+                    )
+                    self._wake[name].set()  # the next deliveries of their conversations are due
+            pause = min(due.values()) - time.monotonic()
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._stopped.wait()
 
     async def _release(self, claims: list[Claim]) -> None:
         if claims:

@@ -79,9 +79,12 @@ def classify_http(status: int, headers: Mapping[str, str], now: float, body: str
 
 
 def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(max_interval, initial * 2^(n-1))]."""
-    ceiling = min(policy.max_interval, policy.initial * (2 ** min(attempt - 1, 62)))
-    return ceiling * rand()
+    """Seconds to wait after failed attempt `attempt` (from 1): exponential backoff with jitter,
+    never under `initial` nor over `max_interval`. The base doubles from `initial` and is capped
+    at `max_interval`, base = min(max_interval, initial * 2^(n-1)); the wait is uniform in
+    [base, min(max_interval, 2 * base)], so retries spread out without coming early."""
+    base = min(policy.max_interval, policy.initial * (2 ** max(0, min(attempt - 1, 62))))
+    return base + (min(policy.max_interval, 2 * base) - base) * rand()
 
 
 def decide(
@@ -93,16 +96,20 @@ def decide(
     policy: RetryPolicy,
     rand: Callable[[], float] = random.random,
 ) -> Decision:
-    """`attempt` counts from 1; `created_at` is when the delivery was stored."""
+    """`attempt` counts from 1; `created_at` is when the delivery was stored. Retries go on
+    until `max_age` after `created_at` (the deadline): a backoff that would pass it is cut short
+    to the deadline, so the last retry is made at the deadline, and an attempt that fails at or
+    after it makes the delivery dead. A `Retry-After` beyond the deadline makes it dead at once:
+    the peer asked not to be tried again before then."""
     if isinstance(outcome, Delivered):
         return Done()
     if not outcome.retryable:
         return Dead(outcome.reason)
+    deadline = created_at + policy.max_age
     if outcome.retry_after is not None:
-        delay = min(outcome.retry_after, policy.max_interval)
+        at = now + min(outcome.retry_after, policy.max_interval)
     else:
-        delay = backoff(attempt, policy, rand)
-    at = now + delay
-    if at - created_at > policy.max_age:
+        at = min(now + backoff(attempt, policy, rand), deadline)
+    if now >= deadline or at > deadline:
         return Dead(f"gave up after {attempt} attempts (max_age {policy.max_age:g}s): {outcome.reason}")
     return RetryAt(at=at, reason=outcome.reason)

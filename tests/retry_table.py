@@ -1,4 +1,5 @@
-"""One table of HTTP statuses -> what the delivery loop must make of them (CONTRACT §6).
+"""One table of HTTP statuses -> what the delivery loop must make of them (CONTRACT §6), and
+one of how long it waits before each retry.
 
 Shared like Alertmanager's notify tests: every destination that speaks HTTP checks its own
 outcomes against this table, so "is 429 retryable?" has one answer across the project.
@@ -39,6 +40,24 @@ STATUS_TABLE: list[tuple[int, str]] = [
     (503, RETRYABLE),
     (504, RETRYABLE),
     (507, RETRYABLE),
+]
+
+# The wait after failed attempt n, for the default policy (initial 1s, max_interval 10m): uniform
+# in [base, top], base = min(max_interval, initial * 2^(n-1)), top = min(max_interval, 2 * base).
+# So never less than `initial`, never more than `max_interval`, and doubling in between.
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX_INTERVAL = 600.0
+BACKOFF_WINDOWS: list[tuple[int, tuple[float, float]]] = [
+    (1, (1.0, 2.0)),
+    (2, (2.0, 4.0)),
+    (3, (4.0, 8.0)),
+    (4, (8.0, 16.0)),
+    (9, (256.0, 512.0)),
+    (10, (512.0, 600.0)),
+    (11, (600.0, 600.0)),
+    (12, (600.0, 600.0)),
+    (100, (600.0, 600.0)),
+    (10_000, (600.0, 600.0)),
 ]
 
 

@@ -264,3 +264,46 @@ async def test_postbacks_arriving_together_are_claimed_and_recorded_together(tmp
     assert len(sink.received) == 40
     assert store.claims <= 12, f"{store.claims} claims for 40 postbacks"
     assert store.completes <= 12, f"{store.completes} writes of results for 40 postbacks"
+
+
+async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max_age(tmp_path: Path, sink):
+    """An always-500 destination is soon taken to be down and probed one delivery at a time, so
+    most of a backlog waits in the store, unattempted. Past max_age it is dead all the same,
+    within about a second, and nothing is tried after that."""
+    sink.default = 500
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", sink.url + "/hook", timeout=2)
+    destination.retry = RetryPolicy(initial=0.2, max_interval=5, max_age=2)
+    await destination.open(Services(http=http, state=store))
+    for n in range(8):
+        await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", f"c{n}")])
+    created = min(row.created_at for row in await store.list_deliveries(DeliveryFilter()))
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        while time.time() < created + 3.5:
+            rows = await store.list_deliveries(DeliveryFilter())
+            if all(row.status == "dead" for row in rows):
+                break
+            await asyncio.sleep(0.05)
+        all_dead_at = time.time()
+        requests = len(sink.received)
+        await asyncio.sleep(1.0)  # room for a late attempt to show up
+        attempts = {row.event_id: await store.attempts(row.id) for row in rows}
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+        await store.close()
+    assert [row.status for row in rows] == ["dead"] * 8, [(r.status, r.attempts, r.last_error) for r in rows]
+    assert all_dead_at - created < 3.5
+    assert len(sink.received) == requests, "a dead delivery was tried again"
+    for row in rows:
+        assert "max_age 2s" in row.last_error, row.last_error
+        assert all(a.at < row.created_at + 2 + 1.5 for a in attempts[row.event_id]), attempts[row.event_id]
+    # every attempt went out once and was recorded: no duplicates, none unaccounted for
+    sent = collections.Counter(r.json()["id"] for r in sink.received)
+    assert sent == {e: len(a) for e, a in attempts.items() if a}
+    assert all(len({a.number for a in a_list}) == len(a_list) for a_list in attempts.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from email.utils import formatdate
 
 import pytest
@@ -9,10 +10,19 @@ from multidict import CIMultiDict
 
 from bridge.config import RetryPolicy
 from bridge.retry import Dead, Delivered, Done, Failed, RetryAt, backoff, classify_http, decide, parse_retry_after
-from tests.retry_table import DELIVERED, PERMANENT, RETRYABLE, STATUS_TABLE, kind
+from tests.retry_table import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX_INTERVAL,
+    BACKOFF_WINDOWS,
+    DELIVERED,
+    PERMANENT,
+    RETRYABLE,
+    STATUS_TABLE,
+    kind,
+)
 
 NOW = 1_700_000_000.0
-POLICY = RetryPolicy(initial=1.0, max_interval=600.0, max_age=86400.0)
+POLICY = RetryPolicy(initial=BACKOFF_INITIAL, max_interval=BACKOFF_MAX_INTERVAL, max_age=86400.0)
 NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
 
@@ -39,7 +49,8 @@ def test_decision_for_each_status(status, expected):
         assert decision == Dead(f"HTTP {status}: nope")
     else:
         assert isinstance(decision, RetryAt)
-        assert NOW <= decision.at <= NOW + POLICY.initial
+        first, top = dict(BACKOFF_WINDOWS)[1]
+        assert NOW + first <= decision.at <= NOW + top
         assert decision.reason == f"HTTP {status}: nope"
 
 
@@ -57,7 +68,7 @@ def test_the_reason_keeps_the_start_of_the_body():
 
 
 def test_failures_other_than_http():
-    assert after(Failed("connection refused", retryable=True)) == RetryAt(NOW + 0.5, "connection refused")
+    assert after(Failed("connection refused", retryable=True)) == RetryAt(NOW + 1.5, "connection refused")
     assert after(Failed("invalid_auth", retryable=False)) == Dead("invalid_auth")
     assert after(Delivered()) == Done()
 
@@ -109,7 +120,7 @@ def test_retry_after_is_capped_at_max_interval():
 def test_unusable_retry_after_falls_back_to_backoff():
     outcome = classify_http(503, CIMultiDict({"Retry-After": "later"}), NOW)
     assert outcome.retry_after is None
-    assert after(outcome, attempt=3, rand=lambda: 0.5) == RetryAt(NOW + 2.0, "HTTP 503")
+    assert after(outcome, attempt=3, rand=lambda: 0.5) == RetryAt(NOW + 6.0, "HTTP 503")
 
 
 def test_retry_after_does_not_make_a_permanent_error_retryable():
@@ -121,12 +132,39 @@ def test_retry_after_does_not_make_a_permanent_error_retryable():
 # ---------------------------------------------------------------------------- max_age
 
 
-def test_past_max_age_is_dead_with_the_reason():
+def test_the_last_retry_is_clamped_to_the_deadline():
+    """Retries go on until max_age: a backoff that would pass the deadline is cut short to it."""
     policy = RetryPolicy(initial=10.0, max_interval=60.0, max_age=3600.0)
-    created = NOW - 3595.0  # next try would land after max_age
+    created = NOW - 3595.0  # the deadline is 5 s away; the backoff (at least 60 s) would pass it
+    outcome = Failed("HTTP 503", retryable=True, status=503)
+    for rand in (lambda: 0.0, lambda: 0.5, lambda: 1.0):
+        decision = after(outcome, attempt=9, created_at=created, policy=policy, rand=rand)
+        assert decision == RetryAt(created + 3600.0, "HTTP 503")
+
+
+def test_a_backoff_short_of_the_deadline_is_not_clamped():
+    policy = RetryPolicy(initial=10.0, max_interval=60.0, max_age=3600.0)
+    created = NOW - 3000.0  # 600 s left: more than any backoff
+    decision = after(Failed("x", retryable=True), attempt=9, created_at=created, policy=policy, rand=lambda: 0.5)
+    assert decision == RetryAt(NOW + 60.0, "x")  # max_interval, 540 s short of the deadline
+
+
+@pytest.mark.parametrize("late", [0.0, 0.001, 5.0, 86400.0])
+def test_a_failure_at_or_after_the_deadline_is_dead_with_the_reason(late):
+    policy = RetryPolicy(initial=10.0, max_interval=60.0, max_age=3600.0)
+    created = NOW - 3600.0 - late  # the clamped last retry, made at the deadline or later
     decision = after(Failed("HTTP 503", retryable=True, status=503), attempt=9, created_at=created, policy=policy)
-    assert isinstance(decision, Dead)
-    assert "HTTP 503" in decision.reason and "9 attempts" in decision.reason
+    assert decision == Dead("gave up after 9 attempts (max_age 3600s): HTTP 503")
+
+
+def test_a_failure_just_before_the_deadline_retries_at_the_deadline():
+    policy = RetryPolicy(initial=10.0, max_interval=60.0, max_age=3600.0)
+    created = NOW - 3599.9
+    decision = after(Failed("HTTP 500", retryable=True), attempt=40, created_at=created, policy=policy)
+    assert decision == RetryAt(created + 3600.0, "HTTP 500")
+    # and that attempt, failing too, is the last
+    last = after(Failed("HTTP 500", retryable=True), attempt=41, created_at=created, now=decision.at, policy=policy)
+    assert last == Dead("gave up after 41 attempts (max_age 3600s): HTTP 500")
 
 
 def test_retry_after_beyond_max_age_is_dead():
@@ -145,42 +183,52 @@ def test_a_permanent_error_is_dead_at_once_even_when_young():
     assert after(Failed("HTTP 410", retryable=False), attempt=1) == Dead("HTTP 410")
 
 
-# ---------------------------------------------------------------------------- backoff with full jitter
-
-CEILINGS = [
-    (1, 1.0),
-    (2, 2.0),
-    (3, 4.0),
-    (4, 8.0),
-    (10, 512.0),
-    (11, 600.0),
-    (12, 600.0),
-    (100, 600.0),
-    (10_000, 600.0),
-]
+# ---------------------------------------------------------------------------- backoff with jitter
 
 
-@pytest.mark.parametrize(("attempt", "ceiling"), CEILINGS)
-def test_backoff_ceiling_doubles_up_to_max_interval(attempt, ceiling):
-    assert backoff(attempt, POLICY, rand=lambda: 1.0) == ceiling
-    assert backoff(attempt, POLICY, rand=lambda: 0.0) == 0.0
-    assert backoff(attempt, POLICY, rand=lambda: 0.25) == ceiling / 4
+@pytest.mark.parametrize(("attempt", "window"), BACKOFF_WINDOWS)
+def test_backoff_window_doubles_from_initial_up_to_max_interval(attempt, window):
+    base, top = window
+    assert backoff(attempt, POLICY, rand=lambda: 0.0) == base
+    assert backoff(attempt, POLICY, rand=lambda: 1.0) == top
+    assert backoff(attempt, POLICY, rand=lambda: 0.25) == base + (top - base) / 4
+
+
+def test_backoff_is_never_under_initial_nor_over_max_interval():
+    for policy in (POLICY, RetryPolicy(initial=0.05, max_interval=0.2, max_age=3600.0), RetryPolicy(3.0, 3.0, 60.0)):
+        for attempt in (1, 2, 3, 5, 8, 13, 64, 10_000):
+            for rand in (lambda: 0.0, lambda: 0.5, lambda: 1.0, random.random):
+                delay = backoff(attempt, policy, rand=rand)
+                assert policy.initial <= delay <= policy.max_interval, (policy, attempt, delay)
+
+
+def test_backoff_grows_exponentially():
+    """Each window starts where the one before ended, until max_interval: the waits double."""
+    lows = [backoff(n, POLICY, rand=lambda: 0.0) for n in range(1, 11)]
+    highs = [backoff(n, POLICY, rand=lambda: 1.0) for n in range(1, 11)]
+    assert lows == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
+    assert highs[:-1] == lows[1:]
+    assert highs[-1] == POLICY.max_interval
 
 
 def test_backoff_from_the_configured_initial():
     policy = RetryPolicy(initial=0.05, max_interval=0.2, max_age=3600.0)
-    assert [backoff(n, policy, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [0.05, 0.1, 0.2, 0.2]
+    assert [backoff(n, policy, rand=lambda: 0.0) for n in (1, 2, 3, 4)] == [0.05, 0.1, 0.2, 0.2]
+    assert [backoff(n, policy, rand=lambda: 1.0) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.2, 0.2]
 
 
-def test_full_jitter_stays_within_bounds_and_spreads():
+def test_jitter_stays_within_the_window_and_spreads():
     delays = [backoff(5, POLICY) for _ in range(2000)]
-    assert all(0.0 <= d <= 16.0 for d in delays)
-    assert min(delays) < 2.0 and max(delays) > 14.0  # spread over the whole range, not bunched
+    assert all(16.0 <= d <= 32.0 for d in delays)
+    assert min(delays) < 17.0 and max(delays) > 31.0  # spread over the whole window, not bunched
+    first = [backoff(1, POLICY) for _ in range(2000)]
+    assert all(1.0 <= d <= 2.0 for d in first)  # the first retry never comes before `initial`
+    assert min(first) < 1.1 and max(first) > 1.9
 
 
-@pytest.mark.parametrize(("attempt", "ceiling"), CEILINGS)
-def test_decide_schedules_within_the_jitter_window(attempt, ceiling):
+@pytest.mark.parametrize(("attempt", "window"), BACKOFF_WINDOWS)
+def test_decide_schedules_within_the_jitter_window(attempt, window):
     outcome = Failed("HTTP 500", retryable=True, status=500)
     low = after(outcome, attempt=attempt, rand=lambda: 0.0)
     high = after(outcome, attempt=attempt, rand=lambda: 1.0)
-    assert (low.at, high.at) == (NOW, NOW + ceiling)
+    assert (low.at, high.at) == (NOW + window[0], NOW + window[1])

@@ -461,6 +461,48 @@ async def test_abandon_unknown_kills_pending_deliveries_of_removed_destinations(
     assert await store.abandon_unknown(set(), "no destinations at all") == 1  # crm too
 
 
+async def test_expire_kills_deliveries_past_max_age_unless_being_sent(store):
+    retried = await put(store, 1)  # failed once, waiting for its retry
+    sending = await put(store, 2)  # an attempt in flight: its lease runs
+    lapsed = await put(store, 3)  # claimed, but its lease ran out: nobody is sending it
+    delivered = await put(store, 4)
+    never = await put(store, 5)  # never attempted (its destination is down)
+    elsewhere = await put(store, 6, destinations=("other",))
+    (c_retried,) = await claim(store, "a", limit=1)
+    await store.complete([finished(c_retried, RetryAt(time.time() + 60, "HTTP 500"))])
+    (c_sending,) = await claim(store, "a", limit=1, lease=30)
+    (c_lapsed,) = await claim(store, "a", limit=1, lease=0.3)
+    (c_delivered,) = await claim(store, "a", limit=1)
+    await store.complete([finished(c_delivered, Done())])
+    assert [c.event_id for c in (c_retried, c_sending, c_lapsed, c_delivered)] == [retried, sending, lapsed, delivered]
+    assert await store.expire("crm", max_age=0.5) == 0  # none is that old yet
+    await asyncio.sleep(0.7)
+    young = await put(store, 7)
+    assert await store.expire("crm", max_age=3600) == 0
+
+    assert await store.expire("crm", max_age=0.5) == 3
+    rows = {r.event_id: r for r in await store.list_deliveries(DeliveryFilter())}
+    assert {e: (r.status, r.last_error, r.next_at is None) for e, r in rows.items() if r.status == "dead"} == {
+        retried: ("dead", "max_age 0.5s passed after 1 attempts: HTTP 500", True),
+        lapsed: ("dead", "max_age 0.5s passed after 1 attempts", True),
+        never: ("dead", "max_age 0.5s passed after 0 attempts", True),
+    }
+    kept = [rows[e].status for e in (sending, delivered, young, elsewhere)]
+    assert kept == ["pending", "delivered", "pending", "pending"]
+    assert (await store.stats())["crm"].dead == 3
+    assert await store.expire("crm", max_age=0.5) == 0  # once
+    assert [c.event_id for c in await claim(store, "b")] == [young]  # the dead are not handed out
+    # the attempt in flight still has the last word
+    await store.complete([finished(c_sending, Done())])
+    assert [r.status for r in await store.list_deliveries(DeliveryFilter(event_id=sending))] == ["delivered"]
+    # one destination at a time, each with its own max_age
+    assert await store.expire("other", max_age=3600) == 0
+    assert await store.expire("other", max_age=0.5) == 1
+    (other,) = await store.list_deliveries(DeliveryFilter(destination="other"))
+    assert (other.status, other.last_error) == ("dead", "max_age 0.5s passed after 0 attempts")
+    assert len(await store.replay(DeliveryFilter(status="dead"))) == 4  # dead as any other: replayable
+
+
 async def test_replay_can_be_kept_to_the_configured_destinations(store):
     await put(store, 1, destinations=("crm", "gone"))
     assert await store.abandon_unknown({"crm"}, "destination removed") == 1

@@ -217,6 +217,13 @@ class Store(abc.ABC):
         longer has it); how many."""
 
     @abc.abstractmethod
+    async def expire(self, destination: str, *, max_age: float) -> int:
+        """Mark pending deliveries of `destination` stored more than `max_age` seconds ago dead,
+        except those leased right now (an attempt in flight gets its own verdict; a lease that
+        ran out counts as not leased). The reason says so and keeps the last error:
+        `max_age 3s passed after 2 attempts: HTTP 500`. How many."""
+
+    @abc.abstractmethod
     async def order_pending(self, destinations: Collection[str]) -> int:
         """Pending deliveries to these destinations (the ordered ones) queue behind each other
         from now on, also those stored while a destination was not ordered; how many changed."""

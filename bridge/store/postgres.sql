@@ -160,6 +160,23 @@ WHERE id = $1 AND status = 'pending' AND (attempts = $2 OR $3 = 'delivered')
 UPDATE deliveries SET next_at = $3, leased_by = NULL, attempts = attempts - 1
 WHERE id = $1 AND attempts = $2 AND status = 'pending' AND leased_by = $4
 
+-- name: expire
+-- Pending deliveries past max_age that nobody is sending (not leased, or their lease ran out)
+-- are dead; one being sent is left to its attempt's verdict. `attempts` counts claims. Rows
+-- another instance is claiming right now are skipped (they are leased once it commits), and
+-- each locked row is rechecked against its newest version, as in `claim`.
+WITH old AS (
+    SELECT id FROM deliveries
+    WHERE destination = $1 AND status = 'pending' AND created_at < $2
+      AND (leased_by IS NULL OR next_at <= $3)
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries AS d
+SET status = 'dead', next_at = $3, leased_by = NULL, updated_at = $3,
+    last_error = $4::text || d.attempts || ' attempts' || coalesce(': ' || d.last_error, '')
+FROM old
+WHERE d.id = old.id
+
 -- name: lease_owners
 SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL
 

@@ -397,6 +397,16 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
+    async def expire(self, destination: str, *, max_age: float) -> int:
+        now = time.time()
+        params = {
+            "destination": destination,
+            "now": now,
+            "cutoff": now - max_age,
+            "reason": f"max_age {max_age:g}s passed after ",
+        }
+        return await self._run(lambda conn: conn.execute(Q["expire"], params).rowcount)
+
     async def order_pending(self, destinations: Collection[str]) -> int:
         names = sorted(destinations)
         if not names:

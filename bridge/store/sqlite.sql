@@ -111,6 +111,17 @@ ON CONFLICT (delivery_id, number) DO NOTHING
 UPDATE deliveries SET next_at = :now, leased_by = NULL, attempts = attempts - 1
 WHERE id = :id AND attempts = :attempt AND status = 'pending' AND leased_by = :owner
 
+-- name: expire
+-- Pending deliveries past max_age that nobody is sending (not leased, or their lease ran out)
+-- are dead; one being sent is left to its attempt's verdict. `attempts` counts claims. The
+-- index keeps the look to this destination's pending rows (without statistics the planner
+-- would read every pending row of every destination, by `deliveries_status`).
+UPDATE deliveries INDEXED BY deliveries_due
+SET status = 'dead', next_at = :now, leased_by = NULL, updated_at = :now,
+    last_error = :reason || attempts || ' attempts' || COALESCE(': ' || last_error, '')
+WHERE destination = :destination AND status = 'pending' AND created_at < :cutoff
+  AND (leased_by IS NULL OR next_at <= :now)
+
 -- name: lease_owners
 SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL
 
