@@ -16,10 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
-from bridge.store import DeliveryFilter, EventFilter
+from bridge.store import STATUSES, DeliveryFilter, EventFilter
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-STATUSES = ("pending", "delivered", "dead")
 MAX_LIMIT = 1000
 
 
@@ -165,7 +164,7 @@ async def replay_event(request: web.Request) -> web.Response:
 
 
 async def replay_many(request: web.Request) -> web.Response:
-    """Every dead delivery of a destination and/or time range (query or JSON body)."""
+    """Every dead or failed delivery of a destination and/or time range (query or JSON body)."""
     params: dict[str, Any] = dict(request.query)
     if request.can_read_body:
         try:
@@ -245,7 +244,11 @@ def _param(name: str, description: str, schema: dict[str, Any] | None = None, wh
 
 _TIME = {"type": "string", "format": "date-time"}
 _DELIVERY_FILTERS = [
-    _param("status", "pending, delivered or dead", {"type": "string", "enum": list(STATUSES)}),
+    _param(
+        "status",
+        "pending, delivered, dead, or failed (pending after a failed attempt, waiting for its retry)",
+        {"type": "string", "enum": list(STATUSES)},
+    ),
     _param("destination", "destination name"),
     _param("event_id", "evt_..."),
     _param("since", "created at or after", _TIME),

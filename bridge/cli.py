@@ -17,7 +17,7 @@ from typing import Any
 from bridge import __version__, logs
 from bridge.config import Config, defaults, load, parse_duration
 from bridge.errors import BridgeError, ConfigError, PostbackError
-from bridge.store import DeliveryFilter, open_store
+from bridge.store import STATUSES, DeliveryFilter, open_store
 
 
 def _config(path: str | None, *, required: bool = True) -> Config:
@@ -289,7 +289,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         print(f"replayed {len(ids)} deliveries" + (f": {', '.join(map(str, ids))}" if ids else ""))
         if not ids and not args.force:
-            print("(only dead deliveries are replayed; add --force to send delivered ones again)")
+            print("(only dead and failed deliveries are replayed; add --force to send delivered ones again)")
     return 0
 
 
@@ -334,13 +334,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deliveries", help="list deliveries")
     with_filters(p, 100)
-    p.add_argument("--status", choices=["pending", "delivered", "dead"])
+    p.add_argument("--status", choices=STATUSES, help="failed: pending after a failed attempt, waiting for its retry")
     p.set_defaults(func=cmd_deliveries)
 
-    p = sub.add_parser("replay", help="send dead deliveries again (a new attempt series, same event id)")
+    p = sub.add_parser(
+        "replay", help="send dead and failed deliveries again, now (a new attempt series, same event id)"
+    )
     with_filters(p, 1_000_000)
     p.add_argument("ids", nargs="*", type=int, metavar="DELIVERY_ID")
-    p.add_argument("--all", action="store_true", help="every dead delivery (within the other filters)")
+    p.add_argument("--all", action="store_true", help="every dead or failed delivery (within the other filters)")
     p.add_argument("--force", action="store_true", help="also replay delivered ones")
     p.set_defaults(func=cmd_replay)
     return parser

@@ -204,6 +204,34 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
     assert "DESTINATION" in table and "audit" in table
 
 
+async def test_failed_deliveries_are_listed_and_replay_sends_them_now(sink, bridge_factory):
+    """CONTRACT §2: `replay` requeues dead or failed ones; a failed one waits for an hour's backoff
+    here, and the replay sends it at once."""
+    sink.responses = [503]
+    config = config_for(sink.url)
+    config["retry"] = {"initial": "1h", "max_interval": "2h", "max_age": "24h"}
+    bridge = bridge_factory(config)
+    bridge.start()
+    _, stop = await post(bridge.url + "/postback", sms(1, text="STOP"))
+    await sink.wait_for(1)
+
+    async def failed() -> list:
+        _, body = await admin(bridge, "GET", "/admin/deliveries?status=failed")
+        return body["deliveries"]
+
+    await wait_until(failed)
+    (delivery,) = await failed()
+    assert (delivery["event_id"], delivery["status"]) == (stop["id"], "pending") and "503" in delivery["last_error"]
+    listed = json.loads(bridge.cli("deliveries", "-c", str(bridge.config_path), "--status", "failed", "--json").stdout)
+    assert [d["id"] for d in listed] == [delivery["id"]]
+
+    done = bridge.cli("replay", "-c", str(bridge.config_path), "--destination", "crm")
+    assert f"replayed 1 deliveries: {delivery['id']}" in done.stdout
+    (_, again) = await sink.wait_for(2, timeout=15)  # now, not in an hour
+    assert again.json()["id"] == stop["id"]
+    assert await failed() == []
+
+
 async def test_replay_cli_refuses_without_a_selector(bridge_factory, sink):
     bridge = bridge_factory(config_for(sink.url))
     done = bridge.cli("replay", "-c", str(bridge.config_path), check=False)

@@ -436,6 +436,29 @@ async def test_replay_makes_dead_pending_and_delivered_only_with_force(store):
     assert {c.attempt for c in got} == {2}
 
 
+async def test_failed_deliveries_are_listed_and_replayed_now_with_the_dead(store):
+    """CONTRACT §2: `replay` requeues dead or failed ones. Failed: pending after a failed attempt,
+    waiting for its retry; not one being sent, nor one never tried."""
+    failed, dead, sending, fresh = [await put(store, n) for n in range(4)]
+    c_failed, c_dead, c_sending = await claim(store, limit=3)
+    await store.complete([finished(c_failed, RetryAt(time.time() + 3600, "HTTP 503")), finished(c_dead, Dead("no"))])
+    assert [c.event_id for c in (c_failed, c_dead, c_sending)] == [failed, dead, sending]
+    listed = await store.list_deliveries(DeliveryFilter(status="failed"))
+    assert [(r.event_id, r.status, r.last_error) for r in listed] == [(failed, "pending", "HTTP 503")]
+    assert await store.replay(DeliveryFilter(status="failed")) == [c_failed.id]
+    (row,) = await store.list_deliveries(DeliveryFilter(ids=(c_failed.id,)))
+    assert (row.status, row.last_error) == ("pending", None) and row.next_at <= time.time()  # due now, not in 1h
+    assert await store.list_deliveries(DeliveryFilter(status="failed")) == []
+    again = {c.event_id: c for c in await claim(store)}  # the replayed one, and the one never tried
+    assert set(again) == {failed, fresh}
+    await store.complete([finished(again[failed], RetryAt(time.time() + 3600, "HTTP 503"))])  # failed again
+    await store.release([again[fresh]], owner="a")
+    assert await store.replay(DeliveryFilter()) == sorted([c_failed.id, c_dead.id])  # both kinds, by default
+    pending = {r.event_id for r in await store.list_deliveries(DeliveryFilter(status="pending"))}
+    assert pending == {failed, dead, sending, fresh}
+    assert [c.event_id for c in await claim(store)] == [failed, dead, fresh]  # c_sending is still leased
+
+
 async def test_replay_filters(store):
     await put(store, 1, destinations=("crm", "log"))
     await put(store, 2)

@@ -149,9 +149,15 @@ class DestinationStats:
     oldest_pending: float | None = None  # created_at of the oldest undelivered delivery
 
 
+# "failed": pending after a failed attempt, waiting for its retry, and nobody sending it now.
+# `deliveries --status failed` lists them; `replay` requeues them with the dead ones (CONTRACT §2).
+FAILED_SQL = "(status = 'pending' AND last_error IS NOT NULL AND leased_by IS NULL)"
+STATUSES = ("pending", "delivered", "dead", "failed")
+
+
 @dataclass(frozen=True)
 class DeliveryFilter:
-    status: str | None = None
+    status: str | None = None  # pending | delivered | dead, or failed (see FAILED_SQL)
     destination: str | None = None
     event_id: str | None = None
     since: float | None = None

@@ -26,6 +26,7 @@ from bridge.errors import StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
+    FAILED_SQL,
     AttemptResult,
     AttemptRow,
     Claim,
@@ -74,8 +75,9 @@ class _Params:
 
 
 def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
-    clauses = []
-    for column, value in (("status", where.status), ("destination", where.destination), ("event_id", where.event_id)):
+    clauses = [FAILED_SQL] if where.status == "failed" else []
+    status = where.status if where.status != "failed" else None
+    for column, value in (("status", status), ("destination", where.destination), ("event_id", where.event_id)):
         if value is not None:
             clauses.append(f"{column} = {p.add(value)}")
     if where.since is not None:
@@ -258,7 +260,8 @@ class PostgresStore(Store):
     async def replay(self, where: DeliveryFilter, *, force: bool = False) -> list[int]:
         p = _Params()
         clauses = _delivery_where(where, p)
-        clauses.append(f"status = ANY({p.add(['dead', 'delivered'] if force else ['dead'])}::text[])")
+        statuses = p.add(["dead", "delivered"] if force else ["dead"])
+        clauses.append(f"(status = ANY({statuses}::text[]) OR {FAILED_SQL})")
         now = p.add(time.time())
         # a new attempt series: due now, and max_age counts from the replay
         query = (

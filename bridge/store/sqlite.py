@@ -26,6 +26,7 @@ from bridge.errors import StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
+    FAILED_SQL,
     AttemptResult,
     AttemptRow,
     Claim,
@@ -314,8 +315,10 @@ class SQLiteStore(Store):
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
         clauses, params = [], []
+        if where.status == "failed":
+            clauses.append(FAILED_SQL)
         for column, value in (
-            ("status", where.status),
+            ("status", where.status if where.status != "failed" else None),
             ("destination", where.destination),
             ("event_id", where.event_id),
         ):
@@ -371,7 +374,7 @@ class SQLiteStore(Store):
                 row[0]
                 for row in conn.execute(
                     f"SELECT id FROM deliveries{sql}{' AND' if sql else ' WHERE'}"
-                    f" status IN ({_marks(statuses)}) ORDER BY id LIMIT ?",
+                    f" (status IN ({_marks(statuses)}) OR {FAILED_SQL}) ORDER BY id LIMIT ?",
                     [*params, *statuses, where.limit],
                 ).fetchall()
             ]
