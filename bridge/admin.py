@@ -114,6 +114,13 @@ async def list_deliveries(request: web.Request) -> web.Response:
     return web.json_response({"deliveries": [r.as_json() for r in rows]})
 
 
+async def list_dead_letters(request: web.Request) -> web.Response:
+    """The dead-letter list: dead deliveries, newest first (the other filters apply)."""
+    where = replace(delivery_filter(request.query), status="dead")
+    rows = await _runtime(request).store.list_deliveries(where)
+    return web.json_response({"deliveries": [r.as_json() for r in rows]})
+
+
 async def get_delivery(request: web.Request) -> web.Response:
     store = _runtime(request).store
     delivery_id = _int(request.match_info["delivery_id"])
@@ -233,6 +240,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/deliveries", guarded(list_deliveries))
     r.add_get("/admin/deliveries/{delivery_id}", guarded(get_delivery))
     r.add_post("/admin/deliveries/{delivery_id}/replay", guarded(replay_delivery))
+    r.add_get("/admin/dead-letters", guarded(list_dead_letters))
     r.add_post("/admin/replay", guarded(replay_many))
     r.add_post("/admin/reload", guarded(reload))
 
@@ -303,7 +311,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/admin/events/{event_id}/replay": {
             "post": {
-                "summary": "Replay the dead deliveries of one event (same event id)",
+                "summary": "Replay the dead and failed deliveries of one event (same event id)",
                 "parameters": [_param("event_id", "evt_...", where="path"), _FORCE],
                 "responses": {"200": _REPLAYED, "401": _ERROR, "404": _ERROR, "409": _ERROR},
             }
@@ -312,6 +320,13 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "List deliveries, newest first",
                 "parameters": _DELIVERY_FILTERS,
+                "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
+            }
+        },
+        "/admin/dead-letters": {
+            "get": {
+                "summary": "The dead-letter list: dead deliveries, newest first",
+                "parameters": [p for p in _DELIVERY_FILTERS if p["name"] != "status"],
                 "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
             }
         },
@@ -331,7 +346,7 @@ OPENAPI: dict[str, Any] = {
         },
         "/admin/replay": {
             "post": {
-                "summary": "Replay every dead delivery of a destination and/or time range",
+                "summary": "Replay every dead and failed delivery of a destination and/or time range",
                 "parameters": [p for p in _DELIVERY_FILTERS if p["name"] != "status"] + [_FORCE],
                 "responses": {"200": _REPLAYED, "400": _ERROR, "401": _ERROR},
             }

@@ -95,7 +95,8 @@ async def test_admin_needs_the_bearer_token(sink, bridge_factory):
     status, body = await admin(bridge, "GET", "/admin/deliveries")
     assert status == 200 and body == {"deliveries": []}
     status, spec = await admin(bridge, "GET", "/admin/openapi.json")
-    assert status == 200 and "/admin/replay" in spec["paths"]
+    assert status == 200 and "/admin/replay" in spec["paths"] and "/admin/dead-letters" in spec["paths"]
+    assert (await admin(bridge, "GET", "/admin/dead-letters", token=None))[0] == 401
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -161,6 +162,10 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
         return len(body["deliveries"]) == 2
 
     await wait_until(both_dead)
+    status, body = await admin(bridge, "GET", "/admin/dead-letters")
+    assert status == 200 and {d["event_id"] for d in body["deliveries"]} == {stop["id"], hello["id"]}
+    status, body = await admin(bridge, "GET", "/admin/dead-letters?destination=crm&status=pending")  # dead only
+    assert [(d["event_id"], d["status"]) for d in body["deliveries"]] == [(stop["id"], "dead")]
     status, body = await admin(bridge, "GET", "/admin/events?keyword=stop")
     assert [e["id"] for e in body["events"]] == [stop["id"]]
     status, body = await admin(bridge, "GET", "/admin/events?type=sms.received&from=%2B15552312102")
