@@ -450,6 +450,14 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
     return answer(result.status, result.event_id)
 
 
+async def not_found(request: web.Request) -> web.Response:
+    return error(404, "not found")
+
+
+async def post_only(request: web.Request) -> web.Response:
+    return error(405, "method not allowed: postbacks are POSTed", Allow="POST")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -522,6 +530,11 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)
     app.router.add_post("/{token}", postback)
+    # another method on the postback path is a 405; on a path that is not ours, a 404 (the
+    # catch-all `/{token}` would otherwise make every unknown path a 405)
+    app.router.add_route("*", path, post_only)
+    app.router.add_route("*", path + "/{token}", post_only)
+    app.router.add_route("*", "/{token}", not_found)
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_delivery_ctx)
     app.cleanup_ctx.append(_retention_ctx)

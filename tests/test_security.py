@@ -153,6 +153,20 @@ async def test_token_path_without_a_token_configured_is_not_found(make_client):
     assert response.status == 404
 
 
+@pytest.mark.parametrize("token", [None, "s3cret-token-1234567890"])
+async def test_a_path_that_is_not_ours_is_404_for_any_method(make_client, token):
+    client = await make_client({"auth": {"token": token}} if token else None)
+    for method in ("GET", "PUT", "DELETE", "HEAD"):
+        response = await client.request(method, "/nope")
+        assert response.status == 404, method
+        if method != "HEAD":
+            assert await response.json() == {"error": "not found"}
+    for path in ("/postback", "/postback/abc"):  # ours, but only for POST
+        response = await client.get(path)
+        assert (response.status, response.headers["Allow"]) == (405, "POST")
+    assert (await client.get("/healthz")).status == 200
+
+
 async def test_unauthenticated_body_is_never_read(make_client):
     """Auth comes first: a stranger's oversized body is answered 401, not 413."""
     client = await make_client({"auth": {"token": TOKEN}, "max_body_bytes": 1024})
