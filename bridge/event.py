@@ -104,8 +104,9 @@ def _keyword(fields: Fields, text: str | None) -> str | None:
 def normalize(fields: Fields, *, event_id: str, received_at: datetime, carriers: Carriers) -> Event:
     origin = _stripped(fields, "ORIGIN") or ""
     code = _stripped(fields, "CODE")
-    if origin.upper() in ("SUB", "EMAIL_SUB"):
-        sender, recipient = _stripped(fields, "MOBILE"), _stripped(fields, "SHORTCODE")
+    if origin.upper() in ("SUB", "EMAIL_SUB"):  # MOBILE and SHORTCODE; FROM and TO if that is all they carry
+        sender = _stripped(fields, "MOBILE") or _stripped(fields, "FROM")
+        recipient = _stripped(fields, "SHORTCODE") or _stripped(fields, "TO")
     else:
         sender, recipient = _stripped(fields, "FROM"), _stripped(fields, "TO")
     text = text_of(fields.get("TEXT"))

@@ -152,6 +152,12 @@ def test_email_sub_takes_mobile_and_shortcode_too():
     assert (event["type"], event["from"], event["to"]) == ("email_subscriber.opted_in", "+16501112222", "74700")
 
 
+@pytest.mark.parametrize("origin", ["SUB", "EMAIL_SUB"])
+def test_an_opt_in_with_only_from_and_to_keeps_them(origin):
+    event = event_of(postback(ORIGIN=origin, CODE="N301", FROM="16501112222", TO="74700"))
+    assert (event["from"], event["to"]) == ("+16501112222", "74700")
+
+
 def test_mt_from_is_the_short_code_and_to_the_phone():
     event = event_of((POSTBACKS / "sms_mt_n202_delivered.xml").read_bytes())
     assert (event["from"], event["to"]) == ("60856", "+16503333058")
