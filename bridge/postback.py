@@ -7,8 +7,7 @@ with the 2014 `<NOTIFICATION>` wrapper removed, so later steps never see the sha
 
 from __future__ import annotations
 
-from email import policy
-from email.parser import BytesParser
+import re
 from typing import Any
 from urllib.parse import parse_qs
 from xml.parsers import expat
@@ -19,6 +18,7 @@ Fields = dict[str, Any]
 
 MAX_DEPTH = 16
 _BOM = "\ufeff"
+_MULTIPART = "multipart/form-data"
 
 
 class _DTDRefusedError(Exception):
@@ -98,25 +98,48 @@ def extract_xml(body: bytes, content_type: str = "") -> str:
         raise PostbackError(f"body is not valid UTF-8 (byte {exc.start})") from None
     text = text.removeprefix(_BOM).lstrip()
     if not text.startswith("<"):
-        if content_type.lower().lstrip().startswith("multipart/form-data"):
-            return _xml_from_multipart(body, content_type)
-        text = _xml_from_form(text, content_type)
+        xml = _xml_from_multipart(body, content_type) if _MULTIPART in content_type.lower() else None
+        text = xml if xml is not None else _xml_from_form(text, content_type)
     return text
 
 
-def _xml_from_multipart(body: bytes, content_type: str) -> str:
-    """The `xml` field of a multipart form (`curl -F xml=<postback.xml`), as a value or a file."""
-    message = BytesParser(policy=policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart() or message.defects:
-        raise PostbackError("malformed multipart form body")
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") != "xml":
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,70})"|([^";\s]{1,70}))', re.IGNORECASE)
+_FIELD_NAME = re.compile(rb'(?:^|;)\s*name\s*=\s*(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+
+
+def _xml_from_multipart(body: bytes, content_type: str) -> str | None:
+    """The `xml` field of a multipart form (`curl -F xml=<postback.xml`, as a value or a file);
+    None when the body is not multipart after all (then it is read as any other). One linear
+    pass over flat `form-data` parts: no nesting, no transfer encodings, as forms are sent."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        raise PostbackError("multipart form without a boundary in its Content-Type")
+    try:
+        delimiter = b"--" + (found.group(1) or found.group(2)).encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        raise PostbackError("multipart form with an unreadable boundary in its Content-Type") from None
+    if not body.startswith(delimiter) and b"\r\n" + delimiter not in body:
+        return None
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, separator, content = part.partition(b"\r\n\r\n")
+        if not separator:
+            raise PostbackError("malformed multipart form body: a part without a blank line after its headers")
+        disposition = next(
+            (
+                line.partition(b":")[2]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-disposition:")
+            ),
+            b"",
+        )
+        name = _FIELD_NAME.search(disposition)
+        if name is None or (name.group(1) if name.group(1) is not None else name.group(2)) != b"xml":
             continue
-        payload = part.get_payload(decode=True) or b""
+        content = content.removesuffix(b"\r\n")
         try:
-            xml = payload.decode("utf-8").removeprefix(_BOM).lstrip()
+            xml = content.decode("utf-8").removeprefix(_BOM).lstrip()
         except UnicodeDecodeError as exc:
             raise PostbackError(f"form field 'xml' is not valid UTF-8 (byte {exc.start})") from None
         if xml.startswith("<"):

@@ -43,6 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Skycore gives up on an answer after 10 s; a store slower than this gets a 503 (it may still
 # commit: Skycore's retry is then answered "duplicate", and the event is delivered once)
 STORE_PATIENCE = 8.0
+OTHER_BODY_BYTES = 64 * 1024  # the most any other request may send (admin JSON bodies)
 
 
 class Patience:
@@ -517,7 +518,9 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     runtime = Runtime(config=config, carriers=Carriers(config.carriers))
     app = web.Application(
         middlewares=[never_500],
-        client_max_size=config.server.max_body_bytes,
+        # postbacks keep to max_body_bytes themselves (read_body); this is aiohttp's limit for the
+        # rest, such as an admin replay's JSON body, which a tiny max_body_bytes must not refuse
+        client_max_size=max(config.server.max_body_bytes, OTHER_BODY_BYTES),
         # a connection that has not finished its request headers by then is closed (slowloris)
         handler_args={"keepalive_timeout": config.server.client_timeout},
     )

@@ -104,13 +104,39 @@ def test_a_multipart_form_field_xml_gives_the_same_fields(body):
     [
         pytest.param(multipart(("account", "42", None)), MULTIPART, "no field named 'xml'", id="no-xml-field"),
         pytest.param(multipart(("xml", "hello", None)), MULTIPART, "does not hold XML", id="xml-not-xml"),
-        pytest.param(b"--nope\r\nhello", MULTIPART, "malformed multipart", id="garbage"),
-        pytest.param(multipart(("xml", SMS, None)), "multipart/form-data", "malformed multipart", id="no-boundary"),
+        pytest.param(b"--nope\r\nhello", MULTIPART, "body is text, not XML", id="not-multipart-after-all"),
+        pytest.param(multipart(("xml", SMS, None)), "multipart/form-data", "without a boundary", id="no-boundary"),
+        pytest.param(
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=xml\r\n".encode(),
+            MULTIPART,
+            "without a blank line",
+            id="part-without-body",
+        ),
+        pytest.param(
+            # parts nested 1,000 deep (a form's parts are flat: never followed, never recursed into)
+            f"--{BOUNDARY}\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n".encode()
+            + b"".join(
+                b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1) for i in range(1000)
+            )
+            + f"\r\n--{BOUNDARY}--\r\n".encode(),
+            MULTIPART,
+            "no field named 'xml'",
+            id="nested-1000-deep",
+        ),
     ],
 )
 def test_a_bad_multipart_form_is_refused_with_a_reason(body, content_type, message):
     with pytest.raises(PostbackError, match=message):
         parse(body, content_type)
+
+
+def test_a_form_labelled_multipart_that_is_urlencoded_is_still_read():
+    assert parse(urlencode({"xml": SMS}).encode(), MULTIPART) == SMS_FIELDS
+
+
+def test_a_multipart_form_of_many_small_parts_finds_its_xml_field():
+    body = multipart(*[(f"f{n}", "x", None) for n in range(1000)], ("xml", SMS, None))
+    assert parse(body, MULTIPART) == SMS_FIELDS
 
 
 def test_the_wrapper_gives_the_same_fields_as_the_plain_shape():

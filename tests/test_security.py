@@ -167,6 +167,28 @@ async def test_a_path_that_is_not_ours_is_404_for_any_method(make_client, token)
     assert (await client.get("/healthz")).status == 200
 
 
+async def test_a_multipart_boundary_that_is_not_latin_1_is_a_400(make_client):
+    client = await make_client()
+    body = (
+        b'--a\xe2\x82\xac\r\nContent-Disposition: form-data; name="xml"\r\n\r\n' + sms(1) + b"\r\n--a\xe2\x82\xac--\r\n"
+    )
+    head = b"POST /postback HTTP/1.1\r\nHost: b\r\nConnection: close\r\n"
+    head += b"Content-Type: multipart/form-data; boundary=a\xe2\x82\xac\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with connection(client) as (reader, writer):
+        writer.write(head + body)
+        await writer.drain()
+        status, _, answer = await read_response(reader)
+    assert status == 200, answer  # the boundary is the bytes sent (it was a 503: a latin-1 encode failed)
+
+
+async def test_a_small_max_body_bytes_limits_postbacks_only(make_client):
+    client = await make_client({"max_body_bytes": 40, "admin_token": "adm"})
+    assert (await client.post("/postback", data=sms(1))).status == 413
+    replay = {"destination": "audit", "since": "2024-01-01T00:00:00Z"}  # 57 bytes as JSON
+    response = await client.post("/admin/replay", json=replay, headers={"Authorization": "Bearer adm"})
+    assert (response.status, await response.json()) == (200, {"replayed": []})
+
+
 async def test_unauthenticated_body_is_never_read(make_client):
     """Auth comes first: a stranger's oversized body is answered 401, not 413."""
     client = await make_client({"auth": {"token": TOKEN}, "max_body_bytes": 1024})
