@@ -43,6 +43,12 @@ EXPIRE_EVERY_MIN = 1.0
 EXPIRE_EVERY_MAX = 60.0
 
 
+def expire_grace(max_age: float) -> float:
+    """How long a delivery due at its deadline (its last retry) is left for the worker to claim
+    before the check may mark it dead unattempted."""
+    return min(1.0, max_age / 10)
+
+
 def expire_every(max_age: float) -> float:
     """Seconds between two checks for deliveries past `max_age`."""
     return min(EXPIRE_EVERY_MAX, max(EXPIRE_EVERY_MIN, max_age / 100))
@@ -248,7 +254,7 @@ class Dispatcher:
                 max_age = destination.retry.max_age
                 due[name] = time.monotonic() + expire_every(max_age)
                 try:
-                    count = await self.store.expire(name, max_age=max_age)
+                    count = await self.store.expire(name, max_age=max_age, grace=expire_grace(max_age))
                 except Exception as exc:  # the store (StoreError) or a bug: the check must not die
                     log.warning(
                         "cannot mark deliveries past max_age dead", extra={"destination": name, "error": str(exc)}

@@ -526,6 +526,18 @@ async def test_expire_kills_deliveries_past_max_age_unless_being_sent(store):
     assert len(await store.replay(DeliveryFilter(status="dead"))) == 4  # dead as any other: replayable
 
 
+async def test_expire_leaves_a_last_retry_due_at_the_deadline_to_its_worker(store):
+    last = await put(store, 1)
+    (c,) = await claim(store)
+    await asyncio.sleep(0.3)
+    deadline = time.time()  # max_age 0.3s: the last retry is cut to the deadline, due now
+    await store.complete([finished(c, RetryAt(deadline, "HTTP 500"))])
+    assert await store.expire("crm", max_age=0.3, grace=5) == 0  # due less than 5 s ago: the worker's
+    assert [c.event_id for c in await claim(store)] == [last]
+    (c,) = await store.list_deliveries(DeliveryFilter())
+    assert c.status == "pending"
+
+
 async def test_replay_can_be_kept_to_the_configured_destinations(store):
     await put(store, 1, destinations=("crm", "gone"))
     assert await store.abandon_unknown({"crm"}, "destination removed") == 1

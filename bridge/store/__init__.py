@@ -223,11 +223,13 @@ class Store(abc.ABC):
         longer has it); how many."""
 
     @abc.abstractmethod
-    async def expire(self, destination: str, *, max_age: float) -> int:
+    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
         """Mark pending deliveries of `destination` stored more than `max_age` seconds ago dead,
         except those leased right now (an attempt in flight gets its own verdict; a lease that
-        ran out counts as not leased). The reason says so and keeps the last error:
-        `max_age 3s passed after 2 attempts: HTTP 500`. How many."""
+        ran out counts as not leased) and those due less than `grace` seconds ago (the last
+        retry is due at the deadline itself: the worker gets that long to make it). The reason
+        says so and keeps the last error: `max_age 3s passed after 2 attempts: HTTP 500`. How
+        many."""
 
     @abc.abstractmethod
     async def order_pending(self, destinations: Collection[str]) -> int:

@@ -279,10 +279,10 @@ class PostgresStore(Store):
             status = await conn.execute(Q["abandon_unknown"], reason, time.time(), sorted(keep))
         return _updated(status)
 
-    async def expire(self, destination: str, *, max_age: float) -> int:
+    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
         now, reason = time.time(), f"max_age {max_age:g}s passed after "
         async with self._tx() as conn:
-            status = await conn.execute(Q["expire"], destination, now - max_age, now, reason)
+            status = await conn.execute(Q["expire"], destination, now - max_age, now, reason, now - grace)
         return _updated(status)
 
     async def order_pending(self, destinations: Collection[str]) -> int:

@@ -400,11 +400,12 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def expire(self, destination: str, *, max_age: float) -> int:
+    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
         now = time.time()
         params = {
             "destination": destination,
             "now": now,
+            "settled": now - grace,
             "cutoff": now - max_age,
             "reason": f"max_age {max_age:g}s passed after ",
         }

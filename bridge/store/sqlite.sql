@@ -113,14 +113,15 @@ WHERE id = :id AND attempts = :attempt AND status = 'pending' AND leased_by = :o
 
 -- name: expire
 -- Pending deliveries past max_age that nobody is sending (not leased, or their lease ran out)
--- are dead; one being sent is left to its attempt's verdict. `attempts` counts claims. The
+-- are dead; one being sent is left to its attempt's verdict, and one due within the grace
+-- (:settled = now - grace) to its worker: a last retry is due at the deadline itself. `attempts` counts claims. The
 -- index keeps the look to this destination's pending rows (without statistics the planner
 -- would read every pending row of every destination, by `deliveries_status`).
 UPDATE deliveries INDEXED BY deliveries_due
 SET status = 'dead', next_at = :now, leased_by = NULL, updated_at = :now,
     last_error = :reason || attempts || ' attempts' || COALESCE(': ' || last_error, '')
 WHERE destination = :destination AND status = 'pending' AND created_at < :cutoff
-  AND (leased_by IS NULL OR next_at <= :now)
+  AND (leased_by IS NULL OR next_at <= :now) AND (next_at <= :settled OR next_at > :now)
 
 -- name: lease_owners
 SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL
