@@ -397,21 +397,11 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
     decision = route(event, config.routes, config.default)
     for name in decision.routes or (("default",) if decision.defaulted else ()):
         metrics.route(name)
-    if decision.dropped:
-        if not decision.routes:
-            metrics.unmatched.inc()
-        metrics.postback(origin, "dropped", "")
-        log.info(
-            "event dropped",
-            extra={
-                "event_id": event["id"],
-                "type": event["type"],
-                "routes": list(decision.routes),
-                "why": "to: []" if decision.routes else "no route matched and no default",
-            },
-        )
-        return answer("accepted", event["id"])
+    if decision.dropped and not decision.routes:
+        metrics.unmatched.inc()
 
+    # A dropped event is stored too, with no deliveries: a 200 means stored (CONTRACT §4), and
+    # Skycore's retry of it is then a "duplicate" with the same id.
     store = runtime.store
     assert store is not None
     conversation = conversation_key(event)
@@ -431,6 +421,19 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
     finally:
         patience.stop(task)
+    if decision.dropped:
+        metrics.postback(origin, "dropped" if result.status == "accepted" else result.status, "")
+        log.info(
+            "event dropped",
+            extra={
+                "event_id": result.event_id,
+                "type": event["type"],
+                "routes": list(decision.routes),
+                "why": "to: []" if decision.routes else "no route matched and no default",
+                "duplicate": result.status == "duplicate",
+            },
+        )
+        return answer(result.status, result.event_id)
     metrics.postback(origin, result.status, "")
     logs.hot(
         log,
@@ -597,8 +600,9 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def purge_once(runtime: Runtime, batch: int = 500) -> int:
-    """Delete finished deliveries past retention (and events left without any), a batch at a
-    time so postbacks never wait long behind it. Returns how many deliveries went."""
+    """Delete finished deliveries past retention (and events left without any) and dropped
+    events past `retention.delivered`, a batch at a time so postbacks never wait long behind
+    it. Returns the sum of what `Store.purge` counted (deliveries, or dropped events where more)."""
     assert runtime.store is not None
     total = 0
     while True:
@@ -615,5 +619,5 @@ async def purge_once(runtime: Runtime, batch: int = 500) -> int:
             break
         await asyncio.sleep(0.05)  # let postbacks through between batches
     if total:
-        log.info("retention purge", extra={"deliveries": total})
+        log.info("retention purge", extra={"purged": total})
     return total

@@ -420,22 +420,42 @@ async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sin
     assert done.returncode == 2 and "not in" in done.stderr
 
 
-async def test_unmatched_and_dropped_events_are_counted_not_stored(tmp_path: Path, aiohttp_client):
+@pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+async def test_dropped_events_are_counted_and_stored_without_deliveries(store, tmp_path: Path, aiohttp_client):
+    """Unmatched with no default, or `to: []`: counted, stored with no delivery (a 200 means
+    stored), and Skycore's retry of one is a duplicate with the same id; retention purges them."""
     raw = {
-        "store": f"sqlite:///{tmp_path / 'b.db'}",
+        "store": store,
+        "retention": {"delivered": "1s", "dead": "1h"},
         "destinations": {"audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")}},
         "routes": [{"name": "quiet", "match": {"keyword": "QUIET"}, "to": []}],
     }
     app = create_app(build(raw, environ={}))
     client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    first = {}
     for n, text in enumerate(["hello", "quiet please"]):
         response = await client.post("/postback", data=sms(n, text=text))
-        assert response.status == 200 and (await response.json())["status"] == "accepted"
+        body = await response.json()
+        assert response.status == 200 and body["status"] == "accepted"
+        first[n] = body["id"]
+    for n, text in enumerate(["hello", "quiet please"]):  # Skycore's retries
+        response = await client.post("/postback", data=sms(n, text=text))
+        assert await response.json() == {"status": "duplicate", "id": first[n]}
     m = samples(await (await client.get("/metrics")).text())
-    assert m[("bridge_events_unmatched_total", ())] == 1  # "hello": no route, no default
-    assert m[("bridge_events_routed_total", (("route", "quiet"),))] == 1  # dropped on purpose
+    assert m[("bridge_events_unmatched_total", ())] == 2  # "hello" twice: no route, no default
+    assert m[("bridge_events_routed_total", (("route", "quiet"),))] == 2  # dropped on purpose
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "dropped"), ("reason", "")))] == 2
-    assert await app[RUNTIME].store.list_events(_all()) == []
+    assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "duplicate"), ("reason", "")))] == 2
+    assert {e["id"] for e in await runtime.store.list_events(_all())} == set(first.values())
+    for event_id in first.values():
+        assert await runtime.store.event_deliveries(event_id) == []
+    assert not (tmp_path / "audit.jsonl").exists() or (tmp_path / "audit.jsonl").read_text() == ""
+
+    await asyncio.sleep(1.2)
+    later = await (await client.post("/postback", data=sms(9, text="hello"))).json()
+    assert await purge_once(runtime) == 2  # the two dropped ones, not the fresh one
+    assert [e["id"] for e in await runtime.store.list_events(_all())] == [later["id"]]
 
 
 async def test_a_good_reload_is_counted_with_its_time(sink, bridge_factory):

@@ -249,7 +249,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int = 500) -> int:
         """Delete one batch of finished deliveries older than the cut-offs, their attempts, and
-        events left with no delivery; the number of deliveries deleted (0: nothing left)."""
+        events left with no delivery; and one batch of dropped events (no route sent them
+        anywhere) older than `delivered_before`. Returns the larger of the two counts: under
+        `batch` means nothing is left."""
 
 
 def open_store(url: str) -> Store:

@@ -182,6 +182,8 @@ class PostgresStore(Store):
                     [d.ordered for d in deliveries],
                     now,
                 )
+            else:  # dropped: kept for its dedup key and id
+                await conn.execute(Q["insert_dropped"], event["id"], now)
         return Ingested("accepted", event["id"])
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
@@ -335,5 +337,8 @@ class PostgresStore(Store):
             rows = await conn.fetch(Q["purge_deliveries"], delivered_before, dead_before, batch)
             if rows:
                 await conn.execute(Q["purge_attempts"], [row[0] for row in rows])
-                await conn.execute(Q["purge_events"], list({row[1] for row in rows}))
-        return len(rows)
+            dropped = [row[0] for row in await conn.fetch(Q["purge_dropped"], delivered_before, batch)]
+            events = {row[1] for row in rows} | set(dropped)
+            if events:
+                await conn.execute(Q["purge_events"], list(events))
+        return max(len(rows), len(dropped))

@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     value text NOT NULL,
     PRIMARY KEY (destination, key)
 );
+CREATE TABLE IF NOT EXISTS dropped (        -- events no route sends anywhere (`to: []`, no default):
+    event_id text PRIMARY KEY,              -- stored for their dedup key and id (a retry is a
+    received_at double precision NOT NULL   -- duplicate), purged like delivered deliveries
+);
+CREATE INDEX IF NOT EXISTS dropped_received ON dropped (received_at);
 CREATE TABLE IF NOT EXISTS meta (
     key text PRIMARY KEY,
     value text NOT NULL
@@ -226,6 +231,16 @@ DELETE FROM deliveries WHERE id IN (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, event_id
+
+-- name: insert_dropped
+INSERT INTO dropped (event_id, received_at) VALUES ($1, $2)
+
+-- name: purge_dropped
+DELETE FROM dropped WHERE event_id IN (
+    SELECT event_id FROM dropped WHERE received_at < $1 ORDER BY received_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING event_id
 
 -- name: purge_attempts
 DELETE FROM attempts WHERE delivery_id = ANY($1::bigint[])

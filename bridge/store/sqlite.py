@@ -188,16 +188,20 @@ def _ingest_all(
     else:  # some were duplicates (of a stored event, or of one earlier in this batch)
         keys = list({i.dedup_key for i, _ in ingests})
         owner = dict(conn.execute(f"SELECT dedup_key, id FROM events WHERE dedup_key IN ({_marks(keys)})", keys))
-    rows, results = [], []
+    rows, dropped, results = [], [], []
     for item, future in ingests:
         stored_id = owner[item.dedup_key]
         if stored_id == item.event_id:
             eid, at = item.event_id, item.received_at
             rows.extend((eid, d.destination, d.route, d.conversation, d.ordered, at, at, at) for d in item.deliveries)
+            if not item.deliveries:
+                dropped.append((eid, at))
             results.append((future, Ingested("accepted", item.event_id), None))
         else:
             results.append((future, Ingested("duplicate", stored_id), None))
     conn.executemany(Q["insert_delivery"], rows)
+    if dropped:
+        conn.executemany(Q["insert_dropped"], dropped)
     return results
 
 
@@ -473,10 +477,12 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> int:
             rows = conn.execute(Q["purge_deliveries"], params).fetchall()
             conn.executemany(Q["purge_attempts"], [(row[0],) for row in rows])
-            conn.executemany(Q["purge_event"], [(e, e) for e in {row[1] for row in rows}])
-            if rows:
+            dropped = [row[0] for row in conn.execute(Q["purge_dropped"], params).fetchall()]
+            events = {row[1] for row in rows} | set(dropped)
+            conn.executemany(Q["purge_event"], [(e, e) for e in events])
+            if events:
                 conn.execute("PRAGMA incremental_vacuum(256)")
-            return len(rows)
+            return max(len(rows), len(dropped))
 
         return await self._run(op)
 

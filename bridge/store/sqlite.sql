@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS conversations (
     value TEXT NOT NULL,
     PRIMARY KEY (destination, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dropped (        -- events no route sends anywhere (`to: []`, no default):
+    event_id TEXT PRIMARY KEY,              -- stored for their dedup key and id (a retry is a
+    received_at REAL NOT NULL               -- duplicate), purged like delivered deliveries
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dropped_received ON dropped (received_at);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -162,6 +167,15 @@ DELETE FROM deliveries WHERE id IN (
     LIMIT :batch
 )
 RETURNING id, event_id
+
+-- name: insert_dropped
+INSERT INTO dropped (event_id, received_at) VALUES (?, ?)
+
+-- name: purge_dropped
+DELETE FROM dropped WHERE event_id IN (
+    SELECT event_id FROM dropped WHERE received_at < :delivered_before ORDER BY received_at LIMIT :batch
+)
+RETURNING event_id
 
 -- name: purge_attempts
 DELETE FROM attempts WHERE delivery_id = ?
