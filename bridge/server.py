@@ -458,8 +458,11 @@ async def not_found(request: web.Request) -> web.Response:
     return error(404, "not found")
 
 
-async def post_only(request: web.Request) -> web.Response:
-    return error(405, "method not allowed: postbacks are POSTed", Allow="POST")
+def _other_methods(allow: str) -> Handler:
+    async def not_allowed(request: web.Request) -> web.Response:
+        return error(405, f"method not allowed: use {allow}", Allow=allow)
+
+    return not_allowed
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -535,11 +538,13 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     admin.add_routes(app)
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)
+    # Another method on one of our paths is a 405 naming the allowed ones; any method on a path
+    # that is not ours is a 404. (Without the first, the catch-all `/{token}` below would take
+    # PUT /healthz; without the second, it would make every unknown path a 405.)
+    for resource in app.router.resources():
+        methods = sorted({route.method for route in resource})
+        resource.add_route("*", _other_methods(", ".join(methods)))
     app.router.add_post("/{token}", postback)
-    # another method on the postback path is a 405; on a path that is not ours, a 404 (the
-    # catch-all `/{token}` would otherwise make every unknown path a 405)
-    app.router.add_route("*", path, post_only)
-    app.router.add_route("*", path + "/{token}", post_only)
     app.router.add_route("*", "/{token}", not_found)
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_delivery_ctx)

@@ -161,9 +161,15 @@ async def test_a_path_that_is_not_ours_is_404_for_any_method(make_client, token)
         assert response.status == 404, method
         if method != "HEAD":
             assert await response.json() == {"error": "not found"}
-    for path in ("/postback", "/postback/abc"):  # ours, but only for POST
-        response = await client.get(path)
-        assert (response.status, response.headers["Allow"]) == (405, "POST")
+    for method, path, allow in [
+        ("GET", "/postback", "POST"),  # ours, but only for POST
+        ("GET", "/postback/abc", "POST"),
+        ("PUT", "/healthz", "GET, HEAD"),
+        ("DELETE", "/metrics", "GET, HEAD"),
+        ("PATCH", "/admin/replay", "POST"),
+    ]:
+        response = await client.request(method, path)
+        assert (response.status, response.headers["Allow"]) == (405, allow), (method, path)
     assert (await client.get("/healthz")).status == 200
 
 
