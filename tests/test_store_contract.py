@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -326,6 +327,18 @@ async def test_a_store_from_before_ordered_deliveries_is_upgraded_and_keeps_its_
     again = open_store(store_url)  # and opening it once more changes nothing
     await again.open()
     await again.close()
+
+
+async def test_a_sqlite_store_in_a_directory_not_made_yet_makes_it_private(tmp_path):
+    path = tmp_path / "var" / "lib" / "postback-bridge" / "bridge.db"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 async def test_an_old_sqlite_store_opened_by_several_at_once_is_upgraded_once(tmp_path):

@@ -65,7 +65,10 @@ class _Writer(threading.Thread):
 
     def connect(self) -> sqlite3.Connection:
         if not os.path.exists(self.path):
-            # created 0600 before SQLite touches it; the -wal and -shm files inherit the mode
+            # its directory too if need be (0700), as `sqlite:////var/lib/postback-bridge/bridge.db`
+            # on a fresh machine; the file is created 0600 before SQLite touches it, and the -wal
+            # and -shm files inherit the mode
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
