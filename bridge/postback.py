@@ -98,7 +98,8 @@ def extract_xml(body: bytes, content_type: str = "") -> str:
         raise PostbackError(f"body is not valid UTF-8 (byte {exc.start})") from None
     text = text.removeprefix(_BOM).lstrip()
     if not text.startswith("<"):
-        xml = _xml_from_multipart(body, content_type) if _MULTIPART in content_type.lower() else None
+        multipart = content_type.lower().lstrip().startswith(_MULTIPART)
+        xml = _xml_from_multipart(body, content_type) if multipart else None
         text = xml if xml is not None else _xml_from_form(text, content_type)
     return text
 
@@ -113,14 +114,19 @@ def _xml_from_multipart(body: bytes, content_type: str) -> str | None:
     pass over flat `form-data` parts: no nesting, no transfer encodings, as forms are sent."""
     found = _BOUNDARY.search(content_type)
     if found is None:
-        raise PostbackError("multipart form without a boundary in its Content-Type")
+        if body.startswith(b"--"):
+            raise PostbackError("multipart form without a boundary in its Content-Type")
+        return None
     try:
-        delimiter = b"--" + (found.group(1) or found.group(2)).encode("utf-8", "surrogateescape")
+        # a delimiter is the boundary at the start of a line (RFC 2046): the same characters
+        # inside a part's content are content
+        delimiter = b"\r\n--" + (found.group(1) or found.group(2)).encode("utf-8", "surrogateescape")
     except UnicodeError:
         raise PostbackError("multipart form with an unreadable boundary in its Content-Type") from None
-    if not body.startswith(delimiter) and b"\r\n" + delimiter not in body:
+    lines = b"\r\n" + body
+    if delimiter not in lines:
         return None
-    for part in body.split(delimiter)[1:]:
+    for part in lines.split(delimiter)[1:]:
         if part.startswith(b"--"):
             break  # the closing delimiter
         head, separator, content = part.partition(b"\r\n\r\n")
@@ -137,7 +143,6 @@ def _xml_from_multipart(body: bytes, content_type: str) -> str | None:
         name = _FIELD_NAME.search(disposition)
         if name is None or (name.group(1) if name.group(1) is not None else name.group(2)) != b"xml":
             continue
-        content = content.removesuffix(b"\r\n")
         try:
             xml = content.decode("utf-8").removeprefix(_BOM).lstrip()
         except UnicodeDecodeError as exc:

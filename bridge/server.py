@@ -541,9 +541,14 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     # Another method on one of our paths is a 405 naming the allowed ones; any method on a path
     # that is not ours is a 404. (Without the first, the catch-all `/{token}` below would take
     # PUT /healthz; without the second, it would make every unknown path a 405.)
+    # A path can have several resources (a postback_path of /healthz): only the last answers 405,
+    # naming every method the path has, so no resource hides a later one's POST.
+    by_path: dict[str, list[Any]] = {}
     for resource in app.router.resources():
-        methods = sorted({route.method for route in resource})
-        resource.add_route("*", _other_methods(", ".join(methods)))
+        by_path.setdefault(resource.canonical, []).append(resource)
+    for resources in by_path.values():
+        methods = sorted({route.method for resource in resources for route in resource})
+        resources[-1].add_route("*", _other_methods(", ".join(methods)))
     app.router.add_post("/{token}", postback)
     app.router.add_route("*", "/{token}", not_found)
     app.cleanup_ctx.append(_store_ctx(store))
@@ -607,7 +612,7 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
 async def purge_once(runtime: Runtime, batch: int = 500) -> int:
     """Delete finished deliveries past retention (and events left without any) and dropped
     events past `retention.delivered`, a batch at a time so postbacks never wait long behind
-    it. Returns the sum of what `Store.purge` counted (deliveries, or dropped events where more)."""
+    it. Returns how many deliveries and dropped events went."""
     assert runtime.store is not None
     total = 0
     while True:

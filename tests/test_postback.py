@@ -130,8 +130,17 @@ def test_a_bad_multipart_form_is_refused_with_a_reason(body, content_type, messa
         parse(body, content_type)
 
 
-def test_a_form_labelled_multipart_that_is_urlencoded_is_still_read():
-    assert parse(urlencode({"xml": SMS}).encode(), MULTIPART) == SMS_FIELDS
+@pytest.mark.parametrize(
+    "content_type", [MULTIPART, "multipart/form-data", "application/x-www-form-urlencoded; x=multipart/form-data"]
+)
+def test_a_form_labelled_multipart_that_is_urlencoded_is_still_read(content_type):
+    assert parse(urlencode({"xml": SMS}).encode(), content_type) == SMS_FIELDS
+
+
+def test_the_boundary_inside_a_part_is_content_not_a_delimiter():
+    text = f"hi x--{BOUNDARY} there"
+    body = multipart(("note", f"see --{BOUNDARY}", None), ("xml", SMS.replace("<TEXT>STOP<", f"<TEXT>{text}<"), None))
+    assert parse(body, MULTIPART)["TEXT"] == text
 
 
 def test_a_multipart_form_of_many_small_parts_finds_its_xml_field():

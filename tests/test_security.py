@@ -187,6 +187,15 @@ async def test_a_multipart_boundary_that_is_not_latin_1_is_a_400(make_client):
     assert status == 200, answer  # the boundary is the bytes sent (it was a 503: a latin-1 encode failed)
 
 
+async def test_a_postback_path_that_is_also_one_of_ours_still_takes_postbacks(make_client):
+    client = await make_client({"postback_path": "/healthz"})
+    response = await client.post("/healthz", data=sms(1))
+    assert response.status == 200 and (await response.json())["status"] == "accepted"
+    assert (await client.get("/healthz")).status == 200
+    response = await client.put("/healthz")
+    assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD, POST")
+
+
 async def test_a_small_max_body_bytes_limits_postbacks_only(make_client):
     client = await make_client({"max_body_bytes": 40, "admin_token": "adm"})
     assert (await client.post("/postback", data=sms(1))).status == 413

@@ -250,8 +250,8 @@ class Store(abc.ABC):
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int = 500) -> int:
         """Delete one batch of finished deliveries older than the cut-offs, their attempts, and
         events left with no delivery; and one batch of dropped events (no route sent them
-        anywhere) older than `delivered_before`. Returns the larger of the two counts: under
-        `batch` means nothing is left."""
+        anywhere) older than `delivered_before`. Returns how many deliveries and dropped events
+        went: under `batch` means neither has any left."""
 
 
 def open_store(url: str) -> Store:

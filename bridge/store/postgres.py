@@ -341,4 +341,4 @@ class PostgresStore(Store):
             events = {row[1] for row in rows} | set(dropped)
             if events:
                 await conn.execute(Q["purge_events"], list(events))
-        return max(len(rows), len(dropped))
+        return len(rows) + len(dropped)

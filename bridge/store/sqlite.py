@@ -485,7 +485,7 @@ class SQLiteStore(Store):
             conn.executemany(Q["purge_event"], [(e, e) for e in events])
             if events:
                 conn.execute("PRAGMA incremental_vacuum(256)")
-            return max(len(rows), len(dropped))
+            return len(rows) + len(dropped)
 
         return await self._run(op)
 
