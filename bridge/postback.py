@@ -144,13 +144,18 @@ def _xml_from_multipart(body: bytes, content_type: str) -> str | None:
         if name is None or (name.group(1) if name.group(1) is not None else name.group(2)) != b"xml":
             continue
         try:
-            xml = content.decode("utf-8").removeprefix(_BOM).lstrip()
+            return _xml_in_field(content.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise PostbackError(f"form field 'xml' is not valid UTF-8 (byte {exc.start})") from None
-        if xml.startswith("<"):
-            return xml
-        raise PostbackError("form field 'xml' does not hold XML")
     raise PostbackError("form body has no field named 'xml'")
+
+
+def _xml_in_field(value: str) -> str:
+    """A form's `xml` field (urlencoded or multipart) as XML text, or why it is not."""
+    xml = value.removeprefix(_BOM).lstrip()
+    if xml.startswith("<"):
+        return xml
+    raise PostbackError("form field 'xml' does not hold XML")
 
 
 def _xml_from_form(text: str, content_type: str) -> str:
@@ -160,10 +165,7 @@ def _xml_from_form(text: str, content_type: str) -> str:
         except (ValueError, UnicodeDecodeError):
             form = {}
         if "xml" in form:
-            xml = form["xml"][0].removeprefix(_BOM).lstrip()
-            if xml.startswith("<"):
-                return xml
-            raise PostbackError("form field 'xml' does not hold XML")
+            return _xml_in_field(form["xml"][0])
         if form:
             raise PostbackError("form body has no field named 'xml'")
     kind = "JSON" if text[:1] in "{[" else "text"

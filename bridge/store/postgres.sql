@@ -167,10 +167,10 @@ WHERE id = $1 AND attempts = $2 AND status = 'pending' AND leased_by = $4
 
 -- name: expire
 -- Pending deliveries past max_age that nobody is sending (not leased, or their lease ran out)
--- are dead; one being sent is left to its attempt's verdict, and one due within the grace ($5:
--- now - grace) to its worker: a last retry is due at the deadline itself. `attempts` counts claims. Rows
--- another instance is claiming right now are skipped (they are leased once it commits), and
--- each locked row is rechecked against its newest version, as in `claim`.
+-- are dead; one being sent is left to its attempt's verdict, and one due within the grace
+-- ($5 = now - grace) to its worker: a last retry is due at the deadline itself. `attempts`
+-- counts claims. Rows another instance is claiming right now are skipped (they are leased once
+-- it commits), and each locked row is rechecked against its newest version, as in `claim`.
 WITH old AS (
     SELECT id FROM deliveries
     WHERE destination = $1 AND status = 'pending' AND created_at < $2

@@ -119,9 +119,10 @@ WHERE id = :id AND attempts = :attempt AND status = 'pending' AND leased_by = :o
 -- name: expire
 -- Pending deliveries past max_age that nobody is sending (not leased, or their lease ran out)
 -- are dead; one being sent is left to its attempt's verdict, and one due within the grace
--- (:settled = now - grace) to its worker: a last retry is due at the deadline itself. `attempts` counts claims. The
--- index keeps the look to this destination's pending rows (without statistics the planner
--- would read every pending row of every destination, by `deliveries_status`).
+-- (:settled = now - grace) to its worker: a last retry is due at the deadline itself.
+-- `attempts` counts claims. The index keeps the look to this destination's pending rows
+-- (without statistics the planner would read every pending row of every destination, by
+-- `deliveries_status`).
 UPDATE deliveries INDEXED BY deliveries_due
 SET status = 'dead', next_at = :now, leased_by = NULL, updated_at = :now,
     last_error = :reason || attempts || ' attempts' || COALESCE(': ' || last_error, '')
