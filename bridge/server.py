@@ -43,6 +43,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Skycore gives up on an answer after 10 s; a store slower than this gets a 503 (it may still
 # commit: Skycore's retry is then answered "duplicate", and the event is delivered once)
 STORE_PATIENCE = 8.0
+# A PostgreSQL store that cannot be reached when `serve` starts is tried again after 1 s, then
+# twice as long each time up to 30 s; postbacks get a 503 (Skycore retries) until it opens.
+CONNECT_FIRST, CONNECT_MAX = 1.0, 30.0
 OTHER_BODY_BYTES = 64 * 1024  # the most any other request may send (admin JSON bodies)
 
 
@@ -114,6 +117,8 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     services: Services | None = None
     patience: Patience = field(default_factory=lambda: Patience(STORE_PATIENCE))
+    # why the store is not open yet (it could not be reached at startup), or None once it is
+    store_error: str | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # postbacks being routed and stored, by the config (id) that routes them; a reload waits for
     # the old config's to be stored before it retires that config's destinations
@@ -159,13 +164,42 @@ class Runtime:
         if ordered:
             log.info("pending deliveries now go in conversation order", extra={"count": ordered})
 
-    async def start_delivery(self, services: Services) -> None:
-        assert self.store is not None
+    async def open_destinations(self, services: Services) -> None:
         self.services = services
         for destination in self.config.destinations.values():
             await destination.open(services)
-        self.dispatcher = Dispatcher(self.store, self.config.destinations, on_result=self._on_result)
-        self.dispatcher.start()
+
+    async def start_delivery(self) -> None:
+        """Start the delivery loops, once the store is open."""
+        assert self.store is not None
+        async with self._reload_lock:  # with the config a reload may be swapping meanwhile
+            await self.sweep()  # the config may have lost a destination since the last run
+            self.dispatcher = self._dispatcher(self.config)
+            self.dispatcher.start()
+
+    def _dispatcher(self, config: Config) -> Dispatcher:
+        assert self.store is not None
+        return Dispatcher(self.store, config.destinations, on_result=self._on_result)
+
+    async def connect(self) -> None:
+        """Open a store that could not be reached at startup, trying again with backoff until it
+        opens; then start delivering. Until then postbacks, /readyz and the admin API answer 503."""
+        assert self.store is not None
+        delay = CONNECT_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.open()
+            except StoreError as exc:
+                self.store_error = str(exc)
+                delay = min(delay * 2, CONNECT_MAX)
+                log.error("store still unreachable", extra={"error": str(exc), "retry_in": delay})
+                continue
+            break
+        self.store_error = None
+        self.metrics.store_up.set(1)
+        log.info("store open")
+        await self.start_delivery()
 
     async def stop_delivery(self) -> None:
         if self.dispatcher is not None:
@@ -220,14 +254,16 @@ class Runtime:
         assert self.store is not None and self.services is not None
         for destination in new.destinations.values():
             await destination.open(self.services)
-        dispatcher = Dispatcher(self.store, new.destinations, on_result=self._on_result)
+        # Not delivering yet (the store has not opened): `start_delivery` will, with this config.
         old_dispatcher = self.dispatcher
+        dispatcher = None if old_dispatcher is None else self._dispatcher(new)
         self.config, self.carriers, self.dispatcher = new, Carriers(new.carriers), dispatcher
-        dispatcher.start()
         try:
-            # postbacks that were routed with the old config are stored before we look
-            await self._routed_with(old, patience=old.server.client_timeout + 15)
-            await self.sweep()
+            if dispatcher is not None:
+                dispatcher.start()
+                # postbacks that were routed with the old config are stored before we look
+                await self._routed_with(old, patience=old.server.client_timeout + 15)
+                await self.sweep()
         finally:
             if old_dispatcher is not None:
                 await old_dispatcher.stop()
@@ -475,6 +511,8 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         if store is None:
             raise StoreError("store is not open")
+        if runtime.store_error is not None:
+            raise StoreError(f"not open yet: {runtime.store_error}")
         async with asyncio.timeout(5):
             await store.ping()
     except (StoreError, TimeoutError) as exc:
@@ -561,7 +599,15 @@ def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         runtime = app[RUNTIME]
         runtime.store = store or open_store(runtime.config.store)
-        await runtime.store.open()
+        try:
+            await runtime.store.open()
+        except StoreError as exc:
+            if not runtime.store.retry_open:
+                raise  # serve exits: a file we cannot open now will not open later
+            # PostgreSQL may start after us (a compose file, a reboot): serve 503s meanwhile
+            runtime.store_error = str(exc)
+            runtime.metrics.store_up.set(0)
+            log.error("store unreachable; answering 503 until it opens", extra={"error": str(exc)})
         sweeper = asyncio.create_task(runtime.patience.run(), name="store-patience")
         yield
         sweeper.cancel()
@@ -579,14 +625,22 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
         headers={"User-Agent": USER_AGENT},
     )
-    await runtime.sweep()  # the config may have lost a destination since the last run
-    await runtime.start_delivery(Services(http=http, state=runtime.store))
+    await runtime.open_destinations(Services(http=http, state=runtime.store))
+    connecting = None
+    if runtime.store_error is None:
+        await runtime.start_delivery()
+    else:
+        connecting = asyncio.create_task(runtime.connect(), name="store-connect")
     loop = asyncio.get_running_loop()
     if runtime.config.source is not None and hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runtime.reload()))
     yield
     if runtime.config.source is not None and hasattr(signal, "SIGHUP"):
         loop.remove_signal_handler(signal.SIGHUP)
+    if connecting is not None:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
     await runtime.stop_delivery()
     await http.close()
 

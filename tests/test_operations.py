@@ -11,7 +11,9 @@ import json
 import signal
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -21,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.config import build, load
 from bridge.server import RUNTIME, create_app, purge_once
 from bridge.store import DeliveryFilter
-from tests.conftest import POSTBACKS, post, sms
+from tests.conftest import POSTBACKS, free_port, post, sms
 from tests.test_store_contract import pg_url  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
 
 ADMIN = "admin-secret-token"
@@ -456,6 +458,86 @@ async def test_dropped_events_are_counted_and_stored_without_deliveries(store, t
     later = await (await client.post("/postback", data=sms(9, text="hello"))).json()
     assert await purge_once(runtime) == 2  # the two dropped ones, not the fresh one
     assert [e["id"] for e in await runtime.store.list_events(_all())] == [later["id"]]
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(port: int, host: str, target: int) -> AsyncIterator[None]:
+    """Listens on 127.0.0.1:`port` and passes each connection on to host:target: a database
+    "coming up" on a port the bridge was already told about."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, target)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def readyz(bridge) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.get(bridge.url + "/readyz") as r:
+        return r.status, await r.json()
+
+
+async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bridge_factory):  # noqa: F811
+    """PostgreSQL is not up when the bridge starts (a compose file, a reboot): serve does not
+    exit. It answers postbacks 503 (Skycore retries) and /readyz 503 with why, keeps trying,
+    and once the database answers it takes postbacks and delivers them."""
+    parts = urlsplit(pg_url)
+    port = free_port()  # nothing listens here yet
+    user = parts.netloc.rpartition("@")[0]
+    url = urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{port}"))
+    bridge = bridge_factory({**config_for(sink.url), "store": url})
+    bridge.start()
+
+    status, body = await readyz(bridge)
+    assert status == 503 and "cannot open PostgreSQL store" in body["store"], body
+    async with aiohttp.ClientSession() as s, s.get(bridge.url + "/healthz") as r:
+        assert r.status == 200  # alive: a supervisor must not restart it for this
+    async with aiohttp.ClientSession() as s, s.post(bridge.url + "/postback", data=sms(1, text="STOP")) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "30"
+    assert (await admin(bridge, "GET", "/admin/deliveries"))[0] == 503
+    assert (await scrape(bridge))[("bridge_store_up", ())] == 0
+
+    async with tcp_proxy(port, parts.hostname or "127.0.0.1", parts.port or 5432):
+
+        async def ready() -> bool:
+            return (await readyz(bridge))[0] == 200
+
+        await wait_until(ready, timeout=20)  # tries again after 1 s, 2 s, 4 s, ...
+        status, body = await post(bridge.url + "/postback", sms(1, text="STOP"))
+        assert status == 200 and body["status"] == "accepted"
+        (received,) = await sink.wait_for(1)
+        assert received.path == "/crm" and received.json()["id"] == body["id"]
+        assert await asyncio.to_thread(bridge.stop) == 0  # its last words to the database go through this loop
+    messages = [line["msg"] for line in bridge.log_lines()]
+    assert "store unreachable; answering 503 until it opens" in messages and "store open" in messages
+
+
+async def test_serve_stops_cleanly_while_waiting_for_its_postgresql(bridge_factory):
+    bridge = bridge_factory({"store": f"postgresql://postgres@127.0.0.1:{free_port()}/test"})
+    bridge.start()
+    assert (await readyz(bridge))[0] == 503
+    started = time.monotonic()
+    assert bridge.stop() == 0
+    assert time.monotonic() - started < 5
+
+
+async def test_a_malformed_postgresql_url_is_an_error_at_startup(bridge_factory):
+    """Unlike an unreachable database, a URL that can never work is not waited for."""
+    bridge = bridge_factory({"store": "postgresql://postgres@127.0.0.1:99999/test"})
+    with pytest.raises(AssertionError, match="exited with 1") as failed:
+        bridge.start()
+    assert "store:" in str(failed.value)
 
 
 async def test_a_good_reload_is_counted_with_its_time(sink, bridge_factory):

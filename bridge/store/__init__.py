@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib.resources import files
-from typing import Any
+from typing import Any, ClassVar
 
 from bridge.event import Event
 from bridge.retry import Dead, Decision, Done, RetryAt
@@ -168,8 +168,15 @@ class DeliveryFilter:
 
 
 class Store(abc.ABC):
+    # A store behind a network (PostgreSQL) may come up after the bridge does: `serve` then keeps
+    # trying to open it and answers 503 meanwhile. A local file that cannot be opened will not
+    # mend itself: `serve` exits.
+    retry_open: ClassVar[bool] = False
+
     @abc.abstractmethod
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect and create or upgrade the schema. StoreError if the store cannot be reached;
+        ConfigError if its URL can never work."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

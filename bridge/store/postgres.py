@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from bridge.config import _redact_url as redact
-from bridge.errors import StoreError
+from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
@@ -107,6 +107,8 @@ def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
 
 
 class PostgresStore(Store):
+    retry_open = True
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._pool: asyncpg.Pool | None = None
@@ -121,7 +123,9 @@ class PostgresStore(Store):
                 command_timeout=COMMAND_TIMEOUT,
                 server_settings=_settings(self.url),
             )
-        except (*DRIVER_ERRORS, ValueError) as exc:  # ValueError: a malformed URL
+        except (ValueError, OverflowError) as exc:  # a malformed URL (port 99999): trying again won't help
+            raise ConfigError([f"store: {redact(self.url)}: {exc}"]) from exc
+        except DRIVER_ERRORS as exc:
             raise StoreError(f"cannot open PostgreSQL store {redact(self.url)}: {exc}") from exc
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
