@@ -16,8 +16,8 @@ from typing import Any
 
 from bridge import __version__, logs
 from bridge.config import Config, defaults, load, parse_duration
-from bridge.errors import BridgeError, ConfigError, PostbackError
-from bridge.store import STATUSES, DeliveryFilter, open_store
+from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
+from bridge.store import STATUSES, DeliveryFilter, Store, open_store, sqlite_path
 
 
 def _config(path: str | None, *, required: bool = True) -> Config:
@@ -235,8 +235,16 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _with_store(config: Config, fn: Any) -> Any:
-    store = open_store(config.store)
+def _with_store(config: Config, fn: Any) -> Any:
+    """`fn(store)`'s result, with the config's store open."""
+    if config.store.startswith("sqlite:///") and not os.path.exists(sqlite_path(config.store)):
+        # not made here: a typo in `store:` would read as "nothing is dead", and leave a file
+        where = config.source or "the built-in defaults"
+        raise StoreError(f"no store at {sqlite_path(config.store)}: `serve` makes it; is `store:` in {where} right?")
+    return asyncio.run(_using(open_store(config.store), fn))
+
+
+async def _using(store: Store, fn: Any) -> Any:
     await store.open()
     try:
         return await fn(store)
@@ -246,7 +254,7 @@ async def _with_store(config: Config, fn: Any) -> Any:
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     config = _config(args.config)
-    rows = asyncio.run(_with_store(config, lambda store: store.list_deliveries(_filter(args))))
+    rows = _with_store(config, lambda store: store.list_deliveries(_filter(args)))
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
         return 0
@@ -283,13 +291,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     # only to destinations the config has: a replay to a removed one would wait forever
     where = replace(_filter(args, status=None), destinations=tuple(config.destinations))
-    ids = asyncio.run(_with_store(config, lambda store: store.replay(where, force=args.force)))
+
+    async def replay(store: Store) -> tuple[list[int], list[int]]:
+        ids = await store.replay(where, force=args.force)
+        if not args.ids:
+            return ids, []
+        found = await store.list_deliveries(DeliveryFilter(ids=tuple(args.ids), limit=len(args.ids)))
+        return ids, sorted(set(args.ids) - {row.id for row in found})
+
+    ids, unknown = _with_store(config, replay)
     if args.json:
-        print(json.dumps({"replayed": ids}))
+        print(json.dumps({"replayed": ids, **({"unknown": unknown} if unknown else {})}))
     else:
         print(f"replayed {len(ids)} deliveries" + (f": {', '.join(map(str, ids))}" if ids else ""))
-        if not ids and not args.force:
+        some_exist = not args.ids or len(unknown) < len(args.ids)
+        if not ids and not args.force and some_exist:
             print("(only dead and failed deliveries are replayed; add --force to send delivered ones again)")
+    if unknown:
+        print(f"replay: no delivery {', '.join(map(str, unknown))}", file=sys.stderr)
+        return 1
     return 0
 
 

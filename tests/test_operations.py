@@ -245,6 +245,35 @@ async def test_replay_cli_refuses_without_a_selector(bridge_factory, sink):
     assert done.returncode == 2 and "say which" in done.stderr
 
 
+async def test_replay_cli_names_delivery_ids_that_do_not_exist(sink, bridge_factory):
+    sink.default = 400  # dead at once
+    bridge = bridge_factory(config_for(sink.url))
+    bridge.start()
+    await post(bridge.url + "/postback", sms(1, text="STOP"))
+
+    async def dead() -> list:
+        return (await admin(bridge, "GET", "/admin/dead-letters"))[1]["deliveries"]
+
+    await wait_until(dead)
+    (delivery,) = await dead()
+    done = bridge.cli("replay", "-c", str(bridge.config_path), str(delivery["id"]), "9999", check=False)
+    assert done.returncode == 1 and "no delivery 9999" in done.stderr
+    assert f"replayed 1 deliveries: {delivery['id']}" in done.stdout  # the one that exists still goes
+    done = bridge.cli("replay", "-c", str(bridge.config_path), "9999", "--json", check=False)
+    assert done.returncode == 1 and json.loads(done.stdout) == {"replayed": [], "unknown": [9999]}
+    assert "--force" not in done.stdout  # not "only dead ones are replayed": there is no such delivery
+
+
+def test_listing_a_store_that_does_not_exist_is_an_error_and_makes_nothing(bridge_factory, tmp_path: Path):
+    """A typo in `store:` must not read as "nothing is dead", nor leave an empty store behind."""
+    missing = tmp_path / "typo" / "bridge.db"
+    bridge = bridge_factory({"store": f"sqlite:///{missing}"})
+    for command in (("deliveries", "--status", "dead"), ("replay", "--all")):
+        done = bridge.cli(command[0], "-c", str(bridge.config_path), *command[1:], check=False)
+        assert done.returncode == 1 and f"no store at {missing}" in done.stderr, done.stderr
+    assert not (tmp_path / "typo").exists()
+
+
 # ---------------------------------------------------------------------------- reload
 
 

@@ -284,7 +284,8 @@ async def test_order_pending_puts_what_was_queued_unordered_in_line(store):
 
 
 async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
-    """Turn the schema back into what stores made before `deliveries.ordered` have."""
+    """Turn the schema back into what stores made before `deliveries.ordered` (and before
+    `deliveries.age_from`) have."""
     old_index = (
         "CREATE INDEX deliveries_conversation ON deliveries (destination, conversation, id) WHERE status = 'pending'"
     )
@@ -293,6 +294,7 @@ async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
         with conn:
             conn.execute("DROP INDEX deliveries_ordered")
             conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
+            conn.execute("ALTER TABLE deliveries DROP COLUMN age_from")
             conn.execute(old_index)
         conn.close()
         return
@@ -300,6 +302,7 @@ async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
     try:
         await conn.execute("DROP INDEX deliveries_ordered")
         await conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
+        await conn.execute("ALTER TABLE deliveries DROP COLUMN age_from")
         await conn.execute(old_index)
     finally:
         await conn.close()
@@ -321,7 +324,12 @@ async def test_a_store_from_before_ordered_deliveries_is_upgraded_and_keeps_its_
         assert [c.event_id for c in await claim(upgraded, ordered=True)] == [queued[1]]
         event = make_event(9)
         await upgraded.ingest(event, dedup_key(event), [NewDelivery("crm", "r", "bob", ordered=False)])
-        assert [c.event_id for c in await claim(upgraded, "b", ordered=True)] == [event["id"]]
+        (late,) = await claim(upgraded, "b", ordered=True)
+        assert late.event_id == event["id"]
+        await upgraded.complete([finished(late, Dead("HTTP 400"))])
+        assert await upgraded.replay(DeliveryFilter(ids=(late.id,))) == [late.id]  # sets age_from
+        (replayed,) = await claim(upgraded, "c", ordered=True)
+        assert replayed.id == late.id and replayed.age_from > late.age_from
     finally:
         await upgraded.close()
     again = open_store(store_url)  # and opening it once more changes nothing
@@ -447,6 +455,26 @@ async def test_replay_makes_dead_pending_and_delivered_only_with_force(store):
     got = await claim(store)
     assert {c.id for c in got} == {c0.id, c1.id}
     assert {c.attempt for c in got} == {2}
+
+
+async def test_a_replay_keeps_when_a_delivery_came_in_and_restarts_its_max_age(store):
+    """The time range of `deliveries` and `replay` is when a delivery came in, replayed or not:
+    "replay what died in last night's outage" finds it again. max_age counts from the replay."""
+    await put(store, 1)
+    (c,) = await claim(store)
+    await store.complete([finished(c, Dead("HTTP 400"))])
+    (before,) = await store.list_deliveries(DeliveryFilter(ids=(c.id,)))
+    await asyncio.sleep(0.3)
+    replayed_at = time.time()
+    assert await store.replay(DeliveryFilter(until=replayed_at)) == [c.id]
+    (row,) = await store.list_deliveries(DeliveryFilter(ids=(c.id,)))
+    assert (row.status, row.created_at) == ("pending", before.created_at)
+    assert [r.id for r in await store.list_deliveries(DeliveryFilter(until=before.created_at + 0.1))] == [c.id]
+    assert await store.list_deliveries(DeliveryFilter(since=before.created_at + 0.1)) == []
+    # 0.2 s of max_age: past it counted from when it came in, not counted from the replay
+    assert await store.expire("crm", max_age=0.2) == 0
+    (again,) = await claim(store)
+    assert again.attempt == 2 and replayed_at <= again.age_from <= time.time()
 
 
 async def test_failed_deliveries_are_listed_and_replayed_now_with_the_dead(store):

@@ -42,7 +42,7 @@ class Claim:
     event_id: str
     destination: str
     attempt: int  # this attempt's number, from 1
-    created_at: float
+    age_from: float  # max_age counts from here: when it was stored, or last replayed
     conversation: str
     route: str
     body: str  # the event as stored: JSON

@@ -202,7 +202,7 @@ class PostgresStore(Store):
                 event_id=row[1],
                 destination=destination,
                 attempt=row[2],
-                created_at=row[3],
+                age_from=row[3],
                 conversation=row[4],
                 route=row[5],
                 body=row[6],
@@ -269,9 +269,10 @@ class PostgresStore(Store):
         statuses = p.add(["dead", "delivered"] if force else ["dead"])
         clauses.append(f"(status = ANY({statuses}::text[]) OR {FAILED_SQL})")
         now = p.add(time.time())
-        # a new attempt series: due now, and max_age counts from the replay
+        # a new attempt series: due now, and max_age counts from the replay (created_at stays:
+        # the time range of a later listing or replay is still the time it came in)
         query = (
-            f"UPDATE deliveries SET status = 'pending', next_at = {now}, created_at = {now}, updated_at = {now},"
+            f"UPDATE deliveries SET status = 'pending', next_at = {now}, age_from = {now}, updated_at = {now},"
             " leased_by = NULL, last_error = NULL"
             f" WHERE id IN (SELECT id FROM deliveries{_sql_where(clauses)} ORDER BY id LIMIT {p.add(where.limit)}"
             " FOR UPDATE) RETURNING id"

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     leased_by text,                             -- node:pid:nonce of the claimer
     last_error text,
     updated_at double precision NOT NULL
+    -- ordered and age_from: added below, as to a store made before them
 );
 -- A store made before deliveries had the column: every delivery in it counts as ordered. Only
 -- when it is missing: ALTER TABLE (even ... IF NOT EXISTS) and DROP INDEX lock the table against
@@ -33,6 +34,13 @@ BEGIN
         WHERE attrelid = 'deliveries'::regclass AND attname = 'ordered' AND NOT attisdropped
     ) THEN
         ALTER TABLE deliveries ADD COLUMN ordered boolean NOT NULL DEFAULT true;
+    END IF;
+    -- max_age counts from here if set (the last replay), else from created_at
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'deliveries'::regclass AND attname = 'age_from' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE deliveries ADD COLUMN age_from double precision;
     END IF;
     -- Only the deliveries of ordered destinations are in the index `claim_ordered` reads:
     -- texters' numbers are random, so each entry is a write to a random page, paid on every
@@ -116,7 +124,7 @@ UPDATE deliveries AS d
 SET next_at = $4, leased_by = $5, attempts = d.attempts + 1
 FROM due, events AS e
 WHERE d.id = due.id AND e.id = d.event_id
-RETURNING d.id, d.event_id, d.attempts, d.created_at, d.conversation, d.route, e.body
+RETURNING d.id, d.event_id, d.attempts, COALESCE(d.age_from, d.created_at), d.conversation, d.route, e.body
 
 -- name: claim_ordered
 -- Only the oldest pending delivery of each conversation is due. A claimed delivery stays
@@ -144,7 +152,7 @@ UPDATE deliveries AS d
 SET next_at = $4, leased_by = $5, attempts = d.attempts + 1
 FROM due, events AS e
 WHERE d.id = due.id AND e.id = d.event_id
-RETURNING d.id, d.event_id, d.attempts, d.created_at, d.conversation, d.route, e.body
+RETURNING d.id, d.event_id, d.attempts, COALESCE(d.age_from, d.created_at), d.conversation, d.route, e.body
 
 -- name: record_attempt
 INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
@@ -173,7 +181,7 @@ WHERE id = $1 AND attempts = $2 AND status = 'pending' AND leased_by = $4
 -- it commits), and each locked row is rechecked against its newest version, as in `claim`.
 WITH old AS (
     SELECT id FROM deliveries
-    WHERE destination = $1 AND status = 'pending' AND created_at < $2
+    WHERE destination = $1 AND status = 'pending' AND COALESCE(age_from, created_at) < $2
       AND (leased_by IS NULL OR next_at <= $3) AND (next_at <= $5 OR next_at > $3)
     FOR UPDATE SKIP LOCKED
 )

@@ -81,8 +81,11 @@ class _Writer(threading.Thread):
         conn.executescript(Q["schema"])
         conn.execute("BEGIN IMMEDIATE")  # the look and the change as one: others may open it too
         try:
-            if "ordered" not in {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+            if "ordered" not in columns:
                 conn.execute(Q["add_ordered"])
+            if "age_from" not in columns:
+                conn.execute(Q["add_age_from"])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -273,7 +276,7 @@ class SQLiteStore(Store):
                     event_id=row[1],
                     destination=destination,
                     attempt=row[2],
-                    created_at=row[3],
+                    age_from=row[3],
                     conversation=row[4],
                     route=row[5],
                     body=bodies[row[1]],
@@ -385,9 +388,10 @@ class SQLiteStore(Store):
                     [*params, *statuses, where.limit],
                 ).fetchall()
             ]
-            # a new attempt series: due now, and max_age counts from the replay
+            # a new attempt series: due now, and max_age counts from the replay (created_at stays:
+            # the time range of a later listing or replay is still the time it came in)
             conn.executemany(
-                "UPDATE deliveries SET status = 'pending', next_at = ?, created_at = ?, updated_at = ?,"
+                "UPDATE deliveries SET status = 'pending', next_at = ?, age_from = ?, updated_at = ?,"
                 " leased_by = NULL, last_error = NULL WHERE id = ?",
                 [(now, now, now, i) for i in ids],
             )

@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     leased_by TEXT,
     last_error TEXT,
     updated_at REAL NOT NULL,
-    ordered INTEGER NOT NULL DEFAULT 1     -- 1: its destination sends a conversation in order
+    ordered INTEGER NOT NULL DEFAULT 1,    -- 1: its destination sends a conversation in order
+    age_from REAL                          -- if set (by a replay), max_age counts from it
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
@@ -54,6 +55,10 @@ CREATE TABLE IF NOT EXISTS meta (
 -- (a store made before deliveries had the column: every delivery in it counts as ordered)
 ALTER TABLE deliveries ADD COLUMN ordered INTEGER NOT NULL DEFAULT 1
 
+-- name: add_age_from
+-- (a store made before replay kept created_at: max_age counts from created_at, as it did)
+ALTER TABLE deliveries ADD COLUMN age_from REAL
+
 -- name: ordered_index
 -- Only the deliveries of ordered destinations are in the index `claim_ordered` reads: texters'
 -- numbers are random, so each entry is a write to a random page, paid on every postback; a
@@ -79,7 +84,7 @@ WHERE id IN (
     ORDER BY next_at, id
     LIMIT :limit
 )
-RETURNING id, event_id, attempts, created_at, conversation, route
+RETURNING id, event_id, attempts, COALESCE(age_from, created_at), conversation, route
 
 -- name: claim_ordered
 UPDATE deliveries
@@ -95,7 +100,7 @@ WHERE id IN (
     ORDER BY d.next_at, d.id
     LIMIT :limit
 )
-RETURNING id, event_id, attempts, created_at, conversation, route
+RETURNING id, event_id, attempts, COALESCE(age_from, created_at), conversation, route
 
 -- name: finish
 -- Idempotent, and safe when late: a verdict from an attempt whose lease ran out (the delivery
@@ -126,7 +131,7 @@ WHERE id = :id AND attempts = :attempt AND status = 'pending' AND leased_by = :o
 UPDATE deliveries INDEXED BY deliveries_due
 SET status = 'dead', next_at = :now, leased_by = NULL, updated_at = :now,
     last_error = :reason || attempts || ' attempts' || COALESCE(': ' || last_error, '')
-WHERE destination = :destination AND status = 'pending' AND created_at < :cutoff
+WHERE destination = :destination AND status = 'pending' AND COALESCE(age_from, created_at) < :cutoff
   AND (leased_by IS NULL OR next_at <= :now) AND (next_at <= :settled OR next_at > :now)
 
 -- name: lease_owners
