@@ -140,12 +140,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         try:
             body = Path(file).read_bytes()
             fields = parse(body)
-        except OSError as exc:
-            print(f"{file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
-            failed += 1
-            continue
-        except PostbackError as exc:
-            print(f"{file}: not a postback: {exc}", file=sys.stderr)
+        except (OSError, PostbackError) as exc:
+            why = f"cannot read: {exc.strerror or exc}" if isinstance(exc, OSError) else f"not a postback: {exc}"
+            print(f"{file}: {why}", file=sys.stderr)
+            reports.append({"file": file, "error": why})
             failed += 1
             continue
         event = normalize(fields, event_id="evt_DRYRUN", received_at=datetime.now(UTC), carriers=carriers)
@@ -168,12 +166,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         reports.append(report)
         if not args.json:
             _print_route_report(report)
-    if args.json:
-        print(
-            json.dumps(
-                reports if len(args.postbacks) != 1 else (reports[0] if reports else None), indent=2, ensure_ascii=False
-            )
-        )
+    if args.json:  # always a list, one entry per file in order, as `docker inspect` does
+        print(json.dumps(reports, indent=2, ensure_ascii=False))
     return 1 if failed else 0
 
 

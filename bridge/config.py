@@ -20,7 +20,7 @@ from yarl import URL
 
 from bridge.carriers import spid_key
 from bridge.errors import ConfigError
-from bridge.event import phone
+from bridge.event import TYPES, phone
 from bridge.secret import Secret
 
 if TYPE_CHECKING:
@@ -617,6 +617,12 @@ def _match(raw: Any, path: str, r: Reader) -> Match:
     for key in ("origin", "type", "code", "shortcode", "spid", "carrier"):
         if key in data:
             kwargs[key] = r.strings(data[key], f"{path}.{key}")
+    for i, kind in enumerate(kwargs.get("type") or ()):
+        if kind not in TYPES:  # a typo would pass and silently never match
+            where = f"{path}.type" if not isinstance(data["type"], list) else f"{path}.type[{i}]"
+            close = _suggest(kind, TYPES)
+            hint = f"did you mean {close!r}? " if close else ""
+            r.error(where, f"unknown event type {kind!r} ({hint}types: {', '.join(sorted(TYPES))})")
     if kwargs.get("spid"):
         # `spid: 1470` is the carrier table's 0001470, as the event's SPID is (routing.matches)
         kwargs["spid"] = tuple(spid_key(spid) for spid in kwargs["spid"])

@@ -23,6 +23,8 @@ _CODE_TYPES = {
     ("EMAIL_SUB", "N303"): "email_subscriber.opted_in",
     ("EMAIL_SUB", "N304"): "email_subscriber.opted_out",
 }
+UNKNOWN_TYPE = "postback.received"  # an ORIGIN (or SUB code) we do not know: forwarded as is
+TYPES = frozenset({*_TYPES.values(), *_CODE_TYPES.values(), UNKNOWN_TYPE})
 
 
 def text_of(value: Any) -> str | None:
@@ -81,7 +83,7 @@ def event_type(origin: str, code: str | None) -> str:
     origin, code = origin.upper(), (code or "").upper()
     if origin in _TYPES:
         return _TYPES[origin]
-    return _CODE_TYPES.get((origin, code), "postback.received")
+    return _CODE_TYPES.get((origin, code), UNKNOWN_TYPE)
 
 
 def _media(fields: Fields) -> list[dict[str, str]]:

@@ -262,7 +262,7 @@ async def test_route_is_a_dry_run(tmp_path, sink):
     args = ["route", "-c", str(path), "--json", str(POSTBACKS / "sms_mo_transactionid.xml")]
     done = await asyncio.to_thread(run_cli, *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    (report,) = json.loads(done.stdout)  # a list, also for one file
     assert report["event"]["type"] == "sms.received" and report["event"]["from"] == "+15552312102"
     assert report["routes"] == ["opt-out", "main"]
     assert {name: send["via"] for name, send in report["destinations"].items()} == {"crm": "opt-out", "audit": "main"}
@@ -286,3 +286,12 @@ def test_route_of_an_unmatched_event_and_of_a_non_postback(tmp_path):
     assert done.returncode == 1
     assert "bad.xml: not a postback: root element is <html>" in done.stderr
     assert "routes matched: main-shortcode" in done.stdout  # the good file is still reported
+
+    done = run_cli(
+        "route", "-c", str(TESTDATA / "valid" / "full.yml"), "--json", mms, str(bad), "gone.xml", cwd=tmp_path
+    )
+    assert done.returncode == 1
+    good, not_xml, missing = json.loads(done.stdout)  # an entry per file, in order, errors too
+    assert good["file"] == mms and good["routes"] == ["main-shortcode"]
+    assert not_xml == {"file": str(bad), "error": "not a postback: root element is <html>, expected <POSTBACK>"}
+    assert missing["file"] == "gone.xml" and missing["error"].startswith("cannot read: ")

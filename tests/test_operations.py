@@ -386,7 +386,7 @@ def _all():
 async def test_route_dry_run_shows_the_admin_free_event(bridge_factory, sink):
     bridge = bridge_factory(config_for(sink.url))
     done = bridge.cli("route", "-c", str(bridge.config_path), "--json", str(POSTBACKS / "sms_mo_v1.3.xml"))
-    report = json.loads(done.stdout)
+    (report,) = json.loads(done.stdout)
     assert report["routes"] == ["stop"] and list(report["destinations"]) == ["crm"]
 
 

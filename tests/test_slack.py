@@ -198,13 +198,21 @@ def test_many_images_stay_within_slacks_block_limit():
 def test_long_text_is_cut_with_a_note():
     text = "x&" * 4000
     message = render(event_of(sms(1, text=xml_escape(text))))
-    body = message["blocks"][2]["text"]["text"]
-    assert len(body) <= 3000
-    shown = body.split("\n")[0]
-    assert len(shown) <= BODY_LIMIT
-    omitted = len(text) - len(shown.replace("&amp;", "&"))
-    assert body.endswith(f"_… {omitted} more characters not shown; the whole text is in event evt_test_")
+    body = message["blocks"][2]["text"]
+    assert body["type"] == "plain_text" and len(body["text"]) <= 3000
+    shown, note = body["text"].split("\n")
+    assert text.startswith(shown) and len(shown) == BODY_LIMIT
+    assert note == f"… {len(text) - BODY_LIMIT} more characters not shown; the whole text is in event evt_test"
     assert len(message["text"]) < 300
+
+
+def test_the_text_is_plain_text_so_a_texters_stars_are_not_formatting():
+    """Slack would show `*bold*` in bold and `~y~` struck through in mrkdwn: the text is shown
+    exactly as sent instead, spaces and lines too."""
+    text = "hello *bold* _x_ ~y~ `code` :tada: AT&T <3\n  second   line"
+    blocks = render(event_of(sms(1, text=xml_escape(text))))["blocks"]
+    (section,) = [b for b in blocks if b.get("text", {}).get("type") == "plain_text"]
+    assert section["text"] == {"type": "plain_text", "text": text, "emoji": False}
 
 
 def test_link_cannot_be_broken_by_a_pipe_or_bracket():
@@ -243,7 +251,13 @@ PERMANENT = [
         (400, None, {}, Failed("HTTP 400", False, 400)),
         (200, "msg_too_long", {}, Failed("msg_too_long", False, 200)),
         (200, "some_new_error", {}, Failed("some_new_error", False, 200)),
-        (404, "no_service", {}, Failed("no_service: the incoming webhook was removed; create a new one", False, 404)),
+        (
+            404,
+            "no_service",
+            {},
+            Failed("no_service (HTTP 404): the incoming webhook was removed; create a new one", False, 404),
+        ),
+        (502, "oops", {}, Failed("oops (HTTP 502)", True, 502)),  # a proxy's page: the status says more
     ],
 )
 def test_classify(status, code, headers, expected):
@@ -501,7 +515,8 @@ async def test_mrkdwn_injection_is_shown_literally(start, slack):
     mrkdwn = "\n".join(call.mrkdwn())
     for forged in ("<!channel>", "<http://evil", "<@U024BE7LH>"):
         assert forged not in mrkdwn
-    assert escape(text) in call.body["blocks"][2]["text"]["text"]
+    # the text itself is plain text, which Slack never parses for mentions or links
+    assert call.body["blocks"][2]["text"] == {"type": "plain_text", "text": text, "emoji": False}
     assert call.body["text"].endswith(escape(text))
 
 

@@ -192,10 +192,12 @@ def _message(event: Event, *, images: bool) -> Message:
         blocks.append(_section(f"*Subject:* {_field(event['subject'])}"))
     text = event.get("text")
     if text is not None and text.strip():
-        body, omitted = cut(text, BODY_LIMIT)
+        # plain text, not mrkdwn: a texter's *stars* and _underscores_ are shown, not formatting,
+        # and `<!channel>` is those characters (nothing in plain text pings or links)
+        body, omitted = text[:BODY_LIMIT], max(0, len(text) - BODY_LIMIT)
         if omitted:
-            body += f"\n_… {omitted} more characters not shown; the whole text is in event {escape(event['id'])}_"
-        blocks.append(_section(body))
+            body += f"\n… {omitted} more characters not shown; the whole text is in event {event['id']}"
+        blocks.append({"type": "section", "text": {"type": "plain_text", "text": body, "emoji": False}})
     elif not event.get("media"):
         blocks.append(_section("_(no text)_"))
 
@@ -255,6 +257,8 @@ def classify(status: int | None, error: str | None, headers: Mapping[str, str], 
         retry_after = parse_retry_after(headers.get("Retry-After"), now)
         return Failed(reason=error or "ratelimited", retryable=True, status=status, retry_after=retry_after)
     reason = error or f"HTTP {status}"
+    if error and status is not None and not 200 <= status < 300:  # the status too: "oops (HTTP 500)"
+        reason = f"{error} (HTTP {status})"
     if error in RETRYABLE_ERRORS or status is None or status in RETRYABLE_STATUSES or status >= 500:
         return Failed(reason=reason, retryable=True, status=status)
     hint = HINTS.get(error or "")
