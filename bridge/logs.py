@@ -40,6 +40,8 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
+        if record.name and not record.name.startswith("bridge"):  # a library's warning (asyncpg's pool, aiohttp)
+            line["logger"] = record.name
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 line[key] = value
@@ -135,6 +137,10 @@ def setup(level: str = "info", stream: Any = None) -> None:
     logger.handlers[:] = [_handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    # the libraries' warnings and errors as JSON lines too, not as bare tracebacks between them
+    root = logging.getLogger()
+    root.handlers[:] = [_handler]
+    root.setLevel(logging.WARNING)
     atexit.register(flush)
 
 
@@ -143,5 +149,6 @@ def flush() -> None:
     global _handler
     if _handler is not None:
         logger.removeHandler(_handler)
+        logging.getLogger().removeHandler(_handler)
         _handler.close()
         _handler = None

@@ -29,7 +29,7 @@ from bridge.carriers import Carriers
 from bridge.config import AuthConfig, Config, load
 from bridge.delivery import Dispatcher
 from bridge.destinations import USER_AGENT, Destination, Services, conversation_key
-from bridge.errors import ConfigError, PostbackError, StoreError
+from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
 from bridge.event import dedup_key, normalize
 from bridge.ids import event_id, timestamp
 from bridge.metrics import Metrics
@@ -46,6 +46,9 @@ STORE_PATIENCE = 8.0
 # A PostgreSQL store that cannot be reached when `serve` starts is tried again after 1 s, then
 # twice as long each time up to 30 s; postbacks get a 503 (Skycore retries) until it opens.
 CONNECT_FIRST, CONNECT_MAX = 1.0, 30.0
+# How long `serve` waits for that store before it listens anyway: a database host that hangs
+# must not keep /healthz from answering (a liveness probe would restart us for it).
+OPEN_PATIENCE = 5.0
 OTHER_BODY_BYTES = 64 * 1024  # the most any other request may send (admin JSON bodies)
 
 
@@ -117,8 +120,9 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     services: Services | None = None
     patience: Patience = field(default_factory=lambda: Patience(STORE_PATIENCE))
-    # why the store is not open yet (it could not be reached at startup), or None once it is
-    store_error: str | None = None
+    # why the store is not open yet (it could not be reached at startup), or None once it is;
+    # /readyz, which anyone may ask, shows only its kind (the message names hosts)
+    store_error: BaseException | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # postbacks being routed and stored, by the config (id) that routes them; a reload waits for
     # the old config's to be stored before it retires that config's destinations
@@ -190,10 +194,13 @@ class Runtime:
             await asyncio.sleep(delay)
             try:
                 await self.store.open()
-            except StoreError as exc:
-                self.store_error = str(exc)
+            except Exception as exc:  # ConfigError too: a database being set up refuses us a while
+                self.store_error = exc
                 delay = min(delay * 2, CONNECT_MAX)
-                log.error("store still unreachable", extra={"error": str(exc), "retry_in": delay})
+                if isinstance(exc, BridgeError):
+                    log.error("store still unreachable", extra={"error": str(exc), "retry_in": delay})
+                else:  # a bug: logged whole, and tried again, or we would answer 503 for ever
+                    log.exception("store open failed unexpectedly", extra={"retry_in": delay})
                 continue
             break
         self.store_error = None
@@ -512,7 +519,8 @@ async def readyz(request: web.Request) -> web.Response:
         if store is None:
             raise StoreError("store is not open")
         if runtime.store_error is not None:
-            raise StoreError(f"not open yet: {runtime.store_error}")
+            cause = runtime.store_error.__cause__ or runtime.store_error
+            raise StoreError(f"not open yet ({type(cause).__name__}; the log says more)")
         async with asyncio.timeout(5):
             await store.ping()
     except (StoreError, TimeoutError) as exc:
@@ -548,11 +556,18 @@ async def never_500(request: web.Request, handler: Handler) -> web.StreamRespons
         raise
     except asyncio.CancelledError:
         raise
+    except StoreError as exc:  # the database is down or not up yet (admin API): expected, no traceback
+        log.warning("store unavailable", extra={"error": str(exc), "path": _route_path(request)})
+        return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
     except Exception:
-        resource = request.match_info.route.resource
-        where = resource.canonical if resource is not None else request.path  # never the token in the path
-        log.exception("unexpected error", extra={"path": where, "method": request.method})
+        log.exception("unexpected error", extra={"path": _route_path(request), "method": request.method})
         return error(503, "temporarily unavailable, retry later")
+
+
+def _route_path(request: web.Request) -> str:
+    """The path as routed (`/{token}`), never the token in it."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
 
 
 # ---------------------------------------------------------------------------- assembly
@@ -600,14 +615,16 @@ def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator
         runtime = app[RUNTIME]
         runtime.store = store or open_store(runtime.config.store)
         try:
-            await runtime.store.open()
-        except StoreError as exc:
+            async with asyncio.timeout(OPEN_PATIENCE if runtime.store.retry_open else None):
+                await runtime.store.open()
+        except (StoreError, TimeoutError) as exc:
             if not runtime.store.retry_open:
                 raise  # serve exits: a file we cannot open now will not open later
             # PostgreSQL may start after us (a compose file, a reboot): serve 503s meanwhile
-            runtime.store_error = str(exc)
+            runtime.store_error = exc
             runtime.metrics.store_up.set(0)
-            log.error("store unreachable; answering 503 until it opens", extra={"error": str(exc)})
+            why = str(exc) or f"no answer within {OPEN_PATIENCE:g}s"
+            log.error("store unreachable; answering 503 until it opens", extra={"error": why})
         sweeper = asyncio.create_task(runtime.patience.run(), name="store-patience")
         yield
         sweeper.cancel()

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -529,7 +530,8 @@ async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bri
     bridge.start()
 
     status, body = await readyz(bridge)
-    assert status == 503 and "cannot open PostgreSQL store" in body["store"], body
+    # why, without the hosts and names in the log's message: anyone may ask /readyz
+    assert status == 503 and body["store"].startswith("not open yet (") and str(port) not in body["store"], body
     async with aiohttp.ClientSession() as s, s.get(bridge.url + "/healthz") as r:
         assert r.status == 200  # alive: a supervisor must not restart it for this
     async with aiohttp.ClientSession() as s, s.post(bridge.url + "/postback", data=sms(1, text="STOP")) as r:
@@ -550,6 +552,41 @@ async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bri
         assert await asyncio.to_thread(bridge.stop) == 0  # its last words to the database go through this loop
     messages = [line["msg"] for line in bridge.log_lines()]
     assert "store unreachable; answering 503 until it opens" in messages and "store open" in messages
+    assert "unexpected error" not in messages  # the admin API's 503 is expected, not a bug's traceback
+    assert all(line.startswith("{") for line in bridge.stderr().splitlines())  # asyncpg's too, as JSON
+
+
+async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bridge_factory):
+    """A host that takes the connection and never answers: /healthz must answer long before
+    asyncpg's own timeouts (10 s to connect, 15 s a command) end, or a liveness probe restarts
+    us for what is the database's trouble."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()  # the kernel completes the handshake; nobody ever answers
+        bridge = bridge_factory({"store": f"postgresql://postgres@127.0.0.1:{hung.getsockname()[1]}/test"})
+        started = time.monotonic()
+        bridge.start(timeout=15)
+        assert time.monotonic() - started < 9
+        async with aiohttp.ClientSession() as s, s.get(bridge.url + "/healthz") as r:
+            assert r.status == 200
+        assert (await readyz(bridge))[0] == 503
+        assert bridge.stop() == 0
+
+
+@pytest.mark.parametrize("wrong", ["/no_such_database_here", "?connect_timeout=10"])
+def test_a_postgresql_that_refuses_for_good_is_an_error_at_startup(pg_url, bridge_factory, wrong):  # noqa: F811
+    """No such database, a role refused, a setting PostgreSQL does not know: a person must fix
+    it, and waiting would only hide it behind a 503."""
+    parts = urlsplit(pg_url)
+    if wrong.startswith("/"):
+        url = urlunsplit(parts._replace(path=wrong))
+    else:
+        url = urlunsplit(parts._replace(query=wrong.removeprefix("?")))
+    bridge = bridge_factory({"store": url})
+    with pytest.raises(AssertionError, match="exited with 1") as failed:
+        bridge.start()
+    assert "store: cannot open PostgreSQL store" in str(failed.value)
+    assert ("no_such_database_here" if wrong.startswith("/") else "connect_timeout") in str(failed.value)
 
 
 async def test_serve_stops_cleanly_while_waiting_for_its_postgresql(bridge_factory):

@@ -49,6 +49,17 @@ COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request
 
 # What the driver and the network raise; anything else is a bug and is not dressed up.
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# What opening the store raises when the URL or the database needs a person, not a wait: a role
+# or password that is refused, no such database, a setting PostgreSQL does not know (libpq's
+# `?connect_timeout=`), no right to make the tables, a certificate file that is not there.
+NEEDS_A_PERSON = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.UndefinedObjectError,
+    asyncpg.InvalidParameterValueError,
+    asyncpg.InsufficientPrivilegeError,
+    FileNotFoundError,
+)
 
 
 def _updated(status: str) -> int:
@@ -114,6 +125,8 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
+        """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
+        when it may (the server is not up yet, or not reachable)."""
         try:
             pool = await asyncpg.create_pool(
                 self.url,
@@ -126,7 +139,7 @@ class PostgresStore(Store):
         except (ValueError, OverflowError) as exc:  # a malformed URL (port 99999): trying again won't help
             raise ConfigError([f"store: {redact(self.url)}: {exc}"]) from exc
         except DRIVER_ERRORS as exc:
-            raise StoreError(f"cannot open PostgreSQL store {redact(self.url)}: {exc}") from exc
+            raise self._cannot_open(exc) from exc
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
                 await conn.execute(Q["schema_lock"])
@@ -139,9 +152,17 @@ class PostgresStore(Store):
                     if owner_gone(owner):
                         await conn.execute(Q["recover_leases"], owner, now)
         except DRIVER_ERRORS as exc:
-            await pool.close()
-            raise StoreError(f"cannot open PostgreSQL store {redact(self.url)}: {exc}") from exc
+            pool.terminate()
+            raise self._cannot_open(exc) from exc
+        except BaseException:  # cancelled (shutdown, or the startup's patience ran out)
+            pool.terminate()
+            raise
         self._pool = pool
+
+    def _cannot_open(self, exc: BaseException) -> ConfigError | StoreError:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # a timeout says nothing
+        message = f"cannot open PostgreSQL store {redact(self.url)}: {detail}"
+        return ConfigError([f"store: {message}"]) if isinstance(exc, NEEDS_A_PERSON) else StoreError(message)
 
     async def close(self) -> None:
         if self._pool is not None:
