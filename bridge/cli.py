@@ -289,22 +289,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def replay(store: Store) -> tuple[list[int], list[int]]:
         ids = await store.replay(where, force=args.force)
         if not args.ids:
-            return ids, []
+            return ids, [], []
         found = await store.list_deliveries(DeliveryFilter(ids=tuple(args.ids), limit=len(args.ids)))
-        return ids, sorted(set(args.ids) - {row.id for row in found})
+        unknown = sorted(set(args.ids) - {row.id for row in found})
+        return ids, unknown, sorted((row.id, row.destination) for row in found if row.destination not in where_to)
 
-    ids, unknown = _with_store(config, replay)
+    where_to = set(config.destinations)
+    ids, unknown, elsewhere = _with_store(config, replay)
     if args.json:
         print(json.dumps({"replayed": ids, **({"unknown": unknown} if unknown else {})}))
     else:
         print(f"replayed {len(ids)} deliveries" + (f": {', '.join(map(str, ids))}" if ids else ""))
-        some_exist = not args.ids or len(unknown) < len(args.ids)
-        if not ids and not args.force and some_exist:
+        if not ids and not args.force and not unknown and not elsewhere:
             print("(only dead and failed deliveries are replayed; add --force to send delivered ones again)")
     if unknown:
         print(f"replay: no delivery {', '.join(map(str, unknown))}", file=sys.stderr)
-        return 1
-    return 0
+    for delivery_id, destination in elsewhere:  # it would wait for ever: not replayed
+        print(f"replay: delivery {delivery_id} is to {destination!r}, not in {config.source}", file=sys.stderr)
+    return 1 if unknown or elsewhere else 0
 
 
 # ---------------------------------------------------------------------------- main

@@ -340,7 +340,9 @@ class Dispatcher:
                 "destination down: probing one delivery at a time" if health.down else "destination back up",
                 extra={"destination": destination.name, "failures": health.failures},
             )
-        decision = decide(outcome, attempt=claim.attempt, created_at=claim.age_from, now=now, policy=destination.retry)
+        decision = decide(
+            outcome, attempt=claim.attempt, created_at=claim.created_at, now=now, policy=destination.retry
+        )
         label = "delivered" if isinstance(decision, Done) else "dead" if isinstance(decision, Dead) else "retry"
         result = AttemptResult(
             claim=claim,

@@ -670,7 +670,8 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def purge_forever() -> None:
         while True:
-            await purge_once(runtime)
+            if runtime.store_error is None:  # else the store is not open yet: nothing to say
+                await purge_once(runtime)
             await asyncio.sleep(RETENTION_EVERY)
 
     task = asyncio.create_task(purge_forever(), name="retention")

@@ -445,11 +445,15 @@ async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sin
     bridge.start()
     _, body = await admin(bridge, "GET", "/admin/deliveries?destination=crm")
     assert [(d["status"], d["last_error"]) for d in body["deliveries"]] == [("dead", "destination removed")]
+    dead_id = body["deliveries"][0]["id"]
     # replaying it while crm is still missing would leave it pending forever: refused, with why
-    status, body = await admin(bridge, "POST", f"/admin/deliveries/{body['deliveries'][0]['id']}/replay")
+    status, body = await admin(bridge, "POST", f"/admin/deliveries/{dead_id}/replay")
     assert status == 409 and "crm" in body["error"]
     done = bridge.cli("replay", "-c", str(bridge.config_path), "--destination", "crm", check=False)
     assert done.returncode == 2 and "not in" in done.stderr
+    done = bridge.cli("replay", "-c", str(bridge.config_path), str(dead_id), check=False)
+    assert done.returncode == 1 and f"is to 'crm', not in {bridge.config_path}" in done.stderr
+    assert "--force" not in done.stdout  # not the hint: that is not why it was not replayed
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
@@ -553,6 +557,7 @@ async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bri
     messages = [line["msg"] for line in bridge.log_lines()]
     assert "store unreachable; answering 503 until it opens" in messages and "store open" in messages
     assert "unexpected error" not in messages  # the admin API's 503 is expected, not a bug's traceback
+    assert "retention purge failed; trying again later" not in messages  # it waits for the store too
     assert all(line.startswith("{") for line in bridge.stderr().splitlines())  # asyncpg's too, as JSON
 
 
@@ -573,8 +578,15 @@ async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bri
         assert bridge.stop() == 0
 
 
-@pytest.mark.parametrize("wrong", ["/no_such_database_here", "?connect_timeout=10"])
-def test_a_postgresql_that_refuses_for_good_is_an_error_at_startup(pg_url, bridge_factory, wrong):  # noqa: F811
+@pytest.mark.parametrize(
+    ("wrong", "named"),
+    [
+        ("/no_such_database_here", "no_such_database_here"),
+        ("?connect_timeout=10", "connect_timeout"),
+        ("?sslmode=verify-full&sslrootcert=/no/such/root.crt", "no such file: sslrootcert=/no/such/root.crt"),
+    ],
+)
+def test_a_postgresql_that_refuses_for_good_is_an_error_at_startup(pg_url, bridge_factory, wrong, named):  # noqa: F811
     """No such database, a role refused, a setting PostgreSQL does not know: a person must fix
     it, and waiting would only hide it behind a 503."""
     parts = urlsplit(pg_url)
@@ -585,8 +597,18 @@ def test_a_postgresql_that_refuses_for_good_is_an_error_at_startup(pg_url, bridg
     bridge = bridge_factory({"store": url})
     with pytest.raises(AssertionError, match="exited with 1") as failed:
         bridge.start()
-    assert "store: cannot open PostgreSQL store" in str(failed.value)
-    assert ("no_such_database_here" if wrong.startswith("/") else "connect_timeout") in str(failed.value)
+    assert "store: " in str(failed.value) and named in str(failed.value)
+
+
+async def test_a_unix_socket_not_there_yet_is_waited_for(bridge_factory, tmp_path: Path):
+    """Before PostgreSQL has started, its socket file is missing: that is "not up yet" (a
+    FileNotFoundError, as a missing certificate file would be), not a mistake in the URL."""
+    sockets = tmp_path / "run"
+    sockets.mkdir()
+    bridge = bridge_factory({"store": f"postgresql://postgres@/test?host={sockets}"})
+    bridge.start()
+    assert (await readyz(bridge))[0] == 503
+    assert bridge.stop() == 0
 
 
 async def test_serve_stops_cleanly_while_waiting_for_its_postgresql(bridge_factory):

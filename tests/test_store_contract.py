@@ -285,7 +285,7 @@ async def test_order_pending_puts_what_was_queued_unordered_in_line(store):
 
 async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
     """Turn the schema back into what stores made before `deliveries.ordered` (and before
-    `deliveries.age_from`) have."""
+    `deliveries.came_in_at`) have."""
     old_index = (
         "CREATE INDEX deliveries_conversation ON deliveries (destination, conversation, id) WHERE status = 'pending'"
     )
@@ -294,7 +294,7 @@ async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
         with conn:
             conn.execute("DROP INDEX deliveries_ordered")
             conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
-            conn.execute("ALTER TABLE deliveries DROP COLUMN age_from")
+            conn.execute("ALTER TABLE deliveries DROP COLUMN came_in_at")
             conn.execute(old_index)
         conn.close()
         return
@@ -302,7 +302,7 @@ async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
     try:
         await conn.execute("DROP INDEX deliveries_ordered")
         await conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
-        await conn.execute("ALTER TABLE deliveries DROP COLUMN age_from")
+        await conn.execute("ALTER TABLE deliveries DROP COLUMN came_in_at")
         await conn.execute(old_index)
     finally:
         await conn.close()
@@ -327,14 +327,56 @@ async def test_a_store_from_before_ordered_deliveries_is_upgraded_and_keeps_its_
         (late,) = await claim(upgraded, "b", ordered=True)
         assert late.event_id == event["id"]
         await upgraded.complete([finished(late, Dead("HTTP 400"))])
-        assert await upgraded.replay(DeliveryFilter(ids=(late.id,))) == [late.id]  # sets age_from
+        assert await upgraded.replay(DeliveryFilter(ids=(late.id,))) == [late.id]  # sets came_in_at
         (replayed,) = await claim(upgraded, "c", ordered=True)
-        assert replayed.id == late.id and replayed.age_from > late.age_from
+        assert replayed.id == late.id and replayed.created_at > late.created_at
+        (row,) = await upgraded.list_deliveries(DeliveryFilter(ids=(late.id,)))
+        assert row.created_at == late.created_at
     finally:
         await upgraded.close()
     again = open_store(store_url)  # and opening it once more changes nothing
     await again.open()
     await again.close()
+
+
+async def test_opening_an_up_to_date_postgresql_store_does_not_wait_for_writes_in_flight(pg_url):
+    """A new instance starting beside running ones: CREATE INDEX IF NOT EXISTS would wait for every
+    write in flight, and hold every new postback back while it waits."""
+    first = open_store(pg_url)
+    await first.open()
+    writer = await asyncpg.connect(pg_url)
+    try:
+        async with writer.transaction():
+            await writer.execute("LOCK TABLE deliveries IN ROW EXCLUSIVE MODE")  # as an ingest holds it
+            second = open_store(pg_url)
+            await asyncio.wait_for(second.open(), 5)
+            await second.close()
+    finally:
+        await writer.close()
+        await first.close()
+
+
+async def test_a_schema_change_waits_for_a_running_reader_only_briefly(pg_url):
+    """A new version adding a column to a store that running instances are reading: the open
+    gives up after a moment (StoreError: serve tries again later), instead of holding every
+    running instance's postbacks back behind it for as long as the reader takes."""
+    first = open_store(pg_url)
+    await first.open()
+    await first.close()
+    await _make_it_a_store_from_before_ordered(pg_url)
+    reader = await asyncpg.connect(pg_url)
+    try:
+        async with reader.transaction():
+            await reader.fetch("SELECT count(*) FROM deliveries")  # a long report, still open
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="LockNotAvailable"):
+                await open_store(pg_url).open()
+            assert time.monotonic() - started < 5
+    finally:
+        await reader.close()
+    upgraded = open_store(pg_url)  # the report is over: the next try goes through
+    await upgraded.open()
+    await upgraded.close()
 
 
 async def test_a_sqlite_store_in_a_directory_not_made_yet_makes_it_private(tmp_path):
@@ -474,7 +516,11 @@ async def test_a_replay_keeps_when_a_delivery_came_in_and_restarts_its_max_age(s
     # 0.2 s of max_age: past it counted from when it came in, not counted from the replay
     assert await store.expire("crm", max_age=0.2) == 0
     (again,) = await claim(store)
-    assert again.attempt == 2 and replayed_at <= again.age_from <= time.time()
+    assert again.attempt == 2 and replayed_at <= again.created_at <= time.time()  # max_age's clock
+    assert (await store.list_deliveries(DeliveryFilter(ids=(c.id,))))[0].created_at == before.created_at
+    await store.complete([finished(again, Dead("HTTP 400"))])
+    assert await store.replay(DeliveryFilter(ids=(c.id,))) == [c.id]  # a second replay keeps it too
+    assert [r.created_at for r in await store.event_deliveries(c.event_id)] == [before.created_at]
 
 
 async def test_failed_deliveries_are_listed_and_replayed_now_with_the_dead(store):

@@ -42,7 +42,7 @@ class Claim:
     event_id: str
     destination: str
     attempt: int  # this attempt's number, from 1
-    age_from: float  # max_age counts from here: when it was stored, or last replayed
+    created_at: float  # when it was stored, or last replayed: max_age counts from here
     conversation: str
     route: str
     body: str  # the event as stored: JSON
@@ -153,6 +153,11 @@ class DestinationStats:
 # `deliveries --status failed` lists them; `replay` requeues them with the dead ones (CONTRACT §2).
 FAILED_SQL = "(status = 'pending' AND last_error IS NOT NULL AND leased_by IS NULL)"
 STATUSES = ("pending", "delivered", "dead", "failed")
+# When a delivery came in: what listings show as `created_at` and what --since/--until filter on.
+# A replay moves `created_at` (the max_age clock, which every version of the bridge reads there)
+# to its own time, and keeps the first one in `came_in_at`.
+CAME_IN_SQL = "COALESCE(came_in_at, created_at)"
+REPLAY_SET_SQL = "came_in_at = COALESCE(came_in_at, created_at), created_at"  # ... = the replay's time
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ here, at the boundary, so callers answer 503 and retry.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -26,7 +28,9 @@ from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
+    CAME_IN_SQL,
     FAILED_SQL,
+    REPLAY_SET_SQL,
     AttemptResult,
     AttemptRow,
     Claim,
@@ -46,20 +50,23 @@ Q = load_queries("postgres.sql")
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0  # seconds; also how long an operation waits for a free connection
 COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request that never ends
+SCHEMA_LOCK_PATIENCE = 2  # seconds opening the store waits for a lock on a table
 
 # What the driver and the network raise; anything else is a bug and is not dressed up.
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # What opening the store raises when the URL or the database needs a person, not a wait: a role
 # or password that is refused, no such database, a setting PostgreSQL does not know (libpq's
-# `?connect_timeout=`), no right to make the tables, a certificate file that is not there.
+# `?connect_timeout=`), no right to make the tables. (Not FileNotFoundError: a Unix socket that
+# is not there yet, before PostgreSQL has started, raises it too. Certificate files are looked
+# for beforehand instead: `_missing_files`.)
 NEEDS_A_PERSON = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
     asyncpg.UndefinedObjectError,
     asyncpg.InvalidParameterValueError,
     asyncpg.InsufficientPrivilegeError,
-    FileNotFoundError,
 )
+FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
 def _updated(status: str) -> int:
@@ -92,9 +99,9 @@ def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
         if value is not None:
             clauses.append(f"{column} = {p.add(value)}")
     if where.since is not None:
-        clauses.append(f"created_at >= {p.add(where.since)}")
+        clauses.append(f"{CAME_IN_SQL} >= {p.add(where.since)}")
     if where.until is not None:
-        clauses.append(f"created_at < {p.add(where.until)}")
+        clauses.append(f"{CAME_IN_SQL} < {p.add(where.until)}")
     if where.ids is not None:
         clauses.append(f"id = ANY({p.add(list(where.ids))}::bigint[])")
     if where.destinations is not None:
@@ -113,6 +120,12 @@ def _settings(url: str) -> dict[str, str]:
     return {} if "application_name" in query else {"application_name": "postback-bridge"}
 
 
+def _missing_files(url: str) -> list[str]:
+    """`sslrootcert=/path` and the like in the URL whose file is not there."""
+    query = parse_qs(urlsplit(url).query)
+    return [f"{name}={path}" for name in FILE_PARAMETERS for path in query.get(name, []) if not os.path.exists(path)]
+
+
 def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
     return DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9])
 
@@ -127,6 +140,9 @@ class PostgresStore(Store):
     async def open(self) -> None:
         """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
         when it may (the server is not up yet, or not reachable)."""
+        missing = await asyncio.to_thread(_missing_files, self.url)
+        if missing:
+            raise ConfigError([f"store: {redact(self.url)}: no such file: {', '.join(missing)}"])
         try:
             pool = await asyncpg.create_pool(
                 self.url,
@@ -142,6 +158,10 @@ class PostgresStore(Store):
             raise self._cannot_open(exc) from exc
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
+                # A change to the schema (a column a new version adds) waits for the running
+                # instances' reads and holds their postbacks back while it waits: not for long.
+                # Timed out, it is tried again later (a StoreError), as an unreachable database is.
+                await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_PATIENCE}s'")
                 await conn.execute(Q["schema_lock"])
                 await conn.execute(Q["schema"])
                 # Leases of a process on this host that is gone (kill -9) are due again at once.
@@ -223,7 +243,7 @@ class PostgresStore(Store):
                 event_id=row[1],
                 destination=destination,
                 attempt=row[2],
-                age_from=row[3],
+                created_at=row[3],
                 conversation=row[4],
                 route=row[5],
                 body=row[6],
@@ -267,8 +287,8 @@ class PostgresStore(Store):
         p = _Params()
         sql = _sql_where(_delivery_where(where, p))
         query = (
-            "SELECT id, event_id, destination, route, status, attempts, created_at, next_at, updated_at, last_error"
-            f" FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
+            f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
+            f" last_error FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
         )
         async with self._tx() as conn:
             rows = await conn.fetch(query, *p.values)
@@ -290,10 +310,11 @@ class PostgresStore(Store):
         statuses = p.add(["dead", "delivered"] if force else ["dead"])
         clauses.append(f"(status = ANY({statuses}::text[]) OR {FAILED_SQL})")
         now = p.add(time.time())
-        # a new attempt series: due now, and max_age counts from the replay (created_at stays:
-        # the time range of a later listing or replay is still the time it came in)
+        # a new attempt series: due now, and max_age counts from the replay (when it came in is
+        # kept: a later listing or replay by time range still finds it)
         query = (
-            f"UPDATE deliveries SET status = 'pending', next_at = {now}, age_from = {now}, updated_at = {now},"
+            f"UPDATE deliveries SET status = 'pending', next_at = {now}, {REPLAY_SET_SQL} = {now},"
+            f" updated_at = {now},"
             " leased_by = NULL, last_error = NULL"
             f" WHERE id IN (SELECT id FROM deliveries{_sql_where(clauses)} ORDER BY id LIMIT {p.add(where.limit)}"
             " FOR UPDATE) RETURNING id"

@@ -26,7 +26,9 @@ from bridge.errors import StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
+    CAME_IN_SQL,
     FAILED_SQL,
+    REPLAY_SET_SQL,
     AttemptResult,
     AttemptRow,
     Claim,
@@ -84,8 +86,8 @@ class _Writer(threading.Thread):
             columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
             if "ordered" not in columns:
                 conn.execute(Q["add_ordered"])
-            if "age_from" not in columns:
-                conn.execute(Q["add_age_from"])
+            if "came_in_at" not in columns:
+                conn.execute(Q["add_came_in_at"])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -276,7 +278,7 @@ class SQLiteStore(Store):
                     event_id=row[1],
                     destination=destination,
                     attempt=row[2],
-                    age_from=row[3],
+                    created_at=row[3],
                     conversation=row[4],
                     route=row[5],
                     body=bodies[row[1]],
@@ -336,10 +338,10 @@ class SQLiteStore(Store):
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if where.since is not None:
-            clauses.append("created_at >= ?")
+            clauses.append(f"{CAME_IN_SQL} >= ?")
             params.append(where.since)
         if where.until is not None:
-            clauses.append("created_at < ?")
+            clauses.append(f"{CAME_IN_SQL} < ?")
             params.append(where.until)
         if where.ids is not None:
             clauses.append(f"id IN ({_marks(where.ids)})")
@@ -352,8 +354,8 @@ class SQLiteStore(Store):
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
         sql, params = self._where(where)
         query = (
-            "SELECT id, event_id, destination, route, status, attempts, created_at, next_at, updated_at, last_error"
-            f" FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
+            f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
+            f" last_error FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
         )
 
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
@@ -388,10 +390,10 @@ class SQLiteStore(Store):
                     [*params, *statuses, where.limit],
                 ).fetchall()
             ]
-            # a new attempt series: due now, and max_age counts from the replay (created_at stays:
-            # the time range of a later listing or replay is still the time it came in)
+            # a new attempt series: due now, and max_age counts from the replay (when it came in
+            # is kept: a later listing or replay by time range still finds it)
             conn.executemany(
-                "UPDATE deliveries SET status = 'pending', next_at = ?, age_from = ?, updated_at = ?,"
+                f"UPDATE deliveries SET status = 'pending', next_at = ?, {REPLAY_SET_SQL} = ?, updated_at = ?,"
                 " leased_by = NULL, last_error = NULL WHERE id = ?",
                 [(now, now, now, i) for i in ids],
             )

@@ -14,13 +14,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     conversation TEXT NOT NULL,
     status TEXT NOT NULL,                  -- pending | delivered | dead
     attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
+    created_at REAL NOT NULL,              -- stored or last replayed: max_age counts from it
     next_at REAL NOT NULL,                 -- due time; while leased, when the lease runs out
     leased_by TEXT,
     last_error TEXT,
     updated_at REAL NOT NULL,
     ordered INTEGER NOT NULL DEFAULT 1,    -- 1: its destination sends a conversation in order
-    age_from REAL                          -- if set (by a replay), max_age counts from it
+    came_in_at REAL                        -- the first created_at, once a replay has moved it
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (destination, next_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
@@ -55,9 +55,8 @@ CREATE TABLE IF NOT EXISTS meta (
 -- (a store made before deliveries had the column: every delivery in it counts as ordered)
 ALTER TABLE deliveries ADD COLUMN ordered INTEGER NOT NULL DEFAULT 1
 
--- name: add_age_from
--- (a store made before replay kept created_at: max_age counts from created_at, as it did)
-ALTER TABLE deliveries ADD COLUMN age_from REAL
+-- name: add_came_in_at
+ALTER TABLE deliveries ADD COLUMN came_in_at REAL
 
 -- name: ordered_index
 -- Only the deliveries of ordered destinations are in the index `claim_ordered` reads: texters'
@@ -84,7 +83,7 @@ WHERE id IN (
     ORDER BY next_at, id
     LIMIT :limit
 )
-RETURNING id, event_id, attempts, COALESCE(age_from, created_at), conversation, route
+RETURNING id, event_id, attempts, created_at, conversation, route
 
 -- name: claim_ordered
 UPDATE deliveries
@@ -100,7 +99,7 @@ WHERE id IN (
     ORDER BY d.next_at, d.id
     LIMIT :limit
 )
-RETURNING id, event_id, attempts, COALESCE(age_from, created_at), conversation, route
+RETURNING id, event_id, attempts, created_at, conversation, route
 
 -- name: finish
 -- Idempotent, and safe when late: a verdict from an attempt whose lease ran out (the delivery
@@ -131,7 +130,7 @@ WHERE id = :id AND attempts = :attempt AND status = 'pending' AND leased_by = :o
 UPDATE deliveries INDEXED BY deliveries_due
 SET status = 'dead', next_at = :now, leased_by = NULL, updated_at = :now,
     last_error = :reason || attempts || ' attempts' || COALESCE(': ' || last_error, '')
-WHERE destination = :destination AND status = 'pending' AND COALESCE(age_from, created_at) < :cutoff
+WHERE destination = :destination AND status = 'pending' AND created_at < :cutoff
   AND (leased_by IS NULL OR next_at <= :now) AND (next_at <= :settled OR next_at > :now)
 
 -- name: lease_owners
@@ -190,5 +189,7 @@ DELETE FROM attempts WHERE delivery_id = ?
 DELETE FROM events WHERE id = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?)
 
 -- name: deliveries_of_event
-SELECT id, event_id, destination, route, status, attempts, created_at, next_at, updated_at, last_error
+-- (created_at: when it came in, as in every listing; see CAME_IN_SQL)
+SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
+    last_error
 FROM deliveries WHERE event_id = ? ORDER BY id
