@@ -367,7 +367,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader that has gone is caught below, not at exit
+        return code
     except ConfigError as exc:
         _print_errors(exc, getattr(args, "config", None))
         return 1
@@ -378,3 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `deliveries | head`: the reader has all it wanted. Python's docs' recipe: stdout goes
+        # to /dev/null, or the flush at exit fails again, with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -438,10 +438,6 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
     event = normalize(fields, event_id=event_id(), received_at=received, carriers=runtime.carriers)
     origin = event["origin"][:32]
     decision = route(event, config.routes, config.default)
-    for name in decision.routes or (("default",) if decision.defaulted else ()):
-        metrics.route(name)
-    if decision.dropped and not decision.routes:
-        metrics.unmatched.inc()
 
     # A dropped event is stored too, with no deliveries: a 200 means stored (CONTRACT §4), and
     # Skycore's retry of it is then a "duplicate" with the same id.
@@ -464,6 +460,11 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
         return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
     finally:
         patience.stop(task)
+    if result.status == "accepted":  # events, not postbacks: Skycore's retry of one is no new event
+        for name in decision.routes or (("default",) if decision.defaulted else ()):
+            metrics.route(name)
+        if decision.dropped and not decision.routes:
+            metrics.unmatched.inc()
     if decision.dropped:
         metrics.postback(origin, "dropped" if result.status == "accepted" else result.status, "")
         log.info(
@@ -489,7 +490,8 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
             "to": event["to"],
             "keyword": event["keyword"],
             "routes": list(decision.routes) or ["default"],
-            "destinations": [d for d, _ in decision.destinations],
+            # where it goes; a duplicate goes nowhere (the first one went)
+            "destinations": [d for d, _ in decision.destinations] if result.status == "accepted" else [],
         },
     )
     if result.status == "accepted" and runtime.dispatcher is not None:

@@ -295,3 +295,22 @@ def test_route_of_an_unmatched_event_and_of_a_non_postback(tmp_path):
     assert good["file"] == mms and good["routes"] == ["main-shortcode"]
     assert not_xml == {"file": str(bad), "error": "not a postback: root element is <html>, expected <POSTBACK>"}
     assert missing["file"] == "gone.xml" and missing["error"].startswith("cannot read: ")
+
+
+def test_output_into_a_pipe_closed_early_is_no_traceback(tmp_path):
+    """`postback-bridge route ... | head`: head exits after its lines; the rest is not an error
+    worth a traceback."""
+    files = [str(POSTBACKS / "mms_mo_v1.3.xml")] * 200
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "route", "-c", str(TESTDATA / "valid" / "full.yml"), "--json", *files],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert producer.stdout is not None and producer.stderr is not None
+    producer.stdout.read(100)  # what `head -c 100` reads, then it is gone
+    producer.stdout.close()
+    stderr = producer.stderr.read().decode()
+    producer.wait(60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

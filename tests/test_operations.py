@@ -130,8 +130,10 @@ async def test_every_metric_moves_in_an_end_to_end_run(sink, bridge_factory):
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "accepted"), ("reason", "")))] == 2
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "duplicate"), ("reason", "")))] == 1
     assert m[("bridge_postbacks_received_total", (("origin", ""), ("outcome", "rejected"), ("reason", "invalid")))] == 1
-    assert m[("bridge_events_routed_total", (("route", "stop"),))] == 2
+    assert m[("bridge_events_routed_total", (("route", "stop"),))] == 1  # events: the duplicate is none
     assert m[("bridge_events_routed_total", (("route", "default"),))] == 1
+    (again,) = [line for line in bridge.log_lines() if line["msg"] == "postback duplicate"]
+    assert again["destinations"] == [] and again["routes"] == ["stop"]  # sent nowhere: the first one went
     assert m[("bridge_delivery_attempts_total", (("destination", "crm"), ("outcome", "dead")))] == 1
     assert m[("bridge_delivery_latency_seconds_count", (("destination", "audit"),))] == 1
     assert m[("bridge_deliveries_pending", (("destination", "audit"),))] == 0
@@ -479,8 +481,8 @@ async def test_dropped_events_are_counted_and_stored_without_deliveries(store, t
         response = await client.post("/postback", data=sms(n, text=text))
         assert await response.json() == {"status": "duplicate", "id": first[n]}
     m = samples(await (await client.get("/metrics")).text())
-    assert m[("bridge_events_unmatched_total", ())] == 2  # "hello" twice: no route, no default
-    assert m[("bridge_events_routed_total", (("route", "quiet"),))] == 2  # dropped on purpose
+    assert m[("bridge_events_unmatched_total", ())] == 1  # "hello": no route, no default (its retry: no new event)
+    assert m[("bridge_events_routed_total", (("route", "quiet"),))] == 1  # dropped on purpose
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "dropped"), ("reason", "")))] == 2
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "duplicate"), ("reason", "")))] == 2
     assert {e["id"] for e in await runtime.store.list_events(_all())} == set(first.values())
