@@ -229,12 +229,16 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class NoStoreError(StoreError):
+    """The config's SQLite file is not there: `serve` has not run yet, or `store:` has a typo."""
+
+
 def _with_store(config: Config, fn: Any) -> Any:
     """`fn(store)`'s result, with the config's store open."""
     if config.store.startswith("sqlite:///") and not os.path.exists(sqlite_path(config.store)):
         # not made here: a typo in `store:` would read as "nothing is dead", and leave a file
         where = config.source or "the built-in defaults"
-        raise StoreError(f"no store at {sqlite_path(config.store)}: `serve` makes it; is `store:` in {where} right?")
+        raise NoStoreError(f"no store at {sqlite_path(config.store)}: `serve` makes it; is `store:` in {where} right?")
     return asyncio.run(_using(open_store(config.store), fn))
 
 
@@ -248,7 +252,11 @@ async def _using(store: Store, fn: Any) -> Any:
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     config = _config(args.config)
-    rows = _with_store(config, lambda store: store.list_deliveries(_filter(args)))
+    try:
+        rows = _with_store(config, lambda store: store.list_deliveries(_filter(args)))
+    except NoStoreError as exc:  # nothing stored yet (or a typo in `store:`): none, and why
+        print(f"postback-bridge: {exc}", file=sys.stderr)
+        rows = []
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
         return 0

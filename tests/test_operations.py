@@ -267,13 +267,18 @@ async def test_replay_cli_names_delivery_ids_that_do_not_exist(sink, bridge_fact
     assert "--force" not in done.stdout  # not "only dead ones are replayed": there is no such delivery
 
 
-def test_listing_a_store_that_does_not_exist_is_an_error_and_makes_nothing(bridge_factory, tmp_path: Path):
-    """A typo in `store:` must not read as "nothing is dead", nor leave an empty store behind."""
+def test_a_store_that_does_not_exist_is_said_and_never_made(bridge_factory, tmp_path: Path):
+    """Before the first `serve`, or with a typo in `store:`: listing shows nothing and says why
+    (it must not read as a plain "nothing is dead"), replaying is an error, and neither leaves an
+    empty store behind."""
     missing = tmp_path / "typo" / "bridge.db"
     bridge = bridge_factory({"store": f"sqlite:///{missing}"})
-    for command in (("deliveries", "--status", "dead"), ("replay", "--all")):
-        done = bridge.cli(command[0], "-c", str(bridge.config_path), *command[1:], check=False)
-        assert done.returncode == 1 and f"no store at {missing}" in done.stderr, done.stderr
+    done = bridge.cli("deliveries", "-c", str(bridge.config_path), "--status", "dead", "--json")
+    assert json.loads(done.stdout) == [] and f"no store at {missing}" in done.stderr
+    done = bridge.cli("deliveries", "-c", str(bridge.config_path))
+    assert "no deliveries match" in done.stdout and f"no store at {missing}" in done.stderr
+    done = bridge.cli("replay", "-c", str(bridge.config_path), "--all", check=False)
+    assert done.returncode == 1 and f"no store at {missing}" in done.stderr, done.stderr
     assert not (tmp_path / "typo").exists()
 
 
