@@ -123,6 +123,8 @@ class Runtime:
     # why the store is not open yet (it could not be reached at startup), or None once it is;
     # /readyz, which anyone may ask, shows only its kind (the message names hosts)
     store_error: BaseException | None = None
+    # the startup's attempt to open it, when it was still going after OPEN_PATIENCE
+    opening: asyncio.Future[None] | None = None
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # postbacks being routed and stored, by the config (id) that routes them; a reload waits for
     # the old config's to be stored before it retires that config's destinations
@@ -190,11 +192,17 @@ class Runtime:
         opens; then start delivering. Until then postbacks, /readyz and the admin API answer 503."""
         assert self.store is not None
         delay = CONNECT_FIRST
+        # The startup's attempt, if it is still going, is waited for rather than cut short: an
+        # asyncpg connection stuck in a query does not give up on being cancelled anyway.
+        attempt, self.opening = self.opening, None
         while True:
-            await asyncio.sleep(delay)
+            if attempt is None:
+                await asyncio.sleep(delay)
+                attempt = asyncio.ensure_future(self.store.open())
             try:
-                await self.store.open()
+                await attempt
             except Exception as exc:  # ConfigError too: a database being set up refuses us a while
+                attempt = None
                 self.store_error = exc
                 delay = min(delay * 2, CONNECT_MAX)
                 if isinstance(exc, BridgeError):
@@ -616,16 +624,17 @@ def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         runtime = app[RUNTIME]
         runtime.store = store or open_store(runtime.config.store)
-        try:
-            async with asyncio.timeout(OPEN_PATIENCE if runtime.store.retry_open else None):
-                await runtime.store.open()
-        except (StoreError, TimeoutError) as exc:
-            if not runtime.store.retry_open:
-                raise  # serve exits: a file we cannot open now will not open later
-            # PostgreSQL may start after us (a compose file, a reboot): serve 503s meanwhile
-            runtime.store_error = exc
+        opening = asyncio.ensure_future(runtime.store.open())
+        await asyncio.wait([opening], timeout=OPEN_PATIENCE if runtime.store.retry_open else None)
+        problem = opening.exception() if opening.done() else TimeoutError()
+        if problem is not None:
+            if not (runtime.store.retry_open and isinstance(problem, StoreError | TimeoutError)):
+                raise problem  # serve exits: a file we cannot open now will not open later, nor a bad URL
+            # PostgreSQL may start after us (a compose file, a reboot): serve 503s meanwhile, and
+            # the attempt still going, if any, goes on (Runtime.connect)
+            runtime.store_error, runtime.opening = problem, None if opening.done() else opening
             runtime.metrics.store_up.set(0)
-            why = str(exc) or f"no answer within {OPEN_PATIENCE:g}s"
+            why = str(problem) or f"no answer within {OPEN_PATIENCE:g}s; still trying"
             log.error("store unreachable; answering 503 until it opens", extra={"error": why})
         sweeper = asyncio.create_task(runtime.patience.run(), name="store-patience")
         yield
@@ -658,8 +667,8 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         loop.remove_signal_handler(signal.SIGHUP)
     if connecting is not None:
         connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await connecting
+        # not for long: an open stuck mid-way gives up only once store.close() (next) cuts it off
+        await asyncio.wait([connecting], timeout=2)
     await runtime.stop_delivery()
     await http.close()
 

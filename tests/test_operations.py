@@ -25,7 +25,11 @@ from bridge.config import build, load
 from bridge.server import RUNTIME, create_app, purge_once
 from bridge.store import DeliveryFilter
 from tests.conftest import POSTBACKS, free_port, post, sms
-from tests.test_store_contract import pg_url  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
+from tests.test_store_contract import (
+    pg_url,  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
+    stalling_postgresql,
+    via,
+)
 
 ADMIN = "admin-secret-token"
 FAST = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
@@ -583,6 +587,22 @@ async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bri
             assert r.status == 200
         assert (await readyz(bridge))[0] == 503
         assert bridge.stop() == 0
+
+
+async def test_a_database_that_hangs_after_login_does_not_keep_serve_from_listening(pg_url, bridge_factory):  # noqa: F811
+    """Logged in, then its first query never answered: asyncpg gives up on that only after its
+    own timeouts, and does not stop sooner for being cancelled. serve listens after OPEN_PATIENCE
+    anyway, and lets that attempt go on in the background."""
+    with stalling_postgresql() as port:
+        bridge = bridge_factory({"store": via(pg_url, port)})
+        started = time.monotonic()
+        bridge.start(timeout=15)
+        assert time.monotonic() - started < 9
+        assert (await readyz(bridge))[0] == 503
+        stopping = time.monotonic()
+        assert bridge.stop() == 0
+        assert time.monotonic() - stopping < 10  # the stuck attempt is cut off, not waited for
+    assert all(line.startswith("{") for line in bridge.stderr().splitlines()), bridge.stderr()
 
 
 @pytest.mark.parametrize(

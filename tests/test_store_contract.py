@@ -16,10 +16,11 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from bridge.store import (
     Store,
     open_store,
 )
+from bridge.store import postgres as postgres_store
 from bridge.store.postgres import PostgresStore
 from tests.conftest import BridgeProcess, Sink, sms
 
@@ -377,6 +379,93 @@ async def test_a_schema_change_waits_for_a_running_reader_only_briefly(pg_url):
     upgraded = open_store(pg_url)  # the report is over: the next try goes through
     await upgraded.open()
     await upgraded.close()
+
+
+async def _stalls_at_the_first_query(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+    """A PostgreSQL that lets a client connect and log in, then never answers its first query:
+    passes both ways until the client sends a simple query ('Q'), then holds it."""
+    parts = urlsplit(PG_URL or "")
+    server, to_server = await asyncio.open_connection(parts.hostname, parts.port or 5432)
+
+    async def back() -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await server.read(65536):
+                to_client.write(data)
+                await to_client.drain()
+
+    backwards = asyncio.create_task(back())
+    try:
+        untyped = True  # the SSLRequest and the StartupMessage have no type byte
+        while True:
+            head = await client.readexactly(1 if not untyped else 0)
+            length = int.from_bytes(await client.readexactly(4), "big")
+            body = await client.readexactly(length - 4)
+            if head == b"Q":
+                await client.read()  # held: until the client goes away
+                return
+            to_server.write(head + length.to_bytes(4, "big") + body)
+            if untyped and int.from_bytes(body[:4], "big") != 80877103:  # past the SSLRequest
+                untyped = False
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    finally:
+        backwards.cancel()
+        to_server.close()
+        to_client.close()
+
+
+@contextlib.contextmanager
+def stalling_postgresql() -> Iterator[int]:
+    """A port where PostgreSQL lets clients log in and then never answers their first query
+    (`_stalls_at_the_first_query`), served from a thread of its own so that blocking test code
+    (starting a `serve` process) does not stall it too."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serving = asyncio.start_server(_stalls_at_the_first_query, "127.0.0.1", 0)
+    server = asyncio.run_coroutine_threadsafe(serving, loop).result(5)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+
+        async def shut() -> None:
+            server.close()
+            for task in asyncio.all_tasks():  # the connections it is holding
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shut(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def via(url: str, port: int, **params: str) -> str:
+    """`url` with its host and port replaced by 127.0.0.1:`port`."""
+    parts = urlsplit(with_query(url, **params))
+    return urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{port}"))
+
+
+async def test_an_open_that_hangs_after_login_fails_and_leaves_no_connection(pg_url, monkeypatch):
+    """A database that takes the login and then hangs: the open gives up after asyncpg's
+    timeout (StoreError: `serve` tries again later), and closes what it opened, or every retry
+    would leave a connection open on the server."""
+    monkeypatch.setattr(postgres_store, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(postgres_store, "COMMAND_TIMEOUT", 1.0)
+    name = f"stalled-{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        with stalling_postgresql() as port, pytest.raises(StoreError):
+            await asyncio.wait_for(open_store(via(pg_url, port, application_name=name)).open(), 20)
+        left = 1
+        for _ in range(50):
+            left = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+            if left == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert left == 0
+    finally:
+        await admin.close()
 
 
 async def test_a_sqlite_store_in_a_directory_not_made_yet_makes_it_private(tmp_path):

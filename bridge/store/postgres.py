@@ -136,6 +136,7 @@ class PostgresStore(Store):
     def __init__(self, url: str) -> None:
         self.url = url
         self._pool: asyncpg.Pool | None = None
+        self._opening: asyncpg.Pool | None = None  # connected, its schema being set up by `open`
 
     async def open(self) -> None:
         """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
@@ -156,6 +157,7 @@ class PostgresStore(Store):
             raise ConfigError([f"store: {redact(self.url)}: {exc}"]) from exc
         except DRIVER_ERRORS as exc:
             raise self._cannot_open(exc) from exc
+        self._opening = pool
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
                 # A change to the schema (a column a new version adds) waits for the running
@@ -174,9 +176,11 @@ class PostgresStore(Store):
         except DRIVER_ERRORS as exc:
             pool.terminate()
             raise self._cannot_open(exc) from exc
-        except BaseException:  # cancelled (shutdown, or the startup's patience ran out)
+        except BaseException:  # cancelled (shutdown)
             pool.terminate()
             raise
+        finally:
+            self._opening = None
         self._pool = pool
 
     def _cannot_open(self, exc: BaseException) -> ConfigError | StoreError:
@@ -185,6 +189,10 @@ class PostgresStore(Store):
         return ConfigError([f"store: {message}"]) if isinstance(exc, NEEDS_A_PERSON) else StoreError(message)
 
     async def close(self) -> None:
+        if self._opening is not None:
+            # an `open` still waiting on a database that stopped answering mid-way: asyncpg does
+            # not give up on being cancelled, but does once its connections are gone
+            self._opening.terminate()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
