@@ -21,9 +21,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge import server
 from bridge.config import build, load
+from bridge.errors import StoreError
 from bridge.server import RUNTIME, create_app, purge_once
 from bridge.store import DeliveryFilter
+from bridge.store.sqlite import SQLiteStore
 from tests.conftest import POSTBACKS, free_port, post, sms
 from tests.test_store_contract import (
     pg_url,  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
@@ -636,6 +639,48 @@ async def test_a_unix_socket_not_there_yet_is_waited_for(bridge_factory, tmp_pat
     bridge.start()
     assert (await readyz(bridge))[0] == 503
     assert bridge.stop() == 0
+
+
+class _SlowToComeUp(SQLiteStore):
+    """A real SQLite store behind a "server" that is down at first: its first open fails as an
+    unreachable database does, its second with a bug, and the third works."""
+
+    retry_open = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.tries = 0
+
+    async def open(self) -> None:
+        self.tries += 1
+        if self.tries == 1:
+            raise StoreError("connection refused")
+        if self.tries == 2:
+            raise RuntimeError("a bug in opening")
+        await super().open()
+
+
+async def test_the_connect_loop_outlives_a_bug_and_opens_the_store(tmp_path: Path, aiohttp_client, monkeypatch):
+    """Whatever an attempt to open raises, the loop tries again: a loop that died would leave
+    the bridge answering 503 for ever, with nothing in the log after the traceback."""
+    monkeypatch.setattr(server, "CONNECT_FIRST", 0.05)
+    store = _SlowToComeUp(str(tmp_path / "bridge.db"))
+    app = create_app(
+        build(
+            {"destinations": {"log": {"type": "log", "path": str(tmp_path / "out")}}, "default": ["log"]}, environ={}
+        ),
+        store=store,
+    )
+    client = await aiohttp_client(app)
+    assert (await client.post("/postback", data=sms(1))).status == 503
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await wait_until(ready, timeout=5)
+    assert store.tries == 3
+    response = await client.post("/postback", data=sms(1))
+    assert response.status == 200 and (await response.json())["status"] == "accepted"
 
 
 async def test_serve_stops_cleanly_while_waiting_for_its_postgresql(bridge_factory):
