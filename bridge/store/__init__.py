@@ -11,7 +11,7 @@ import abc
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -170,6 +170,27 @@ class DeliveryFilter:
     ids: tuple[int, ...] | None = None
     destinations: tuple[str, ...] | None = None  # only these (replay: the configured ones)
     limit: int = 100
+
+
+def delivery_clauses(
+    where: DeliveryFilter, bind: Callable[[Any], str], among: Callable[[str, Sequence[Any], str], str]
+) -> list[str]:
+    """The SQL conditions of `where`, for either store: `bind(value)` binds a value and gives its
+    placeholder (`?`, `$3`); `among(column, values, sql_type)` gives "column is one of values"."""
+    clauses = [FAILED_SQL] if where.status == "failed" else []
+    status = None if where.status == "failed" else where.status
+    for column, value in (("status", status), ("destination", where.destination), ("event_id", where.event_id)):
+        if value is not None:
+            clauses.append(f"{column} = {bind(value)}")
+    if where.since is not None:
+        clauses.append(f"{CAME_IN_SQL} >= {bind(where.since)}")
+    if where.until is not None:
+        clauses.append(f"{CAME_IN_SQL} < {bind(where.until)}")
+    if where.ids is not None:
+        clauses.append(among("id", where.ids, "bigint"))
+    if where.destinations is not None:
+        clauses.append(among("destination", where.destinations, "text"))
+    return clauses
 
 
 class Store(abc.ABC):

@@ -41,6 +41,7 @@ from bridge.store import (
     Ingested,
     NewDelivery,
     Store,
+    delivery_clauses,
     load_queries,
     owner_gone,
     verdict,
@@ -93,20 +94,9 @@ class _Params:
 
 
 def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
-    clauses = [FAILED_SQL] if where.status == "failed" else []
-    status = where.status if where.status != "failed" else None
-    for column, value in (("status", status), ("destination", where.destination), ("event_id", where.event_id)):
-        if value is not None:
-            clauses.append(f"{column} = {p.add(value)}")
-    if where.since is not None:
-        clauses.append(f"{CAME_IN_SQL} >= {p.add(where.since)}")
-    if where.until is not None:
-        clauses.append(f"{CAME_IN_SQL} < {p.add(where.until)}")
-    if where.ids is not None:
-        clauses.append(f"id = ANY({p.add(list(where.ids))}::bigint[])")
-    if where.destinations is not None:
-        clauses.append(f"destination = ANY({p.add(list(where.destinations))}::text[])")
-    return clauses
+    return delivery_clauses(
+        where, p.add, lambda column, values, sql_type: f"{column} = ANY({p.add(list(values))}::{sql_type}[])"
+    )
 
 
 def _sql_where(clauses: list[str]) -> str:

@@ -39,6 +39,7 @@ from bridge.store import (
     Ingested,
     NewDelivery,
     Store,
+    delivery_clauses,
     load_queries,
     owner_gone,
     verdict,
@@ -326,29 +327,17 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
-        clauses, params = [], []
-        if where.status == "failed":
-            clauses.append(FAILED_SQL)
-        for column, value in (
-            ("status", where.status if where.status != "failed" else None),
-            ("destination", where.destination),
-            ("event_id", where.event_id),
-        ):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if where.since is not None:
-            clauses.append(f"{CAME_IN_SQL} >= ?")
-            params.append(where.since)
-        if where.until is not None:
-            clauses.append(f"{CAME_IN_SQL} < ?")
-            params.append(where.until)
-        if where.ids is not None:
-            clauses.append(f"id IN ({_marks(where.ids)})")
-            params.extend(where.ids)
-        if where.destinations is not None:
-            clauses.append(f"destination IN ({_marks(where.destinations)})")
-            params.extend(where.destinations)
+        params: list[Any] = []
+
+        def bind(value: Any) -> str:
+            params.append(value)
+            return "?"
+
+        def among(column: str, values: Sequence[Any], sql_type: str) -> str:
+            params.extend(values)
+            return f"{column} IN ({_marks(values)})"
+
+        clauses = delivery_clauses(where, bind, among)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
