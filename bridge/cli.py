@@ -294,15 +294,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # only to destinations the config has: a replay to a removed one would wait forever
     where = replace(_filter(args, status=None), destinations=tuple(config.destinations))
 
-    async def replay(store: Store) -> tuple[list[int], list[int]]:
+    async def replay(store: Store) -> tuple[list[int], list[int], list[tuple[int, str]]]:
+        """The ids replayed; of the ids asked for, those that do not exist, and those (with their
+        destination) to a destination the config does not have."""
         ids = await store.replay(where, force=args.force)
         if not args.ids:
             return ids, [], []
         found = await store.list_deliveries(DeliveryFilter(ids=tuple(args.ids), limit=len(args.ids)))
         unknown = sorted(set(args.ids) - {row.id for row in found})
-        return ids, unknown, sorted((row.id, row.destination) for row in found if row.destination not in where_to)
+        gone = sorted((row.id, row.destination) for row in found if row.destination not in config.destinations)
+        return ids, unknown, gone
 
-    where_to = set(config.destinations)
     ids, unknown, elsewhere = _with_store(config, replay)
     if args.json:
         print(json.dumps({"replayed": ids, **({"unknown": unknown} if unknown else {})}))
