@@ -99,8 +99,8 @@ def decide(
     """`attempt` counts from 1; `created_at` is when the delivery was stored (or last replayed).
     Retries go on until `max_age` after `created_at` (the deadline): a backoff that would pass it
     is cut short to the deadline, so the last retry is made at the deadline, and an attempt that
-    fails at or after it makes the delivery dead. A `Retry-After` beyond the deadline makes it dead at once:
-    the peer asked not to be tried again before then."""
+    fails at or after it makes the delivery dead. A `Retry-After` beyond the deadline makes it
+    dead at once: the peer asked not to be tried again before then."""
     if isinstance(outcome, Delivered):
         return Done()
     if not outcome.retryable:
