@@ -40,8 +40,7 @@ def _print_errors(exc: ConfigError, path: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
+    from bridge.lane import run_app
     from bridge.server import create_app
 
     config = _config(args.config, required=False)
@@ -63,15 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        web.run_app(
-            app,
-            host=server.host,
-            port=server.port,
-            shutdown_timeout=10.0,
-            access_log=None,
-            print=started,
-            handle_signals=True,
-        )
+        run_app(app, host=server.host, port=server.port, shutdown_timeout=10.0, started=started)
     except BridgeError as exc:
         log.error("cannot start", extra={"error": str(exc)})
         logs.flush()

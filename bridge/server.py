@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -302,20 +302,59 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 
 
-def answer(status: str, event_id: str) -> web.Response:
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A postback's answer, made once: aiohttp sends it as a web.Response, the postback lane
+    (bridge.lane) writes it to the socket itself. Always a JSON body."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=self.body, content_type="application/json", charset="utf-8",
+            headers=dict(self.headers) if self.headers else None,
+        )  # fmt: skip
+
+
+def answer(status: str, event_id: str) -> Reply:
     """`{"status": ..., "id": ...}`, as json.dumps would write it (both values are plain ASCII)."""
-    body = f'{{"status": "{status}", "id": "{event_id}"}}'.encode()
-    return web.Response(body=body, content_type="application/json", charset="utf-8")
+    return Reply(200, f'{{"status": "{status}", "id": "{event_id}"}}'.encode())
+
+
+def refusal(status: int, message: str, **headers: str) -> Reply:
+    """`{"error": message}`, as json_response writes it."""
+    return Reply(status, json.dumps({"error": message}).encode(), tuple(headers.items()))
 
 
 def error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
+    return refusal(status, message, **headers).response()
 
 
 # ---------------------------------------------------------------------------- auth
 
 
-def client_ip(request: web.Request, auth: AuthConfig) -> str | None:
+class Headers(Protocol):
+    def get(self, name: str, default: str = ..., /) -> str: ...
+    def getall(self, name: str, default: list[str] = ..., /) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who posts, as auth sees it: from aiohttp's request, or from a head the lane read."""
+
+    remote: str | None
+    headers: Headers  # case-insensitive: aiohttp's CIMultiDictProxy, or the lane's
+    path_token: str | None = None  # `/postback/{token}`
+    query_token: str | None = None  # `?token=`
+
+    @classmethod
+    def of(cls, request: web.Request) -> Caller:
+        return cls(request.remote, request.headers, request.match_info.get("token"), request.query.get("token"))
+
+
+def client_ip(request: Caller, auth: AuthConfig) -> str | None:
     """The peer address, or with trusted proxies the right-most X-Forwarded-For hop that is
     not one of them (the left part of the header is whatever the client claims)."""
     peer = request.remote
@@ -349,14 +388,14 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
-def check_auth(request: web.Request, auth: AuthConfig) -> web.Response | None:
+def check_auth(request: Caller, auth: AuthConfig) -> Reply | None:
     """None when the request may post; else the 401/403 to answer (with no hint of what was wrong)."""
     if not _allowed(client_ip(request, auth), auth):
-        return error(403, "forbidden")
+        return refusal(403, "forbidden")
     if not (auth.token or auth.basic):
         return None
     if auth.token:
-        given = request.match_info.get("token") or request.query.get("token")
+        given = request.path_token or request.query_token
         if given is not None and _same(given, auth.token.reveal()):
             return None
     if auth.basic:
@@ -370,8 +409,8 @@ def check_auth(request: web.Request, auth: AuthConfig) -> web.Response | None:
             user_ok = _same(user, auth.basic.username)
             if _same(password, auth.basic.password.reveal()) and user_ok:
                 return None
-        return error(401, "unauthorized", **{"WWW-Authenticate": 'Basic realm="postback-bridge", charset="UTF-8"'})
-    return error(401, "unauthorized")
+        return refusal(401, "unauthorized", **{"WWW-Authenticate": 'Basic realm="postback-bridge", charset="UTF-8"'})
+    return refusal(401, "unauthorized")
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -409,14 +448,10 @@ async def read_body(request: web.Request, limit: int, patience: float) -> bytes:
 
 async def postback(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    config, metrics = runtime.config, runtime.metrics
-    server = config.server
-    if request.match_info.get("token") is not None and not server.auth.token:
-        return error(404, "not found")
-    denied = check_auth(request, server.auth)
+    server, metrics = runtime.config.server, runtime.metrics
+    denied = admit(runtime, Caller.of(request))
     if denied is not None:
-        metrics.postback("", "rejected", "auth")
-        return denied
+        return denied.response()
     try:
         body = await read_body(request, server.max_body_bytes, server.client_timeout)
     except web.HTTPRequestEntityTooLarge:
@@ -425,12 +460,29 @@ async def postback(request: web.Request) -> web.Response:
     except TimeoutError:
         metrics.postback("", "rejected", "timeout")
         return error(408, f"body not received within {server.client_timeout:g}s")
+    reply = await take(runtime, body, request.headers.get("Content-Type", ""), request.remote)
+    return reply.response()
+
+
+def admit(runtime: Runtime, caller: Caller) -> Reply | None:
+    """None when `caller` may post here; else the 401/403/404 to answer."""
+    auth = runtime.config.server.auth
+    if caller.path_token is not None and not auth.token:
+        return refusal(404, "not found")
+    denied = check_auth(caller, auth)
+    if denied is not None:
+        runtime.metrics.postback("", "rejected", "auth")
+    return denied
+
+
+async def take(runtime: Runtime, body: bytes, content_type: str, remote: str | None) -> Reply:
+    """Parse, normalize, route and store one postback's body: the 200, 400 or 503 to answer."""
     try:
-        fields = parse(body, request.headers.get("Content-Type", ""))
+        fields = parse(body, content_type)
     except PostbackError as exc:
-        metrics.postback("", "rejected", "invalid")
-        log.info("postback rejected", extra={"reason": str(exc), "remote": request.remote})
-        return error(400, str(exc))
+        runtime.metrics.postback("", "rejected", "invalid")
+        log.info("postback rejected", extra={"reason": str(exc), "remote": remote})
+        return refusal(400, str(exc))
 
     config = runtime.hold()  # the config now, which may be newer than the request's
     try:
@@ -439,7 +491,7 @@ async def postback(request: web.Request) -> web.Response:
         runtime.release(config)
 
 
-async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web.Response:
+async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Reply:
     """Normalize, route and store one postback; the 200 (or 503) to answer."""
     metrics = runtime.metrics
     received = datetime.now(UTC)
@@ -465,7 +517,7 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> web
         metrics.postback(origin, "unavailable", "store")
         reason = str(exc) if isinstance(exc, StoreError) else f"no answer within {patience.seconds:g}s"
         log.error("store cannot take postback", extra={"error": reason})
-        return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
+        return refusal(503, "store unavailable, retry later", **{"Retry-After": "30"})
     finally:
         patience.stop(task)
     if result.status == "accepted":  # events, not postbacks: Skycore's retry of one is no new event
@@ -566,12 +618,18 @@ async def never_500(request: web.Request, handler: Handler) -> web.StreamRespons
         raise
     except asyncio.CancelledError:
         raise
-    except StoreError as exc:  # the database is down or not up yet (admin API): expected, no traceback
-        log.warning("store unavailable", extra={"error": str(exc), "path": _route_path(request)})
-        return error(503, "store unavailable, retry later", **{"Retry-After": "30"})
-    except Exception:
-        log.exception("unexpected error", extra={"path": _route_path(request), "method": request.method})
-        return error(503, "temporarily unavailable, retry later")
+    except Exception as exc:
+        return unexpected(exc, _route_path(request), request.method).response()
+
+
+def unexpected(exc: Exception, path: str, method: str) -> Reply:
+    """The 503 for an exception no handler expected (Skycore retries), logged; the store being
+    down or not up yet (the admin API) is expected: a warning, no traceback."""
+    if isinstance(exc, StoreError):
+        log.warning("store unavailable", extra={"error": str(exc), "path": path})
+        return refusal(503, "store unavailable, retry later", **{"Retry-After": "30"})
+    log.error("unexpected error", exc_info=exc, extra={"path": path, "method": method})
+    return refusal(503, "temporarily unavailable, retry later")
 
 
 def _route_path(request: web.Request) -> str:

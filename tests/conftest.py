@@ -20,6 +20,10 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from bridge.lane import LaneSite
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -116,6 +120,30 @@ async def start_sink(port: int | None = None) -> tuple[Sink, web.AppRunner]:
     bound = runner.addresses[0][1]
     sink.url = f"http://127.0.0.1:{bound}"
     return sink, runner
+
+
+class LaneTestServer(TestServer):
+    """aiohttp's TestServer with the postback lane in front, as `serve` runs the app
+    (bridge.lane.LaneSite instead of aiohttp's own site)."""
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        self._loop = loop
+        self.runner = await self._make_runner(**kwargs)
+        await self.runner.setup()
+        self.site = LaneSite(self.runner, self.host, 0)
+        await self.site.start()
+        assert self.site._server is not None
+        self.port = self.site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.scheme = "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._root = URL(f"http://{host}:{self.port}")
+
+
+def served(app: web.Application, way: str, host: str = "127.0.0.1") -> TestServer:
+    """`app` served the way a test asks: by aiohttp alone, or with the lane (as `serve` does)."""
+    return LaneTestServer(app, host=host) if way == "lane" else TestServer(app, host=host)
 
 
 @pytest.fixture

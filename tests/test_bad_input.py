@@ -13,7 +13,7 @@ import pytest
 
 from bridge.config import build
 from bridge.server import create_app
-from tests.conftest import BILLION_LAUGHS, POSTBACKS, sms
+from tests.conftest import BILLION_LAUGHS, POSTBACKS, served, sms
 from tests.test_postback import MULTIPART, multipart
 
 MAX_BODY = 1024
@@ -63,9 +63,10 @@ GOOD = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-async def bridge(aiohttp_client, sink, tmp_path):
-    """The app on a real SQLite file, delivering every event to the sink."""
+@pytest.fixture(params=["aiohttp", "lane"])
+async def bridge(aiohttp_client, sink, tmp_path, request):
+    """The app on a real SQLite file, delivering every event to the sink; served by aiohttp
+    alone, and with the postback lane in front as `serve` runs it."""
     config = build(
         {
             "server": {"max_body_bytes": MAX_BODY},
@@ -76,7 +77,7 @@ async def bridge(aiohttp_client, sink, tmp_path):
         },
         environ={},
     )
-    return await aiohttp_client(create_app(config))
+    return await aiohttp_client(served(create_app(config), request.param))
 
 
 async def post(client, body, content_type: str = ""):

@@ -38,7 +38,7 @@ from bridge.config import build
 from bridge.logs import JSONFormatter
 from bridge.secret import Secret, redact
 from bridge.server import RUNTIME, create_app
-from tests.conftest import POSTBACKS, free_port, post, sms
+from tests.conftest import POSTBACKS, free_port, post, served, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 ADMIN = "adm_Q2w9Ztk4"
@@ -46,10 +46,11 @@ Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
 
-@pytest.fixture
-def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
+@pytest.fixture(params=["aiohttp", "lane"])
+def make_client(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest) -> MakeClient:
     """The real app with a fresh SQLite file and a `log` file destination; `server` is the
-    `server:` section of the config."""
+    `server:` section of the config. Served by aiohttp alone, and with the postback lane in front
+    as `serve` runs it: every answer here must be the same either way."""
     counter = itertools.count()
 
     async def make(server: dict[str, Any] | None = None, *, host: str = "127.0.0.1") -> Client:
@@ -60,7 +61,7 @@ def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
             "destinations": {"audit": {"type": "log", "path": str(tmp_path / f"events{n}.jsonl")}},
             "default": ["audit"],
         }
-        return await aiohttp_client(create_app(build(raw, environ={})), server_kwargs={"host": host})
+        return await aiohttp_client(served(create_app(build(raw, environ={})), request.param, host))
 
     return make
 

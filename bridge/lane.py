@@ -1,0 +1,365 @@
+"""The postback lane: plain postbacks answered without aiohttp's per-request machinery.
+
+A postback is one small POST, and for one of them aiohttp's request and response objects, router,
+middleware and task cost more CPU than reading, normalizing and routing it. So each connection
+starts in the lane. The lane takes a request only when it is a plain postback:
+
+    POST <postback_path>[/<token>] HTTP/1.1, one Content-Length within max_body_bytes, and no
+    Transfer-Encoding, Content-Encoding, Expect, Upgrade or Connection other than keep-alive or close,
+    in a head of printable ASCII with nothing unusual (no folded lines, no bare LF)
+
+and answers it with the same functions as aiohttp's handler (`server.admit`, `server.take`,
+`server.unexpected`), so the answer, the metrics and the log lines are the same. Anything else (a
+query string, a chunked or compressed body, another path or method, a malformed head, a body that
+has not all come within a second) goes to aiohttp: the lane hands it the connection with every
+byte read so far, and the connection stays with aiohttp from then on.
+
+The lane keeps aiohttp's limits: an idle keep-alive connection is closed after client_timeout,
+and a request still incomplete after a second is aiohttp's (its 408 and header timeouts). On
+shutdown it stops listening, closes idle connections and lets the postbacks being stored finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from bridge.server import RUNTIME, Caller, Reply, Runtime, admit, take, unexpected
+
+MAX_HEAD = 8190  # aiohttp's own limit on a request line and its headers
+HAND_OVER_AFTER = 1.0  # seconds a request may take to come in whole before aiohttp gets it
+SWEEP_EVERY = 0.5
+
+# The heads the lane reads, in one match: the request line, then header lines whose name is an
+# RFC 9110 token and whose value is printable ASCII (so no folded line, no bare CR or LF).
+_HEAD = re.compile(rb"POST ([!-~]+) HTTP/1\.1((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*)")
+_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")  # a path token as sent, with nothing to decode
+_REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
+_AIOHTTP = object()  # what `_Head.read` says of a request the lane does not take
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class _Headers:
+    """A head's fields by lowercase name: what `server.Caller` needs of aiohttp's CIMultiDict."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self) -> None:
+        self._fields: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._fields.setdefault(name, []).append(value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
+
+    def getall(self, name: str, default: Any = None) -> Any:
+        values = self._fields.get(name.lower())
+        if values:
+            return list(values)
+        if default is None:
+            raise KeyError(name)
+        return default
+
+    def none_of(self, names: frozenset[str]) -> bool:
+        return names.isdisjoint(self._fields)
+
+
+class _Request:
+    __slots__ = ("body", "close", "headers", "size", "token")
+
+    def __init__(self, token: str | None, headers: _Headers, body: bytes, size: int, close: bool) -> None:
+        self.token, self.headers, self.body, self.size, self.close = token, headers, body, size, close
+
+
+class Lane:
+    """The lane of one app: its connections, the sweep that times them out, and the reading of
+    a request head (`read`)."""
+
+    def __init__(self, app: web.Application, aiohttp_protocol: Callable[[], asyncio.Protocol]) -> None:
+        self.runtime: Runtime = app[RUNTIME]
+        self.path = self.runtime.config.server.postback_path  # the path the app's routes were made with
+        self.aiohttp_protocol = aiohttp_protocol
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.taken = self.handed_over = 0  # requests answered here; connections given to aiohttp
+        self._date = (0, "")
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="lane-sweep")
+
+    async def close(self, patience: float) -> None:
+        """Shutdown: close what is idle, let the postbacks being taken finish (within `patience`)."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self.connections):
+            if not connection.busy:
+                connection.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=patience)
+        for connection in list(self.connections):
+            connection.close()
+
+    def protocol(self) -> _Connection:
+        return _Connection(self)
+
+    def date(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def read(self, buffer: bytearray) -> _Request | object | None:
+        """The request at the start of `buffer` if the lane takes it; None while it is not all
+        there yet; `_AIOHTTP` when it is aiohttp's."""
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            return _AIOHTTP if len(buffer) >= MAX_HEAD + 4 else None
+        head = _HEAD.fullmatch(buffer, 0, end)
+        if head is None:
+            return _AIOHTTP
+        target = head[1].decode("ascii")
+        token = None
+        if target != self.path:
+            token = target[len(self.path) + 1 :]
+            if not target.startswith(self.path + "/") or not _SEGMENT.fullmatch(token):
+                return _AIOHTTP
+        headers = _Headers()
+        for line in head[2].decode("ascii").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            headers.add(name.lower(), value.strip(" \t"))
+        lengths = headers.getall("content-length", [])
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 15 or not headers.none_of(_REFUSED):
+            return _AIOHTTP
+        connection = headers.get("connection", "keep-alive").lower()
+        if connection not in ("keep-alive", "close"):
+            return _AIOHTTP
+        length = int(lengths[0])
+        if length > self.runtime.config.server.max_body_bytes:
+            return _AIOHTTP  # its 413
+        size = end + 4 + length
+        if len(buffer) < size:
+            return None
+        return _Request(token, headers, bytes(buffer[end + 4 : size]), size, connection == "close")
+
+    def head(self, reply: Reply, *, close: bool = False) -> bytes:
+        lines = [
+            f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, '')}",
+            "Content-Type: application/json; charset=utf-8",
+            f"Content-Length: {len(reply.body)}",
+            f"Date: {self.date()}",
+            f"Server: {SERVER_SOFTWARE}",
+            *(f"{name}: {value}" for name, value in reply.headers),
+            *(["Connection: close"] if close else []),
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now, keepalive = loop.time(), self.runtime.config.server.client_timeout
+            for connection in list(self.connections):
+                connection.sweep(now, keepalive)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection while it is in the lane: one request at a time, in order."""
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.buffer = bytearray()
+        self.busy = False  # a postback of this connection is being taken
+        self.paused = False
+        self.eof = False
+        self.since = 0.0  # when it connected, last answered or a request began: the sweep's clock
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        self.since = asyncio.get_running_loop().time()
+        self.lane.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lane.connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if not self.buffer and not self.busy:
+            self.since = asyncio.get_running_loop().time()  # a request starts
+        self.buffer += data
+        if not self.busy:
+            self._next()
+        elif len(self.buffer) > MAX_HEAD + self.lane.runtime.config.server.max_body_bytes and not self.paused:
+            self.paused = True  # pipelining faster than we answer: wait for the answer first
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.busy:
+            self._next()
+        return True  # a postback being taken is still answered; then the connection closes
+
+    def _next(self) -> None:
+        if self.transport is None or self.lane.closing:
+            return
+        request = self.lane.read(self.buffer) if self.buffer else None
+        if request is _AIOHTTP:
+            self._hand_over()
+        elif request is None:
+            if self.eof:
+                self.close()
+        else:
+            assert isinstance(request, _Request)
+            del self.buffer[: request.size]
+            self.busy = True
+            self.lane.taken += 1
+            task = asyncio.get_running_loop().create_task(self._take(request))
+            self.lane.tasks.add(task)
+            task.add_done_callback(self.lane.tasks.discard)
+
+    async def _take(self, request: _Request) -> None:
+        lane = self.lane
+        try:
+            caller = Caller(self.remote, request.headers, request.token)
+            reply = admit(lane.runtime, caller)
+            if reply is None:
+                content_type = request.headers.get("content-type", "")
+                reply = await take(lane.runtime, request.body, content_type, self.remote)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            path = lane.path + "/{token}" if request.token is not None else lane.path
+            reply = unexpected(exc, path, "POST")
+        self.busy = False
+        transport = self.transport
+        if transport is None:
+            return  # the client went away; the postback is stored all the same
+        transport.write(lane.head(reply, close=request.close) + reply.body)
+        self.since = asyncio.get_running_loop().time()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        if lane.closing or request.close:
+            self.close()
+        else:
+            self._next()
+
+    def _hand_over(self) -> None:
+        """aiohttp takes this connection over, from the request at the start of the buffer on."""
+        transport = self.transport
+        assert transport is not None and not self.busy
+        self.lane.connections.discard(self)
+        self.lane.handed_over += 1
+        self.transport = None
+        protocol = self.lane.aiohttp_protocol()
+        if self.paused:
+            transport.resume_reading()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer:
+            protocol.data_received(bytes(self.buffer))
+            self.buffer.clear()
+        if self.eof:
+            protocol.eof_received()
+
+    def sweep(self, now: float, keepalive: float) -> None:
+        if self.busy or self.transport is None:
+            return
+        if self.buffer and now - self.since >= HAND_OVER_AFTER:
+            self._hand_over()  # a slow request: aiohttp answers 408 or closes, as it would have
+        elif not self.buffer and now - self.since >= keepalive:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+            self.lane.connections.discard(self)
+
+
+class LaneSite(web.BaseSite):
+    """aiohttp's TCPSite, with the lane in front of aiohttp's protocol."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, shutdown_timeout: float = 10.0) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._drain_timeout = host, port, shutdown_timeout
+        self.lane: Lane | None = None
+
+    @property
+    def name(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner) and runner.server is not None
+        self.lane = Lane(runner.app, runner.server)
+        self.lane.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.lane.protocol, self._host, self._port, reuse_address=True, backlog=self._backlog
+        )
+
+    async def stop(self) -> None:
+        await super().stop()  # stop listening
+        if self.lane is not None:
+            await self.lane.close(self._drain_timeout)
+
+
+def run_app(
+    app: web.Application, *, host: str, port: int, shutdown_timeout: float, started: Callable[[str], None]
+) -> None:
+    """aiohttp's web.run_app with the lane: serve until SIGINT or SIGTERM, then shut down."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def serve() -> None:
+        runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
+        await runner.setup()
+        try:
+            site = LaneSite(runner, host, port, shutdown_timeout=shutdown_timeout)
+            await site.start()
+            started(site.name)
+            await asyncio.Event().wait()  # until a signal ends the loop
+        finally:
+            await runner.cleanup()
+
+    main = loop.create_task(serve())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        finally:
+            rest = asyncio.all_tasks(loop)
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+            asyncio.set_event_loop(None)

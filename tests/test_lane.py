@@ -1,0 +1,400 @@
+"""The postback lane (bridge.lane): what it takes, what it gives to aiohttp, and that the answers
+are the same either way.
+
+Every test runs the real app on a real 127.0.0.1 socket and a real SQLite file, and speaks HTTP by
+hand where a client library would hide what is tested (pipelining, half-close, split bodies).
+test_security.py and test_bad_input.py run all of their in-process tests both ways too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import itertools
+import json
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+import bridge.lane
+from bridge.config import build
+from bridge.errors import StoreError
+from bridge.server import RUNTIME, create_app
+from tests.conftest import LaneTestServer, sms
+
+TOKEN = "tok_3kV9qLr8ZpX2"
+Serve = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
+    """serve(way="lane" | "aiohttp", **server section) -> a started server of the real app."""
+    counter = itertools.count()
+    started: list[TestServer] = []
+
+    async def make(way: str = "lane", **server: Any) -> TestServer:
+        n = next(counter)
+        raw = {
+            "server": server,
+            "store": f"sqlite:///{tmp_path / f'bridge{n}.db'}",
+            "destinations": {"audit": {"type": "log", "path": str(tmp_path / f"events{n}.jsonl")}},
+            "default": ["audit"],
+        }
+        app = create_app(build(raw, environ={}))
+        test_server = LaneTestServer(app, host="127.0.0.1") if way == "lane" else TestServer(app, host="127.0.0.1")
+        await test_server.start_server()
+        started.append(test_server)
+        return test_server
+
+    yield make
+    for test_server in started:
+        await test_server.close()
+
+
+def lane_of(server: TestServer) -> bridge.lane.Lane:
+    assert isinstance(server, LaneTestServer) and server.site.lane is not None
+    return server.site.lane
+
+
+def request(body: bytes = b"", *, path: str = "/postback", method: str = "POST", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: bridge"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    framed = any(k.lower() in ("content_length", "transfer_encoding") for k in headers)
+    if (method == "POST" or body) and not framed:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+@contextlib.asynccontextmanager
+async def connect(server: TestServer) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async with connect_to(server.host, server.port) as streams:
+        yield streams
+
+
+@contextlib.asynccontextmanager
+async def connect_to(host: str, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def exchange(server: TestServer, *requests: bytes) -> list[Response]:
+    return await exchange_to(server.host, server.port, *requests)
+
+
+async def exchange_to(host: str, port: int, *requests: bytes) -> list[Response]:
+    """Send `requests` on one connection, each after the answer to the one before."""
+    answers = []
+    async with connect_to(host, port) as (reader, writer):
+        for raw in requests:
+            writer.write(raw)
+            await writer.drain()
+            answers.append(await asyncio.wait_for(read_response(reader), 10))
+    return answers
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), timeout) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def stored(server: TestServer, event_id: str) -> dict[str, Any] | None:
+    store = server.app[RUNTIME].store
+    assert store is not None
+    return await store.get_event(event_id)
+
+
+def comparable(response: Response) -> tuple[int, dict[str, str], Any]:
+    """An answer without what differs from run to run (event ids, the date, the length of a body
+    that holds an id)."""
+    status, headers, body = response
+    kept = {k: v for k, v in headers.items() if k not in ("date", "content-length")}
+    text = re.sub(r"evt_[0-9A-Z]{26}", "evt_ID", body.decode())
+    return status, kept, json.loads(text) if text else None
+
+
+# ---------------------------------------------------------------------------- the same answers
+
+GZIPPED = gzip.compress(sms(9))
+# (name, server section, requests on one connection): each is sent to a server with the lane and
+# to one without, and the answers must be the same
+CASES: list[tuple[str, dict[str, Any], list[bytes]]] = [
+    ("accepted", {}, [request(sms(1))]),
+    ("duplicate", {}, [request(sms(1)), request(sms(1))]),
+    ("dropped as not XML", {}, [request(b'{"a": 1}', Content_Type="application/json")]),
+    ("empty body", {}, [request(b"")]),
+    ("malformed XML", {}, [request(b"<POSTBACK><ORIGIN>SMS_MO</POSTBACK>")]),
+    ("no ORIGIN", {}, [request(b"<POSTBACK><TEXT>hi</TEXT></POSTBACK>")]),
+    ("form field", {}, [request(b"xml=" + sms(2).replace(b"<", b"%3C").replace(b">", b"%3E"),
+                                Content_Type="application/x-www-form-urlencoded")]),
+    ("a DTD", {}, [request(b'<!DOCTYPE x [<!ENTITY a "b">]><POSTBACK><ORIGIN>&a;</ORIGIN></POSTBACK>')]),
+    ("token in the path", {"auth": {"token": TOKEN}}, [request(sms(3), path=f"/postback/{TOKEN}")]),
+    ("wrong token", {"auth": {"token": TOKEN}}, [request(sms(3), path="/postback/nope")]),
+    ("no token", {"auth": {"token": TOKEN}}, [request(sms(3))]),
+    ("a path token with no token auth", {}, [request(sms(3), path=f"/postback/{TOKEN}")]),
+    ("token in the query", {"auth": {"token": TOKEN}}, [request(sms(3), path=f"/postback?token={TOKEN}")]),
+    ("basic auth", {"auth": {"basic": {"username": "sky", "password": "core"}}},
+     [request(sms(4), Authorization="Basic c2t5OmNvcmU=")]),
+    ("wrong basic auth", {"auth": {"basic": {"username": "sky", "password": "core"}}},
+     [request(sms(4), Authorization="Basic c2t5Om5vcGU=")]),
+    ("allow_from refuses", {"auth": {"allow_from": ["10.0.0.0/8"]}}, [request(sms(5))]),
+    ("allow_from through a trusted proxy",
+     {"auth": {"allow_from": ["10.0.0.0/8"], "trusted_proxies": ["127.0.0.1/32"]}},
+     [request(sms(5), X_Forwarded_For="10.1.2.3")]),
+    ("too large", {"max_body_bytes": 100}, [request(sms(6))]),
+    ("gzip", {}, [request(GZIPPED, Content_Encoding="gzip")]),
+    ("chunked", {}, [request(b"%x\r\n%s\r\n0\r\n\r\n" % (len(sms(7)), sms(7)), Transfer_Encoding="chunked")]),
+    ("Connection: close", {}, [request(sms(8), Connection="close")]),
+    ("postback, then healthz, then postback", {},
+     [request(sms(10)), request(method="GET", path="/healthz"), request(sms(11))]),
+    ("another method", {}, [request(sms(12), method="PUT")]),
+    ("another path", {}, [request(sms(13), path="/elsewhere/x")]),
+    ("POST to healthz", {}, [request(sms(13), path="/healthz")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("server_section", "requests"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+async def test_the_lane_answers_as_aiohttp_does(serve, server_section, requests):
+    with_lane, without = await serve("lane", **server_section), await serve("aiohttp", **server_section)
+    got = [comparable(r) for r in await exchange(with_lane, *requests)]
+    want = [comparable(r) for r in await exchange(without, *requests)]
+    assert got == want
+    assert all(status != 500 for status, _, _ in got)
+
+
+@pytest.mark.parametrize(
+    ("raw", "taken"),
+    [
+        (request(sms(1)), True),
+        (request(sms(1), Connection="keep-alive"), True),
+        (request(sms(1), Connection="close"), True),
+        (request(sms(1), path=f"/postback/{TOKEN}"), True),
+        (request(sms(1), path="/postback?token=x"), False),
+        (request(sms(1), path="/postback/a%20b"), False),
+        (request(sms(1), method="PUT"), False),
+        (request(sms(1), Expect="100-continue"), False),
+        (request(GZIPPED, Content_Encoding="gzip"), False),
+        (request(sms(1), Upgrade="websocket"), False),
+        (request(sms(1), Connection="Upgrade"), False),
+        (request(sms(1)).replace(b"HTTP/1.1", b"HTTP/1.0"), False),
+        (request(sms(1)).replace(b"Host: bridge", b"Host: bridge\r\n folded"), False),
+        (request(sms(1)).replace(b"Host: bridge", b"X-Note: caf\xc3\xa9"), False),
+        (request(sms(1)).replace(b"Host: bridge", b"Content-Length: 3"), False),
+        (request(sms(1), Content_Length="+10"), False),
+    ],
+    ids=["plain", "keep-alive", "close", "path-token", "query", "escaped-token", "put", "expect", "gzip",
+         "upgrade", "connection-upgrade", "http1.0", "folded", "non-ascii", "two-lengths", "signed-length"],
+)  # fmt: skip
+async def test_what_the_lane_takes_and_what_it_gives_to_aiohttp(serve, raw, taken):
+    server = await serve("lane", auth={"token": TOKEN}) if b"token" in raw or TOKEN.encode() in raw else await serve()
+    async with connect(server) as (reader, writer):
+        writer.write(raw)
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            await asyncio.wait_for(read_response(reader), 5)
+    lane = lane_of(server)
+    assert (lane.taken, lane.handed_over) == ((1, 0) if taken else (0, 1))
+
+
+async def test_a_client_library_post_goes_through_the_lane(serve):
+    server = await serve()
+    url = f"http://{server.host}:{server.port}/postback"
+    async with aiohttp.ClientSession() as session, session.post(url, data=sms(1)) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["status"] == "accepted" and (await stored(server, body["id"]))["text"] == "HELLO there"
+    assert lane_of(server).taken == 1
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+async def test_pipelined_postbacks_are_answered_in_order_and_all_stored(serve):
+    server = await serve()
+    async with connect(server) as (reader, writer):
+        writer.write(b"".join(request(sms(n)) for n in range(5)))
+        await writer.drain()
+        answers = [await asyncio.wait_for(read_response(reader), 10) for _ in range(5)]
+    ids = [json.loads(body)["id"] for _, _, body in answers]
+    assert [status for status, _, _ in answers] == [200] * 5 and ids == sorted(ids)
+    for n, event_id in enumerate(ids):
+        assert (await stored(server, event_id))["transaction_id"] == f"tx-{n}"
+    assert lane_of(server).taken == 5
+
+
+async def test_a_body_in_pieces_is_waited_for(serve):
+    server = await serve()
+    raw = request(sms(1))
+    async with connect(server) as (reader, writer):
+        for piece in (raw[:20], raw[20:-30], raw[-30:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+    assert status == 200 and json.loads(body)["status"] == "accepted"
+    assert (lane_of(server).taken, lane_of(server).handed_over) == (1, 0)
+
+
+async def test_a_body_that_stops_coming_gets_aiohttps_408(serve):
+    server = await serve(client_timeout="1s")
+    raw = request(sms(1))
+    async with connect(server) as (reader, writer):
+        writer.write(raw[:-10])
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, _, body = await asyncio.wait_for(read_response(reader), 10)
+        elapsed = loop.time() - started
+    assert status == 408 and "not received within 1s" in json.loads(body)["error"]
+    # a second in the lane, then client_timeout with aiohttp
+    assert 1.5 <= elapsed < 4 and lane_of(server).handed_over == 1
+
+
+async def test_an_idle_connection_is_closed_after_client_timeout(serve):
+    server = await serve(client_timeout="1s")
+    async with connect(server) as (reader, writer):
+        writer.write(request(sms(1)))
+        await writer.drain()
+        assert (await read_response(reader))[0] == 200
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await closed_by_peer(reader, timeout=5)
+        assert 0.9 <= loop.time() - started < 3
+    assert not lane_of(server).connections
+
+
+async def test_a_half_closed_connection_still_gets_its_answer(serve):
+    server = await serve()
+    async with connect(server) as (reader, writer):
+        writer.write(request(sms(1)))
+        writer.write_eof()
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+        assert await closed_by_peer(reader)
+    assert status == 200 and await stored(server, json.loads(body)["id"])
+
+
+async def test_connection_close_is_honoured(serve):
+    server = await serve()
+    async with connect(server) as (reader, writer):
+        writer.write(request(sms(1), Connection="close") + request(sms(2)))
+        await writer.drain()
+        status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_by_peer(reader)  # the second request is not read
+
+
+async def test_a_client_that_hangs_up_before_the_answer_still_has_its_postback_stored(serve):
+    server = await serve()
+    store = server.app[RUNTIME].store
+    assert store is not None
+    ingest, arrived = store.ingest, asyncio.Event()
+
+    async def slow_ingest(*args: Any) -> Any:
+        arrived.set()
+        await asyncio.sleep(0.3)
+        return await ingest(*args)
+
+    store.ingest = slow_ingest  # type: ignore[method-assign]
+    sock = socket.create_connection((server.host, server.port))
+    sock.sendall(request(sms(1)))
+    await asyncio.wait_for(arrived.wait(), 5)
+    sock.close()
+    for _ in range(50):
+        if lane_of(server).tasks:
+            await asyncio.sleep(0.1)
+    assert not lane_of(server).tasks
+    store.ingest = ingest  # type: ignore[method-assign]
+    # Skycore's retry finds it stored
+    assert json.loads((await exchange(server, request(sms(1))))[0][2])["status"] == "duplicate"
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "retry_after"),
+    [(RuntimeError("a bug"), 503, None), (StoreError("disk on fire"), 503, "30")],
+    ids=["bug", "store"],
+)
+async def test_an_unexpected_error_in_the_lane_is_a_503_never_a_500(serve, monkeypatch, caplog, failure, status,
+                                                                     retry_after):  # fmt: skip
+    server = await serve()
+
+    async def broken(*args: Any) -> Any:
+        raise failure
+
+    monkeypatch.setattr(bridge.lane, "take", broken)
+    (got_status, headers, body), (after, _, _) = await exchange(server, request(sms(1)), request(sms(1)))
+    assert got_status == status and headers.get("retry-after") == retry_after
+    assert "retry later" in json.loads(body)["error"]
+    assert after == status  # the connection goes on
+    assert lane_of(server).taken == 2
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+
+async def test_shutdown_answers_the_postbacks_being_stored_and_closes_idle_connections(serve):
+    server = await serve()
+    store = server.app[RUNTIME].store
+    assert store is not None
+    ingest, arrived = store.ingest, asyncio.Event()
+
+    async def slow_ingest(*args: Any) -> Any:
+        arrived.set()
+        await asyncio.sleep(0.5)
+        return await ingest(*args)
+
+    store.ingest = slow_ingest  # type: ignore[method-assign]
+    idle_reader, idle_writer = await asyncio.open_connection(server.host, server.port)
+    async with connect(server) as (reader, writer):
+        writer.write(request(sms(1)))
+        await writer.drain()
+        await asyncio.wait_for(arrived.wait(), 5)
+        closing = asyncio.create_task(server.close())
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+        assert status == 200 and json.loads(body)["status"] == "accepted"
+        assert await closed_by_peer(reader)
+        assert await closed_by_peer(idle_reader)
+        await asyncio.wait_for(closing, 10)
+    idle_writer.close()
+    with pytest.raises(OSError):
+        socket.create_connection((server.host, server.port), timeout=1).close()
+
+
+async def test_serve_exits_cleanly_with_the_lane(bridge_factory, tmp_path):
+    """The real process: postbacks through the lane on a kept-alive connection, then SIGTERM."""
+    proc = bridge_factory(
+        {"store": f"sqlite:///{tmp_path / 'b.db'}", "destinations": {"log": {"type": "log"}}, "default": ["log"]}
+    )
+    proc.start()
+    answers = await exchange_to("127.0.0.1", proc.port, *(request(sms(n)) for n in range(3)))
+    assert [json.loads(body)["status"] for _, _, body in answers] == ["accepted"] * 3
+    assert proc.stop() == 0
+    received = [line for line in proc.log_lines() if line.get("msg") == "postback accepted"]
+    assert len(received) == 3
