@@ -454,6 +454,8 @@ def _server(raw: Any, r: Reader) -> ServerConfig:
         if path is not None:
             if not path.startswith("/") or len(path) < 2 or "{" in path or path.endswith("/"):
                 r.error("server.postback_path", f"{path!r} must be a path like /postback")
+            elif path.startswith("/admin/"):  # /admin/reload would be the admin API's, or no one's
+                r.error("server.postback_path", f"{path!r} is under /admin/, which is the admin API's")
             else:
                 kwargs["postback_path"] = path
     if "max_body_bytes" in data:

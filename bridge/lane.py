@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from bridge.server import RUNTIME, Caller, Reply, Runtime, admit, take, unexpected
+from bridge.server import RUNTIME, Caller, Reply, Runtime, admit, postback, take, unexpected
 
 MAX_HEAD = 8190  # aiohttp's own limit on a request line and its headers
 HAND_OVER_AFTER = 1.0  # seconds a request may take to come in whole before aiohttp gets it
@@ -43,36 +43,31 @@ SWEEP_EVERY = 0.5
 # RFC 9110 token and whose value is printable ASCII (so no folded line, no bare CR or LF).
 _HEAD = re.compile(rb"POST ([!-~]+) HTTP/1\.1((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*)")
 _SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")  # a path token as sent, with nothing to decode
-_REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
+_REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade", "proxy-connection"})
+MAX_FIELDS = 100  # aiohttp refuses more than 128
 _AIOHTTP = object()  # what `_Head.read` says of a request the lane does not take
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 class _Headers:
-    """A head's fields by lowercase name: what `server.Caller` needs of aiohttp's CIMultiDict."""
+    """A head's fields by lowercase name, each once: what `server.Caller` needs of aiohttp's
+    CIMultiDict. (A head that names a field twice is aiohttp's: it refuses some such heads.)"""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("fields",)
 
-    def __init__(self) -> None:
-        self._fields: dict[str, list[str]] = {}
-
-    def add(self, name: str, value: str) -> None:
-        self._fields.setdefault(name, []).append(value)
+    def __init__(self, fields: dict[str, str]) -> None:
+        self.fields = fields
 
     def get(self, name: str, default: Any = None) -> Any:
-        values = self._fields.get(name.lower())
-        return values[0] if values else default
+        return self.fields.get(name.lower(), default)
 
     def getall(self, name: str, default: Any = None) -> Any:
-        values = self._fields.get(name.lower())
-        if values:
-            return list(values)
+        value = self.fields.get(name.lower())
+        if value is not None:
+            return [value]
         if default is None:
             raise KeyError(name)
         return default
-
-    def none_of(self, names: frozenset[str]) -> bool:
-        return names.isdisjoint(self._fields)
 
 
 class _Request:
@@ -89,6 +84,7 @@ class Lane:
     def __init__(self, app: web.Application, aiohttp_protocol: Callable[[], asyncio.Protocol]) -> None:
         self.runtime: Runtime = app[RUNTIME]
         self.path = self.runtime.config.server.postback_path  # the path the app's routes were made with
+        self.exact, self.with_token = _postback_forms(app, self.path)
         self.aiohttp_protocol = aiohttp_protocol
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -133,21 +129,33 @@ class Lane:
             return _AIOHTTP
         target = head[1].decode("ascii")
         token = None
-        if target != self.path:
+        if target != self.path or not self.exact:
             token = target[len(self.path) + 1 :]
-            if not target.startswith(self.path + "/") or not _SEGMENT.fullmatch(token):
+            if not (self.with_token and target.startswith(self.path + "/") and _SEGMENT.fullmatch(token)):
                 return _AIOHTTP
-        headers = _Headers()
-        for line in head[2].decode("ascii").split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            headers.add(name.lower(), value.strip(" \t"))
-        lengths = headers.getall("content-length", [])
-        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 15 or not headers.none_of(_REFUSED):
+        lines = head[2].decode("ascii").split("\r\n")
+        if len(lines) > MAX_FIELDS:
             return _AIOHTTP
-        connection = headers.get("connection", "keep-alive").lower()
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.lower()
+            if name in fields:
+                return _AIOHTTP
+            fields[name] = value.strip(" \t")
+        length_text = fields.get("content-length", "")
+        if (
+            "host" not in fields
+            or not length_text.isdigit()
+            or len(length_text) > 15
+            or not _REFUSED.isdisjoint(fields)
+        ):
+            return _AIOHTTP
+        connection = fields.get("connection", "keep-alive").lower()
         if connection not in ("keep-alive", "close"):
             return _AIOHTTP
-        length = int(lengths[0])
+        headers = _Headers(fields)
+        length = int(length_text)
         if length > self.runtime.config.server.max_body_bytes:
             return _AIOHTTP  # its 413
         size = end + 4 + length
@@ -176,6 +184,37 @@ class Lane:
                 connection.sweep(now, keepalive)
 
 
+def _postback_forms(app: web.Application, path: str) -> tuple[bool, bool]:
+    """Whether aiohttp's router gives `POST <path>`, and `POST <path>/<token>` whatever the token,
+    to the postback handler: the lane takes only what aiohttp would. (A postback_path of /admin
+    shares /admin/reload with the admin API, and aiohttp gives that one to the admin API.) The
+    router tries its resources in order; the first that matches the path and has a POST route (or
+    a catch-all one) decides. A dynamic resource that might match under `path/` counts as one that
+    does."""
+    exact: bool | None = None
+    with_token: bool | None = None
+    under = path + "/"
+    for resource in app.router.resources():
+        handlers = [route.handler for route in resource if route.method in ("POST", "*")]
+        if not handlers:
+            continue
+        ours = handlers[0] is postback
+        info = resource.get_info()
+        pattern = info.get("pattern")
+        if exact is None and (pattern.fullmatch(path) if pattern is not None else info.get("path") == path):
+            exact = ours
+        if with_token is None:
+            if resource.canonical == under + "{token}":
+                with_token = ours
+            elif pattern is None:
+                plain = info.get("path", "")
+                with_token = False if plain.startswith(under) and "/" not in plain[len(under) :] else None
+            else:
+                fixed = resource.canonical.split("{", 1)[0]
+                with_token = False if fixed.startswith(under) or under.startswith(fixed) else None
+    return bool(exact), bool(with_token)
+
+
 class _Connection(asyncio.Protocol):
     """One client connection while it is in the lane: one request at a time, in order."""
 
@@ -185,7 +224,9 @@ class _Connection(asyncio.Protocol):
         self.remote: str | None = None
         self.buffer = bytearray()
         self.busy = False  # a postback of this connection is being taken
-        self.paused = False
+        self.paused = False  # reading, because the buffer is over `limit`
+        self.blocked = False  # writing, because the client does not read its answers
+        self.limit = MAX_HEAD + lane.runtime.config.server.max_body_bytes
         self.eof = False
         self.since = 0.0  # when it connected, last answered or a request began: the sweep's clock
 
@@ -205,18 +246,35 @@ class _Connection(asyncio.Protocol):
         if not self.buffer and not self.busy:
             self.since = asyncio.get_running_loop().time()  # a request starts
         self.buffer += data
-        if not self.busy:
-            self._next()
-        elif len(self.buffer) > MAX_HEAD + self.lane.runtime.config.server.max_body_bytes and not self.paused:
-            self.paused = True  # pipelining faster than we answer: wait for the answer first
-            assert self.transport is not None
-            self.transport.pause_reading()
+        self._flow()
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.busy:
-            self._next()
+        self._flow()
         return True  # a postback being taken is still answered; then the connection closes
+
+    def pause_writing(self) -> None:
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Take the next request when nothing is being taken and the client reads its answers;
+        read on only while what is buffered is within `limit` (one request's worth)."""
+        if not self.busy and not self.blocked:
+            self._next()
+        transport = self.transport
+        if transport is None:
+            return  # closed, or aiohttp's now
+        over = len(self.buffer) > self.limit
+        if over != self.paused:
+            self.paused = over
+            if over:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def _next(self) -> None:
         if self.transport is None or self.lane.closing:
@@ -255,13 +313,10 @@ class _Connection(asyncio.Protocol):
             return  # the client went away; the postback is stored all the same
         transport.write(lane.head(reply, close=request.close) + reply.body)
         self.since = asyncio.get_running_loop().time()
-        if self.paused:
-            self.paused = False
-            transport.resume_reading()
         if lane.closing or request.close:
             self.close()
         else:
-            self._next()
+            self._flow()
 
     def _hand_over(self) -> None:
         """aiohttp takes this connection over, from the request at the start of the buffer on."""
@@ -282,7 +337,7 @@ class _Connection(asyncio.Protocol):
             protocol.eof_received()
 
     def sweep(self, now: float, keepalive: float) -> None:
-        if self.busy or self.transport is None:
+        if self.busy or self.blocked or self.transport is None:
             return
         if self.buffer and now - self.since >= HAND_OVER_AFTER:
             self._hand_over()  # a slow request: aiohttp answers 408 or closes, as it would have
