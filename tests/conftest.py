@@ -153,6 +153,34 @@ async def sink() -> AsyncIterator[Sink]:
     await runner.cleanup()
 
 
+# ---------------------------------------------------------------------------- raw HTTP
+
+
+@contextlib.asynccontextmanager
+async def connect_to(host: str, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A plain TCP connection to speak HTTP over by hand; closed at the end."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response, read by hand: (status, headers by lowercase name, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if ":" in line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
 # ---------------------------------------------------------------------------- the real process
 
 

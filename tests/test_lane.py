@@ -27,7 +27,7 @@ import bridge.lane
 from bridge.config import build
 from bridge.errors import StoreError
 from bridge.server import RUNTIME, create_app
-from tests.conftest import LaneTestServer, sms
+from tests.conftest import LaneTestServer, connect_to, read_response, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 Serve = Callable[..., Awaitable[TestServer]]
@@ -80,33 +80,10 @@ def twice(raw: bytes, field: bytes) -> bytes:
 Response = tuple[int, dict[str, str], bytes]
 
 
-async def read_response(reader: asyncio.StreamReader) -> Response:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if ":" in line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body
-
-
 @contextlib.asynccontextmanager
 async def connect(server: TestServer) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     async with connect_to(server.host, server.port) as streams:
         yield streams
-
-
-@contextlib.asynccontextmanager
-async def connect_to(host: str, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 async def exchange(server: TestServer, *requests: bytes) -> list[Response]:
@@ -135,6 +112,21 @@ async def stored(server: TestServer, event_id: str) -> dict[str, Any] | None:
     store = server.app[RUNTIME].store
     assert store is not None
     return await store.get_event(event_id)
+
+
+def slow_store(server: TestServer, seconds: float) -> asyncio.Event:
+    """Make the store take `seconds` longer over each postback; the event is set when one arrives."""
+    store = server.app[RUNTIME].store
+    assert store is not None
+    ingest, arrived = store.ingest, asyncio.Event()
+
+    async def slow_ingest(*args: Any) -> Any:
+        arrived.set()
+        await asyncio.sleep(seconds)
+        return await ingest(*args)
+
+    store.ingest = slow_ingest  # type: ignore[method-assign]
+    return arrived
 
 
 def comparable(response: Response) -> tuple[int, dict[str, str], Any]:
@@ -383,16 +375,7 @@ async def test_connection_close_is_honoured(serve):
 
 async def test_a_client_that_hangs_up_before_the_answer_still_has_its_postback_stored(serve):
     server = await serve()
-    store = server.app[RUNTIME].store
-    assert store is not None
-    ingest, arrived = store.ingest, asyncio.Event()
-
-    async def slow_ingest(*args: Any) -> Any:
-        arrived.set()
-        await asyncio.sleep(0.3)
-        return await ingest(*args)
-
-    store.ingest = slow_ingest  # type: ignore[method-assign]
+    arrived = slow_store(server, 0.3)
     sock = socket.create_connection((server.host, server.port))
     sock.sendall(request(sms(1)))
     await asyncio.wait_for(arrived.wait(), 5)
@@ -401,7 +384,6 @@ async def test_a_client_that_hangs_up_before_the_answer_still_has_its_postback_s
         if lane_of(server).tasks:
             await asyncio.sleep(0.1)
     assert not lane_of(server).tasks
-    store.ingest = ingest  # type: ignore[method-assign]
     # Skycore's retry finds it stored
     assert json.loads((await exchange(server, request(sms(1))))[0][2])["status"] == "duplicate"
 
@@ -431,16 +413,7 @@ async def test_an_unexpected_error_in_the_lane_is_a_503_never_a_500(serve, monke
 
 async def test_shutdown_answers_the_postbacks_being_stored_and_closes_idle_connections(serve):
     server = await serve()
-    store = server.app[RUNTIME].store
-    assert store is not None
-    ingest, arrived = store.ingest, asyncio.Event()
-
-    async def slow_ingest(*args: Any) -> Any:
-        arrived.set()
-        await asyncio.sleep(0.5)
-        return await ingest(*args)
-
-    store.ingest = slow_ingest  # type: ignore[method-assign]
+    arrived = slow_store(server, 0.5)
     idle_reader, idle_writer = await asyncio.open_connection(server.host, server.port)
     async with connect(server) as (reader, writer):
         writer.write(request(sms(1)))

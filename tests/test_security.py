@@ -38,7 +38,7 @@ from bridge.config import build
 from bridge.logs import JSONFormatter
 from bridge.secret import Secret, redact
 from bridge.server import RUNTIME, create_app
-from tests.conftest import POSTBACKS, free_port, post, served, sms
+from tests.conftest import POSTBACKS, connect_to, free_port, post, read_response, served, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 ADMIN = "adm_Q2w9Ztk4"
@@ -75,27 +75,10 @@ async def stored(client: Client, event_id: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- raw HTTP
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        if ":" in line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body
-
-
 @contextlib.asynccontextmanager
 async def connection(client: Client) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    async with connect_to(client.server.host, client.server.port) as streams:
+        yield streams
 
 
 def head(path: str = "/postback", **headers: str | int) -> bytes:
