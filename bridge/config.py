@@ -454,6 +454,9 @@ def _server(raw: Any, r: Reader) -> ServerConfig:
         if path is not None:
             if not path.startswith("/") or len(path) < 2 or "{" in path or path.endswith("/"):
                 r.error("server.postback_path", f"{path!r} must be a path like /postback")
+            elif any(c in path for c in "%?#") or not path.isprintable() or " " in path:
+                # aiohttp matches the decoded path without its query: /p%41 would be /pA, /a?b /a
+                r.error("server.postback_path", f"{path!r} must be a plain path: no %, ?, # or spaces")
             elif path.startswith("/admin/"):  # /admin/reload would be the admin API's, or no one's
                 r.error("server.postback_path", f"{path!r} is under /admin/, which is the admin API's")
             else:

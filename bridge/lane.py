@@ -226,7 +226,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # a postback of this connection is being taken
         self.paused = False  # reading, because the buffer is over `limit`
         self.blocked = False  # writing, because the client does not read its answers
-        self.limit = MAX_HEAD + lane.runtime.config.server.max_body_bytes
+        self.limit = MAX_HEAD + 4 + lane.runtime.config.server.max_body_bytes  # the largest request taken
         self.eof = False
         self.since = 0.0  # when it connected, last answered or a request began: the sweep's clock
 
@@ -333,8 +333,8 @@ class _Connection(asyncio.Protocol):
         if self.buffer:
             protocol.data_received(bytes(self.buffer))
             self.buffer.clear()
-        if self.eof:
-            protocol.eof_received()
+        if self.eof and not protocol.eof_received():
+            transport.close()  # what asyncio does when a protocol's eof_received says so
 
     def sweep(self, now: float, keepalive: float) -> None:
         if self.busy or self.blocked or self.transport is None:

@@ -363,6 +363,40 @@ async def test_a_half_closed_connection_still_gets_its_answer(serve):
     assert status == 200 and await stored(server, json.loads(body)["id"])
 
 
+async def test_a_half_close_after_a_request_for_aiohttp_closes_the_connection(serve):
+    """aiohttp alone closes a connection when the client half-closes; so does one it took over
+    (it would otherwise hold it until client_timeout, never hearing of the end)."""
+    server = await serve()
+    async with connect(server) as (reader, writer):
+        writer.write(request(sms(1)) + request(method="GET", path="/healthz"))
+        writer.write_eof()
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await asyncio.wait_for(read_response(reader), 3)  # the healthz answer may be lost, as without the lane
+        assert await closed_by_peer(reader, timeout=3)
+    assert lane_of(server).handed_over == 1
+
+
+async def test_the_largest_request_the_lane_takes_is_read_whole(serve):
+    """A head of MAX_HEAD and a body of max_body_bytes: however it comes in, the lane reads on
+    until it has all of it (it once stopped reading 4 bytes short, until aiohttp took over)."""
+    server = await serve(max_body_bytes=100)
+    body = b"x" * 100
+    raw = request(body, X_Pad="")
+    raw = raw.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (bridge.lane.MAX_HEAD + 4 - (len(raw) - len(body))))
+    assert len(raw) - len(body) == bridge.lane.MAX_HEAD + 4  # the head, its blank line included
+    loop = asyncio.get_running_loop()
+    async with connect(server) as (reader, writer):
+        writer.write(raw[:-3])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        started = loop.time()
+        writer.write(raw[-3:])
+        status, _, _ = await asyncio.wait_for(read_response(reader), 5)
+    assert status == 400 and loop.time() - started < 0.5  # "not XML", from the lane, not a second later
+    assert (lane_of(server).taken, lane_of(server).handed_over) == (1, 0)
+
+
 async def test_connection_close_is_honoured(serve):
     server = await serve()
     async with connect(server) as (reader, writer):
