@@ -4,9 +4,11 @@ A postback is one small POST, and for one of them aiohttp's request and response
 middleware and task cost more CPU than reading, normalizing and routing it. So each connection
 starts in the lane. The lane takes a request only when it is a plain postback:
 
-    POST <postback_path>[/<token>] HTTP/1.1, one Content-Length within max_body_bytes, and no
-    Transfer-Encoding, Content-Encoding, Expect, Upgrade or Connection other than keep-alive or close,
-    in a head of printable ASCII with nothing unusual (no folded lines, no bare LF)
+    POST <postback_path>[/<token>] HTTP/1.1 (only where aiohttp's router would give that target
+    to the postback handler), with a Host and one Content-Length within max_body_bytes; no
+    Transfer-Encoding, Content-Encoding, Expect, Upgrade or Proxy-Connection, and Connection
+    absent, keep-alive or close; a head of printable ASCII (no folded lines, no bare CR or LF)
+    that names each field once, in at most 100 fields
 
 and answers it with the same functions as aiohttp's handler (`server.admit`, `server.take`,
 `server.unexpected`), so the answer, the metrics and the log lines are the same. Anything else (a
@@ -14,9 +16,10 @@ query string, a chunked or compressed body, another path or method, a malformed 
 has not all come within a second) goes to aiohttp: the lane hands it the connection with every
 byte read so far, and the connection stays with aiohttp from then on.
 
-The lane keeps aiohttp's limits: an idle keep-alive connection is closed after client_timeout,
-and a request still incomplete after a second is aiohttp's (its 408 and header timeouts). On
-shutdown it stops listening, closes idle connections and lets the postbacks being stored finish.
+The lane keeps aiohttp's limits: an idle keep-alive connection is closed after client_timeout; a
+request still incomplete after a second is aiohttp's (its 408 and header timeouts); a client that
+does not read its answers gets no new ones, and no more than one request's worth is read ahead.
+On shutdown it stops listening, closes idle connections and lets the postbacks being stored finish.
 """
 
 from __future__ import annotations
