@@ -121,9 +121,10 @@ class Lane:
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
 
-    def read(self, buffer: bytearray) -> _Request | object | None:
-        """The request at the start of `buffer` if the lane takes it; None while it is not all
-        there yet; `_AIOHTTP` when it is aiohttp's."""
+    def read(self, buffer: bytearray) -> _Request | int | object | None:
+        """The request at the start of `buffer` if the lane takes it; while it is not all there
+        yet, None, or the size it will have once its head is read; `_AIOHTTP` when it is
+        aiohttp's."""
         end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
             return _AIOHTTP if len(buffer) >= MAX_HEAD + 4 else None
@@ -163,7 +164,7 @@ class Lane:
             return _AIOHTTP  # its 413
         size = end + 4 + length
         if len(buffer) < size:
-            return None
+            return size
         return _Request(token, headers, bytes(buffer[end + 4 : size]), size, connection == "close")
 
     def head(self, reply: Reply, *, close: bool = False) -> bytes:
@@ -231,6 +232,7 @@ class _Connection(asyncio.Protocol):
         self.blocked = False  # writing, because the client does not read its answers
         self.limit = MAX_HEAD + 4 + lane.runtime.config.server.max_body_bytes  # the largest request taken
         self.eof = False
+        self.awaited = 0  # the size of the request coming in, once its head is read
         self.since = 0.0  # when it connected, last answered or a request began: the sweep's clock
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -282,7 +284,11 @@ class _Connection(asyncio.Protocol):
     def _next(self) -> None:
         if self.transport is None or self.lane.closing:
             return
-        request = self.lane.read(self.buffer) if self.buffer else None
+        request: _Request | int | object | None = None
+        if self.buffer and len(self.buffer) >= self.awaited:  # (a body still coming needs no new look at its head)
+            request = self.lane.read(self.buffer)
+        if isinstance(request, int):
+            self.awaited, request = request, None
         if request is _AIOHTTP:
             self._hand_over()
         elif request is None:
@@ -290,6 +296,7 @@ class _Connection(asyncio.Protocol):
                 self.close()
         else:
             assert isinstance(request, _Request)
+            self.awaited = 0
             del self.buffer[: request.size]
             self.busy = True
             self.lane.taken += 1

@@ -325,6 +325,31 @@ async def test_a_body_in_pieces_is_waited_for(serve):
     assert (lane_of(server).taken, lane_of(server).handed_over) == (1, 0)
 
 
+async def test_a_body_in_many_pieces_has_its_head_read_once(serve, monkeypatch):
+    server = await serve()
+    reads = []
+    read = bridge.lane.Lane.read
+
+    def counted(lane: bridge.lane.Lane, buffer: bytearray) -> Any:
+        reads.append(len(buffer))
+        return read(lane, buffer)
+
+    monkeypatch.setattr(bridge.lane.Lane, "read", counted)
+    raw = request(sms(1))
+    head_size = raw.index(b"\r\n\r\n") + 4
+    async with connect(server) as (reader, writer):
+        writer.write(raw[:head_size])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        for n in range(head_size, len(raw), 5):
+            writer.write(raw[n : n + 5])
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        status, _, body = await asyncio.wait_for(read_response(reader), 5)
+    assert status == 200 and json.loads(body)["status"] == "accepted"
+    assert len(reads) == 2  # once for its head, once when its body was all there
+
+
 async def test_a_body_that_stops_coming_gets_aiohttps_408(serve):
     server = await serve(client_timeout="1s")
     raw = request(sms(1))
