@@ -328,6 +328,10 @@ def refusal(status: int, message: str, **headers: str) -> Reply:
     return Reply(status, json.dumps({"error": message}).encode(), tuple(headers.items()))
 
 
+# the store is down or not up yet: Skycore retries (postbacks; the admin API the same way)
+STORE_DOWN = refusal(503, "store unavailable, retry later", **{"Retry-After": "30"})
+
+
 def error(status: int, message: str, **headers: str) -> web.Response:
     return refusal(status, message, **headers).response()
 
@@ -517,7 +521,7 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
         metrics.postback(origin, "unavailable", "store")
         reason = str(exc) if isinstance(exc, StoreError) else f"no answer within {patience.seconds:g}s"
         log.error("store cannot take postback", extra={"error": reason})
-        return refusal(503, "store unavailable, retry later", **{"Retry-After": "30"})
+        return STORE_DOWN
     finally:
         patience.stop(task)
     if result.status == "accepted":  # events, not postbacks: Skycore's retry of one is no new event
@@ -627,7 +631,7 @@ def unexpected(exc: Exception, path: str, method: str) -> Reply:
     down or not up yet (the admin API) is expected: a warning, no traceback."""
     if isinstance(exc, StoreError):
         log.warning("store unavailable", extra={"error": str(exc), "path": path})
-        return refusal(503, "store unavailable, retry later", **{"Retry-After": "30"})
+        return STORE_DOWN
     log.error("unexpected error", exc_info=exc, extra={"path": path, "method": method})
     return refusal(503, "temporarily unavailable, retry later")
 
