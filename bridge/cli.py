@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__, logs
-from bridge.config import Config, defaults, load, parse_duration
+from bridge.config import Config, defaults, load, parse_duration, redact_url
 from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
 from bridge.store import STATUSES, DeliveryFilter, Store, open_store, sqlite_path
 
@@ -84,7 +84,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args.config)
     print(f"{config.source}: ok")
     print(f"  listen {config.server.host}:{config.server.port}, postback path {config.server.postback_path}")
-    print(f"  store {_redacted_store(config.store)}")
+    print(f"  store {redact_url(config.store)}")
     print(f"  destinations ({len(config.destinations)}):")
     for name, destination in config.destinations.items():
         print(f"    {name} [{destination.type_name}] {destination.describe()}")
@@ -98,12 +98,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print("  default: none (unmatched events are counted and dropped)")
     return 0
-
-
-def _redacted_store(url: str) -> str:
-    from bridge.config import _redact_url
-
-    return _redact_url(url)
 
 
 def describe_match(match: Any) -> str:

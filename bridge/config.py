@@ -540,11 +540,11 @@ def _store(raw: Any, r: Reader) -> str:
     if text is None:
         return DEFAULT_STORE
     if not (text.startswith("sqlite:///") or text.startswith(("postgresql://", "postgres://"))):
-        r.error("store", f"{_redact_url(text)!r} is not sqlite:///PATH or postgresql://...")
+        r.error("store", f"{redact_url(text)!r} is not sqlite:///PATH or postgresql://...")
     return text
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password, whether in the userinfo or as libpq's `?password=`."""
     url = re.sub(r"([?&]password=)[^&#]*", r"\1****", url)
     return re.sub(r"://([^:/@]+):[^/]*@", r"://\1:****@", url)  # up to the last @: a password may hold one

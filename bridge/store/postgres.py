@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from bridge.config import _redact_url as redact
+from bridge.config import redact_url
 from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
@@ -133,7 +133,7 @@ class PostgresStore(Store):
         when it may (the server is not up yet, or not reachable)."""
         missing = await asyncio.to_thread(_missing_files, self.url)
         if missing:
-            raise ConfigError([f"store: {redact(self.url)}: no such file: {', '.join(missing)}"])
+            raise ConfigError([f"store: {redact_url(self.url)}: no such file: {', '.join(missing)}"])
         try:
             pool = await asyncpg.create_pool(
                 self.url,
@@ -144,7 +144,7 @@ class PostgresStore(Store):
                 server_settings=_settings(self.url),
             )
         except (ValueError, OverflowError) as exc:  # a malformed URL (port 99999): trying again won't help
-            raise ConfigError([f"store: {redact(self.url)}: {exc}"]) from exc
+            raise ConfigError([f"store: {redact_url(self.url)}: {exc}"]) from exc
         except DRIVER_ERRORS as exc:
             raise self._cannot_open(exc) from exc
         self._opening = pool
@@ -175,7 +175,7 @@ class PostgresStore(Store):
 
     def _cannot_open(self, exc: BaseException) -> ConfigError | StoreError:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # a timeout says nothing
-        message = f"cannot open PostgreSQL store {redact(self.url)}: {detail}"
+        message = f"cannot open PostgreSQL store {redact_url(self.url)}: {detail}"
         return ConfigError([f"store: {message}"]) if isinstance(exc, NEEDS_A_PERSON) else StoreError(message)
 
     async def close(self) -> None:
