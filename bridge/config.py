@@ -318,7 +318,7 @@ class Reader:
             return None
         scheme, sep, rest = text.partition("://")
         if not sep or scheme.lower() not in schemes or not rest or rest.startswith("/"):
-            self.error(path, f"expected an {' or '.join(schemes)} URL, got {text!r}")
+            self.error(path, f"expected an {' or '.join(schemes)} URL, got {redact_url(text)!r}")
             return None
         try:
             parsed = URL(text)

@@ -35,6 +35,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from bridge.config import build
+from bridge.errors import ConfigError
 from bridge.logs import JSONFormatter
 from bridge.secret import Secret, redact
 from bridge.server import RUNTIME, create_app
@@ -931,6 +932,14 @@ async def test_the_watchers_notice_access(tmp_path, listener):
     assert listener.connections == 1
 
 
+def test_a_url_refused_by_the_config_is_quoted_without_its_password():
+    with pytest.raises(ConfigError) as refused:
+        build({"destinations": {"crm": {"type": "webhook", "url": "ftp://bridge:pw_Secret99@crm.example.com/x"}}}, {})
+    problems = "\n".join(refused.value.problems)
+    assert "destinations.crm.url" in problems and "bridge:****@crm.example.com" in problems
+    assert "pw_Secret99" not in problems
+
+
 # ---------------------------------------------------------------------------- secrets: a full e2e run
 
 
@@ -960,6 +969,7 @@ async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, br
         "SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(12),
         "SLACK_WEBHOOK_URL": f"{sink.url}/services/T0/B0/{secrets.token_hex(12)}",
         "SMTP_PASSWORD": "smtp_" + secrets.token_urlsafe(16),
+        "VAULT_PASSWORD": "vault_" + secrets.token_urlsafe(16),
     }
     hits: dict[str, int] = {}
     sink.responses = [hostile_echo(hits)] * 1000
@@ -987,6 +997,8 @@ async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, br
                 "api_url": sink.url + "/slack/",
             },
             "hook": {"type": "slack", "webhook_url": "${SLACK_WEBHOOK_URL}"},
+            # credentials in the URL: sent as Basic auth, echoed back by the peer's 403
+            "vault": {"type": "webhook", "url": sink.url.replace("://", "://bridge:${VAULT_PASSWORD}@") + "/vault"},
             "compliance": {
                 "type": "email",
                 "smtp": {
@@ -1002,7 +1014,7 @@ async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, br
             "audit": {"type": "log", "path": str(events_file)},
         },
         "routes": [{"name": "opt-out", "match": {"keyword": "STOP"}, "to": ["crm", "compliance"]}],
-        "default": ["crm", "inbox", "hook", "audit"],
+        "default": ["crm", "inbox", "hook", "vault", "audit"],
     }
     bridge = bridge_factory(config, env)
     bridge.start()
@@ -1075,6 +1087,10 @@ async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, br
     forms = dict(env)
     forms["the basic Authorization value"] = base64.b64encode(f"skycore:{password}".encode()).decode()
     forms["the webhook signing key"] = env["CRM_WEBHOOK_SECRET"].removeprefix("whsec_")
+    forms["the Basic value of a webhook URL's user:password"] = base64.b64encode(
+        f"bridge:{env['VAULT_PASSWORD']}".encode()
+    ).decode()
+    assert hits.get("/vault"), "the URL's credentials were never sent"
     leaks = [
         f"{secret_name} in {where}"
         for secret_name, value in forms.items()

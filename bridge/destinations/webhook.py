@@ -103,6 +103,7 @@ class WebhookDestination(Destination):
         self._key = signing_key(secret.reveal()) if secret else None
         self._client: http1.Client | None = None
         self._revealed: dict[str, str] | None = None
+        self.shown_url, self._url_secrets = _url_credentials(url)
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
@@ -146,7 +147,7 @@ class WebhookDestination(Destination):
 
     def describe(self) -> str:
         signed = ", signed" if self.secret else ""
-        return f"POST {self.url} ({self.format}{signed}, timeout {self.timeout:g}s)"
+        return f"POST {self.shown_url} ({self.format}{signed}, timeout {self.timeout:g}s)"
 
     def _configured(self, *, reveal: bool) -> dict[str, str]:
         """`headers:` (revealed or masked), with our User-Agent unless they name their own."""
@@ -162,6 +163,8 @@ class WebhookDestination(Destination):
             headers = dict(self._revealed)
         else:
             headers = self._configured(reveal=False)
+            if self._url_secrets:  # what bridge.http1 adds from the URL's user:password
+                headers["Authorization"] = "Basic **********"
         headers["Content-Type"] = content_type
         if self._key is not None:
             timestamp = int(time.time())
@@ -174,7 +177,7 @@ class WebhookDestination(Destination):
         body, content_type = render(event, self.format)
         return {
             "method": "POST",
-            "url": self.url,
+            "url": self.shown_url,
             "headers": self._headers(event["id"], body, content_type, reveal=False),
             "body": json.loads(body),
         }
@@ -213,10 +216,22 @@ class WebhookDestination(Destination):
         text = ""
         if not 200 <= response.status < 300:
             text = response.body.decode("utf-8", "replace").strip()
-            text = redact(text, [*self.headers.values(), self.secret])  # kept as the reason
+            text = redact(text, [*self.headers.values(), *self._url_secrets, self.secret])  # kept as the reason
         outcome = classify_http(response.status, response.headers, time.time(), text)
         if isinstance(outcome, Failed) and outcome.status and 300 <= outcome.status < 400:
             return Failed(
                 reason=f"HTTP {outcome.status}: redirects are not followed", retryable=False, status=outcome.status
             )
         return outcome
+
+
+def _url_credentials(url: str) -> tuple[str, list[Secret]]:
+    """The URL to show, with its password (or a user alone, an API key as some services take
+    it) masked, and what to mask in a peer's answer: those, and the Basic credentials they make."""
+    u = URL(url)
+    if u.user is None:
+        return url, []
+    basic = base64.b64encode(f"{u.user}:{u.password or ''}".encode()).decode()
+    if u.password:
+        return str(u.with_password("**********")), [Secret(basic), Secret(u.password), Secret(u.raw_password or "")]
+    return str(u.with_user("**********")), [Secret(basic), Secret(u.user), Secret(u.raw_user or "")]
