@@ -222,8 +222,13 @@ def _with_store(config: Config, fn: Any) -> Any:
     """`fn(store)`'s result, with the config's store open."""
     if config.store.startswith("sqlite:///") and not os.path.exists(sqlite_path(config.store)):
         # not made here: a typo in `store:` would read as "nothing is dead", and leave a file
-        where = config.source or "the built-in defaults"
-        raise NoStoreError(f"no store at {sqlite_path(config.store)}: `serve` makes it; is `store:` in {where} right?")
+        path = sqlite_path(config.store)
+        if config.source is None:
+            raise NoStoreError(
+                f"no store at {path}: `serve` with no config file makes it in the directory it runs in; "
+                "for another store, give -c FILE or set BRIDGE_CONFIG"
+            )
+        raise NoStoreError(f"no store at {path}: `serve` makes it; is `store:` in {config.source} right?")
     return asyncio.run(_using(open_store(config.store), fn))
 
 
@@ -236,7 +241,7 @@ async def _using(store: Store, fn: Any) -> Any:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    config = _config(args.config, required=False)  # with none, the store `serve` uses with none
     try:
         rows = _with_store(config, lambda store: store.list_deliveries(_filter(args)))
     except NoStoreError as exc:  # nothing stored yet (or a typo in `store:`): none, and why
@@ -272,7 +277,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not (args.ids or args.destination or args.event or args.since or args.until or args.all):
         print("replay: say which deliveries: ids, --destination, --event, --since/--until, or --all", file=sys.stderr)
         return 2
-    config = _config(args.config)
+    config = _config(args.config, required=False)
     if args.destination and args.destination not in config.destinations:
         print(f"replay: destination {args.destination!r} is not in {config.source}", file=sys.stderr)
         return 2

@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +33,7 @@ from bridge.store.sqlite import SQLiteStore
 from tests.conftest import POSTBACKS, free_port, post, sms
 from tests.test_store_contract import (
     pg_url,  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
+    put,
     stalling_postgresql,
     via,
 )
@@ -287,6 +291,36 @@ def test_a_store_that_does_not_exist_is_said_and_never_made(bridge_factory, tmp_
     done = bridge.cli("replay", "-c", str(bridge.config_path), "--all", check=False)
     assert done.returncode == 1 and f"no store at {missing}" in done.stderr, done.stderr
     assert not (tmp_path / "typo").exists()
+
+
+async def test_deliveries_and_replay_with_no_config_use_the_store_serve_uses_with_none(tmp_path: Path):
+    """`serve` with no config file keeps its store at ./bridge.db; `deliveries` and `replay` with
+    none read that one (CONTRACT §2 shows them without -c)."""
+    env = {k: v for k, v in os.environ.items() if k != "BRIDGE_CONFIG"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bridge", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    done = cli("deliveries")
+    assert done.returncode == 0 and "no store at bridge.db" in done.stderr and "-c FILE" in done.stderr
+    assert not (tmp_path / "bridge.db").exists()
+
+    store = SQLiteStore(str(tmp_path / "bridge.db"))  # where `serve` on its defaults keeps it
+    await store.open()
+    try:
+        stored = await put(store, 1, destinations=("log",))
+        await asyncio.sleep(0.01)
+        assert await store.expire("log", max_age=0) == 1  # dead, as a down destination's would be
+    finally:
+        await store.close()
+    done = cli("deliveries", "--json")
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert (row["event_id"], row["destination"], row["status"]) == (stored, "log", "dead")
+    done = cli("replay", "--destination", "log")
+    assert done.returncode == 0 and "replayed 1 deliveries" in done.stdout, done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------------------- reload
