@@ -14,10 +14,9 @@ def builtin() -> Mapping[str, str]:
     table: dict[str, str] = {}
     text = files("bridge").joinpath("data/skycore-spid.csv").read_text(encoding="utf-8")
     for row in csv.DictReader(io.StringIO(text)):
-        carrier, country = row["carrier"].strip(), row["country"].strip()
-        # "All Carriers" alone names nothing; say whose.
-        name = f"{country} (all carriers)" if carrier == "All Carriers" else carrier
-        table.setdefault(row["spid"].strip(), name)  # the table lists a few SPIDs twice: first wins
+        # as the table names it ("All Carriers" too: a route matches `carrier:` on the table's
+        # words); it lists a few SPIDs twice: the first row wins
+        table.setdefault(row["spid"].strip(), row["carrier"].strip())
     return table
 
 

@@ -54,7 +54,7 @@ def phone(value: str | None) -> str | None:
     if value is None:
         return None
     digits = value[1:] if value.startswith("+") else value
-    if len(digits) >= 10 and digits.isdigit():
+    if len(digits) >= 10 and digits.isascii() and digits.isdigit():  # E.164 has ASCII digits only
         return "+" + digits
     return value
 

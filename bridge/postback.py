@@ -194,6 +194,12 @@ def parse(body: bytes, content_type: str = "") -> Fields:
     if isinstance(wrapped, dict) and "ORIGIN" not in fields:
         fields = {**{k: v for k, v in fields.items() if k != "NOTIFICATION"}, **wrapped}
     origin = fields.get("ORIGIN")
-    if not isinstance(origin, str) or not origin.strip():
+    if isinstance(origin, list):
+        raise PostbackError(f"postback has {len(origin)} <ORIGIN> elements, expected one")
+    if isinstance(origin, dict):
+        raise PostbackError("postback has no <ORIGIN> value: the element holds elements, not text such as SMS_MO")
+    if origin is None:
         raise PostbackError("postback has no <ORIGIN>")
+    if not origin.strip():
+        raise PostbackError("postback has no <ORIGIN> value: the element is empty")
     return fields

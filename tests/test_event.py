@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from datetime import UTC, datetime
@@ -127,6 +128,14 @@ PHONES = [
     ("555231210", "555231210"),  # 9 digits is not a phone number we can vouch for
     ("1-555-231-2102", "1-555-231-2102"),
     ("alice@example.com", "alice@example.com"),
+    (
+        "\uff11\uff15\uff15\uff15\uff12\uff13\uff11\uff12\uff11\uff10\uff12",
+        "\uff11\uff15\uff15\uff15\uff12\uff13\uff11\uff12\uff11\uff10\uff12",
+    ),  # full-width digits are not E.164's
+    (
+        "\u0661\u0665\u0665\u0665\u0662\u0663\u0661\u0662\u0661\u0660\u0662",
+        "\u0661\u0665\u0665\u0665\u0662\u0663\u0661\u0662\u0661\u0660\u0662",
+    ),  # nor Arabic-Indic ones
     ("", None),
 ]
 
@@ -247,6 +256,19 @@ def test_carrier_from_the_builtin_table(spid, carrier):
     event = event_of(postback(ORIGIN="MMS_MO", SPID=spid))
     assert event["carrier"] == carrier
     assert event["spid"] == (spid.strip() or None)
+
+
+def test_every_spid_of_skycores_table_gives_its_carrier_as_the_table_names_it():
+    """Appendix E as shipped to us (../shared/reference): "All Carriers" rows included, as the
+    table says it; where an SPID is listed twice, its first row."""
+    with (POSTBACKS.parent / "skycore-spid.csv").open(encoding="utf-8") as table:
+        rows = list(csv.DictReader(table))
+    expected: dict[str, str] = {}
+    for row in rows:
+        expected.setdefault(row["spid"], row["carrier"])
+    assert len(expected) > 500
+    got = {spid: event_of(postback(ORIGIN="MMS_MO", SPID=spid))["carrier"] for spid in expected}
+    assert got == expected
 
 
 def test_no_spid_no_carrier():

@@ -275,6 +275,12 @@ REFUSED = [
     pytest.param(b"<POSTBACK><CODE>N211</CODE><FROM>1</FROM></POSTBACK>", "no <ORIGIN>", id="no-origin"),
     pytest.param(b"<POSTBACK><ORIGIN>  </ORIGIN></POSTBACK>", "no <ORIGIN>", id="blank-origin"),
     pytest.param(b"<POSTBACK><ORIGIN><X>1</X></ORIGIN></POSTBACK>", "no <ORIGIN>", id="nested-origin"),
+    pytest.param(b"<POSTBACK><ORIGIN>  </ORIGIN></POSTBACK>", "the element is empty", id="blank-origin-said"),
+    pytest.param(
+        b"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><ORIGIN>MMS_MO</ORIGIN></POSTBACK>",
+        "postback has 2 <ORIGIN> elements, expected one",
+        id="two-origins",
+    ),
     pytest.param(b"<POSTBACK/>", "empty", id="empty-root"),
     pytest.param(b"<POSTBACK>text only</POSTBACK>", "empty", id="text-only-root"),
     pytest.param(
