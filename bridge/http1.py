@@ -170,6 +170,13 @@ class _Target:
     server_hostname: str | None  # for TLS: SNI and the name the certificate must have
 
 
+def basic_credentials(url: URL) -> str | None:
+    """The Basic credentials that `url`'s user:password makes (`Client.post` sends them), or None."""
+    if url.user is None:
+        return None
+    return base64.b64encode(f"{url.user}:{url.password or ''}".encode()).decode()
+
+
 class Client:
     """Keep-alive connections by (scheme, host, port). Cancel-safe: a request cut off by a
     timeout closes its connection instead of returning it to the pool."""
@@ -203,10 +210,8 @@ class Client:
             raise HTTPError(f"not an http(s) URL: {u.with_password(None)}")
         default = 443 if u.scheme == "https" else 80
         authority = (f"[{host}]" if ":" in host else host) + ("" if port == default else f":{port}")
-        auth = b""
-        if u.user is not None:
-            token = base64.b64encode(f"{u.user}:{u.password or ''}".encode()).decode()
-            auth = f"Authorization: Basic {token}\r\n".encode("ascii")
+        token = basic_credentials(u)
+        auth = f"Authorization: Basic {token}\r\n".encode("ascii") if token else b""
         target = _Target(
             origin=(u.scheme, host, port),
             start=f"POST {u.raw_path_qs or '/'} HTTP/1.1\r\n".encode("ascii"),

@@ -229,9 +229,9 @@ def _url_credentials(url: str) -> tuple[str, list[Secret]]:
     """The URL to show, with its password (or a user alone, an API key as some services take
     it) masked, and what to mask in a peer's answer: those, and the Basic credentials they make."""
     u = URL(url)
-    if u.user is None:
+    basic = http1.basic_credentials(u)
+    if basic is None:
         return url, []
-    basic = base64.b64encode(f"{u.user}:{u.password or ''}".encode()).decode()
     if u.password:
         return str(u.with_password("**********")), [Secret(basic), Secret(u.password), Secret(u.raw_password or "")]
     return str(u.with_user("**********")), [Secret(basic), Secret(u.user), Secret(u.raw_user or "")]
