@@ -195,7 +195,7 @@ async def test_a_webhook_sends_the_stored_json_as_it_is(tmp_path: Path, sink):
     store = SQLiteStore(str(tmp_path / "b.db"))
     await store.open()
     http = aiohttp.ClientSession()
-    plain = WebhookDestination("plain", sink.url + "/plain", secret=Secret(secret))
+    plain = WebhookDestination("plain", sink.url + "/plain", secrets=[Secret(secret)])
     wrapped = WebhookDestination("wrapped", sink.url + "/wrapped", fmt="cloudevents")
     stored = normalize(
         parse(sms(1, text='Caf\u00e9 \U0001f600 &lt;ok&gt; &amp; "quoted"')),

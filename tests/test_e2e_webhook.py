@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
+import pytest
 from cloudevents.v1.http import from_http
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from tests.conftest import POSTBACKS, post, sms
 
@@ -33,6 +36,25 @@ async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory)
     assert payload["type"] == "sms.received"
     assert payload["from"] == "+15552312102"
     assert request.headers["User-Agent"].startswith("postback-bridge/")
+    assert bridge.stop() == 0
+
+
+async def test_rotating_secrets_each_sign_and_either_verifies(sink, bridge_factory):
+    """`secret: [new, old]`: one signature per secret in `webhook-signature`, so receivers still
+    on the old secret and those already on the new one both verify (Standard Webhooks rotation)."""
+    new = "whsec_" + base64.b64encode(b"the-new-signing-key-of-32-bytes!").decode()
+    bridge = bridge_factory(webhook_config(sink.url, secret=[new, SECRET]))
+    assert "signed with 2 secrets" in bridge.cli("check-config", "-c", str(bridge.config_path)).stdout
+    bridge.start()
+    status, body = await post(bridge.url + "/postback", sms(1))
+    assert status == 200
+    (request,) = await sink.wait_for(1)
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    for secret in (new, SECRET):
+        assert Webhook(secret).verify(request.body, request.headers)["id"] == body["id"]
+    other = "whsec_" + base64.b64encode(b"a-key-this-endpoint-never-had!!!").decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(request.body, request.headers)
     assert bridge.stop() == 0
 
 

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from yarl import URL
@@ -88,19 +89,19 @@ class WebhookDestination(Destination):
         name: str,
         url: str,
         *,
-        secret: Secret | None = None,
+        secrets: Sequence[Secret] = (),
         fmt: str = "event",
         headers: dict[str, Secret] | None = None,
         timeout: float = 10.0,
     ) -> None:
         super().__init__(name)
         self.url = url
-        self.secret = secret
+        self.secrets = tuple(secrets)  # each signs; more than one while the receiver rotates
         self.format = fmt
         self.headers = headers or {}
         self.timeout = timeout
         self.attempt_timeout = timeout + 5.0
-        self._key = signing_key(secret.reveal()) if secret else None
+        self._keys = [signing_key(secret.reveal()) for secret in self.secrets]
         self._client: http1.Client | None = None
         self._revealed: dict[str, str] | None = None
         self.shown_url, self._url_secrets = _url_credentials(url)
@@ -108,16 +109,7 @@ class WebhookDestination(Destination):
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
         url = r.url(options["url"], f"{path}.url") if "url" in options else None  # else "is required" said it
-        secret = None
-        if options.get("secret") is not None:
-            secret = r.secret(options["secret"], f"{path}.secret")
-            if secret is not None:
-                try:
-                    if not signing_key(secret.reveal()):
-                        raise ValueError
-                except (binascii.Error, ValueError):
-                    r.error(f"{path}.secret", "expected a Standard Webhooks secret: whsec_ followed by base64")
-                    secret = None
+        secrets = _secrets(options.get("secret"), f"{path}.secret", r)
         fmt = options.get("format", "event")
         if fmt not in FORMATS:
             r.error(f"{path}.format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -143,10 +135,10 @@ class WebhookDestination(Destination):
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
         if url is None or timeout is None or fmt not in FORMATS:
             return None
-        return cls(name, url, secret=secret, fmt=fmt, headers=headers, timeout=timeout)
+        return cls(name, url, secrets=secrets, fmt=fmt, headers=headers, timeout=timeout)
 
     def describe(self) -> str:
-        signed = ", signed" if self.secret else ""
+        signed = {0: "", 1: ", signed"}.get(len(self.secrets), f", signed with {len(self.secrets)} secrets")
         return f"POST {self.shown_url} ({self.format}{signed}, timeout {self.timeout:g}s)"
 
     def _configured(self, *, reveal: bool) -> dict[str, str]:
@@ -166,11 +158,13 @@ class WebhookDestination(Destination):
             if self._url_secrets:  # what bridge.http1 adds from the URL's user:password
                 headers["Authorization"] = "Basic **********"
         headers["Content-Type"] = content_type
-        if self._key is not None:
+        if self._keys:
             timestamp = int(time.time())
             headers["webhook-id"] = event_id
             headers["webhook-timestamp"] = str(timestamp)
-            headers["webhook-signature"] = sign(self._key, event_id, timestamp, body) if reveal else "v1,**********"
+            # one signature per secret, space-separated: a receiver that knows either verifies
+            signatures = (sign(key, event_id, timestamp, body) if reveal else "v1,**********" for key in self._keys)
+            headers["webhook-signature"] = " ".join(signatures)
         return headers
 
     def preview(self, event: Event) -> Any:
@@ -216,13 +210,39 @@ class WebhookDestination(Destination):
         text = ""
         if not 200 <= response.status < 300:
             text = response.body.decode("utf-8", "replace").strip()
-            text = redact(text, [*self.headers.values(), *self._url_secrets, self.secret])  # kept as the reason
+            text = redact(text, [*self.headers.values(), *self._url_secrets, *self.secrets])  # kept as the reason
         outcome = classify_http(response.status, response.headers, time.time(), text)
         if isinstance(outcome, Failed) and outcome.status and 300 <= outcome.status < 400:
             return Failed(
                 reason=f"HTTP {outcome.status}: redirects are not followed", retryable=False, status=outcome.status
             )
         return outcome
+
+
+def _secrets(raw: Any, path: str, r: Reader) -> list[Secret]:
+    """`secret:` as one Standard Webhooks secret, or a list of them (to rotate: the new one is
+    added, receivers move to it, the old one is removed)."""
+    if raw is None:
+        return []
+    if isinstance(raw, list):
+        if not raw:
+            r.error(path, "expected a Standard Webhooks secret or a list of them, got an empty list")
+        places = [(item, f"{path}[{i}]") for i, item in enumerate(raw)]
+    else:
+        places = [(raw, path)]
+    secrets = []
+    for item, place in places:
+        secret = r.secret(item, place)
+        if secret is None:
+            continue
+        try:
+            if not signing_key(secret.reveal()):
+                raise ValueError
+        except (binascii.Error, ValueError):
+            r.error(place, "expected a Standard Webhooks secret: whsec_ followed by base64")
+            continue
+        secrets.append(secret)
+    return secrets
 
 
 def _url_credentials(url: str) -> tuple[str, list[Secret]]:
