@@ -614,7 +614,7 @@ def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destinat
     return out
 
 
-def _item(path: str, raw: Any, i: int) -> str:
+def item_place(path: str, raw: Any, i: int) -> str:
     """The place of the i-th of values written as `raw`: `path[i]` in a list, `path` alone."""
     return f"{path}[{i}]" if isinstance(raw, list) else path
 
@@ -629,7 +629,7 @@ def _match(raw: Any, path: str, r: Reader) -> Match:
             kwargs[key] = r.strings(data[key], f"{path}.{key}")
     for i, kind in enumerate(kwargs.get("type") or ()):
         if kind not in TYPES:  # a typo would pass and silently never match
-            where = _item(f"{path}.type", data["type"], i)
+            where = item_place(f"{path}.type", data["type"], i)
             close = _suggest(kind, TYPES)
             hint = f"did you mean {close!r}? " if close else ""
             r.error(where, f"unknown event type {kind!r} ({hint}types: {', '.join(sorted(TYPES))})")
@@ -651,7 +651,7 @@ def _match(raw: Any, path: str, r: Reader) -> Match:
             try:
                 compiled.append(re.compile(pattern, re.IGNORECASE))
             except re.error as exc:
-                where = _item(f"{path}.text", data["text"], i)
+                where = item_place(f"{path}.text", data["text"], i)
                 r.error(where, f"invalid regular expression {pattern!r}: {exc}")
         kwargs["text"] = tuple(compiled)
     return Match(**{k: v for k, v in kwargs.items() if v is not None})
@@ -663,7 +663,7 @@ def _destination_list(raw: Any, path: str, declared: set[str], r: Reader) -> tup
         return ()
     for i, name in enumerate(names):
         if name not in declared:
-            where = _item(path, raw, i)
+            where = item_place(path, raw, i)
             r.error(
                 where,
                 f"undefined destination {name!r}"

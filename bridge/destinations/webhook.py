@@ -16,7 +16,7 @@ from typing import Any
 from yarl import URL
 
 from bridge import http1
-from bridge.config import Reader
+from bridge.config import Reader, item_place
 from bridge.destinations import USER_AGENT, Attempt, Destination, Services
 from bridge.event import Event
 from bridge.jsonout import dumps
@@ -224,14 +224,11 @@ def _secrets(raw: Any, path: str, r: Reader) -> list[Secret]:
     added, receivers move to it, the old one is removed)."""
     if raw is None:
         return []
-    if isinstance(raw, list):
-        if not raw:
-            r.error(path, "expected a Standard Webhooks secret or a list of them, got an empty list")
-        places = [(item, f"{path}[{i}]") for i, item in enumerate(raw)]
-    else:
-        places = [(raw, path)]
+    if raw == []:
+        r.error(path, "expected a Standard Webhooks secret or a list of them, got an empty list")
     secrets = []
-    for item, place in places:
+    for i, item in enumerate(raw if isinstance(raw, list) else [raw]):
+        place = item_place(path, raw, i)
         secret = r.secret(item, place)
         if secret is None:
             continue
