@@ -26,9 +26,12 @@ from yarl import URL
 from bridge.lane import LaneSite
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-POSTBACKS = SHARED / "reference" / "postbacks"
-SEEDS = SHARED / "seeds"
+# Skycore's documentation as the product was built from it, copied from the project's shared
+# reference so that a clone of the repository tests on its own.
+DATA = ROOT / "tests" / "data"
+POSTBACKS = DATA / "postbacks"
+SEEDS = DATA / "seeds"
+SPID_TABLE = DATA / "skycore-spid.csv"
 
 
 # Nested entities that would expand to a billion "lol"s: refused at the DOCTYPE, never expanded.

@@ -13,7 +13,7 @@ from bridge.carriers import Carriers
 from bridge.event import dedup_key, normalize, parse_time, phone
 from bridge.ids import _encode, event_id, timestamp, ulid
 from bridge.postback import parse
-from tests.conftest import POSTBACKS
+from tests.conftest import POSTBACKS, SPID_TABLE
 from tests.golden import regen
 
 RECEIVED = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
@@ -259,9 +259,9 @@ def test_carrier_from_the_builtin_table(spid, carrier):
 
 
 def test_every_spid_of_skycores_table_gives_its_carrier_as_the_table_names_it():
-    """Appendix E as shipped to us (../shared/reference): "All Carriers" rows included, as the
+    """Appendix E as Skycore ships it (tests/data/skycore-spid.csv): "All Carriers" rows included, as the
     table says it; where an SPID is listed twice, its first row."""
-    with (POSTBACKS.parent / "skycore-spid.csv").open(encoding="utf-8") as table:
+    with SPID_TABLE.open(encoding="utf-8") as table:
         rows = list(csv.DictReader(table))
     expected: dict[str, str] = {}
     for row in rows:

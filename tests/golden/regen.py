@@ -20,9 +20,9 @@ from bridge.postback import parse
 
 HERE = Path(__file__).resolve().parent
 INPUTS = HERE / "inputs"
-SHARED = HERE.parent.parent.parent / "shared"
-SEEDS = SHARED / "seeds"
-REFERENCE = SHARED / "reference" / "postbacks"
+DATA = HERE.parent / "data"
+SEEDS = DATA / "seeds"
+REFERENCE = DATA / "postbacks"
 
 # Fields the golden files leave out: they change on every run.
 VOLATILE = ("id", "received_at")
