@@ -10,12 +10,12 @@ import functools
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from bridge import __version__
+from bridge.config import parse_when
 from bridge.store import STATUSES, DeliveryFilter, EventFilter
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,12 +38,9 @@ def _time(query: Any, key: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadQuery(f"{key}: expected an ISO 8601 time like 2026-11-23T10:00:00Z, got {value!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        return parse_when(value)
+    except ValueError as exc:
+        raise BadQuery(f"{key}: {exc}") from None
 
 
 def _limit(query: Any) -> int:
@@ -250,7 +247,13 @@ def _param(name: str, description: str, schema: dict[str, Any] | None = None, wh
             "schema": schema or {"type": "string"}}  # fmt: skip
 
 
-_TIME = {"type": "string", "format": "date-time"}
+# an ISO 8601 time, or a duration meaning that long ago (`2h`), as the CLI's --since/--until
+_TIME = {
+    "anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"},
+    ]
+}
 _DELIVERY_FILTERS = [
     _param(
         "status",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__, logs
-from bridge.config import Config, defaults, load, parse_duration, redact_url
+from bridge.config import Config, defaults, load, parse_when, redact_url
 from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
 from bridge.store import STATUSES, DeliveryFilter, Store, open_store, sqlite_path
 
@@ -181,19 +181,12 @@ def _indent(text: str, n: int = 2) -> str:
 # ---------------------------------------------------------------------------- deliveries, replay
 
 
-def parse_when(text: str) -> float:
-    """An ISO 8601 time, or a duration meaning that long ago (`2h`)."""
+def _when(text: str) -> float:
+    """`--since`/`--until`: an ISO 8601 time, or a duration meaning that long ago (`2h`)."""
     try:
-        return time.time() - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an ISO time nor a duration like 2h") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        return parse_when(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _filter(args: argparse.Namespace, **extra: Any) -> DeliveryFilter:
@@ -212,6 +205,14 @@ def _iso(ts: float | None) -> str:
     if ts is None:
         return "-"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _next(row: Any) -> str:
+    """When a pending delivery is next tried: `due` once that time is past (it waits its turn,
+    or behind the one delivery that probes a destination that is down), never a time gone by."""
+    if row.status != "pending" or row.next_at is None:
+        return "-"
+    return "due" if row.next_at <= time.time() else _iso(row.next_at)
 
 
 class NoStoreError(StoreError):
@@ -263,8 +264,8 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 r.status,
                 str(r.attempts),
                 _iso(r.created_at),
-                _iso(r.next_at),
-                (r.last_error or "")[:60],
+                _next(r),
+                r.last_error or "",  # the last column: whole, not cut in the middle of an address
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -299,7 +300,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"replayed": ids, **({"unknown": unknown} if unknown else {})}))
     else:
-        print(f"replayed {len(ids)} deliveries" + (f": {', '.join(map(str, ids))}" if ids else ""))
+        noun = "delivery" if len(ids) == 1 else "deliveries"
+        print(f"replayed {len(ids)} {noun}" + (f": {', '.join(map(str, ids))}" if ids else ""))
         if not ids and not args.force and not unknown and not elsewhere:
             print("(only dead and failed deliveries are replayed; add --force to send delivered ones again)")
     if unknown:
@@ -343,8 +345,8 @@ def _parser() -> argparse.ArgumentParser:
         with_config(p)
         p.add_argument("--destination", metavar="NAME")
         p.add_argument("--event", metavar="EVENT_ID")
-        p.add_argument("--since", type=parse_when, metavar="TIME", help="ISO time, or a duration ago (2h)")
-        p.add_argument("--until", type=parse_when, metavar="TIME")
+        p.add_argument("--since", type=_when, metavar="TIME", help="ISO time, or a duration ago (2h)")
+        p.add_argument("--until", type=_when, metavar="TIME")
         p.add_argument("--limit", type=int, default=limit, help=f"at most this many (default {limit})")
         p.add_argument("--json", action="store_true")
 

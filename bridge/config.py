@@ -10,8 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +95,24 @@ def parse_duration(value: str | int | float) -> float:
     if pos != len(text) or not text:
         raise ValueError(f"{value!r} is not a duration like 500ms, 10s, 5m, 24h")
     return total
+
+
+def parse_when(text: str) -> float:
+    """An ISO 8601 time (`2026-11-23T10:00:00Z`; one with no offset is UTC), or a duration meaning
+    that long ago (`2h`), as a Unix time: what `--since`/`--until` and the admin API's
+    `since`/`until` take alike."""
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        example = "an ISO 8601 time like 2026-11-23T10:00:00Z nor a duration like 2h"
+        raise ValueError(f"{text!r} is neither {example}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def expand_env(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:

@@ -335,8 +335,9 @@ class Dispatcher:
         health = self.health[destination.name]
         was_down = health.down
         health.record(outcome, destination.retry, now)
-        if health.down != was_down:
-            log.warning(
+        if health.down != was_down:  # down is worth a warning; back up is good news
+            log.log(
+                logging.WARNING if health.down else logging.INFO,
                 "destination down: probing one delivery at a time" if health.down else "destination back up",
                 extra={"destination": destination.name, "failures": health.failures},
             )

@@ -319,13 +319,14 @@ class Reply:
 
 
 def answer(status: str, event_id: str) -> Reply:
-    """`{"status": ..., "id": ...}`, as json.dumps would write it (both values are plain ASCII)."""
-    return Reply(200, f'{{"status": "{status}", "id": "{event_id}"}}'.encode())
+    """`{"status": ..., "id": ...}` and a newline, as json.dumps would write it (both values are
+    plain ASCII). The newline ends the line where `curl` prints it, before the shell's prompt."""
+    return Reply(200, f'{{"status": "{status}", "id": "{event_id}"}}\n'.encode())
 
 
 def refusal(status: int, message: str, **headers: str) -> Reply:
-    """`{"error": message}`, as json_response writes it."""
-    return Reply(status, json.dumps({"error": message}).encode(), tuple(headers.items()))
+    """`{"error": message}` and a newline, as json_response writes it."""
+    return Reply(status, json.dumps({"error": message}).encode() + b"\n", tuple(headers.items()))
 
 
 # the store is down or not up yet: Skycore retries (postbacks; the admin API the same way)

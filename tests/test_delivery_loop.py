@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import resource
 import time
 from datetime import UTC, datetime
@@ -307,3 +308,35 @@ async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max
     sent = collections.Counter(r.json()["id"] for r in sink.received)
     assert sent == {e: len(a) for e, a in attempts.items() if a}
     assert all(len({a.number for a in a_list}) == len(a_list) for a_list in attempts.values())
+
+
+async def test_a_destination_down_is_a_warning_and_back_up_is_news(tmp_path: Path, sink, caplog):
+    """Five failures in a row take a destination to be down (a warning: someone may need to act);
+    its coming back is good news, logged at info, not a second warning."""
+    sink.responses = [500] * 5
+    store = SQLiteStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", sink.url + "/hook", timeout=2)
+    destination.retry = RetryPolicy(initial=0.01, max_interval=0.05, max_age=30)
+    await destination.open(Services(http=http, state=store))
+    await store.ingest(event(1), "k1", [NewDelivery("crm", "r", "c1")])
+    dispatcher = Dispatcher(store, {"crm": destination})
+    caplog.set_level(logging.INFO, logger="bridge")
+    dispatcher.start()
+    try:
+        await sink.wait_for(6)
+        for _ in range(100):
+            if any(r.getMessage() == "destination back up" for r in caplog.records):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+        await store.close()
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.getMessage().startswith("destination ")}
+    assert levels == {
+        "destination down: probing one delivery at a time": logging.WARNING,
+        "destination back up": logging.INFO,
+    }

@@ -71,6 +71,17 @@ async def test_cloudevents_structured(sink, bridge_factory):
     assert event.data["media"][0]["url"].endswith("1.jpg")
 
 
+async def test_an_unsigned_webhook_carries_the_event_id_as_webhook_id_too(sink, bridge_factory):
+    """Receivers deduplicate on `webhook-id`: it is sent with no `secret` as well, unsigned."""
+    bridge = bridge_factory(webhook_config(sink.url))
+    bridge.start()
+    status, body = await post(bridge.url + "/postback", sms(1))
+    assert status == 200
+    (request,) = await sink.wait_for(1)
+    assert request.headers["webhook-id"] == body["id"] == request.json()["id"]
+    assert "webhook-signature" not in request.headers and "webhook-timestamp" not in request.headers
+
+
 async def test_500_500_200_is_one_delivery(sink, bridge_factory):
     sink.responses = [500, 500, 200]
     bridge = bridge_factory(webhook_config(sink.url))

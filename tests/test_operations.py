@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -24,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge import cli as cli_module
 from bridge import server
 from bridge.config import build, load
 from bridge.errors import StoreError
@@ -191,6 +194,13 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
     assert crm["event_id"] == stop["id"] and crm["status"] == "dead" and "HTTP 400" in crm["last_error"]
     status, body = await admin(bridge, "GET", "/admin/deliveries?since=not-a-time")
     assert status == 400 and "since" in body["error"]
+    # a duration ago, as the CLI's --since/--until take it
+    status, body = await admin(bridge, "GET", "/admin/deliveries?destination=crm&since=1h")
+    assert status == 200 and [d["id"] for d in body["deliveries"]] == [crm["id"]]
+    status, body = await admin(bridge, "GET", "/admin/deliveries?destination=crm&until=1h")
+    assert status == 200 and body["deliveries"] == []
+    status, body = await admin(bridge, "GET", "/admin/events?keyword=stop&since=10m")
+    assert [e["id"] for e in body["events"]] == [stop["id"]]
 
     status, detail = await admin(bridge, "GET", f"/admin/events/{stop['id']}")
     (delivery,) = detail["deliveries"]
@@ -245,12 +255,29 @@ async def test_failed_deliveries_are_listed_and_replay_sends_them_now(sink, brid
     assert (delivery["event_id"], delivery["status"]) == (stop["id"], "pending") and "503" in delivery["last_error"]
     listed = json.loads(bridge.cli("deliveries", "-c", str(bridge.config_path), "--status", "failed", "--json").stdout)
     assert [d["id"] for d in listed] == [delivery["id"]]
+    (row,) = [line for line in bridge.cli("deliveries", "-c", str(bridge.config_path)).stdout.splitlines()[1:]]
+    assert row.endswith(delivery["last_error"])  # the last column whole, never cut in an address
+    next_try = datetime.fromisoformat(row.split()[6]).timestamp()  # an hour's backoff: a time ahead
+    assert time.time() + 1800 < next_try < time.time() + 7300
 
     done = bridge.cli("replay", "-c", str(bridge.config_path), "--destination", "crm")
-    assert f"replayed 1 deliveries: {delivery['id']}" in done.stdout
+    assert f"replayed 1 delivery: {delivery['id']}" in done.stdout
     (_, again) = await sink.wait_for(2, timeout=15)  # now, not in an hour
     assert again.json()["id"] == stop["id"]
     assert await failed() == []
+
+
+def test_the_next_column_says_due_for_a_time_gone_by_and_nothing_once_settled():
+    """A pending delivery whose time is past waits its turn (or behind the one delivery that
+    probes a destination that is down): `due`, not a time gone by."""
+    now = time.time()
+    row = SimpleNamespace(status="pending", next_at=now - 600)
+    assert cli_module._next(row) == "due"
+    assert cli_module._next(SimpleNamespace(status="pending", next_at=now + 600)).startswith(
+        datetime.fromtimestamp(now + 600, UTC).strftime("%Y-%m-%dT%H:")
+    )
+    assert cli_module._next(SimpleNamespace(status="dead", next_at=now - 600)) == "-"
+    assert cli_module._next(SimpleNamespace(status="delivered", next_at=None)) == "-"
 
 
 async def test_replay_cli_refuses_without_a_selector(bridge_factory, sink):
@@ -272,7 +299,7 @@ async def test_replay_cli_names_delivery_ids_that_do_not_exist(sink, bridge_fact
     (delivery,) = await dead()
     done = bridge.cli("replay", "-c", str(bridge.config_path), str(delivery["id"]), "9999", check=False)
     assert done.returncode == 1 and "no delivery 9999" in done.stderr
-    assert f"replayed 1 deliveries: {delivery['id']}" in done.stdout  # the one that exists still goes
+    assert f"replayed 1 delivery: {delivery['id']}" in done.stdout  # the one that exists still goes
     done = bridge.cli("replay", "-c", str(bridge.config_path), "9999", "--json", check=False)
     assert done.returncode == 1 and json.loads(done.stdout) == {"replayed": [], "unknown": [9999]}
     assert "--force" not in done.stdout  # not "only dead ones are replayed": there is no such delivery
@@ -320,7 +347,7 @@ async def test_deliveries_and_replay_with_no_config_use_the_store_serve_uses_wit
     (row,) = json.loads(done.stdout)
     assert (row["event_id"], row["destination"], row["status"]) == (stored, "log", "dead")
     done = cli("replay", "--destination", "log")
-    assert done.returncode == 0 and "replayed 1 deliveries" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "replayed 1 delivery" in done.stdout, done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------------------- reload

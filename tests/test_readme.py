@@ -13,11 +13,14 @@ from tests.conftest import ROOT, post
 from tests.test_config import run_cli
 
 
+def quickstart() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("## Quickstart") : readme.index("## How it works")]
+
+
 def heredoc(marker: str) -> str:
     """The text of `cat > FILE <<'MARKER'` ... `MARKER` in the README's Quickstart."""
-    readme = (ROOT / "README.md").read_text()
-    quickstart = readme[readme.index("## Quickstart") : readme.index("## How it works")]
-    found = re.search(rf"<<'{marker}'\n(.*?)\n *{marker}\n", quickstart, re.DOTALL)
+    found = re.search(rf"<<'{marker}'\n(.*?)\n *{marker}\n", quickstart(), re.DOTALL)
     assert found, f"no <<'{marker}' heredoc in the Quickstart"
     return textwrap.dedent(found.group(1)) + "\n"
 
@@ -45,3 +48,12 @@ async def test_the_quickstart_postback_is_accepted_once_then_a_duplicate(bridge_
     assert (status, again) == (200, {"status": "duplicate", "id": first["id"]})
     (received,) = await sink.wait_for(1)
     assert received.path == "/skycore" and received.json()["keyword"] == "STOP"
+    # step 2's "a new TRANSACTIONID": the README's sed command, applied as sed would
+    found = re.search(
+        r"sed 's/([^/]+)/([^/]+)/' sms\.xml \| curl --data-binary @- localhost:8080/postback", quickstart()
+    )
+    assert found, "no sed line in the Quickstart"
+    status, new = await post(bridge.url + "/postback", body.replace(found[1].encode(), found[2].encode(), 1))
+    assert status == 200 and new["status"] == "accepted" and new["id"] != first["id"]
+    (_, second) = await sink.wait_for(2)
+    assert second.json()["id"] == new["id"]

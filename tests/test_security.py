@@ -127,7 +127,7 @@ async def test_wrong_or_missing_token_is_401_and_the_answers_do_not_differ(make_
         assert response.status == 401, path
         assert TOKEN not in text and TOKEN not in str(response.headers)
         answers.add((text, "WWW-Authenticate" in response.headers))
-    assert answers == {('{"error": "unauthorized"}', False)}
+    assert answers == {('{"error": "unauthorized"}\n', False)}
     metrics = await (await client.get("/metrics")).text()
     assert 'status="accepted"' not in metrics
 

@@ -158,9 +158,9 @@ class WebhookDestination(Destination):
             if self._url_secrets:  # what bridge.http1 adds from the URL's user:password
                 headers["Authorization"] = "Basic **********"
         headers["Content-Type"] = content_type
+        headers["webhook-id"] = event_id  # signed or not: receivers deduplicate on it
         if self._keys:
             timestamp = int(time.time())
-            headers["webhook-id"] = event_id
             headers["webhook-timestamp"] = str(timestamp)
             # one signature per secret, space-separated: a receiver that knows either verifies
             signatures = (sign(key, event_id, timestamp, body) if reveal else "v1,**********" for key in self._keys)
