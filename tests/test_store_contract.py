@@ -287,7 +287,7 @@ async def test_order_pending_puts_what_was_queued_unordered_in_line(store):
 
 async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
     """Turn the schema back into what stores made before `deliveries.ordered` (and before
-    `deliveries.came_in_at`) have."""
+    `deliveries.came_in_at`, and before versioned migrations: no `schema_version`) have."""
     old_index = (
         "CREATE INDEX deliveries_conversation ON deliveries (destination, conversation, id) WHERE status = 'pending'"
     )
@@ -298,6 +298,7 @@ async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
             conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
             conn.execute("ALTER TABLE deliveries DROP COLUMN came_in_at")
             conn.execute(old_index)
+            conn.execute("DELETE FROM meta WHERE key = 'schema_version'")
         conn.close()
         return
     conn = await asyncpg.connect(store_url)
@@ -306,6 +307,7 @@ async def _make_it_a_store_from_before_ordered(store_url: str) -> None:
         await conn.execute("ALTER TABLE deliveries DROP COLUMN ordered")
         await conn.execute("ALTER TABLE deliveries DROP COLUMN came_in_at")
         await conn.execute(old_index)
+        await conn.execute("DELETE FROM meta WHERE key = 'schema_version'")
     finally:
         await conn.close()
 

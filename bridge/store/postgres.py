@@ -44,6 +44,7 @@ from bridge.store import (
     delivery_clauses,
     load_queries,
     owner_gone,
+    schema,
     verdict,
 )
 
@@ -120,6 +121,28 @@ def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
     return DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9])
 
 
+async def _schema_version(conn: asyncpg.Connection) -> int:
+    if not await conn.fetchval(Q["has_meta"]):
+        return 0
+    return schema.version_of(await conn.fetchval(Q["get_meta"], schema.VERSION_KEY))
+
+
+async def _migrate(conn: asyncpg.Connection, where: str) -> None:
+    """The migrations the store lacks and its new version, in one transaction, under an advisory
+    lock (two instances starting at once would race), the version read again under it."""
+    async with conn.transaction():
+        # A change to the schema (a column a new version adds) waits for the running instances'
+        # reads and holds their postbacks back while it waits: not for long. Timed out, it is
+        # tried again later (a StoreError), as an unreachable database is.
+        await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_PATIENCE}s'")
+        await conn.execute(Q["schema_lock"])
+        todo = schema.pending("postgres", await _schema_version(conn), where)
+        for migration in todo:
+            await conn.execute(migration.sql)
+        if todo:
+            await conn.execute(Q["set_meta"], schema.VERSION_KEY, str(todo[-1].version))
+
+
 class PostgresStore(Store):
     retry_open = True
 
@@ -148,21 +171,21 @@ class PostgresStore(Store):
         except DRIVER_ERRORS as exc:
             raise self._cannot_open(exc) from exc
         self._opening = pool
+        where = redact_url(self.url)
         try:
-            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
-                # A change to the schema (a column a new version adds) waits for the running
-                # instances' reads and holds their postbacks back while it waits: not for long.
-                # Timed out, it is tried again later (a StoreError), as an unreachable database is.
-                await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_PATIENCE}s'")
-                await conn.execute(Q["schema_lock"])
-                await conn.execute(Q["schema"])
-                # Leases of a process on this host that is gone (kill -9) are due again at once.
-                # Only those: a lease of another instance, here or on another host, is live or
-                # runs out by itself; taking it away would send its delivery twice.
-                now = time.time()
-                for (owner,) in await conn.fetch(Q["lease_owners"]):
-                    if owner_gone(owner):
-                        await conn.execute(Q["recover_leases"], owner, now)
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                # A store that is up to date is only read here: no lock that running instances'
+                # postbacks would queue behind.
+                if schema.pending("postgres", await _schema_version(conn), where):
+                    await _migrate(conn, where)
+                async with conn.transaction():
+                    # Leases of a process on this host that is gone (kill -9) are due again at
+                    # once. Only those: a lease of another instance, here or on another host, is
+                    # live or runs out by itself; taking it away would send its delivery twice.
+                    now = time.time()
+                    for (owner,) in await conn.fetch(Q["lease_owners"]):
+                        if owner_gone(owner):
+                            await conn.execute(Q["recover_leases"], owner, now)
         except DRIVER_ERRORS as exc:
             pool.terminate()
             raise self._cannot_open(exc) from exc

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from bridge.errors import StoreError
+from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
@@ -42,6 +42,7 @@ from bridge.store import (
     delivery_clauses,
     load_queries,
     owner_gone,
+    schema,
     verdict,
 )
 
@@ -56,6 +57,38 @@ MAX_BATCH = 1024
 def _marks(values: Sequence[object]) -> str:
     """`?, ?, ?`: the only thing ever formatted into SQL here; values are always bound."""
     return ", ".join("?" * len(values))
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute(Q["get_meta"], (schema.VERSION_KEY,)).fetchone()
+    return schema.version_of(row[0] if row else None)
+
+
+def _before_versioning(conn: sqlite3.Connection) -> None:
+    """A store of 0.1.0 or earlier made before `deliveries` had these columns: add them, so the
+    baseline (which makes what is missing, IF NOT EXISTS) finds the table it describes. Every
+    delivery in such a store counts as ordered."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+    if columns and "ordered" not in columns:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN ordered INTEGER NOT NULL DEFAULT 1")
+    if columns and "came_in_at" not in columns:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN came_in_at REAL")
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements, one by one: `executescript` would commit the transaction the
+    migration runs in before its first statement."""
+    out, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending)
+            pending = ""
+    if any(line.strip() and not line.lstrip().startswith("--") for line in pending.splitlines()):
+        raise RuntimeError(f"a migration ends in an unfinished statement: {pending.strip()[:80]!r}")
+    return out
 
 
 class _Writer(threading.Thread):
@@ -74,6 +107,14 @@ class _Writer(threading.Thread):
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout = 10000")
         if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
@@ -81,19 +122,8 @@ class _Writer(threading.Thread):
         if mode.lower() != "wal":
             raise StoreError(f"cannot put {self.path} in WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")  # durable at COMMIT, also on power loss
-        conn.executescript(Q["schema"])
-        conn.execute("BEGIN IMMEDIATE")  # the look and the change as one: others may open it too
-        try:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
-            if "ordered" not in columns:
-                conn.execute(Q["add_ordered"])
-            if "came_in_at" not in columns:
-                conn.execute(Q["add_came_in_at"])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.executescript(Q["ordered_index"])
+        if schema.pending("sqlite", _schema_version(conn), self.path):
+            self.migrate(conn)
         # Leases of a process that is gone (kill -9, power cut) are due again at once, not when
         # they run out. Only those: `deliveries` or `replay` opening the store beside a running
         # server must not take the deliveries it is sending away from it (they would go twice).
@@ -101,7 +131,25 @@ class _Writer(threading.Thread):
         for (owner,) in conn.execute(Q["lease_owners"]).fetchall():
             if owner_gone(owner):
                 conn.execute(Q["recover_leases"], {"now": now, "owner": owner})
-        return conn
+
+    def migrate(self, conn: sqlite3.Connection) -> None:
+        """The migrations the store lacks and its new version, in one transaction, taken before
+        the version is read again: another process may be opening the same file."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _schema_version(conn)
+            todo = schema.pending("sqlite", version, self.path)
+            if version == 0:
+                _before_versioning(conn)
+            for migration in todo:
+                for statement in _statements(migration.sql):
+                    conn.execute(statement)
+            if todo:
+                conn.execute(Q["set_meta"], (schema.VERSION_KEY, str(todo[-1].version)))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def run(self) -> None:
         try:
@@ -235,6 +283,8 @@ class SQLiteStore(Store):
         await asyncio.to_thread(writer.ready.wait)
         if writer.startup_error is not None:
             exc = writer.startup_error
+            if isinstance(exc, ConfigError):  # a store of a later release: waiting cannot help
+                raise exc
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._writer = writer
 

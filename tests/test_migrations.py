@@ -1,0 +1,202 @@
+"""Versioned migrations (bridge/store/schema.py): a new store is made at the latest version, a
+store made by the previous release (0.1.0, before versions were kept) is brought up to it with
+what it holds, a store of a later release is refused, and a migration that fails changes nothing.
+
+PostgreSQL cases need BRIDGE_TEST_POSTGRES_URL, as in test_store_contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bridge.errors import ConfigError
+from bridge.event import dedup_key
+from bridge.store import DeliveryFilter, Ingested, NewDelivery, open_store, schema
+from bridge.store.sqlite import _statements
+from tests.conftest import DATA
+from tests.test_store_contract import claim, make_event, pg_url, store_url  # noqa: F401
+
+OLD_SCHEMA = DATA / "schema"
+
+
+def backend(url: str) -> str:
+    return "sqlite" if url.startswith("sqlite") else "postgres"
+
+
+async def version_in(url: str) -> int | None:
+    if backend(url) == "sqlite":
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        finally:
+            conn.close()
+        return int(row[0]) if row else None
+    conn = await asyncpg.connect(url)
+    try:
+        value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+    finally:
+        await conn.close()
+    return None if value is None else int(value)
+
+
+async def run_sql(url: str, script: str, *args: object) -> None:
+    if backend(url) == "sqlite":
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            if args:
+                conn.execute(script, args)
+                conn.commit()
+            else:
+                conn.executescript(script)
+        finally:
+            conn.close()
+        return
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(script, *args)
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------- the files
+
+
+def test_both_backends_have_the_same_migrations_numbered_without_gaps():
+    sqlite_side = [(m.version, m.name) for m in schema.migrations("sqlite")]
+    postgres_side = [(m.version, m.name) for m in schema.migrations("postgres")]
+    assert sqlite_side == postgres_side
+    assert [v for v, _ in sqlite_side] == list(range(1, len(sqlite_side) + 1))
+    assert schema.latest("sqlite") == len(sqlite_side) >= 1
+
+
+def test_sqlite_migrations_split_into_whole_statements():
+    for migration in schema.migrations("sqlite"):
+        statements = _statements(migration.sql)
+        assert statements and all(sqlite3.complete_statement(s) for s in statements)
+    with pytest.raises(RuntimeError, match="unfinished statement"):
+        _statements("CREATE TABLE a (x INTEGER);\nCREATE TABLE b (y\n-- a comment\n")
+
+
+# ---------------------------------------------------------------------------- opening
+
+
+async def test_a_new_store_is_made_at_the_latest_version(store_url):  # noqa: F811
+    store = open_store(store_url)
+    await store.open()
+    await store.close()
+    assert await version_in(store_url) == schema.latest(backend(store_url))
+    again = open_store(store_url)  # and opening it again changes nothing
+    await again.open()
+    await again.close()
+    assert await version_in(store_url) == schema.latest(backend(store_url))
+
+
+async def test_a_store_of_the_previous_release_is_upgraded_with_what_it_holds(store_url):  # noqa: F811
+    """0.1.0's schema, as its stores are on disk, with an event, its dedup key as 0.1.0 computed
+    it, and a pending delivery: opened by this version, all of it is still there and works."""
+    await run_sql(store_url, (OLD_SCHEMA / f"{backend(store_url)}-0.1.0.sql").read_text(encoding="utf-8"))
+    old = make_event(1)
+    now = time.time()
+    await run_sql(
+        store_url,
+        "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES ($1, $2, $3, $4, $5)"
+        if backend(store_url) == "postgres"
+        else "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)",
+        old["id"],
+        "an-old-release's-key",
+        old["type"],
+        now,
+        json.dumps(old),
+    )
+    insert_delivery = (
+        "INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at, updated_at)"
+        " VALUES ({}, 'crm', 'r', 'c', 'pending', {}, {}, {})"
+    )
+    marks = ("$1", "$2", "$2", "$2") if backend(store_url) == "postgres" else ("?", "?", "?", "?")
+    args = (old["id"], now) if backend(store_url) == "postgres" else (old["id"], now, now, now)
+    await run_sql(store_url, insert_delivery.format(*marks), *args)
+    assert await version_in(store_url) is None  # 0.1.0 kept no version
+
+    store = open_store(store_url)
+    await store.open()
+    try:
+        assert await version_in(store_url) == schema.latest(backend(store_url))
+        (pending,) = await claim(store)
+        assert pending.event_id == old["id"]
+        assert (await store.get_event(old["id"]))["id"] == old["id"]
+        # the old key is kept as it was: the same key is still a duplicate of that event
+        assert await store.ingest(make_event(1), "an-old-release's-key", []) == Ingested("duplicate", old["id"])
+        new = make_event(2)
+        assert await store.ingest(new, dedup_key(new), [NewDelivery("crm", "r", "c")]) == Ingested(
+            "accepted", new["id"]
+        )
+        assert len(await store.list_deliveries(DeliveryFilter())) == 2
+    finally:
+        await store.close()
+
+
+async def test_a_store_of_a_later_release_is_refused_and_left_as_it_is(store_url):  # noqa: F811
+    store = open_store(store_url)
+    await store.open()
+    await store.close()
+    newer = schema.latest(backend(store_url)) + 1
+    await run_sql(
+        store_url,
+        "UPDATE meta SET value = $1 WHERE key = 'schema_version'"
+        if backend(store_url) == "postgres"
+        else "UPDATE meta SET value = ? WHERE key = 'schema_version'",
+        str(newer),
+    )
+    with pytest.raises(ConfigError, match=f"schema version {newer}, newer than this postback-bridge knows"):
+        await open_store(store_url).open()
+    assert await version_in(store_url) == newer
+
+
+def test_serve_and_the_cli_refuse_a_store_of_a_later_release_and_say_why(bridge_factory, tmp_path: Path):
+    bridge = bridge_factory({"default": []})
+    bridge.start()
+    assert bridge.stop() == 0
+    conn = sqlite3.connect(tmp_path / "bridge.db")
+    with conn:
+        assert conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'").rowcount == 1
+    conn.close()
+    done = bridge.cli("deliveries", "-c", str(bridge.config_path), check=False)
+    assert done.returncode != 0 and "schema version 999" in done.stderr, done.stdout + done.stderr
+    serve = bridge.cli("serve", "-c", str(bridge.config_path), check=False)  # exits, not waits
+    assert serve.returncode != 0 and "schema version 999" in serve.stderr, serve.stderr
+
+
+async def test_a_migration_that_fails_changes_nothing(store_url, monkeypatch):  # noqa: F811
+    """Every migration and the new version are one transaction: a bad one leaves the store at
+    the version it was, usable by the release that made it."""
+    store = open_store(store_url)
+    await store.open()
+    await store.close()
+    at = schema.latest(backend(store_url))
+    broken = schema.Migration(at + 1, "broken", "CREATE TABLE half_made (x INTEGER);\nTHIS IS NOT SQL;\n")
+    monkeypatch.setattr(schema, "migrations", lambda name, real=schema.migrations: (*real(name), broken))
+    with pytest.raises(Exception):  # noqa: B017 (the driver's own error, whatever it is)
+        await open_store(store_url).open()
+    monkeypatch.undo()
+    assert await version_in(store_url) == at
+    store = open_store(store_url)
+    await store.open()  # the release that made it still opens it
+    await store.close()
+    with pytest.raises(Exception):  # noqa: B017
+        await run_sql(store_url, "SELECT * FROM half_made")
+
+
+async def test_stores_opened_at_once_migrate_once(store_url):  # noqa: F811
+    """Several instances (or `serve` and a CLI command) opening a new store together: one makes
+    the schema, the others wait for it and find it done."""
+    stores = [open_store(store_url) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    for s in stores:
+        await s.close()
+    assert await version_in(store_url) == schema.latest(backend(store_url))
