@@ -30,9 +30,12 @@ def _config(path: str | None, *, required: bool = True) -> Config:
 
 
 def _print_errors(exc: ConfigError, path: str | None) -> None:
-    where = path or os.environ.get("BRIDGE_CONFIG") or "config"
-    print(f"{where}: {len(exc.problems)} error{'s' if len(exc.problems) != 1 else ''}:", file=sys.stderr)
-    for problem in exc.problems:
+    _print_problems(exc.problems, "error", path or os.environ.get("BRIDGE_CONFIG") or "config")
+
+
+def _print_problems(problems: Sequence[str], kind: str, where: str) -> None:
+    print(f"{where}: {len(problems)} {kind}{'s' if len(problems) != 1 else ''}:", file=sys.stderr)
+    for problem in problems:
         print(f"  - {problem}", file=sys.stderr)
 
 
@@ -48,6 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = config.server  # a public listen without auth is a config error: see config.build
     app = create_app(config)
     log = logs.logger.getChild("serve")
+    for warning in config.warnings():
+        log.warning("config warning", extra={"warning": warning})
 
     def started(_: str) -> None:
         log.info(
@@ -97,6 +102,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  default -> {', '.join(config.default)}")
     else:
         print("  default: none (unmatched events are counted and dropped)")
+    warnings = config.warnings()
+    if warnings:  # allowed, so still exit 0; on stderr, as the errors are
+        _print_problems(warnings, "warning", str(config.source))
     return 0
 
 

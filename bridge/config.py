@@ -211,6 +211,9 @@ class Retention:
     dead: float = 90 * 86400.0
 
 
+_LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig
@@ -222,6 +225,26 @@ class Config:
     default: tuple[str, ...] | None
     retention: Retention = field(default_factory=Retention)
     source: str | None = None  # the file it came from
+
+    def warnings(self) -> list[str]:
+        """What is allowed but probably not meant, each with its place as errors have it:
+        `check-config` prints them, `serve` logs them at start."""
+        found = []
+        auth = self.server.auth
+        if auth.trusted_proxies and self.server.admin_token is None:
+            # A proxy is in front. Without a token, what keeps the admin API (phone numbers, texts,
+            # replay) from the internet is only the proxy's headers and its address (admin.guard).
+            local = [str(net) for net in auth.trusted_proxies if any(address in net for address in _LOOPBACK)]
+            message = (
+                "server.admin_token: not set, while server.auth.trusted_proxies says a proxy is in front. Without"
+                " it /admin answers only requests made directly on loopback, and tells those from proxied ones"
+                " by the proxy's headers (Forwarded, X-Forwarded-For, X-Real-IP) and address alone: set"
+                " server.admin_token"
+            )
+            if local:
+                message += f" (trusted_proxies has {', '.join(local)}, this machine: /admin refuses its requests too)"
+            found.append(message)
+        return found
 
 
 # ---------------------------------------------------------------------------- reading

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -135,15 +136,28 @@ def normalize(fields: Fields, *, event_id: str, received_at: datetime, carriers:
     }
 
 
+# Keys this version makes start with it. Those of earlier versions are 64 bare hex digits: the
+# two can never be equal, so a stored event keeps its old key and no new event can match it by
+# accident (CONTRACT §6: events stored under an earlier version's key keep it).
+KEY_VERSION = "v2:"
+
+
 def dedup_key(event: Event) -> str:
-    """CONTRACT §6: ORIGIN plus TRANSACTIONID, else TRACKINGID, else FROM, TO, TEXT and time."""
-    fields = event["fields"]
+    """CONTRACT §6: ORIGIN and CODE, plus TRANSACTIONID if present, else TRACKINGID, else a
+    digest of every field as sent.
+
+    CODE is in it because Skycore reuses an id across the steps of one story: the N201 "sent"
+    and the N202 "delivered" report of one message share a TRACKINGID. A postback with neither
+    id (SUB, EMAIL_SUB, an SMS_MO of an old account) is told apart by all of its fields, so two
+    opt-ins that differ only in EMAIL, MOBILE or CAMPAIGNID are two events, while Skycore's retry,
+    byte for byte the same, is one. The digest is of the fields as parsed (names sorted, values
+    as sent, repeated elements in their order), not of the body: its shape (the 2014 wrapper,
+    indentation, a form or raw XML) does not change it."""
     if event["transaction_id"]:
         parts = ["tx", event["transaction_id"]]
     elif event["tracking_id"]:
         parts = ["trk", event["tracking_id"]]
     else:
-        sent_at = _stripped(fields, "RECEIVED") or _stripped(fields, "TIMESTAMP") or ""
-        parts = ["msg", event["from"] or "", event["to"] or "", event["text"] or "", sent_at]
-    raw = "\x1f".join([event["origin"], *parts])
-    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+        parts = ["fields", json.dumps(event["fields"], sort_keys=True, ensure_ascii=True, separators=(",", ":"))]
+    raw = "\x1f".join([event["origin"], event["code"] or "", *parts])  # XML text cannot hold \x1f
+    return KEY_VERSION + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()

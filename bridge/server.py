@@ -245,6 +245,8 @@ class Runtime:
                     "config reloaded",
                     extra={"destinations": sorted(self.config.destinations), "routes": len(self.config.routes)},
                 )
+                for warning in self.config.warnings():
+                    log.warning("config warning", extra={"warning": warning})
             return problems
 
     async def _reload(self) -> list[str]:

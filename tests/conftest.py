@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -60,6 +61,25 @@ def sms(n: int | str = 1, *, text: str = "HELLO there", sender: str = "155523121
         f"<TEXT>{text}</TEXT><RECEIVED>2024-05-01T12:00:00-04:00</RECEIVED>"
         f"<TRANSACTIONID>tx-{n}</TRANSACTIONID></POSTBACK>"
     ).encode()
+
+
+def dedup_key_v1(event: dict[str, Any]) -> str:
+    """The dedup key of the bridge before issue 17 (bridge/event.py then), to make stores as
+    that version left them: ORIGIN plus TRANSACTIONID, else TRACKINGID, else FROM, TO, TEXT
+    and time; no CODE, and the rest of the fields ignored."""
+    fields = event["fields"]
+    if event["transaction_id"]:
+        parts = ["tx", event["transaction_id"]]
+    elif event["tracking_id"]:
+        parts = ["trk", event["tracking_id"]]
+    else:
+        sent_at = next(
+            (v.strip() for v in (fields.get("RECEIVED"), fields.get("TIMESTAMP")) if isinstance(v, str) and v.strip()),
+            "",
+        )
+        parts = ["msg", event["from"] or "", event["to"] or "", event["text"] or "", sent_at]
+    raw = "\x1f".join([event["origin"], *parts])
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # ---------------------------------------------------------------------------- sink

@@ -314,3 +314,41 @@ def test_output_into_a_pipe_closed_early_is_no_traceback(tmp_path):
     stderr = producer.stderr.read().decode()
     producer.wait(60)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+# ---------------------------------------------------------------------------- warnings
+
+
+@pytest.mark.parametrize(
+    ("server", "warned", "this_machine"),
+    [
+        ({"auth": {"trusted_proxies": ["127.0.0.1/32"]}}, True, True),
+        ({"auth": {"trusted_proxies": ["::1"]}}, True, True),
+        ({"auth": {"trusted_proxies": ["10.0.0.0/8"]}}, True, False),
+        ({"auth": {"trusted_proxies": ["127.0.0.1/32"]}, "admin_token": "adm"}, False, False),
+        ({"auth": {"trusted_proxies": ["127.0.0.1/32"]}, "admin_token": "${ADMIN_TOKEN:-}"}, True, True),  # empty: none
+        ({"auth": {"allow_from": ["10.0.0.0/8"]}}, False, False),
+        ({}, False, False),
+    ],
+)
+def test_trusted_proxies_without_an_admin_token_is_warned_about(server, warned, this_machine):
+    warnings = build({"server": server}, environ={}).warnings()
+    assert len(warnings) == int(warned), warnings
+    if warned:
+        (text,) = warnings
+        assert text.startswith("server.admin_token: not set, while server.auth.trusted_proxies")
+        assert ("this machine" in text) == this_machine, text
+
+
+def test_check_config_prints_warnings_and_still_exits_0(tmp_path):
+    path = tmp_path / "proxied.yml"
+    config = {"server": {"auth": {"trusted_proxies": ["127.0.0.1/32"]}}, "store": "sqlite:///x.db"}
+    path.write_text(yaml.safe_dump(config))
+    done = run_cli("check-config", "-c", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{path}: ok" in done.stdout
+    assert f"{path}: 1 warning:\n  - server.admin_token: not set, while server.auth.trusted_proxies" in done.stderr
+    config["server"]["admin_token"] = "${ADMIN_TOKEN}"
+    path.write_text(yaml.safe_dump(config))
+    done = run_cli("check-config", "-c", str(path), cwd=tmp_path, env={"ADMIN_TOKEN": "adm"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr

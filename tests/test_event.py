@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from datetime import UTC, datetime
+from urllib.parse import urlencode
 
 import pytest
 
 from bridge.carriers import Carriers
-from bridge.event import dedup_key, normalize, parse_time, phone
+from bridge.event import KEY_VERSION, dedup_key, normalize, parse_time, phone
 from bridge.ids import _encode, event_id, timestamp, ulid
 from bridge.postback import parse
-from tests.conftest import POSTBACKS, SPID_TABLE
+from tests.conftest import POSTBACKS, SPID_TABLE, dedup_key_v1
 from tests.golden import regen
 
 RECEIVED = datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC)
@@ -359,6 +361,16 @@ SMS_TX = postback(CODE="N211", FROM="15552312102", TO="86717", TEXT="STOP", RECE
 SMS_PLAIN = postback(CODE="N211", FROM="15552312102", TO="86717", TEXT="STOP", RECEIVED="2011-09-28T17:31:02-04:00")
 MMS_TRK = postback(ORIGIN="MMS_MO", FROM="15552312102", TO="86717", TRACKINGID="MMS_MO_1",
                    TIMESTAMP="2011-09-28T15:25:30-04:00")  # fmt: skip
+SENT = (
+    (POSTBACKS / "sms_mt_n202_delivered.xml")
+    .read_text()
+    .replace("N202", "N201")
+    .replace("Message Sent/Delivered", "Message Sent")
+)
+DELIVERED = (POSTBACKS / "sms_mt_n202_delivered.xml").read_text()
+OPT_IN = (POSTBACKS / "sub_n301_subscribed.xml").read_text()
+EMAIL_IN = postback(ORIGIN="EMAIL_SUB", CODE="N303", EMAIL="ann@example.com", CAMPAIGNID="1478",
+                    TIMESTAMP="2014-07-02T14:32:23-04", SHORTCODE="123456", SOURCE="WEB")  # fmt: skip
 
 
 def key(xml: str, **kwargs) -> str:
@@ -366,27 +378,33 @@ def key(xml: str, **kwargs) -> str:
 
 
 def test_the_same_postback_sent_again_is_a_duplicate():
-    for xml in (SMS_TX, SMS_PLAIN, MMS_TRK):
+    for xml in (SMS_TX, SMS_PLAIN, MMS_TRK, SENT, DELIVERED, OPT_IN, EMAIL_IN):
         assert key(xml, event_id="evt_A") == key(xml, event_id="evt_B")
 
 
 def test_the_key_does_not_depend_on_when_the_bridge_received_it():
-    first = normalize(parse(SMS_PLAIN.encode()), event_id="evt_A", received_at=RECEIVED, carriers=CARRIERS)
-    later = normalize(parse(SMS_PLAIN.encode()), event_id="evt_B", received_at=datetime.now(UTC), carriers=CARRIERS)
-    assert dedup_key(first) == dedup_key(later)
+    for xml in (SMS_TX, SMS_PLAIN, EMAIL_IN):
+        first = normalize(parse(xml.encode()), event_id="evt_A", received_at=RECEIVED, carriers=CARRIERS)
+        later = normalize(parse(xml.encode()), event_id="evt_B", received_at=datetime.now(UTC), carriers=CARRIERS)
+        assert dedup_key(first) == dedup_key(later)
 
 
-def test_the_key_does_not_depend_on_the_shape():
-    indented = SMS_TX.replace("><", ">\n  <")
-    wrapped = SMS_TX.replace("<POSTBACK>", "<POSTBACK><NOTIFICATION>").replace(
-        "</POSTBACK>", "</NOTIFICATION></POSTBACK>"
-    )
-    assert key(SMS_TX) == key(indented) == key(wrapped) == key("\ufeff<?xml version='1.0'?>" + SMS_TX)
+@pytest.mark.parametrize("xml", [SMS_TX, SMS_PLAIN, EMAIL_IN, OPT_IN], ids=["tx", "plain", "email_sub", "sub"])
+def test_the_key_does_not_depend_on_the_shape(xml):
+    """The digest is of the fields, not of the body: wrapper, indentation, XML declaration, BOM
+    and a form's `xml` field all give the same key."""
+    indented = xml.replace("><", ">\n  <")
+    wrapped = xml.replace("<POSTBACK>", "<POSTBACK><NOTIFICATION>").replace("</POSTBACK>", "</NOTIFICATION></POSTBACK>")
+    declared = "\ufeff<?xml version='1.0'?>" + xml.removeprefix("<?xml version='1.0'?>")
+    form = dedup_key(normalize(parse(urlencode({"xml": xml}).encode()), event_id="evt_F", received_at=RECEIVED,
+                               carriers=CARRIERS))  # fmt: skip
+    assert key(xml) == key(indented) == key(wrapped) == key(declared) == form
 
 
-def test_transaction_id_decides_alone():
+def test_transaction_id_decides_with_origin_and_code():
     assert key(SMS_TX) == key(SMS_TX.replace("STOP", "HELLO").replace("17:31:02", "18:00:00"))
     assert key(SMS_TX) != key(SMS_TX.replace("TX-1", "TX-2"))
+    assert key(SMS_TX) != key(SMS_TX.replace("N211", "N212"))
 
 
 def test_transaction_id_wins_over_tracking_id():
@@ -395,14 +413,36 @@ def test_transaction_id_wins_over_tracking_id():
     assert key(a) != key(postback(TRANSACTIONID="TX-2", TRACKINGID="T-1"))
 
 
-def test_tracking_id_decides_when_there_is_no_transaction_id():
+def test_tracking_id_decides_with_origin_and_code_when_there_is_no_transaction_id():
     assert key(MMS_TRK) == key(MMS_TRK.replace("15:25:30", "16:00:00"))
     assert key(MMS_TRK) != key(MMS_TRK.replace("MMS_MO_1", "MMS_MO_2"))
+    assert key(MMS_TRK) != key(MMS_TRK.replace("<TRACKINGID>", "<CODE>N401</CODE><TRACKINGID>"))
+
+
+def test_the_sent_and_the_delivered_report_of_one_message_are_two_events():
+    """Issue 17: the N202 of a message was answered `duplicate` of its N201 (same TRACKINGID)."""
+    assert event_of(SENT)["tracking_id"] == event_of(DELIVERED)["tracking_id"] == "U01TXzgwNjc4"
+    assert key(SENT) != key(DELIVERED)
+    assert key(DELIVERED) != key(DELIVERED.replace("N202", "E210"))  # a failure report after it, too
+
+
+def test_two_email_subs_of_two_addresses_are_two_events():
+    """Issue 17: EMAIL_SUBs have no FROM, TO or TEXT, so every one after the first shared its key."""
+    assert key(EMAIL_IN) != key(EMAIL_IN.replace("ann@example.com", "bob@example.com"))
+    assert key(EMAIL_IN) != key(EMAIL_IN.replace("N303", "N304"))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("16501112222", "16501113333"), ("1478", "1479")], ids=["MOBILE", "CAMPAIGNID"]
+)
+def test_two_subs_that_differ_in_one_field_are_two_events(old, new):
+    assert key(OPT_IN) != key(OPT_IN.replace(old, new, 1))
 
 
 def test_origin_is_part_of_the_key():
     assert key(SMS_TX) != key(SMS_TX.replace("SMS_MO", "SMS_MT"))
     assert key(MMS_TRK) != key(MMS_TRK.replace("MMS_MO</ORIGIN>", "MMS_MT</ORIGIN>"))
+    assert key(EMAIL_IN) != key(EMAIL_IN.replace("EMAIL_SUB", "SUB"))
 
 
 @pytest.mark.parametrize(
@@ -413,18 +453,34 @@ def test_origin_is_part_of_the_key():
         ("STOP", "STOP "),  # TEXT, whitespace included
         ("STOP", "stop"),
         ("17:31:02", "17:31:03"),  # RECEIVED
+        ("N211", "N212"),  # CODE
+        ("</POSTBACK>", "<EXTRA>1</EXTRA></POSTBACK>"),  # a field the bridge does not know
+        ("</POSTBACK>", "<EXTRA></EXTRA></POSTBACK>"),  # an empty one
+        ("<TEXT>STOP</TEXT>", "<TEXT>STOP</TEXT><TEXT>STOP</TEXT>"),  # a repeated one
     ],
 )
-def test_without_ids_from_to_text_and_time_decide(old, new):
+def test_without_ids_every_field_decides(old, new):
     assert key(SMS_PLAIN) != key(SMS_PLAIN.replace(old, new, 1))
 
 
-def test_without_ids_other_fields_do_not_count():
-    assert key(SMS_PLAIN) == key(SMS_PLAIN.replace("N211", "N212"))
-    assert key(SMS_PLAIN) == key(SMS_PLAIN.replace("</POSTBACK>", "<EXTRA>1</EXTRA></POSTBACK>"))
+def test_without_ids_nested_fields_and_their_order_count():
+    mms = postback(ORIGIN="MMS_MO", CODE="N401", FROM="15552312102",
+                   CONTENT="<FILE>https://x/1.jpg</FILE><FILE>https://x/2.jpg</FILE>")  # fmt: skip
+    assert key(mms) == key(mms)
+    assert key(mms) != key(mms.replace("2.jpg", "3.jpg"))
+    assert key(mms) != key(mms.replace("1.jpg</FILE><FILE>https://x/2.jpg", "2.jpg</FILE><FILE>https://x/1.jpg"))
+    assert key(mms) != key(mms.replace("<CONTENT>", "<CONTENT><NAME>a</NAME>"))
 
 
-def test_without_ids_timestamp_counts_when_there_is_no_received():
+def test_without_ids_names_and_values_cannot_run_into_each_other():
+    assert key(postback(FROM="15552312102", TO="86717", TEXT="A B")) != key(
+        postback(FROM="15552312102", TO="86717 A", TEXT="B")
+    )
+    assert key(postback(A="x", B="")) != key(postback(A="", B="x"))
+    assert key(postback(A="B")) != key(postback(B="A"))
+
+
+def test_without_ids_timestamp_counts():
     a = postback(
         ORIGIN="SUB", CODE="N301", MOBILE="16501112222", SHORTCODE="123456", TIMESTAMP="2014-07-02T14:32:23-04"
     )
@@ -432,14 +488,20 @@ def test_without_ids_timestamp_counts_when_there_is_no_received():
     assert key(a) != key(a.replace("14:32:23", "14:32:24"))
 
 
-def test_without_ids_the_parts_cannot_run_into_each_other():
-    assert key(postback(FROM="15552312102", TO="86717", TEXT="A B")) != key(
-        postback(FROM="15552312102", TO="86717 A", TEXT="B")
-    )
+@pytest.mark.parametrize("name", ["TRANSACTIONID", "TRACKINGID"])
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_empty_ids_are_no_ids(name, empty):
+    """Postbacks whose id element is empty do not all share the key of that empty id."""
+    assert key(postback(**{name: empty}, TEXT="x", FROM="1")) != key(postback(**{name: empty}, TEXT="y", FROM="1"))
 
 
-def test_empty_ids_are_no_ids():
-    assert key(postback(TRANSACTIONID="", TEXT="x", FROM="1")) == key(postback(TEXT="x", FROM="1"))
+def test_keys_of_this_version_cannot_be_those_of_an_earlier_one():
+    """Events stored before keep their key (64 hex digits); the keys made now are marked."""
+    for xml in (SMS_TX, MMS_TRK, SMS_PLAIN, DELIVERED, EMAIL_IN):
+        made = key(xml)
+        assert made.startswith(KEY_VERSION) and len(made) == len(KEY_VERSION) + 64
+        assert made != dedup_key_v1(event_of(xml))
+        assert re.fullmatch("[0-9a-f]{64}", dedup_key_v1(event_of(xml)))
 
 
 # ---------------------------------------------------------------------------- event ids

@@ -376,6 +376,107 @@ async def test_admin_without_a_token_is_off_on_a_public_listen(make_client):
     assert (await loopback.get("/admin/events")).status == 200
 
 
+# Without an admin_token, only a request made directly on loopback gets in (CONTRACT §4, issue
+# 17): a reverse proxy on the same host connects from 127.0.0.1 too, and through it /admin was on
+# the internet. What a proxy adds gives it away; so does its address, when trusted_proxies has it.
+PROXY_HEADERS = [
+    ("Forwarded", "for=203.0.113.9;proto=https"),
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Real-IP", "203.0.113.9"),
+    ("x-forwarded-for", ""),  # any case, even empty: a proxy's mark all the same
+    ("X-Forwarded-Host", "sms.example.com"),  # what Caddy, Traefik and Envoy add beside them
+    ("X-Forwarded-Proto", "https"),
+    ("Via", "1.1 caddy"),
+]
+ADMIN_CALLS = [
+    ("GET", "/admin/events"),
+    ("GET", "/admin/deliveries"),
+    ("GET", "/admin/openapi.json"),
+    ("POST", "/admin/replay?destination=audit"),
+]  # fmt: skip
+
+
+def assert_refused_as_proxied(status: int, answer: Any, why: str) -> None:
+    assert status == 403, answer
+    assert "came through a proxy" in answer["error"] and why in answer["error"], answer
+    assert "server.admin_token" in answer["error"], answer
+
+
+async def test_admin_without_a_token_lets_in_a_direct_loopback_request(make_client):
+    client = await make_client({"auth": {"token": TOKEN}})
+    for method, path in ADMIN_CALLS:
+        response = await client.request(method, path)
+        assert response.status == 200, (method, path, await response.text())
+
+
+@pytest.mark.parametrize(("name", "value"), PROXY_HEADERS, ids=[f"{n}={v}" for n, v in PROXY_HEADERS])
+async def test_admin_without_a_token_refuses_a_request_through_a_proxy(make_client, name, value):
+    client = await make_client({"auth": {"token": TOKEN}})
+    for method, path in ADMIN_CALLS:
+        response = await client.request(method, path, headers={name: value})
+        assert_refused_as_proxied(response.status, await response.json(), name if name[0].isupper() else "")
+    assert (await client.get("/admin/events")).status == 200  # the same, directly
+
+
+@pytest.mark.parametrize("header", [b"X-Forwarded-For: 203.0.113.9", b"X-Real-IP: 203.0.113.9", b"Forwarded: for=x"])
+async def test_a_proxied_admin_request_the_lane_could_read_is_refused_too(make_client, header):
+    """A POST with Host and Content-Length, the head the lane reads, to the admin API: never the
+    lane's (it takes postbacks only), and refused the same either way; a postback_path of /admin
+    (the admin API's /admin/replay beside it) included."""
+    for section in ({}, {"postback_path": "/admin"}):
+        client = await make_client({**section, "auth": {"token": TOKEN}})
+        async with connection(client) as (reader, writer):
+            body = b'{"destination": "audit"}'
+            writer.write(head("/admin/replay", Content_Length=len(body))[:-2] + header + b"\r\n\r\n" + body)
+            await writer.drain()
+            status, _, answer = await asyncio.wait_for(read_response(reader), 10)
+        assert_refused_as_proxied(status, json.loads(answer), header.split(b":")[0].decode())
+        async with connection(client) as (reader, writer):
+            writer.write(head("/admin/replay", Content_Length=len(body)) + body)
+            await writer.drain()
+            status, _, answer = await asyncio.wait_for(read_response(reader), 10)
+        assert (status, json.loads(answer)) == (200, {"replayed": []})
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "trusted", "status"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", ["127.0.0.1/32"], 403),
+        ("127.0.0.1:8080", "127.0.0.1", ["127.0.0.0/8", "10.0.0.0/8"], 403),
+        ("127.0.0.1:8080", "127.0.0.1", ["10.0.0.0/8"], 200),  # another host's proxy: this peer is not it
+        ("[::1]:8080", "::1", ["::1/128"], 403),
+        ("[::1]:8080", "::1", ["127.0.0.1/32"], 200),
+    ],
+)
+async def test_admin_without_a_token_refuses_a_trusted_proxy_peer(make_client, listen, host, trusted, status):
+    client = await make_client({"listen": listen, "auth": {"token": TOKEN, "trusted_proxies": trusted}}, host=host)
+    for method, path in ADMIN_CALLS:
+        response = await client.request(method, path)  # no header: a proxy that adds none
+        answer = await response.json()
+        if status == 403:
+            assert_refused_as_proxied(response.status, answer, "trusted_proxies")
+        else:
+            assert response.status == 200, answer
+
+
+async def test_admin_without_a_token_refuses_a_proxied_request_on_a_public_listen_too(make_client):
+    client = await make_client({"listen": "0.0.0.0:8080", "auth": {"token": TOKEN}})
+    response = await client.get("/admin/events", headers={"X-Forwarded-For": "127.0.0.1"})
+    assert_refused_as_proxied(response.status, await response.json(), "X-Forwarded-For")
+    assert (await client.get("/admin/events")).status == 404  # off, as before
+
+
+async def test_the_admin_token_works_through_a_proxy(make_client):
+    client = await make_client({"auth": {"token": TOKEN, "trusted_proxies": ["127.0.0.1/32"]}, "admin_token": ADMIN})
+    proxied = {"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9", "Forwarded": "for=203.0.113.9"}
+    for method, path in ADMIN_CALLS:
+        response = await client.request(method, path, headers={**proxied, "Authorization": f"Bearer {ADMIN}"})
+        assert response.status == 200, (method, path, await response.text())
+        response = await client.request(method, path, headers={**proxied, "Authorization": f"Bearer {ADMIN}x"})
+        assert (response.status, await response.json()) == (401, {"error": "unauthorized"})
+        assert (await client.request(method, path, headers=proxied)).status == 401
+
+
 # ---------------------------------------------------------------------------- body size and time
 
 
@@ -916,6 +1017,41 @@ async def test_serve_public_with_a_token_guards_postbacks_and_keeps_admin_off(br
             async with session.request(method, bridge.url + path) as response:
                 assert response.status == 404, path
     assert bridge.stop() == 0
+
+
+async def test_serve_warns_of_trusted_proxies_without_an_admin_token_at_start_and_reload(bridge_factory):
+    """The real `serve`: one JSON warning line when the config has a proxy in front and no
+    admin_token; and the admin API through it, with the token and then without."""
+    bridge = bridge_factory({"server": {"auth": {"trusted_proxies": ["127.0.0.1/32"]}, "admin_token": ADMIN}})
+    bridge.start()
+    bearer = {"Authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(bridge.url + "/admin/events", headers={"X-Forwarded-For": "203.0.113.9", **bearer}) as r:
+            assert r.status == 200
+        async with session.get(bridge.url + "/admin/events") as r:
+            assert r.status == 401
+        raw = yaml.safe_load(bridge.config_path.read_text())
+        del raw["server"]["admin_token"]
+        bridge.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        async with session.post(bridge.url + "/admin/reload", headers=bearer) as r:
+            assert (r.status, (await r.json())["status"]) == (200, "reloaded")
+        async with session.get(bridge.url + "/admin/events") as r:  # from 127.0.0.1, a trusted proxy
+            assert r.status == 403 and "trusted_proxies" in (await r.json())["error"]
+    assert bridge.stop() == 0
+    messages = [line["msg"] for line in bridge.log_lines()]
+    assert messages.index("config reloaded") + 1 == messages.index("config warning"), messages
+    assert messages.count("config warning") == 1  # not at start: there was a token then
+
+    bridge.start()  # with the file as it is now
+    assert bridge.stop() == 0
+    assert bridge.stderr_path is not None
+    lines = [json.loads(line) for line in bridge.stderr_path.read_text().splitlines()]  # this run's
+    messages = [line["msg"] for line in lines]
+    assert messages.count("config warning") == 1 and messages.index("config warning") < messages.index("listening")
+    (warning,) = [line for line in lines if line["msg"] == "config warning"]
+    assert warning["level"] == "warning"
+    assert warning["warning"].startswith("server.admin_token: not set, while server.auth.trusted_proxies")
+    assert "this machine" in warning["warning"]
 
 
 async def test_the_watchers_notice_access(tmp_path, listener):

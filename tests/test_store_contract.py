@@ -33,7 +33,7 @@ from aiohttp import web
 
 from bridge.carriers import Carriers
 from bridge.errors import StoreError
-from bridge.event import Event, dedup_key, normalize
+from bridge.event import KEY_VERSION, Event, dedup_key, normalize
 from bridge.ids import event_id
 from bridge.postback import parse
 from bridge.retry import Dead, Decision, Done, RetryAt
@@ -49,7 +49,7 @@ from bridge.store import (
 )
 from bridge.store import postgres as postgres_store
 from bridge.store.postgres import PostgresStore
-from tests.conftest import BridgeProcess, Sink, sms
+from tests.conftest import POSTBACKS, BridgeProcess, Sink, dedup_key_v1, sms
 
 PG_URL = os.environ.get("BRIDGE_TEST_POSTGRES_URL")
 NO_PG = (
@@ -164,6 +164,47 @@ async def test_unicode_text_round_trips(store):
 async def test_ping_writes(store):
     await store.ping()
     await store.ping()
+
+
+# Postbacks that the key before issue 17 took for one another (CONTRACT §6, revised): a message's
+# "sent" and "delivered" reports share a TRACKINGID; EMAIL_SUBs have no FROM, TO or TEXT; SUBs
+# that differ only in MOBILE or CAMPAIGNID. Each is an event of its own.
+_DELIVERED = (POSTBACKS / "sms_mt_n202_delivered.xml").read_bytes()
+_OPT_IN = (POSTBACKS / "sub_n301_subscribed.xml").read_bytes()
+_EMAIL_IN = (
+    b"<POSTBACK><ORIGIN>EMAIL_SUB</ORIGIN><CODE>N303</CODE><EMAIL>ann@example.com</EMAIL>"
+    b"<CAMPAIGNID>1478</CAMPAIGNID><TIMESTAMP>2014-07-02T14:32:23-04</TIMESTAMP><SOURCE>WEB</SOURCE></POSTBACK>"
+)
+DISTINCT = {
+    "sent": _DELIVERED.replace(b"N202", b"N201").replace(b"Sent/Delivered", b"Sent"),
+    "delivered": _DELIVERED,
+    "email ann": _EMAIL_IN,
+    "email bob": _EMAIL_IN.replace(b"ann@", b"bob@"),
+    "sub": _OPT_IN,
+    "sub other mobile": _OPT_IN.replace(b"16501112222", b"16501113333"),
+    "sub other campaign": _OPT_IN.replace(b"<CAMPAIGNID>1478", b"<CAMPAIGNID>1479"),
+}
+
+
+def event_from(body: bytes) -> Event:
+    return normalize(parse(body), event_id=event_id(), received_at=datetime.now(UTC), carriers=Carriers({}))
+
+
+async def test_postbacks_the_old_key_took_for_one_another_are_events_of_their_own(store):
+    assert len({dedup_key_v1(event_from(body)) for body in DISTINCT.values()}) < len(DISTINCT)  # they were
+    firsts = {}
+    for name, body in DISTINCT.items():
+        event = event_from(body)
+        assert await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", name)]) == Ingested(
+            "accepted", event["id"]
+        ), name
+        firsts[name] = event["id"]
+    for name, body in DISTINCT.items():  # Skycore's retry of each, byte for byte
+        again = event_from(body)
+        assert await store.ingest(again, dedup_key(again), [NewDelivery("crm", "r", name)]) == Ingested(
+            "duplicate", firsts[name]
+        ), name
+    assert {r.event_id for r in await store.list_deliveries(DeliveryFilter())} == set(firsts.values())
 
 
 # ---------------------------------------------------------------------------- claims and leases
@@ -341,6 +382,68 @@ async def test_a_store_from_before_ordered_deliveries_is_upgraded_and_keeps_its_
     again = open_store(store_url)  # and opening it once more changes nothing
     await again.open()
     await again.close()
+
+
+async def _stored_keys(store_url: str) -> dict[str, str]:
+    """Event id -> dedup key, as the rows hold them."""
+    query = "SELECT id, dedup_key FROM events"
+    if store_url.startswith("sqlite"):
+        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+        try:
+            return dict(conn.execute(query).fetchall())
+        finally:
+            conn.close()
+    pg = await asyncpg.connect(store_url)
+    try:
+        return {row[0]: row[1] for row in await pg.fetch(query)}
+    finally:
+        await pg.close()
+
+
+async def test_events_stored_under_the_old_key_keep_it_and_the_store_works_on(store_url):
+    """A store the previous version filled (its keys: dedup_key_v1) opens, keeps every row as
+    it was, delivers what it holds, and takes new events under the new key."""
+    before = open_store(store_url)
+    await before.open()
+    old = {}
+    for name in ("sent", "email ann", "sub"):
+        event = event_from(DISTINCT[name])
+        assert (await before.ingest(event, dedup_key_v1(event), [NewDelivery("crm", "r", name)])).status == "accepted"
+        old[event["id"]] = dedup_key_v1(event)
+    sms_event = make_event(1)
+    await before.ingest(sms_event, dedup_key_v1(sms_event), [NewDelivery("crm", "r", "c")])
+    old[sms_event["id"]] = dedup_key_v1(sms_event)
+    await before.close()
+
+    upgraded = open_store(store_url)
+    await upgraded.open()
+    try:
+        assert await _stored_keys(store_url) == old  # no row rewritten
+        claims = await claim(upgraded)
+        assert {c.event_id for c in claims} == set(old)
+        await upgraded.complete([finished(c, Done()) for c in claims])
+        # what the old key dropped now gets in, beside the old events that it took them for
+        new = {}
+        for name in ("delivered", "email bob", "sub other mobile", "sub other campaign"):
+            event = event_from(DISTINCT[name])
+            result = await upgraded.ingest(event, dedup_key(event), [NewDelivery("crm", "r", name)])
+            assert result == Ingested("accepted", event["id"]), name
+            new[name] = event["id"]
+            again = event_from(DISTINCT[name])
+            assert await upgraded.ingest(again, dedup_key(again), []) == Ingested("duplicate", event["id"]), name
+        assert {c.event_id for c in await claim(upgraded)} == set(new.values())
+        # A retry, after the upgrade, of a postback stored before it has a key of the new kind,
+        # which no old row can hold: it is stored again, once (README, Guarantees: "A Skycore
+        # retry across an upgrade"). Its own retries are duplicates of that one.
+        retry = make_event(1)
+        assert (await upgraded.ingest(retry, dedup_key(retry), [])).status == "accepted"
+        late = make_event(1)
+        assert await upgraded.ingest(late, dedup_key(late), []) == Ingested("duplicate", retry["id"])
+        keys = await _stored_keys(store_url)
+        assert {k: v for k, v in keys.items() if k in old} == old
+        assert all(v.startswith(KEY_VERSION) for k, v in keys.items() if k not in old)
+    finally:
+        await upgraded.close()
 
 
 async def test_opening_an_up_to_date_postgresql_store_does_not_wait_for_writes_in_flight(pg_url):
@@ -1063,3 +1166,38 @@ def test_check_config_never_shows_the_database_password(tmp_path):
         assert done.returncode == 0, done.stderr
         assert "store postgresql://bridge" in done.stdout and "****" in done.stdout
         assert "pw-in" not in done.stdout + done.stderr
+
+
+async def test_serve_keeps_apart_what_the_old_key_merged(store_url, sink, bridge_factory):
+    """Through the real `serve` (the postback lane in front), on SQLite and PostgreSQL: a store the
+    previous version left holds an N201 under the old key; the N202 of that message, which the
+    old key answered `duplicate`, is a new event, as is each of the rest; a byte-for-byte repeat
+    of each is `duplicate` with the first id; each event reaches the receiver once."""
+    before = open_store(store_url)
+    await before.open()
+    sent = event_from(DISTINCT["sent"])
+    await before.ingest(sent, dedup_key_v1(sent), [NewDelivery("crm", "default", "old")])
+    await before.close()
+
+    bridge = bridge_factory(hook_config(store_url, sink.url))
+    bridge.start()
+    firsts = {}
+    async with aiohttp.ClientSession() as session:
+        for name, body in DISTINCT.items():
+            if name == "sent":
+                continue  # stored before the upgrade, under the old key
+            async with session.post(bridge.url + "/postback", data=body) as r:
+                answer = await r.json()
+                assert (r.status, answer["status"]) == (200, "accepted"), (name, answer)
+                firsts[name] = answer["id"]
+        for name, body in DISTINCT.items():
+            if name in firsts:
+                async with session.post(bridge.url + "/postback", data=body) as r:
+                    assert (r.status, await r.json()) == (200, {"status": "duplicate", "id": firsts[name]}), name
+    await wait_for_ids(sink, {sent["id"], *firsts.values()}, timeout=10)
+    await asyncio.sleep(0.3)
+    got = Counter(r.json()["id"] for r in sink.received)
+    assert got == Counter({sent["id"]: 1, **{i: 1 for i in firsts.values()}})
+    by_id = {r.json()["id"]: r.json() for r in sink.received}
+    assert by_id[firsts["delivered"]]["code"] == "N202" and by_id[sent["id"]]["code"] == "N201"
+    assert bridge.stop() == 0
