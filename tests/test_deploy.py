@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
 import shutil
+import signal
+import socket
+import ssl
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
+import trustme
 import yaml
 from dockerfile_parse import DockerfileParser
+from yarl import URL
 
 from bridge.cli import _parser
 from bridge.metrics import Metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, sms
 
 DEPLOY = ROOT / "deploy"
 
@@ -119,6 +130,220 @@ def test_alert_rules_use_metrics_the_bridge_exports():
 
 
 def _words(expr: str) -> list[str]:
-    import re
-
     return re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)
+
+
+# ---------------------------------------------------------------------------- the tools themselves
+#
+# Each deploy file is run through the tool that reads it, where that tool is installed (.ci/run
+# installs nginx, caddy and promtool on Debian). A copy made for a test changes only what a
+# machine without root needs changed (certificate and log paths, ports), and says which lines.
+
+
+def tool(name: str) -> str | None:
+    """Where `name` is installed; /usr/sbin too, which a non-root PATH often lacks (nginx)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+def localized(path: Path, changes: dict[str, str]) -> str:
+    """The deploy file's text with each of `changes` made; each must be in it, so a test never
+    checks a copy that silently stopped matching the file as shipped."""
+    text = path.read_text()
+    for old, new in changes.items():
+        assert old in text, f"{path.name} no longer has {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
+NGINX_CERT = "/etc/letsencrypt/live/sms.example.com/fullchain.pem"
+NGINX_KEY = "/etc/letsencrypt/live/sms.example.com/privkey.pem"
+NGINX_ACCESS_LOG = "/var/log/nginx/postback-bridge.access.log"
+NGINX_ERROR_LOG = "/var/log/nginx/postback-bridge.error.log"
+
+
+@dataclass
+class Nginx:
+    """deploy/nginx.conf in a main config of its own under `prefix`: no root paths, no pid file
+    or log outside it. `check()` is `nginx -t`; `start()` runs it in the foreground."""
+
+    prefix: Path
+    port: int
+    upstream: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        ca = trustme.CA()
+        cert = ca.issue_cert("sms.example.com", "127.0.0.1")
+        self.ca = ca
+        cert.cert_chain_pems[0].write_to_path(str(self.prefix / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(self.prefix / "key.pem"))
+        site = localized(
+            DEPLOY / "nginx.conf",
+            {
+                NGINX_CERT: str(self.prefix / "cert.pem"),
+                NGINX_KEY: str(self.prefix / "key.pem"),
+                NGINX_ACCESS_LOG: str(self.access_log),
+                NGINX_ERROR_LOG: str(self.error_log),
+                "listen 443 ssl;": f"listen 127.0.0.1:{self.port} ssl;",
+                "proxy_pass http://127.0.0.1:8080;": f"proxy_pass http://127.0.0.1:{self.upstream};",
+            },
+        )
+        (self.prefix / "site.conf").write_text(site)
+        temp = " ".join(f"{kind}_temp_path {self.prefix / kind};" for kind in ("client_body", "proxy"))
+        temp += " fastcgi_temp_path fcgi; uwsgi_temp_path uwsgi; scgi_temp_path scgi;"
+        # as root the workers would run as `nobody`, which cannot enter pytest's 0700 tmp dirs
+        user = "user root;" if os.geteuid() == 0 else ""
+        (self.prefix / "nginx.conf").write_text(
+            f"{user}\npid {self.prefix / 'nginx.pid'};\nerror_log {self.main_error_log};\nevents {{}}\n"
+            f"http {{\n  {temp}\n  access_log {self.prefix / 'main-access.log'};\n"
+            f"  include {self.prefix / 'site.conf'};\n}}\n"
+        )
+
+    @property
+    def access_log(self) -> Path:
+        return self.prefix / "postback-bridge.access.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.prefix / "postback-bridge.error.log"
+
+    @property
+    def main_error_log(self) -> Path:
+        return self.prefix / "error.log"
+
+    def argv(self, *more: str) -> list[str]:
+        nginx = tool("nginx")
+        assert nginx is not None
+        return [
+            nginx,
+            "-p",
+            str(self.prefix),
+            "-e",
+            str(self.main_error_log),
+            "-c",
+            str(self.prefix / "nginx.conf"),
+            *more,
+        ]
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv("-t"), capture_output=True, text=True, check=False, timeout=30)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv("-g", "daemon off;"), stderr=subprocess.PIPE)
+        wait_for_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: the logs are flushed
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.prefix.glob("*.log"))
+
+    def client(self) -> aiohttp.ClientSession:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise AssertionError(f"exited with {proc.returncode}: {err}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port} after {timeout}s")
+
+
+needs_nginx = pytest.mark.skipif(tool("nginx") is None, reason="nginx is not installed here (.ci/run installs it)")
+
+
+@needs_nginx
+def test_nginx_conf_passes_nginx_t(tmp_path: Path):
+    nginx = Nginx(tmp_path, free_port(), 8080)
+    done = nginx.check()
+    assert done.returncode == 0, done.stderr
+    assert "test is successful" in done.stderr
+
+
+def test_nginx_conf_logs_no_request_line():
+    """The access log's format has the path without the token; nothing logs the request line."""
+    text = (DEPLOY / "nginx.conf").read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    for variable in ("$request ", '$request"', "$request'", "$request_uri", "$args", "$query_string", "$arg_token"):
+        assert variable not in code, variable
+    assert re.findall(r"^\s*access_log\s+(\S+)\s+(\S+);", code, re.M) == [(NGINX_ACCESS_LOG, "postback_bridge")]
+    # the server's error log leaves out the `error`-level messages, which name the request
+    assert re.findall(r"^\s*error_log\s+(\S+)\s+(\S+);", code, re.M) == [(NGINX_ERROR_LOG, "crit")]
+
+
+@needs_nginx
+async def test_nginx_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_token(tmp_path: Path, bridge_factory):
+    token = "tok" + secrets.token_hex(16)
+    bridge = bridge_factory(
+        {
+            "server": {"auth": {"token": token, "trusted_proxies": ["127.0.0.1/32"]}},
+            "destinations": {"log": {"type": "log"}},
+            "default": ["log"],
+        }
+    )
+    bridge.start()
+    proxy_dir = tmp_path / "nginx"
+    proxy_dir.mkdir()
+    nginx = Nginx(proxy_dir, free_port(), bridge.port)
+    nginx.start()
+    base = f"https://127.0.0.1:{nginx.port}"
+    try:
+        async with nginx.client() as client:
+
+            async def ask(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+                async with client.request(method, URL(base + path, encoded=True), data=body) as r:
+                    return r.status, await r.read()
+
+            status, body = await ask("POST", f"/postback/{token}", sms(1))
+            assert (status, json.loads(body)["status"]) == (200, "accepted")
+            status, body = await ask("POST", f"/postback?token={token}", sms(2))
+            assert (status, json.loads(body)["status"]) == (200, "accepted")
+            assert (await ask("POST", "/postback/not-the-token", sms(3)))[0] == 401
+            # the bridge answers these itself on its own port ...
+            async with aiohttp.ClientSession() as direct, direct.get(bridge.url + "/metrics") as r:
+                assert r.status == 200 and "bridge_postbacks_received_total" in await r.text()
+            # ... and not through nginx, however the path is spelt
+            for path in (
+                "/metrics",
+                "/admin/deliveries",
+                "/admin/events",
+                "/healthz",
+                f"/{token}",
+                "/postback/../metrics",
+                "/postback/%2e%2e/metrics",
+                "/postback/..%2fmetrics",
+                "/postback/%2F..%2Fadmin%2Fdeliveries",
+                "//metrics",
+                "/Metrics",
+            ):
+                for method in ("GET", "POST"):
+                    status, body = await ask(method, path)
+                    assert status in (401, 403, 404, 405), (method, path, status)
+                    assert b"bridge_" not in body and b"deliveries" not in body, (method, path)
+            assert (await ask("POST", f"/postback/{token}", b"x" * 70_000))[0] == 413
+            bridge.stop()  # the upstream is gone: nginx answers 502, and says so in its error log
+            assert (await ask("POST", f"/postback/{token}", sms(4)))[0] == 502
+    finally:
+        nginx.stop()
+    access = nginx.access_log.read_text()
+    assert '"POST /postback/- HTTP/1.1" 200' in access
+    assert '"POST /postback HTTP/1.1" 200' in access
+    assert '"POST /postback/- HTTP/1.1" 413' in access and '"POST /postback/- HTTP/1.1" 502' in access
+    assert token not in nginx.logs(), "the postback token is in an nginx log"
+    # the two postbacks reached the bridge once each
+    assert sum(1 for line in bridge.log_lines() if line.get("msg") == "postback accepted") == 2
