@@ -286,9 +286,8 @@ def test_nginx_conf_logs_no_request_line():
     assert re.findall(r"^\s*error_log\s+(\S+)\s+(\S+);", code, re.M) == [(NGINX_ERROR_LOG, "crit")]
 
 
-@needs_nginx
-async def test_nginx_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_token(tmp_path: Path, bridge_factory):
-    token = "tok" + secrets.token_hex(16)
+def proxied_bridge(bridge_factory, token: str):
+    """The real bridge as it runs behind a proxy on the same host (README, Security)."""
     bridge = bridge_factory(
         {
             "server": {"auth": {"token": token, "trusted_proxies": ["127.0.0.1/32"]}},
@@ -297,47 +296,62 @@ async def test_nginx_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_to
         }
     )
     bridge.start()
+    return bridge
+
+
+async def only_postbacks_pass(client: aiohttp.ClientSession, base: str, token: str, bridge) -> None:
+    """What a proxy in front of `bridge` at `base` must do: pass postbacks (both token forms),
+    refuse every other path however it is spelt, refuse a body over 64 KiB (413), and answer 502
+    once the bridge is gone (stopped here: the proxy's error path, which names the request)."""
+
+    async def ask(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        async with client.request(method, URL(base + path, encoded=True), data=body) as r:
+            return r.status, await r.read()
+
+    status, body = await ask("POST", f"/postback/{token}", sms(1))
+    assert (status, json.loads(body)["status"]) == (200, "accepted")
+    status, body = await ask("POST", f"/postback?token={token}", sms(2))
+    assert (status, json.loads(body)["status"]) == (200, "accepted")
+    assert (await ask("POST", "/postback/not-the-token", sms(3)))[0] == 401
+    # the bridge answers these itself on its own port ...
+    async with aiohttp.ClientSession() as direct, direct.get(bridge.url + "/metrics") as r:
+        assert r.status == 200 and "bridge_postbacks_received_total" in await r.text()
+    # ... and not through the proxy, however the path is spelt
+    for path in (
+        "/metrics",
+        "/admin/deliveries",
+        "/admin/events",
+        "/healthz",
+        f"/{token}",
+        "/postback/../metrics",
+        "/postback/%2e%2e/metrics",
+        "/postback/..%2fmetrics",
+        "/postback/%2F..%2Fadmin%2Fdeliveries",
+        "//metrics",
+        "/Metrics",
+    ):
+        for method in ("GET", "POST"):
+            status, body = await ask(method, path)
+            assert status in (401, 403, 404, 405), (method, path, status)
+            assert b"bridge_" not in body and b"deliveries" not in body, (method, path)
+    assert (await ask("POST", f"/postback/{token}", b"x" * 70_000))[0] == 413
+    bridge.stop()  # the upstream is gone: the proxy answers 502, and says so in its error log
+    assert (await ask("POST", f"/postback/{token}", sms(4)))[0] == 502
+    # the two postbacks reached the bridge once each
+    assert sum(1 for line in bridge.log_lines() if line.get("msg") == "postback accepted") == 2
+
+
+@needs_nginx
+async def test_nginx_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_token(tmp_path: Path, bridge_factory):
+    token = "tok" + secrets.token_hex(16)
+    bridge = proxied_bridge(bridge_factory, token)
     proxy_dir = tmp_path / "nginx"
     proxy_dir.mkdir()
     nginx = Nginx(proxy_dir, free_port(), bridge.port)
     nginx.start()
-    base = f"https://127.0.0.1:{nginx.port}"
     try:
         async with nginx.client() as client:
-
-            async def ask(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-                async with client.request(method, URL(base + path, encoded=True), data=body) as r:
-                    return r.status, await r.read()
-
-            status, body = await ask("POST", f"/postback/{token}", sms(1))
-            assert (status, json.loads(body)["status"]) == (200, "accepted")
-            status, body = await ask("POST", f"/postback?token={token}", sms(2))
-            assert (status, json.loads(body)["status"]) == (200, "accepted")
-            assert (await ask("POST", "/postback/not-the-token", sms(3)))[0] == 401
-            # the bridge answers these itself on its own port ...
-            async with aiohttp.ClientSession() as direct, direct.get(bridge.url + "/metrics") as r:
-                assert r.status == 200 and "bridge_postbacks_received_total" in await r.text()
-            # ... and not through nginx, however the path is spelt
-            for path in (
-                "/metrics",
-                "/admin/deliveries",
-                "/admin/events",
-                "/healthz",
-                f"/{token}",
-                "/postback/../metrics",
-                "/postback/%2e%2e/metrics",
-                "/postback/..%2fmetrics",
-                "/postback/%2F..%2Fadmin%2Fdeliveries",
-                "//metrics",
-                "/Metrics",
-            ):
-                for method in ("GET", "POST"):
-                    status, body = await ask(method, path)
-                    assert status in (401, 403, 404, 405), (method, path, status)
-                    assert b"bridge_" not in body and b"deliveries" not in body, (method, path)
-            assert (await ask("POST", f"/postback/{token}", b"x" * 70_000))[0] == 413
-            bridge.stop()  # the upstream is gone: nginx answers 502, and says so in its error log
-            assert (await ask("POST", f"/postback/{token}", sms(4)))[0] == 502
+            await only_postbacks_pass(client, f"https://127.0.0.1:{nginx.port}", token, bridge)
     finally:
         nginx.stop()
     access = nginx.access_log.read_text()
@@ -345,5 +359,74 @@ async def test_nginx_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_to
     assert '"POST /postback HTTP/1.1" 200' in access
     assert '"POST /postback/- HTTP/1.1" 413' in access and '"POST /postback/- HTTP/1.1" 502' in access
     assert token not in nginx.logs(), "the postback token is in an nginx log"
-    # the two postbacks reached the bridge once each
-    assert sum(1 for line in bridge.log_lines() if line.get("msg") == "postback accepted") == 2
+
+
+# ---------------------------------------------------------------------------- caddy
+
+needs_caddy = pytest.mark.skipif(tool("caddy") is None, reason="caddy is not installed here (.ci/run installs it)")
+
+
+def caddy_env(home: Path) -> dict[str, str]:
+    """Caddy keeps certificates and an autosaved config under its data and config folders:
+    those of the test, not root's."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
+            "XDG_CONFIG_HOME": str(home / "config")}  # fmt: skip
+
+
+@needs_caddy
+def test_caddyfile_passes_caddy_validate(tmp_path: Path):
+    done = subprocess.run(
+        [tool("caddy") or "", "validate", "--config", str(DEPLOY / "Caddyfile"), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=caddy_env(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Valid configuration" in done.stdout + done.stderr
+
+
+@needs_caddy
+async def test_caddy_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_token(tmp_path: Path, bridge_factory):
+    token = "tok" + secrets.token_hex(16)
+    bridge = proxied_bridge(bridge_factory, token)
+    port = free_port()
+    # plain HTTP on a loopback port: Caddy's automatic HTTPS needs a public name
+    caddyfile = tmp_path / "Caddyfile"
+    caddyfile.write_text(
+        localized(
+            DEPLOY / "Caddyfile",
+            {
+                "\nsms.example.com {": f"\nhttp://127.0.0.1:{port} {{",
+                "reverse_proxy 127.0.0.1:8080": f"reverse_proxy 127.0.0.1:{bridge.port}",
+            },
+        )
+    )
+    caddy, env = tool("caddy") or "", caddy_env(tmp_path)
+    adapted = subprocess.run(
+        [caddy, "adapt", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        capture_output=True, text=True, check=True, timeout=60, env=env,
+    )  # fmt: skip
+    config = json.loads(adapted.stdout)
+    config["admin"] = {"disabled": True}  # no admin endpoint on localhost:2019 (shared by every test run)
+    (tmp_path / "caddy.json").write_text(json.dumps(config))
+    log = tmp_path / "caddy.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [caddy, "run", "--config", str(tmp_path / "caddy.json")], stdout=out, stderr=out, env=env
+        )
+    try:
+        wait_for_port(port, proc)
+        async with aiohttp.ClientSession() as client:
+            await only_postbacks_pass(client, f"http://127.0.0.1:{port}", token, bridge)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert "http.log.error" in text, "the 502 was logged (with the request, its URI filtered)"
+    assert token not in text, "the postback token is in Caddy's log"
