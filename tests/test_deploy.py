@@ -430,3 +430,47 @@ async def test_caddy_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_to
     text = log.read_text(errors="replace")
     assert "http.log.error" in text, "the 502 was logged (with the request, its URI filtered)"
     assert token not in text, "the postback token is in Caddy's log"
+
+
+# ---------------------------------------------------------------------------- promtool
+
+needs_promtool = pytest.mark.skipif(
+    tool("promtool") is None, reason="promtool is not installed here (.ci/run installs Debian's prometheus)"
+)
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool_check_rules():
+    done = subprocess.run(
+        [tool("promtool") or "", "check", "rules", str(DEPLOY / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+@needs_promtool
+def test_alert_rules_pass_their_promtool_unit_tests():
+    """tests/promtool/alerts.test.yml: the dead-deliveries alert fires for a first death in a
+    series shown at 0, for a series born with its deaths, after a restart; not for old ones."""
+    done = subprocess.run(
+        [tool("promtool") or "", "test", "rules", str(ROOT / "tests" / "promtool" / "alerts.test.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_the_dead_deliveries_alert_counts_every_way_to_die():
+    """Not the attempts' outcome="dead", which misses deaths in the queue and by removal."""
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    (dead,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "PostbackBridgeDeadDeliveries"]
+    assert "bridge_deliveries_died_total" in dead["expr"] and "outcome=" not in dead["expr"]
+    assert "reason" in dead["expr"]
+
