@@ -474,3 +474,46 @@ def test_the_dead_deliveries_alert_counts_every_way_to_die():
     assert "bridge_deliveries_died_total" in dead["expr"] and "outcome=" not in dead["expr"]
     assert "reason" in dead["expr"]
 
+
+# ---------------------------------------------------------------------------- systemd
+
+
+def offline_security_supported() -> bool:
+    """`systemd-analyze security --offline=` came in systemd 250 (Debian 12 has 252)."""
+    analyze = tool("systemd-analyze")
+    if analyze is None:
+        return False
+    done = subprocess.run([analyze, "security", "--help"], capture_output=True, text=True, check=False, timeout=30)
+    return "--offline" in done.stdout
+
+
+@pytest.mark.skipif(
+    not offline_security_supported(), reason="no systemd-analyze with security --offline (systemd 250+)"
+)
+def test_systemd_unit_is_rated_under_3_by_systemd_analyze_security():
+    done = subprocess.run(
+        [tool("systemd-analyze") or "", "security", "--offline=true", str(DEPLOY / "postback-bridge.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    found = re.search(r"Overall exposure level for postback-bridge\.service: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) < 3.0, done.stdout
+
+
+def test_systemd_unit_keeps_what_the_bridge_needs():
+    """Hardened, it must still run the bridge: its store under StateDirectory, its port, and
+    connections out to PostgreSQL, SMTP and HTTPS (IPv4, IPv6, a Unix socket)."""
+    settings: dict[str, list[str]] = {}
+    for line in (DEPLOY / "postback-bridge.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    assert settings["StateDirectory"] == ["postback-bridge"]
+    assert settings["WorkingDirectory"] == ["/var/lib/postback-bridge"]
+    assert settings["ProtectSystem"] == ["strict"]  # so the state directory is the one writable place
+    assert set(settings["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert "PrivateNetwork" not in settings and "IPAddressDeny" not in settings
+    assert settings["User"] == ["postback-bridge"]
