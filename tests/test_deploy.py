@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,10 @@ import aiohttp
 import pytest
 import trustme
 import yaml
+from docker.utils import build as docker_build
 from dockerfile_parse import DockerfileParser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from yarl import URL
 
 from bridge.cli import _parser
@@ -67,6 +72,143 @@ def test_dockerfile_command_is_exec_form_and_one_the_cli_accepts():
     assert argv[0] == "postback-bridge"
     args = _parser().parse_args(argv[1:])
     assert args.command == "serve"
+
+
+def test_dockerfile_pins_its_base_image_to_a_full_version():
+    """The same image in both stages, by a full version tag (a digest may follow): a rebuild
+    next year does not quietly get another Python or Debian."""
+    images = {f.split()[0] for f in instructions("FROM")}
+    assert len(images) == 1, images
+    (image,) = images
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+
+
+def test_dockerfile_installs_the_locked_dependencies_with_their_hashes():
+    runs = instructions("RUN")
+    (locked,) = [r for r in runs if "requirements.lock" in r]
+    assert "--require-hashes" in locked and "-r requirements.lock" in locked
+    (project,) = [r for r in runs if "pip install ." in r]
+    assert "--no-deps" in project and "pip check" in project  # the project alone, on the locked set
+    assert runs.index(locked) < runs.index(project)
+    assert any(c.split()[0] == "requirements.lock" for c in instructions("COPY"))
+
+
+def test_dockerfile_healthcheck_asks_the_configured_address():
+    (health,) = instructions("HEALTHCHECK")
+    argv = json.loads(health.split(" CMD ", 1)[1])  # exec form: no shell, no curl in the image
+    args = _parser().parse_args(argv[1:])
+    assert argv[0] == "postback-bridge" and args.command == "healthcheck" and args.path == "/healthz"
+    timeout = re.search(r"--timeout=(\d+)s", health)
+    assert timeout and args.timeout < int(timeout.group(1))  # it gives up before docker does
+
+
+def test_healthcheck_follows_the_port_in_the_config(bridge_factory):
+    """`postback-bridge healthcheck` (the image's HEALTHCHECK) asks server.listen's port, on
+    loopback when it listens on every interface; exit 1 once nothing answers there."""
+    bridge = bridge_factory({"server": {"auth": {"token": "t" * 20}}})
+    config = yaml.safe_load(bridge.config_path.read_text())
+    config["server"]["listen"] = f"0.0.0.0:{bridge.port}"  # as the image's config does
+    bridge.config_path.write_text(yaml.safe_dump(config))
+    bridge.start()
+    by_env = {**bridge.env, "BRIDGE_CONFIG": str(bridge.config_path)}
+    for args, env in ((["-c", str(bridge.config_path)], bridge.env), ([], by_env)):
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "healthcheck", *args], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+    done = bridge.cli("healthcheck", "-c", str(bridge.config_path), "--path", "/readyz")
+    assert done.returncode == 0
+    missing = bridge.cli("healthcheck", "-c", str(bridge.config_path), "--path", "/no-such-page", check=False)
+    assert missing.returncode == 1 and "answered 404" in missing.stderr
+    bridge.stop()
+    down = bridge.cli("healthcheck", "-c", str(bridge.config_path), check=False)
+    assert down.returncode == 1 and f"127.0.0.1:{bridge.port}/healthz" in down.stderr
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: canonical name -> (version, hashes)."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        assert not line.startswith("-"), f"an option in the lock file: {line}"  # no --index-url, --find-links
+        spec, *options = line.split()
+        name, _, version = spec.partition("==")
+        assert version, f"not pinned with ==: {spec}"
+        hashes = [o.removeprefix("--hash=") for o in options if o.startswith("--hash=sha256:")]
+        assert hashes and len(hashes) == len(options), f"{name}: every file hashed, nothing else: {options}"
+        entries[canonicalize_name(name)] = (version, hashes)
+    return entries
+
+
+def test_lock_file_pins_every_runtime_dependency_of_pyproject():
+    """requirements.lock and pyproject.toml cannot drift apart: each dependency is locked at a
+    version its specifier allows, and so is each dependency of a locked package."""
+    lock = locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{requirement.name} (pyproject.toml) is not in requirements.lock: regenerate it"
+        version = lock[name][0]
+        assert requirement.specifier.contains(version, prereleases=True), f"{name}=={version} is not {requirement}"
+    # the dependencies of the locked packages, where this environment has that very version
+    for name, (version, _) in lock.items():
+        try:
+            installed = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed.version != version:
+            continue
+        for text in installed.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                needed = canonicalize_name(requirement.name)
+                assert needed in lock, f"{needed} (needed by {name}) is not in requirements.lock"
+
+
+def test_dockerignore_lets_in_what_the_image_copies_and_nothing_private(tmp_path: Path):
+    """What docker would send as the build context, by docker's own rules (docker-py's), from a
+    tree with the image's inputs and the things a working copy has beside them."""
+    copied = {source for c in instructions("COPY") if not c.startswith("--from") for source in c.split()[:-1]}
+    assert copied == {"requirements.lock", "pyproject.toml", "README.md", "bridge", "deploy/container-config.yaml"}
+    for source in copied | {"Dockerfile", ".dockerignore"}:
+        target = tmp_path / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / source, target)
+    private = [
+        ".venv/lib/python3.11/site-packages/x.py",
+        "bridge.db",
+        "bridge.db-wal",
+        "bridge.db-shm",
+        "bridge/bridge.db",
+        "data/store.sqlite3",
+        ".git/config",
+        ".env",
+        "bridge/.env",
+        "config.yaml",
+        "events.jsonl",
+        "tests/data/postbacks/sms.xml",
+        "bench/results/run.json",
+        ".pytest_cache/v/x",
+        "bridge/__pycache__/server.cpython-311.pyc",
+        "deploy/nginx.conf",
+    ]
+    for name in private:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("private")
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    context = set(docker_build.exclude_paths(str(tmp_path), patterns))
+    assert not context & set(private), context & set(private)
+    files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    wanted = {f for f in files if f not in private}
+    assert wanted <= context, wanted - context
 
 
 def test_container_config_is_valid_and_refuses_without_a_token():
