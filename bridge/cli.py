@@ -1,9 +1,10 @@
-"""`postback-bridge`: serve, check-config, route, deliveries, replay (CONTRACT §2)."""
+"""`postback-bridge`: serve, check-config, route, deliveries, replay (CONTRACT §2); healthcheck."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import sys
@@ -319,6 +320,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if unknown or elsewhere else 0
 
 
+# ---------------------------------------------------------------------------- healthcheck
+
+# An address that listens on every interface is asked on loopback: nobody can connect to 0.0.0.0.
+_EVERY_INTERFACE = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """For a container's HEALTHCHECK: GET `--path` on the address the config listens on, so a
+    port changed in the config is followed (and the image needs no curl). Exit 0 on a 200."""
+    config = _config(args.config, required=False)
+    host = _EVERY_INTERFACE.get(config.server.host, config.server.host)
+    where = f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"
+    connection = http.client.HTTPConnection(host, config.server.port, timeout=args.timeout)
+    try:
+        connection.request("GET", args.path, headers={"User-Agent": f"postback-bridge/{__version__} healthcheck"})
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"healthcheck: {where}{args.path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if status != 200:
+        print(f"healthcheck: {where}{args.path} answered {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -371,6 +399,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every dead or failed delivery (within the other filters)")
     p.add_argument("--force", action="store_true", help="also replay delivered ones")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("healthcheck", help="exit 0 when the bridge the config describes answers (a HEALTHCHECK)")
+    with_config(p)
+    p.add_argument("--path", default="/healthz", help="/healthz (default: alive) or /readyz (the store answers)")
+    p.add_argument("--timeout", type=float, default=4.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_healthcheck)
     return parser
 
 

@@ -87,6 +87,7 @@ class Dispatcher:
         destinations: Mapping[str, Destination],
         *,
         on_result: Callable[[Destination, Claim, AttemptResult], None] | None = None,
+        on_dead: Callable[[str, str, int], None] | None = None,
         lease_margin: float = LEASE_MARGIN,
     ) -> None:
         self.store = store
@@ -94,6 +95,9 @@ class Dispatcher:
         self.lease_margin = lease_margin
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._on_result = on_result
+        # (destination, reason, count) for deliveries this dispatcher made dead: by an attempt's
+        # verdict (the Dead decision's cause) or past max_age unattempted (`_expire`)
+        self._on_dead = on_dead
         self._wake: dict[str, asyncio.Event] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
@@ -261,6 +265,7 @@ class Dispatcher:
                     )
                     continue
                 if count:
+                    self._dead(name, "max_age", count)
                     log.warning(
                         "deliveries past max_age are dead",
                         extra={"destination": name, "count": count, "max_age_s": max_age},
@@ -277,11 +282,21 @@ class Dispatcher:
             with contextlib.suppress(StoreError):  # else their lease runs out: retried then
                 await self.store.release(claims, owner=self.owner)
 
-    def _recorded(self, batch: list[tuple[Destination, AttemptResult, float]]) -> None:
+    def _dead(self, destination: str, reason: str, count: int) -> None:
+        if self._on_dead is not None:
+            try:
+                self._on_dead(destination, reason, count)
+            except Exception:  # metrics only: the deliveries are dead in the store
+                log.exception("after marking deliveries dead")
+
+    def _recorded(self, batch: list[tuple[Destination, AttemptResult, float]], died: list[AttemptResult]) -> None:
         for destination, result, _ in batch:
             self._log_attempt(destination, result)
             if self._on_result is not None:
                 self._on_result(destination, result.claim, result)
+        for result in died:
+            assert isinstance(result.decision, Dead)
+            self._dead(result.claim.destination, result.decision.cause, 1)
             wake = self._wake.get(destination.name)
             if wake is not None and destination.ordered:
                 wake.set()  # the conversation's next delivery may be due now
@@ -328,6 +343,9 @@ class Dispatcher:
                 extra={"event_id": claim.event_id, "destination": destination.name, "attempt": claim.attempt},
             )
             outcome = Failed(reason=f"{type(exc).__name__}: {exc}", retryable=False)
+            raised = True
+        else:
+            raised = False
         if isinstance(outcome, Failed):
             outcome = dataclasses.replace(outcome, reason=_printable(outcome.reason))
         duration = time.monotonic() - t0
@@ -344,6 +362,8 @@ class Dispatcher:
         decision = decide(
             outcome, attempt=claim.attempt, created_at=claim.created_at, now=now, policy=destination.retry
         )
+        if raised and isinstance(decision, Dead):
+            decision = dataclasses.replace(decision, cause="error")  # not the peer's answer: ours
         label = "delivered" if isinstance(decision, Done) else "dead" if isinstance(decision, Dead) else "retry"
         result = AttemptResult(
             claim=claim,
@@ -376,7 +396,9 @@ class _Recorder:
     out and the delivery is tried again: at least once, never lost."""
 
     def __init__(
-        self, store: Store, on_recorded: Callable[[list[tuple[Destination, AttemptResult, float]]], None]
+        self,
+        store: Store,
+        on_recorded: Callable[[list[tuple[Destination, AttemptResult, float]], list[AttemptResult]], None],
     ) -> None:
         self.store = store
         self._on_recorded = on_recorded
@@ -400,7 +422,7 @@ class _Recorder:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                await self.store.complete([result for _, result, _ in batch])
+                died = await self.store.complete([result for _, result, _ in batch])
             except StoreError as exc:
                 for destination, result, _ in batch:
                     if result.claim.id not in self._warned:
@@ -421,25 +443,26 @@ class _Recorder:
                 delay = min(delay * 2, 2.0)
                 continue
             except Exception:  # one bad result must not keep its neighbours from being recorded
-                batch = await self._one_by_one(batch)
+                batch, died = await self._one_by_one(batch)
             delay = 0.1
             self._warned.difference_update(result.claim.id for _, result, _ in batch)
             try:
-                self._on_recorded(batch)
+                self._on_recorded(batch, died)
             except Exception:  # logs and metrics only: the results are recorded
                 log.exception("after recording attempts")
 
     async def _one_by_one(
         self, batch: list[tuple[Destination, AttemptResult, float]]
-    ) -> list[tuple[Destination, AttemptResult, float]]:
+    ) -> tuple[list[tuple[Destination, AttemptResult, float]], list[AttemptResult]]:
         """Record each result alone; those that still fail are dropped (their lease runs out and
-        they are tried again). Returns the recorded ones."""
-        recorded = []
+        they are tried again). Returns the recorded ones, and those of them that made their
+        delivery dead."""
+        recorded, died = [], []
         for item in batch:
             try:
-                await self.store.complete([item[1]])
+                died += await self.store.complete([item[1]])
             except Exception:
                 log.exception("cannot record attempt", extra={"event_id": item[1].claim.event_id})
                 continue
             recorded.append(item)
-        return recorded
+        return recorded, died

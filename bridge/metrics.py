@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from bridge import __version__
+
+# Every way a delivery becomes dead, the `reason` of bridge_deliveries_died_total:
+# - rejected: the destination refused it for good (a 4xx but 408/429, a Slack error such as
+#   channel_not_found, an SMTP 5xx, a redirect, a template that cannot render): no retry;
+# - max_age: retries ran out at retry.max_age, after an attempt or waiting in the queue (a
+#   destination down or paused for longer: Dispatcher._expire);
+# - destination_removed: its destination is no longer in the config (a reload or a restart);
+# - error: the destination raised (a bug; the log has the traceback).
+DEAD_REASONS = ("rejected", "max_age", "destination_removed", "error")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 
@@ -31,6 +41,16 @@ class Metrics:
             "bridge_delivery_attempts",
             "Delivery attempts by destination and outcome (delivered, retry, dead).",
             ["destination", "outcome"],
+            registry=r,
+        )
+        # Not the attempts' outcome="dead": a delivery past max_age in a queue nobody could send
+        # from, or one whose destination was removed, dies without an attempt. Named apart from
+        # the gauge bridge_deliveries_dead (how many are dead now), which a purge or a replay
+        # lowers: this one only grows, so increase() over it is what an alert looks at.
+        self.deaths = Counter(
+            "bridge_deliveries_died",
+            "Deliveries that became dead, by destination and reason (" + ", ".join(DEAD_REASONS) + ").",
+            ["destination", "reason"],
             registry=r,
         )
         self.latency = Histogram(
@@ -84,6 +104,19 @@ class Metrics:
 
     def attempt(self, destination: str, outcome: str) -> None:
         self._child(self.attempts, destination, outcome).inc()
+
+    def died(self, destination: str, reason: str, count: int = 1) -> None:
+        """`count` deliveries of `destination` became dead (once each: counted by whoever made
+        them dead in the store, so several instances on one database do not count one twice)."""
+        assert reason in DEAD_REASONS, reason
+        self._child(self.deaths, destination, reason).inc(count)
+
+    def destinations(self, names: Iterable[str]) -> None:
+        """Show every destination's death counters at 0 from the start: Prometheus' increase()
+        sees nothing in a series that appears with its first death already counted."""
+        for name in names:
+            for reason in DEAD_REASONS:
+                self._child(self.deaths, name, reason)
 
     def delivered_after(self, destination: str, seconds: float) -> None:
         self._child(self.latency, destination).observe(seconds)

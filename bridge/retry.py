@@ -43,6 +43,9 @@ class RetryAt:
 @dataclass(frozen=True)
 class Dead:
     reason: str
+    # why, as `bridge_deliveries_died_total{reason}` counts it (bridge.metrics.DEAD_REASONS):
+    # the peer refused it for good, or retries ran out at max_age
+    cause: str = "rejected"
 
 
 Decision = Done | RetryAt | Dead
@@ -111,5 +114,7 @@ def decide(
     else:
         at = min(now + backoff(attempt, policy, rand), deadline)
     if now >= deadline or at > deadline:
-        return Dead(f"gave up after {attempt} attempts (max_age {policy.max_age:g}s): {outcome.reason}")
+        return Dead(
+            f"gave up after {attempt} attempts (max_age {policy.max_age:g}s): {outcome.reason}", cause="max_age"
+        )
     return RetryAt(at=at, reason=outcome.reason)

@@ -160,13 +160,18 @@ class Runtime:
         assert self.store is not None
         destinations = self.config.destinations
         try:
-            count = await self.store.abandon_unknown(set(destinations), "destination removed")
+            removed = await self.store.abandon_unknown(set(destinations), "destination removed")
             ordered = await self.store.order_pending([name for name, d in destinations.items() if d.ordered])
         except StoreError as exc:
             log.warning("cannot update pending deliveries for the config", extra={"error": str(exc)})
             return
-        if count:
-            log.warning("pending deliveries to removed destinations are dead", extra={"count": count})
+        for name, count in removed.items():
+            self.metrics.died(name, "destination_removed", count)
+        if removed:
+            log.warning(
+                "pending deliveries to removed destinations are dead",
+                extra={"count": sum(removed.values()), "destinations": sorted(removed)},
+            )
         if ordered:
             log.info("pending deliveries now go in conversation order", extra={"count": ordered})
 
@@ -185,7 +190,8 @@ class Runtime:
 
     def _dispatcher(self, config: Config) -> Dispatcher:
         assert self.store is not None
-        return Dispatcher(self.store, config.destinations, on_result=self._on_result)
+        self.metrics.destinations(config.destinations)
+        return Dispatcher(self.store, config.destinations, on_result=self._on_result, on_dead=self.metrics.died)
 
     async def connect(self) -> None:
         """Open a store that could not be reached at startup, trying again with backoff until it

@@ -154,7 +154,7 @@ def test_a_failure_at_or_after_the_deadline_is_dead_with_the_reason(late):
     policy = RetryPolicy(initial=10.0, max_interval=60.0, max_age=3600.0)
     created = NOW - 3600.0 - late  # the clamped last retry, made at the deadline or later
     decision = after(Failed("HTTP 503", retryable=True, status=503), attempt=9, created_at=created, policy=policy)
-    assert decision == Dead("gave up after 9 attempts (max_age 3600s): HTTP 503")
+    assert decision == Dead("gave up after 9 attempts (max_age 3600s): HTTP 503", cause="max_age")
 
 
 def test_a_failure_just_before_the_deadline_retries_at_the_deadline():
@@ -164,7 +164,7 @@ def test_a_failure_just_before_the_deadline_retries_at_the_deadline():
     assert decision == RetryAt(created + 3600.0, "HTTP 500")
     # and that attempt, failing too, is the last
     last = after(Failed("HTTP 500", retryable=True), attempt=41, created_at=created, now=decision.at, policy=policy)
-    assert last == Dead("gave up after 41 attempts (max_age 3600s): HTTP 500")
+    assert last == Dead("gave up after 41 attempts (max_age 3600s): HTTP 500", cause="max_age")
 
 
 def test_retry_after_beyond_max_age_is_dead():

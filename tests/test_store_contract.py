@@ -755,14 +755,36 @@ async def test_replay_filters(store):
     assert len(rest) == 1
 
 
+async def test_complete_says_which_results_made_their_delivery_dead_once(store):
+    """What bridge_deliveries_died_total counts: a dead verdict that applied; not one recorded
+    twice, one from an attempt whose lease ran out, nor one beaten by `delivered` in its batch."""
+    for n in range(3):
+        await put(store, n, conversation=f"c{n}")
+    c0, c1, c2 = sorted(await claim(store), key=lambda c: c.id)
+    refused = finished(c0, Dead("HTTP 400"))
+    batch = [refused, finished(c1, RetryAt(time.time() + 60, "HTTP 500")), finished(c2, Done())]
+    assert await store.complete(batch) == [refused]
+    assert await store.complete([refused]) == []  # recorded again (the commit went through, its answer did not)
+    await put(store, 3, conversation="c3")
+    (old,) = await claim(store, lease=0.3)
+    await asyncio.sleep(0.5)
+    (new,) = await claim(store)  # the lease ran out: claimed again
+    assert (new.id, new.attempt) == (old.id, 2)
+    assert await store.complete([finished(old, Dead("late"))]) == []
+    # a dead and a delivered verdict for one delivery in one batch: the peer has it
+    assert await store.complete([finished(new, Dead("HTTP 400")), finished(new, Done())]) == []
+    rows = {r.id: r.status for r in await store.list_deliveries(DeliveryFilter())}
+    assert rows == {c0.id: "dead", c1.id: "pending", c2.id: "delivered", new.id: "delivered"}
+
+
 async def test_abandon_unknown_kills_pending_deliveries_of_removed_destinations(store):
     await put(store, 1, destinations=("crm", "gone", "also-gone"))
-    assert await store.abandon_unknown({"crm", "slack"}, "destination removed") == 2
+    assert await store.abandon_unknown({"crm", "slack"}, "destination removed") == {"gone": 1, "also-gone": 1}
     rows = {r.destination: r for r in await store.list_deliveries(DeliveryFilter())}
     assert (rows["gone"].status, rows["gone"].last_error) == ("dead", "destination removed")
     assert rows["crm"].status == "pending"
-    assert await store.abandon_unknown({"crm"}, "x") == 0
-    assert await store.abandon_unknown(set(), "no destinations at all") == 1  # crm too
+    assert await store.abandon_unknown({"crm"}, "x") == {}
+    assert await store.abandon_unknown(set(), "no destinations at all") == {"crm": 1}  # crm too
 
 
 async def test_expire_kills_deliveries_past_max_age_unless_being_sent(store):
@@ -821,7 +843,7 @@ async def test_expire_leaves_a_last_retry_due_at_the_deadline_to_its_worker(stor
 
 async def test_replay_can_be_kept_to_the_configured_destinations(store):
     await put(store, 1, destinations=("crm", "gone"))
-    assert await store.abandon_unknown({"crm"}, "destination removed") == 1
+    assert await store.abandon_unknown({"crm"}, "destination removed") == {"gone": 1}
     assert await store.replay(DeliveryFilter(destinations=("crm",))) == []
     rows = {r.destination: r for r in await store.list_deliveries(DeliveryFilter())}
     assert await store.replay(DeliveryFilter(destinations=("crm", "gone"))) == [rows["gone"].id]

@@ -220,8 +220,12 @@ class Store(abc.ABC):
         of each conversation is due, so one conversation is never sent out of order."""
 
     @abc.abstractmethod
-    async def complete(self, results: list[AttemptResult]) -> None:
-        """Record attempts and apply their decisions; a delivery no longer pending is left alone."""
+    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
+        """Record attempts and apply their decisions; a delivery no longer pending is left alone.
+        Returns the results whose delivery this made dead: a late verdict that did not apply (a
+        result recorded twice, an attempt whose lease ran out) is not one, so each death is
+        counted once. Dead verdicts apply after the others of the batch: a `delivered` one for
+        the same delivery (the peer has it) wins."""
 
     @abc.abstractmethod
     async def release(self, claims: list[Claim], *, owner: str) -> None:
@@ -251,9 +255,9 @@ class Store(abc.ABC):
         """Make matching dead (and with `force` delivered) deliveries pending again, due now."""
 
     @abc.abstractmethod
-    async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
+    async def abandon_unknown(self, keep: Collection[str], reason: str) -> dict[str, int]:
         """Mark pending deliveries to any destination not in `keep` dead (the config no
-        longer has it); how many."""
+        longer has it); how many, by destination (none: empty)."""
 
     @abc.abstractmethod
     async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:

@@ -272,18 +272,25 @@ class PostgresStore(Store):
             for row in sorted(rows, key=lambda row: row[0])
         ]
 
-    async def complete(self, results: list[AttemptResult]) -> None:
+    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         now = time.time()
-        attempts, finishes = [], []
+        attempts, finishes, deaths = [], [], []
         for r in results:
             status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
-            finishes.append((r.claim.id, r.claim.attempt, status, next_at, error, now))
+            finish = (r.claim.id, r.claim.attempt, status, next_at, error, now)
+            (deaths if status == "dead" else finishes).append((r, finish))
         if not results:
-            return
+            return []
+        died = []
         async with self._tx() as conn:
             await conn.executemany(Q["record_attempt"], attempts)
-            await conn.executemany(Q["finish"], finishes)
+            if finishes:
+                await conn.executemany(Q["finish"], [finish for _, finish in finishes])
+            for r, finish in deaths:  # one at a time, to see which applied: deaths are few
+                if _updated(await conn.execute(Q["finish"], *finish)):
+                    died.append(r)
+        return died
 
     async def release(self, claims: list[Claim], *, owner: str) -> None:
         if not claims:
@@ -344,10 +351,10 @@ class PostgresStore(Store):
             rows = await conn.fetch(query, *p.values)
         return sorted(row[0] for row in rows)
 
-    async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
+    async def abandon_unknown(self, keep: Collection[str], reason: str) -> dict[str, int]:
         async with self._tx() as conn:
-            status = await conn.execute(Q["abandon_unknown"], reason, time.time(), sorted(keep))
-        return _updated(status)
+            rows = await conn.fetch(Q["abandon_unknown"], reason, time.time(), sorted(keep))
+        return {row[0]: row[1] for row in rows}
 
     async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
         now, reason = time.time(), f"max_age {max_age:g}s passed after "

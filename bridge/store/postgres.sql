@@ -135,8 +135,12 @@ INSERT INTO meta (key, value) VALUES ('heartbeat', $1)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
 
 -- name: abandon_unknown
-UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
-WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
+WITH gone AS (
+    UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
+    WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
+    RETURNING destination
+)
+SELECT destination, count(*) FROM gone GROUP BY destination
 
 -- name: order_pending
 UPDATE deliveries SET ordered = true

@@ -10,6 +10,7 @@ its neighbours; a failed COMMIT fails them all (the store is then not ready: 503
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -339,19 +340,22 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def complete(self, results: list[AttemptResult]) -> None:
+    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         now = time.time()
-        attempts, finishes = [], []
+        attempts, finishes, deaths = [], [], []
         for r in results:
             status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
-            finishes.append((status, next_at, error, now, r.claim.id, r.claim.attempt))
+            finish = (status, next_at, error, now, r.claim.id, r.claim.attempt)
+            (deaths if status == "dead" else finishes).append((r, finish))
 
-        def op(conn: sqlite3.Connection) -> None:
+        def op(conn: sqlite3.Connection) -> list[AttemptResult]:
             conn.executemany(Q["record_attempt"], attempts)
-            conn.executemany(Q["finish"], finishes)
+            conn.executemany(Q["finish"], [finish for _, finish in finishes])
+            # one at a time, to see which applied: deaths are few
+            return [r for r, finish in deaths if conn.execute(Q["finish"], finish).rowcount]
 
-        await self._run(op)
+        return await self._run(op)
 
     async def release(self, claims: list[Claim], *, owner: str) -> None:
         now = time.time()
@@ -440,15 +444,15 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def abandon_unknown(self, keep: Collection[str], reason: str) -> int:
+    async def abandon_unknown(self, keep: Collection[str], reason: str) -> dict[str, int]:
         now, names = time.time(), sorted(keep)
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
             query = (
                 "UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?"
-                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)})"
+                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)}) RETURNING destination"
             )
-            return conn.execute(query, [reason, now, *names]).rowcount
+            return dict(collections.Counter(row[0] for row in conn.execute(query, [reason, now, *names])))
 
         return await self._run(op)
 
