@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.carriers import Carriers
+from bridge.digits import is_digits
 from bridge.postback import Fields
 
 Event = dict[str, Any]
@@ -54,7 +55,7 @@ def phone(value: str | None) -> str | None:
     if value is None:
         return None
     digits = value[1:] if value.startswith("+") else value
-    if len(digits) >= 10 and digits.isascii() and digits.isdigit():  # E.164 has ASCII digits only
+    if len(digits) >= 10 and is_digits(digits):  # E.164 has ASCII digits only
         return "+" + digits
     return value
 
