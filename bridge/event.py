@@ -25,6 +25,7 @@ _CODE_TYPES = {
     ("EMAIL_SUB", "N304"): "email_subscriber.opted_out",
 }
 UNKNOWN_TYPE = "postback.received"  # an ORIGIN (or SUB code) we do not know: forwarded as is
+ORIGINS = frozenset({*_TYPES, *(origin for origin, _ in _CODE_TYPES)})  # the ORIGINs Skycore documents
 TYPES = frozenset({*_TYPES.values(), *_CODE_TYPES.values(), UNKNOWN_TYPE})
 
 
