@@ -3,7 +3,6 @@ with Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -199,8 +198,9 @@ class WebhookDestination(Destination):
         assert self._client is not None, "open() first"
         headers = self._headers(event_id, body, content_type, reveal=True)
         try:
-            async with asyncio.timeout(self.timeout):
-                response = await self._client.post(self.url, body, headers, keep=512)
+            # the client keeps the timeout: a status that came in time decides, even if the rest
+            # of the response does not (a 410 whose body drips past it is dead, not retried)
+            response = await self._client.post(self.url, body, headers, keep=512, timeout=self.timeout)
         except TimeoutError:
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
         except http1.ConnectError as exc:
