@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import AuthConfig, parse_when
+from bridge.digits import parse_uint
 from bridge.store import STATUSES, DeliveryFilter, EventFilter
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,10 +47,10 @@ def _time(query: Any, key: str) -> float | None:
 
 
 def _limit(query: Any) -> int:
-    value = query.get("limit", "100")
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    limit = parse_uint(query.get("limit", "100"), max_digits=4)
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
         raise BadQuery(f"limit: expected a number from 1 to {MAX_LIMIT}")
-    return int(value)
+    return limit
 
 
 def _flag(value: Any) -> bool:
@@ -132,9 +133,10 @@ async def get_delivery(request: web.Request) -> web.Response:
 
 
 def _int(text: str) -> int:
-    if not text.isdigit():
+    number = parse_uint(text)  # a row id: ASCII digits, within a signed 64-bit integer
+    if number is None:
         raise BadQuery(f"{text!r} is not a delivery id")
-    return int(text)
+    return number
 
 
 async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:

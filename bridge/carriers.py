@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from functools import cache
 from importlib.resources import files
 
+from bridge.digits import is_digits
+
 
 @cache
 def builtin() -> Mapping[str, str]:
@@ -23,7 +25,7 @@ def builtin() -> Mapping[str, str]:
 def spid_key(spid: str) -> str:
     """SPIDs are 7 digits; some senders drop the leading zeros."""
     spid = spid.strip()
-    return spid.zfill(7) if spid.isdigit() else spid
+    return spid.zfill(7) if is_digits(spid) else spid
 
 
 class Carriers:

@@ -17,6 +17,7 @@ from typing import Any
 
 from bridge import __version__, logs
 from bridge.config import Config, defaults, load, parse_when, redact_url
+from bridge.digits import parse_uint
 from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
 from bridge.store import STATUSES, DeliveryFilter, Store, open_store, sqlite_path
 
@@ -196,6 +197,14 @@ def _when(text: str) -> float:
         return parse_when(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def whole_number(text: str) -> int:
+    """A delivery id or a limit: ASCII digits (argparse's int() takes '٣' as 3)."""
+    number = parse_uint(text)
+    if number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return number
 
 
 def _filter(args: argparse.Namespace, **extra: Any) -> DeliveryFilter:
@@ -383,7 +392,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--event", metavar="EVENT_ID")
         p.add_argument("--since", type=_when, metavar="TIME", help="ISO time, or a duration ago (2h)")
         p.add_argument("--until", type=_when, metavar="TIME")
-        p.add_argument("--limit", type=int, default=limit, help=f"at most this many (default {limit})")
+        p.add_argument("--limit", type=whole_number, default=limit, help=f"at most this many (default {limit})")
         p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("deliveries", help="list deliveries")
@@ -395,7 +404,7 @@ def _parser() -> argparse.ArgumentParser:
         "replay", help="send dead and failed deliveries again, now (a new attempt series, same event id)"
     )
     with_filters(p, 1_000_000)
-    p.add_argument("ids", nargs="*", type=int, metavar="DELIVERY_ID")
+    p.add_argument("ids", nargs="*", type=whole_number, metavar="DELIVERY_ID")
     p.add_argument("--all", action="store_true", help="every dead or failed delivery (within the other filters)")
     p.add_argument("--force", action="store_true", help="also replay delivered ones")
     p.set_defaults(func=cmd_replay)

@@ -21,6 +21,7 @@ import yaml
 from yarl import URL
 
 from bridge.carriers import spid_key
+from bridge.digits import is_digits, parse_uint
 from bridge.errors import ConfigError
 from bridge.event import TYPES, phone
 from bridge.secret import Secret
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------------- values
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")  # ASCII digits: \d takes any script's
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PLACEHOLDER = re.compile(r"__bridge_env_(\d+)__")
@@ -84,7 +85,7 @@ def parse_duration(value: str | int | float) -> float:
             raise ValueError("a duration cannot be negative")
         return float(value)
     text = value.strip()
-    if text.replace(".", "", 1).isdigit():
+    if is_digits(text.replace(".", "", 1)):
         return float(text)
     pos, total = 0, 0.0
     for m in _DURATION.finditer(text):
@@ -304,8 +305,8 @@ class Reader:
     def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int | None:
         if isinstance(value, _Unset):
             return self.unset(value, path)
-        if isinstance(value, EnvStr) and value.strip().isdigit():
-            value = int(value)
+        if isinstance(value, EnvStr) and (number := parse_uint(value.strip())) is not None:
+            value = number
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(path, f"expected an integer, got {_kind(value)}")
             return None
@@ -470,11 +471,12 @@ DEFAULT_STORE = "sqlite:///bridge.db"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    host, sep, port_text = text.rpartition(":")
+    port = parse_uint(port_text, max_digits=5)
+    if not sep or port is None or not 0 < port < 65536:
         raise ValueError(f"{text!r} is not host:port (like 0.0.0.0:8080)")
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104 (":8080" means every interface, as in Go)
-    return host, int(port)
+    return host, port
 
 
 def _server(raw: Any, r: Reader) -> ServerConfig:

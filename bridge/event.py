@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.carriers import Carriers
+from bridge.digits import is_digits
 from bridge.postback import Fields
 
 Event = dict[str, Any]
@@ -25,6 +26,7 @@ _CODE_TYPES = {
     ("EMAIL_SUB", "N304"): "email_subscriber.opted_out",
 }
 UNKNOWN_TYPE = "postback.received"  # an ORIGIN (or SUB code) we do not know: forwarded as is
+ORIGINS = frozenset({*_TYPES, *(origin for origin, _ in _CODE_TYPES)})  # the ORIGINs Skycore documents
 TYPES = frozenset({*_TYPES.values(), *_CODE_TYPES.values(), UNKNOWN_TYPE})
 
 
@@ -55,7 +57,7 @@ def phone(value: str | None) -> str | None:
     if value is None:
         return None
     digits = value[1:] if value.startswith("+") else value
-    if len(digits) >= 10 and digits.isascii() and digits.isdigit():  # E.164 has ASCII digits only
+    if len(digits) >= 10 and is_digits(digits):  # E.164 has ASCII digits only
         return "+" + digits
     return value
 

@@ -6,15 +6,25 @@ ClientSession spends about 120 us of CPU per POST here (timers, tracing hooks, c
 header merging, payload registry); this spends about 40 us, which is the difference between
 the bridge delivering as fast as it takes postbacks in and falling behind (bench/).
 
-Framing follows RFC 9112 section 6: 1xx responses are skipped, 204/304 have no body, chunked
-bodies are decoded, Content-Length is exact, and anything else is read until the server closes.
-Bare-LF line ends and folded header lines are accepted (sections 2.2 and 5.2). Only what the
-caller keeps of the body (`keep` bytes, for an error message) is held in memory; a connection
-is reused only when its response was read exactly to its end and nobody said `close`.
+Framing follows RFC 9112 section 6: 1xx responses are skipped (at most MAX_INTERIM of them),
+204/304 have no body, chunked bodies are decoded, Content-Length is exact, and anything else is
+read until the server closes. A head is read as h11 reads it: CRLF or bare-LF line ends (a head
+may end in `\n\r\n`), folded header lines joined, and no NUL, bare CR, VT or FF anywhere;
+Transfer-Encoding must be `chunked` alone (we decompress nothing) and Content-Length one number.
+Chunked framing takes bare LF line ends too. Only what the caller keeps of the body (`keep`
+bytes, for an error message) is held in memory; a connection is reused only when its response
+was read exactly to its end and nobody said `close`.
 
-A 2xx means the receiver has the request: once its status line is in, a body that breaks off or
-never ends changes nothing (it gets BODY_PATIENCE, then the connection is dropped). Anything
-else malformed is an HTTPError, which the webhook destination reports as retryable.
+The status decides. A 2xx means the receiver has the request: once its status line is in,
+nothing after it (headers that are malformed, over MAX_HEAD or never end, a body that breaks
+off or never ends) makes it anything but delivered, or the event would go twice. Another
+status counts once its head is in whole and well-formed: the body is only the reason. What
+comes after the deciding point gets BODY_PATIENCE (and never more than the caller's timeout),
+then the connection is dropped and the answer stands with what came of it. Anything malformed
+before that point is an HTTPError, which the webhook destination reports as retryable.
+
+One peer must not hold the event loop: heads are searched for their end only in the bytes
+that arrived since the last look, and long runs (1xx heads, small chunks) yield to the loop.
 """
 
 from __future__ import annotations
@@ -31,18 +41,25 @@ from typing import Any
 from yarl import URL
 
 MAX_HEAD = 64 * 1024  # status line and headers
+MAX_INTERIM = 16  # 1xx responses before the final one; past this the attempt fails (retryable)
 MAX_DRAIN = 1024 * 1024  # body bytes read (and dropped) to keep a connection; past this it is closed
 # An idle connection older than this is closed, not reused: under the 5 s keep-alive of Node and
 # uvicorn, so we drop it before the server does (a close that crosses our request in flight
 # fails that attempt). A `Keep-Alive: timeout=N` from the server shortens it further.
 IDLE_TIMEOUT = 4.0
 MAX_IDLE = 64  # idle connections kept per origin
-BODY_PATIENCE = 1.0  # seconds a 2xx body may take to arrive once the status is in
+BODY_PATIENCE = 1.0  # seconds the rest of a response may take once its status decides the outcome
+YIELD_EVERY = 256  # chunks read in a row before the event loop gets a turn
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DIGITS = re.compile(r"[0-9]+")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _KEEP_ALIVE_TIMEOUT = re.compile(r"timeout\s*=\s*([0-9]{1,6})", re.IGNORECASE)
+# The blank line that ends a head (or a trailer section): after a CRLF or a bare LF, as h11 has it.
+_HEAD_END = re.compile(rb"\n\r?\n")
+# RFC 9112's status-line, as h11 reads it (the reason may be missing), for HTTP/1.x only.
+_STATUS_LINE = re.compile(r"HTTP/1\.([0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?")
+# A chunk-size line, without its line end: h11's (up to 20 hex digits, an extension, spaces).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 
 
 class HTTPError(Exception):
@@ -85,6 +102,9 @@ class _Connection(asyncio.Protocol):
         self.lost: BaseException | None = None
         self.idle = False
         self.expires = 0.0  # while idle: monotonic time after which it is not reused
+        # once the status decides the outcome: (status, reason, headers, the body kept so far),
+        # which is the response whatever breaks from then on
+        self.answer: tuple[int, str, Headers, bytearray] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol
@@ -153,10 +173,12 @@ class _Connection(asyncio.Protocol):
         return data
 
     async def line(self, limit: int, what: str) -> bytes:
-        """One line without its CRLF (or bare LF)."""
-        while (end := self.buffer.find(b"\n")) < 0:
+        """One line without its CRLF (or bare LF). Each wait looks only at the bytes it brought."""
+        start = 0
+        while (end := self.buffer.find(b"\n", start)) < 0:
             if len(self.buffer) > limit:
                 raise HTTPError(f"{what} too long")
+            start = len(self.buffer)
             await self.more()
         return self.take(end + 1)[:-1].removesuffix(b"\r")
 
@@ -224,7 +246,18 @@ class Client:
             self._targets[url] = target
         return target
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str], *, keep: int = 512) -> Response:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        keep: int = 512,
+        timeout: float | None = None,  # noqa: ASYNC109 (ours: past the deciding status it is no error)
+    ) -> Response:
+        """POST `body`; the response with the first `keep` bytes of its body. `timeout` bounds the
+        whole of it, connecting included (TimeoutError), except that a response whose status has
+        decided the outcome is returned as far as it came (see the module's docstring)."""
         if self._closed:
             raise HTTPError("client is closed")
         target = self._target(url)
@@ -245,11 +278,22 @@ class Client:
         # No second try on another connection if this one turns out closed: the peer may have
         # read the request before closing, and the delivery loop's retry is the honest one.
         # An idle connection the peer closed is seen (EOF) and dropped before it is used.
-        conn = self._checkout(target.origin) or await self._connect(target)
+        conn: _Connection | None = None
         try:
-            response, reusable = await self._exchange(conn, request, keep)
-        except BaseException:  # broken, cancelled (timeout) or a bug: this connection is done
+            async with asyncio.timeout(timeout) as deadline:
+                conn = self._checkout(target.origin) or await self._connect(target)
+                response, reusable = await self._exchange(conn, request, keep, deadline)
+        except (HTTPError, TimeoutError):  # broken, malformed or too slow: this connection is done
+            if conn is None:
+                raise
             self._discard(conn)
+            if conn.answer is None:
+                raise
+            status, reason, got, kept = conn.answer  # the status had decided: that is the answer
+            return Response(status, reason, got, bytes(kept[:keep]))
+        except BaseException:  # cancelled from outside, or a bug
+            if conn is not None:
+                self._discard(conn)
             raise
         if reusable:
             self._checkin(target.origin, conn, response.headers)
@@ -313,33 +357,45 @@ class Client:
         return conn
 
     # -- one exchange
-    async def _exchange(self, conn: _Connection, request: bytes, keep: int) -> tuple[Response, bool]:
+    async def _exchange(
+        self, conn: _Connection, request: bytes, keep: int, deadline: asyncio.Timeout
+    ) -> tuple[Response, bool]:
         assert conn.transport is not None
+        conn.answer = None
         conn.transport.write(request)
+        interim = 0
         while True:
-            version, status, reason, headers = await _read_head(conn)
+            minor, status, reason, headers, length, chunked = await _read_head(conn, deadline)
             if status >= 200:
                 break
             if status == 101:
                 raise HTTPError("peer switched protocols")
-            # 100 Continue, 102, 103 Early Hints: the final response follows
-        keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
+            # 100 Continue, 102, 103 Early Hints: the final response follows, within a limit
+            interim += 1
+            if interim > MAX_INTERIM:
+                raise HTTPError(f"more than {MAX_INTERIM} interim (1xx) responses")
+            await asyncio.sleep(0)  # a peer that sends them without end shares the loop
+        keep_alive = minor != "0" and not _closes(headers)
         if status in (204, 304):
             # no body, whatever the headers say; one that says otherwise is not trusted again
-            framed = "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0"
-            return Response(status, reason, headers, b""), keep_alive and not framed
-        if not 200 <= status < 300:
-            body, complete = await _read_body(conn, headers, keep)
-            return Response(status, reason, headers, body), keep_alive and complete
-        fast = _buffered_body(conn, headers, keep)
-        if fast is not None:  # the usual case: all of it came with the head
-            return Response(status, reason, headers, fast), keep_alive
-        try:
-            async with asyncio.timeout(BODY_PATIENCE):
-                body, complete = await _read_body(conn, headers, keep)
-        except (HTTPError, TimeoutError):  # delivered all the same; this connection is done
-            return Response(status, reason, headers, b""), False
-        return Response(status, reason, headers, body), keep_alive and complete
+            return Response(status, reason, headers, b""), keep_alive and not chunked and not length
+        if not chunked and length is not None and len(conn.buffer) >= length:
+            # the usual case: all of it came with the head
+            return Response(status, reason, headers, conn.take(length)[:keep]), keep_alive
+        # The status decides from here: the body gets BODY_PATIENCE (within the caller's timeout),
+        # and whatever breaks, the answer is this status with the body as far as it came.
+        kept = bytearray()
+        conn.answer = (status, reason, headers, kept)
+        _be_patient(deadline)
+        if chunked:
+            complete = await _read_chunked(conn, keep, kept)
+            # with a Content-Length beside it the framing is ambiguous (smuggling): not reused
+            complete = complete and length is None
+        elif length is not None:
+            complete = await _read_exact(conn, length, keep, kept)
+        else:
+            complete = await _read_until_close(conn, keep, kept)
+        return Response(status, reason, headers, bytes(kept)), keep_alive and complete
 
 
 def is_token(name: str) -> bool:
@@ -355,106 +411,188 @@ def check_header(name: str, value: str) -> None:
         raise ValueError(f"header {name!r} has a line break")
 
 
-async def _read_head(conn: _Connection) -> tuple[str, int, str, Headers]:
-    while True:
-        end, size = conn.buffer.find(b"\r\n\r\n"), 4
-        bare = conn.buffer.find(b"\n\n")
-        if bare >= 0 and (end < 0 or bare < end):
-            end, size = bare, 2
-        if end >= 0:
-            break
-        if len(conn.buffer) > MAX_HEAD:
-            raise HTTPError(f"response headers larger than {MAX_HEAD} bytes")
-        await conn.more()
+def _be_patient(deadline: asyncio.Timeout) -> None:
+    """From now on, at most BODY_PATIENCE more (and never past the caller's timeout)."""
+    end = asyncio.get_running_loop().time() + BODY_PATIENCE
+    when = deadline.when()
+    if when is None or end < when:
+        deadline.reschedule(end)
+
+
+async def _read_head(conn: _Connection, deadline: asyncio.Timeout) -> tuple[str, int, str, Headers, int | None, bool]:
+    """The next head: (the HTTP/1.x minor version, status, reason, headers, Content-Length,
+    chunked). Once a 2xx status line is in, `conn.answer` holds it before anything after it is
+    read, so that a head which then breaks (or never ends) is still that 2xx."""
+    buffer = conn.buffer
+    match = _HEAD_END.search(buffer, 0, MAX_HEAD + 3)
+    if match is None:
+        match = await _more_head(conn, deadline)
+    end = match.start()
     if end > MAX_HEAD:
+        _head_broke(conn, buffer[:end])
         raise HTTPError(f"response headers larger than {MAX_HEAD} bytes")
-    head = conn.take(end + size)[:end].decode("latin-1")
-    status_line, *fields = [line.removesuffix("\r") for line in head.split("\n")]
-    version, _, rest = status_line.partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not _DIGITS.fullmatch(code):
-        raise HTTPError(f"not an HTTP/1.x response: {status_line[:80]!r}")
+    head = buffer[:end].decode("latin-1")
+    del buffer[: match.end()]
+    first, _, fields = head.partition("\n")
+    status_line = _STATUS_LINE.fullmatch(first[:-1] if first[-1:] == "\r" else first)
+    if status_line is None:
+        raise HTTPError(f"not an HTTP/1.x response: {first[:80]!r}")
+    minor, code, reason = status_line.groups()
+    status = int(code)
+    if status < 100:
+        raise HTTPError(f"not an HTTP/1.x response: status {code}")
+    try:
+        if _bad_text(head):
+            raise HTTPError("malformed response head: a NUL, VT, FF or bare CR in it")
+        headers = _fields(fields) if fields else Headers()
+        length, chunked = _framing(headers)
+    except HTTPError:
+        if 200 <= status < 300:
+            conn.answer = (status, reason or "", Headers(), bytearray())
+        raise
+    return minor, status, reason or "", headers, length, chunked
+
+
+async def _more_head(conn: _Connection, deadline: asyncio.Timeout) -> re.Match[bytes]:
+    """Wait for the end of a head that is not all in yet. Each look covers only the bytes that
+    came since the last one (a head's end is at most 3 bytes: it may have begun before them)."""
+    buffer = conn.buffer
+    start = 0
+    seen_status = False  # the first line (the status line) is in
+    while True:
+        if len(buffer) >= MAX_HEAD + 3:
+            _head_broke(conn, buffer)
+            raise HTTPError(f"response headers larger than {MAX_HEAD} bytes")
+        if not seen_status and buffer.find(b"\n", start) >= 0:
+            seen_status = True
+            if _head_broke(conn, buffer):
+                _be_patient(deadline)  # a 2xx is in: the rest of its head gets BODY_PATIENCE
+        start = max(0, len(buffer) - 2)
+        await conn.more()  # an end of the connection here: HTTPError (with conn.answer for a 2xx)
+        match = _HEAD_END.search(buffer, start, MAX_HEAD + 3)
+        if match is not None:
+            return match
+
+
+def _head_broke(conn: _Connection, head: bytes | bytearray) -> bool:
+    """For a head that will not be read whole: when it starts with a 2xx status line, that is the
+    answer (`conn.answer`; True)."""
+    first = bytes(head[: head.find(b"\n")]) if b"\n" in head else b""
+    status_line = _STATUS_LINE.fullmatch(first.removesuffix(b"\r").decode("latin-1"))
+    if status_line is None or not 200 <= int(status_line[2]) < 300:
+        return False
+    conn.answer = (int(status_line[2]), status_line[3] or "", Headers(), bytearray())
+    return True
+
+
+def _bad_text(text: str) -> bool:
+    """Whether a head (or trailer section) holds what none may (h11's field-vchar is [^\\x00\\s]):
+    NUL, VT, FF, or a CR that does not end a line. `text` stops before the head's last LF, so
+    it may end in a CR. (Plain scans: a regex for this costs four times as much.)"""
+    return (
+        "\x00" in text
+        or "\x0b" in text
+        or "\x0c" in text
+        or text.count("\r") != text.count("\r\n") + text.endswith("\r")
+    )
+
+
+def _fields(text: str) -> Headers:
+    """Header (or trailer) lines -> Headers: names are tokens, repeats are joined with ', ' (a
+    repeated Retry-After keeps its first value: a date has a comma in it), folded lines are
+    joined to the one before with a space. Linear in the size of the head, however it repeats."""
+    lines = text.split("\n")
+    if "\n " in text or "\n\t" in text or text[:1] in (" ", "\t"):
+        lines = _unfold(lines)
     headers = Headers()
-    last = ""
-    for field in fields:
-        if field[:1] in (" ", "\t") and last:  # obs-fold: a continuation of the last header
-            dict.__setitem__(headers, last, f"{dict.__getitem__(headers, last)} {field.strip()}")
-            continue
-        name, sep, value = field.partition(":")
+    repeated: dict[str, list[str]] | None = None
+    for line in lines:
+        name, sep, value = line.partition(":")
         if not sep or not _TOKEN.fullmatch(name):
-            raise HTTPError(f"malformed response header: {field[:80]!r}")
-        key, value = name.lower(), value.strip()
+            raise HTTPError(f"malformed response header: {line[:80]!r}")
+        key, value = name.lower(), value.strip(" \t\r")
         if dict.__contains__(headers, key):
             if key == "retry-after":
-                continue  # a date has a comma in it: joining would break it; the first counts
-            value = f"{dict.__getitem__(headers, key)}, {value}"
+                continue
+            if repeated is None:
+                repeated = {}
+            repeated.setdefault(key, [dict.__getitem__(headers, key)]).append(value)
+            continue
         dict.__setitem__(headers, key, value)
-        last = key
-    return version, int(code), reason, headers
+    if repeated:
+        for key, values in repeated.items():
+            dict.__setitem__(headers, key, ", ".join(values))
+    return headers
 
 
-def _content_length(headers: Headers) -> int | None:
-    length = headers.get("content-length")
+def _unfold(lines: list[str]) -> list[str]:
+    """obs-fold (RFC 9112 5.2): a line that starts with a space or tab continues the one before."""
+    out: list[list[str]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            if not out:
+                raise HTTPError(f"malformed response header: {line[:80]!r}")
+            out[-1].append(line.strip(" \t\r"))
+        else:
+            out.append([line.removesuffix("\r")])
+    return [" ".join(parts) for parts in out]
+
+
+def _framing(headers: Headers) -> tuple[int | None, bool]:
+    """(Content-Length or None, chunked). Anything but `Transfer-Encoding: chunked` is refused:
+    a coding we would have to undo (gzip), or chunked twice, is not a body we can frame."""
+    coding = dict.get(headers, "transfer-encoding")
+    if coding is not None and coding.lower() != "chunked":
+        raise HTTPError(f"unsupported Transfer-Encoding: {coding[:40]!r}")
+    length = dict.get(headers, "content-length")
     if length is None:
-        return None
-    values = {v.strip() for v in length.split(",")}
-    n = values.pop() if len(values) == 1 else ""
-    if not _DIGITS.fullmatch(n):
+        return None, coding is not None
+    n = length
+    if "," in n:  # repeated (or a list): all the same number, or it is no length at all
+        values = {v.strip(" \t") for v in n.split(",")}
+        n = values.pop() if len(values) == 1 else ""
+    if len(n) > 20 or not _DIGITS.fullmatch(n):
         raise HTTPError(f"bad Content-Length: {length[:40]!r}")
-    return int(n)
+    return int(n), coding is not None
 
 
-def _buffered_body(conn: _Connection, headers: Headers, keep: int) -> bytes | None:
-    """The body when it is framed by Content-Length and already here in full, else None."""
-    if "transfer-encoding" in headers:
-        return None
-    try:
-        n = _content_length(headers)
-    except HTTPError:
-        return None
-    if n is None or len(conn.buffer) < n:
-        return None
-    return conn.take(n)[:keep]
+def _closes(headers: Headers) -> bool:
+    """Whether `Connection` names `close` (a list of tokens, any case)."""
+    value = dict.get(headers, "connection")
+    if value is None or "close" not in (value := value.lower()):
+        return False
+    return "close" in (token.strip(" \t") for token in value.split(","))
 
 
-async def _read_body(conn: _Connection, headers: Headers, keep: int) -> tuple[bytes, bool]:
-    """(the first `keep` bytes, whether the body was read to its end so the connection is reusable)."""
-    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",") if c.strip()]
-    if codings:
-        if codings[-1] != "chunked":
-            return await _read_until_close(conn, keep), False
-        body, complete = await _read_chunked(conn, keep)
-        # with a Content-Length beside it the framing is ambiguous (smuggling): not reused
-        return body, complete and "content-length" not in headers
-    n = _content_length(headers)
-    if n is not None:
-        return await _read_exact(conn, n, keep)
-    return await _read_until_close(conn, keep), False
-
-
-async def _read_exact(conn: _Connection, n: int, keep: int) -> tuple[bytes, bool]:
-    if n > MAX_DRAIN:  # not worth reading to keep the connection
-        while len(conn.buffer) < min(n, keep):
+async def _read_exact(conn: _Connection, n: int, keep: int, kept: bytearray) -> bool:
+    """A Content-Length body into `kept` (its first `keep` bytes); whether it was read to its end.
+    One past MAX_DRAIN is not worth reading to keep the connection: it stops at `keep`."""
+    remaining = n
+    while remaining:
+        if not conn.buffer:
             await conn.more()
-        return conn.take(min(n, keep)), False
-    while len(conn.buffer) < n:
-        await conn.more()
-    return conn.take(n)[:keep], True
+        data = conn.take(min(remaining, len(conn.buffer)))
+        remaining -= len(data)
+        if len(kept) < keep:
+            kept += data[: keep - len(kept)]
+        if n > MAX_DRAIN and len(kept) >= min(n, keep):
+            return False
+    return True
 
 
-async def _read_chunked(conn: _Connection, keep: int) -> tuple[bytes, bool]:
-    kept, total = bytearray(), 0
+async def _read_chunked(conn: _Connection, keep: int, kept: bytearray) -> bool:
+    total = chunks = 0
     while True:
         size_line = await conn.line(4096, "chunk size line")
-        size_text = size_line.split(b";", 1)[0].strip()
-        if not _HEX.fullmatch(size_text):
-            raise HTTPError(f"bad chunk size: {size_text[:20]!r}")
-        size = int(size_text, 16)
+        size_match = _CHUNK_SIZE.fullmatch(size_line)
+        if size_match is None:
+            raise HTTPError(f"bad chunk size: {size_line[:20]!r}")
+        size = int(size_match[1], 16)
         if size == 0:
             break
         total += size
         if total > MAX_DRAIN:
-            return bytes(kept[:keep]), False
+            return False
         while len(conn.buffer) < size:
             await conn.more()
         chunk = conn.take(size)
@@ -462,23 +600,39 @@ async def _read_chunked(conn: _Connection, keep: int) -> tuple[bytes, bool]:
             raise HTTPError("chunk not followed by a line end")
         if len(kept) < keep:
             kept += chunk[: keep - len(kept)]
-    trailers = 0
-    while line := await conn.line(MAX_HEAD, "response trailers"):  # trailer fields, to the empty line
-        trailers += len(line)
-        if trailers > MAX_HEAD:
+        chunks += 1
+        if chunks % YIELD_EVERY == 0:  # many small chunks, all buffered: the loop gets a turn
+            await asyncio.sleep(0)
+    # trailer fields, to the empty line: read as header lines are
+    buffer = conn.buffer
+    start = 0
+    while not (buffer[:1] == b"\n" or buffer[:2] == b"\r\n"):
+        match = _HEAD_END.search(buffer, start, MAX_HEAD + 3)
+        if match is not None:
+            text = buffer[: match.start()].decode("latin-1")
+            del buffer[: match.end()]
+            if _bad_text(text):
+                raise HTTPError("malformed response trailers")
+            _fields(text)
+            return True
+        if len(buffer) >= MAX_HEAD + 3:
             raise HTTPError("response trailers too long")
-    return bytes(kept), True
+        start = max(0, len(buffer) - 2)
+        await conn.more()
+    del buffer[: 1 if buffer[:1] == b"\n" else 2]
+    return True
 
 
-async def _read_until_close(conn: _Connection, keep: int) -> bytes:
-    kept, total = bytearray(), 0
+async def _read_until_close(conn: _Connection, keep: int, kept: bytearray) -> bool:
+    """A body framed by the end of the connection: never reusable (False)."""
+    total = 0
     while True:
         data = conn.take(len(conn.buffer))
         total += len(data)
         if len(kept) < keep:
             kept += data[: keep - len(kept)]
         if conn.eof or total > MAX_DRAIN:
-            return bytes(kept)
+            return False
         await conn.until_close()
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
+from bridge.digits import is_digits
 from bridge.server import RUNTIME, Caller, Reply, Runtime, admit, postback, take, unexpected
 
 MAX_HEAD = 8190  # aiohttp's own limit on a request line and its headers
@@ -150,7 +151,7 @@ class Lane:
         length_text = fields.get("content-length", "")
         if (
             "host" not in fields
-            or not length_text.isdigit()
+            or not is_digits(length_text)
             or len(length_text) > 15
             or not _REFUSED.isdisjoint(fields)
         ):

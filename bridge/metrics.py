@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from bridge import __version__
+from bridge.event import ORIGINS
 
 # Every way a delivery becomes dead, the `reason` of bridge_deliveries_died_total:
 # - rejected: the destination refused it for good (a 4xx but 408/429, a Slack error such as
@@ -19,6 +20,17 @@ from bridge import __version__
 DEAD_REASONS = ("rejected", "max_age", "destination_removed", "error")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+
+
+def origin_label(origin: str) -> str:
+    """The `origin` label of a postback: one of Skycore's ORIGINs (in its case), "" when there is
+    none (refused before it was read), else "other". A label value is a time series for as long as
+    the bridge runs: one per ORIGIN a sender makes up would grow /metrics (and Prometheus) without
+    end."""
+    if origin in ORIGINS or not origin:
+        return origin
+    upper = origin.upper()
+    return upper if upper in ORIGINS else "other"
 
 
 class Metrics:
@@ -92,12 +104,12 @@ class Metrics:
         child = self._children.get(key)
         if child is None:
             child = metric.labels(*values)
-            if len(self._children) < 10_000:  # label values come from postbacks (ORIGIN): bounded
+            if len(self._children) < 10_000:  # a bound, though every label value here is bounded
                 self._children[key] = child
         return child
 
     def postback(self, origin: str, outcome: str, reason: str = "") -> None:
-        self._child(self.postbacks, origin, outcome, reason).inc()
+        self._child(self.postbacks, origin_label(origin), outcome, reason).inc()
 
     def route(self, name: str) -> None:
         self._child(self.routed, name).inc()

@@ -10,6 +10,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from bridge.config import RetryPolicy
+from bridge.digits import is_digits
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if is_digits(value):  # not str.isdigit(): it takes '²', which float() refuses
         return float(value)
     try:
         moment = parsedate_to_datetime(value)

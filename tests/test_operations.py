@@ -569,6 +569,37 @@ async def test_dropped_events_are_counted_and_stored_without_deliveries(store, t
     assert [e["id"] for e in await runtime.store.list_events(_all())] == [later["id"]]
 
 
+async def test_made_up_origins_share_one_other_series(tmp_path: Path, aiohttp_client):
+    """A new <ORIGIN> per postback must not make a new Prometheus series each: outside Skycore's
+    ORIGINs (whatever their case) the label is `other`."""
+    raw = {
+        "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+        "destinations": {"audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")}},
+        "default": ["audit"],
+    }
+    client = await aiohttp_client(create_app(build(raw, environ={})))
+    origins = [f"X_{n}" for n in range(1000)] + ["SMS_MO", "mms_mo", "EMAIL_SUB"]
+
+    async def send(n: int, origin: str) -> None:
+        body = f"<POSTBACK><ORIGIN>{origin}</ORIGIN><TRANSACTIONID>o-{n}</TRANSACTIONID></POSTBACK>"
+        response = await client.post("/postback", data=body.encode())
+        assert response.status == 200 and (await response.json())["status"] == "accepted"
+
+    for start in range(0, len(origins), 50):  # 50 at a time: the store commits them together
+        await asyncio.gather(*(send(n, o) for n, o in enumerate(origins[start : start + 50], start)))
+    text = await (await client.get("/metrics")).text()
+    series = {
+        labels: value for (name, labels), value in samples(text).items() if name == "bridge_postbacks_received_total"
+    }
+    assert series == {
+        (("origin", "other"), ("outcome", "accepted"), ("reason", "")): 1000,
+        (("origin", "SMS_MO"), ("outcome", "accepted"), ("reason", "")): 1,
+        (("origin", "MMS_MO"), ("outcome", "accepted"), ("reason", "")): 1,
+        (("origin", "EMAIL_SUB"), ("outcome", "accepted"), ("reason", "")): 1,
+    }
+    assert "X_1" not in text and len(text) < 16_000
+
+
 @contextlib.asynccontextmanager
 async def tcp_proxy(port: int, host: str, target: int) -> AsyncIterator[None]:
     """Listens on 127.0.0.1:`port` and passes each connection on to host:target: a database

@@ -26,6 +26,7 @@ import aiosmtplib
 
 from bridge.config import Reader
 from bridge.destinations import Attempt, ConversationState, Destination, Services
+from bridge.digits import is_digits
 from bridge.errors import StoreError
 from bridge.event import Event, parse_time
 from bridge.retry import Delivered, Failed, Outcome
@@ -74,7 +75,7 @@ def pretty_phone(number: str | None) -> str:
     """`+15552312102` -> `+1 555-231-2102` (North American numbers); others as they are."""
     if not number:
         return "unknown"
-    if len(number) == 12 and number.startswith("+1") and number[1:].isdigit():
+    if len(number) == 12 and number.startswith("+1") and is_digits(number[1:]):
         return f"+1 {number[2:5]}-{number[5:8]}-{number[8:]}"
     return number
 

@@ -72,7 +72,7 @@ def phone_for_people(number: str | None) -> str:
     """`+15552312102` -> `+1 555-231-2102`; other numbers and short codes as they are."""
     if not number:
         return "unknown"
-    if re.fullmatch(r"\+1\d{10}", number):
+    if re.fullmatch(r"\+1[0-9]{10}", number):
         return f"+1 {number[2:5]}-{number[5:8]}-{number[8:]}"
     return number
 

@@ -3,7 +3,6 @@ with Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -22,6 +21,21 @@ from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.retry import Failed, Outcome, classify_http
 from bridge.secret import Secret, redact
+
+REASON_BYTES = 512  # of a peer's error answer, kept as the delivery's reason
+
+
+def reason_text(body: bytes, secrets: Sequence[Secret], *, whole: bool) -> str:
+    """A peer's answer as a reason: every secret masked, then cut to REASON_BYTES (on a character
+    boundary). Masking after the cut would leave a secret that straddles it partly in the
+    reason; and when `body` is only the start of the answer (`whole` False), its last characters
+    may be the start of a secret, so they are dropped before the cut."""
+    text = redact(body.decode("utf-8", "replace"), secrets)
+    if not whole:
+        longest = max((len(s.reveal()) for s in secrets), default=0)
+        text = text[: len(text) - longest] if longest else text
+    return text.encode()[:REASON_BYTES].decode("utf-8", "ignore").strip()
+
 
 FORMATS = ("event", "cloudevents")
 _RESERVED_HEADERS = frozenset(
@@ -105,6 +119,11 @@ class WebhookDestination(Destination):
         self._client: http1.Client | None = None
         self._revealed: dict[str, str] | None = None
         self.shown_url, self._url_secrets = _url_credentials(url)
+        # what a peer may echo back of the request, masked in its answer before it is cut to
+        # REASON_BYTES; enough more of the answer is read to see whole any secret that starts
+        # within those bytes
+        self._masked = [*self.headers.values(), *self._url_secrets, *self.secrets]
+        self._keep = REASON_BYTES + 4 * max((len(s.reveal()) for s in self._masked), default=0)
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
@@ -199,8 +218,9 @@ class WebhookDestination(Destination):
         assert self._client is not None, "open() first"
         headers = self._headers(event_id, body, content_type, reveal=True)
         try:
-            async with asyncio.timeout(self.timeout):
-                response = await self._client.post(self.url, body, headers, keep=512)
+            # the client keeps the timeout: a status that came in time decides, even if the rest
+            # of the response does not (a 410 whose body drips past it is dead, not retried)
+            response = await self._client.post(self.url, body, headers, keep=self._keep, timeout=self.timeout)
         except TimeoutError:
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
         except http1.ConnectError as exc:
@@ -208,9 +228,8 @@ class WebhookDestination(Destination):
         except http1.HTTPError as exc:
             return Failed(reason=str(exc), retryable=True)
         text = ""
-        if not 200 <= response.status < 300:
-            text = response.body.decode("utf-8", "replace").strip()
-            text = redact(text, [*self.headers.values(), *self._url_secrets, *self.secrets])  # kept as the reason
+        if not 200 <= response.status < 300:  # kept as the reason: masked first, then cut
+            text = reason_text(response.body, self._masked, whole=len(response.body) < self._keep)
         outcome = classify_http(response.status, response.headers, time.time(), text)
         if isinstance(outcome, Failed) and outcome.status and 300 <= outcome.status < 400:
             return Failed(
