@@ -8,8 +8,6 @@ proxy (which on the same host connects from loopback too), and off (404) anywher
 from __future__ import annotations
 
 import functools
-import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -17,8 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
-from bridge.config import AuthConfig, parse_when
+from bridge.auth import address_of, came_through_a_proxy, same
+from bridge.config import parse_when
 from bridge.digits import parse_uint
+from bridge.runtime import RUNTIME, Runtime
 from bridge.store import STATUSES, DeliveryFilter, EventFilter
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,9 +74,7 @@ def delivery_filter(query: Any, *, default_status: str | None = None) -> Deliver
 # ---------------------------------------------------------------------------- handlers
 
 
-def _runtime(request: web.Request) -> Any:
-    from bridge.server import RUNTIME
-
+def _runtime(request: web.Request) -> Runtime:
     return request.app[RUNTIME]
 
 
@@ -204,37 +202,6 @@ async def openapi(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- wiring
 
 
-# What a reverse proxy adds to a request it passes on. The contract names the first three
-# (CONTRACT §4); the others are what Caddy, Traefik, Envoy and Apache add beside them, and a
-# client on this machine talking to the bridge directly sends none of them.
-PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host", "X-Forwarded-Proto", "Via")
-
-
-def _address(remote: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address((remote or "").split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def came_through_a_proxy(remote: str | None, headers: Any, auth: AuthConfig) -> str | None:
-    """Why a request is a proxy's (a header it carries, or its peer), or None when nothing says so.
-
-    A reverse proxy on the same host connects from 127.0.0.1: by its address alone a request it
-    passes on from the internet looks like the operator's own `curl`. What gives it away is what
-    proxies add, or the operator saying which peers are proxies (`trusted_proxies`)."""
-    for name in PROXY_HEADERS:
-        if name in headers:
-            return f"it carries {name}"
-    address = _address(remote)
-    if address is not None and any(address in net for net in auth.trusted_proxies):
-        return f"its peer {address} is one of server.auth.trusted_proxies"
-    return None
-
-
 def guard(request: web.Request) -> web.Response | None:
     """None when the request may use the admin API; else its 401, 403 or 404.
 
@@ -254,14 +221,12 @@ def guard(request: web.Request) -> web.Response | None:
                 " it as Authorization: Bearer <token>"
             )
             return web.json_response({"error": message}, status=403)
-        address = _address(request.remote)
+        address = address_of(request.remote)
         if server.loopback and address is not None and address.is_loopback:
             return None
         return web.json_response({"error": "not found"}, status=404)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode("utf-8", "surrogateescape"), token.reveal().encode("utf-8", "surrogateescape")
-    ):
+    if scheme.lower() == "bearer" and same(given.strip(), token.reveal()):
         return None
     return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
 

@@ -45,8 +45,8 @@ def _print_problems(problems: Sequence[str], kind: str, where: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.app import create_app
     from bridge.lane import run_app
-    from bridge.server import create_app
 
     config = _config(args.config, required=False)
     logs.setup(args.log_level)

@@ -36,8 +36,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
+from bridge.answers import Reply
+from bridge.app import postback
+from bridge.auth import Caller
 from bridge.digits import is_digits
-from bridge.server import RUNTIME, Caller, Reply, Runtime, admit, postback, take, unexpected
+from bridge.ingest import admit, take, unexpected
+from bridge.runtime import RUNTIME, Runtime
 
 MAX_HEAD = 8190  # aiohttp's own limit on a request line and its headers
 HAND_OVER_AFTER = 1.0  # seconds a request may take to come in whole before aiohttp gets it
@@ -54,7 +58,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 class _Headers:
-    """A head's fields by lowercase name, each once: what `server.Caller` needs of aiohttp's
+    """A head's fields by lowercase name, each once: what `auth.Caller` needs of aiohttp's
     CIMultiDict. (A head that names a field twice is aiohttp's: it refuses some such heads.)"""
 
     __slots__ = ("fields",)

@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from bridge.app import create_app
 from bridge.config import build
-from bridge.server import create_app
 from tests.conftest import BILLION_LAUGHS, POSTBACKS, served, sms
 from tests.test_postback import MULTIPART, multipart
 

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from bridge.app import create_app
 from bridge.carriers import spid_key
 from bridge.cli import _parser, whole_number
 from bridge.config import RetryPolicy, build, parse_duration, parse_listen
@@ -28,7 +29,6 @@ from bridge.destinations.webhook import WebhookDestination
 from bridge.digits import is_digits, parse_uint
 from bridge.errors import ConfigError
 from bridge.retry import Failed, RetryAt, classify_http, decide, parse_retry_after
-from bridge.server import create_app
 
 NOW = 1_700_000_000.0
 SUPERSCRIPT_TWO = "\u00b2"  # '²': isdigit() yes, isdecimal() no, float() refuses it

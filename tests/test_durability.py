@@ -634,8 +634,9 @@ class _StallingStore(SQLiteStore):
 
 
 async def test_a_store_that_hangs_is_a_503_within_patience_and_loses_nothing(aiohttp_client, sink, tmp_path):
+    from bridge.app import create_app
     from bridge.config import build
-    from bridge.server import RUNTIME, Patience, create_app
+    from bridge.runtime import RUNTIME, Patience
 
     config = build(
         {
@@ -670,7 +671,7 @@ async def test_a_store_that_hangs_is_a_503_within_patience_and_loses_nothing(aio
 
 
 async def test_patience_never_swallows_a_cancel_it_did_not_make():
-    from bridge.server import Patience
+    from bridge.runtime import Patience
 
     patience = Patience(60, every=0.01)
     outcomes: list[str] = []

@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bridge.app import create_app
 from bridge.config import build
-from bridge.server import RUNTIME, create_app
+from bridge.runtime import RUNTIME
 from tests.conftest import POSTBACKS, sms
 
 Client = TestClient[web.Request, web.Application]

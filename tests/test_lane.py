@@ -24,9 +24,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 import bridge.lane
+from bridge.app import create_app
 from bridge.config import build
 from bridge.errors import StoreError
-from bridge.server import RUNTIME, create_app
+from bridge.runtime import RUNTIME
 from tests.conftest import LaneTestServer, connect_to, read_response, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"

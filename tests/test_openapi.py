@@ -11,8 +11,8 @@ import pytest
 from openapi_spec_validator import validate
 
 from bridge.admin import OPENAPI
+from bridge.app import create_app
 from bridge.config import build
-from bridge.server import create_app
 
 TOKEN = "an-admin-token-for-the-openapi-tests"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

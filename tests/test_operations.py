@@ -27,10 +27,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import cli as cli_module
-from bridge import server
+from bridge import runtime as runtime_module
+from bridge.app import create_app
 from bridge.config import build, load
 from bridge.errors import StoreError
-from bridge.server import RUNTIME, create_app, purge_once
+from bridge.runtime import RUNTIME, purge_once
 from bridge.store import DeliveryFilter
 from bridge.store.sqlite import SQLiteStore
 from tests.conftest import POSTBACKS, free_port, post, sms
@@ -755,7 +756,7 @@ class _SlowToComeUp(SQLiteStore):
 async def test_the_connect_loop_outlives_a_bug_and_opens_the_store(tmp_path: Path, aiohttp_client, monkeypatch):
     """Whatever an attempt to open raises, the loop tries again: a loop that died would leave
     the bridge answering 503 for ever, with nothing in the log after the traceback."""
-    monkeypatch.setattr(server, "CONNECT_FIRST", 0.05)
+    monkeypatch.setattr(runtime_module, "CONNECT_FIRST", 0.05)
     store = _SlowToComeUp(str(tmp_path / "bridge.db"))
     app = create_app(
         build(

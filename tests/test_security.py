@@ -34,11 +34,12 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from bridge.app import create_app
 from bridge.config import build
 from bridge.errors import ConfigError
 from bridge.logs import JSONFormatter
+from bridge.runtime import RUNTIME
 from bridge.secret import Secret, redact
-from bridge.server import RUNTIME, create_app
 from tests.conftest import POSTBACKS, connect_to, free_port, post, read_response, served, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from bridge.app import create_app
 from bridge.carriers import Carriers
 from bridge.config import build
 from bridge.destinations import Attempt, Services, conversation_key
@@ -35,7 +36,7 @@ from bridge.errors import ConfigError
 from bridge.event import Event, normalize
 from bridge.postback import parse
 from bridge.retry import Delivered, Failed, Outcome
-from bridge.server import RUNTIME, create_app
+from bridge.runtime import RUNTIME
 from bridge.store import DeliveryFilter, DeliveryRow
 from bridge.store.sqlite import SQLiteStore
 from tests.conftest import POSTBACKS, free_port, post, sms

@@ -1,0 +1,166 @@
+"""Taking a postback in: admit the caller, parse, normalize, route, store, answer (CONTRACT §4).
+The one path that both aiohttp's handler (bridge.app) and the postback lane (bridge.lane) call.
+
+Never a 500: bad input is a 4xx saying what is wrong; anything unexpected, or a store that
+cannot take the write, is a 503 so that Skycore retries later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from bridge import logs
+from bridge.answers import STORE_DOWN, Reply, answer, refusal
+from bridge.auth import Caller, check_auth
+from bridge.config import Config
+from bridge.destinations import conversation_key
+from bridge.errors import PostbackError, StoreError
+from bridge.event import dedup_key, normalize
+from bridge.ids import event_id
+from bridge.postback import parse
+from bridge.routing import route
+from bridge.runtime import Runtime
+from bridge.store import NewDelivery
+
+log = logging.getLogger("bridge.ingest")
+
+
+async def read_body(request: web.Request, limit: int, patience: float) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (chunked too), 408 if too slow.
+
+    aiohttp has already undone any Content-Encoding, so the limit is on the decompressed size
+    (a gzip bomb stops at `limit`); a body that does not decode is a 400, not our fault.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    chunks, size = [], 0
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # all of it came with the headers (a postback is small): nothing to wait for, no timer
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+        return body
+    try:
+        async with asyncio.timeout(patience):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                chunks.append(chunk)
+    except web.RequestPayloadError as exc:
+        reason = getattr(exc.__cause__, "message", None) or "malformed"
+        message = json.dumps({"error": f"cannot read the body: {reason}"})
+        raise web.HTTPBadRequest(text=message, content_type="application/json") from None
+    return b"".join(chunks)
+
+
+def admit(runtime: Runtime, caller: Caller) -> Reply | None:
+    """None when `caller` may post here; else the 401/403/404 to answer."""
+    auth = runtime.config.server.auth
+    if caller.path_token is not None and not auth.token:
+        return refusal(404, "not found")
+    denied = check_auth(caller, auth)
+    if denied is not None:
+        runtime.metrics.postback("", "rejected", "auth")
+    return denied
+
+
+async def take(runtime: Runtime, body: bytes, content_type: str, remote: str | None) -> Reply:
+    """Parse, normalize, route and store one postback's body: the 200, 400 or 503 to answer."""
+    try:
+        fields = parse(body, content_type)
+    except PostbackError as exc:
+        runtime.metrics.postback("", "rejected", "invalid")
+        log.info("postback rejected", extra={"reason": str(exc), "remote": remote})
+        return refusal(400, str(exc))
+
+    config = runtime.hold()  # the config now, which may be newer than the request's
+    try:
+        return await _take(runtime, config, fields)
+    finally:
+        runtime.release(config)
+
+
+async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Reply:
+    """Normalize, route and store one postback; the 200 (or 503) to answer."""
+    metrics = runtime.metrics
+    received = datetime.now(UTC)
+    event = normalize(fields, event_id=event_id(), received_at=received, carriers=runtime.carriers)
+    origin = event["origin"][:32]
+    decision = route(event, config.routes, config.default)
+
+    # A dropped event is stored too, with no deliveries: a 200 means stored (CONTRACT §4), and
+    # Skycore's retry of it is then a "duplicate" with the same id.
+    store = runtime.store
+    assert store is not None
+    conversation = conversation_key(event)
+    destinations = config.destinations
+    deliveries = [NewDelivery(d, r, conversation, destinations[d].ordered) for d, r in decision.destinations]
+    patience = runtime.patience
+    task = patience.start()
+    try:
+        result = await store.ingest(event, dedup_key(event), deliveries)
+    except (StoreError, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not patience.ran_out(task):
+            raise
+        metrics.store_up.set(0)
+        metrics.postback(origin, "unavailable", "store")
+        reason = str(exc) if isinstance(exc, StoreError) else f"no answer within {patience.seconds:g}s"
+        log.error("store cannot take postback", extra={"error": reason})
+        return STORE_DOWN
+    finally:
+        patience.stop(task)
+    if result.status == "accepted":  # events, not postbacks: Skycore's retry of one is no new event
+        for name in decision.routes or (("default",) if decision.defaulted else ()):
+            metrics.route(name)
+        if decision.dropped and not decision.routes:
+            metrics.unmatched.inc()
+    if decision.dropped:
+        metrics.postback(origin, "dropped" if result.status == "accepted" else result.status, "")
+        log.info(
+            "event dropped",
+            extra={
+                "event_id": result.event_id,
+                "type": event["type"],
+                "routes": list(decision.routes),
+                "why": "to: []" if decision.routes else "no route matched and no default",
+                "duplicate": result.status == "duplicate",
+            },
+        )
+        return answer(result.status, result.event_id)
+    metrics.postback(origin, result.status, "")
+    logs.hot(
+        log,
+        logging.INFO,
+        "postback " + result.status,
+        {
+            "event_id": result.event_id,
+            "type": event["type"],
+            "from": event["from"],
+            "to": event["to"],
+            "keyword": event["keyword"],
+            "routes": list(decision.routes) or ["default"],
+            # where it goes; a duplicate goes nowhere (the first one went)
+            "destinations": [d for d, _ in decision.destinations] if result.status == "accepted" else [],
+        },
+    )
+    if result.status == "accepted" and runtime.dispatcher is not None:
+        runtime.dispatcher.notify([d for d, _ in decision.destinations])
+    return answer(result.status, result.event_id)
+
+
+def unexpected(exc: Exception, path: str, method: str) -> Reply:
+    """The 503 for an exception no handler expected (Skycore retries), logged; the store being
+    down or not up yet (the admin API) is expected: a warning, no traceback."""
+    if isinstance(exc, StoreError):
+        log.warning("store unavailable", extra={"error": str(exc), "path": path})
+        return STORE_DOWN
+    log.error("unexpected error", exc_info=exc, extra={"path": path, "method": method})
+    return refusal(503, "temporarily unavailable, retry later")
