@@ -16,10 +16,10 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.auth import address_of, came_through_a_proxy, same
-from bridge.config import parse_when
 from bridge.digits import parse_uint
 from bridge.runtime import RUNTIME, Runtime
 from bridge.store import STATUSES, DeliveryFilter, EventFilter
+from bridge.validate import parse_when
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000

@@ -18,7 +18,8 @@ from bridge.answers import error
 from bridge.auth import Caller
 from bridge.carriers import Carriers
 from bridge.config import Config
-from bridge.destinations import USER_AGENT, Services
+from bridge.destinations.base import USER_AGENT, Services
+from bridge.destinations.registry import build_all
 from bridge.errors import StoreError
 from bridge.ingest import admit, read_body, take, unexpected
 from bridge.runtime import OPEN_PATIENCE, RUNTIME, Runtime, purge_once
@@ -121,7 +122,7 @@ def _route_path(request: web.Request) -> str:
 
 
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
-    runtime = Runtime(config=config, carriers=Carriers(config.carriers))
+    runtime = Runtime(config=config, carriers=Carriers(config.carriers), destinations=build_all(config.destinations))
     app = web.Application(
         middlewares=[never_500],
         # postbacks keep to max_body_bytes themselves (read_body); this is aiohttp's limit for the

@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__, logs
-from bridge.config import Config, defaults, load, parse_when, redact_url
+from bridge.config import Config, defaults, load
+from bridge.destinations.registry import build_all
 from bridge.digits import parse_uint
 from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
+from bridge.secret import redact_url
 from bridge.store import STATUSES, DeliveryFilter, Store, open_store, sqlite_path
+from bridge.validate import parse_when
 
 
 def _config(path: str | None, *, required: bool = True) -> Config:
@@ -93,7 +96,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  listen {config.server.host}:{config.server.port}, postback path {config.server.postback_path}")
     print(f"  store {redact_url(config.store)}")
     print(f"  destinations ({len(config.destinations)}):")
-    for name, destination in config.destinations.items():
+    for name, destination in build_all(config.destinations).items():
         print(f"    {name} [{destination.type_name}] {destination.describe()}")
     print(f"  routes ({len(config.routes)}):")
     for r in config.routes:
@@ -131,6 +134,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     carriers = Carriers(config.carriers)
     failed = 0
     reports = []
+    destinations = build_all(config.destinations)  # live, never opened: what each would send
     for file in args.postbacks:
         try:
             body = Path(file).read_bytes()
@@ -146,8 +150,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         sends = {
             name: {
                 "via": via,
-                "type": config.destinations[name].type_name,
-                "would_send": config.destinations[name].preview(event),
+                "type": destinations[name].type_name,
+                "would_send": destinations[name].preview(event),
             }
             for name, via in decision.destinations
         }

@@ -3,6 +3,11 @@
 Strict like Alertmanager's: unknown keys, wrong types, undefined destinations and unset
 `${VAR}`s are errors, and every error is reported at once with its place
 (`routes[2].match.keyword`).
+
+This module only parses the file, fills in `${VAR}`s, validates and cross-checks. The Config it
+makes is plain frozen data: each destination is a DestinationSpec whose options its own module
+validated (`parse`); the running bridge builds the live destinations from them
+(`bridge.destinations.registry.build`). Nothing here opens a connection or holds a client.
 """
 
 from __future__ import annotations
@@ -10,48 +15,28 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-from yarl import URL
 
 from bridge.carriers import spid_key
-from bridge.digits import is_digits, parse_uint
+from bridge.destinations.base import DestinationSpec
+from bridge.destinations.registry import registry
+from bridge.digits import parse_uint
 from bridge.errors import ConfigError
 from bridge.event import TYPES, phone
-from bridge.secret import Secret
-
-if TYPE_CHECKING:
-    from bridge.destinations import Destination
+from bridge.retry import RetryPolicy
+from bridge.routing import Match, Route
+from bridge.secret import Secret, redact_url
+from bridge.validate import EnvStr, Reader, Unset, item_place, join, kind_of, suggest, unset_message
 
 # ---------------------------------------------------------------------------- values
 
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")  # ASCII digits: \d takes any script's
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PLACEHOLDER = re.compile(r"__bridge_env_(\d+)__")
-
-
-class EnvStr(str):
-    """A value that came whole from one `${VAR}`: `port: ${SMTP_PORT}` may then be a number."""
-
-    __slots__ = ()
-
-
-class _Unset(EnvStr):
-    """A value whose variable is unset. Readers report it (the same message as interpolation,
-    so it shows once) instead of a confusing "must not be empty"."""
-
-    names: tuple[str, ...] = ()
-
-
-def _unset_message(name: str) -> str:
-    return f"environment variable {name} is not set (use ${{{name}:-default}} for a default)"
 
 
 def protect_env(text: str) -> tuple[str, list[str]]:
@@ -76,46 +61,6 @@ def restore_env(value: Any, found: list[str]) -> Any:
     return value
 
 
-def parse_duration(value: str | int | float) -> float:
-    """`500ms`, `1s`, `10m`, `24h`, `30d`, `1h30m`, or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 500ms, 10s, 5m, 24h")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    text = value.strip()
-    if is_digits(text.replace(".", "", 1)):
-        return float(text)
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"{value!r} is not a duration like 500ms, 10s, 5m, 24h")
-    return total
-
-
-def parse_when(text: str) -> float:
-    """An ISO 8601 time (`2026-11-23T10:00:00Z`; one with no offset is UTC), or a duration meaning
-    that long ago (`2h`), as a Unix time: what `--since`/`--until` and the admin API's
-    `since`/`until` take alike."""
-    try:
-        return time.time() - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        example = "an ISO 8601 time like 2026-11-23T10:00:00Z nor a duration like 2h"
-        raise ValueError(f"{text!r} is neither {example}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
 def expand_env(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
     """`${VAR}` and `${VAR:-default}` substituted, `$$` -> `$`; also the names left unset."""
     missing: list[str] = []
@@ -135,13 +80,6 @@ def expand_env(value: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------- model
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    initial: float = 1.0
-    max_interval: float = 600.0
-    max_age: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -184,29 +122,6 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class Match:
-    """All given conditions must hold; a tuple means any of its values."""
-
-    origin: tuple[str, ...] | None = None
-    type: tuple[str, ...] | None = None
-    code: tuple[str, ...] | None = None
-    keyword: tuple[str, ...] | None = None  # upper case
-    shortcode: tuple[str, ...] | None = None
-    from_: tuple[str, ...] | None = None  # globs
-    text: tuple[re.Pattern[str], ...] | None = None
-    spid: tuple[str, ...] | None = None
-    carrier: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Route:
-    name: str
-    match: Match
-    to: tuple[str, ...]
-    continue_: bool = False
-
-
-@dataclass(frozen=True)
 class Retention:
     delivered: float = 30 * 86400.0
     dead: float = 90 * 86400.0
@@ -221,7 +136,7 @@ class Config:
     store: str
     carriers: Mapping[str, str]
     retry: RetryPolicy
-    destinations: Mapping[str, Destination]
+    destinations: Mapping[str, DestinationSpec]
     routes: tuple[Route, ...]
     default: tuple[str, ...] | None
     retention: Retention = field(default_factory=Retention)
@@ -246,167 +161,6 @@ class Config:
                 message += f" (trusted_proxies has {', '.join(local)}, this machine: /admin refuses its requests too)"
             found.append(message)
         return found
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-class Reader:
-    """Reads raw YAML values, collecting every problem with its place instead of stopping."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
-
-    def unset(self, value: _Unset, path: str) -> None:
-        for name in value.names:
-            self.error(path, _unset_message(name))
-
-    def mapping(
-        self,
-        value: Any,
-        path: str,
-        allowed: set[str] | frozenset[str],
-        required: set[str] | frozenset[str] = frozenset(),
-    ) -> dict[str, Any] | None:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            self.error(path, f"expected a mapping, got {_kind(value)}")
-            return None
-        for key in value:
-            if not isinstance(key, str):
-                self.error(path, f"keys must be strings, got {key!r}")
-            elif key not in allowed:
-                hint = _suggest(key, allowed)
-                self.error(_join(path, key), "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
-        for key in sorted(required - set(value)):
-            self.error(_join(path, key), "is required")
-        return value
-
-    def string(self, value: Any, path: str, *, empty_ok: bool = False) -> str | None:
-        if isinstance(value, _Unset):
-            return self.unset(value, path)
-        if isinstance(value, bool) or value is None or isinstance(value, dict | list):
-            self.error(path, f"expected a string, got {_kind(value)}")
-            return None
-        text = str(value)  # YAML reads 86717 as a number; the user meant the digits
-        if not text and not empty_ok:
-            self.error(path, "must not be empty")
-            return None
-        return text
-
-    def secret(self, value: Any, path: str) -> Secret | None:
-        text = self.string(value, path)
-        return Secret(text) if text is not None else None
-
-    def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int | None:
-        if isinstance(value, _Unset):
-            return self.unset(value, path)
-        if isinstance(value, EnvStr) and (number := parse_uint(value.strip())) is not None:
-            value = number
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.error(path, f"expected an integer, got {_kind(value)}")
-            return None
-        if minimum is not None and value < minimum:
-            self.error(path, f"must be at least {minimum}")
-            return None
-        return value
-
-    def boolean(self, value: Any, path: str) -> bool | None:
-        if isinstance(value, _Unset):
-            return self.unset(value, path)
-        if isinstance(value, EnvStr) and value.strip().lower() in ("true", "false"):
-            value = value.strip().lower() == "true"
-        if not isinstance(value, bool):
-            self.error(path, f"expected true or false, got {_kind(value)}")
-            return None
-        return value
-
-    def duration(self, value: Any, path: str, *, positive: bool = True) -> float | None:
-        if isinstance(value, _Unset):
-            return self.unset(value, path)
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            self.error(path, f"expected a duration like 500ms, 10s, 5m, 24h, got {_kind(value)}")
-            return None
-        try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            self.error(path, str(exc))
-            return None
-        if positive and seconds <= 0:
-            self.error(path, "must be more than 0")
-            return None
-        return seconds
-
-    def strings(self, value: Any, path: str, *, allow_single: bool = True) -> tuple[str, ...] | None:
-        """A list of strings; a single string is a list of one where allowed."""
-        single = allow_single and not isinstance(value, list)
-        if single:
-            value = [value]
-        if not isinstance(value, list):
-            self.error(path, f"expected a list, got {_kind(value)}")
-            return None
-        out = []
-        for i, item in enumerate(value):
-            text = self.string(item, path if single else f"{path}[{i}]")  # the place the user wrote
-            if text is not None:
-                out.append(text)
-        return tuple(out) if len(out) == len(value) else None
-
-    def url(self, value: Any, path: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
-        text = self.string(value, path)
-        if text is None:
-            return None
-        scheme, sep, rest = text.partition("://")
-        if not sep or scheme.lower() not in schemes or not rest or rest.startswith("/"):
-            self.error(path, f"expected an {' or '.join(schemes)} URL, got {redact_url(text)!r}")
-            return None
-        try:
-            parsed = URL(text)
-            if not parsed.raw_host or parsed.port is None:
-                raise ValueError("no host")
-        except (ValueError, TypeError) as exc:  # a port past 65535, a bad IPv6 literal, ...
-            self.error(path, f"not a valid URL: {exc}")
-            return None
-        return text
-
-    def networks(self, value: Any, path: str) -> tuple[Any, ...]:
-        items = self.strings(value, path) or ()
-        out = []
-        for i, item in enumerate(items):
-            try:
-                out.append(ipaddress.ip_network(item.strip(), strict=False))
-            except ValueError:
-                self.error(f"{path}[{i}]", f"{item!r} is not an IP address or CIDR")
-        return tuple(out)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, int | float):
-        return f"a number ({value})"
-    return f"{value!r}"
-
-
-def _suggest(key: str, allowed: set[str] | frozenset[str]) -> str | None:
-    import difflib
-
-    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
-    return close[0] if close else None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -443,15 +197,15 @@ def _interpolate(value: Any, path: str, environ: Mapping[str, str], r: Reader) -
     if isinstance(value, str):
         text, missing = expand_env(value, environ)
         if missing:
-            text = _Unset(text)
+            text = Unset(text)
             text.names = tuple(missing)
         elif _ENV.fullmatch(value) and value != "$$":
             text = EnvStr(text)
         for name in missing:
-            r.error(path, _unset_message(name))
+            r.error(path, unset_message(name))
         return text
     if isinstance(value, dict):
-        return {k: _interpolate(v, _join(path, str(k)), environ, r) for k, v in value.items()}
+        return {k: _interpolate(v, join(path, str(k)), environ, r) for k, v in value.items()}
     if isinstance(value, list):
         return [_interpolate(v, f"{path}[{i}]", environ, r) for i, v in enumerate(value)]
     return value
@@ -565,7 +319,7 @@ def parse_retry(raw: Any, path: str, base: RetryPolicy, r: Reader) -> RetryPolic
     if not data:
         return base
     values = {
-        key: r.duration(data[key], _join(path, key)) for key in ("initial", "max_interval", "max_age") if key in data
+        key: r.duration(data[key], join(path, key)) for key in ("initial", "max_interval", "max_age") if key in data
     }
     merged = {
         "initial": base.initial,
@@ -589,17 +343,11 @@ def _store(raw: Any, r: Reader) -> str:
     return text
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, whether in the userinfo or as libpq's `?password=`."""
-    url = re.sub(r"([?&]password=)[^&#]*", r"\1****", url)
-    return re.sub(r"://([^:/@]+):[^/]*@", r"://\1:****@", url)  # up to the last @: a password may hold one
-
-
 def _carriers(raw: Any, r: Reader) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        r.error("carriers", f"expected a mapping of SPID to carrier name, got {_kind(raw)}")
+        r.error("carriers", f"expected a mapping of SPID to carrier name, got {kind_of(raw)}")
         return {}
     out = {}
     for spid, name in raw.items():
@@ -618,15 +366,13 @@ def _retention(raw: Any, r: Reader) -> Retention:
     return Retention(**{k: v for k, v in values.items() if v is not None})
 
 
-def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destination]:
-    from bridge.destinations import registry
-
+def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, DestinationSpec]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        r.error("destinations", f"expected a mapping of name to destination, got {_kind(raw)}")
+        r.error("destinations", f"expected a mapping of name to destination, got {kind_of(raw)}")
         return {}
-    out: dict[str, Destination] = {}
+    out: dict[str, DestinationSpec] = {}
     types = registry()
     for name, spec in raw.items():
         path = f"destinations.{name}"
@@ -634,7 +380,7 @@ def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destinat
             r.error(path, "a destination name uses letters, digits, '_', '-' and '.' only")
             continue
         if not isinstance(spec, dict):
-            r.error(path, f"expected a mapping with a type, got {_kind(spec)}")
+            r.error(path, f"expected a mapping with a type, got {kind_of(spec)}")
             continue
         kind = spec.get("type")
         if kind is None:
@@ -651,17 +397,10 @@ def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destinat
             concurrency = r.integer(spec["concurrency"], f"{path}.concurrency", minimum=1) or concurrency
         options = {k: v for k, v in spec.items() if k not in COMMON_DESTINATION_KEYS}
         errors_before = len(r.errors)
-        destination = cls.from_config(name, options, path, r)
-        if destination is not None and len(r.errors) == errors_before:
-            destination.retry = policy
-            destination.concurrency = concurrency
-            out[name] = destination
+        parsed = cls.parse(options, path, r)
+        if parsed is not None and len(r.errors) == errors_before:
+            out[name] = DestinationSpec(name, kind, policy, concurrency, cls.is_ordered(parsed), parsed)
     return out
-
-
-def item_place(path: str, raw: Any, i: int) -> str:
-    """The place of the i-th of values written as `raw`: `path[i]` in a list, `path` alone."""
-    return f"{path}[{i}]" if isinstance(raw, list) else path
 
 
 def _match(raw: Any, path: str, r: Reader) -> Match:
@@ -675,7 +414,7 @@ def _match(raw: Any, path: str, r: Reader) -> Match:
     for i, kind in enumerate(kwargs.get("type") or ()):
         if kind not in TYPES:  # a typo would pass and silently never match
             where = item_place(f"{path}.type", data["type"], i)
-            close = _suggest(kind, TYPES)
+            close = suggest(kind, TYPES)
             hint = f"did you mean {close!r}? " if close else ""
             r.error(where, f"unknown event type {kind!r} ({hint}types: {', '.join(sorted(TYPES))})")
     if kwargs.get("spid"):
@@ -721,7 +460,7 @@ def _routes(raw: Any, declared: set[str], r: Reader) -> tuple[Route, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        r.error("routes", f"expected a list of routes, got {_kind(raw)}")
+        r.error("routes", f"expected a list of routes, got {kind_of(raw)}")
         return ()
     routes = []
     names: set[str] = set()
@@ -748,7 +487,7 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"the config file must be a mapping, got {_kind(raw)}"])
+        raise ConfigError([f"the config file must be a mapping, got {kind_of(raw)}"])
     raw = _interpolate(raw, "", environ, r)
     r.mapping(raw, "", _TOP)
     server = _server(raw.get("server"), r)

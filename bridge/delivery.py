@@ -20,10 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from bridge import logs
-from bridge.config import RetryPolicy
-from bridge.destinations import Attempt, Destination
+from bridge.destinations.base import Attempt, Destination
 from bridge.errors import StoreError
-from bridge.retry import Dead, Delivered, Done, Failed, Outcome, RetryAt, backoff, decide
+from bridge.retry import Dead, Delivered, Done, Failed, Outcome, RetryAt, RetryPolicy, backoff, decide
 from bridge.store import AttemptResult, Claim, Store
 
 log = logging.getLogger("bridge.delivery")

@@ -19,7 +19,7 @@ from bridge import logs
 from bridge.answers import STORE_DOWN, Reply, answer, refusal
 from bridge.auth import Caller, check_auth
 from bridge.config import Config
-from bridge.destinations import conversation_key
+from bridge.destinations.base import conversation_key
 from bridge.errors import PostbackError, StoreError
 from bridge.event import dedup_key, normalize
 from bridge.ids import event_id

@@ -9,8 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from bridge.config import RetryPolicy
 from bridge.digits import is_digits
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial: float = 1.0
+    max_interval: float = 600.0
+    max_age: float = 86400.0
 
 
 @dataclass(frozen=True)

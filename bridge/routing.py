@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from bridge.carriers import spid_key
-from bridge.config import Match, Route
 from bridge.event import Event
+
+
+@dataclass(frozen=True)
+class Match:
+    """All given conditions must hold; a tuple means any of its values."""
+
+    origin: tuple[str, ...] | None = None
+    type: tuple[str, ...] | None = None
+    code: tuple[str, ...] | None = None
+    keyword: tuple[str, ...] | None = None  # upper case
+    shortcode: tuple[str, ...] | None = None
+    from_: tuple[str, ...] | None = None  # globs
+    text: tuple[re.Pattern[str], ...] | None = None
+    spid: tuple[str, ...] | None = None
+    carrier: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: Match
+    to: tuple[str, ...]
+    continue_: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from aiohttp import web
 from bridge.carriers import Carriers
 from bridge.config import Config, load
 from bridge.delivery import Dispatcher
-from bridge.destinations import Destination, Services
+from bridge.destinations.base import Destination, Services
+from bridge.destinations.registry import build_all
 from bridge.errors import BridgeError, ConfigError, StoreError
 from bridge.ids import timestamp
 from bridge.metrics import Metrics
@@ -93,11 +94,13 @@ class Patience:
 
 @dataclass
 class Runtime:
-    """Everything a request needs. On reload `config`, `carriers` and `dispatcher` are swapped
-    whole, so a request sees either the old config or the new one, never a mix."""
+    """Everything a request needs. On reload `config`, `carriers`, `destinations` (the live ones
+    built from the config's specs) and `dispatcher` are swapped whole, so a request sees either
+    the old config or the new one, never a mix."""
 
     config: Config
     carriers: Carriers
+    destinations: dict[str, Destination] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     store: Store | None = None
     dispatcher: Dispatcher | None = None
@@ -160,7 +163,7 @@ class Runtime:
 
     async def open_destinations(self, services: Services) -> None:
         self.services = services
-        for destination in self.config.destinations.values():
+        for destination in self.destinations.values():
             await destination.open(services)
 
     async def start_delivery(self) -> None:
@@ -168,13 +171,13 @@ class Runtime:
         assert self.store is not None
         async with self._reload_lock:  # with the config a reload may be swapping meanwhile
             await self.sweep()  # the config may have lost a destination since the last run
-            self.dispatcher = self._dispatcher(self.config)
+            self.dispatcher = self._dispatcher(self.destinations)
             self.dispatcher.start()
 
-    def _dispatcher(self, config: Config) -> Dispatcher:
+    def _dispatcher(self, destinations: dict[str, Destination]) -> Dispatcher:
         assert self.store is not None
-        self.metrics.destinations(config.destinations)
-        return Dispatcher(self.store, config.destinations, on_result=self._on_result, on_dead=self.metrics.died)
+        self.metrics.destinations(destinations)
+        return Dispatcher(self.store, destinations, on_result=self._on_result, on_dead=self.metrics.died)
 
     async def connect(self) -> None:
         """Open a store that could not be reached at startup, trying again with backoff until it
@@ -208,7 +211,7 @@ class Runtime:
     async def stop_delivery(self) -> None:
         if self.dispatcher is not None:
             await self.dispatcher.stop()
-        for destination in self.config.destinations.values():
+        for destination in self.destinations.values():
             await destination.close()
 
     def _on_result(self, destination: Destination, claim: Claim, result: AttemptResult) -> None:
@@ -258,12 +261,13 @@ class Runtime:
         if problems:
             return problems
         assert self.store is not None and self.services is not None
-        for destination in new.destinations.values():
+        built = build_all(new.destinations)
+        for destination in built.values():
             await destination.open(self.services)
         # Not delivering yet (the store has not opened): `start_delivery` will, with this config.
-        old_dispatcher = self.dispatcher
-        dispatcher = None if old_dispatcher is None else self._dispatcher(new)
-        self.config, self.carriers, self.dispatcher = new, Carriers(new.carriers), dispatcher
+        old_dispatcher, old_destinations = self.dispatcher, self.destinations
+        dispatcher = None if old_dispatcher is None else self._dispatcher(built)
+        self.config, self.carriers, self.destinations, self.dispatcher = new, Carriers(new.carriers), built, dispatcher
         try:
             if dispatcher is not None:
                 dispatcher.start()
@@ -273,7 +277,7 @@ class Runtime:
         finally:
             if old_dispatcher is not None:
                 await old_dispatcher.stop()
-            for destination in old.destinations.values():
+            for destination in old_destinations.values():
                 await destination.close()
         return []
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 
@@ -40,3 +41,9 @@ def redact(text: str, secrets: Iterable[Secret | None]) -> str:
         for part in sorted({value, *(w for w in value.split() if len(w) >= 8)}, key=len, reverse=True):
             text = text.replace(part, "**********")
     return text
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, whether in the userinfo or as libpq's `?password=`."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1****", url)
+    return re.sub(r"://([^:/@]+):[^/]*@", r"://\1:****@", url)  # up to the last @: a password may hold one

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from bridge.carriers import Carriers
-from bridge.config import ConfigError, build, defaults, expand_env, load, parse_duration
+from bridge.config import ConfigError, build, defaults, expand_env, load
+from bridge.destinations.registry import build as build_destination
+from bridge.validate import parse_duration
 from tests.conftest import POSTBACKS, ROOT
 
 TESTDATA = Path(__file__).resolve().parent / "testdata" / "config"
@@ -66,7 +68,7 @@ def test_full_config_values():
     crm = config.destinations["crm"]
     assert (crm.retry.initial, crm.retry.max_interval, crm.retry.max_age) == (0.5, 600.0, 72 * 3600.0)
     assert config.destinations["events"].retry == config.retry
-    assert config.destinations["events"].url == "http://127.0.0.1:9000/events"
+    assert build_destination(config.destinations["events"]).url == "http://127.0.0.1:9000/events"
     assert [r.name for r in config.routes] == ["opt-out", "contest", "main-shortcode", "sprint", "quiet"]
     assert [r.continue_ for r in config.routes] == [False, True, False, False, False]
     assert config.routes[2].match.shortcode == ("86717", "74700")  # YAML's number 86717 is the short code
@@ -104,7 +106,8 @@ def test_only_true_and_false_are_booleans_as_in_yaml_1_2():
     config = load(TESTDATA / "valid" / "yaml12_booleans.yml", environ={})
     assert config.routes[0].match.keyword == ("YES", "NO", "ON", "OFF", "Y", "N", "YES", "ON")
     assert [r.continue_ for r in config.routes] == [True, False]
-    assert config.destinations["inbox"].thread_by_sender is True
+    assert config.destinations["inbox"].options.thread_by_sender is True
+    assert config.destinations["inbox"].ordered is True  # one thread per texter: in order
     assert yaml.safe_load("a: yes") == {"a": True}  # PyYAML's own loader is left alone
 
 
@@ -118,7 +121,7 @@ def test_match_spid_is_zero_padded_like_the_carrier_table(tmp_path):
 def test_builtin_defaults_send_everything_to_log():
     config = defaults()
     assert config.default == ("log",)
-    assert config.destinations["log"].type_name == "log"
+    assert config.destinations["log"].type == "log"
     assert config.store == "sqlite:///bridge.db"
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
 
@@ -183,7 +186,7 @@ def test_env_values_are_not_parsed_as_yaml():
         {"destinations": {"audit": {"type": "log", "path": "${P}"}}, "default": ["audit"]},
         environ={"P": "a: b # not yaml"},
     )
-    assert config.destinations["audit"].path == "a: b # not yaml"
+    assert config.destinations["audit"].options.path == "a: b # not yaml"
 
 
 def test_yaml_numbers_are_read_as_the_digits_written():

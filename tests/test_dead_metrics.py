@@ -14,12 +14,11 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.config import RetryPolicy
 from bridge.delivery import Dispatcher
-from bridge.destinations import Attempt, Destination
+from bridge.destinations.base import Attempt, Destination
 from bridge.event import Event
 from bridge.metrics import DEAD_REASONS, Metrics
-from bridge.retry import Delivered, Failed, Outcome
+from bridge.retry import Delivered, Failed, Outcome, RetryPolicy
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from tests.conftest import post, sms
@@ -40,7 +39,7 @@ class Scripted(Destination):
         self.attempt_timeout = 2.0
 
     @classmethod
-    def from_config(cls, *args: Any) -> None:
+    def parse(cls, *args: Any) -> None:
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -15,13 +15,13 @@ import aiohttp
 from aiohttp import web
 
 from bridge.carriers import Carriers
-from bridge.config import RetryPolicy
 from bridge.delivery import Dispatcher
-from bridge.destinations import Services
+from bridge.destinations.base import Services
 from bridge.destinations.webhook import WebhookDestination
 from bridge.event import normalize
 from bridge.ids import event_id
 from bridge.postback import parse
+from bridge.retry import RetryPolicy
 from bridge.secret import Secret
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
@@ -134,14 +134,13 @@ async def _latin1_smtp(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_path: Path, sink):
     """The SMTP reply's Latin-1 byte reaches us as a lone surrogate; the delivery is dead with a
     readable reason, and the webhook deliveries recorded in the same batches each go out once."""
-    from bridge.config import Reader
     from bridge.destinations.email import EmailDestination
+    from bridge.validate import Reader
 
     server = await asyncio.start_server(_latin1_smtp, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     r = Reader()
-    mail = EmailDestination.from_config(
-        "mail",
+    options = EmailDestination.parse(
         {
             "smtp": {"host": "127.0.0.1", "port": port, "security": "none"},
             "from": "b@example.com",
@@ -150,7 +149,8 @@ async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_p
         "destinations.mail",
         r,
     )
-    assert mail is not None, r.errors
+    assert options is not None, r.errors
+    mail = EmailDestination("mail", options.smtp, options.envelope, subject=options.subject)
     store = SQLiteStore(str(tmp_path / "b.db"))
     await store.open()
     http = aiohttp.ClientSession()

@@ -21,14 +21,15 @@ from multidict import CIMultiDict
 from bridge.app import create_app
 from bridge.carriers import spid_key
 from bridge.cli import _parser, whole_number
-from bridge.config import RetryPolicy, build, parse_duration, parse_listen
-from bridge.destinations import Attempt
+from bridge.config import build, parse_listen
+from bridge.destinations.base import Attempt
 from bridge.destinations.email import pretty_phone
 from bridge.destinations.slack import classify as slack_classify
 from bridge.destinations.webhook import WebhookDestination
 from bridge.digits import is_digits, parse_uint
 from bridge.errors import ConfigError
-from bridge.retry import Failed, RetryAt, classify_http, decide, parse_retry_after
+from bridge.retry import Failed, RetryAt, RetryPolicy, classify_http, decide, parse_retry_after
+from bridge.validate import parse_duration
 
 NOW = 1_700_000_000.0
 SUPERSCRIPT_TWO = "\u00b2"  # '²': isdigit() yes, isdecimal() no, float() refuses it

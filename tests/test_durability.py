@@ -26,9 +26,8 @@ import pytest
 from aiohttp import web
 
 from bridge.carriers import Carriers
-from bridge.config import Reader
 from bridge.delivery import Dispatcher
-from bridge.destinations import Attempt, Destination, Services, conversation_key
+from bridge.destinations.base import Attempt, Destination, Services, conversation_key
 from bridge.destinations.webhook import WebhookDestination
 from bridge.event import Event, dedup_key, normalize
 from bridge.ids import event_id
@@ -36,6 +35,7 @@ from bridge.postback import parse
 from bridge.retry import Dead, Decision, Delivered, Done, Outcome, RetryAt
 from bridge.store import AttemptResult, Claim, DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
+from bridge.validate import Reader
 from tests.conftest import BridgeProcess, Sink, post, sms, start_sink
 
 FAST_RETRY = {"initial": "50ms", "max_interval": "500ms", "max_age": "1h"}
@@ -499,8 +499,8 @@ class Renderer(Destination):
         self.sent: list[str] = []
 
     @classmethod
-    def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> Renderer:
-        return cls(name)
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> None:
+        raise NotImplementedError  # made by the test, never from a config file
 
     def describe(self) -> str:
         return "renders text, chokes on POISON"

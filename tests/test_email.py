@@ -25,8 +25,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from bridge import config
 from bridge.carriers import Carriers
 from bridge.delivery import Dispatcher
-from bridge.destinations import Attempt, Services, conversation_key
+from bridge.destinations.base import Attempt, Services, conversation_key
 from bridge.destinations.email import EmailDestination
+from bridge.destinations.registry import build as build_destination
 from bridge.errors import ConfigError
 from bridge.event import Event, dedup_key, normalize
 from bridge.ids import event_id
@@ -158,7 +159,7 @@ def email_config(port: int, smtp: dict[str, Any] | None = None, **options: Any) 
 
 
 async def destination(services: Services, port: int, smtp: dict[str, Any] | None = None, **options: Any) -> Any:
-    built = config.build(email_config(port, smtp, **options), environ={}).destinations["mail"]
+    built = build_destination(config.build(email_config(port, smtp, **options), environ={}).destinations["mail"])
     assert isinstance(built, EmailDestination)
     await built.open(services)
     return built
@@ -542,7 +543,7 @@ def test_a_password_is_never_sent_in_the_clear_nor_shown():
     assert PASSWORD not in "\n".join(errors)
 
     raw = email_config(25, {"host": "smtp.example.com", "security": "starttls", "username": "u", "password": PASSWORD})
-    dest = config.build(raw, environ={}).destinations["mail"]
+    dest = build_destination(config.build(raw, environ={}).destinations["mail"])
     assert dest.smtp.port == 25 and dest.smtp.password.reveal() == PASSWORD
     shown = dest.describe() + json.dumps(dest.preview(event_of(sms(1)))) + repr(dest.smtp)
     assert PASSWORD not in shown and "smtp.example.com:25 (starttls, as u)" in shown
@@ -551,6 +552,6 @@ def test_a_password_is_never_sent_in_the_clear_nor_shown():
 def test_port_follows_security_and_one_to_is_a_list():
     for security, port in (("none", 25), ("starttls", 587), ("tls", 465)):
         raw = {"type": "email", "smtp": {"host": "h", "security": security}, "from": "a@b.c", "to": "d@e.f"}
-        dest = config.build({"destinations": {"m": raw}}, environ={}).destinations["m"]
+        dest = build_destination(config.build({"destinations": {"m": raw}}, environ={}).destinations["m"])
         assert dest.smtp.port == port
         assert dest.envelope.recipients == ["d@e.f"]

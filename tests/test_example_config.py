@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from bridge.config import load
+from bridge.destinations.registry import build as build_destination
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "config.yaml.example"
@@ -65,8 +66,9 @@ def test_variables_in_flow_mappings_and_typed_values(tmp_path):
     assert config.server.port == 9001
     assert config.server.max_body_bytes == 4096
     assert config.server.auth.basic.password.reveal() == "p: {not yaml}"
-    assert config.destinations["hook"].headers["X-Key"].reveal() == "k$$"
-    assert config.destinations["hook"].timeout == 3.0
+    hook = build_destination(config.destinations["hook"])
+    assert hook.headers["X-Key"].reveal() == "k$$"
+    assert hook.timeout == 3.0
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from bridge.destinations import Attempt
+from bridge.destinations.base import Attempt
 from bridge.destinations.webhook import REASON_BYTES, WebhookDestination
 from bridge.retry import Failed
 from bridge.secret import Secret

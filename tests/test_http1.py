@@ -451,7 +451,7 @@ async def test_a_host_header_of_the_caller_replaces_ours(peer) -> None:
 
 
 async def test_a_webhook_sends_one_user_agent_its_own_or_the_configured_one(peer) -> None:
-    from bridge.destinations import Attempt
+    from bridge.destinations.base import Attempt
     from bridge.destinations.webhook import WebhookDestination
     from bridge.secret import Secret
 
@@ -538,7 +538,7 @@ async def test_an_error_status_decides_once_its_head_is_in_whatever_its_body_doe
 
 
 async def test_a_410_whose_body_drips_past_the_timeout_is_dead(peer) -> None:
-    from bridge.destinations import Attempt
+    from bridge.destinations.base import Attempt
     from bridge.destinations.webhook import WebhookDestination
 
     async def drip(reader, writer, p: Peer) -> None:

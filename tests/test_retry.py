@@ -8,8 +8,18 @@ from email.utils import formatdate
 import pytest
 from multidict import CIMultiDict
 
-from bridge.config import RetryPolicy
-from bridge.retry import Dead, Delivered, Done, Failed, RetryAt, backoff, classify_http, decide, parse_retry_after
+from bridge.retry import (
+    Dead,
+    Delivered,
+    Done,
+    Failed,
+    RetryAt,
+    RetryPolicy,
+    backoff,
+    classify_http,
+    decide,
+    parse_retry_after,
+)
 from tests.retry_table import (
     BACKOFF_INITIAL,
     BACKOFF_MAX_INTERVAL,

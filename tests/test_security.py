@@ -36,6 +36,7 @@ from aiohttp.test_utils import TestClient
 
 from bridge.app import create_app
 from bridge.config import build
+from bridge.destinations.registry import build as build_destination
 from bridge.errors import ConfigError
 from bridge.logs import JSONFormatter
 from bridge.runtime import RUNTIME
@@ -929,6 +930,7 @@ def test_secret_never_shows_itself():
         repr(config),
         repr(config.server),
         repr(config.destinations["crm"]),
+        repr(build_destination(config.destinations["crm"])),
     ]
     for text in shown:
         assert "s3cr3t-value" not in text and "czNjcjN0" not in text, text

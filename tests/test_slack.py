@@ -21,7 +21,8 @@ from aiohttp.test_utils import TestClient
 from bridge.app import create_app
 from bridge.carriers import Carriers
 from bridge.config import build
-from bridge.destinations import Attempt, Services, conversation_key
+from bridge.destinations.base import Attempt, Services, conversation_key
+from bridge.destinations.registry import build as build_destination
 from bridge.destinations.slack import (
     BODY_LIMIT,
     MAX_IMAGES,
@@ -283,7 +284,7 @@ def config_errors(options: dict[str, Any]) -> list[str]:
 
 def slack_destination(options: dict[str, Any]) -> SlackDestination:
     config = build({"destinations": {"inbox": {"type": "slack", **options}}}, environ={})
-    destination = config.destinations["inbox"]
+    destination = build_destination(config.destinations["inbox"])
     assert isinstance(destination, SlackDestination)
     return destination
 

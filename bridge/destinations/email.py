@@ -24,13 +24,13 @@ from typing import Any
 
 import aiosmtplib
 
-from bridge.config import Reader
-from bridge.destinations import Attempt, ConversationState, Destination, Services
+from bridge.destinations.base import Attempt, ConversationState, Destination, Services
 from bridge.digits import is_digits
 from bridge.errors import StoreError
 from bridge.event import Event, parse_time
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.secret import Secret
+from bridge.validate import Reader
 
 SECURITY = ("none", "starttls", "tls")
 DEFAULT_PORTS = {"none": 25, "starttls": 587, "tls": 465}
@@ -374,6 +374,15 @@ def _smtp(raw: Any, path: str, r: Reader) -> SMTPSettings | None:
     return SMTPSettings(host, port, security, username, password, timeout, ca_file, local_hostname)
 
 
+@dataclass(frozen=True)
+class EmailOptions:
+    """`type: email`, validated."""
+
+    smtp: SMTPSettings
+    envelope: Envelope
+    subject: str = DEFAULT_SUBJECT
+
+
 class EmailDestination(Destination):
     type_name = "email"
     config_keys = frozenset({"smtp", "from", "to", "cc", "subject"})
@@ -381,8 +390,10 @@ class EmailDestination(Destination):
     default_concurrency = 4  # one SMTP connection each; relays throttle many at once
     ordered = True  # a conversation's first mail must be known before replies point at it
 
-    def __init__(self, name: str, smtp: SMTPSettings, envelope: Envelope, *, subject: str = DEFAULT_SUBJECT) -> None:
-        super().__init__(name)
+    def __init__(
+        self, name: str, smtp: SMTPSettings, envelope: Envelope, *, subject: str = DEFAULT_SUBJECT, **common: Any
+    ) -> None:
+        super().__init__(name, **common)
         self.smtp = smtp
         self.envelope = envelope
         self.subject = subject
@@ -391,7 +402,7 @@ class EmailDestination(Destination):
         self._state: ConversationState | None = None
 
     @classmethod
-    def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> EmailDestination | None:
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> EmailOptions | None:
         smtp = _smtp(options["smtp"], f"{path}.smtp", r) if "smtp" in options else None
         sender = _address(options["from"], f"{path}.from", r) if "from" in options else None
         to = _addresses(options["to"], f"{path}.to", r) if "to" in options else None
@@ -409,7 +420,7 @@ class EmailDestination(Destination):
                 subject = None
         if smtp is None or sender is None or to is None or cc is None or subject is None:
             return None
-        return cls(name, smtp, Envelope(sender, to, cc), subject=subject)
+        return EmailOptions(smtp, Envelope(sender, to, cc), subject)
 
     def describe(self) -> str:
         recipients = ", ".join(self.envelope.recipients)

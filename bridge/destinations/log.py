@@ -6,17 +6,25 @@ import asyncio
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
-from bridge.config import Reader
-from bridge.destinations import Attempt, Destination, Services
+from bridge.destinations.base import Attempt, Destination, Services
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.retry import Delivered, Failed, Outcome
+from bridge.validate import Reader
 
 
 def render(event: Event) -> str:
     return dumps(event) + "\n"
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """`type: log`, validated."""
+
+    path: str | None = None
 
 
 class LogDestination(Destination):
@@ -24,16 +32,16 @@ class LogDestination(Destination):
     config_keys = frozenset({"path"})
     attempt_timeout = 10.0
 
-    def __init__(self, name: str, path: str | None) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, path: str | None = None, **common: Any) -> None:
+        super().__init__(name, **common)
         self.path = path
         self._fd: int | None = None
         self._lock = threading.Lock()  # whole lines, never interleaved
 
     @classmethod
-    def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> LogDestination | None:
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> LogOptions | None:
         file = r.string(options["path"], f"{path}.path") if "path" in options else None
-        return cls(name, file)
+        return LogOptions(file)
 
     def describe(self) -> str:
         return f"JSON lines to {self.path or 'stdout'}"

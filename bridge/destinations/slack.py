@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,12 +21,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bridge.config import Reader
-from bridge.destinations import USER_AGENT, Attempt, ConversationState, Destination, Services
+from bridge.destinations.base import USER_AGENT, Attempt, ConversationState, Destination, Services
 from bridge.errors import StoreError
 from bridge.event import Event, parse_time, text_of
 from bridge.retry import RETRYABLE_STATUSES, Delivered, Failed, Outcome, parse_retry_after
 from bridge.secret import Secret
+from bridge.validate import Reader
 
 log = logging.getLogger("bridge.destinations.slack")
 
@@ -285,6 +286,20 @@ def mask_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/**********"
 
 
+@dataclass(frozen=True)
+class SlackOptions:
+    """`type: slack`, validated: the keyword arguments of SlackDestination."""
+
+    token: Secret | None = None
+    webhook_url: Secret | None = None
+    channel: str | None = None
+    thread_by_sender: bool = False
+    api_url: str = API_URL
+    username: str | None = None
+    icon_emoji: str | None = None
+    timeout: float = 10.0
+
+
 class SlackDestination(Destination):
     type_name = "slack"
     config_keys = frozenset(
@@ -304,8 +319,9 @@ class SlackDestination(Destination):
         username: str | None = None,
         icon_emoji: str | None = None,
         timeout: float = 10.0,
+        **common: Any,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, **common)
         if (token is None) == (webhook_url is None):
             raise ValueError("exactly one of token and webhook_url")
         if token is not None and not channel:
@@ -328,7 +344,11 @@ class SlackDestination(Destination):
         self._state: ConversationState | None = None
 
     @classmethod
-    def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> SlackDestination | None:
+    def is_ordered(cls, options: SlackOptions) -> bool:
+        return options.thread_by_sender  # one thread per texter: their messages one at a time, in order
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> SlackOptions | None:
         errors_before = len(r.errors)
         token = webhook_url = None
         if "token" in options and "webhook_url" in options:
@@ -369,8 +389,7 @@ class SlackDestination(Destination):
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
         if len(r.errors) > errors_before or api_url is None or timeout is None:
             return None
-        return cls(
-            name,
+        return SlackOptions(
             token=token,
             webhook_url=webhook_url,
             channel=channel,

@@ -9,18 +9,19 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from yarl import URL
 
 from bridge import http1
-from bridge.config import Reader, item_place
-from bridge.destinations import USER_AGENT, Attempt, Destination, Services
+from bridge.destinations.base import USER_AGENT, Attempt, Destination, Services
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.retry import Failed, Outcome, classify_http
 from bridge.secret import Secret, redact
+from bridge.validate import Reader, item_place
 
 REASON_BYTES = 512  # of a peer's error answer, kept as the delivery's reason
 
@@ -87,6 +88,17 @@ def render(event: Event, fmt: str) -> tuple[bytes, str]:
     return dumps(payload).encode(), content_type
 
 
+@dataclass(frozen=True)
+class WebhookOptions:
+    """`type: webhook`, validated: the keyword arguments of WebhookDestination."""
+
+    url: str
+    secrets: tuple[Secret, ...] = ()
+    fmt: str = "event"
+    headers: tuple[tuple[str, Secret], ...] = ()
+    timeout: float = 10.0
+
+
 class WebhookDestination(Destination):
     type_name = "webhook"
     # Attempts in flight at once. Under load each attempt waits for a busy event loop (5-10 ms
@@ -105,14 +117,15 @@ class WebhookDestination(Destination):
         *,
         secrets: Sequence[Secret] = (),
         fmt: str = "event",
-        headers: dict[str, Secret] | None = None,
+        headers: Mapping[str, Secret] | Sequence[tuple[str, Secret]] = (),
         timeout: float = 10.0,
+        **common: Any,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, **common)
         self.url = url
         self.secrets = tuple(secrets)  # each signs; more than one while the receiver rotates
         self.format = fmt
-        self.headers = headers or {}
+        self.headers = dict(headers)
         self.timeout = timeout
         self.attempt_timeout = timeout + 5.0
         self._keys = [signing_key(secret.reveal()) for secret in self.secrets]
@@ -126,7 +139,7 @@ class WebhookDestination(Destination):
         self._keep = REASON_BYTES + 4 * max((len(s.reveal()) for s in self._masked), default=0)
 
     @classmethod
-    def from_config(cls, name: str, options: dict[str, Any], path: str, r: Reader) -> WebhookDestination | None:
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> WebhookOptions | None:
         url = r.url(options["url"], f"{path}.url") if "url" in options else None  # else "is required" said it
         secrets = _secrets(options.get("secret"), f"{path}.secret", r)
         fmt = options.get("format", "event")
@@ -154,7 +167,7 @@ class WebhookDestination(Destination):
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
         if url is None or timeout is None or fmt not in FORMATS:
             return None
-        return cls(name, url, secrets=secrets, fmt=fmt, headers=headers, timeout=timeout)
+        return WebhookOptions(url, tuple(secrets), fmt, tuple(headers.items()), timeout)
 
     def describe(self) -> str:
         signed = {0: "", 1: ", signed"}.get(len(self.secrets), f", signed with {len(self.secrets)} secrets")

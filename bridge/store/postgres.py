@@ -23,10 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from bridge.config import redact_url
 from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
+from bridge.secret import redact_url
 from bridge.store import (
     CAME_IN_SQL,
     FAILED_SQL,

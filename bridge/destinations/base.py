@@ -1,0 +1,130 @@
+"""What every destination is: the `Destination` base, the spec the config makes of one (data,
+no connection), and what the delivery loop hands an attempt.
+
+A destination renders an event and sends it once; it says how the attempt went (Delivered, or
+Failed with retryable yes/no and a reason). The delivery loop (`bridge.delivery`) owns
+attempts, backoff, leases and logging, so no destination retries on its own.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from bridge import __version__
+from bridge.event import Event
+from bridge.retry import Outcome, RetryPolicy
+from bridge.validate import Reader
+
+if TYPE_CHECKING:
+    import aiohttp
+
+USER_AGENT = f"postback-bridge/{__version__}"
+
+
+class ConversationState(Protocol):
+    """Per-destination memory of a conversation (e.g. the Slack thread of one texter)."""
+
+    async def get_conversation(self, destination: str, key: str) -> str | None: ...
+
+    async def put_conversation(self, destination: str, key: str, value: str) -> None: ...
+
+
+@dataclass
+class Services:
+    """What destinations may use, opened and closed by the server."""
+
+    http: aiohttp.ClientSession
+    state: ConversationState
+
+
+@dataclass(frozen=True)
+class Attempt:
+    delivery_id: int
+    number: int  # 1 for the first attempt
+    conversation: str  # the (sender, short code) key of the event
+    event_id: str = ""
+
+
+def conversation_key(event: Event) -> str:
+    """One texter talking to one short code; status and subscriber events key the same way.
+    A delivery report goes from the short code to the texter, so its ends are swapped."""
+    sender, recipient = event["from"], event["to"]
+    if event["type"] in ("sms.status", "mms.status"):
+        sender, recipient = recipient, sender
+    return f"{sender or ''}|{recipient or ''}"
+
+
+@dataclass(frozen=True)
+class DestinationSpec:
+    """One destination as the config file gives it: plain data (the frozen Config holds these).
+    The running bridge builds the live destination of each (`registry.build`) and opens it."""
+
+    name: str
+    type: str
+    retry: RetryPolicy
+    concurrency: int
+    ordered: bool  # a conversation's deliveries go one at a time, in order
+    options: Any  # the type's own frozen options, as its `parse` made them
+
+
+class Destination(abc.ABC):
+    type_name: ClassVar[str]
+    config_keys: ClassVar[frozenset[str]] = frozenset()
+    required_keys: ClassVar[frozenset[str]] = frozenset()
+    default_concurrency: ClassVar[int] = 16
+
+    #: deliveries of one conversation to this destination go one at a time, in order
+    ordered: bool = False
+    #: the longest one attempt may take; the delivery loop cancels it after this
+    attempt_timeout: float = 30.0
+    #: True when `send` bounds all of its own waiting by a timeout shorter than attempt_timeout
+    #: (the delivery loop then sets no timer of its own: one per attempt is enough)
+    bounds_itself: ClassVar[bool] = False
+
+    def __init__(self, name: str, *, retry: RetryPolicy | None = None, concurrency: int | None = None) -> None:
+        self.name = name
+        self.retry = retry or RetryPolicy()
+        self.concurrency = concurrency or self.default_concurrency
+
+    @classmethod
+    @abc.abstractmethod
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> Any | None:
+        """This type's options, validated into its frozen options (data): errors go to `r`
+        with their place, and None comes back when there were any."""
+
+    @classmethod
+    def is_ordered(cls, options: Any) -> bool:
+        """Whether deliveries of one conversation go one at a time, in order, with these options."""
+        return cls.ordered
+
+    @classmethod
+    def build(cls, spec: DestinationSpec) -> Destination:
+        """The live destination of a spec: not opened yet (no connection, no I/O)."""
+        options = {f.name: getattr(spec.options, f.name) for f in fields(spec.options)}
+        return cls(spec.name, retry=spec.retry, concurrency=spec.concurrency, **options)
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for check-config; never a secret."""
+
+    @abc.abstractmethod
+    def preview(self, event: Event) -> Any:
+        """What `send` would send for this event (JSON-able, secrets masked), for `route`."""
+
+    @abc.abstractmethod
+    async def send(self, event: Event, attempt: Attempt) -> Outcome:
+        """Make one attempt. Raise only for bugs: the loop then marks the delivery dead."""
+
+    async def send_stored(self, body: str, attempt: Attempt) -> Outcome:
+        """What the delivery loop calls, with the event as the store keeps it (JSON): `send`
+        with it decoded. A destination that can use the JSON as it is overrides this."""
+        return await self.send(json.loads(body), attempt)
+
+    async def open(self, services: Services) -> None:  # noqa: B027 (optional hook)
+        """Open clients; called once before the first send."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Close what `open` opened."""
