@@ -17,8 +17,9 @@ from aiohttp import web
 from bridge import __version__
 from bridge.auth import address_of, came_through_a_proxy, same
 from bridge.digits import parse_uint
+from bridge.errors import StoreError
 from bridge.runtime import RUNTIME, Runtime
-from bridge.store import STATUSES, DeliveryFilter, EventFilter
+from bridge.store import STATUSES, DeliveryFilter, EventFilter, Store
 from bridge.validate import parse_when
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -78,6 +79,14 @@ def _runtime(request: web.Request) -> Runtime:
     return request.app[RUNTIME]
 
 
+def _store(request: web.Request) -> Store:
+    """The open store; StoreError (a 503, as for postbacks) while it is not open yet."""
+    store = _runtime(request).store
+    if store is None:
+        raise StoreError("store is not open")
+    return store
+
+
 async def list_events(request: web.Request) -> web.Response:
     q = request.query
     where = EventFilter(
@@ -89,12 +98,12 @@ async def list_events(request: web.Request) -> web.Response:
         until=_time(q, "until"),
         limit=_limit(q),
     )
-    events = await _runtime(request).store.list_events(where)
+    events = await _store(request).list_events(where)
     return web.json_response({"events": events})
 
 
 async def get_event(request: web.Request) -> web.Response:
-    store = _runtime(request).store
+    store = _store(request)
     event_id = request.match_info["event_id"]
     event = await store.get_event(event_id)
     if event is None:
@@ -108,19 +117,19 @@ async def get_event(request: web.Request) -> web.Response:
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
-    rows = await _runtime(request).store.list_deliveries(delivery_filter(request.query))
+    rows = await _store(request).list_deliveries(delivery_filter(request.query))
     return web.json_response({"deliveries": [r.as_json() for r in rows]})
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     """The dead-letter list: dead deliveries, newest first (the other filters apply)."""
     where = replace(delivery_filter(request.query), status="dead")
-    rows = await _runtime(request).store.list_deliveries(where)
+    rows = await _store(request).list_deliveries(where)
     return web.json_response({"deliveries": [r.as_json() for r in rows]})
 
 
 async def get_delivery(request: web.Request) -> web.Response:
-    store = _runtime(request).store
+    store = _store(request)
     delivery_id = _int(request.match_info["delivery_id"])
     rows = await store.list_deliveries(DeliveryFilter(ids=(delivery_id,), limit=1))
     if not rows:
@@ -138,12 +147,12 @@ def _int(text: str) -> int:
 
 
 async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
-    runtime = _runtime(request)
+    runtime, store = _runtime(request), _store(request)
     force = _flag(request.query.get("force"))
     configured = tuple(runtime.config.destinations)  # a replay to a removed one would wait forever
-    ids = await runtime.store.replay(replace(where, destinations=configured), force=force)
+    ids = await store.replay(replace(where, destinations=configured), force=force)
     if single and not ids:
-        rows = await runtime.store.list_deliveries(where)
+        rows = await store.list_deliveries(where)
         if not rows:
             return web.json_response({"error": "nothing to replay: no such delivery or event"}, status=404)
         gone = sorted({r.destination for r in rows} - set(configured))

@@ -74,7 +74,7 @@ class Headers(dict[str, str]):
     """Response headers by lower-case name (repeats joined with ', ', except Retry-After, whose
     first value counts); get() and [] ignore case."""
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
     def __getitem__(self, key: str) -> str:

@@ -69,6 +69,9 @@ class _Headers:
     def get(self, name: str, default: Any = None) -> Any:
         return self.fields.get(name.lower(), default)
 
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self.fields
+
     def getall(self, name: str, default: Any = None) -> Any:
         value = self.fields.get(name.lower())
         if value is not None:

@@ -8,7 +8,7 @@ with the 2014 `<NOTIFICATION>` wrapper removed, so later steps never see the sha
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs
 from xml.parsers import expat
 
@@ -29,7 +29,7 @@ class _TooDeepError(Exception):
     pass
 
 
-def _refuse(*_: Any) -> None:
+def _refuse(*_: object) -> NoReturn:
     raise _DTDRefusedError
 
 
@@ -85,7 +85,8 @@ def _tree(xml: str) -> tuple[str, Any]:
     parser.EndElementHandler = end
     parser.CharacterDataHandler = text
     parser.Parse(xml.encode("utf-8"), True)
-    return root[0]
+    name, value = root[0]
+    return str(name), value
 
 
 def extract_xml(body: bytes, content_type: str = "") -> str:

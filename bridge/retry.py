@@ -93,7 +93,7 @@ def backoff(attempt: int, policy: RetryPolicy, rand: Callable[[], float] = rando
     never under `initial` nor over `max_interval`. The base doubles from `initial` and is capped
     at `max_interval`, base = min(max_interval, initial * 2^(n-1)); the wait is uniform in
     [base, min(max_interval, 2 * base)], so retries spread out without coming early."""
-    base = min(policy.max_interval, policy.initial * (2 ** max(0, min(attempt - 1, 62))))
+    base: float = min(policy.max_interval, policy.initial * (2 ** max(0, min(attempt - 1, 62))))
     return base + (min(policy.max_interval, 2 * base) - base) * rand()
 
 

@@ -92,6 +92,7 @@ class Reader:
         self.errors.append(f"{path}: {message}")
 
     def unset(self, value: Unset, path: str) -> None:
+        """Report each unset variable in `value`; the reading that found it then gives None."""
         for name in value.names:
             self.error(path, unset_message(name))
 
@@ -119,7 +120,8 @@ class Reader:
 
     def string(self, value: Any, path: str, *, empty_ok: bool = False) -> str | None:
         if isinstance(value, Unset):
-            return self.unset(value, path)
+            self.unset(value, path)
+            return None
         if isinstance(value, bool) or value is None or isinstance(value, dict | list):
             self.error(path, f"expected a string, got {kind_of(value)}")
             return None
@@ -135,7 +137,8 @@ class Reader:
 
     def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int | None:
         if isinstance(value, Unset):
-            return self.unset(value, path)
+            self.unset(value, path)
+            return None
         if isinstance(value, EnvStr) and (number := parse_uint(value.strip())) is not None:
             value = number
         if isinstance(value, bool) or not isinstance(value, int):
@@ -148,7 +151,8 @@ class Reader:
 
     def boolean(self, value: Any, path: str) -> bool | None:
         if isinstance(value, Unset):
-            return self.unset(value, path)
+            self.unset(value, path)
+            return None
         if isinstance(value, EnvStr) and value.strip().lower() in ("true", "false"):
             value = value.strip().lower() == "true"
         if not isinstance(value, bool):
@@ -158,7 +162,8 @@ class Reader:
 
     def duration(self, value: Any, path: str, *, positive: bool = True) -> float | None:
         if isinstance(value, Unset):
-            return self.unset(value, path)
+            self.unset(value, path)
+            return None
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             self.error(path, f"expected a duration like 500ms, 10s, 5m, 24h, got {kind_of(value)}")
             return None

@@ -95,14 +95,14 @@ def render_subject(template: str, event: Event) -> str:
     """The template with `{field}`s filled in, on one line (a postback's newlines must not end
     the header) and at most 200 characters."""
     text = event["text"] or ""
-    values = {
+    values: dict[str, str] = {
         "id": event["id"],
         "type": event["type"],
         "origin": event["origin"],
         "code": event["code"] or "",
         "from": pretty_phone(event["from"]),
         "to": event["to"] or "",
-        "keyword": event["keyword"] or _LABELS.get(event["type"], event["type"]),
+        "keyword": str(event["keyword"] or _LABELS.get(event["type"], event["type"])),
         "text": text,
         "carrier": event["carrier"] or "",
     }
@@ -335,7 +335,7 @@ def _smtp(raw: Any, path: str, r: Reader) -> SMTPSettings | None:
         r.error(f"{path}.security", f"expected one of {', '.join(SECURITY)}, got {security!r}")
         ok = False
         security = "starttls"
-    port = DEFAULT_PORTS[security]
+    port: int | None = DEFAULT_PORTS[security]
     if "port" in data:
         port = r.integer(data["port"], f"{path}.port", minimum=1)
         if port is not None and port > 65535:

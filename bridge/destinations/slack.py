@@ -482,6 +482,7 @@ class SlackDestination(Destination):
         try:
             async with asyncio.timeout(self.timeout):
                 if self._web is not None:
+                    assert self.channel is not None, "a bot token comes with a channel (__init__ checks)"
                     response = await self._web.chat_postMessage(
                         channel=self.channel, thread_ts=thread_ts, **self._payload(message)
                     )

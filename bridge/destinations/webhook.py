@@ -283,4 +283,4 @@ def _url_credentials(url: str) -> tuple[str, list[Secret]]:
         return url, []
     if u.password:
         return str(u.with_password("**********")), [Secret(basic), Secret(u.password), Secret(u.raw_password or "")]
-    return str(u.with_user("**********")), [Secret(basic), Secret(u.user), Secret(u.raw_user or "")]
+    return str(u.with_user("**********")), [Secret(basic), Secret(u.user or ""), Secret(u.raw_user or "")]

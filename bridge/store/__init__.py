@@ -111,6 +111,16 @@ class DeliveryRow:
         }
 
 
+def delivery_row(row: Sequence[Any]) -> DeliveryRow:
+    """A DeliveryRow from a row of `id, event_id, destination, route, status, attempts,
+    created_at, next_at, updated_at, last_error`, as both stores select them; next_at is shown
+    only while the delivery is pending."""
+    return DeliveryRow(
+        id=row[0], event_id=row[1], destination=row[2], route=row[3], status=row[4], attempts=row[5],
+        created_at=row[6], next_at=row[7] if row[4] == "pending" else None, updated_at=row[8], last_error=row[9],
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class AttemptRow:
     number: int

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -42,6 +42,7 @@ from bridge.store import (
     NewDelivery,
     Store,
     delivery_clauses,
+    delivery_row,
     load_queries,
     owner_gone,
     schema,
@@ -115,10 +116,6 @@ def _missing_files(url: str) -> list[str]:
     """`sslrootcert=/path` and the like in the URL whose file is not there."""
     query = parse_qs(urlsplit(url).query)
     return [f"{name}={path}" for name in FILE_PARAMETERS for path in query.get(name, []) if not os.path.exists(path)]
-
-
-def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
-    return DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9])
 
 
 async def _schema_version(conn: asyncpg.Connection) -> int:
@@ -274,7 +271,9 @@ class PostgresStore(Store):
 
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         now = time.time()
-        attempts, finishes, deaths = [], [], []
+        attempts: list[tuple[Any, ...]] = []
+        finishes: list[tuple[AttemptResult, tuple[Any, ...]]] = []
+        deaths: list[tuple[AttemptResult, tuple[Any, ...]]] = []
         for r in results:
             status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
@@ -301,11 +300,13 @@ class PostgresStore(Store):
 
     async def next_due(self, destination: str) -> float | None:
         async with self._tx() as conn:
-            return await conn.fetchval(Q["next_due"], destination)
+            due: float | None = await conn.fetchval(Q["next_due"], destination)
+            return due
 
     async def get_conversation(self, destination: str, key: str) -> str | None:
         async with self._tx() as conn:
-            return await conn.fetchval(Q["get_conversation"], destination, key)
+            value: str | None = await conn.fetchval(Q["get_conversation"], destination, key)
+            return value
 
     async def put_conversation(self, destination: str, key: str, value: str) -> None:
         async with self._tx() as conn:
@@ -320,7 +321,7 @@ class PostgresStore(Store):
         )
         async with self._tx() as conn:
             rows = await conn.fetch(query, *p.values)
-        return [_delivery_row(row) for row in rows]
+        return [delivery_row(row) for row in rows]
 
     async def get_event(self, event_id: str) -> Event | None:
         async with self._tx() as conn:
@@ -392,7 +393,7 @@ class PostgresStore(Store):
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
         async with self._tx() as conn:
             rows = await conn.fetch(Q["deliveries_of_event"], event_id)
-        return [_delivery_row(row) for row in rows]
+        return [delivery_row(row) for row in rows]
 
     async def stats(self) -> dict[str, DestinationStats]:
         async with self._tx() as conn:

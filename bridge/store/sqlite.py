@@ -41,6 +41,7 @@ from bridge.store import (
     NewDelivery,
     Store,
     delivery_clauses,
+    delivery_row,
     load_queries,
     owner_gone,
     schema,
@@ -50,7 +51,7 @@ from bridge.store import (
 log = logging.getLogger("bridge.store")
 Q = load_queries("sqlite.sql")
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
+Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
 
@@ -182,7 +183,7 @@ class _Writer(threading.Thread):
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any], bool]]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op | _Ingest, asyncio.Future[Any], bool]]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -246,7 +247,9 @@ def _ingest_all(
     else:  # some were duplicates (of a stored event, or of one earlier in this batch)
         keys = list({i.dedup_key for i, _ in ingests})
         owner = dict(conn.execute(f"SELECT dedup_key, id FROM events WHERE dedup_key IN ({_marks(keys)})", keys))
-    rows, dropped, results = [], [], []
+    rows: list[tuple[Any, ...]] = []
+    dropped: list[tuple[str, float]] = []
+    results: list[tuple[asyncio.Future[Any], Any, None]] = []
     for item, future in ingests:
         stored_id = owner[item.dedup_key]
         if stored_id == item.event_id:
@@ -295,7 +298,7 @@ class SQLiteStore(Store):
             await asyncio.to_thread(self._writer.join)
             self._writer = None
 
-    def _run(self, op: Callable[[sqlite3.Connection], T], *, isolated: bool = True) -> asyncio.Future[T]:
+    def _run(self, op: Callable[[sqlite3.Connection], T] | _Ingest, *, isolated: bool = True) -> asyncio.Future[T]:
         """Queue `op` for the next commit. `isolated=False` is for ops whose only possible failure
         is the database's own (which fails the whole batch anyway): they skip the savepoint."""
         if self._writer is None:
@@ -310,7 +313,8 @@ class SQLiteStore(Store):
 
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
         item = _Ingest(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries)
-        return await self._run(item, isolated=False)  # type: ignore[arg-type]  (see _ingest_all)
+        result: Ingested = await self._run(item, isolated=False)  # answered by _ingest_all
+        return result
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
         now = time.time()
@@ -342,7 +346,9 @@ class SQLiteStore(Store):
 
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         now = time.time()
-        attempts, finishes, deaths = [], [], []
+        attempts: list[tuple[Any, ...]] = []
+        finishes: list[tuple[AttemptResult, tuple[Any, ...]]] = []
+        deaths: list[tuple[AttemptResult, tuple[Any, ...]]] = []
         for r in results:
             status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
@@ -403,7 +409,7 @@ class SQLiteStore(Store):
 
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             rows = conn.execute(query, [*params, where.limit]).fetchall()
-            return [DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9]) for row in rows]
+            return [delivery_row(row) for row in rows]
 
         return await self._run(op)
 
@@ -482,7 +488,8 @@ class SQLiteStore(Store):
         return await self._run(op)
 
     async def list_events(self, where: EventFilter) -> list[Event]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         for path, value in (("$.type", where.type), ("$.from", where.sender), ("$.to", where.to)):
             if value is not None:
                 clauses.append(f"json_extract(body, '{path}') = ?")
@@ -505,7 +512,7 @@ class SQLiteStore(Store):
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             rows = conn.execute(Q["deliveries_of_event"], (event_id,)).fetchall()
-            return [_delivery_row(row) for row in rows]
+            return [delivery_row(row) for row in rows]
 
         return await self._run(op)
 
@@ -537,7 +544,3 @@ class SQLiteStore(Store):
             return len(rows) + len(dropped)
 
         return await self._run(op)
-
-
-def _delivery_row(row: Sequence[Any]) -> DeliveryRow:
-    return DeliveryRow(*row[:7], row[7] if row[4] == "pending" else None, row[8], row[9])
