@@ -287,6 +287,11 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
 
 
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A deploy file's own tool, run on it: its output, whatever its exit code."""
+    return subprocess.run([tool(name) or "", *args], capture_output=True, text=True, check=False, timeout=60)
+
+
 def localized(path: Path, changes: dict[str, str]) -> str:
     """The deploy file's text with each of `changes` made; each must be in it, so a test never
     checks a copy that silently stopped matching the file as shipped."""
@@ -583,13 +588,7 @@ needs_promtool = pytest.mark.skipif(
 
 @needs_promtool
 def test_alert_rules_pass_promtool_check_rules():
-    done = subprocess.run(
-        [tool("promtool") or "", "check", "rules", str(DEPLOY / "alerts.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    done = run_tool("promtool", "check", "rules", str(DEPLOY / "alerts.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
 
@@ -598,13 +597,7 @@ def test_alert_rules_pass_promtool_check_rules():
 def test_alert_rules_pass_their_promtool_unit_tests():
     """tests/promtool/alerts.test.yml: the dead-deliveries alert fires for a first death in a
     series shown at 0, for a series born with its deaths, after a restart; not for old ones."""
-    done = subprocess.run(
-        [tool("promtool") or "", "test", "rules", str(ROOT / "tests" / "promtool" / "alerts.test.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    done = run_tool("promtool", "test", "rules", str(ROOT / "tests" / "promtool" / "alerts.test.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
 
@@ -633,13 +626,7 @@ def offline_security_supported() -> bool:
     not offline_security_supported(), reason="no systemd-analyze with security --offline (systemd 250+)"
 )
 def test_systemd_unit_is_rated_under_3_by_systemd_analyze_security():
-    done = subprocess.run(
-        [tool("systemd-analyze") or "", "security", "--offline=true", str(DEPLOY / "postback-bridge.service")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    done = run_tool("systemd-analyze", "security", "--offline=true", str(DEPLOY / "postback-bridge.service"))
     found = re.search(r"Overall exposure level for postback-bridge\.service: (\d+\.\d+)", done.stdout)
     assert found, done.stdout + done.stderr
     assert float(found.group(1)) < 3.0, done.stdout
