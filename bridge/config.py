@@ -179,6 +179,18 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    """A YAML integer, within 20 digits: none of ours is longer, and int() of one past 4,300
+    digits raises ValueError, which is no YAMLError (a traceback where a config error was meant)."""
+    digits = sum("0" <= c <= "9" for c in str(loader.construct_scalar(node)))
+    if digits > 20:
+        raise yaml.constructor.ConstructorError(None, None, f"a number of {digits} digits", node.start_mark)
+    return int(yaml.SafeLoader.construct_yaml_int(loader, node))
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 # YAML 1.1 reads an unquoted 0001470 as the octal number 824: SPIDs and short codes with leading
 # zeros stay the digits the user wrote.
 _StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}

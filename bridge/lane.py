@@ -18,7 +18,8 @@ byte read so far, and the connection stays with aiohttp from then on.
 
 The lane keeps aiohttp's limits: an idle keep-alive connection is closed after client_timeout; a
 request still incomplete after a second is aiohttp's (its 408 and header timeouts); a client that
-does not read its answers gets no new ones, and no more than one request's worth is read ahead.
+does not read its answers gets no new ones, no more than one request's worth is read ahead, and
+once it has not read for client_timeout its connection is aborted (a write timeout).
 On shutdown it stops listening, closes idle connections and lets the postbacks being stored finish.
 """
 
@@ -238,6 +239,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # a postback of this connection is being taken
         self.paused = False  # reading, because the buffer is over `limit`
         self.blocked = False  # writing, because the client does not read its answers
+        self.blocked_since = 0.0  # since when: the sweep's clock for a client that never reads
         self.limit = MAX_HEAD + 4 + lane.runtime.config.server.max_body_bytes  # the largest request taken
         self.eof = False
         self.awaited = 0  # the size of the request coming in, once its head is read
@@ -268,6 +270,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.blocked = True
+        self.blocked_since = asyncio.get_running_loop().time()
 
     def resume_writing(self) -> None:
         self.blocked = False
@@ -355,16 +358,29 @@ class _Connection(asyncio.Protocol):
             transport.close()  # what asyncio does when a protocol's eof_received says so
 
     def sweep(self, now: float, keepalive: float) -> None:
-        if self.busy or self.blocked or self.transport is None:
+        """Time a connection out. One whose client has not read its answers for client_timeout
+        (the write buffer over its high-water mark all along) is aborted: it would otherwise
+        hold its socket, and what it pipelined, for as long as the client likes."""
+        if self.transport is None:
+            return
+        if self.blocked:
+            if now - self.blocked_since >= keepalive:
+                self.close(abort=True)
+            return
+        if self.busy:
             return
         if self.buffer and now - self.since >= HAND_OVER_AFTER:
             self._hand_over()  # a slow request: aiohttp answers 408 or closes, as it would have
         elif not self.buffer and now - self.since >= keepalive:
-            self.close()
+            # idle; answers it has not read would keep a plain close waiting for ever
+            self.close(abort=self.transport.get_write_buffer_size() > 0)
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
             self.transport = None
             self.lane.connections.discard(self)
 

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from bridge.app import create_app
 from bridge.carriers import spid_key
 from bridge.cli import _parser, whole_number
-from bridge.config import build, parse_listen
+from bridge.config import build, load, parse_listen
 from bridge.destinations.base import Attempt
 from bridge.destinations.email import pretty_phone
 from bridge.destinations.slack import classify as slack_classify
@@ -154,6 +154,15 @@ def test_an_integer_from_the_environment_of_other_digits_is_a_config_error(value
     with pytest.raises(ConfigError, match=r"server\.max_body_bytes: expected an integer"):
         build(raw, environ={"MAX": value})
     assert build(raw, environ={"MAX": " 2048 "}).server.max_body_bytes == 2048
+
+
+def test_a_config_file_number_of_thousands_of_digits_is_a_config_error(tmp_path: Path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  max_body_bytes: " + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 2, column 19: a number of 5000 digits"):
+        load(path)
+    path.write_text("server:\n  max_body_bytes: 65_536\n")
+    assert load(path).server.max_body_bytes == 65536
 
 
 def test_cli_ids_and_limits_are_ascii_numbers():

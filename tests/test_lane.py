@@ -287,6 +287,90 @@ async def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_e
     writer.close()
 
 
+async def not_reading(server: TestServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose client will not read: a small receive buffer, so that what the lane
+    answers fills the kernel's buffers soon."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def pipeline_until_blocked(lane: bridge.lane.Lane, writer: asyncio.StreamWriter) -> None:
+    """Pipeline cheap requests (404s) and never read the answers, until the lane is blocked on
+    this connection: its answers wait over the high-water mark. (The lane's end of the
+    connection gets a small kernel send buffer too, so that they back up within a second.)"""
+    port = writer.get_extra_info("sockname")[1]
+    cheap = request(sms(1), path="/postback/x") * 50
+    async with asyncio.timeout(20):
+        while not (
+            ours := [c for c in lane.connections if c.transport and c.transport.get_extra_info("peername")[1] == port]
+        ):
+            await asyncio.sleep(0.01)
+        (connection,) = ours
+        assert connection.transport is not None
+        connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while not connection.blocked:
+            writer.write(cheap)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(writer.drain(), 0.1)
+
+
+async def test_connections_that_pipeline_and_never_read_are_cut_after_client_timeout(serve):
+    """A write timeout: 20 clients that pipeline and never read their answers each held a
+    connection (and what they pipelined) for as long as they liked (11 of 20 were still open 25 s
+    past a client_timeout of 1 s). The lane aborts them once they have not read for it."""
+    server = await serve(client_timeout="1s")
+    lane = lane_of(server)
+    clients = [await not_reading(server) for _ in range(20)]
+    await asyncio.gather(*(pipeline_until_blocked(lane, writer) for _, writer in clients))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert len(lane.connections) == 20 and all(c.blocked for c in lane.connections)
+    transports = [c.transport for c in lane.connections]
+    while lane.connections and loop.time() - started < 5:
+        await asyncio.sleep(0.05)
+    assert not lane.connections and loop.time() - started < 1 + bridge.lane.SWEEP_EVERY + 1
+    for transport in transports:  # closed, not waiting for ever to hand over what it holds
+        assert transport is not None and transport.get_extra_info("socket").fileno() == -1
+    for _, writer in clients:
+        writer.close()
+    # the lane goes on: a new client is answered
+    assert [s for s, _, _ in await exchange(server, request(sms(2)))] == [200]
+
+
+async def test_an_idle_connection_with_answers_unread_is_aborted_not_left_closing(serve):
+    """Idle for client_timeout with answers still waiting to go out (the client stopped reading,
+    but not so much came back as to pass the high-water mark): a plain close would wait for ever
+    to send them, holding the socket."""
+    server = await serve(client_timeout="1s")
+    lane = lane_of(server)
+    _, writer = await not_reading(server)
+    while not lane.connections:
+        await asyncio.sleep(0.01)
+    (connection,) = lane.connections
+    transport = connection.transport
+    assert transport is not None
+    transport.set_write_buffer_limits(high=2**30)  # never "blocked": the idle sweep's case
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    async with asyncio.timeout(10):
+        while transport.get_write_buffer_size() == 0:  # until answers wait in the lane itself
+            writer.write(request(sms(1), path="/postback/x") * 50)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(writer.drain(), 0.1)
+        while connection.buffer or connection.busy:  # every request answered: idle from here
+            await asyncio.sleep(0.01)
+    assert transport.get_write_buffer_size() > 0 and not connection.blocked
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while transport.get_extra_info("socket").fileno() != -1 and loop.time() - started < 4:
+        await asyncio.sleep(0.05)
+    assert transport.get_extra_info("socket").fileno() == -1, "still open, waiting to send what nobody reads"
+    assert not lane.connections
+    writer.close()
+
+
 async def test_a_client_library_post_goes_through_the_lane(serve):
     server = await serve()
     url = f"http://{server.host}:{server.port}/postback"
