@@ -18,7 +18,7 @@ from bridge.answers import error
 from bridge.auth import Caller
 from bridge.carriers import Carriers
 from bridge.config import Config
-from bridge.destinations.base import USER_AGENT, Services
+from bridge.destinations.base import Services
 from bridge.destinations.registry import build_all
 from bridge.errors import StoreError
 from bridge.ingest import admit, read_body, take, unexpected
@@ -187,9 +187,14 @@ def _store_ctx(store: Store | None) -> Callable[[web.Application], AsyncIterator
 async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     runtime = app[RUNTIME]
     assert runtime.store is not None
+    # No default headers: each user names itself (Slack's SDK with USER_AGENT as its prefix, a
+    # webhook with `client: aiohttp` as bridge.http1 does), and a session-wide User-Agent would
+    # come first in every request, ahead of the order http1 sends the same headers in.
     http = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
-        headers={"User-Agent": USER_AGENT},
+        # no cookies, as bridge.http1 keeps none: a receiver's Set-Cookie would otherwise go back
+        # with every later request to its host, whichever destination sends it
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     await runtime.open_destinations(Services(http=http, state=runtime.store))
     connecting = None

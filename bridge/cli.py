@@ -49,7 +49,7 @@ def _print_problems(problems: Sequence[str], kind: str, where: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.app import create_app
-    from bridge.lane import run_app
+    from bridge.serving import run_app
 
     config = _config(args.config, required=False)
     logs.setup(args.log_level)
@@ -66,13 +66,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "version": __version__,
                 "listen": f"{server.host}:{server.port}",
                 "postback_path": server.postback_path,
+                "lane": server.lane,
                 "destinations": sorted(config.destinations),
                 "routes": len(config.routes),
             },
         )
 
     try:
-        run_app(app, host=server.host, port=server.port, shutdown_timeout=10.0, started=started)
+        run_app(app, host=server.host, port=server.port, lane=server.lane, shutdown_timeout=10.0, started=started)
     except BridgeError as exc:
         log.error("cannot start", extra={"error": str(exc)})
         logs.flush()

@@ -110,6 +110,7 @@ class ServerConfig:
     client_timeout: float = 30.0
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin_token: Secret | None = None
+    lane: bool = True  # bridge.lane in front of aiohttp; false: aiohttp alone (the way back)
 
     @property
     def loopback(self) -> bool:
@@ -226,7 +227,7 @@ def _interpolate(value: Any, path: str, environ: Mapping[str, str], r: Reader) -
 # ---------------------------------------------------------------------------- sections
 
 _TOP = frozenset({"server", "store", "carriers", "retry", "destinations", "routes", "default", "retention"})
-_SERVER = frozenset({"listen", "postback_path", "max_body_bytes", "client_timeout", "auth", "admin_token"})
+_SERVER = frozenset({"listen", "postback_path", "max_body_bytes", "client_timeout", "auth", "admin_token", "lane"})
 _AUTH = frozenset({"token", "basic", "allow_from", "trusted_proxies", "allow_unauthenticated"})
 _RETRY = frozenset({"initial", "max_interval", "max_age"})
 _ROUTE = frozenset({"name", "match", "to", "continue"})
@@ -282,6 +283,8 @@ def _server(raw: Any, r: Reader) -> ServerConfig:
         auth_known = len(r.errors) == errors_before  # a broken token is not a missing one
     if "admin_token" in data and data["admin_token"] != "":  # `${ADMIN_TOKEN:-}`: no admin API off loopback
         kwargs["admin_token"] = r.secret(data["admin_token"], "server.admin_token")
+    if "lane" in data:
+        kwargs["lane"] = r.boolean(data["lane"], "server.lane")
     server = ServerConfig(**{k: v for k, v in kwargs.items() if v is not None})
     if listen_known and auth_known and not server.loopback:
         _require_auth(server, r)

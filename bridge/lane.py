@@ -26,7 +26,6 @@ On shutdown it stops listening, closes idle connections and lets the postbacks b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -311,6 +310,7 @@ class _Connection(asyncio.Protocol):
             del self.buffer[: request.size]
             self.busy = True
             self.lane.taken += 1
+            self.lane.runtime.metrics.lane_postbacks.inc()
             task = asyncio.get_running_loop().create_task(self._take(request))
             self.lane.tasks.add(task)
             task.add_done_callback(self.lane.tasks.discard)
@@ -413,42 +413,3 @@ class LaneSite(web.BaseSite):
         await super().stop()  # stop listening
         if self.lane is not None:
             await self.lane.close(self._drain_timeout)
-
-
-def run_app(
-    app: web.Application, *, host: str, port: int, shutdown_timeout: float, started: Callable[[str], None]
-) -> None:
-    """aiohttp's web.run_app with the lane: serve until SIGINT or SIGTERM, then shut down."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-
-    async def serve() -> None:
-        runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
-        await runner.setup()
-        try:
-            site = LaneSite(runner, host, port, shutdown_timeout=shutdown_timeout)
-            await site.start()
-            started(site.name)
-            await asyncio.Event().wait()  # until a signal ends the loop
-        finally:
-            await runner.cleanup()
-
-    main = loop.create_task(serve())
-    try:
-        loop.run_until_complete(main)
-    except (web.GracefulExit, KeyboardInterrupt):
-        pass
-    finally:
-        try:
-            main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(main)
-        finally:
-            rest = asyncio.all_tasks(loop)
-            for task in rest:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-            asyncio.set_event_loop(None)

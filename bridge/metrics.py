@@ -93,6 +93,11 @@ class Metrics:
             registry=r,
         )
         self.store_up = Gauge("bridge_store_up", "1 when the store took the last write, else 0.", registry=r)
+        # how much the lane (bridge.lane) takes off aiohttp: an operator weighing `lane: false`
+        # sees here what it saves, and that it is off once it stops growing
+        self.lane_postbacks = Counter(
+            "bridge_lane_postbacks", "Postbacks the lane answered itself (server.lane), not aiohttp.", registry=r
+        )
         Info("bridge_build", "Build information.", registry=r).info({"version": __version__})
 
         self._children: dict[tuple[Any, ...], Any] = {}

@@ -255,6 +255,7 @@ class Runtime:
         for what, running, wanted in (
             ("server.listen", f"{old.server.host}:{old.server.port}", f"{new.server.host}:{new.server.port}"),
             ("server.postback_path", old.server.postback_path, new.server.postback_path),
+            ("server.lane", str(old.server.lane).lower(), str(new.server.lane).lower()),  # the listening socket's
         ):
             if running != wanted:
                 problems.append(f"{what}: cannot change while running ({running}, file says {wanted}); restart")

@@ -169,6 +169,12 @@ def served(app: web.Application, way: str, host: str = "127.0.0.1") -> TestServe
     return LaneTestServer(app, host=host) if way == "lane" else TestServer(app, host=host)
 
 
+@pytest.fixture(params=["builtin", "aiohttp"])
+def webhook_client(request: pytest.FixtureRequest) -> str:
+    """A webhook destination's `client:`: a test that takes this runs once with each."""
+    return request.param
+
+
 @pytest.fixture
 async def sink() -> AsyncIterator[Sink]:
     s, runner = await start_sink()

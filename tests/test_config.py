@@ -63,12 +63,14 @@ def test_full_config_values():
     assert (server.host, server.port, server.postback_path) == ("127.0.0.1", 8099, "/skycore/postback")
     assert server.auth.token is not None and server.auth.token.reveal() == "s3cret-token"
     assert server.admin_token is not None and server.admin_token.reveal() == "changeme"  # ${ADMIN_TOKEN:-changeme}
+    assert server.lane is False and defaults().server.lane is True
     assert config.store == "sqlite:////var/lib/postback-bridge/bridge.db"
     assert (config.retry.initial, config.retry.max_interval, config.retry.max_age) == (0.5, 600.0, 86400.0)
     crm = config.destinations["crm"]
     assert (crm.retry.initial, crm.retry.max_interval, crm.retry.max_age) == (0.5, 600.0, 72 * 3600.0)
     assert config.destinations["events"].retry == config.retry
     assert build_destination(config.destinations["events"]).url == "http://127.0.0.1:9000/events"
+    assert (crm.options.client, config.destinations["events"].options.client) == ("builtin", "aiohttp")
     assert [r.name for r in config.routes] == ["opt-out", "contest", "main-shortcode", "sprint", "quiet"]
     assert [r.continue_ for r in config.routes] == [False, True, False, False, False]
     assert config.routes[2].match.shortcode == ("86717", "74700")  # YAML's number 86717 is the short code

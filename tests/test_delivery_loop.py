@@ -32,7 +32,7 @@ def event(n: int) -> dict:
     return {"id": f"evt_{n:04d}", "type": "sms.received", "origin": "SMS_MO", "received_at": "2026-01-01T00:00:00.000Z"}
 
 
-async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: Path):
+async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: Path, webhook_client: str):
     """A 429 with Retry-After pauses the destination for longer than the leases of the
     deliveries already claimed ahead: they go back to the queue, and nothing is sent twice."""
     received: collections.Counter[str] = collections.Counter()
@@ -59,7 +59,7 @@ async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: P
     store = SQLiteStore(str(tmp_path / "b.db"))
     await store.open()
     http = aiohttp.ClientSession()
-    destination = WebhookDestination("crm", url, timeout=0.5)
+    destination = WebhookDestination("crm", url, timeout=0.5, client=webhook_client)
     destination.attempt_timeout = 1.0  # with lease_margin 0.5: leases of 2.5 s, under the 4 s pause
     destination.concurrency = 4
     destination.retry = RetryPolicy(initial=0.1, max_interval=60, max_age=3600)
@@ -185,7 +185,7 @@ async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_p
         assert row.status == "dead" and "Empf\\udce4nger unbekannt" in row.last_error, row.last_error
 
 
-async def test_a_webhook_sends_the_stored_json_as_it_is(tmp_path: Path, sink):
+async def test_a_webhook_sends_the_stored_json_as_it_is(tmp_path: Path, sink, webhook_client: str):
     """format: event sends the event as stored (no decoding and encoding again per delivery):
     the same bytes render() makes, signed over those bytes; cloudevents still wraps it."""
     from standardwebhooks import Webhook
@@ -196,8 +196,8 @@ async def test_a_webhook_sends_the_stored_json_as_it_is(tmp_path: Path, sink):
     store = SQLiteStore(str(tmp_path / "b.db"))
     await store.open()
     http = aiohttp.ClientSession()
-    plain = WebhookDestination("plain", sink.url + "/plain", secrets=[Secret(secret)])
-    wrapped = WebhookDestination("wrapped", sink.url + "/wrapped", fmt="cloudevents")
+    plain = WebhookDestination("plain", sink.url + "/plain", secrets=[Secret(secret)], client=webhook_client)
+    wrapped = WebhookDestination("wrapped", sink.url + "/wrapped", fmt="cloudevents", client=webhook_client)
     stored = normalize(
         parse(sms(1, text='Caf\u00e9 \U0001f600 &lt;ok&gt; &amp; "quoted"')),
         event_id=event_id(),

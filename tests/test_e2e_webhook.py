@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from cloudevents.v1.http import from_http
@@ -17,16 +19,16 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
 
 
-def webhook_config(url: str, **extra: object) -> dict:
+def webhook_config(url: str, client: str, **extra: object) -> dict:
     return {
         "retry": FAST_RETRY,
-        "destinations": {"crm": {"type": "webhook", "url": url + "/hook", **extra}},
+        "destinations": {"crm": {"type": "webhook", "url": url + "/hook", "client": client, **extra}},
         "default": ["crm"],
     }
 
 
-async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory):
-    bridge = bridge_factory(webhook_config(sink.url, secret=SECRET))
+async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory, webhook_client):
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client, secret=SECRET))
     bridge.start()
     status, body = await post(bridge.url + "/postback", (POSTBACKS / "sms_mo_transactionid.xml").read_bytes())
     assert status == 200 and body["status"] == "accepted"
@@ -39,11 +41,11 @@ async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory)
     assert bridge.stop() == 0
 
 
-async def test_rotating_secrets_each_sign_and_either_verifies(sink, bridge_factory):
+async def test_rotating_secrets_each_sign_and_either_verifies(sink, bridge_factory, webhook_client):
     """`secret: [new, old]`: one signature per secret in `webhook-signature`, so receivers still
     on the old secret and those already on the new one both verify (Standard Webhooks rotation)."""
     new = "whsec_" + base64.b64encode(b"the-new-signing-key-of-32-bytes!").decode()
-    bridge = bridge_factory(webhook_config(sink.url, secret=[new, SECRET]))
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client, secret=[new, SECRET]))
     assert "signed with 2 secrets" in bridge.cli("check-config", "-c", str(bridge.config_path)).stdout
     bridge.start()
     status, body = await post(bridge.url + "/postback", sms(1))
@@ -58,8 +60,8 @@ async def test_rotating_secrets_each_sign_and_either_verifies(sink, bridge_facto
     assert bridge.stop() == 0
 
 
-async def test_cloudevents_structured(sink, bridge_factory):
-    bridge = bridge_factory(webhook_config(sink.url, format="cloudevents"))
+async def test_cloudevents_structured(sink, bridge_factory, webhook_client):
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client, format="cloudevents"))
     bridge.start()
     status, body = await post(bridge.url + "/postback", (POSTBACKS / "mms_mo_v1.3.xml").read_bytes())
     assert status == 200
@@ -71,9 +73,9 @@ async def test_cloudevents_structured(sink, bridge_factory):
     assert event.data["media"][0]["url"].endswith("1.jpg")
 
 
-async def test_an_unsigned_webhook_carries_the_event_id_as_webhook_id_too(sink, bridge_factory):
+async def test_an_unsigned_webhook_carries_the_event_id_as_webhook_id_too(sink, bridge_factory, webhook_client):
     """Receivers deduplicate on `webhook-id`: it is sent with no `secret` as well, unsigned."""
-    bridge = bridge_factory(webhook_config(sink.url))
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client))
     bridge.start()
     status, body = await post(bridge.url + "/postback", sms(1))
     assert status == 200
@@ -82,9 +84,9 @@ async def test_an_unsigned_webhook_carries_the_event_id_as_webhook_id_too(sink, 
     assert "webhook-signature" not in request.headers and "webhook-timestamp" not in request.headers
 
 
-async def test_500_500_200_is_one_delivery(sink, bridge_factory):
+async def test_500_500_200_is_one_delivery(sink, bridge_factory, webhook_client):
     sink.responses = [500, 500, 200]
-    bridge = bridge_factory(webhook_config(sink.url))
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client))
     bridge.start()
     status, _ = await post(bridge.url + "/postback", sms(1))
     assert status == 200
@@ -96,9 +98,9 @@ async def test_500_500_200_is_one_delivery(sink, bridge_factory):
     assert listing[0]["attempts"] == 3
 
 
-async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory):
+async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory, webhook_client):
     sink.responses = [400]
-    bridge = bridge_factory(webhook_config(sink.url))
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client))
     bridge.start()
     await post(bridge.url + "/postback", sms(1))
     await sink.wait_for(1)
@@ -109,9 +111,9 @@ async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory):
     assert "HTTP 400" in listing[0]["last_error"]
 
 
-async def test_retry_after_is_honoured(sink, bridge_factory):
+async def test_retry_after_is_honoured(sink, bridge_factory, webhook_client):
     sink.responses = [(429, {"Retry-After": "1"}), 200]
-    config = webhook_config(sink.url)
+    config = webhook_config(sink.url, webhook_client)
     config["retry"] = {"initial": "10ms", "max_interval": "5s", "max_age": "1h"}
     bridge = bridge_factory(config)
     bridge.start()
@@ -120,8 +122,8 @@ async def test_retry_after_is_honoured(sink, bridge_factory):
     assert second.at - first.at >= 0.95
 
 
-async def test_same_postback_twice_is_one_delivery(sink, bridge_factory):
-    bridge = bridge_factory(webhook_config(sink.url))
+async def test_same_postback_twice_is_one_delivery(sink, bridge_factory, webhook_client):
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client))
     bridge.start()
     body = (POSTBACKS / "sms_mo_transactionid.xml").read_bytes()
     (s1, b1), (s2, b2) = [await post(bridge.url + "/postback", body) for _ in range(2)]
@@ -133,9 +135,9 @@ async def test_same_postback_twice_is_one_delivery(sink, bridge_factory):
     assert len(sink.received) == 1
 
 
-async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_factory):
+async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_factory, webhook_client):
     sink.default = 503
-    bridge = bridge_factory(webhook_config(sink.url))
+    bridge = bridge_factory(webhook_config(sink.url, webhook_client))
     bridge.start()
     ids = set()
     for n in range(20):
@@ -153,7 +155,7 @@ async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_fact
     assert bridge.stop() == 0
 
 
-async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_path):
+async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_path, webhook_client):
     """The real process posts over TLS, trusting the CA that SSL_CERT_FILE names (as on a host
     with a private CA), and refuses a receiver whose certificate it cannot verify."""
     import ssl
@@ -182,8 +184,8 @@ async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_p
         config = {
             "retry": FAST_RETRY,
             "destinations": {
-                "trusted": {"type": "webhook", "url": f"https://localhost:{port}/hook"},
-                "wrong_name": {"type": "webhook", "url": f"https://127.0.0.1:{port}/hook"},
+                "trusted": {"type": "webhook", "url": f"https://localhost:{port}/hook", "client": webhook_client},
+                "wrong_name": {"type": "webhook", "url": f"https://127.0.0.1:{port}/hook", "client": webhook_client},
             },
             "default": ["trusted", "wrong_name"],
         }
@@ -208,3 +210,101 @@ async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_p
         assert await asyncio.to_thread(bridge.stop) == 0
     finally:
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------- client: builtin | aiohttp
+
+
+@contextlib.asynccontextmanager
+async def raw_receiver(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A raw TCP server on 127.0.0.1 running `handle` for each connection; yields its base URL."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await handle(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def test_both_clients_send_the_same_request(bridge_factory):
+    """`client: aiohttp` is a way back, not another request: the request line, every header (the
+    Basic credentials of a non-ASCII password in UTF-8, as http1 makes them) and the body are the
+    same, in the same order; aiohttp adds no Accept or Accept-Encoding of its own."""
+    requests: list[tuple[bytes, list[tuple[str, str]], bytes]] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            start, *lines = head[:-4].split(b"\r\n")
+            fields = [(name, value.strip()) for name, _, value in (line.decode().partition(":") for line in lines)]
+            body = await reader.readexactly(int(dict(fields)["Content-Length"]))
+            requests.append((start, fields, body))
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    async with raw_receiver(record) as url:
+        hook = url.replace("http://", "http://bridge:p%C3%A4ss-W0rd@") + "/hook?team=7"
+        options = {"type": "webhook", "url": hook, "headers": {"X-Api-Key": "k3y_Vq8RtZ2m"}}
+        bridge = bridge_factory(
+            {
+                "destinations": {"ours": {**options, "client": "builtin"}, "theirs": {**options, "client": "aiohttp"}},
+                "default": ["ours", "theirs"],
+            }
+        )
+        bridge.start()
+        status, body = await post(bridge.url + "/postback", sms(1))
+        assert status == 200
+        for _ in range(100):
+            if len(requests) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert bridge.stop() == 0
+    assert len(requests) == 2
+    ours, theirs = requests
+    assert ours == theirs
+    start, fields, sent = ours
+    assert start == b"POST /hook?team=7 HTTP/1.1"
+    basic = "Basic " + base64.b64encode("bridge:päss-W0rd".encode()).decode()
+    assert ("Authorization", basic) in fields and ("X-Api-Key", "k3y_Vq8RtZ2m") in fields
+    assert json.loads(sent)["id"] == body["id"]
+
+
+async def test_a_2xx_counts_once_its_status_line_is_in_with_the_builtin_client_only(bridge_factory, webhook_client):
+    """The one rule aiohttp cannot follow (docs/destinations/webhook.md): a receiver that sends
+    `200 OK` and then never ends its head has the event, and http1 counts it delivered; aiohttp
+    gives a response only once the head is whole, so with it the attempt times out and is
+    retried (the receiver may get the event twice). This is also how a test tells which client
+    sent: one that ignored `client: aiohttp` would deliver here."""
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with raw_receiver(stalls) as url:
+        config = webhook_config(url, webhook_client, timeout="1s")
+        config["retry"] = {"initial": "30s", "max_interval": "30s", "max_age": "1h"}
+        bridge = bridge_factory(config)
+        bridge.start()
+        status, _ = await post(bridge.url + "/postback", sms(1))
+        assert status == 200
+        attempts: list[dict] = []
+        for _ in range(100):
+            attempts = [line for line in bridge.log_lines() if line.get("msg") == "delivery attempt"]
+            if attempts:
+                break
+            await asyncio.sleep(0.05)
+        assert bridge.stop() == 0
+    assert len(attempts) == 1
+    if webhook_client == "builtin":
+        assert attempts[0]["outcome"] == "delivered"
+    else:
+        assert (attempts[0]["outcome"], attempts[0].get("error")) == ("retry", "timeout after 1s")

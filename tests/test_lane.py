@@ -11,24 +11,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import importlib.metadata
 import itertools
 import json
 import re
 import socket
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp.test_utils import TestServer
+from packaging.requirements import Requirement
+from packaging.version import Version
+from prometheus_client.parser import text_string_to_metric_families
 
 import bridge.lane
 from bridge.app import create_app
 from bridge.config import build
 from bridge.errors import StoreError
 from bridge.runtime import RUNTIME
-from tests.conftest import LaneTestServer, connect_to, read_response, sms
+from tests.conftest import ROOT, LaneTestServer, connect_to, read_response, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 Serve = Callable[..., Awaitable[TestServer]]
@@ -585,3 +591,65 @@ async def test_serve_exits_cleanly_with_the_lane(bridge_factory, tmp_path):
     assert proc.stop() == 0
     received = [line for line in proc.log_lines() if line.get("msg") == "postback accepted"]
     assert len(received) == 3
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp-alone"])
+async def test_serve_with_and_without_the_lane(bridge_factory, tmp_path, lane):
+    """`server.lane: false` is the way back to aiohttp alone: the real process answers postbacks,
+    health and the admin API as with the lane, and stops cleanly on SIGTERM. The lane's counter
+    says which answered the postbacks (a setting that `serve` ignored would fail here), and a
+    reload that would change it is refused, as one that changes server.listen is."""
+    admin_token = "adm_Q2w9Ztk4"
+    proc = bridge_factory(
+        {
+            "server": {"lane": lane, "admin_token": admin_token},
+            "store": f"sqlite:///{tmp_path / 'b.db'}",
+            "destinations": {"log": {"type": "log"}},
+            "default": ["log"],
+        }
+    )
+    proc.start()
+    answers = await exchange_to("127.0.0.1", proc.port, *(request(sms(n)) for n in range(3)))
+    assert [json.loads(body)["status"] for _, _, body in answers] == ["accepted"] * 3
+    bearer = {"Authorization": f"Bearer {admin_token}"}
+    async with aiohttp.ClientSession(proc.url) as session:
+        for path in ("/healthz", "/readyz"):
+            async with session.get(path) as response:
+                assert response.status == 200, path
+        async with session.get("/admin/events", headers=bearer) as response:
+            assert response.status == 200 and len((await response.json())["events"]) == 3
+        async with session.get("/metrics") as response:
+            metrics = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(await response.text())
+                for sample in family.samples
+                if sample.labels.get("outcome") in (None, "accepted")
+            }
+        assert metrics["bridge_postbacks_received_total"] == 3
+        assert metrics["bridge_lane_postbacks_total"] == (3 if lane else 0)
+        config = yaml.safe_load(proc.config_path.read_text())
+        config["server"]["lane"] = not lane
+        proc.config_path.write_text(yaml.safe_dump(config))
+        async with session.post("/admin/reload", headers=bearer) as response:
+            assert response.status == 422
+            running, wanted = str(lane).lower(), str(not lane).lower()
+            assert (await response.json())["errors"] == [
+                f"server.lane: cannot change while running ({running}, file says {wanted}); restart"
+            ]
+    (answer,) = await exchange_to("127.0.0.1", proc.port, request(sms(9)))
+    assert answer[0] == 200
+    assert proc.stop() == 0
+    messages = [line.get("msg") for line in proc.log_lines()]
+    assert messages.count("postback accepted") == 4 and messages[-1] == "stopped"
+    assert [line["lane"] for line in proc.log_lines() if line.get("msg") == "listening"] == [lane]
+
+
+def test_the_installed_aiohttp_is_one_the_lane_is_tested_with():
+    """The lane uses aiohttp's internals, so pyproject allows aiohttp up to the next minor version
+    only (`<3.N`, not `<4`), and the suite runs with a version in that range: CI's fresh venv
+    installs the newest allowed, so the upper bound is what CI tests."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [Requirement(d) for d in dependencies if Requirement(d).name == "aiohttp"]
+    uppers = [spec for spec in pin.specifier if spec.operator == "<"]
+    assert len(uppers) == 1 and len(Version(uppers[0].version).release) == 2, f"no next-minor bound: {pin}"
+    assert pin.specifier.contains(importlib.metadata.version("aiohttp")), f"aiohttp {aiohttp.__version__}, not {pin}"

@@ -1,8 +1,15 @@
 """`type: webhook`: POST the event as JSON or as a structured CloudEvent, optionally signed
-with Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`)."""
+with Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+
+`client:` says what sends it: `builtin` (bridge.http1, a third of aiohttp's CPU per POST) or
+`aiohttp` (the app's shared ClientSession), the way back should our own client ever get a peer
+wrong. Both send the same request and read the answer by the same rules as far as aiohttp lets
+them; docs/destinations/webhook.md says where they differ.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -13,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from yarl import URL
 
 from bridge import http1
@@ -39,6 +47,11 @@ def reason_text(body: bytes, secrets: Sequence[Secret], *, whole: bool) -> str:
 
 
 FORMATS = ("event", "cloudevents")
+CLIENTS = ("builtin", "aiohttp")
+# bridge.http1 asks for neither: without them aiohttp's request is the same, and no receiver
+# compresses an error answer that would then be decompressed here (http1 takes it as it comes)
+_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding"})
+_NO_TIMEOUT = aiohttp.ClientTimeout()  # `timeout:` bounds the whole exchange, not aiohttp's defaults
 _RESERVED_HEADERS = frozenset(
     {
         "content-type",
@@ -97,6 +110,7 @@ class WebhookOptions:
     fmt: str = "event"
     headers: tuple[tuple[str, Secret], ...] = ()
     timeout: float = 10.0
+    client: str = "builtin"  # or aiohttp: the way back from bridge.http1
 
 
 class WebhookDestination(Destination):
@@ -107,7 +121,7 @@ class WebhookDestination(Destination):
     # `concurrency:`.
     default_concurrency = 32
     bounds_itself = True  # the POST, connecting included, runs under `timeout`
-    config_keys = frozenset({"url", "secret", "format", "headers", "timeout"})
+    config_keys = frozenset({"url", "secret", "format", "headers", "timeout", "client"})
     required_keys = frozenset({"url"})
 
     def __init__(
@@ -119,10 +133,12 @@ class WebhookDestination(Destination):
         fmt: str = "event",
         headers: Mapping[str, Secret] | Sequence[tuple[str, Secret]] = (),
         timeout: float = 10.0,
+        client: str = "builtin",
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.url = url
+        self.client = client
         self.secrets = tuple(secrets)  # each signs; more than one while the receiver rotates
         self.format = fmt
         self.headers = dict(headers)
@@ -130,8 +146,14 @@ class WebhookDestination(Destination):
         self.attempt_timeout = timeout + 5.0
         self._keys = [signing_key(secret.reveal()) for secret in self.secrets]
         self._client: http1.Client | None = None
+        self._session: aiohttp.ClientSession | None = None  # client: aiohttp, the app's shared one
         self._revealed: dict[str, str] | None = None
         self.shown_url, self._url_secrets = _url_credentials(url)
+        # for aiohttp: the URL without its user:password, sent as http1 sends them (aiohttp would
+        # encode them in Latin-1, http1 and the masking in UTF-8)
+        self._bare_url = URL(url).with_user(None)
+        basic = http1.basic_credentials(URL(url))
+        self._basic = {"Authorization": f"Basic {basic}"} if basic else {}
         # what a peer may echo back of the request, masked in its answer before it is cut to
         # REASON_BYTES; enough more of the answer is read to see whole any secret that starts
         # within those bytes
@@ -165,13 +187,17 @@ class WebhookDestination(Destination):
             if url is not None and URL(url).user is not None and any(k.lower() == "authorization" for k in headers):
                 r.error(f"{path}.headers.Authorization", "the url has a user:password already: use one or the other")
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
-        if url is None or timeout is None or fmt not in FORMATS:
+        client = options.get("client", "builtin")
+        if client not in CLIENTS:
+            r.error(f"{path}.client", f"expected one of {', '.join(CLIENTS)}, got {client!r}")
+        if url is None or timeout is None or fmt not in FORMATS or client not in CLIENTS:
             return None
-        return WebhookOptions(url, tuple(secrets), fmt, tuple(headers.items()), timeout)
+        return WebhookOptions(url, tuple(secrets), fmt, tuple(headers.items()), timeout, client)
 
     def describe(self) -> str:
         signed = {0: "", 1: ", signed"}.get(len(self.secrets), f", signed with {len(self.secrets)} secrets")
-        return f"POST {self.shown_url} ({self.format}{signed}, timeout {self.timeout:g}s)"
+        client = "" if self.client == "builtin" else f", client {self.client}"
+        return f"POST {self.shown_url} ({self.format}{signed}, timeout {self.timeout:g}s{client})"
 
     def _configured(self, *, reveal: bool) -> dict[str, str]:
         """`headers:` (revealed or masked), with our User-Agent unless they name their own."""
@@ -209,6 +235,9 @@ class WebhookDestination(Destination):
         }
 
     async def open(self, services: Services) -> None:
+        if self.client == "aiohttp":
+            self._session = services.http  # the app's: opened and closed with it, not by us
+            return
         # its own keep-alive connections (bridge.http1): a POST per delivery is most of what
         # delivering costs, and aiohttp's client costs three times as much CPU per request
         self._client = http1.Client()
@@ -228,12 +257,15 @@ class WebhookDestination(Destination):
         return await super().send_stored(body, attempt)
 
     async def _post(self, event_id: str, body: bytes, content_type: str) -> Outcome:
-        assert self._client is not None, "open() first"
         headers = self._headers(event_id, body, content_type, reveal=True)
         try:
-            # the client keeps the timeout: a status that came in time decides, even if the rest
-            # of the response does not (a 410 whose body drips past it is dead, not retried)
-            response = await self._client.post(self.url, body, headers, keep=self._keep, timeout=self.timeout)
+            if self._session is not None:
+                response = await self._post_with_aiohttp(self._session, body, headers)
+            else:
+                assert self._client is not None, "open() first"
+                # the client keeps the timeout: a status that came in time decides, even if the rest
+                # of the response does not (a 410 whose body drips past it is dead, not retried)
+                response = await self._client.post(self.url, body, headers, keep=self._keep, timeout=self.timeout)
         except TimeoutError:
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
         except http1.ConnectError as exc:
@@ -249,6 +281,74 @@ class WebhookDestination(Destination):
                 reason=f"HTTP {outcome.status}: redirects are not followed", retryable=False, status=outcome.status
             )
         return outcome
+
+    async def _post_with_aiohttp(
+        self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]
+    ) -> http1.Response:
+        """What `http1.Client.post` does, with aiohttp: the same request, no redirects followed,
+        `timeout` over all of it; once the head is in, its status decides and the body (the first
+        `keep` bytes kept) gets BODY_PATIENCE. aiohttp's errors become http1's, so that `_post`
+        reports both clients' alike."""
+        kept = bytearray()
+        decided: tuple[int, str, http1.Headers] | None = None
+        try:
+            async with (
+                asyncio.timeout(self.timeout) as deadline,
+                session.post(
+                    self._bare_url,
+                    data=body,
+                    headers={**self._basic, **headers},
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    timeout=_NO_TIMEOUT,
+                ) as response,
+            ):
+                if response.status == 101:
+                    raise http1.HTTPError("peer switched protocols")  # as http1 has it: retried
+                decided = response.status, response.reason or "", _headers_of(response)
+                end = asyncio.get_running_loop().time() + http1.BODY_PATIENCE
+                when = deadline.when()
+                if when is None or end < when:
+                    deadline.reschedule(end)
+                await _read_body(response, self._keep, kept)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise http1.ConnectError(str(exc.certificate_error)) from exc
+        except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS, TLS
+            raise http1.ConnectError(str(exc.os_error) or type(exc.os_error).__name__) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if decided is None:  # the head did not come (in time, or well-formed)
+                if isinstance(exc, TimeoutError):
+                    raise
+                raise http1.HTTPError(str(exc) or type(exc).__name__) from exc
+            # the status has decided: the answer stands with the body as far as it came
+        assert decided is not None
+        status, reason, answer = decided
+        return http1.Response(status, reason, answer, bytes(kept))
+
+
+def _headers_of(response: aiohttp.ClientResponse) -> http1.Headers:
+    """aiohttp's response headers as bridge.http1 gives them: by lower-case name, repeats joined
+    with ', ', except Retry-After, whose first value counts."""
+    headers = http1.Headers()
+    for name, value in response.headers.items():
+        key = name.lower()
+        if key not in headers:
+            headers[key] = value
+        elif key != "retry-after":
+            headers[key] += ", " + value
+    return headers
+
+
+async def _read_body(response: aiohttp.ClientResponse, keep: int, kept: bytearray) -> None:
+    """The first `keep` bytes of the body into `kept`; the rest read and dropped (at most
+    MAX_DRAIN, as http1 does), so that aiohttp can reuse the connection."""
+    total = 0
+    while chunk := await response.content.read(64 * 1024):
+        total += len(chunk)
+        if len(kept) < keep:
+            kept += chunk[: keep - len(kept)]
+        if total > http1.MAX_DRAIN:
+            return  # not worth the connection: aiohttp closes it on release
 
 
 def _secrets(raw: Any, path: str, r: Reader) -> list[Secret]:
