@@ -25,7 +25,7 @@ from bridge.postback import parse
 from bridge.secret import Secret
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import sms
+from tests.conftest import eventually, sms
 
 
 def event(n: int) -> dict:
@@ -69,9 +69,7 @@ async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: P
     dispatcher = Dispatcher(store, {"crm": destination}, lease_margin=0.5)
     dispatcher.start()
     try:
-        deadline = time.monotonic() + 30
-        while len(received) < 8 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(received) >= 8, 30, raises=False)  # the assertions below say what is wrong
         await asyncio.sleep(1.0)  # room for a duplicate to show up
     finally:
         await dispatcher.stop()
@@ -165,12 +163,14 @@ async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_p
     dispatcher = Dispatcher(store, {"mail": mail, "crm": hook})
     dispatcher.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        rows = []
+
+        async def settled() -> bool:
+            nonlocal rows
             rows = await store.list_deliveries(DeliveryFilter())
-            if all(row.status != "pending" for row in rows):
-                break
-            await asyncio.sleep(0.1)
+            return all(row.status != "pending" for row in rows)
+
+        await eventually(settled, 20, lambda: f"no delivery pending: {rows}")
     finally:
         await dispatcher.stop()
         await http.close()
@@ -284,6 +284,7 @@ async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max
     dispatcher = Dispatcher(store, {"crm": destination})
     dispatcher.start()
     try:
+        # not eventually(): the wait ends 3.5 s after the deliveries were made, not after it began
         while time.time() < created + 3.5:
             rows = await store.list_deliveries(DeliveryFilter())
             if all(row.status == "dead" for row in rows):
@@ -326,10 +327,12 @@ async def test_a_destination_down_is_a_warning_and_back_up_is_news(tmp_path: Pat
     dispatcher.start()
     try:
         await sink.wait_for(6)
-        for _ in range(100):
-            if any(r.getMessage() == "destination back up" for r in caplog.records):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(  # raises=False: the assertion below says what is wrong
+            lambda: any(r.getMessage() == "destination back up" for r in caplog.records),
+            waits=100,
+            interval=0.02,
+            raises=False,
+        )
     finally:
         await dispatcher.stop()
         await destination.close()

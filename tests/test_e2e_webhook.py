@@ -11,7 +11,7 @@ from cloudevents.v1.http import from_http
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.conftest import POSTBACKS, post, sms
+from tests.conftest import POSTBACKS, eventually, post, sms
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
@@ -145,11 +145,9 @@ async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_fact
     bridge.kill()
     sink.default = 200
     bridge.start()
-    for _ in range(100):
-        if ids <= {r.json()["id"] for r in sink.received}:
-            break
-        await asyncio.sleep(0.2)
-    assert ids <= {r.json()["id"] for r in sink.received}
+    await eventually(
+        lambda: ids <= {r.json()["id"] for r in sink.received}, waits=100, interval=0.2, what="every event at the sink"
+    )
     assert bridge.stop() == 0
 
 
@@ -191,10 +189,7 @@ async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_p
         await asyncio.to_thread(bridge.start)
         status, body = await post(bridge.url + "/postback", sms(1))
         assert status == 200
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: received, waits=100, what="a delivery to the trusted name")
         assert [e["id"] for e in received] == [body["id"]]  # once: the other name is not trusted
         await asyncio.sleep(0.5)
         attempts = [

@@ -49,7 +49,7 @@ from bridge.store import (
 )
 from bridge.store import postgres as postgres_store
 from bridge.store.postgres import PostgresStore
-from tests.conftest import POSTBACKS, BridgeProcess, Sink, dedup_key_v1, sms
+from tests.conftest import POSTBACKS, BridgeProcess, Sink, dedup_key_v1, eventually, sms
 
 PG_URL = os.environ.get("BRIDGE_TEST_POSTGRES_URL")
 NO_PG = (
@@ -562,13 +562,12 @@ async def test_an_open_that_hangs_after_login_fails_and_leaves_no_connection(pg_
     try:
         with stalling_postgresql() as port, pytest.raises(StoreError):
             await asyncio.wait_for(open_store(via(pg_url, port, application_name=name)).open(), 20)
-        left = 1
-        for _ in range(50):
-            left = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
-            if left == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert left == 0
+
+        async def none_left() -> bool:
+            count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            return await admin.fetchval(count, name) == 0
+
+        await eventually(none_left, waits=50, what="the stalled connection to be closed on the server")
     finally:
         await admin.close()
 
@@ -1094,12 +1093,10 @@ def log_lines(bridge: BridgeProcess) -> list[dict[str, Any]]:
 
 
 async def wait_for_ids(sink: Sink, ids: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ids <= {r.json()["id"] for r in sink.received}:
-        if time.monotonic() > deadline:
-            missing = ids - {r.json()["id"] for r in sink.received}
-            raise AssertionError(f"{len(missing)} of {len(ids)} events not delivered in {timeout:g}s")
-        await asyncio.sleep(0.1)
+    def missing() -> set[str]:
+        return ids - {r.json()["id"] for r in sink.received}
+
+    await eventually(lambda: not missing(), timeout, lambda: f"{len(ids)} events delivered ({len(missing())} missing)")
 
 
 async def test_serve_with_postgres_delivers_end_to_end(pg_url, sink, bridge_factory):
