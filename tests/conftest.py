@@ -1,6 +1,10 @@
 """What the tests share: the in-process app (`app_client`), waiting for something to happen
 (`eventually`), HTTP spoken by hand (`raw_request`, `exchange`, `read_response`, `read_request`),
-a recording HTTP sink, and the real `postback-bridge serve` process (`bridge_factory`)."""
+a recording HTTP sink, and the real `postback-bridge serve` process (`bridge_factory`).
+
+Markers (pyproject.toml): `process` is put on every test that uses `bridge_factory` (below, in
+`pytest_collection_modifyitems`); `slow` is put by hand on the tests that take more than ~3 s.
+`pytest -m "not slow"` is the fast inner loop."""
 
 from __future__ import annotations
 
@@ -52,6 +56,13 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
  <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
 ]>
 <POSTBACK><ORIGIN>SMS_MO</ORIGIN><TEXT>&lol6;</TEXT></POSTBACK>"""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`process`: the tests that start the real `postback-bridge serve` (with `bridge_factory`)."""
+    for item in items:
+        if "bridge_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.process)
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -160,6 +161,7 @@ async def scrape(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
+@pytest.mark.slow
 async def test_deliveries_of_a_removed_destination_count_once_on_reload_and_on_restart(sink, bridge_factory):
     sink.default = 503  # crm is down: its deliveries wait
     config = {

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from bridge.carriers import Carriers
@@ -32,6 +33,7 @@ def event(n: int) -> dict:
     return {"id": f"evt_{n:04d}", "type": "sms.received", "origin": "SMS_MO", "received_at": "2026-01-01T00:00:00.000Z"}
 
 
+@pytest.mark.slow
 async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: Path):
     """A 429 with Retry-After pauses the destination for longer than the leases of the
     deliveries already claimed ahead: they go back to the queue, and nothing is sent twice."""
@@ -267,6 +269,7 @@ async def test_postbacks_arriving_together_are_claimed_and_recorded_together(tmp
     assert store.completes <= 12, f"{store.completes} writes of results for 40 postbacks"
 
 
+@pytest.mark.slow
 async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max_age(tmp_path: Path, sink):
     """An always-500 destination is soon taken to be down and probed one delivery at a time, so
     most of a backlog waits in the store, unattempted. Past max_age it is dead all the same,

@@ -100,6 +100,7 @@ def test_dockerfile_healthcheck_asks_the_configured_address():
     assert timeout and args.timeout < int(timeout.group(1))  # it gives up before docker does
 
 
+@pytest.mark.slow
 def test_healthcheck_follows_the_port_in_the_config(bridge_factory):
     """`postback-bridge healthcheck` (the image's HEALTHCHECK) asks server.listen's port, on
     loopback when it listens on every interface; exit 1 once nothing answers there."""

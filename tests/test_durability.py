@@ -122,6 +122,7 @@ class Skycore:
                 self.todo.put_nowait(n)
 
 
+@pytest.mark.slow
 async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory):
     total, kills = 2000, 3
     rng = random.Random(7)
@@ -165,6 +166,7 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_cli_beside_a_running_server_leaves_its_leases_alone(sink, bridge_factory):
     release = asyncio.Event()
     sink.default = hold(release)
@@ -188,6 +190,7 @@ async def test_cli_beside_a_running_server_leaves_its_leases_alone(sink, bridge_
 # ---------------------------------------------------------------------------- flapping peer
 
 
+@pytest.mark.slow
 async def test_flapping_peer_every_event_delivered_none_dead(sink, bridge_factory):
     rng = random.Random(11)
     events, flaps = 30, 70
@@ -292,6 +295,7 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 async def test_full_disk_gives_503_then_recovers_without_restart(sink, bridge_factory, small_disk):
     config = hook_config(("crm", sink.url + "/hook", {}))
     config["store"] = f"sqlite:///{small_disk / 'bridge.db'}"
@@ -381,6 +385,7 @@ async def test_full_disk_gives_503_then_recovers_without_restart(sink, bridge_fa
 # ---------------------------------------------------------------------------- slow peer isolation
 
 
+@pytest.mark.slow
 async def test_slow_peer_does_not_delay_a_healthy_one(sink, bridge_factory):
     slow, slow_runner = await start_sink()
     release = asyncio.Event()
@@ -415,6 +420,7 @@ async def test_slow_peer_does_not_delay_a_healthy_one(sink, bridge_factory):
 # ---------------------------------------------------------------------------- graceful shutdown
 
 
+@pytest.mark.slow
 async def test_sigterm_during_a_burst_answers_releases_and_exits_0(sink, bridge_factory):
     release = asyncio.Event()
     sink.default = hold(release)  # every delivery stays in flight: leased when SIGTERM comes

@@ -39,6 +39,7 @@ async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory)
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_rotating_secrets_each_sign_and_either_verifies(sink, bridge_factory):
     """`secret: [new, old]`: one signature per secret in `webhook-signature`, so receivers still
     on the old secret and those already on the new one both verify (Standard Webhooks rotation)."""
@@ -82,6 +83,7 @@ async def test_an_unsigned_webhook_carries_the_event_id_as_webhook_id_too(sink, 
     assert "webhook-signature" not in request.headers and "webhook-timestamp" not in request.headers
 
 
+@pytest.mark.slow
 async def test_500_500_200_is_one_delivery(sink, bridge_factory):
     sink.responses = [500, 500, 200]
     bridge = bridge_factory(webhook_config(sink.url))
@@ -96,6 +98,7 @@ async def test_500_500_200_is_one_delivery(sink, bridge_factory):
     assert listing[0]["attempts"] == 3
 
 
+@pytest.mark.slow
 async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory):
     sink.responses = [400]
     bridge = bridge_factory(webhook_config(sink.url))
@@ -109,6 +112,7 @@ async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory):
     assert "HTTP 400" in listing[0]["last_error"]
 
 
+@pytest.mark.slow
 async def test_retry_after_is_honoured(sink, bridge_factory):
     sink.responses = [(429, {"Retry-After": "1"}), 200]
     config = webhook_config(sink.url)
@@ -133,6 +137,7 @@ async def test_same_postback_twice_is_one_delivery(sink, bridge_factory):
     assert len(sink.received) == 1
 
 
+@pytest.mark.slow
 async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_factory):
     sink.default = 503
     bridge = bridge_factory(webhook_config(sink.url))

@@ -106,6 +106,7 @@ _serial = itertools.count()
 @example(text="\t tabs\r\nand CRLF\x7f\x85\u2028 ", cdata=False, form=True, content_type=None)
 @example(text="  leading and trailing  ", cdata=True, form=False, content_type="text/xml")
 @example(text="bell\x07", cdata=False, form=False, content_type=None)
+@pytest.mark.slow
 async def test_text_round_trips_exactly(client, text, cdata, form, content_type):
     n = next(_serial)
     as_cdata = cdata and "]]>" not in text and "\r" not in text

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bridge.destinations import Attempt
 from bridge.destinations.webhook import REASON_BYTES, WebhookDestination
@@ -72,6 +73,7 @@ async def timed(request: Awaitable[Any]) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 async def test_a_receiver_that_answers_100_continue_without_end_does_not_freeze_the_bridge(bridge_factory):
     """Issue 17: 512 KB of 1xx heads held the event loop 5.8 s; with 8 such deliveries a postback
     took over 10 s (Skycore gives up at 10 s). Eight deliveries retry against it all along here,

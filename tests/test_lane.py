@@ -229,6 +229,7 @@ async def test_a_postback_path_beside_other_routes_answers_as_aiohttp_does(serve
     assert lane_of(with_lane).taken >= 1
 
 
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_end(serve):
     """Pipelining without reading: the lane stops taking requests while its answers wait to be
     read, and stops reading once one request's worth is buffered, as aiohttp does."""

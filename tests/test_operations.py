@@ -161,6 +161,7 @@ async def test_oldest_pending_age_grows_while_a_destination_is_down(sink, bridge
 # ---------------------------------------------------------------------------- listing and replay
 
 
+@pytest.mark.slow
 async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factory):
     sink.responses = [400, 400]  # the first attempts of both events die
     bridge = bridge_factory({**config_for(sink.url), "store": store})
@@ -228,6 +229,7 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
     assert "DESTINATION" in table and "audit" in table
 
 
+@pytest.mark.slow
 async def test_failed_deliveries_are_listed_and_replay_sends_them_now(sink, bridge_factory):
     """CONTRACT §2: `replay` requeues dead or failed ones; a failed one waits for an hour's backoff
     here, and the replay sends it at once."""
@@ -279,6 +281,7 @@ async def test_replay_cli_refuses_without_a_selector(bridge_factory, sink):
     assert done.returncode == 2 and "say which" in done.stderr
 
 
+@pytest.mark.slow
 async def test_replay_cli_names_delivery_ids_that_do_not_exist(sink, bridge_factory):
     sink.default = 400  # dead at once
     bridge = bridge_factory(config_for(sink.url))
@@ -496,6 +499,7 @@ async def test_a_postback_in_flight_during_a_reload_is_routed_by_the_new_config(
     await eventually(delivered)
 
 
+@pytest.mark.slow
 async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sink, bridge_factory):
     sink.default = 503
     bridge = bridge_factory(config_for(sink.url))
@@ -618,6 +622,7 @@ async def readyz(bridge) -> tuple[int, dict]:
         return r.status, await r.json()
 
 
+@pytest.mark.slow
 async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bridge_factory):  # noqa: F811
     """PostgreSQL is not up when the bridge starts (a compose file, a reboot): serve does not
     exit. It answers postbacks 503 (Skycore retries) and /readyz 503 with why, keeps trying,
@@ -657,6 +662,7 @@ async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bri
     assert all(line.startswith("{") for line in bridge.stderr().splitlines())  # asyncpg's too, as JSON
 
 
+@pytest.mark.slow
 async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bridge_factory):
     """A host that takes the connection and never answers: /healthz must answer long before
     asyncpg's own timeouts (10 s to connect, 15 s a command) end, or a liveness probe restarts
@@ -674,6 +680,7 @@ async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bri
         assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_a_database_that_hangs_after_login_does_not_keep_serve_from_listening(pg_url, bridge_factory):  # noqa: F811
     """Logged in, then its first query never answered: asyncpg gives up on that only after its
     own timeouts, and does not stop sooner for being cancelled. serve listens after OPEN_PATIENCE

@@ -1015,6 +1015,7 @@ async def test_serve_public_with_a_token_guards_postbacks_and_keeps_admin_off(br
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_serve_warns_of_trusted_proxies_without_an_admin_token_at_start_and_reload(bridge_factory):
     """The real `serve`: one JSON warning line when the config has a proxy in front and no
     admin_token; and the admin API through it, with the token and then without."""
@@ -1090,6 +1091,7 @@ def hostile_echo(hits: dict[str, int]) -> Callable[[web.Request], Awaitable[web.
     return answer
 
 
+@pytest.mark.slow
 async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, bridge_factory, tmp_path):
     env = {
         "POSTBACK_TOKEN": "tok_" + secrets.token_urlsafe(16),

@@ -644,6 +644,7 @@ async def test_webhook_mode_removed_webhook_is_dead(start, slack):
 # ---------------------------------------------------------------------------- the real process
 
 
+@pytest.mark.slow
 async def test_threads_survive_a_restart_and_secrets_stay_out_of_logs(slack, bridge_factory):
     config = {
         "retry": RETRY,

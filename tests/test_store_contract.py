@@ -1099,6 +1099,7 @@ async def wait_for_ids(sink: Sink, ids: set[str], timeout: float) -> None:
     await eventually(lambda: not missing(), timeout, lambda: f"{len(ids)} events delivered ({len(missing())} missing)")
 
 
+@pytest.mark.slow
 async def test_serve_with_postgres_delivers_end_to_end(pg_url, sink, bridge_factory):
     bridge = bridge_factory(hook_config(pg_url, sink.url))
     bridge.start()
@@ -1119,6 +1120,7 @@ async def test_serve_with_postgres_delivers_end_to_end(pg_url, sink, bridge_fact
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_two_serve_processes_on_one_database_share_the_work(pg_url, sink, bridge_factory):
     async def slow_ok(request: web.Request) -> web.Response:
         await asyncio.sleep(0.01)  # a backlog builds, and both instances poll it
@@ -1169,6 +1171,7 @@ async def test_two_serve_processes_on_one_database_share_the_work(pg_url, sink, 
     assert sum(per_process) == 300 and min(per_process) > 0, per_process
 
 
+@pytest.mark.slow
 def test_check_config_never_shows_the_database_password(tmp_path):
     for url in (
         "postgresql://bridge:pw-in-userinfo@db:5432/b",
