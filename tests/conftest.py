@@ -1,10 +1,17 @@
-"""Shared test peers: a recording HTTP sink, and the real `postback-bridge serve` process."""
+"""What the tests share: the in-process app (`app_client`), waiting for something to happen
+(`eventually`), HTTP spoken by hand (`raw_request`, `exchange`, `read_response`, `read_request`),
+a recording HTTP sink, and the real `postback-bridge serve` process (`bridge_factory`).
+
+Markers (pyproject.toml): `process` is put on every test that uses `bridge_factory` (below, in
+`pytest_collection_modifyitems`); `slow` is put by hand on the tests that take more than ~3 s.
+`pytest -m "not slow"` is the fast inner loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -12,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +28,13 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
+from bridge.app import create_app
+from bridge.config import build
 from bridge.lane import LaneSite
+from bridge.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 # Skycore's documentation as the product was built from it, copied from the project's shared
@@ -46,6 +56,13 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
  <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
 ]>
 <POSTBACK><ORIGIN>SMS_MO</ORIGIN><TEXT>&lol6;</TEXT></POSTBACK>"""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`process`: the tests that start the real `postback-bridge serve` (with `bridge_factory`)."""
+    for item in items:
+        if "bridge_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.process)
 
 
 def free_port() -> int:
@@ -80,6 +97,96 @@ def dedup_key_v1(event: dict[str, Any]) -> str:
         parts = ["msg", event["from"] or "", event["to"] or "", event["text"] or "", sent_at]
     raw = "\x1f".join([event["origin"], *parts])
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ---------------------------------------------------------------------------- waiting
+
+
+async def eventually(
+    check: Callable[[], Any],
+    timeout: float | None = None,
+    what: str | Callable[[], str] = "",
+    *,
+    interval: float = 0.1,
+    waits: int | None = None,
+    raises: bool = True,
+) -> Any:
+    """Until `check()` (a function, sync or async) returns something truthy; returns that.
+
+    `check` is called at once, then again after each sleep of `interval` seconds: until
+    `timeout` seconds have passed (10 if neither is given), or, with `waits=n` instead, after n
+    sleeps (the loop `for _ in range(n): if check(): break; sleep(interval)` followed by an
+    assertion of the check). Then it raises an AssertionError naming what was awaited: `what`,
+    a string or a function that says it when called (to show what was seen by then), else the
+    name of `check`. With `raises=False` it returns the last falsy value instead, for a wait
+    whose own assertions come after it."""
+    if timeout is not None and waits is not None:
+        raise TypeError("eventually() takes a timeout or a number of waits, not both")
+    if timeout is None and waits is None:
+        timeout = 10.0
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    slept = 0
+    while True:
+        got = check()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
+        if (deadline is not None and time.monotonic() > deadline) or (waits is not None and slept >= waits):
+            if not raises:
+                return got
+            said = what() if callable(what) else what
+            said = said or getattr(check, "__qualname__", repr(check))
+            after = f"{timeout:g}s" if timeout is not None else f"{waits} waits of {interval:g}s"
+            raise AssertionError(f"timed out after {after} waiting for {said}")
+        await asyncio.sleep(interval)
+        slept += 1
+
+
+# ---------------------------------------------------------------------------- the app, in process
+
+Client = TestClient[web.Request, web.Application]
+AppClient = Callable[..., Awaitable[Client]]
+
+
+class LaneTestServer(TestServer):
+    """aiohttp's TestServer with the postback lane in front, as `serve` runs the app
+    (bridge.lane.LaneSite instead of aiohttp's own site)."""
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        self._loop = loop
+        self.runner = await self._make_runner(**kwargs)
+        await self.runner.setup()
+        self.site = LaneSite(self.runner, self.host, 0)
+        await self.site.start()
+        assert self.site._server is not None
+        self.port = self.site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.scheme = "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._root = URL(f"http://{host}:{self.port}")
+
+
+def served(app: web.Application, way: str, host: str = "127.0.0.1") -> TestServer:
+    """`app` served the way a test asks: by aiohttp alone, or with the lane (as `serve` does)."""
+    return LaneTestServer(app, host=host) if way == "lane" else TestServer(app, host=host)
+
+
+@pytest.fixture
+def app_client(aiohttp_client: Any) -> AppClient:
+    """app_client(raw config, way="aiohttp" | "lane", store=None, host="127.0.0.1") -> a started
+    TestClient of the real app: create_app on the config dict (no environment, so no `${VAR}`),
+    served by aiohttp alone or with the postback lane in front as `serve` runs it, on a real
+    socket. `store` replaces the store the config names. Closed at the end of the test."""
+
+    async def make(
+        raw: dict[str, Any], way: str = "aiohttp", *, store: Store | None = None, host: str = "127.0.0.1"
+    ) -> Client:
+        app = create_app(build(raw, environ={}), store=store)
+        return await aiohttp_client(served(app, way, host))
+
+    return make
 
 
 # ---------------------------------------------------------------------------- sink
@@ -121,6 +228,7 @@ class Sink:
         return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        # woken by each request as it arrives rather than polled, so not eventually()
         deadline = time.monotonic() + timeout
         while len(self.received) < count:
             remaining = deadline - time.monotonic()
@@ -143,30 +251,6 @@ async def start_sink(port: int | None = None) -> tuple[Sink, web.AppRunner]:
     bound = runner.addresses[0][1]
     sink.url = f"http://127.0.0.1:{bound}"
     return sink, runner
-
-
-class LaneTestServer(TestServer):
-    """aiohttp's TestServer with the postback lane in front, as `serve` runs the app
-    (bridge.lane.LaneSite instead of aiohttp's own site)."""
-
-    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> None:
-        if self.runner:
-            return
-        self._loop = loop
-        self.runner = await self._make_runner(**kwargs)
-        await self.runner.setup()
-        self.site = LaneSite(self.runner, self.host, 0)
-        await self.site.start()
-        assert self.site._server is not None
-        self.port = self.site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.scheme = "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self._root = URL(f"http://{host}:{self.port}")
-
-
-def served(app: web.Application, way: str, host: str = "127.0.0.1") -> TestServer:
-    """`app` served the way a test asks: by aiohttp alone, or with the lane (as `serve` does)."""
-    return LaneTestServer(app, host=host) if way == "lane" else TestServer(app, host=host)
 
 
 @pytest.fixture(params=["builtin", "aiohttp"])
@@ -210,6 +294,52 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return int(status_line.split()[1]), headers, body
 
 
+def raw_request(body: bytes = b"", *, path: str = "/postback", method: str = "POST", **headers: str) -> bytes:
+    """An HTTP/1.1 request as bytes: the request line, `Host: bridge`, `headers` (`Content_Type`
+    is sent as `Content-Type`), and a Content-Length unless the headers frame the body."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: bridge"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    framed = any(k.lower() in ("content_length", "transfer_encoding") for k in headers)
+    if (method == "POST" or body) and not framed:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def exchange(host: str, port: int, *requests: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send `requests` on one connection, each after the answer to the one before (10 s each)."""
+    answers = []
+    async with connect_to(host, port) as (reader, writer):
+        for raw in requests:
+            writer.write(raw)
+            await writer.drain()
+            answers.append(await asyncio.wait_for(read_response(reader), 10))
+    return answers
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 request with a Content-Length, read by hand by a peer: head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return head + await reader.readexactly(length)
+
+
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], timeout: float, name: str, output: Callable[[], str]
+) -> None:
+    """Until something listens on 127.0.0.1:`port` (blocking: for a process being started). An
+    AssertionError with `output()` if `proc` (called `name`) exits first, or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{output()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{name} did not listen on {port} within {timeout}s:\n{output()}")
+
+
 # ---------------------------------------------------------------------------- the real process
 
 
@@ -238,16 +368,7 @@ class BridgeProcess:
             stdout=self.stdout_path.open("wb"),
             stderr=self.stderr_path.open("wb"),
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"bridge exited with {self.proc.returncode}:\n{self.stderr()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"bridge did not listen within {timeout}s:\n{self.stderr()}")
+        wait_for_port(self.port, self.proc, timeout, "bridge", self.stderr)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None

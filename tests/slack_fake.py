@@ -76,6 +76,7 @@ class FakeSlack:
         return [c for c in self.calls if c.ok]
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[Call]:
+        # woken by each call as it arrives rather than polled, so not eventually()
         deadline = time.monotonic() + timeout
         while len(self.calls) < count:
             remaining = deadline - time.monotonic()

@@ -12,9 +12,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from bridge.app import create_app
-from bridge.config import build
-from tests.conftest import BILLION_LAUGHS, POSTBACKS, served, sms
+from tests.conftest import BILLION_LAUGHS, POSTBACKS, sms
 from tests.test_postback import MULTIPART, multipart
 
 MAX_BODY = 1024
@@ -65,20 +63,17 @@ GOOD = [
 
 
 @pytest.fixture(params=["aiohttp", "lane"])
-async def bridge(aiohttp_client, sink, tmp_path, request):
+async def bridge(app_client, sink, tmp_path, request):
     """The app on a real SQLite file, delivering every event to the sink; served by aiohttp
     alone, and with the postback lane in front as `serve` runs it."""
-    config = build(
-        {
-            "server": {"max_body_bytes": MAX_BODY},
-            "store": f"sqlite:///{tmp_path / 'bridge.db'}",
-            "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"},
-            "destinations": {"crm": {"type": "webhook", "url": sink.url + "/hook"}},
-            "default": ["crm"],
-        },
-        environ={},
-    )
-    return await aiohttp_client(served(create_app(config), request.param))
+    raw = {
+        "server": {"max_body_bytes": MAX_BODY},
+        "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+        "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"},
+        "destinations": {"crm": {"type": "webhook", "url": sink.url + "/hook"}},
+        "default": ["crm"],
+    }
+    return await app_client(raw, request.param)
 
 
 async def post(client, body, content_type: str = ""):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,7 +21,7 @@ from bridge.metrics import DEAD_REASONS, Metrics
 from bridge.retry import Delivered, Failed, Outcome, RetryPolicy
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import post, sms
+from tests.conftest import eventually, post, sms
 
 DIED = "bridge_deliveries_died_total"
 
@@ -90,12 +90,11 @@ async def test_each_way_an_attempt_or_max_age_kills_a_delivery_counts_once_with_
     dispatcher = Dispatcher(store, destinations, on_dead=metrics.died)
     dispatcher.start()
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            stats = await store.stats()
-            if not any(s.pending for s in stats.values()):
-                break
-            await asyncio.sleep(0.1)
+
+        async def none_pending() -> bool:
+            return not any(s.pending for s in (await store.stats()).values())
+
+        await eventually(none_pending, 15, raises=False)  # the assertions below say what is wrong
         await asyncio.sleep(0.3)  # room for a death to be counted twice
         stats = await store.stats()
     finally:
@@ -129,9 +128,11 @@ async def test_a_delivery_dead_in_the_queue_is_counted_by_the_instance_that_mark
     for d in dispatchers:
         d.start()
     try:
-        deadline = time.monotonic() + 10
-        while (await store.stats())["crm"].pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+
+        async def none_pending() -> bool:
+            return not (await store.stats())["crm"].pending
+
+        await eventually(none_pending, 10, interval=0.05, raises=False)  # the assertions below say what is wrong
         await asyncio.sleep(0.3)
     finally:
         for d in dispatchers:
@@ -159,13 +160,7 @@ async def scrape(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
-async def eventually(check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "not reached in time"
-        await asyncio.sleep(0.1)
-
-
+@pytest.mark.slow
 async def test_deliveries_of_a_removed_destination_count_once_on_reload_and_on_restart(sink, bridge_factory):
     sink.default = 503  # crm is down: its deliveries wait
     config = {

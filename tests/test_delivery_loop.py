@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from bridge.carriers import Carriers
@@ -25,13 +26,14 @@ from bridge.retry import RetryPolicy
 from bridge.secret import Secret
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import sms
+from tests.conftest import eventually, sms
 
 
 def event(n: int) -> dict:
     return {"id": f"evt_{n:04d}", "type": "sms.received", "origin": "SMS_MO", "received_at": "2026-01-01T00:00:00.000Z"}
 
 
+@pytest.mark.slow
 async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: Path, webhook_client: str):
     """A 429 with Retry-After pauses the destination for longer than the leases of the
     deliveries already claimed ahead: they go back to the queue, and nothing is sent twice."""
@@ -69,9 +71,7 @@ async def test_a_retry_after_pause_gives_back_what_was_claimed_ahead(tmp_path: P
     dispatcher = Dispatcher(store, {"crm": destination}, lease_margin=0.5)
     dispatcher.start()
     try:
-        deadline = time.monotonic() + 30
-        while len(received) < 8 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(received) >= 8, 30, raises=False)  # the assertions below say what is wrong
         await asyncio.sleep(1.0)  # room for a duplicate to show up
     finally:
         await dispatcher.stop()
@@ -165,12 +165,14 @@ async def test_a_reply_that_is_not_utf8_is_kept_and_spoils_no_other_result(tmp_p
     dispatcher = Dispatcher(store, {"mail": mail, "crm": hook})
     dispatcher.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        rows = []
+
+        async def settled() -> bool:
+            nonlocal rows
             rows = await store.list_deliveries(DeliveryFilter())
-            if all(row.status != "pending" for row in rows):
-                break
-            await asyncio.sleep(0.1)
+            return all(row.status != "pending" for row in rows)
+
+        await eventually(settled, 20, lambda: f"no delivery pending: {rows}")
     finally:
         await dispatcher.stop()
         await http.close()
@@ -267,6 +269,7 @@ async def test_postbacks_arriving_together_are_claimed_and_recorded_together(tmp
     assert store.completes <= 12, f"{store.completes} writes of results for 40 postbacks"
 
 
+@pytest.mark.slow
 async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max_age(tmp_path: Path, sink):
     """An always-500 destination is soon taken to be down and probed one delivery at a time, so
     most of a backlog waits in the store, unattempted. Past max_age it is dead all the same,
@@ -284,6 +287,7 @@ async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max
     dispatcher = Dispatcher(store, {"crm": destination})
     dispatcher.start()
     try:
+        # not eventually(): the wait ends 3.5 s after the deliveries were made, not after it began
         while time.time() < created + 3.5:
             rows = await store.list_deliveries(DeliveryFilter())
             if all(row.status == "dead" for row in rows):
@@ -326,10 +330,12 @@ async def test_a_destination_down_is_a_warning_and_back_up_is_news(tmp_path: Pat
     dispatcher.start()
     try:
         await sink.wait_for(6)
-        for _ in range(100):
-            if any(r.getMessage() == "destination back up" for r in caplog.records):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(  # raises=False: the assertion below says what is wrong
+            lambda: any(r.getMessage() == "destination back up" for r in caplog.records),
+            waits=100,
+            interval=0.02,
+            raises=False,
+        )
     finally:
         await dispatcher.stop()
         await destination.close()

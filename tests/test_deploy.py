@@ -9,11 +9,9 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from yarl import URL
 
 from bridge.cli import _parser
 from bridge.metrics import Metrics
-from tests.conftest import ROOT, free_port, sms
+from tests.conftest import ROOT, free_port, sms, wait_for_port
 
 DEPLOY = ROOT / "deploy"
 
@@ -102,6 +100,7 @@ def test_dockerfile_healthcheck_asks_the_configured_address():
     assert timeout and args.timeout < int(timeout.group(1))  # it gives up before docker does
 
 
+@pytest.mark.slow
 def test_healthcheck_follows_the_port_in_the_config(bridge_factory):
     """`postback-bridge healthcheck` (the image's HEALTHCHECK) asks server.listen's port, on
     loopback when it listens on every interface; exit 1 once nothing answers there."""
@@ -377,7 +376,12 @@ class Nginx:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv("-g", "daemon off;"), stderr=subprocess.PIPE)
-        wait_for_port(self.port, self.proc)
+        proc = self.proc
+
+        def stderr() -> str:  # once it has exited: reading the pipe of a running nginx would block
+            return proc.stderr.read().decode(errors="replace") if proc.stderr and proc.poll() is not None else ""
+
+        wait_for_port(self.port, proc, 10.0, "nginx", stderr)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -395,20 +399,6 @@ class Nginx:
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
         return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise AssertionError(f"exited with {proc.returncode}: {err}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port} after {timeout}s")
 
 
 needs_nginx = pytest.mark.skipif(tool("nginx") is None, reason="nginx is not installed here (.ci/run installs it)")
@@ -564,7 +554,7 @@ async def test_caddy_in_front_of_the_bridge_passes_postbacks_only_and_logs_no_to
             [caddy, "run", "--config", str(tmp_path / "caddy.json")], stdout=out, stderr=out, env=env
         )
     try:
-        wait_for_port(port, proc)
+        wait_for_port(port, proc, 10.0, "caddy", lambda: log.read_text(errors="replace"))
         async with aiohttp.ClientSession() as client:
             await only_postbacks_pass(client, f"http://127.0.0.1:{port}", token, bridge)
     finally:

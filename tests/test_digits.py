@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 
-from bridge.app import create_app
 from bridge.carriers import spid_key
 from bridge.cli import _parser, whole_number
 from bridge.config import build, load, parse_listen
@@ -30,6 +28,7 @@ from bridge.digits import is_digits, parse_uint
 from bridge.errors import ConfigError
 from bridge.retry import Failed, RetryAt, RetryPolicy, classify_http, decide, parse_retry_after
 from bridge.validate import parse_duration
+from tests.conftest import read_request
 
 NOW = 1_700_000_000.0
 SUPERSCRIPT_TWO = "\u00b2"  # '²': isdigit() yes, isdecimal() no, float() refuses it
@@ -65,9 +64,7 @@ async def test_a_webhook_answered_503_with_retry_after_superscript_is_retried_no
     """Through the real client and a real socket: the header arrives as the Latin-1 byte 0xB2."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 4\r\n\r\nbusy")
         await writer.drain()
         writer.close()
@@ -91,15 +88,14 @@ async def test_a_webhook_answered_503_with_retry_after_superscript_is_retried_no
 
 
 @pytest.fixture
-async def admin_client(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
+async def admin_client(app_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
     raw = {
         "server": {"admin_token": ADMIN},
         "store": f"sqlite:///{tmp_path / 'bridge.db'}",
         "destinations": {"audit": {"type": "log", "path": str(tmp_path / "events.jsonl")}},
         "default": ["audit"],
     }
-    app: web.Application = create_app(build(raw, environ={}))
-    yield await aiohttp_client(app)
+    yield await app_client(raw)
 
 
 @pytest.mark.parametrize(

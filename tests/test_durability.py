@@ -36,7 +36,7 @@ from bridge.retry import Dead, Decision, Delivered, Done, Outcome, RetryAt
 from bridge.store import AttemptResult, Claim, DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from bridge.validate import Reader
-from tests.conftest import BridgeProcess, Sink, post, sms, start_sink
+from tests.conftest import BridgeProcess, Sink, eventually, post, sms, start_sink
 
 FAST_RETRY = {"initial": "50ms", "max_interval": "500ms", "max_age": "1h"}
 QUIET = {"BRIDGE_LOG_LEVEL": "warning"}  # thousands of info lines would cost the CPU we measure
@@ -57,14 +57,6 @@ def tx_of(event: dict[str, Any]) -> int:
 
 def delivered_ids(sink: Sink) -> Counter[str]:
     return Counter(r.json()["id"] for r in sink.received)
-
-
-async def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def deliveries(bridge: BridgeProcess, *args: str) -> list[dict[str, Any]]:
@@ -130,6 +122,7 @@ class Skycore:
                 self.todo.put_nowait(n)
 
 
+@pytest.mark.slow
 async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory):
     total, kills = 2000, 3
     rng = random.Random(7)
@@ -142,7 +135,7 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory
     killed_at: list[int] = []
     for _ in range(kills):
         target = len(client.acked) + rng.randint(total // 10, total // 5)
-        await wait_until(lambda t=target: len(client.acked) >= t or posting.done(), 90, f"{target} acks")
+        await eventually(lambda t=target: len(client.acked) >= t or posting.done(), 90, f"{target} acks")
         # at once: the random target is the random point; a random wait on top let a fast bridge
         # take all 2,000 before the last kill (CI saw [1002, 1330, 2000])
         killed_at.append(len(client.acked))
@@ -155,7 +148,7 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory
 
     acked_ids = set(client.acked.values())
     # within 30 s: what the killed process held is due at once, not when its 45 s leases run out
-    await wait_until(lambda: acked_ids <= set(delivered_ids(sink)), 30, "every acked event at the sink", 0.25)
+    await eventually(lambda: acked_ids <= set(delivered_ids(sink)), 30, "every acked event at the sink", interval=0.25)
     await asyncio.sleep(1.0)  # let stragglers (redeliveries after a kill) arrive before counting
     received = delivered_ids(sink)
     lost = acked_ids - set(received)
@@ -173,6 +166,7 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_cli_beside_a_running_server_leaves_its_leases_alone(sink, bridge_factory):
     release = asyncio.Event()
     sink.default = hold(release)
@@ -188,7 +182,7 @@ async def test_cli_beside_a_running_server_leaves_its_leases_alone(sink, bridge_
         assert len(sink.received) == 3, "the server sent deliveries again that it was still sending"
     finally:
         release.set()
-    await wait_until(lambda: {d["status"] for d in deliveries(bridge)} == {"delivered"}, 15, "delivered", 0.5)
+    await eventually(lambda: {d["status"] for d in deliveries(bridge)} == {"delivered"}, 15, "delivered", interval=0.5)
     assert len(sink.received) == 3
     assert bridge.stop() == 0
 
@@ -196,6 +190,7 @@ async def test_cli_beside_a_running_server_leaves_its_leases_alone(sink, bridge_
 # ---------------------------------------------------------------------------- flapping peer
 
 
+@pytest.mark.slow
 async def test_flapping_peer_every_event_delivered_none_dead(sink, bridge_factory):
     rng = random.Random(11)
     events, flaps = 30, 70
@@ -232,18 +227,21 @@ async def test_flapping_peer_every_event_delivered_none_dead(sink, bridge_factor
     def ok_ids() -> set[str]:
         return {e for e, kind, _ in answers if kind == "ok"}
 
-    await wait_until(lambda: ids <= ok_ids(), 60, "every event answered 200 by the recovered peer", 0.2)
+    await eventually(lambda: ids <= ok_ids(), 60, "every event answered 200 by the recovered peer", interval=0.2)
     kinds = Counter(kind for _, kind, _ in answers[:flaps])
     assert all(kinds[k] for k in ("500", "429", "timeout", "reset")), kinds
 
     # an "ok" that came later than the 300 ms timeout (a busy machine) is retried: wait for that too
-    deadline = time.monotonic() + 30
-    while True:
+    listing: list[dict[str, Any]] = []
+
+    async def all_delivered() -> bool:
+        nonlocal listing
         listing = await asyncio.to_thread(deliveries, bridge)
-        if {d["status"] for d in listing} == {"delivered"}:
-            break
-        assert time.monotonic() < deadline, [d for d in listing if d["status"] != "delivered"]
-        await asyncio.sleep(0.5)
+        return {d["status"] for d in listing} == {"delivered"}
+
+    await eventually(
+        all_delivered, 30, lambda: f"all delivered: {[d for d in listing if d['status'] != 'delivered']}", interval=0.5
+    )
     assert len(listing) == events
     tries = Counter(e for e, _, _ in answers)
     for d in listing:
@@ -297,6 +295,7 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 async def test_full_disk_gives_503_then_recovers_without_restart(sink, bridge_factory, small_disk):
     config = hook_config(("crm", sink.url + "/hook", {}))
     config["store"] = f"sqlite:///{small_disk / 'bridge.db'}"
@@ -348,17 +347,15 @@ async def test_full_disk_gives_503_then_recovers_without_restart(sink, bridge_fa
             def unrecorded() -> int:
                 return sum(line.get("msg") == "cannot record attempt" for line in bridge.log_lines())
 
-            await wait_until(lambda: unrecorded() >= len(in_flight), 15, "the five attempts to fail to record")
+            await eventually(lambda: unrecorded() >= len(in_flight), 15, "the five attempts to fail to record")
 
             filler.unlink()  # the operator frees space; no restart
-            ready = False
-            for _ in range(100):
+
+            async def ready() -> bool:
                 async with session.get(bridge.url + "/readyz") as r:
-                    if r.status == 200:
-                        ready = True
-                        break
-                await asyncio.sleep(0.2)
-            assert ready, "/readyz never came back after space was freed"
+                    return r.status == 200
+
+            await eventually(ready, waits=100, interval=0.2, what="/readyz to come back after space was freed")
             assert bridge.proc.poll() is None and bridge.proc.pid == pid
             for n in [*refused, *range(500, 520)]:  # Skycore re-posts the refused ones; new ones come
                 async with session.post(bridge.url + "/postback", data=sms(n)) as response:
@@ -366,13 +363,14 @@ async def test_full_disk_gives_503_then_recovers_without_restart(sink, bridge_fa
                     acked[n] = (await response.json())["id"]
 
         acked_ids = set(acked.values())
-        await wait_until(lambda: acked_ids <= set(delivered_ids(sink)), 60, "every acked event delivered", 0.2)
+        await eventually(lambda: acked_ids <= set(delivered_ids(sink)), 60, "every acked event delivered", interval=0.2)
+
         # the five are recorded as delivered once the store is back, well before their leases
         # (45 s) would run out and send them again
-        deadline = time.monotonic() + 15
-        while {d["status"] for d in await asyncio.to_thread(deliveries, bridge)} != {"delivered"}:
-            assert time.monotonic() < deadline, "deliveries the peer took are still not recorded"
-            await asyncio.sleep(0.5)
+        async def recorded() -> bool:
+            return {d["status"] for d in await asyncio.to_thread(deliveries, bridge)} == {"delivered"}
+
+        await eventually(recorded, 15, "the deliveries the peer took to be recorded", interval=0.5)
         received = delivered_ids(sink)
         assert [received[i] for i in in_flight] == [1] * len(in_flight)
         assert bridge.stop() == 0
@@ -387,6 +385,7 @@ async def test_full_disk_gives_503_then_recovers_without_restart(sink, bridge_fa
 # ---------------------------------------------------------------------------- slow peer isolation
 
 
+@pytest.mark.slow
 async def test_slow_peer_does_not_delay_a_healthy_one(sink, bridge_factory):
     slow, slow_runner = await start_sink()
     release = asyncio.Event()
@@ -404,7 +403,7 @@ async def test_slow_peer_does_not_delay_a_healthy_one(sink, bridge_factory):
             assert status == 200
             acked_at[body["id"]] = time.time()
             await asyncio.sleep(0.05)
-        await wait_until(lambda: set(acked_at) <= set(delivered_ids(sink)), 30, "healthy deliveries")
+        await eventually(lambda: set(acked_at) <= set(delivered_ids(sink)), 30, "healthy deliveries")
         latency = sorted(r.at - acked_at[r.json()["id"]] for r in sink.received)
         median, worst = latency[len(latency) // 2], latency[-1]
         print(f"\nhealthy latency with a hung peer: median {median * 1000:.0f} ms, max {worst * 1000:.0f} ms")
@@ -421,6 +420,7 @@ async def test_slow_peer_does_not_delay_a_healthy_one(sink, bridge_factory):
 # ---------------------------------------------------------------------------- graceful shutdown
 
 
+@pytest.mark.slow
 async def test_sigterm_during_a_burst_answers_releases_and_exits_0(sink, bridge_factory):
     release = asyncio.Event()
     sink.default = hold(release)  # every delivery stays in flight: leased when SIGTERM comes
@@ -441,8 +441,8 @@ async def test_sigterm_during_a_burst_answers_releases_and_exits_0(sink, bridge_
                     answers[n] = type(exc).__name__
 
             burst = [asyncio.create_task(one(n)) for n in range(600)]
-            await wait_until(lambda: len(ids) >= 100, 60, "100 acks")
-            await wait_until(lambda: len(sink.received) >= 16, 30, "deliveries in flight")
+            await eventually(lambda: len(ids) >= 100, 60, "100 acks")
+            await eventually(lambda: len(sink.received) >= 16, 30, "deliveries in flight")
             sent_at = time.monotonic()
             bridge.proc.send_signal(signal.SIGTERM)
             await asyncio.gather(*burst)
@@ -474,7 +474,7 @@ async def test_sigterm_during_a_burst_answers_releases_and_exits_0(sink, bridge_
                 ids[n] = body["id"]
         # the released deliveries go out at once, not when a lease would have run out (55 s)
         wanted = set(ids.values())
-        await wait_until(lambda: wanted <= set(delivered_ids(sink)), 20, "released deliveries sent")
+        await eventually(lambda: wanted <= set(delivered_ids(sink)), 20, "released deliveries sent")
         assert bridge.stop() == 0
     finally:
         release.set()
@@ -541,11 +541,11 @@ async def test_poison_event_is_dead_for_its_destination_and_blocks_nothing(sink,
         ids = [await ingest(n, text) for n, text in enumerate(["hi", "POISON pill", "after", "more", "end"])]
         poison = ids[1]
         good = [i for i in ids if i != poison]
-        await wait_until(lambda: renderer.sent == good, 15, "the rest of the conversation delivered in order")
+        await eventually(lambda: renderer.sent == good, 15, "the rest of the conversation delivered in order")
         await sink.wait_for(len(ids), timeout=15)  # the other destination takes the poison event fine
 
         late = await ingest(10, "later")  # the worker is still alive
-        await wait_until(lambda: renderer.sent == [*good, late], 15, "an event after the poison")
+        await eventually(lambda: renderer.sent == [*good, late], 15, "an event after the poison")
 
         rows = await store.list_deliveries(DeliveryFilter(destination="renderer"))
         dead = [r for r in rows if r.status == "dead"]
@@ -647,7 +647,7 @@ async def test_a_store_that_hangs_is_a_503_within_patience_and_loses_nothing(aio
         environ={},
     )
     store = _StallingStore(str(tmp_path / "bridge.db"))
-    app = create_app(config, store=store)
+    app = create_app(config, store=store)  # not app_client: its patience is set before it starts
     app[RUNTIME].patience = Patience(0.3, every=0.05)
     client = await aiohttp_client(app)
 

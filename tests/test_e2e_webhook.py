@@ -13,7 +13,7 @@ from cloudevents.v1.http import from_http
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.conftest import POSTBACKS, post, sms
+from tests.conftest import POSTBACKS, eventually, post, sms
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
@@ -41,6 +41,7 @@ async def test_signed_event_verifies_with_standardwebhooks(sink, bridge_factory,
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_rotating_secrets_each_sign_and_either_verifies(sink, bridge_factory, webhook_client):
     """`secret: [new, old]`: one signature per secret in `webhook-signature`, so receivers still
     on the old secret and those already on the new one both verify (Standard Webhooks rotation)."""
@@ -84,6 +85,7 @@ async def test_an_unsigned_webhook_carries_the_event_id_as_webhook_id_too(sink, 
     assert "webhook-signature" not in request.headers and "webhook-timestamp" not in request.headers
 
 
+@pytest.mark.slow
 async def test_500_500_200_is_one_delivery(sink, bridge_factory, webhook_client):
     sink.responses = [500, 500, 200]
     bridge = bridge_factory(webhook_config(sink.url, webhook_client))
@@ -98,6 +100,7 @@ async def test_500_500_200_is_one_delivery(sink, bridge_factory, webhook_client)
     assert listing[0]["attempts"] == 3
 
 
+@pytest.mark.slow
 async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory, webhook_client):
     sink.responses = [400]
     bridge = bridge_factory(webhook_config(sink.url, webhook_client))
@@ -111,6 +114,7 @@ async def test_400_is_dead_with_reason_and_not_retried(sink, bridge_factory, web
     assert "HTTP 400" in listing[0]["last_error"]
 
 
+@pytest.mark.slow
 async def test_retry_after_is_honoured(sink, bridge_factory, webhook_client):
     sink.responses = [(429, {"Retry-After": "1"}), 200]
     config = webhook_config(sink.url, webhook_client)
@@ -135,6 +139,7 @@ async def test_same_postback_twice_is_one_delivery(sink, bridge_factory, webhook
     assert len(sink.received) == 1
 
 
+@pytest.mark.slow
 async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_factory, webhook_client):
     sink.default = 503
     bridge = bridge_factory(webhook_config(sink.url, webhook_client))
@@ -147,11 +152,9 @@ async def test_kill_9_with_sink_down_then_everything_delivered(sink, bridge_fact
     bridge.kill()
     sink.default = 200
     bridge.start()
-    for _ in range(100):
-        if ids <= {r.json()["id"] for r in sink.received}:
-            break
-        await asyncio.sleep(0.2)
-    assert ids <= {r.json()["id"] for r in sink.received}
+    await eventually(
+        lambda: ids <= {r.json()["id"] for r in sink.received}, waits=100, interval=0.2, what="every event at the sink"
+    )
     assert bridge.stop() == 0
 
 
@@ -193,10 +196,7 @@ async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_p
         await asyncio.to_thread(bridge.start)
         status, body = await post(bridge.url + "/postback", sms(1))
         assert status == 200
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: received, waits=100, what="a delivery to the trusted name")
         assert [e["id"] for e in received] == [body["id"]]  # once: the other name is not trusted
         await asyncio.sleep(0.5)
         attempts = [

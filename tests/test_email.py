@@ -9,7 +9,6 @@ import email
 import email.policy
 import json
 import ssl
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +34,7 @@ from bridge.postback import parse
 from bridge.retry import Delivered, Failed
 from bridge.store import DeliveryFilter, NewDelivery
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import free_port, post, sms
+from tests.conftest import eventually, free_port, post, sms
 
 FAST_RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
 PASSWORD = "hunter2-very-secret"
@@ -86,10 +85,9 @@ class MailServer:
         return "250 2.0.0 queued"
 
     async def wait_for(self, count: int, timeout: float = 15.0) -> list[Mail]:
-        deadline = time.monotonic() + timeout
-        while len(self.mails) < count:
-            assert time.monotonic() < deadline, f"got {len(self.mails)} mails, expected {count}"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: len(self.mails) >= count, timeout, lambda: f"{count} mails (got {len(self.mails)})", interval=0.02
+        )
         return self.mails
 
 
@@ -350,13 +348,16 @@ async def deliver(store: SQLiteStore, dest: EmailDestination, event: Event) -> i
 
 
 async def settled(store: SQLiteStore, delivery_id: int, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+    row: Any = None
+
+    async def done() -> Any:
+        nonlocal row
         (row,) = await store.list_deliveries(DeliveryFilter(ids=(delivery_id,)))
-        if row.status != "pending":
-            return row
-        assert time.monotonic() < deadline, f"delivery still pending after {row.attempts} attempts"
-        await asyncio.sleep(0.05)
+        return row.status != "pending"
+
+    what = f"delivery {delivery_id} to settle"
+    await eventually(done, timeout, lambda: f"{what} (still pending after {row.attempts} attempts)", interval=0.05)
+    return row
 
 
 @pytest.fixture
@@ -427,10 +428,7 @@ async def test_server_down_then_up_is_delivered(services, store, dispatcher, mai
     dest = await destination(services, port)
     delivery = await deliver(store, dest, event_of(sms(1)))
     dispatcher(dest)
-    deadline = time.monotonic() + 15
-    while not await store.attempts(delivery):
-        assert time.monotonic() < deadline, "no attempt while the server was down"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: store.attempts(delivery), 15, "an attempt while the server was down", interval=0.05)
 
     peer, server = await start_mail_server(port)
     mail_servers.append(server)

@@ -19,8 +19,6 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bridge.app import create_app
-from bridge.config import build
 from bridge.runtime import RUNTIME
 from tests.conftest import POSTBACKS, sms
 
@@ -70,14 +68,14 @@ def escaped(text: str) -> str:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, tmp_path: Path) -> Client:
+async def client(app_client: Any, tmp_path: Path) -> Client:
     raw = {
         "server": {"max_body_bytes": 16384},
         "store": f"sqlite:///{tmp_path / 'fuzz.db'}",
         "destinations": {"audit": {"type": "log", "path": str(tmp_path / "events.jsonl")}},
         "default": ["audit"],
     }
-    return await aiohttp_client(create_app(build(raw, environ={})))
+    return await app_client(raw)
 
 
 async def send(client: Client, body: bytes, content_type: str | None, path: str = "/postback") -> tuple[int, Any]:
@@ -108,6 +106,7 @@ _serial = itertools.count()
 @example(text="\t tabs\r\nand CRLF\x7f\x85\u2028 ", cdata=False, form=True, content_type=None)
 @example(text="  leading and trailing  ", cdata=True, form=False, content_type="text/xml")
 @example(text="bell\x07", cdata=False, form=False, content_type=None)
+@pytest.mark.slow
 async def test_text_round_trips_exactly(client, text, cdata, form, content_type):
     n = next(_serial)
     as_cdata = cdata and "]]>" not in text and "\r" not in text

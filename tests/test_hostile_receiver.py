@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bridge.destinations.base import Attempt, Services
 from bridge.destinations.webhook import REASON_BYTES, WebhookDestination
 from bridge.retry import Failed
 from bridge.secret import Secret
-from tests.conftest import post, sms
+from tests.conftest import eventually, post, read_request, sms
 
 ADMIN = "adm_Q2w9Ztk4"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -43,12 +44,6 @@ async def receiver(handle: Handler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    return head + await reader.readexactly(length)
 
 
 async def admin(url: str, path: str) -> Any:
@@ -78,6 +73,7 @@ async def timed(request: Awaitable[Any]) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 async def test_a_receiver_that_answers_100_continue_without_end_does_not_freeze_the_bridge(bridge_factory):
     """Issue 17: 512 KB of 1xx heads held the event loop 5.8 s; with 8 such deliveries a postback
     took over 10 s (Skycore gives up at 10 s). Eight deliveries retry against it all along here,
@@ -229,13 +225,14 @@ async def test_the_stored_reason_the_admin_api_and_the_log_hold_no_part_of_an_ec
         assert status == 200
         # a 400 is dead at once: one attempt, then a replay for the next, 8 in all
         for n in range(8):
-            for _ in range(200):
+
+            async def dead_after(attempts: int = n + 1) -> Any:
                 event = await admin(bridge.url, f"/admin/events/{body['id']}")
                 delivery = event["deliveries"][0]
-                if delivery["status"] == "dead" and len(delivery["attempt_log"]) == n + 1:
-                    break
-                await asyncio.sleep(0.02)
-            assert delivery["status"] == "dead" and len(delivery["attempt_log"]) == n + 1
+                return event if delivery["status"] == "dead" and len(delivery["attempt_log"]) == attempts else None
+
+            event = await eventually(dead_after, waits=200, interval=0.02, what=f"dead after {n + 1} attempts")
+            delivery = event["deliveries"][0]
             if n < 7:
                 async with aiohttp.ClientSession() as session:
                     replay = bridge.url + f"/admin/deliveries/{delivery['id']}/replay"

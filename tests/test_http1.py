@@ -16,6 +16,7 @@ import trustme
 from aiohttp import web
 
 from bridge import http1
+from tests.conftest import read_request
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Peer"], Awaitable[None]]
 
@@ -362,9 +363,7 @@ async def test_https_verifies_the_certificate() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                await read_request(reader)
                 writer.write(OK)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             writer.close()

@@ -30,21 +30,20 @@ from packaging.version import Version
 from prometheus_client.parser import text_string_to_metric_families
 
 import bridge.lane
-from bridge.app import create_app
-from bridge.config import build
 from bridge.errors import StoreError
 from bridge.runtime import RUNTIME
-from tests.conftest import ROOT, LaneTestServer, connect_to, read_response, sms
+from tests.conftest import ROOT, AppClient, LaneTestServer, connect_to, eventually, read_response, sms
+from tests.conftest import exchange as exchange_to
+from tests.conftest import raw_request as request
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 Serve = Callable[..., Awaitable[TestServer]]
 
 
 @pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
+def serve(app_client: AppClient, tmp_path: Path) -> Serve:
     """serve(way="lane" | "aiohttp", **server section) -> a started server of the real app."""
     counter = itertools.count()
-    started: list[TestServer] = []
 
     async def make(way: str = "lane", **server: Any) -> TestServer:
         n = next(counter)
@@ -54,29 +53,14 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
             "destinations": {"audit": {"type": "log", "path": str(tmp_path / f"events{n}.jsonl")}},
             "default": ["audit"],
         }
-        app = create_app(build(raw, environ={}))
-        test_server = LaneTestServer(app, host="127.0.0.1") if way == "lane" else TestServer(app, host="127.0.0.1")
-        await test_server.start_server()
-        started.append(test_server)
-        return test_server
+        return (await app_client(raw, way)).server
 
-    yield make
-    for test_server in started:
-        await test_server.close()
+    return make
 
 
 def lane_of(server: TestServer) -> bridge.lane.Lane:
     assert isinstance(server, LaneTestServer) and server.site.lane is not None
     return server.site.lane
-
-
-def request(body: bytes = b"", *, path: str = "/postback", method: str = "POST", **headers: str) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: bridge"]
-    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
-    framed = any(k.lower() in ("content_length", "transfer_encoding") for k in headers)
-    if (method == "POST" or body) and not framed:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def twice(raw: bytes, field: bytes) -> bytes:
@@ -95,17 +79,6 @@ async def connect(server: TestServer) -> AsyncIterator[tuple[asyncio.StreamReade
 
 async def exchange(server: TestServer, *requests: bytes) -> list[Response]:
     return await exchange_to(server.host, server.port, *requests)
-
-
-async def exchange_to(host: str, port: int, *requests: bytes) -> list[Response]:
-    """Send `requests` on one connection, each after the answer to the one before."""
-    answers = []
-    async with connect_to(host, port) as (reader, writer):
-        for raw in requests:
-            writer.write(raw)
-            await writer.drain()
-            answers.append(await asyncio.wait_for(read_response(reader), 10))
-    return answers
 
 
 async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
@@ -262,35 +235,35 @@ async def test_a_postback_path_beside_other_routes_answers_as_aiohttp_does(serve
     assert lane_of(with_lane).taken >= 1
 
 
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_end(serve):
     """Pipelining without reading: the lane stops taking requests while its answers wait to be
     read, and stops reading once one request's worth is buffered, as aiohttp does."""
     server = await serve()
     lane = lane_of(server)
     cheap = request(sms(1), path="/postback/x") * 100  # 404s: no store write, as fast as it gets
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    sent = 0
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(3):
+    async with connect(server) as (reader, writer):
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                while True:
+                    writer.write(cheap)
+                    sent += len(cheap)
+                    await writer.drain()
+        (connection,) = lane.connections
+        assert connection.blocked and connection.paused
+        assert len(connection.buffer) <= connection.limit + 2**18
+        assert connection.transport is not None and connection.transport.get_write_buffer_size() <= 2**17
+        assert sent < 64 * 2**20  # the kernel's buffers and ours, not all that was sent in 3 s
+        # and once the client reads, everything it sent is answered
+        writer.write_eof()
+        answered = 0
+        with contextlib.suppress(asyncio.IncompleteReadError):
             while True:
-                writer.write(cheap)
-                sent += len(cheap)
-                await writer.drain()
-    (connection,) = lane.connections
-    assert connection.blocked and connection.paused
-    assert len(connection.buffer) <= connection.limit + 2**18
-    assert connection.transport is not None and connection.transport.get_write_buffer_size() <= 2**17
-    assert sent < 64 * 2**20  # the kernel's buffers and ours, not all that was sent in 3 s
-    # and once the client reads, everything it sent is answered
-    writer.write_eof()
-    answered = 0
-    with contextlib.suppress(asyncio.IncompleteReadError):
-        while True:
-            status, _, _ = await asyncio.wait_for(read_response(reader), 10)
-            assert status == 404
-            answered += 1
-    assert answered * len(cheap) // 100 == sent
-    writer.close()
+                status, _, _ = await asyncio.wait_for(read_response(reader), 10)
+                assert status == 404
+                answered += 1
+        assert answered * len(cheap) // 100 == sent
 
 
 async def not_reading(server: TestServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -530,10 +503,7 @@ async def test_a_client_that_hangs_up_before_the_answer_still_has_its_postback_s
     sock.sendall(request(sms(1)))
     await asyncio.wait_for(arrived.wait(), 5)
     sock.close()
-    for _ in range(50):
-        if lane_of(server).tasks:
-            await asyncio.sleep(0.1)
-    assert not lane_of(server).tasks
+    await eventually(lambda: not lane_of(server).tasks, waits=50, what="the lane's tasks to end")
     # Skycore's retry finds it stored
     assert json.loads((await exchange(server, request(sms(1))))[0][2])["status"] == "duplicate"
 
@@ -564,8 +534,7 @@ async def test_an_unexpected_error_in_the_lane_is_a_503_never_a_500(serve, monke
 async def test_shutdown_answers_the_postbacks_being_stored_and_closes_idle_connections(serve):
     server = await serve()
     arrived = slow_store(server, 0.5)
-    idle_reader, idle_writer = await asyncio.open_connection(server.host, server.port)
-    async with connect(server) as (reader, writer):
+    async with connect(server) as (idle_reader, _), connect(server) as (reader, writer):
         writer.write(request(sms(1)))
         await writer.drain()
         await asyncio.wait_for(arrived.wait(), 5)
@@ -575,7 +544,6 @@ async def test_shutdown_answers_the_postbacks_being_stored_and_closes_idle_conne
         assert await closed_by_peer(reader)
         assert await closed_by_peer(idle_reader)
         await asyncio.wait_for(closing, 10)
-    idle_writer.close()
     with pytest.raises(OSError):
         socket.create_connection((server.host, server.port), timeout=1).close()
 

@@ -11,8 +11,6 @@ import pytest
 from openapi_spec_validator import validate
 
 from bridge.admin import OPENAPI
-from bridge.app import create_app
-from bridge.config import build
 
 TOKEN = "an-admin-token-for-the-openapi-tests"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,17 +28,14 @@ def sample(schema: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-async def client(aiohttp_client, tmp_path: Path):
-    config = build(
-        {
-            "server": {"admin_token": TOKEN},
-            "store": f"sqlite:///{tmp_path / 'bridge.db'}",
-            "destinations": {"audit": {"type": "log", "path": str(tmp_path / "events.jsonl")}},
-            "default": ["audit"],
-        },
-        environ={},
-    )
-    return await aiohttp_client(create_app(config))
+async def client(app_client, tmp_path: Path):
+    raw = {
+        "server": {"admin_token": TOKEN},
+        "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+        "destinations": {"audit": {"type": "log", "path": str(tmp_path / "events.jsonl")}},
+        "default": ["audit"],
+    }
+    return await app_client(raw)
 
 
 def documented() -> set[tuple[str, str]]:

@@ -29,12 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge import cli as cli_module
 from bridge import runtime as runtime_module
 from bridge.app import create_app
-from bridge.config import build, load
+from bridge.config import load
 from bridge.errors import StoreError
 from bridge.runtime import RUNTIME, purge_once
 from bridge.store import DeliveryFilter
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import POSTBACKS, free_port, post, sms
+from tests.conftest import POSTBACKS, connect_to, eventually, free_port, post, sms
 from tests.test_store_contract import (
     pg_url,  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
     put,
@@ -94,14 +94,6 @@ def rewrite(bridge, change) -> None:
     bridge.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
-
-
 # ---------------------------------------------------------------------------- admin auth
 
 
@@ -140,7 +132,7 @@ async def test_every_metric_moves_in_an_end_to_end_run(sink, bridge_factory):
             and m.get(("bridge_delivery_attempts_total", (("destination", "audit"), ("outcome", "delivered")))) == 1
         )
 
-    await wait_until(settled)
+    await eventually(settled)
     m = await scrape(bridge)
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "accepted"), ("reason", "")))] == 2
     assert m[("bridge_postbacks_received_total", (("origin", "SMS_MO"), ("outcome", "duplicate"), ("reason", "")))] == 1
@@ -169,6 +161,7 @@ async def test_oldest_pending_age_grows_while_a_destination_is_down(sink, bridge
 # ---------------------------------------------------------------------------- listing and replay
 
 
+@pytest.mark.slow
 async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factory):
     sink.responses = [400, 400]  # the first attempts of both events die
     bridge = bridge_factory({**config_for(sink.url), "store": store})
@@ -181,7 +174,7 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
         _, body = await admin(bridge, "GET", "/admin/deliveries?status=dead")
         return len(body["deliveries"]) == 2
 
-    await wait_until(both_dead)
+    await eventually(both_dead)
     status, body = await admin(bridge, "GET", "/admin/dead-letters")
     assert status == 200 and {d["event_id"] for d in body["deliveries"]} == {stop["id"], hello["id"]}
     status, body = await admin(bridge, "GET", "/admin/dead-letters?destination=crm&status=pending")  # dead only
@@ -217,7 +210,7 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
         _, d = await admin(bridge, "GET", f"/admin/deliveries/{crm['id']}")
         return d["status"] == "delivered"
 
-    await wait_until(crm_delivered)
+    await eventually(crm_delivered)
     _, d = await admin(bridge, "GET", f"/admin/deliveries/{crm['id']}")
     assert [a["outcome"] for a in d["attempt_log"]] == ["dead", "delivered"]
     # replaying a delivered one needs force
@@ -236,6 +229,7 @@ async def test_filters_attempts_and_replay_end_to_end(sink, store, bridge_factor
     assert "DESTINATION" in table and "audit" in table
 
 
+@pytest.mark.slow
 async def test_failed_deliveries_are_listed_and_replay_sends_them_now(sink, bridge_factory):
     """CONTRACT §2: `replay` requeues dead or failed ones; a failed one waits for an hour's backoff
     here, and the replay sends it at once."""
@@ -251,7 +245,7 @@ async def test_failed_deliveries_are_listed_and_replay_sends_them_now(sink, brid
         _, body = await admin(bridge, "GET", "/admin/deliveries?status=failed")
         return body["deliveries"]
 
-    await wait_until(failed)
+    await eventually(failed)
     (delivery,) = await failed()
     assert (delivery["event_id"], delivery["status"]) == (stop["id"], "pending") and "503" in delivery["last_error"]
     listed = json.loads(bridge.cli("deliveries", "-c", str(bridge.config_path), "--status", "failed", "--json").stdout)
@@ -287,6 +281,7 @@ async def test_replay_cli_refuses_without_a_selector(bridge_factory, sink):
     assert done.returncode == 2 and "say which" in done.stderr
 
 
+@pytest.mark.slow
 async def test_replay_cli_names_delivery_ids_that_do_not_exist(sink, bridge_factory):
     sink.default = 400  # dead at once
     bridge = bridge_factory(config_for(sink.url))
@@ -296,7 +291,7 @@ async def test_replay_cli_names_delivery_ids_that_do_not_exist(sink, bridge_fact
     async def dead() -> list:
         return (await admin(bridge, "GET", "/admin/dead-letters"))[1]["deliveries"]
 
-    await wait_until(dead)
+    await eventually(dead)
     (delivery,) = await dead()
     done = bridge.cli("replay", "-c", str(bridge.config_path), str(delivery["id"]), "9999", check=False)
     assert done.returncode == 1 and "no delivery 9999" in done.stderr
@@ -408,7 +403,7 @@ async def test_reload_during_a_burst_refuses_and_loses_nothing(sink, bridge_fact
         _, body = await admin(bridge, "GET", "/admin/deliveries?status=pending&limit=1000")
         return not body["deliveries"]
 
-    await wait_until(all_delivered, timeout=30)
+    await eventually(all_delivered, timeout=30)
     delivered = {r.json()["id"] for r in sink.received}
     _, events = await admin(bridge, "GET", "/admin/events?limit=1000")
     assert {e["id"] for e in events["events"]} <= delivered
@@ -433,14 +428,13 @@ async def test_removed_destination_keeps_its_pending_deliveries_as_dead(sink, st
 # ---------------------------------------------------------------------------- retention
 
 
-async def test_retention_purges_only_what_is_old_enough(store, aiohttp_client, sink):
+async def test_retention_purges_only_what_is_old_enough(store, app_client, sink):
     raw = config_for(sink.url)
     raw["store"] = store
     raw["retention"] = {"delivered": "1s", "dead": "1h"}
     sink.responses = [400]  # the first one dies: kept for an hour
-    app = create_app(build(raw, environ={}))
-    client = await aiohttp_client(app)
-    runtime = app[RUNTIME]
+    client = await app_client(raw)
+    runtime = client.app[RUNTIME]
     await client.post("/postback", data=sms(1, text="STOP"))  # crm -> dead
     await client.post("/postback", data=sms(2, text="hello"))  # audit -> delivered
     await sink.wait_for(2)
@@ -483,29 +477,29 @@ async def test_a_postback_in_flight_during_a_reload_is_routed_by_the_new_config(
         )
 
     write("a")
-    app = create_app(load(path))
+    app = create_app(load(path))  # not app_client: from a file, which the reload reads again
     server = await aiohttp_server(app)
     runtime = app[RUNTIME]
     body = sms(1)
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    head = f"POST /postback HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-    writer.write(head + body[:20])
-    await writer.drain()
-    await asyncio.sleep(0.3)  # the handler is waiting for the rest of the body
-    write("b")
-    assert await runtime.reload() == []
-    writer.write(body[20:])
-    await writer.drain()
-    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
-    writer.close()
+    async with connect_to("127.0.0.1", server.port) as (reader, writer):
+        head = f"POST /postback HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        writer.write(head + body[:20])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the handler is waiting for the rest of the body
+        write("b")
+        assert await runtime.reload() == []
+        writer.write(body[20:])
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
 
     async def delivered() -> bool:
         rows = await runtime.store.list_deliveries(DeliveryFilter())
         return [(r.destination, r.status) for r in rows] == [("b", "delivered")]
 
-    await wait_until(delivered)
+    await eventually(delivered)
 
 
+@pytest.mark.slow
 async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sink, bridge_factory):
     sink.default = 503
     bridge = bridge_factory(config_for(sink.url))
@@ -533,7 +527,7 @@ async def test_a_destination_gone_after_a_restart_leaves_its_deliveries_dead(sin
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
-async def test_dropped_events_are_counted_and_stored_without_deliveries(store, tmp_path: Path, aiohttp_client):
+async def test_dropped_events_are_counted_and_stored_without_deliveries(store, tmp_path: Path, app_client):
     """Unmatched with no default, or `to: []`: counted, stored with no delivery (a 200 means
     stored), and Skycore's retry of one is a duplicate with the same id; retention purges them."""
     raw = {
@@ -542,9 +536,8 @@ async def test_dropped_events_are_counted_and_stored_without_deliveries(store, t
         "destinations": {"audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")}},
         "routes": [{"name": "quiet", "match": {"keyword": "QUIET"}, "to": []}],
     }
-    app = create_app(build(raw, environ={}))
-    client = await aiohttp_client(app)
-    runtime = app[RUNTIME]
+    client = await app_client(raw)
+    runtime = client.app[RUNTIME]
     first = {}
     for n, text in enumerate(["hello", "quiet please"]):
         response = await client.post("/postback", data=sms(n, text=text))
@@ -570,7 +563,7 @@ async def test_dropped_events_are_counted_and_stored_without_deliveries(store, t
     assert [e["id"] for e in await runtime.store.list_events(_all())] == [later["id"]]
 
 
-async def test_made_up_origins_share_one_other_series(tmp_path: Path, aiohttp_client):
+async def test_made_up_origins_share_one_other_series(tmp_path: Path, app_client):
     """A new <ORIGIN> per postback must not make a new Prometheus series each: outside Skycore's
     ORIGINs (whatever their case) the label is `other`."""
     raw = {
@@ -578,7 +571,7 @@ async def test_made_up_origins_share_one_other_series(tmp_path: Path, aiohttp_cl
         "destinations": {"audit": {"type": "log", "path": str(tmp_path / "audit.jsonl")}},
         "default": ["audit"],
     }
-    client = await aiohttp_client(create_app(build(raw, environ={})))
+    client = await app_client(raw)
     origins = [f"X_{n}" for n in range(1000)] + ["SMS_MO", "mms_mo", "EMAIL_SUB"]
 
     async def send(n: int, origin: str) -> None:
@@ -629,6 +622,7 @@ async def readyz(bridge) -> tuple[int, dict]:
         return r.status, await r.json()
 
 
+@pytest.mark.slow
 async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bridge_factory):  # noqa: F811
     """PostgreSQL is not up when the bridge starts (a compose file, a reboot): serve does not
     exit. It answers postbacks 503 (Skycore retries) and /readyz 503 with why, keeps trying,
@@ -655,7 +649,7 @@ async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bri
         async def ready() -> bool:
             return (await readyz(bridge))[0] == 200
 
-        await wait_until(ready, timeout=20)  # tries again after 1 s, 2 s, 4 s, ...
+        await eventually(ready, timeout=20)  # tries again after 1 s, 2 s, 4 s, ...
         status, body = await post(bridge.url + "/postback", sms(1, text="STOP"))
         assert status == 200 and body["status"] == "accepted"
         (received,) = await sink.wait_for(1)
@@ -668,6 +662,7 @@ async def test_serve_waits_for_a_postgresql_that_is_not_up_yet(pg_url, sink, bri
     assert all(line.startswith("{") for line in bridge.stderr().splitlines())  # asyncpg's too, as JSON
 
 
+@pytest.mark.slow
 async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bridge_factory):
     """A host that takes the connection and never answers: /healthz must answer long before
     asyncpg's own timeouts (10 s to connect, 15 s a command) end, or a liveness probe restarts
@@ -685,6 +680,7 @@ async def test_a_database_host_that_hangs_does_not_keep_serve_from_listening(bri
         assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_a_database_that_hangs_after_login_does_not_keep_serve_from_listening(pg_url, bridge_factory):  # noqa: F811
     """Logged in, then its first query never answered: asyncpg gives up on that only after its
     own timeouts, and does not stop sooner for being cancelled. serve listens after OPEN_PATIENCE
@@ -753,24 +749,20 @@ class _SlowToComeUp(SQLiteStore):
         await super().open()
 
 
-async def test_the_connect_loop_outlives_a_bug_and_opens_the_store(tmp_path: Path, aiohttp_client, monkeypatch):
+async def test_the_connect_loop_outlives_a_bug_and_opens_the_store(tmp_path: Path, app_client, monkeypatch):
     """Whatever an attempt to open raises, the loop tries again: a loop that died would leave
     the bridge answering 503 for ever, with nothing in the log after the traceback."""
     monkeypatch.setattr(runtime_module, "CONNECT_FIRST", 0.05)
     store = _SlowToComeUp(str(tmp_path / "bridge.db"))
-    app = create_app(
-        build(
-            {"destinations": {"log": {"type": "log", "path": str(tmp_path / "out")}}, "default": ["log"]}, environ={}
-        ),
-        store=store,
+    client = await app_client(
+        {"destinations": {"log": {"type": "log", "path": str(tmp_path / "out")}}, "default": ["log"]}, store=store
     )
-    client = await aiohttp_client(app)
     assert (await client.post("/postback", data=sms(1))).status == 503
 
     async def ready() -> bool:
         return (await client.get("/readyz")).status == 200
 
-    await wait_until(ready, timeout=5)
+    await eventually(ready, timeout=5)
     assert store.tries == 3
     response = await client.post("/postback", data=sms(1))
     assert response.status == 200 and (await response.json())["status"] == "accepted"
@@ -814,7 +806,7 @@ def _rows(db: Path, query: str) -> list[tuple]:
         return conn.execute(query).fetchall()
 
 
-async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp_path: Path, aiohttp_client):
+async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp_path: Path, app_client):
     """A webhook or log sends in any order; email and threaded Slack keep a conversation in
     order, and only their deliveries are stored (and indexed) as ordered."""
     raw = {
@@ -829,14 +821,14 @@ async def test_only_deliveries_to_ordered_destinations_are_stored_as_ordered(tmp
         },
         "default": ["crm", "audit", "mail", "threads", "flat"],
     }  # fmt: skip
-    client = await aiohttp_client(create_app(build(raw, environ={})))
+    client = await app_client(raw)
     response = await client.post("/postback", data=sms(1))
     assert response.status == 200, await response.text()
     stored = dict(_rows(tmp_path / "b.db", "SELECT destination, ordered FROM deliveries"))
     assert stored == {"crm": 0, "audit": 0, "mail": 1, "threads": 1, "flat": 0}
 
 
-async def test_a_destination_made_ordered_orders_what_was_queued_for_it(tmp_path: Path, aiohttp_client):
+async def test_a_destination_made_ordered_orders_what_was_queued_for_it(tmp_path: Path, app_client):
     """Slack `thread_by_sender` turned on between two runs (or by a reload): the deliveries
     queued while it was off go in conversation order too, so one texter gets one thread."""
 
@@ -850,11 +842,11 @@ async def test_a_destination_made_ordered_orders_what_was_queued_for_it(tmp_path
     def stored() -> list[int]:
         return [row[0] for row in _rows(tmp_path / "b.db", "SELECT ordered FROM deliveries WHERE status = 'pending'")]
 
-    first = await aiohttp_client(create_app(build(config(False), environ={})))
+    first = await app_client(config(False))
     for n in range(2):
         assert (await first.post("/postback", data=sms(n))).status == 200
     await first.close()
     assert stored() == [0, 0]
-    again = await aiohttp_client(create_app(build(config(True), environ={})))
+    again = await app_client(config(True))
     assert stored() == [1, 1]
     await again.close()

@@ -41,6 +41,7 @@ def test_the_reference_data_is_in_the_repository():
     assert set(tracked("tests/data")) >= {f"tests/data/postbacks/{p.name}" for p in POSTBACKS.glob("*.xml")}
 
 
+@pytest.mark.slow
 def test_an_empty_parameter_set_fails_the_run_instead_of_skipping(tmp_path):
     (tmp_path / "test_empty.py").write_text(
         textwrap.dedent(

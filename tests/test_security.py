@@ -34,14 +34,13 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from bridge.app import create_app
 from bridge.config import build
 from bridge.destinations.registry import build as build_destination
 from bridge.errors import ConfigError
 from bridge.logs import JSONFormatter
 from bridge.runtime import RUNTIME
 from bridge.secret import Secret, redact
-from tests.conftest import POSTBACKS, connect_to, free_port, post, read_response, served, sms
+from tests.conftest import POSTBACKS, AppClient, connect_to, eventually, exchange, free_port, post, read_response, sms
 
 TOKEN = "tok_3kV9qLr8ZpX2"
 ADMIN = "adm_Q2w9Ztk4"
@@ -50,7 +49,7 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture(params=["aiohttp", "lane"])
-def make_client(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest) -> MakeClient:
+def make_client(app_client: AppClient, tmp_path: Path, request: pytest.FixtureRequest) -> MakeClient:
     """The real app with a fresh SQLite file and a `log` file destination; `server` is the
     `server:` section of the config. Served by aiohttp alone, and with the postback lane in front
     as `serve` runs it: every answer here must be the same either way."""
@@ -64,7 +63,7 @@ def make_client(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequ
             "destinations": {"audit": {"type": "log", "path": str(tmp_path / f"events{n}.jsonl")}},
             "default": ["audit"],
         }
-        return await aiohttp_client(served(create_app(build(raw, environ={})), request.param, host))
+        return await app_client(raw, request.param, host=host)
 
     return make
 
@@ -91,10 +90,8 @@ def head(path: str = "/postback", **headers: str | int) -> bytes:
 
 
 async def raw_post(client: Client, body: bytes, **headers: str | int) -> tuple[int, dict[str, str], bytes]:
-    async with connection(client) as (reader, writer):
-        writer.write(head(Content_Length=len(body), **headers) + body)
-        await writer.drain()
-        return await asyncio.wait_for(read_response(reader), 10)
+    (answer,) = await exchange(client.server.host, client.server.port, head(Content_Length=len(body), **headers) + body)
+    return answer
 
 
 # ---------------------------------------------------------------------------- auth: token
@@ -951,7 +948,7 @@ def test_redact_masks_what_a_peer_echoes_back(echo, shown):
     assert redact(echo, [Secret("Bearer crm_4f9Qx2LmZ"), Secret("whsec_c2VjcmV0LWtleS0x"), None]) == shown
 
 
-async def test_sqlite_file_and_log_files_are_created_0600(aiohttp_client, tmp_path):
+async def test_sqlite_file_and_log_files_are_created_0600(app_client, tmp_path):
     raw = {
         "store": f"sqlite:///{tmp_path / 'bridge.db'}",
         "destinations": {"audit": {"type": "log", "path": str(tmp_path / "events.jsonl")}},
@@ -959,12 +956,10 @@ async def test_sqlite_file_and_log_files_are_created_0600(aiohttp_client, tmp_pa
     }
     old = os.umask(0)  # what a careless service manager might hand us
     try:
-        client = await aiohttp_client(create_app(build(raw, environ={})))
+        client = await app_client(raw)
         assert (await client.post("/postback", data=sms(1))).status == 200
-        for _ in range(100):
-            if (tmp_path / "events.jsonl").exists() and (tmp_path / "events.jsonl").stat().st_size:
-                break
-            await asyncio.sleep(0.05)
+        events = tmp_path / "events.jsonl"
+        await eventually(lambda: events.exists() and events.stat().st_size, waits=100, interval=0.05, raises=False)
     finally:
         os.umask(old)
     files = [p for p in tmp_path.iterdir() if p.name.startswith(("bridge.db", "events"))]
@@ -1022,6 +1017,7 @@ async def test_serve_public_with_a_token_guards_postbacks_and_keeps_admin_off(br
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_serve_warns_of_trusted_proxies_without_an_admin_token_at_start_and_reload(bridge_factory):
     """The real `serve`: one JSON warning line when the config has a proxy in front and no
     admin_token; and the admin API through it, with the token and then without."""
@@ -1065,9 +1061,8 @@ async def test_the_watchers_notice_access(tmp_path, listener):
     finally:
         watch.close()
     assert data.startswith(b"FIFO-MARKER") and watch.opened >= 1
-    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-    assert b"FETCHED-MARKER" in await reader.read()
-    writer.close()
+    async with connect_to("127.0.0.1", listener.port) as (reader, _):
+        assert b"FETCHED-MARKER" in await reader.read()
     assert listener.connections == 1
 
 
@@ -1098,6 +1093,7 @@ def hostile_echo(hits: dict[str, int]) -> Callable[[web.Request], Awaitable[web.
     return answer
 
 
+@pytest.mark.slow
 async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, bridge_factory, tmp_path):
     env = {
         "POSTBACK_TOKEN": "tok_" + secrets.token_urlsafe(16),
@@ -1179,13 +1175,11 @@ async def test_no_configured_secret_appears_in_any_output_of_a_full_run(sink, br
         await call("POST", f"/postback/{token}", 400, data=b"<!DOCTYPE x><POSTBACK/>")
         await call("GET", "/admin/events", 401, headers={"Authorization": f"Bearer {admin}x"})
 
-        for _ in range(150):  # until the failing peers have been tried and given up on
+        async def given_up() -> bool:  # the failing peers have been tried and given up on
             dead = await call("GET", "/admin/deliveries?status=dead", 200, headers=bearer)
-            if len(dead["deliveries"] if isinstance(dead, dict) else dead) >= 6 and hits.get("/hook", 0) >= 4:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError(f"deliveries did not die in time: {hits}")
+            return len(dead["deliveries"] if isinstance(dead, dict) else dead) >= 6 and hits.get("/hook", 0) >= 4
+
+        await eventually(given_up, waits=150, what=lambda: f"deliveries to die (peers hit: {hits})")
 
         events = await call("GET", "/admin/events", 200, headers=bearer)
         deliveries = await call("GET", "/admin/deliveries", 200, headers=bearer)

@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from bridge.app import create_app
 from bridge.carriers import Carriers
 from bridge.config import build
 from bridge.destinations.base import Attempt, Services, conversation_key
@@ -40,7 +39,7 @@ from bridge.retry import Delivered, Failed, Outcome
 from bridge.runtime import RUNTIME
 from bridge.store import DeliveryFilter, DeliveryRow
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import POSTBACKS, free_port, post, sms
+from tests.conftest import POSTBACKS, eventually, free_port, post, sms
 from tests.retry_table import STATUS_TABLE, kind
 from tests.slack_fake import TOKEN, WEBHOOK_PATH, FakeSlack, fake_slack
 
@@ -400,14 +399,15 @@ class Bridge:
 
     async def settled(self, count: int, timeout: float = 20.0) -> list[DeliveryRow]:
         """The deliveries, once `count` of them are delivered or dead."""
-        deadline = time.monotonic() + timeout
-        while True:
+        rows: list[DeliveryRow] = []
+
+        async def settled() -> bool:
+            nonlocal rows
             rows = await self.deliveries()
-            if len(rows) >= count and all(d.status != "pending" for d in rows):
-                return rows
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not settled: {rows}")
-            await asyncio.sleep(0.05)
+            return len(rows) >= count and all(d.status != "pending" for d in rows)
+
+        await eventually(settled, timeout, lambda: f"{count} deliveries settled: {rows}", interval=0.05)
+        return rows
 
     async def text_of(self, event_id: str) -> str:
         event = await self.client.app[RUNTIME].store.get_event(event_id)
@@ -425,20 +425,17 @@ async def slack() -> AsyncIterator[FakeSlack]:
 
 
 @pytest.fixture
-def start(aiohttp_client, tmp_path: Path, slack: FakeSlack) -> Start:
+def start(app_client, tmp_path: Path, slack: FakeSlack) -> Start:
     async def start(**options: Any) -> Bridge:
         if "webhook_url" not in options:
             options = {"token": TOKEN, "channel": "#sms-inbox", "api_url": slack.api_url, **options}
-        config = build(
-            {
-                "store": f"sqlite:///{tmp_path / 'bridge.db'}",
-                "retry": RETRY,
-                "destinations": {"inbox": {"type": "slack", **options}},
-                "default": ["inbox"],
-            },
-            environ={},
-        )
-        return Bridge(await aiohttp_client(create_app(config)))
+        raw = {
+            "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+            "retry": RETRY,
+            "destinations": {"inbox": {"type": "slack", **options}},
+            "default": ["inbox"],
+        }
+        return Bridge(await app_client(raw))
 
     return start
 
@@ -648,6 +645,7 @@ async def test_webhook_mode_removed_webhook_is_dead(start, slack):
 # ---------------------------------------------------------------------------- the real process
 
 
+@pytest.mark.slow
 async def test_threads_survive_a_restart_and_secrets_stay_out_of_logs(slack, bridge_factory):
     config = {
         "retry": RETRY,

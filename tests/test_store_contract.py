@@ -49,7 +49,7 @@ from bridge.store import (
 )
 from bridge.store import postgres as postgres_store
 from bridge.store.postgres import PostgresStore
-from tests.conftest import POSTBACKS, BridgeProcess, Sink, dedup_key_v1, sms
+from tests.conftest import POSTBACKS, BridgeProcess, Sink, dedup_key_v1, eventually, sms
 
 PG_URL = os.environ.get("BRIDGE_TEST_POSTGRES_URL")
 NO_PG = (
@@ -562,13 +562,12 @@ async def test_an_open_that_hangs_after_login_fails_and_leaves_no_connection(pg_
     try:
         with stalling_postgresql() as port, pytest.raises(StoreError):
             await asyncio.wait_for(open_store(via(pg_url, port, application_name=name)).open(), 20)
-        left = 1
-        for _ in range(50):
-            left = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
-            if left == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert left == 0
+
+        async def none_left() -> bool:
+            count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            return await admin.fetchval(count, name) == 0
+
+        await eventually(none_left, waits=50, what="the stalled connection to be closed on the server")
     finally:
         await admin.close()
 
@@ -1094,14 +1093,13 @@ def log_lines(bridge: BridgeProcess) -> list[dict[str, Any]]:
 
 
 async def wait_for_ids(sink: Sink, ids: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ids <= {r.json()["id"] for r in sink.received}:
-        if time.monotonic() > deadline:
-            missing = ids - {r.json()["id"] for r in sink.received}
-            raise AssertionError(f"{len(missing)} of {len(ids)} events not delivered in {timeout:g}s")
-        await asyncio.sleep(0.1)
+    def missing() -> set[str]:
+        return ids - {r.json()["id"] for r in sink.received}
+
+    await eventually(lambda: not missing(), timeout, lambda: f"{len(ids)} events delivered ({len(missing())} missing)")
 
 
+@pytest.mark.slow
 async def test_serve_with_postgres_delivers_end_to_end(pg_url, sink, bridge_factory):
     bridge = bridge_factory(hook_config(pg_url, sink.url))
     bridge.start()
@@ -1122,6 +1120,7 @@ async def test_serve_with_postgres_delivers_end_to_end(pg_url, sink, bridge_fact
     assert bridge.stop() == 0
 
 
+@pytest.mark.slow
 async def test_two_serve_processes_on_one_database_share_the_work(pg_url, sink, bridge_factory):
     async def slow_ok(request: web.Request) -> web.Response:
         await asyncio.sleep(0.01)  # a backlog builds, and both instances poll it
@@ -1172,6 +1171,7 @@ async def test_two_serve_processes_on_one_database_share_the_work(pg_url, sink, 
     assert sum(per_process) == 300 and min(per_process) > 0, per_process
 
 
+@pytest.mark.slow
 def test_check_config_never_shows_the_database_password(tmp_path):
     for url in (
         "postgresql://bridge:pw-in-userinfo@db:5432/b",
