@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import inspect
 import json
@@ -444,3 +445,52 @@ async def post(url: str, body: bytes, **kwargs: Any) -> tuple[int, Any]:
             return response.status, json.loads(text)
         except ValueError:
             return response.status, text
+
+
+# ---------------------------------------------------------------------------- hostile peers
+
+
+@contextlib.asynccontextmanager
+async def raw_receiver(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A raw TCP server on 127.0.0.1 running `handle` for each connection; yields its base URL."""
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await handle(reader, writer)
+        writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@contextlib.asynccontextmanager
+async def loop_watch(*, gc_off: bool = False) -> AsyncIterator[list[float]]:
+    """[the longest the event loop went without giving a probe task a turn], in CPU seconds of
+    this thread: what callbacks held it for (wall time would also count other processes on a
+    shared machine). With `gc_off` the garbage collector is off meanwhile: a full collection of
+    a big test process's heap (Hypothesis, pytest) takes tens of ms wherever it falls."""
+    longest = [0.0]
+    if gc_off:
+        gc.disable()
+
+    async def probe() -> None:
+        while True:
+            before = time.thread_time()
+            await asyncio.sleep(0.001)
+            longest[0] = max(longest[0], time.thread_time() - before)
+
+    task = asyncio.create_task(probe())
+    await asyncio.sleep(0.01)
+    try:
+        yield longest
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if gc_off:
+            gc.enable()

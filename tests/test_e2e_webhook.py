@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from cloudevents.v1.http import from_http
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tests.conftest import POSTBACKS, eventually, post, sms
+from tests.conftest import POSTBACKS, eventually, post, raw_receiver, sms
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST_RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
@@ -213,24 +211,6 @@ async def test_https_receiver_with_its_certificate_checked(bridge_factory, tmp_p
 
 
 # ---------------------------------------------------------------------------- client: builtin | aiohttp
-
-
-@contextlib.asynccontextmanager
-async def raw_receiver(
-    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> AsyncIterator[str]:
-    """A raw TCP server on 127.0.0.1 running `handle` for each connection; yields its base URL."""
-
-    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await handle(reader, writer)
-        writer.close()
-
-    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
 
 
 async def test_both_clients_send_the_same_request(bridge_factory):

@@ -9,10 +9,9 @@ webhook destination itself where every offset of a secret against the cut is tri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -22,28 +21,12 @@ from bridge.destinations.base import Attempt, Services
 from bridge.destinations.webhook import REASON_BYTES, WebhookDestination
 from bridge.retry import Failed
 from bridge.secret import Secret
-from tests.conftest import eventually, post, read_request, sms
+from tests.conftest import eventually, post, raw_receiver, read_request, sms
 
 ADMIN = "adm_Q2w9Ztk4"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def receiver(handle: Handler) -> AsyncIterator[str]:
-    """A raw TCP server on 127.0.0.1 running `handle` for each connection; yields its base URL."""
-
-    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await handle(reader, writer)
-        writer.close()
-
-    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
 
 
 async def admin(url: str, path: str) -> Any:
@@ -80,7 +63,7 @@ async def test_a_receiver_that_answers_100_continue_without_end_does_not_freeze_
     and /healthz and postbacks must stay fast, each attempt ending well within its timeout.
     (The builtin client only: aiohttp's reads 1xx heads without a cap or a turn for the loop, and
     held it 1.7 s here; docs/destinations/webhook.md says so.)"""
-    async with receiver(endless_continue) as url:
+    async with raw_receiver(endless_continue) as url:
         bridge = bridge_factory(
             {
                 "server": {"admin_token": ADMIN},
@@ -155,7 +138,7 @@ async def test_a_secret_the_receiver_echoes_across_the_cut_is_masked_whole(webho
     """Masking ran after the cut to 512 bytes: a secret straddling it (17 of 24 characters of an
     X-Api-Key, the start of a Basic password) was left in the reason, the admin API and the log."""
     pads = paddings()
-    async with receiver(echoing(list(pads))) as url:
+    async with raw_receiver(echoing(list(pads))) as url:
         destination = WebhookDestination(
             "crm",
             url.replace("http://", f"http://crm:{PASSWORD}@") + "/hook",
@@ -204,7 +187,7 @@ async def test_the_stored_reason_the_admin_api_and_the_log_hold_no_part_of_an_ec
     bridge_factory, webhook_client
 ):
     within: list[bool] = []
-    async with receiver(straddling(within)) as url:
+    async with raw_receiver(straddling(within)) as url:
         bridge = bridge_factory(
             {
                 "server": {"admin_token": ADMIN},

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ import trustme
 from aiohttp import web
 
 from bridge import http1
-from tests.conftest import read_request
+from tests.conftest import loop_watch, read_request
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Peer"], Awaitable[None]]
 
@@ -617,29 +616,6 @@ async def test_a_malformed_error_response_is_an_error(peer, reply, message) -> N
 
 
 # ---------------------------------------------------------------------------- one peer, one loop
-
-
-@contextlib.asynccontextmanager
-async def loop_watch() -> AsyncIterator[list[float]]:
-    """[the longest the event loop went without giving a probe task a turn], in CPU seconds of
-    this thread: what callbacks held it for (wall time would also count other processes on a
-    shared machine)."""
-    longest = [0.0]
-
-    async def probe() -> None:
-        while True:
-            before = time.thread_time()
-            await asyncio.sleep(0.001)
-            longest[0] = max(longest[0], time.thread_time() - before)
-
-    task = asyncio.create_task(probe())
-    await asyncio.sleep(0.01)
-    try:
-        yield longest
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def flooding(head: bytes, *, repeat: bytes, size: int) -> Script:

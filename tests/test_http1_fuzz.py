@@ -27,8 +27,6 @@ with the client's deliberate differences written in, each in `expected`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import itertools
 import re
 import time
@@ -43,6 +41,7 @@ from hypothesis import strategies as st
 
 from bridge import http1
 from bridge.retry import Delivered, classify_http
+from tests.conftest import loop_watch
 
 TIMEOUT = 0.3  # the client's, per attempt: a response held open and incomplete costs this
 PATIENCE = 0.1  # BODY_PATIENCE here: what follows a deciding status
@@ -385,38 +384,12 @@ async def stage() -> AsyncIterator[Stage]:
     server.close()
 
 
-@contextlib.asynccontextmanager
-async def loop_watch() -> AsyncIterator[list[float]]:
-    """[the longest the loop went without a turn for a probe task], in CPU seconds of this thread
-    (what callbacks held it for; wall time would count other processes on a shared machine).
-    The garbage collector is off meanwhile: a full collection of this process's heap (Hypothesis,
-    pytest) takes tens of ms wherever it falls, and is not the client's."""
-    longest = [0.0]
-    gc.disable()
-
-    async def probe() -> None:
-        while True:
-            before = time.thread_time()
-            await asyncio.sleep(0.001)
-            longest[0] = max(longest[0], time.thread_time() - before)
-
-    task = asyncio.create_task(probe())
-    await asyncio.sleep(0)
-    try:
-        yield longest
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        gc.enable()
-
-
 async def observed(stage: Stage, case: Case) -> tuple[str, bool, float]:
     """(verdict, whether the connection is kept for the next request, the longest loop hold)."""
     stage.case, stage.sent, stage.release = case, asyncio.Event(), asyncio.Event()
     client = http1.Client()
     try:
-        async with loop_watch() as longest:
+        async with loop_watch(gc_off=True) as longest:
             try:
                 verdict = verdict_of((await client.post(stage.url, b"1", {}, timeout=TIMEOUT)).status)
             except (http1.HTTPError, TimeoutError):
