@@ -276,7 +276,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if not rows:
         print("no deliveries match")
         return 0
-    table = [("ID", "EVENT", "DESTINATION", "STATUS", "ATTEMPTS", "CREATED", "NEXT", "LAST ERROR")]
+    tracked = any(r.tracking_id for r in rows)  # a TRACKING column when a peer gave ids (skycore)
+    table = [("ID", "EVENT", "DESTINATION", "STATUS", "ATTEMPTS", "CREATED", "NEXT", *(("TRACKING",) * tracked),
+              "LAST ERROR")]  # fmt: skip
     for r in rows:
         table.append(
             (
@@ -287,6 +289,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 str(r.attempts),
                 _iso(r.created_at),
                 _next(r),
+                *((r.tracking_id or "",) * tracked),
                 r.last_error or "",  # the last column: whole, not cut in the middle of an address
             )
         )
