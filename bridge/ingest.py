@@ -21,7 +21,7 @@ from bridge.auth import Caller, check_auth
 from bridge.config import Config
 from bridge.destinations.base import conversation_key
 from bridge.errors import PostbackError, StoreError
-from bridge.event import dedup_key, normalize
+from bridge.event import Event, dedup_key, normalize
 from bridge.ids import event_id
 from bridge.optouts import Word, word_of
 from bridge.postback import parse
@@ -139,6 +139,7 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
                 "duplicate": result.status == "duplicate",
             },
         )
+        _stored(runtime, event, result)
         return answer(result.status, result.event_id)
     metrics.postback(origin, result.status, "")
     logs.hot(
@@ -158,7 +159,16 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
     )
     if result.status == "accepted" and runtime.dispatcher is not None:
         runtime.dispatcher.notify([d for d, _ in decision.destinations])
+    _stored(runtime, event, result)
     return answer(result.status, result.event_id)
+
+
+def _stored(runtime: Runtime, event: Event, result: Ingested) -> None:
+    for hook in runtime.after_stored:
+        try:
+            hook(event, result.status)
+        except Exception:  # feedback only: the postback is stored
+            log.exception("after a postback was stored")
 
 
 async def _keep_word(store: Store, said: Word, result: Ingested) -> bool:

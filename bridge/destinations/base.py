@@ -49,10 +49,11 @@ class Attempt:
 
 
 def conversation_key(event: Event) -> str:
-    """One texter talking to one short code; status and subscriber events key the same way.
-    A delivery report goes from the short code to the texter, so its ends are swapped."""
+    """One texter talking to one short code; status, subscriber and reply events key the same
+    way. A delivery report and a reply go from the short code to the texter, so their ends are
+    swapped."""
     sender, recipient = event["from"], event["to"]
-    if event["type"] in ("sms.status", "mms.status"):
+    if event["type"] in ("sms.status", "mms.status", "sms.reply"):
         sender, recipient = recipient, sender
     return f"{sender or ''}|{recipient or ''}"
 
