@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bridge import __version__, logs
+from bridge import __version__, logs, replies
 from bridge.config import Config, defaults, load
 from bridge.destinations.registry import build_all
 from bridge.digits import parse_uint
@@ -108,6 +108,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  default -> {', '.join(config.default)}")
     else:
         print("  default: none (unmatched events are counted and dropped)")
+    slack_app = replies.needs(config)
+    if slack_app:
+        print("  replies from Slack: what the Slack app needs")
+        for line in slack_app:
+            print(f"    {line}")
     warnings = config.warnings()
     if warnings:  # allowed, so still exit 0; on stderr, as the errors are
         _print_problems(warnings, "warning", str(config.source))

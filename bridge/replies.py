@@ -28,6 +28,7 @@ from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
 from bridge.answers import error
+from bridge.config import Config
 from bridge.destinations.base import Destination, conversation_key
 from bridge.destinations.slack import RepliesOptions, SlackDestination, SlackOptions, thread_key
 from bridge.digits import is_digits
@@ -60,8 +61,13 @@ class App:
 
 
 def apps(runtime: Runtime) -> list[App]:
+    return apps_of(runtime.config)
+
+
+def apps_of(config: Config) -> list[App]:
+    """The Slack destinations that take replies."""
     out = []
-    for name, spec in runtime.config.destinations.items():
+    for name, spec in config.destinations.items():
         options = spec.options
         if spec.type == "slack" and isinstance(options, SlackOptions) and options.replies is not None:
             out.append(App(name, options.channel or "", options.replies))
@@ -333,14 +339,16 @@ async def _report(runtime: Runtime, tracking_id: str, report: Event) -> None:
         _feedback(runtime, slack, "x", f"Not delivered: {code}" + (f" {status}" if status else ""))
 
 
-def needs(runtime_apps: list[App]) -> list[str]:
-    """What the Slack app must have, for check-config (CONTRACT §7)."""
+def needs(config: Config) -> list[str]:
+    """What each Slack app that takes replies must have, for check-config (CONTRACT §7)."""
     lines = []
-    for app in runtime_apps:
-        how = "Events API at POST " + PATH if app.replies.signing_secret else "Socket Mode"
-        lines.append(
-            f"{app.destination}: replies sent with {app.replies.send_with} ({how}); the Slack app needs "
-            f"bot scopes {', '.join(SCOPES[:2])} and {SCOPES[2]} (public channel) or {SCOPES[3]} (private), "
-            f"bot events {EVENTS[0]} or {EVENTS[1]}, and Request URL https://<your host>{PATH}"
-        )
+    for app in apps_of(config):
+        lines += [
+            f"{app.destination}: replies in its threads are sent as SMS with {app.replies.send_with}"
+            + (f" (at most {app.replies.max_segments} segments)" if app.replies.max_segments else ""),
+            f"  Request URL (Event Subscriptions): https://<this bridge's public host>{PATH}",
+            f"  bot token scopes: {SCOPES[0]}, {SCOPES[1]}, and {SCOPES[2]} (public channel) or {SCOPES[3]} (private)",
+            f"  bot events: {EVENTS[0]} (public channel) or {EVENTS[1]} (private)",
+            f"  the app is a member of {app.channel} (/invite @your-app)",
+        ]
     return lines

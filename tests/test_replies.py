@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bridge.app import create_app
@@ -19,8 +20,10 @@ from bridge.errors import ConfigError
 from bridge.runtime import RUNTIME
 from bridge.smstext import length, plain, segments
 from bridge.store import DeliveryFilter, EventFilter
+from tests.conftest import post
 from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
 from tests.slack_fake import SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
+from tests.test_store_contract import pg_url  # noqa: F401
 
 TEXTER, SHORT_CODE = "15551234888", "60856"
 RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
@@ -405,3 +408,116 @@ async def test_too_long_is_refused_and_says_how_long(start):
     assert any("800 UCS-2 characters, 12 SMS segments" in line for line in bridge.slack.thread_lines(thread))
     fits = await bridge.reply("a" * 459, thread)  # 3 GSM-7 segments
     assert await bridge.reactions(fits, 1) == ["outbox_tray"]
+
+
+# ---------------------------------------------------------------------------- real processes
+
+
+def process_config(slack: FakeSlack, skycore: FakeSkycore, **sms: Any) -> dict[str, Any]:
+    return {
+        "retry": RETRY,
+        "destinations": {
+            "sms": {"type": "skycore", "api_key": "${SKYCORE_API_KEY}", "api_url": skycore.api_url, **sms},
+            "inbox": {
+                "type": "slack",
+                "token": "${SLACK_BOT_TOKEN}",
+                "channel": "#sms-inbox",
+                "api_url": slack.api_url,
+                "replies": {"send_with": "sms", "signing_secret": "${SLACK_SIGNING_SECRET}"},
+            },
+        },
+        "default": ["inbox"],
+    }
+
+
+ENV = {"SKYCORE_API_KEY": API_KEY, "SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET}
+
+
+async def send_event(url: str, payload: dict[str, Any]) -> int:
+    body = json.dumps(payload).encode()
+    status, _ = await post(url + "/slack/events", body, headers=signed(body))
+    return status
+
+
+async def thread_kept(url: str) -> None:
+    """Once the texter's message is delivered to the inbox, its thread is kept (the Slack
+    destination keeps it before its attempt ends): a person can answer in it."""
+    deadline = time.monotonic() + 20
+    while True:
+        listing = url + "/admin/deliveries?destination=inbox&status=delivered"
+        async with aiohttp.ClientSession() as session, session.get(listing) as response:
+            if (await response.json())["deliveries"]:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError("the inbox delivery did not finish")
+        await asyncio.sleep(0.05)
+
+
+async def until(check: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.05)
+
+
+async def test_check_config_names_what_the_slack_app_needs(peers, bridge_factory):
+    slack, skycore = peers
+    bridge = bridge_factory(process_config(slack, skycore), ENV)
+    shown = bridge.cli("check-config", "-c", str(bridge.config_path)).stdout
+    for needed in ("/slack/events", "chat:write", "reactions:write", "channels:history", "groups:history",
+                   "message.channels", "message.groups", "#sms-inbox"):  # fmt: skip
+        assert needed in shown, shown
+    assert API_KEY not in shown and SIGNING_SECRET not in shown
+
+
+async def test_killed_between_storing_the_reply_and_sending_it_sends_it_once_after_restart(peers, bridge_factory):
+    slack, skycore = peers
+    bridge = bridge_factory(process_config(slack, skycore, timeout="5s"), ENV)
+    bridge.start()
+    status, _ = await post(bridge.url + "/postback", mo(1, "Hello?"))
+    assert status == 200
+    (call,) = await slack.wait_for(1)
+    await thread_kept(bridge.url)
+    skycore.script = ["hang"]  # Skycore takes the request and never answers: the attempt is in flight
+    ts = "1714579400.000100"
+    slack.person_says("C0FAKE", ts)
+    assert await send_event(bridge.url, message_event("Yes we are", thread_ts=call.ts, ts=ts)) == 200
+    await skycore.wait_for(1)
+    bridge.kill()  # kill -9: the reply is stored, its SMS not sent
+    assert skycore.sent() == []
+
+    bridge.start()
+    await until(lambda: len(skycore.sent()) == 1)
+    await until(lambda: slack.reactions_on(ts) == ["outbox_tray"])
+    assert await send_event(bridge.url, message_event("Yes we are", thread_ts=call.ts, ts=ts)) == 200  # a late retry
+    await asyncio.sleep(1.0)
+    assert len(skycore.sent()) == 1 and skycore.sent()[0].request["TEXT"] == "Yes we are"
+    assert bridge.stop() == 0
+    seen = bridge.stdout() + bridge.stderr()
+    assert API_KEY not in seen and SIGNING_SECRET not in seen and TOKEN not in seen
+
+
+async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers, bridge_factory):  # noqa: F811
+    slack, skycore = peers
+    first = bridge_factory({**process_config(slack, skycore), "store": pg_url}, ENV)
+    first.start()
+    second = bridge_factory({**process_config(slack, skycore), "store": pg_url}, ENV)
+    second.start()
+    status, _ = await post(first.url + "/postback", mo(1, "Hello?"))
+    assert status == 200
+    (call,) = await slack.wait_for(1)
+    await thread_kept(first.url)
+    texts = [f"Answer {n}" for n in range(10)]
+    for n, text in enumerate(texts):
+        ts = f"{1714579500 + n}.000100"
+        slack.person_says("C0FAKE", ts)
+        payload = message_event(text, thread_ts=call.ts, ts=ts)
+        # Slack sends it, then retries it: the two land on different instances, at once
+        results = await asyncio.gather(send_event(first.url, payload), send_event(second.url, payload))
+        assert results == [200, 200]
+    await until(lambda: len(skycore.sent()) >= len(texts))
+    await asyncio.sleep(1.0)
+    assert sorted(c.request["TEXT"] for c in skycore.calls) == sorted(texts)
+    assert [c.request["TEXT"] for c in skycore.calls] == texts  # one texter's replies in the order written
+    assert first.stop() == 0 and second.stop() == 0
