@@ -521,3 +521,19 @@ async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers,
     assert sorted(c.request["TEXT"] for c in skycore.calls) == sorted(texts)
     assert [c.request["TEXT"] for c in skycore.calls] == texts  # one texter's replies in the order written
     assert first.stop() == 0 and second.stop() == 0
+
+
+def test_the_docs_manifest_asks_for_what_the_bridge_needs():
+    import re as _re
+
+    import yaml
+
+    from bridge import replies
+
+    page = (Path(__file__).parent.parent / "docs" / "replies.md").read_text()
+    block = next(b for b in _re.findall(r"```yaml\n(.*?)```", page, _re.S) if "oauth_config" in b)
+    manifest = yaml.safe_load(block)
+    assert manifest["oauth_config"]["scopes"]["bot"] == list(replies.SCOPES)
+    events = manifest["settings"]["event_subscriptions"]
+    assert events["bot_events"] == list(replies.EVENTS)
+    assert events["request_url"].endswith(replies.PATH)
