@@ -156,6 +156,7 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_delivery_ctx)
     app.cleanup_ctx.append(_retention_ctx)
+    app.cleanup_ctx.append(replies.socket_mode_ctx)  # after the store and the destinations are open
     return app
 
 

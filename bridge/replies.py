@@ -26,6 +26,10 @@ from typing import Any
 
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
+from slack_sdk.web.async_client import AsyncWebClient
 
 from bridge.answers import error
 from bridge.config import Config
@@ -45,6 +49,7 @@ log = logging.getLogger("bridge.replies")
 
 PATH = "/slack/events"
 BODY_BYTES = 512 * 1024  # a Slack message holds up to 40,000 characters
+ANSWER_WITHIN = 2.5  # seconds: Slack waits 3 for an answer, then retries
 SCOPES = ("chat:write", "reactions:write", "channels:history", "groups:history")
 EVENTS = ("message.channels", "message.groups")
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
@@ -191,7 +196,14 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
         return web.json_response({"challenge": payload.get("challenge")})
     if payload.get("type") != "event_callback":
         return web.json_response({"ok": True})
-    await take_reply(runtime, app, payload)
+    try:
+        async with asyncio.timeout(ANSWER_WITHIN):
+            await take_reply(runtime, app, payload)
+    except TimeoutError:
+        # Slack gives up after 3 s and sends the event again: say so first (a write that did
+        # commit meanwhile makes the retry a duplicate)
+        log.error("reply not stored in time", extra={"slack_event_id": payload.get("event_id")})
+        return error(503, "temporarily unavailable, retry later")
     return web.json_response({"ok": True})
 
 
@@ -339,14 +351,85 @@ async def _report(runtime: Runtime, tracking_id: str, report: Event) -> None:
         _feedback(runtime, slack, "x", f"Not delivered: {code}" + (f" {status}" if status else ""))
 
 
+# ---------------------------------------------------------------------------- Socket Mode
+
+# slack-sdk logs the socket's URL (a one-time credential) at DEBUG: kept above it
+_SDK_LOG = logging.getLogger("bridge.replies.socket")
+_SDK_LOG.setLevel(logging.INFO)
+RECONNECT_FIRST, RECONNECT_MAX = 1.0, 60.0
+
+
+def _on_request(runtime: Runtime, app: App) -> Any:
+    async def on_request(client: SocketModeClient, request: SocketModeRequest) -> None:
+        """The same events as /slack/events, acked only once the reply is stored: an envelope
+        not acked is sent again by Slack."""
+        if request.type == "events_api" and isinstance(request.payload, dict):
+            try:
+                async with asyncio.timeout(ANSWER_WITHIN):
+                    await take_reply(runtime, app, request.payload)
+            except (StoreError, TimeoutError) as exc:
+                log.error("reply not stored; not acked, Slack sends it again", extra={"error": str(exc)})
+                return
+            except Exception:
+                log.exception("reply from Socket Mode failed; not acked")
+                return
+        await client.send_socket_mode_response(SocketModeResponse(envelope_id=request.envelope_id))
+
+    return on_request
+
+
+async def _connect(client: SocketModeClient, destination: str) -> None:
+    """Connect, trying again with backoff while Slack cannot be reached; once connected,
+    slack-sdk reconnects by itself when the socket drops."""
+    delay = RECONNECT_FIRST
+    while True:
+        try:
+            await client.connect()  # type: ignore[no-untyped-call]
+            log.info("Socket Mode connected", extra={"destination": destination})
+            return
+        except Exception as exc:  # the SDK raises what aiohttp or the Web API raise
+            log.warning("Socket Mode cannot connect", extra={"destination": destination, "error": str(exc)[:200]})
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_MAX)
+
+
+async def socket_mode_ctx(web_app: web.Application) -> Any:
+    """Socket Mode clients for the Slack destinations with `replies.app_token` (the config at
+    startup; a reload that adds or removes one takes effect at the next start)."""
+    runtime = web_app[RUNTIME]
+    clients: list[SocketModeClient] = []
+    tasks = []
+    for app in apps(runtime):
+        token = app.replies.app_token
+        if token is None:
+            continue
+        options = runtime.config.destinations[app.destination].options
+        api_url = options.api_url if isinstance(options, SlackOptions) else "https://slack.com/api/"
+        web_client = AsyncWebClient(base_url=api_url, logger=_SDK_LOG, retry_handlers=[])
+        client = SocketModeClient(app_token=token.reveal(), web_client=web_client, logger=_SDK_LOG)
+        client.socket_mode_request_listeners.append(_on_request(runtime, app))
+        clients.append(client)
+        tasks.append(asyncio.create_task(_connect(client, app.destination), name=f"socket-mode:{app.destination}"))
+    yield
+    for task in tasks:
+        task.cancel()
+    for client in clients:
+        await client.close()  # type: ignore[no-untyped-call]
+
+
 def needs(config: Config) -> list[str]:
     """What each Slack app that takes replies must have, for check-config (CONTRACT §7)."""
     lines = []
     for app in apps_of(config):
+        how = []
+        if app.replies.signing_secret:
+            how.append(f"  Request URL (Event Subscriptions): https://<this bridge's public host>{PATH}")
+        if app.replies.app_token:
+            how.append("  Socket Mode on, an app-level token with connections:write (no Request URL needed)")
         lines += [
             f"{app.destination}: replies in its threads are sent as SMS with {app.replies.send_with}"
             + (f" (at most {app.replies.max_segments} segments)" if app.replies.max_segments else ""),
-            f"  Request URL (Event Subscriptions): https://<this bridge's public host>{PATH}",
+            *how,
             f"  bot token scopes: {SCOPES[0]}, {SCOPES[1]}, and {SCOPES[2]} (public channel) or {SCOPES[3]} (private)",
             f"  bot events: {EVENTS[0]} (public channel) or {EVENTS[1]} (private)",
             f"  the app is a member of {app.channel} (/invite @your-app)",

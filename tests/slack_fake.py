@@ -26,6 +26,7 @@ from aiohttp import web
 
 TOKEN = "xoxb-1111-2222-fakeBotTokenValue"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"  # the example in Slack's docs
+APP_TOKEN = "xapp-1-A0FAKE-1111-fakeAppLevelToken"
 WEBHOOK_PATH = "/services/T0000/B0000/fakeWebhookSecretPath"
 WEBHOOK_STATUS = {"no_service": 404, "channel_is_archived": 410, "action_prohibited": 403}
 
@@ -69,6 +70,12 @@ class FakeSlack:
     messages: dict[str, set[str]] = field(default_factory=dict)  # channel id -> every ts it knows
     reactions: list[tuple[str, str, str]] = field(default_factory=list)  # (channel id, ts, name)
     channel_ids: dict[str, str] = field(default_factory=dict)  # name -> id
+    # Socket Mode: the sockets apps opened (apps.connections.open, then the websocket) and the
+    # envelope ids they acked
+    sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    socket_opened: asyncio.Event = field(default_factory=asyncio.Event)
+    connections_opened: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _clock: int = 0
 
@@ -207,6 +214,48 @@ class FakeSlack:
         self.reactions.append((channel_id, ts, name))
         return web.json_response({"ok": True}, status=status)
 
+    async def connections_open(self, request: web.Request) -> web.Response:
+        """apps.connections.open: a websocket URL for an app-level token."""
+        self.connections_opened += 1  # not in `calls`: those are the messages and reactions
+        if request.headers.get("Authorization", "") != f"Bearer {APP_TOKEN}":
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        return web.json_response({"ok": True, "url": self.url.replace("http://", "ws://") + "/link/?ticket=fake"})
+
+    async def link(self, request: web.Request) -> web.WebSocketResponse:
+        """The Socket Mode websocket: says hello, then takes acks until it is closed."""
+        socket = web.WebSocketResponse(autoping=True)
+        await socket.prepare(request)
+        self.sockets.append(socket)
+        await socket.send_json({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0FAKE"}})
+        self.socket_opened.set()
+        async for message in socket:
+            try:
+                data = json.loads(message.data)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(data, dict) and "envelope_id" in data:
+                self.acks.append(data["envelope_id"])
+        return socket
+
+    def live_socket(self) -> web.WebSocketResponse | None:
+        open_ = [s for s in self.sockets if not s.closed]
+        return open_[-1] if open_ else None
+
+    async def envelope(self, payload: dict[str, Any], envelope_id: str) -> None:
+        """Send an events_api envelope down the app's open socket."""
+        socket = self.live_socket()
+        assert socket is not None, "no Socket Mode connection"
+        await socket.send_json(
+            {
+                "envelope_id": envelope_id,
+                "type": "events_api",
+                "payload": payload,
+                "accepts_response_payload": False,
+                "retry_attempt": 0,
+                "retry_reason": "",
+            }
+        )
+
     async def webhook(self, request: web.Request) -> web.Response:
         body = await request.json()
         call = Call("webhook", body, dict(request.headers), time.time())
@@ -232,8 +281,10 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     app = web.Application()
     app.router.add_post("/api/chat.postMessage", slack.post_message)
     app.router.add_post("/api/reactions.add", slack.reactions_add)
+    app.router.add_post("/api/apps.connections.open", slack.connections_open)
+    app.router.add_get("/link/", slack.link)
     app.router.add_post("/services/{tail:.*}", slack.webhook)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

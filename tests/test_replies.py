@@ -16,13 +16,13 @@ import pytest
 
 from bridge.app import create_app
 from bridge.config import build
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, StoreError
 from bridge.runtime import RUNTIME
 from bridge.smstext import length, plain, segments
 from bridge.store import DeliveryFilter, EventFilter
 from tests.conftest import post
 from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
-from tests.slack_fake import SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
+from tests.slack_fake import APP_TOKEN, SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
 from tests.test_store_contract import pg_url  # noqa: F401
 
 TEXTER, SHORT_CODE = "15551234888", "60856"
@@ -537,3 +537,86 @@ def test_the_docs_manifest_asks_for_what_the_bridge_needs():
     events = manifest["settings"]["event_subscriptions"]
     assert events["bot_events"] == list(replies.EVENTS)
     assert events["request_url"].endswith(replies.PATH)
+
+
+async def test_slack_gets_an_answer_within_3_seconds_even_when_the_store_hangs(start, monkeypatch):
+    bridge = await start()
+    thread = await bridge.thread()
+
+    async def hangs(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(bridge.store, "ingest", hangs)
+    ts = bridge.next_ts()
+    began = time.monotonic()
+    response = await bridge.event(message_event("Are you there?", thread_ts=thread, ts=ts))
+    assert response.status == 503 and time.monotonic() - began < 3.0  # Slack retries
+
+
+async def test_a_body_over_the_limit_is_413_before_the_signature_is_checked(start):
+    bridge = await start()
+    body = b'{"type": "event_callback", "pad": "' + b"x" * (600 * 1024) + b'"}'
+    response = await bridge.client.post("/slack/events", data=body, headers=signed(body))
+    assert response.status == 413
+    assert await bridge.replies() == []
+
+
+# ---------------------------------------------------------------------------- Socket Mode
+
+
+async def test_socket_mode_takes_the_same_replies_acks_after_storing_and_reconnects(aiohttp_client, tmp_path, peers):
+    slack, skycore = peers
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["inbox"]["replies"] = {"send_with": "sms", "app_token": APP_TOKEN}
+    bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
+    body = b'{"type": "url_verification", "challenge": "x"}'
+    assert (await bridge.client.post("/slack/events", data=body, headers=signed(body))).status == 404  # no Events API
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    thread = await bridge.thread()
+
+    ts = bridge.next_ts()
+    slack.person_says("C0FAKE", ts)
+    await slack.envelope(message_event("Hi from the socket", thread_ts=thread, ts=ts), "env-1")
+    (call,) = await skycore.wait_for(1)
+    assert call.request["TEXT"] == "Hi from the socket" and call.request["TO"] == TEXTER
+    await until(lambda: slack.acks == ["env-1"])
+    (stored,) = await bridge.replies()
+    assert stored["fields"]["slack"]["ts"] == ts
+
+    # the socket drops: the bridge opens a new one, and replies keep coming
+    slack.socket_opened.clear()
+    socket = slack.live_socket()
+    assert socket is not None
+    await socket.close()
+    await asyncio.wait_for(slack.socket_opened.wait(), 30)
+    ts2 = bridge.next_ts()
+    slack.person_says("C0FAKE", ts2)
+    await slack.envelope(message_event("Still here", thread_ts=thread, ts=ts2), "env-2")
+    await skycore.wait_for(2)
+    await until(lambda: "env-2" in slack.acks)
+    assert [c.request["TEXT"] for c in skycore.calls] == ["Hi from the socket", "Still here"]
+
+
+async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, tmp_path, peers, monkeypatch):
+    slack, skycore = peers
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["inbox"]["replies"] = {"send_with": "sms", "app_token": APP_TOKEN}
+    bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    thread = await bridge.thread()
+    real_ingest = bridge.store.ingest
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("database is down")
+
+    monkeypatch.setattr(bridge.store, "ingest", down)
+    ts = bridge.next_ts()
+    slack.person_says("C0FAKE", ts)
+    payload = message_event("Wait for it", thread_ts=thread, ts=ts)
+    await slack.envelope(payload, "env-1")
+    await asyncio.sleep(0.5)
+    assert slack.acks == [] and skycore.calls == []
+    monkeypatch.setattr(bridge.store, "ingest", real_ingest)
+    await slack.envelope(payload, "env-1")  # Slack sends it again
+    await until(lambda: slack.acks == ["env-1"])
+    await skycore.wait_for(1)

@@ -318,8 +318,6 @@ def parse_replies(raw: Any, path: str, r: Reader) -> RepliesOptions | None:
         r.error(f"{path}.app_token", "is not an app-level token (it starts with xapp-)")
     if "signing_secret" not in data and "app_token" not in data:
         r.error(path, "needs signing_secret (the Events API at POST /slack/events) or app_token (Socket Mode)")
-    if app_token is not None:
-        r.error(f"{path}.app_token", "Socket Mode is not supported yet: use signing_secret and the Events API")
     max_segments = None
     if "max_segments" in data:
         max_segments = r.integer(data["max_segments"], f"{path}.max_segments", minimum=1)
