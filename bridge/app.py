@@ -193,7 +193,7 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
         headers={"User-Agent": USER_AGENT},
     )
-    await runtime.open_destinations(Services(http=http, state=runtime.store))
+    await runtime.open_destinations(Services(http=http, state=runtime.store, ledger=runtime.store))
     connecting = None
     if runtime.store_error is None:
         await runtime.start_delivery()

@@ -34,6 +34,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bridge.answers import error
 from bridge.config import Config
 from bridge.destinations.base import Destination, conversation_key
+from bridge.destinations.skycore import OPTED_OUT
 from bridge.destinations.slack import RepliesOptions, SlackDestination, SlackOptions, thread_key
 from bridge.digits import is_digits
 from bridge.errors import StoreError
@@ -308,6 +309,8 @@ def install(app: web.Application) -> None:
             return
         if result.outcome == "delivered":
             _feedback(runtime, slack, "outbox_tray", None)
+        elif (result.error or "").startswith(OPTED_OUT):  # STOP came while it waited: not sent
+            _feedback(runtime, slack, "no_entry", f"Not sent: {result.error}")
         else:
             _feedback(runtime, slack, "x", f"Not sent: {result.error}")
 

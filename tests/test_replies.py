@@ -620,3 +620,21 @@ async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, 
     await slack.envelope(payload, "env-1")  # Slack sends it again
     await until(lambda: slack.acks == ["env-1"])
     await skycore.wait_for(1)
+
+
+async def test_a_stop_that_comes_while_the_reply_waits_stops_it(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = [503] * 10_000  # Skycore is down: the reply waits, retried
+    ts = await bridge.reply("Sorry for the wait", thread)
+    await bridge.skycore.wait_for(2)
+    await bridge.postback(mo(2, "STOP", at="2026-12-01T10:01:00Z"))  # texted meanwhile
+    await asyncio.sleep(0.5)  # an attempt in flight when it came gets its 503
+    calls = len(bridge.skycore.calls)
+    bridge.skycore.script = []  # Skycore is back
+    assert await bridge.reactions(ts, 1) == ["no_entry"]
+    await bridge.settled()
+    await asyncio.sleep(0.3)
+    assert bridge.skycore.sent() == [] and len(bridge.skycore.calls) == calls  # no request after the STOP
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
+    assert row.status == "dead" and row.last_error.startswith("opted out: +15551234888 texted STOP to 60856")

@@ -20,7 +20,7 @@ from bridge.config import build
 from bridge.destinations.base import Attempt, Services
 from bridge.destinations.registry import build as build_destination
 from bridge.destinations.skycore import RETRYABLE_CODES, SkycoreDestination, classify_answer, request_xml
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.ids import event_id
 from bridge.retry import Delivered, Failed, Outcome
@@ -287,3 +287,29 @@ async def test_a_billing_problem_is_dead_at_once_and_replay_sends_it(start, skyc
     await asyncio.sleep(0.1)
     (row,) = await bridge.settled(1)
     assert row.status == "delivered" and len(skycore.sent()) == 1 and row.tracking_id == skycore.sent()[0].tracking_id
+
+
+class Ledger:
+    def __init__(self, stopped: bool | Exception) -> None:
+        self.stopped = stopped
+        self.asked: list[tuple[str, str]] = []
+
+    async def opted_out(self, texter: str, short_code: str) -> bool:
+        self.asked.append((texter, short_code))
+        if isinstance(self.stopped, Exception):
+            raise self.stopped
+        return self.stopped
+
+
+@pytest.mark.parametrize(
+    ("ledger", "expected"),
+    [
+        (Ledger(True), Failed(reason="opted out: +15551234888 texted STOP to 60856; not sent", retryable=False)),
+        (Ledger(StoreError("down")), Failed(reason="cannot read the opt-out ledger: down", retryable=True)),
+    ],
+)
+async def test_nothing_is_sent_past_the_ledger(services, skycore, ledger, expected):
+    sms = destination({"api_key": API_KEY, "api_url": skycore.api_url})
+    await sms.open(Services(http=services.http, state=services.state, ledger=ledger))
+    outcome = await sms.send(reply(), Attempt(delivery_id=1, number=1, conversation="x"))
+    assert outcome == expected and skycore.calls == [] and ledger.asked == [("+15551234888", "60856")]

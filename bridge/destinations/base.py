@@ -32,12 +32,19 @@ class ConversationState(Protocol):
     async def put_conversation(self, destination: str, key: str, value: str) -> None: ...
 
 
+class OptOutLedger(Protocol):
+    """Whether a texter's latest word to a short code was an opt-out (CONTRACT §7)."""
+
+    async def opted_out(self, texter: str, short_code: str) -> bool: ...
+
+
 @dataclass
 class Services:
     """What destinations may use, opened and closed by the server."""
 
     http: aiohttp.ClientSession
     state: ConversationState
+    ledger: OptOutLedger | None = None  # the store's opt-out ledger (an SMS is never sent past it)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from xml.sax.saxutils import escape
 
 import aiohttp
 
-from bridge.destinations.base import USER_AGENT, Attempt, Destination, Services
-from bridge.errors import PostbackError
+from bridge.destinations.base import USER_AGENT, Attempt, Destination, OptOutLedger, Services
+from bridge.errors import PostbackError, StoreError
 from bridge.event import Event, text_of
 from bridge.postback import read_xml
 from bridge.retry import Delivered, Failed, Outcome, classify_http
@@ -30,6 +30,7 @@ from bridge.validate import Reader
 API_URL = "https://secure.skycore.com/API/wxml/1.3/index.php"
 RETRYABLE_CODES = frozenset({"E106", "E113", "E120", "E503"})  # Skycore or the account is busy
 REASON_CHARS = 300
+OPTED_OUT = "opted out"  # how the reason of an SMS the ledger stopped starts
 # what XML 1.0 cannot hold at all (escaping does not help): left out of the text
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -113,6 +114,7 @@ class SkycoreDestination(Destination):
         self.timeout = timeout
         self.attempt_timeout = timeout + 5.0
         self._http: aiohttp.ClientSession | None = None
+        self._ledger: OptOutLedger | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any], path: str, r: Reader) -> SkycoreOptions | None:
@@ -142,6 +144,7 @@ class SkycoreDestination(Destination):
 
     async def open(self, services: Services) -> None:
         self._http = services.http
+        self._ledger = services.ledger
 
     async def close(self) -> None:
         self._http = None  # the session is the server's to close
@@ -150,6 +153,16 @@ class SkycoreDestination(Destination):
         assert self._http is not None, "open() first"
         if not number(event.get("to")) or not number(event.get("from")) or not (event.get("text") or "").strip():
             return Failed(reason="nothing to send: the event has no texter, short code or text", retryable=False)
+        if self._ledger is not None:
+            # checked again right before each attempt: a texter may text STOP while their reply
+            # waits (Skycore down, a retry pending); nothing is ever sent past an opt-out
+            texter, short_code = event.get("to") or "", event.get("from") or ""
+            try:
+                stopped = await self._ledger.opted_out(texter, short_code)
+            except StoreError as exc:
+                return Failed(reason=f"cannot read the opt-out ledger: {exc}", retryable=True)
+            if stopped:
+                return Failed(reason=f"{OPTED_OUT}: {texter} texted STOP to {short_code}; not sent", retryable=False)
         form = {"xml": request_xml(event, self.api_key.reveal(), self.campaignref)}
         headers = {"User-Agent": USER_AGENT}
         try:
