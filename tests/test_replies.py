@@ -638,3 +638,17 @@ async def test_a_stop_that_comes_while_the_reply_waits_stops_it(start):
     assert bridge.skycore.sent() == [] and len(bridge.skycore.calls) == calls  # no request after the STOP
     (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
     assert row.status == "dead" and row.last_error.startswith("opted out: +15551234888 texted STOP to 60856")
+
+
+async def test_a_thread_started_before_the_bridge_kept_its_channel_is_found_by_its_ts(start, tmp_path):
+    import sqlite3
+
+    bridge = await start()
+    thread = await bridge.thread()
+    conn = sqlite3.connect(tmp_path / "bridge.db")
+    with conn:  # as a store of the previous release has it: only conversation -> ts
+        assert conn.execute("DELETE FROM conversations WHERE key LIKE 'thread:%'").rowcount == 1
+    conn.close()
+    ts = await bridge.reply("Found you", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    assert call.request["TO"] == TEXTER and await bridge.reactions(ts, 1) == ["outbox_tray"]
