@@ -18,6 +18,7 @@ from bridge import __version__
 from bridge.auth import address_of, came_through_a_proxy, same
 from bridge.digits import parse_uint
 from bridge.errors import StoreError
+from bridge.event import phone
 from bridge.runtime import RUNTIME, Runtime
 from bridge.store import STATUSES, DeliveryFilter, EventFilter, Store
 from bridge.validate import parse_when
@@ -196,6 +197,14 @@ async def replay_many(request: web.Request) -> web.Response:
     return await _replay(request, where, single=False)
 
 
+async def list_optouts(request: web.Request) -> web.Response:
+    """The opt-out ledger (CONTRACT §7): each texter's latest word to each short code."""
+    raw = request.query.get("number", "").strip()
+    number = phone(raw) if raw else None  # 15551234888 finds +15551234888
+    rows = await _store(request).list_optouts(number, limit=_limit(request.query))
+    return web.json_response({"optouts": [row.as_json() for row in rows]})
+
+
 async def reload(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     problems = await runtime.reload()
@@ -264,6 +273,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/dead-letters", guarded(list_dead_letters))
     r.add_post("/admin/replay", guarded(replay_many))
     r.add_post("/admin/reload", guarded(reload))
+    r.add_get("/admin/optouts", guarded(list_optouts))
 
 
 def _param(name: str, description: str, schema: dict[str, Any] | None = None, where: str = "query") -> dict[str, Any]:
@@ -376,6 +386,16 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Replay every dead and failed delivery of a destination and/or time range",
                 "parameters": [p for p in _DELIVERY_FILTERS if p["name"] != "status"] + [_FORCE],
                 "responses": {"200": _REPLAYED, "400": _ERROR, "401": _ERROR},
+            }
+        },
+        "/admin/optouts": {
+            "get": {
+                "summary": "The opt-out ledger: each texter's latest word (STOP, START, SUB N302/N301) per short code",
+                "parameters": [
+                    _param("number", "only this texter or short code (E.164 for a texter: +15551234888)"),
+                    _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                ],
+                "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
             }
         },
         "/admin/reload": {

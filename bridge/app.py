@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bridge import admin
+from bridge import admin, replies
 from bridge.answers import error
 from bridge.auth import Caller
 from bridge.carriers import Carriers
@@ -137,6 +137,7 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     admin.add_routes(app)
+    replies.install(app)  # POST /slack/events: 404 unless a Slack destination takes replies
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)
     # Another method on one of our paths is a 405 naming the allowed ones; any method on a path
@@ -155,6 +156,7 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_delivery_ctx)
     app.cleanup_ctx.append(_retention_ctx)
+    app.cleanup_ctx.append(replies.socket_mode_ctx)  # after the store and the destinations are open
     return app
 
 
@@ -196,7 +198,7 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         # with every later request to its host, whichever destination sends it
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    await runtime.open_destinations(Services(http=http, state=runtime.store))
+    await runtime.open_destinations(Services(http=http, state=runtime.store, ledger=runtime.store))
     connecting = None
     if runtime.store_error is None:
         await runtime.start_delivery()

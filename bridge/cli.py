@@ -15,11 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bridge import __version__, logs
+from bridge import __version__, logs, replies
 from bridge.config import Config, defaults, load
 from bridge.destinations.registry import build_all
 from bridge.digits import parse_uint
 from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
+from bridge.event import phone
 from bridge.secret import redact_url
 from bridge.store import STATUSES, DeliveryFilter, Store, open_store, sqlite_path
 from bridge.validate import parse_when
@@ -108,6 +109,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  default -> {', '.join(config.default)}")
     else:
         print("  default: none (unmatched events are counted and dropped)")
+    slack_app = replies.needs(config)
+    if slack_app:
+        print("  replies from Slack: what the Slack app needs")
+        for line in slack_app:
+            print(f"    {line}")
     warnings = config.warnings()
     if warnings:  # allowed, so still exit 0; on stderr, as the errors are
         _print_problems(warnings, "warning", str(config.source))
@@ -277,7 +283,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     if not rows:
         print("no deliveries match")
         return 0
-    table = [("ID", "EVENT", "DESTINATION", "STATUS", "ATTEMPTS", "CREATED", "NEXT", "LAST ERROR")]
+    tracked = any(r.tracking_id for r in rows)  # a TRACKING column when a peer gave ids (skycore)
+    table = [("ID", "EVENT", "DESTINATION", "STATUS", "ATTEMPTS", "CREATED", "NEXT", *(("TRACKING",) * tracked),
+              "LAST ERROR")]  # fmt: skip
     for r in rows:
         table.append(
             (
@@ -288,9 +296,36 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 str(r.attempts),
                 _iso(r.created_at),
                 _next(r),
+                *((r.tracking_id or "",) * tracked),
                 r.last_error or "",  # the last column: whole, not cut in the middle of an address
             )
         )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_optouts(args: argparse.Namespace) -> int:
+    """The opt-out ledger (CONTRACT §7): who may not be texted by which short code, and who
+    opted back in."""
+    config = _config(args.config, required=False)
+    number = phone(args.number.strip()) if args.number else None  # 15551234888 finds +15551234888
+    try:
+        rows = _with_store(config, lambda store: store.list_optouts(number, limit=args.limit))
+    except NoStoreError as exc:
+        print(f"postback-bridge: {exc}", file=sys.stderr)
+        rows = []
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no one has opted out or back in" + (f" ({number})" if number else ""))
+        return 0
+    table = [("TEXTER", "SHORT CODE", "STATE", "WORD", "AT", "EVENT")]
+    for r in rows:
+        state = "opted out" if r.opted_out else "opted in"
+        table.append((r.texter, r.short_code, state, r.word, _iso(r.at), r.event_id))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -413,6 +448,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every dead or failed delivery (within the other filters)")
     p.add_argument("--force", action="store_true", help="also replay delivered ones")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("optouts", help="the opt-out ledger: who opted out of (or back in to) which short code")
+    with_config(p)
+    p.add_argument("--number", metavar="N", help="only this texter (15551234888 or +15551234888) or short code")
+    p.add_argument("--limit", type=whole_number, default=1000, help="at most this many (default 1000)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_optouts)
 
     p = sub.add_parser("healthcheck", help="exit 0 when the bridge the config describes answers (a HEALTHCHECK)")
     with_config(p)

@@ -495,6 +495,23 @@ def _routes(raw: Any, declared: set[str], r: Reader) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+def _check_replies(destinations: Mapping[str, DestinationSpec], raw: Any, r: Reader) -> None:
+    """`replies.send_with` (CONTRACT §7) names a destination of type skycore."""
+    for name, spec in destinations.items():
+        replies = getattr(spec.options, "replies", None)
+        if replies is None:
+            continue
+        place = f"destinations.{name}.replies.send_with"
+        target = destinations.get(replies.send_with)
+        declared = isinstance(raw, dict) and replies.send_with in raw
+        if target is None and not declared:
+            r.error(place, f"no destination named {replies.send_with!r}: name one of type skycore")
+        elif target is not None and target.type != "skycore":
+            r.error(
+                place, f"{replies.send_with!r} is of type {target.type}: replies are sent with a skycore destination"
+            )
+
+
 def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None = None) -> Config:
     """A Config from parsed YAML, or ConfigError listing every problem."""
     r = Reader()
@@ -511,6 +528,7 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
     declared = set(raw["destinations"]) if isinstance(raw.get("destinations"), dict) else set()
     routes = _routes(raw.get("routes"), declared, r)
     default = _destination_list(raw["default"], "default", declared, r) if raw.get("default") is not None else None
+    _check_replies(destinations, raw.get("destinations"), r)
     config = Config(
         server=server,
         store=_store(raw.get("store"), r),

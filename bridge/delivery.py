@@ -373,6 +373,7 @@ class Dispatcher:
             error=None if isinstance(outcome, Delivered) else outcome.reason,
             decision=decision,
             detail=outcome.detail if isinstance(outcome, Delivered) else None,
+            tracking_id=outcome.tracking_id if isinstance(outcome, Delivered) else None,
         )
         # Recorded in the background, batched with other attempts' results: the slot is free for
         # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered

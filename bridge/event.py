@@ -26,8 +26,9 @@ _CODE_TYPES = {
     ("EMAIL_SUB", "N304"): "email_subscriber.opted_out",
 }
 UNKNOWN_TYPE = "postback.received"  # an ORIGIN (or SUB code) we do not know: forwarded as is
+REPLY_TYPE = "sms.reply"  # a person's answer from Slack, to be sent to the texter (CONTRACT §7)
 ORIGINS = frozenset({*_TYPES, *(origin for origin, _ in _CODE_TYPES)})  # the ORIGINs Skycore documents
-TYPES = frozenset({*_TYPES.values(), *_CODE_TYPES.values(), UNKNOWN_TYPE})
+TYPES = frozenset({*_TYPES.values(), *_CODE_TYPES.values(), UNKNOWN_TYPE, REPLY_TYPE})
 
 
 def text_of(value: Any) -> str | None:

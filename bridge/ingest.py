@@ -21,12 +21,13 @@ from bridge.auth import Caller, check_auth
 from bridge.config import Config
 from bridge.destinations.base import conversation_key
 from bridge.errors import PostbackError, StoreError
-from bridge.event import dedup_key, normalize
+from bridge.event import Event, dedup_key, normalize
 from bridge.ids import event_id
+from bridge.optouts import Word, word_of
 from bridge.postback import parse
 from bridge.routing import route
 from bridge.runtime import Runtime
-from bridge.store import NewDelivery
+from bridge.store import Ingested, NewDelivery, OptOutRow, Store
 
 log = logging.getLogger("bridge.ingest")
 
@@ -117,6 +118,10 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
         return STORE_DOWN
     finally:
         patience.stop(task)
+    said = word_of(event)
+    if said is not None and not await _keep_word(store, said, result):
+        metrics.postback(origin, "unavailable", "store")
+        return STORE_DOWN  # Skycore retries; its retry is a duplicate, and the word is kept then
     if result.status == "accepted":  # events, not postbacks: Skycore's retry of one is no new event
         for name in decision.routes or (("default",) if decision.defaulted else ()):
             metrics.route(name)
@@ -134,6 +139,7 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
                 "duplicate": result.status == "duplicate",
             },
         )
+        _stored(runtime, event, result)
         return answer(result.status, result.event_id)
     metrics.postback(origin, result.status, "")
     logs.hot(
@@ -153,7 +159,42 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
     )
     if result.status == "accepted" and runtime.dispatcher is not None:
         runtime.dispatcher.notify([d for d, _ in decision.destinations])
+    _stored(runtime, event, result)
     return answer(result.status, result.event_id)
+
+
+def _stored(runtime: Runtime, event: Event, result: Ingested) -> None:
+    for hook in runtime.after_stored:
+        try:
+            hook(event, result.status)
+        except Exception:  # feedback only: the postback is stored
+            log.exception("after a postback was stored")
+
+
+async def _keep_word(store: Store, said: Word, result: Ingested) -> bool:
+    """The texter's opt-out (or opt-in) into the ledger, right after its event is stored and
+    before the 200; False when the store cannot take it now.
+
+    Not in the event's transaction, but idempotent and ordered by when the texter said it: a
+    crash or a store error between the two means no 200, so Skycore sends the postback again,
+    which is a duplicate of the stored event and is kept in the ledger then. A duplicate's time
+    is the stored event's (its own `received_at` would be later than a word said since)."""
+    at = said.at
+    try:
+        if result.status == "duplicate":
+            stored = await store.get_event(result.event_id)
+            again = word_of(stored) if stored is not None else None
+            at = again.at if again is not None else at
+        row = OptOutRow(said.texter, said.short_code, said.opted_out, said.word, at, result.event_id)
+        await store.record_optout(row)
+    except StoreError as exc:
+        log.error("store cannot keep an opt-out", extra={"error": str(exc), "event_id": result.event_id})
+        return False
+    log.info(
+        "opted out" if said.opted_out else "opted in",
+        extra={"event_id": result.event_id, "from": said.texter, "to": said.short_code, "word": said.word},
+    )
+    return True
 
 
 def unexpected(exc: Exception, path: str, method: str) -> Reply:

@@ -173,6 +173,19 @@ def _xml_from_form(text: str, content_type: str) -> str:
     raise PostbackError(f"body is {kind}, not XML: expected a Skycore <POSTBACK> document")
 
 
+def read_xml(xml: str) -> tuple[str, Any]:
+    """Any XML document (an API's answer, say) as (root name, value), parsed as postbacks are:
+    no DTD, no entities, at most MAX_DEPTH deep. Raises PostbackError."""
+    try:
+        return _tree(xml)
+    except _DTDRefusedError:
+        raise PostbackError("DTDs and entity declarations are not accepted") from None
+    except _TooDeepError:
+        raise PostbackError(f"XML nested deeper than {MAX_DEPTH} levels") from None
+    except expat.ExpatError as exc:
+        raise PostbackError(f"malformed XML: {expat.ErrorString(exc.code)}") from None
+
+
 def parse(body: bytes, content_type: str = "") -> Fields:
     """The postback's fields, wrapper removed. Raises PostbackError for anything else."""
     xml = extract_xml(body, content_type)

@@ -23,6 +23,7 @@ class RetryPolicy:
 class Delivered:
     status: int | None = None
     detail: str | None = None
+    tracking_id: str | None = None  # the peer's id for what it took (Skycore's TRACKINGID), kept on the delivery
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from bridge.delivery import Dispatcher
 from bridge.destinations.base import Destination, Services
 from bridge.destinations.registry import build_all
 from bridge.errors import BridgeError, ConfigError, StoreError
+from bridge.event import Event
 from bridge.ids import timestamp
 from bridge.metrics import Metrics
 from bridge.store import AttemptResult, Claim, Store
@@ -116,6 +118,10 @@ class Runtime:
     # the old config's to be stored before it retires that config's destinations
     _routing: collections.Counter[int] = field(default_factory=collections.Counter)
     _routed: asyncio.Event = field(default_factory=asyncio.Event)
+    # called after each attempt is recorded, and after each postback's event is stored (replies
+    # watch both: bridge.replies); each must be quick and not raise
+    after_attempt: list[Callable[[Destination, Claim, AttemptResult], None]] = field(default_factory=list)
+    after_stored: list[Callable[[Event, str], None]] = field(default_factory=list)
 
     def hold(self) -> Config:
         """The config to route one postback with; `release` it once its deliveries are stored.
@@ -215,6 +221,11 @@ class Runtime:
             await destination.close()
 
     def _on_result(self, destination: Destination, claim: Claim, result: AttemptResult) -> None:
+        for hook in self.after_attempt:
+            try:
+                hook(destination, claim, result)
+            except Exception:  # feedback only: the attempt is recorded
+                log.exception("after an attempt")
         name = claim.destination
         self.metrics.attempt(name, result.outcome)
         if result.outcome == "delivered":

@@ -1,16 +1,21 @@
-"""A fake Slack on 127.0.0.1: `chat.postMessage` of the Web API and an incoming webhook.
+"""A fake Slack on 127.0.0.1: `chat.postMessage` and `reactions.add` of the Web API and an
+incoming webhook; and what Slack sends an app: signed Events API requests (`signed`).
 
 It records every call and answers like Slack: `{"ok": true, "ts": ...}` or `{"ok": false,
 "error": ...}`, 429 with `Retry-After`, or a 5xx page. It also refuses what real Slack refuses
 and a wrong renderer would send: a wrong token, an image block whose `image_url` is not an
 http(s) URL, a section over 3000 characters, more than 50 blocks, a `thread_ts` that is not one
-of its own top-level messages in that channel.
+of its own top-level messages in that channel, a reaction on a message it never saw. Channels
+are named by name or id: `#sms-inbox` is `C0FAKE`, the next one `C0FAKE2`, and answers give
+the id, as Slack does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +25,8 @@ from typing import Any
 from aiohttp import web
 
 TOKEN = "xoxb-1111-2222-fakeBotTokenValue"
+SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"  # the example in Slack's docs
+APP_TOKEN = "xapp-1-A0FAKE-1111-fakeAppLevelToken"
 WEBHOOK_PATH = "/services/T0000/B0000/fakeWebhookSecretPath"
 WEBHOOK_STATUS = {"no_service": 404, "channel_is_archived": 410, "action_prohibited": 403}
 
@@ -59,7 +66,16 @@ class FakeSlack:
     script: list[Any] = field(default_factory=list)
     delay: float = 0.0
     reject_images: bool = False  # answer invalid_blocks to image blocks, like Slack when a file is gone
-    threads: dict[str, set[str]] = field(default_factory=dict)  # channel -> top-level ts
+    threads: dict[str, set[str]] = field(default_factory=dict)  # channel id -> top-level ts
+    messages: dict[str, set[str]] = field(default_factory=dict)  # channel id -> every ts it knows
+    reactions: list[tuple[str, str, str]] = field(default_factory=list)  # (channel id, ts, name)
+    channel_ids: dict[str, str] = field(default_factory=dict)  # name -> id
+    # Socket Mode: the sockets apps opened (apps.connections.open, then the websocket) and the
+    # envelope ids they acked
+    sockets: list[web.WebSocketResponse] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    socket_opened: asyncio.Event = field(default_factory=asyncio.Event)
+    connections_opened: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _clock: int = 0
 
@@ -71,9 +87,29 @@ class FakeSlack:
     def webhook_url(self) -> str:
         return self.url + WEBHOOK_PATH
 
+    def channel_id(self, channel: str) -> str:
+        """The id of a channel given by name (or by id)."""
+        if channel in self.channel_ids.values():
+            return channel
+        if channel not in self.channel_ids:
+            n = len(self.channel_ids) + 1
+            self.channel_ids[channel] = "C0FAKE" + (str(n) if n > 1 else "")
+        return self.channel_ids[channel]
+
+    def person_says(self, channel: str, ts: str) -> None:
+        """A message a person posted (the fake knows it: reactions on it are taken)."""
+        self.messages.setdefault(self.channel_id(channel), set()).add(ts)
+
+    def reactions_on(self, ts: str) -> list[str]:
+        return [name for _, at, name in self.reactions if at == ts]
+
+    def thread_lines(self, thread_ts: str) -> list[str]:
+        """The texts the app posted in a thread."""
+        return [c.body.get("text", "") for c in self.posted() if c.body.get("thread_ts") == thread_ts]
+
     def posted(self) -> list[Call]:
-        """The calls that put a message in the channel."""
-        return [c for c in self.calls if c.ok]
+        """The calls that put a message in the channel (a reaction does not)."""
+        return [c for c in self.calls if c.ok and c.kind != "reactions.add"]
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[Call]:
         # woken by each call as it arrives rather than polled, so not eventually()
@@ -137,16 +173,89 @@ class FakeSlack:
             error = "channel_not_found"
         error = error or self._refusal(body)
         thread_ts = body.get("thread_ts")
-        if error is None and thread_ts is not None and thread_ts not in self.threads.get(channel, set()):
+        channel_id = self.channel_id(channel) if channel else ""
+        if error is None and thread_ts is not None and thread_ts not in self.threads.get(channel_id, set()):
             error = "invalid_thread_ts"
         if error is not None:
             return web.json_response({"ok": False, "error": error})
         self._clock += 1
         call.ok, call.ts = True, f"1714579200.{self._clock:06d}"
         if thread_ts is None:
-            self.threads.setdefault(channel, set()).add(call.ts)
-        answer = {"ok": True, "channel": "C0FAKE", "ts": call.ts, "message": {"text": body["text"]}}
+            self.threads.setdefault(channel_id, set()).add(call.ts)
+        self.messages.setdefault(channel_id, set()).add(call.ts)
+        answer = {"ok": True, "channel": channel_id, "ts": call.ts, "message": {"text": body["text"]}}
         return web.json_response(answer, status=status)
+
+    async def reactions_add(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = dict(request.query)  # slack-sdk sends these arguments in the query string
+        if request.content_type == "application/json":
+            body.update(await request.json())
+        else:
+            body.update({k: str(v) for k, v in (await request.post()).items()})
+        call = Call("reactions.add", body, dict(request.headers), time.time())
+        self.calls.append(call)
+        self.arrived.set()
+        status, scripted = self._scripted()
+        if isinstance(scripted, web.Response):
+            return scripted
+        error = scripted
+        if error is None and request.headers.get("Authorization", "") != f"Bearer {TOKEN}":
+            error = "invalid_auth"
+        channel, ts, name = str(body.get("channel", "")), str(body.get("timestamp", "")), str(body.get("name", ""))
+        channel_id = self.channel_id(channel) if channel else ""
+        if error is None and ts not in self.messages.get(channel_id, set()):
+            error = "message_not_found"
+        if error is None and not name:
+            error = "invalid_name"
+        if error is None and (channel_id, ts, name) in self.reactions:
+            error = "already_reacted"
+        if error is not None:
+            return web.json_response({"ok": False, "error": error})
+        call.ok = True
+        self.reactions.append((channel_id, ts, name))
+        return web.json_response({"ok": True}, status=status)
+
+    async def connections_open(self, request: web.Request) -> web.Response:
+        """apps.connections.open: a websocket URL for an app-level token."""
+        self.connections_opened += 1  # not in `calls`: those are the messages and reactions
+        if request.headers.get("Authorization", "") != f"Bearer {APP_TOKEN}":
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        return web.json_response({"ok": True, "url": self.url.replace("http://", "ws://") + "/link/?ticket=fake"})
+
+    async def link(self, request: web.Request) -> web.WebSocketResponse:
+        """The Socket Mode websocket: says hello, then takes acks until it is closed."""
+        socket = web.WebSocketResponse(autoping=True)
+        await socket.prepare(request)
+        self.sockets.append(socket)
+        await socket.send_json({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0FAKE"}})
+        self.socket_opened.set()
+        async for message in socket:
+            try:
+                data = json.loads(message.data)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(data, dict) and "envelope_id" in data:
+                self.acks.append(data["envelope_id"])
+        return socket
+
+    def live_socket(self) -> web.WebSocketResponse | None:
+        open_ = [s for s in self.sockets if not s.closed]
+        return open_[-1] if open_ else None
+
+    async def envelope(self, payload: dict[str, Any], envelope_id: str) -> None:
+        """Send an events_api envelope down the app's open socket."""
+        socket = self.live_socket()
+        assert socket is not None, "no Socket Mode connection"
+        await socket.send_json(
+            {
+                "envelope_id": envelope_id,
+                "type": "events_api",
+                "payload": payload,
+                "accepts_response_payload": False,
+                "retry_attempt": 0,
+                "retry_reason": "",
+            }
+        )
 
     async def webhook(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -172,8 +281,11 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     slack = FakeSlack()
     app = web.Application()
     app.router.add_post("/api/chat.postMessage", slack.post_message)
+    app.router.add_post("/api/reactions.add", slack.reactions_add)
+    app.router.add_post("/api/apps.connections.open", slack.connections_open)
+    app.router.add_get("/link/", slack.link)
     app.router.add_post("/services/{tail:.*}", slack.webhook)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -182,3 +294,34 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
         yield slack
     finally:
         await runner.cleanup()
+
+
+def signed(body: bytes, *, secret: str = SIGNING_SECRET, at: float | None = None) -> dict[str, str]:
+    """The headers Slack signs a request to an app with (v0: HMAC-SHA256 of `v0:<ts>:<body>`),
+    computed here as Slack's docs describe, not with the SDK the bridge checks them with."""
+    timestamp = str(int(time.time() if at is None else at))
+    digest = hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+    return {
+        "X-Slack-Request-Timestamp": timestamp,
+        "X-Slack-Signature": "v0=" + digest,
+        "Content-Type": "application/json",
+    }
+
+
+def message_event(
+    text: str, *, thread_ts: str | None, ts: str, channel: str = "C0FAKE", user: str = "U0PERSON", **extra: object
+) -> dict[str, object]:
+    """An Events API `event_callback` for a message, as Slack sends it."""
+    event: dict[str, object] = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts}
+    if thread_ts is not None:
+        event["thread_ts"] = thread_ts
+    event.update(extra)
+    return {
+        "token": "verification-token-unused",
+        "team_id": "T0FAKE",
+        "api_app_id": "A0FAKE",
+        "type": "event_callback",
+        "event_id": f"Ev{ts.replace('.', '')}",
+        "event_time": int(float(ts)),
+        "event": event,
+    }

@@ -32,12 +32,19 @@ class ConversationState(Protocol):
     async def put_conversation(self, destination: str, key: str, value: str) -> None: ...
 
 
+class OptOutLedger(Protocol):
+    """Whether a texter's latest word to a short code was an opt-out (CONTRACT §7)."""
+
+    async def opted_out(self, texter: str, short_code: str) -> bool: ...
+
+
 @dataclass
 class Services:
     """What destinations may use, opened and closed by the server."""
 
     http: aiohttp.ClientSession
     state: ConversationState
+    ledger: OptOutLedger | None = None  # the store's opt-out ledger (an SMS is never sent past it)
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,11 @@ class Attempt:
 
 
 def conversation_key(event: Event) -> str:
-    """One texter talking to one short code; status and subscriber events key the same way.
-    A delivery report goes from the short code to the texter, so its ends are swapped."""
+    """One texter talking to one short code; status, subscriber and reply events key the same
+    way. A delivery report and a reply go from the short code to the texter, so their ends are
+    swapped."""
     sender, recipient = event["from"], event["to"]
-    if event["type"] in ("sms.status", "mms.status"):
+    if event["type"] in ("sms.status", "mms.status", "sms.reply"):
         sender, recipient = recipient, sender
     return f"{sender or ''}|{recipient or ''}"
 

@@ -14,10 +14,13 @@ def registry() -> Mapping[str, type[Destination]]:
     """`type:` -> destination class."""
     from bridge.destinations.email import EmailDestination
     from bridge.destinations.log import LogDestination
+    from bridge.destinations.skycore import SkycoreDestination
     from bridge.destinations.slack import SlackDestination
     from bridge.destinations.webhook import WebhookDestination
 
-    classes: list[type[Destination]] = [EmailDestination, LogDestination, SlackDestination, WebhookDestination]
+    classes: list[type[Destination]] = [
+        EmailDestination, LogDestination, SkycoreDestination, SlackDestination, WebhookDestination,
+    ]  # fmt: skip
     return {cls.type_name: cls for cls in classes}
 
 

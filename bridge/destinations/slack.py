@@ -280,10 +280,50 @@ def error_code(body: Any) -> str | None:
 # ---------------------------------------------------------------------------- config and I/O
 
 
+def thread_key(ts: str) -> str:
+    """The conversation-state key under which a thread the bridge started names its channel id
+    and conversation: `thread:<ts>` -> `<channel id>|<channel>|<texter>|<short code>`."""
+    return f"thread:{ts}"
+
+
 def mask_url(url: str) -> str:
     """An incoming-webhook URL without its secret path."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}/**********"
+
+
+REPLY_KEYS = frozenset({"send_with", "signing_secret", "app_token", "max_segments"})
+
+
+@dataclass(frozen=True)
+class RepliesOptions:
+    """`replies:` of a Slack destination (CONTRACT §7): a person's reply in a texter's thread is
+    sent to the texter as an SMS with `send_with` (a skycore destination; config checks that)."""
+
+    send_with: str
+    signing_secret: Secret | None = None  # the Events API at POST /slack/events
+    app_token: Secret | None = None  # Socket Mode (xapp-...)
+    max_segments: int | None = None
+
+
+def parse_replies(raw: Any, path: str, r: Reader) -> RepliesOptions | None:
+    errors_before = len(r.errors)
+    data = r.mapping(raw, path, REPLY_KEYS, frozenset({"send_with"}))
+    if not data:
+        return None
+    send_with = r.string(data["send_with"], f"{path}.send_with") if "send_with" in data else None
+    secret = r.secret(data["signing_secret"], f"{path}.signing_secret") if "signing_secret" in data else None
+    app_token = r.secret(data["app_token"], f"{path}.app_token") if "app_token" in data else None
+    if app_token is not None and not app_token.reveal().strip().startswith("xapp-"):
+        r.error(f"{path}.app_token", "is not an app-level token (it starts with xapp-)")
+    if "signing_secret" not in data and "app_token" not in data:
+        r.error(path, "needs signing_secret (the Events API at POST /slack/events) or app_token (Socket Mode)")
+    max_segments = None
+    if "max_segments" in data:
+        max_segments = r.integer(data["max_segments"], f"{path}.max_segments", minimum=1)
+    if len(r.errors) > errors_before or send_with is None:
+        return None
+    return RepliesOptions(send_with, secret, app_token, max_segments)
 
 
 @dataclass(frozen=True)
@@ -298,12 +338,23 @@ class SlackOptions:
     username: str | None = None
     icon_emoji: str | None = None
     timeout: float = 10.0
+    replies: RepliesOptions | None = None
 
 
 class SlackDestination(Destination):
     type_name = "slack"
     config_keys = frozenset(
-        {"token", "webhook_url", "channel", "thread_by_sender", "api_url", "username", "icon_emoji", "timeout"}
+        {
+            "token",
+            "webhook_url",
+            "channel",
+            "thread_by_sender",
+            "api_url",
+            "username",
+            "icon_emoji",
+            "timeout",
+            "replies",
+        }
     )
     default_concurrency = 4  # Slack allows about one message a second per channel
 
@@ -319,9 +370,11 @@ class SlackDestination(Destination):
         username: str | None = None,
         icon_emoji: str | None = None,
         timeout: float = 10.0,
+        replies: RepliesOptions | None = None,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
+        self.replies = replies
         if (token is None) == (webhook_url is None):
             raise ValueError("exactly one of token and webhook_url")
         if token is not None and not channel:
@@ -387,6 +440,13 @@ class SlackDestination(Destination):
         if icon_emoji is not None and not re.fullmatch(r":[a-z0-9_+'-]+:", icon_emoji):
             r.error(f"{path}.icon_emoji", f"expected an emoji name like :speech_balloon:, got {icon_emoji!r}")
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
+        replies = None
+        if "replies" in options:
+            replies = parse_replies(options["replies"], f"{path}.replies", r)
+            if "token" not in options:
+                r.error(f"{path}.replies", "needs token: replies are read from the threads a bot token starts")
+            elif not thread_by_sender:
+                r.error(f"{path}.replies", "needs thread_by_sender: a reply is an answer in a texter's thread")
         if len(r.errors) > errors_before or api_url is None or timeout is None:
             return None
         return SlackOptions(
@@ -398,13 +458,15 @@ class SlackDestination(Destination):
             username=username,
             icon_emoji=icon_emoji,
             timeout=timeout,
+            replies=replies,
         )
 
     def describe(self) -> str:
         if self.webhook_url is not None:
             return f"incoming webhook {mask_url(self.webhook_url.reveal())} (timeout {self.timeout:g}s)"
         threads = ", one thread per sender" if self.thread_by_sender else ""
-        return f"chat.postMessage to {self.channel} via {self.api_url}{threads} (timeout {self.timeout:g}s)"
+        replies = f", replies sent with {self.replies.send_with}" if self.replies else ""
+        return f"chat.postMessage to {self.channel} via {self.api_url}{threads}{replies} (timeout {self.timeout:g}s)"
 
     def _payload(self, message: Message) -> dict[str, Any]:
         # Customers' texts hold URLs; Slack must not fetch them to unfurl previews.
@@ -460,14 +522,17 @@ class SlackDestination(Destination):
                 return Failed(reason=f"cannot read the sender's thread: {exc}", retryable=True)
 
         message = render(event)
-        outcome, ts = await self._post(message, thread_ts)
+        outcome, ts, channel_id = await self._post(message, thread_ts)
         if isinstance(outcome, Failed) and outcome.reason.startswith("invalid_blocks") and has_images(message):
             # Slack fetches image blocks as it posts, and Skycore deletes MMS files after a while:
             # post the pictures as links rather than lose the message.
-            outcome, ts = await self._post(render(event, images=False), thread_ts)
+            outcome, ts, channel_id = await self._post(render(event, images=False), thread_ts)
 
         if self._state is not None and self.thread_by_sender and thread_ts is None and ts:
             try:
+                # the thread back to its conversation, with the channel's id (Slack's events name
+                # the channel by id, the config may by name): how a reply finds its texter
+                await self._state.put_conversation(self.name, thread_key(ts), f"{channel_id or ''}|{key}")
                 await self._state.put_conversation(self.name, key, ts)
             except StoreError as exc:
                 # posted already: retrying would post it twice; the next text starts a new thread
@@ -477,8 +542,13 @@ class SlackDestination(Destination):
                 )
         return outcome
 
-    async def _post(self, message: Message, thread_ts: str | None) -> tuple[Outcome, str | None]:
-        """One HTTP call; slack-sdk's errors become Failed here and go no further."""
+    async def _post(self, message: Message, thread_ts: str | None) -> tuple[Outcome, str | None, str | None]:
+        """One HTTP call (the message's ts and channel id when Slack gives them); slack-sdk's
+        errors become Failed here and go no further."""
+        outcome, ts, channel = await self._post_once(message, thread_ts)
+        return outcome, ts, channel
+
+    async def _post_once(self, message: Message, thread_ts: str | None) -> tuple[Outcome, str | None, str | None]:
         try:
             async with asyncio.timeout(self.timeout):
                 if self._web is not None:
@@ -486,11 +556,11 @@ class SlackDestination(Destination):
                     response = await self._web.chat_postMessage(
                         channel=self.channel, thread_ts=thread_ts, **self._payload(message)
                     )
-                    return Delivered(status=response.status_code), response.get("ts")
+                    return Delivered(status=response.status_code), response.get("ts"), response.get("channel")
                 assert self._webhook is not None, "open() first"
                 answer = await self._webhook.send_dict(self._payload(message))
                 code = None if 200 <= answer.status_code < 300 else error_code(answer.body)
-                return classify(answer.status_code, code, answer.headers or {}, time.time()), None
+                return classify(answer.status_code, code, answer.headers or {}, time.time()), None, None
         except SlackApiError as exc:
             # a non-ok answer; when Slack's body was not JSON, `response` is aiohttp's
             answer = exc.response
@@ -498,13 +568,38 @@ class SlackDestination(Destination):
             code = error_code(getattr(answer, "data", None))
             if code is None and status == 200:
                 code = "unknown_error"  # `ok: false` without a code is still not delivered
-            return classify(status, code, getattr(answer, "headers", None) or {}, time.time()), None
+            return classify(status, code, getattr(answer, "headers", None) or {}, time.time()), None, None
         except TimeoutError:
-            return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True), None
+            return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True), None, None
         except aiohttp.ClientConnectorError as exc:
-            return Failed(reason=self._scrub(f"cannot connect: {exc.os_error or exc}"), retryable=True), None
+            return Failed(reason=self._scrub(f"cannot connect: {exc.os_error or exc}"), retryable=True), None, None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True), None
+            return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True), None, None
+
+    async def feedback(self, channel: str, ts: str, thread_ts: str | None, emoji: str, message: str | None) -> bool:
+        """What became of a person's reply (CONTRACT §7): a reaction on their message, and a line
+        in its thread when there is something to say. One try each; False when Slack refused."""
+        if self._web is None:
+            return False
+        done = True
+        calls: list[Any] = [lambda web: web.reactions_add(channel=channel, timestamp=ts, name=emoji)]
+        if message:
+            say = {"channel": channel, "thread_ts": thread_ts or ts, "text": message, "unfurl_links": False}
+            calls.append(lambda web: web.chat_postMessage(**say))
+        for call in calls:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await call(self._web)
+            except SlackApiError as exc:
+                if error_code(getattr(exc.response, "data", None)) != "already_reacted":
+                    done = False
+                    log.warning("feedback in the thread refused", extra={"destination": self.name, "error": str(exc)})
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                done = False
+                log.warning(
+                    "feedback in the thread failed", extra={"destination": self.name, "error": self._scrub(str(exc))}
+                )
+        return done
 
     def _scrub(self, text: str) -> str:
         """aiohttp's messages may quote the URL, and a webhook URL is a credential."""

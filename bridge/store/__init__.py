@@ -63,6 +63,7 @@ class AttemptResult:
     error: str | None
     decision: Decision
     detail: str | None = None  # what a destination says about a success (e.g. a side step that failed)
+    tracking_id: str | None = None  # the peer's id for it (Skycore's TRACKINGID), kept on the delivery
 
 
 def iso(ts: float | None) -> str | None:
@@ -94,6 +95,7 @@ class DeliveryRow:
     next_at: float | None
     updated_at: float
     last_error: str | None
+    tracking_id: str | None = None  # the peer's id for it, once delivered (Skycore's TRACKINGID)
 
     def as_json(self) -> dict[str, Any]:
         """As the admin API and `deliveries --json` show it."""
@@ -108,16 +110,18 @@ class DeliveryRow:
             "next_at": iso(self.next_at),
             "updated_at": iso(self.updated_at),
             "last_error": self.last_error,
+            "tracking_id": self.tracking_id,
         }
 
 
 def delivery_row(row: Sequence[Any]) -> DeliveryRow:
     """A DeliveryRow from a row of `id, event_id, destination, route, status, attempts,
-    created_at, next_at, updated_at, last_error`, as both stores select them; next_at is shown
-    only while the delivery is pending."""
+    created_at, next_at, updated_at, last_error, tracking_id`, as both stores select them;
+    next_at is shown only while the delivery is pending."""
     return DeliveryRow(
         id=row[0], event_id=row[1], destination=row[2], route=row[3], status=row[4], attempts=row[5],
         created_at=row[6], next_at=row[7] if row[4] == "pending" else None, updated_at=row[8], last_error=row[9],
+        tracking_id=row[10],
     )  # fmt: skip
 
 
@@ -139,6 +143,35 @@ class AttemptRow:
             "error": self.error,
             "duration_ms": round(self.duration * 1000, 1),
         }
+
+
+@dataclass(frozen=True)
+class OptOutRow:
+    """A texter's latest word to a short code (CONTRACT §7): opted out or back in."""
+
+    texter: str
+    short_code: str
+    opted_out: bool
+    word: str  # the keyword (STOP, START, ...) or SUB code (N302, N301) that said it
+    at: float
+    event_id: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "texter": self.texter,
+            "short_code": self.short_code,
+            "opted_out": self.opted_out,
+            "word": self.word,
+            "at": iso(self.at),
+            "event_id": self.event_id,
+        }
+
+
+OPTOUT_COLUMNS = "texter, short_code, opted_out, word, at, event_id"
+
+
+def optout_row(row: Sequence[Any]) -> OptOutRow:
+    return OptOutRow(row[0], row[1], bool(row[2]), row[3], row[4], row[5])
 
 
 @dataclass(frozen=True)
@@ -250,6 +283,29 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_conversation(self, destination: str, key: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    async def conversation_of(self, destination: str, value: str) -> str | None:
+        """The conversation key whose state for `destination` is `value` (a Slack thread's ts ->
+        `texter|short code`), or None."""
+
+    @abc.abstractmethod
+    async def record_optout(self, row: OptOutRow) -> None:
+        """Keep `row` as the texter's latest word to the short code, unless a later one is kept
+        already. Idempotent: a retry of the same postback changes nothing."""
+
+    @abc.abstractmethod
+    async def opted_out(self, texter: str, short_code: str) -> bool:
+        """Whether the texter's latest word to the short code was an opt-out."""
+
+    @abc.abstractmethod
+    async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
+        """The ledger, newest word first; with `number`, only the rows where it is the texter or
+        the short code."""
+
+    @abc.abstractmethod
+    async def delivery_by_tracking_id(self, tracking_id: str) -> DeliveryRow | None:
+        """The (latest) delivery a peer took under this id."""
 
     @abc.abstractmethod
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]: ...

@@ -30,6 +30,7 @@ from bridge.secret import redact_url
 from bridge.store import (
     CAME_IN_SQL,
     FAILED_SQL,
+    OPTOUT_COLUMNS,
     REPLAY_SET_SQL,
     AttemptResult,
     AttemptRow,
@@ -40,10 +41,12 @@ from bridge.store import (
     EventFilter,
     Ingested,
     NewDelivery,
+    OptOutRow,
     Store,
     delivery_clauses,
     delivery_row,
     load_queries,
+    optout_row,
     owner_gone,
     schema,
     verdict,
@@ -277,7 +280,7 @@ class PostgresStore(Store):
         for r in results:
             status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
-            finish = (r.claim.id, r.claim.attempt, status, next_at, error, now)
+            finish = (r.claim.id, r.claim.attempt, status, next_at, error, now, r.tracking_id)
             (deaths if status == "dead" else finishes).append((r, finish))
         if not results:
             return []
@@ -312,12 +315,38 @@ class PostgresStore(Store):
         async with self._tx() as conn:
             await conn.execute(Q["put_conversation"], destination, key, value)
 
+    async def conversation_of(self, destination: str, value: str) -> str | None:
+        async with self._tx() as conn:
+            key: str | None = await conn.fetchval(Q["conversation_of"], destination, value)
+            return key
+
+    async def record_optout(self, row: OptOutRow) -> None:
+        values = (row.texter, row.short_code, row.opted_out, row.word, row.at, row.event_id)
+        async with self._tx() as conn:
+            await conn.execute(Q["record_optout"], *values)
+
+    async def opted_out(self, texter: str, short_code: str) -> bool:
+        async with self._tx() as conn:
+            return bool(await conn.fetchval(Q["opted_out"], texter, short_code))
+
+    async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
+        where, params = ("", [limit]) if number is None else (" WHERE texter = $2 OR short_code = $2", [limit, number])
+        query = f"SELECT {OPTOUT_COLUMNS} FROM optouts{where} ORDER BY at DESC, texter, short_code LIMIT $1"
+        async with self._tx() as conn:
+            rows = await conn.fetch(query, *params)
+        return [optout_row(row) for row in rows]
+
+    async def delivery_by_tracking_id(self, tracking_id: str) -> DeliveryRow | None:
+        async with self._tx() as conn:
+            row = await conn.fetchrow(Q["delivery_by_tracking_id"], tracking_id)
+        return delivery_row(row) if row is not None else None
+
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
         p = _Params()
         sql = _sql_where(_delivery_where(where, p))
         query = (
             f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
-            f" last_error FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
+            f" last_error, tracking_id FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
         )
         async with self._tx() as conn:
             rows = await conn.fetch(query, *p.values)

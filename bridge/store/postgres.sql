@@ -80,7 +80,7 @@ ON CONFLICT (delivery_id, number) DO NOTHING
 -- has been claimed again since, so attempts moved on) is ignored, unless it is 'delivered':
 -- the peer has the event, so the newer attempt's verdict no longer matters.
 UPDATE deliveries
-SET status = $3, next_at = $4, leased_by = NULL, last_error = $5, updated_at = $6
+SET status = $3, next_at = $4, leased_by = NULL, last_error = $5, updated_at = $6, tracking_id = coalesce($7, tracking_id)
 WHERE id = $1 AND status = 'pending' AND (attempts = $2 OR $3 = 'delivered')
 
 -- name: release
@@ -182,7 +182,7 @@ WHERE e.id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM deliveries WHERE even
 -- name: deliveries_of_event
 -- (created_at: when it came in, as in every listing; see CAME_IN_SQL)
 SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
-    last_error
+    last_error, tracking_id
 FROM deliveries WHERE event_id = $1 ORDER BY id
 
 -- name: has_meta
@@ -194,3 +194,22 @@ SELECT value FROM meta WHERE key = $1
 -- name: set_meta
 INSERT INTO meta (key, value) VALUES ($1, $2)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
+-- name: record_optout
+-- The texter's latest word to the short code: only a word said later replaces the one kept (a
+-- retry of the same postback, or an older one arriving late, changes nothing).
+INSERT INTO optouts (texter, short_code, opted_out, word, at, event_id) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (texter, short_code) DO UPDATE
+SET opted_out = excluded.opted_out, word = excluded.word, at = excluded.at, event_id = excluded.event_id
+WHERE excluded.at > optouts.at OR (excluded.at = optouts.at AND excluded.opted_out >= optouts.opted_out)
+
+-- name: opted_out
+SELECT opted_out FROM optouts WHERE texter = $1 AND short_code = $2
+
+-- name: conversation_of
+SELECT key FROM conversations WHERE destination = $1 AND value = $2 ORDER BY key LIMIT 1
+
+-- name: delivery_by_tracking_id
+SELECT id, event_id, destination, route, status, attempts, coalesce(came_in_at, created_at), next_at, updated_at,
+    last_error, tracking_id
+FROM deliveries WHERE tracking_id = $1 ORDER BY id DESC LIMIT 1

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from bridge.jsonout import dumps
 from bridge.store import (
     CAME_IN_SQL,
     FAILED_SQL,
+    OPTOUT_COLUMNS,
     REPLAY_SET_SQL,
     AttemptResult,
     AttemptRow,
@@ -39,10 +41,12 @@ from bridge.store import (
     EventFilter,
     Ingested,
     NewDelivery,
+    OptOutRow,
     Store,
     delivery_clauses,
     delivery_row,
     load_queries,
+    optout_row,
     owner_gone,
     schema,
     verdict,
@@ -77,6 +81,21 @@ def _before_versioning(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE deliveries ADD COLUMN ordered INTEGER NOT NULL DEFAULT 1")
     if columns and "came_in_at" not in columns:
         conn.execute("ALTER TABLE deliveries ADD COLUMN came_in_at REAL")
+
+
+_ADD_COLUMN = re.compile(r"\s*ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)", re.I)
+
+
+def _adds_a_column_it_has(conn: sqlite3.Connection, statement: str) -> bool:
+    """Whether `statement` is an ALTER TABLE ... ADD COLUMN of a column the table has already:
+    SQLite has no ADD COLUMN IF NOT EXISTS, and a store brought up from before versioning (its
+    version 0) may have been made with any later column."""
+    code = "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+    matched = _ADD_COLUMN.match(code)
+    if matched is None:
+        return False
+    table, column = matched.groups()
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 def _statements(script: str) -> list[str]:
@@ -145,7 +164,8 @@ class _Writer(threading.Thread):
                 _before_versioning(conn)
             for migration in todo:
                 for statement in _statements(migration.sql):
-                    conn.execute(statement)
+                    if not _adds_a_column_it_has(conn, statement):
+                        conn.execute(statement)
             if todo:
                 conn.execute(Q["set_meta"], (schema.VERSION_KEY, str(todo[-1].version)))
             conn.execute("COMMIT")
@@ -352,7 +372,7 @@ class SQLiteStore(Store):
         for r in results:
             status, next_at, error = verdict(r.decision, now)
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
-            finish = (status, next_at, error, now, r.claim.id, r.claim.attempt)
+            finish = (status, next_at, error, now, r.claim.id, r.claim.attempt, r.tracking_id)
             (deaths if status == "dead" else finishes).append((r, finish))
 
         def op(conn: sqlite3.Connection) -> list[AttemptResult]:
@@ -385,6 +405,40 @@ class SQLiteStore(Store):
     async def put_conversation(self, destination: str, key: str, value: str) -> None:
         await self._run(lambda conn: conn.execute(Q["put_conversation"], (destination, key, value)))
 
+    async def conversation_of(self, destination: str, value: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(Q["conversation_of"], (destination, value)).fetchone()
+            return row[0] if row else None
+
+        return await self._run(op)
+
+    async def record_optout(self, row: OptOutRow) -> None:
+        values = (row.texter, row.short_code, int(row.opted_out), row.word, row.at, row.event_id)
+        await self._run(lambda conn: conn.execute(Q["record_optout"], values))
+
+    async def opted_out(self, texter: str, short_code: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(Q["opted_out"], (texter, short_code)).fetchone()
+            return bool(row and row[0])
+
+        return await self._run(op)
+
+    async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
+        where, params = ("", []) if number is None else (" WHERE texter = ? OR short_code = ?", [number, number])
+        query = f"SELECT {OPTOUT_COLUMNS} FROM optouts{where} ORDER BY at DESC, texter, short_code LIMIT ?"
+
+        def op(conn: sqlite3.Connection) -> list[OptOutRow]:
+            return [optout_row(row) for row in conn.execute(query, [*params, limit]).fetchall()]
+
+        return await self._run(op)
+
+    async def delivery_by_tracking_id(self, tracking_id: str) -> DeliveryRow | None:
+        def op(conn: sqlite3.Connection) -> DeliveryRow | None:
+            row = conn.execute(Q["delivery_by_tracking_id"], (tracking_id,)).fetchone()
+            return delivery_row(row) if row else None
+
+        return await self._run(op)
+
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
         params: list[Any] = []
@@ -404,7 +458,7 @@ class SQLiteStore(Store):
         sql, params = self._where(where)
         query = (
             f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
-            f" last_error FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
+            f" last_error, tracking_id FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
         )
 
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:

@@ -38,7 +38,7 @@ RETURNING id, event_id, attempts, created_at, conversation, route
 -- has been claimed again since, so attempts moved on) is ignored, unless it is 'delivered':
 -- the peer has the event, so the newer attempt's verdict no longer matters.
 UPDATE deliveries
-SET status = ?1, next_at = ?2, leased_by = NULL, last_error = ?3, updated_at = ?4
+SET status = ?1, next_at = ?2, leased_by = NULL, last_error = ?3, updated_at = ?4, tracking_id = COALESCE(?7, tracking_id)
 WHERE id = ?5 AND status = 'pending' AND (attempts = ?6 OR ?1 = 'delivered')
 
 -- name: record_attempt
@@ -123,7 +123,7 @@ DELETE FROM events WHERE id = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE e
 -- name: deliveries_of_event
 -- (created_at: when it came in, as in every listing; see CAME_IN_SQL)
 SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
-    last_error
+    last_error, tracking_id
 FROM deliveries WHERE event_id = ? ORDER BY id
 
 -- name: get_meta
@@ -132,3 +132,22 @@ SELECT value FROM meta WHERE key = ?
 -- name: set_meta
 INSERT INTO meta (key, value) VALUES (?, ?)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
+-- name: record_optout
+-- The texter's latest word to the short code: only a word said later replaces the one kept (a
+-- retry of the same postback, or an older one arriving late, changes nothing).
+INSERT INTO optouts (texter, short_code, opted_out, word, at, event_id) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (texter, short_code) DO UPDATE
+SET opted_out = excluded.opted_out, word = excluded.word, at = excluded.at, event_id = excluded.event_id
+WHERE excluded.at > optouts.at OR (excluded.at = optouts.at AND excluded.opted_out >= optouts.opted_out)
+
+-- name: opted_out
+SELECT opted_out FROM optouts WHERE texter = ? AND short_code = ?
+
+-- name: conversation_of
+SELECT key FROM conversations WHERE destination = ? AND value = ? ORDER BY key LIMIT 1
+
+-- name: delivery_by_tracking_id
+SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
+    last_error, tracking_id
+FROM deliveries WHERE tracking_id = ? ORDER BY id DESC LIMIT 1

@@ -1,0 +1,440 @@
+"""Answering texters from Slack (CONTRACT §7): `POST /slack/events`, a person's reply in a
+texter's thread stored as an `sms.reply` event with one delivery to the skycore destination
+`replies.send_with` names, and what became of it shown in the thread.
+
+The request is checked first (slack-sdk's `SignatureVerifier`: the signing secret's HMAC of the
+body, and a timestamp within 5 minutes), before anything is parsed; a wrong or stale one is a
+401 and nothing is stored. Then the reply is stored, in one transaction with its deliveries,
+before Slack gets its 200; Slack's retries of one event (same `event_id`) are duplicates of it.
+Anything that is not a reply is answered 200 and ignored.
+
+What the thread shows comes after, from what the bridge learns: `outbox_tray` once Skycore took
+the SMS (its attempt recorded), `white_check_mark` when an SMS_MT N202 postback names its
+TRACKINGID, `x` and a line with the reason when it went dead or a delivery report says it
+failed, `no_entry` and a line when it was not sent at all (opted out, too long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.socket_mode.aiohttp import SocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bridge.answers import error
+from bridge.config import Config
+from bridge.destinations.base import Destination, conversation_key
+from bridge.destinations.skycore import OPTED_OUT
+from bridge.destinations.slack import RepliesOptions, SlackDestination, SlackOptions, thread_key
+from bridge.digits import is_digits
+from bridge.errors import StoreError
+from bridge.event import REPLY_TYPE, Event, format_time
+from bridge.ids import event_id
+from bridge.ingest import read_body
+from bridge.routing import route
+from bridge.runtime import RUNTIME, Runtime
+from bridge.smstext import length, plain, segments
+from bridge.store import AttemptResult, Claim, NewDelivery, Store
+
+log = logging.getLogger("bridge.replies")
+
+PATH = "/slack/events"
+BODY_BYTES = 512 * 1024  # a Slack message holds up to 40,000 characters
+ANSWER_WITHIN = 2.5  # seconds: Slack waits 3 for an answer, then retries
+SCOPES = ("chat:write", "reactions:write", "channels:history", "groups:history")
+EVENTS = ("message.channels", "message.groups")
+_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
+ROUTE = "replies"  # the route name a reply's delivery to send_with is stored under
+
+
+@dataclass(frozen=True)
+class App:
+    """One Slack destination that takes replies."""
+
+    destination: str
+    channel: str
+    replies: RepliesOptions
+
+
+def apps(runtime: Runtime) -> list[App]:
+    return apps_of(runtime.config)
+
+
+def apps_of(config: Config) -> list[App]:
+    """The Slack destinations that take replies."""
+    out = []
+    for name, spec in config.destinations.items():
+        options = spec.options
+        if spec.type == "slack" and isinstance(options, SlackOptions) and options.replies is not None:
+            out.append(App(name, options.channel or "", options.replies))
+    return out
+
+
+def _verified(apps_: list[App], body: bytes, headers: Any) -> App | None:
+    """The app whose signing secret signed this request, checked before anything is parsed."""
+    timestamp = headers.get("X-Slack-Request-Timestamp", "")
+    signature = headers.get("X-Slack-Signature", "")
+    # SignatureVerifier raises on a timestamp that is not a number and on a signature that is
+    # not ASCII (hmac.compare_digest): neither is Slack's, so neither gets that far
+    if not is_digits(timestamp) or len(timestamp) > 12 or not signature.isascii():
+        return None
+    for app in apps_:
+        secret = app.replies.signing_secret
+        if secret is not None and SignatureVerifier(secret.reveal()).is_valid(body, timestamp, signature):
+            return app
+    return None
+
+
+def not_a_reply(message: Any) -> str | None:
+    """Why a Slack event is not a person's reply in a thread (None when it is one)."""
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return "not a message"
+    if message.get("subtype"):
+        return f"subtype {message.get('subtype')}"  # edits, deletions, joins, the bridge's own posts
+    if message.get("bot_id") or message.get("bot_profile"):
+        return "a bot's message"
+    thread_ts, ts = message.get("thread_ts"), message.get("ts")
+    if not isinstance(thread_ts, str) or not isinstance(ts, str) or thread_ts == ts:
+        return "not in a thread"
+    if not isinstance(message.get("user"), str) or not isinstance(message.get("text"), str):
+        return "no person or no text"
+    if not isinstance(message.get("channel"), str):
+        return "no channel"
+    return None
+
+
+async def conversation(store: Store, app: App, channel_id: str, thread_ts: str) -> tuple[str, str] | None:
+    """(texter, short code) of the bridge's thread `thread_ts` in channel `channel_id`, or None
+    when it is no thread the bridge started for a conversation in this destination's channel."""
+    kept = await store.get_conversation(app.destination, thread_key(thread_ts))
+    if kept is not None:
+        known_id, _, key = kept.partition("|")
+        if known_id and known_id != channel_id:
+            return None  # the same ts in another channel
+    else:  # a thread started before the bridge kept its channel id
+        key = await store.conversation_of(app.destination, thread_ts) or ""
+        if not key or (_CHANNEL_ID.fullmatch(app.channel) and app.channel != channel_id):
+            return None
+    parts = key.rsplit("|", 2)
+    if len(parts) != 3 or parts[0] != app.channel or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def reply_event(message: dict[str, Any], texter: str, short_code: str, slack: dict[str, Any]) -> Event:
+    text = plain(message["text"])
+    try:
+        said = format_time(datetime.fromtimestamp(float(message["ts"]), UTC))
+    except (ValueError, OverflowError):
+        said = None
+    return {
+        "id": event_id(),
+        "type": REPLY_TYPE,
+        "origin": "SLACK",
+        "code": None,
+        "from": short_code,
+        "to": texter,
+        "keyword": None,
+        "text": text,
+        "subject": None,
+        "media": [],
+        "spid": None,
+        "carrier": None,
+        "transaction_id": None,
+        "tracking_id": None,
+        "occurred_at": said,
+        "received_at": format_time(datetime.now(UTC), millis=True),
+        "fields": {"slack": slack},
+    }
+
+
+def too_long(text: str, max_segments: int | None) -> str | None:
+    if max_segments is None:
+        return None
+    count = segments(text)
+    if count <= max_segments:
+        return None
+    encoding, units = length(text)
+    return (
+        f"Not sent: the reply is {units} {encoding} characters, {count} SMS segments; "
+        f"at most {max_segments} are sent. Shorten it and reply again."
+    )
+
+
+async def slack_events(request: web.Request) -> web.StreamResponse:
+    runtime = request.app[RUNTIME]
+    taking = apps(runtime)
+    if not any(a.replies.signing_secret for a in taking):
+        return error(404, "not found")
+    server = runtime.config.server
+    try:
+        body = await read_body(request, max(server.max_body_bytes, BODY_BYTES), server.client_timeout)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "body is too large")
+    except TimeoutError:
+        return error(408, f"body not received within {server.client_timeout:g}s")
+    app = _verified(taking, body, request.headers)
+    if app is None:
+        log.warning("Slack request refused: bad or stale signature", extra={"remote": request.remote})
+        return error(401, "invalid or stale Slack signature")
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return error(400, "body is not JSON")
+    if not isinstance(payload, dict):
+        return error(400, "body is not a JSON object")
+    if payload.get("type") == "url_verification":
+        return web.json_response({"challenge": payload.get("challenge")})
+    if payload.get("type") != "event_callback":
+        return web.json_response({"ok": True})
+    try:
+        async with asyncio.timeout(ANSWER_WITHIN):
+            await take_reply(runtime, app, payload)
+    except TimeoutError:
+        # Slack gives up after 3 s and sends the event again: say so first (a write that did
+        # commit meanwhile makes the retry a duplicate)
+        log.error("reply not stored in time", extra={"slack_event_id": payload.get("event_id")})
+        return error(503, "temporarily unavailable, retry later")
+    return web.json_response({"ok": True})
+
+
+async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str | None:
+    """Store the reply in `payload` (an event_callback), if it is one; its event id. Raises
+    StoreError when the store cannot take it (Slack then retries)."""
+    message = payload.get("event")
+    why = not_a_reply(message)
+    if why is not None:
+        log.debug("Slack event ignored", extra={"why": why, "slack_event_id": payload.get("event_id")})
+        return None
+    assert isinstance(message, dict)
+    store = runtime.store
+    if store is None:
+        raise StoreError("store is not open")
+    found = await conversation(store, app, message["channel"], message["thread_ts"])
+    if found is None:
+        log.debug("Slack message ignored: not in a texter's thread", extra={"slack_event_id": payload.get("event_id")})
+        return None
+    texter, short_code = found
+    slack = {
+        "destination": app.destination,
+        "channel": message["channel"],
+        "ts": message["ts"],
+        "thread_ts": message["thread_ts"],
+        "user": message["user"],
+        "event_id": payload.get("event_id"),
+    }
+    event = reply_event(message, texter, short_code, slack)
+    if not event["text"]:
+        return None
+    not_sent = None
+    if await store.opted_out(texter, short_code):
+        not_sent = f"Not sent: {texter} opted out of {short_code} (STOP). They must text START to hear from you again."
+    else:
+        not_sent = too_long(event["text"], app.replies.max_segments)
+    config = runtime.config
+    deliveries = []
+    key = conversation_key(event)
+    if not_sent is None:
+        spec = config.destinations.get(app.replies.send_with)
+        if spec is not None:
+            deliveries.append(NewDelivery(spec.name, ROUTE, key, spec.ordered))
+    else:
+        slack["not_sent"] = not_sent
+    # routes whose match.type names sms.reply get it too (a CRM logs both sides); `default` never
+    # does, and it never goes back into Slack
+    naming = tuple(r for r in config.routes if r.match.type is not None and REPLY_TYPE in r.match.type)
+    decision = route(event, naming, None)
+    for name, route_name in decision.destinations:
+        spec = config.destinations.get(name)
+        if spec is not None and spec.type != "slack" and name != app.replies.send_with:
+            deliveries.append(NewDelivery(name, route_name, key, spec.ordered))
+    dedup = "slack:" + str(payload.get("event_id") or f"{message['channel']}:{message['ts']}")
+    result = await store.ingest(event, dedup, deliveries)
+    log.info(
+        "reply " + result.status,
+        extra={"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent},
+    )
+    if result.status == "accepted":
+        if runtime.dispatcher is not None:
+            runtime.dispatcher.notify([d.destination for d in deliveries])
+        if not_sent is not None:
+            _feedback(runtime, slack, "no_entry", not_sent)
+    return result.event_id
+
+
+# ---------------------------------------------------------------------------- the thread
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _feedback(runtime: Runtime, slack: dict[str, Any], emoji: str, message: str | None) -> None:
+    live = runtime.destinations.get(str(slack.get("destination")))
+    if not isinstance(live, SlackDestination):
+        return
+    channel, ts = slack.get("channel"), slack.get("ts")
+    if not isinstance(channel, str) or not isinstance(ts, str):
+        return
+    task = asyncio.get_running_loop().create_task(live.feedback(channel, ts, slack.get("thread_ts"), emoji, message))
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+def _slack_of(event: Event) -> dict[str, Any] | None:
+    fields = event.get("fields")
+    slack = fields.get("slack") if isinstance(fields, dict) else None
+    return slack if isinstance(slack, dict) else None
+
+
+def install(app: web.Application) -> None:
+    """The Events API route and the feedback hooks."""
+    runtime = app[RUNTIME]
+    app.router.add_post(PATH, slack_events)
+
+    def after_attempt(destination: Destination, claim: Claim, result: AttemptResult) -> None:
+        if destination.type_name != "skycore" or claim.route != ROUTE or result.outcome == "retry":
+            return
+        slack = _slack_of(claim.event)
+        if slack is None:
+            return
+        if result.outcome == "delivered":
+            _feedback(runtime, slack, "outbox_tray", None)
+        elif (result.error or "").startswith(OPTED_OUT):  # STOP came while it waited: not sent
+            _feedback(runtime, slack, "no_entry", f"Not sent: {result.error}")
+        else:
+            _feedback(runtime, slack, "x", f"Not sent: {result.error}")
+
+    def after_stored(event: Event, status: str) -> None:
+        tracking_id = event.get("tracking_id")
+        if event["type"] != "sms.status" or not tracking_id or status != "accepted":
+            return
+        code = (event.get("code") or "").upper()
+        if code != "N202" and not code.startswith("E"):
+            return
+        if not apps(runtime):
+            return
+        task = asyncio.get_running_loop().create_task(_report(runtime, tracking_id, event))
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+    runtime.after_attempt.append(after_attempt)
+    runtime.after_stored.append(after_stored)
+
+
+async def _report(runtime: Runtime, tracking_id: str, report: Event) -> None:
+    """A delivery report for a reply's SMS: ✅ for N202, ❌ and the reason for an E code."""
+    store = runtime.store
+    if store is None:
+        return
+    try:
+        row = await store.delivery_by_tracking_id(tracking_id)
+        reply = await store.get_event(row.event_id) if row is not None and row.route == ROUTE else None
+    except StoreError as exc:
+        log.warning("cannot match a delivery report to a reply", extra={"error": str(exc)})
+        return
+    slack = _slack_of(reply) if reply is not None and reply["type"] == REPLY_TYPE else None
+    if slack is None:
+        return
+    code = (report.get("code") or "").upper()
+    if code == "N202":
+        _feedback(runtime, slack, "white_check_mark", None)
+    else:
+        fields = report.get("fields") or {}
+        status = fields.get("STATUS") if isinstance(fields.get("STATUS"), str) else ""
+        _feedback(runtime, slack, "x", f"Not delivered: {code}" + (f" {status}" if status else ""))
+
+
+# ---------------------------------------------------------------------------- Socket Mode
+
+# slack-sdk logs the socket's URL (a one-time credential) at DEBUG: kept above it
+_SDK_LOG = logging.getLogger("bridge.replies.socket")
+_SDK_LOG.setLevel(logging.INFO)
+RECONNECT_FIRST, RECONNECT_MAX = 1.0, 60.0
+
+
+def _on_request(runtime: Runtime, app: App) -> Any:
+    async def on_request(client: SocketModeClient, request: SocketModeRequest) -> None:
+        """The same events as /slack/events, acked only once the reply is stored: an envelope
+        not acked is sent again by Slack."""
+        if request.type == "events_api" and isinstance(request.payload, dict):
+            try:
+                async with asyncio.timeout(ANSWER_WITHIN):
+                    await take_reply(runtime, app, request.payload)
+            except (StoreError, TimeoutError) as exc:
+                log.error("reply not stored; not acked, Slack sends it again", extra={"error": str(exc)})
+                return
+            except Exception:
+                log.exception("reply from Socket Mode failed; not acked")
+                return
+        await client.send_socket_mode_response(SocketModeResponse(envelope_id=request.envelope_id))
+
+    return on_request
+
+
+async def _connect(client: SocketModeClient, destination: str) -> None:
+    """Connect, trying again with backoff while Slack cannot be reached; once connected,
+    slack-sdk reconnects by itself when the socket drops."""
+    delay = RECONNECT_FIRST
+    while True:
+        try:
+            await client.connect()  # type: ignore[no-untyped-call]
+            log.info("Socket Mode connected", extra={"destination": destination})
+            return
+        except Exception as exc:  # the SDK raises what aiohttp or the Web API raise
+            log.warning("Socket Mode cannot connect", extra={"destination": destination, "error": str(exc)[:200]})
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_MAX)
+
+
+async def socket_mode_ctx(web_app: web.Application) -> Any:
+    """Socket Mode clients for the Slack destinations with `replies.app_token` (the config at
+    startup; a reload that adds or removes one takes effect at the next start)."""
+    runtime = web_app[RUNTIME]
+    clients: list[SocketModeClient] = []
+    tasks = []
+    for app in apps(runtime):
+        token = app.replies.app_token
+        if token is None:
+            continue
+        options = runtime.config.destinations[app.destination].options
+        api_url = options.api_url if isinstance(options, SlackOptions) else "https://slack.com/api/"
+        web_client = AsyncWebClient(base_url=api_url, logger=_SDK_LOG, retry_handlers=[])
+        client = SocketModeClient(app_token=token.reveal(), web_client=web_client, logger=_SDK_LOG)
+        client.socket_mode_request_listeners.append(_on_request(runtime, app))
+        clients.append(client)
+        tasks.append(asyncio.create_task(_connect(client, app.destination), name=f"socket-mode:{app.destination}"))
+    yield
+    for task in tasks:
+        task.cancel()
+    for client in clients:
+        await client.close()  # type: ignore[no-untyped-call]
+
+
+def needs(config: Config) -> list[str]:
+    """What each Slack app that takes replies must have, for check-config (CONTRACT §7)."""
+    lines = []
+    for app in apps_of(config):
+        how = []
+        if app.replies.signing_secret:
+            how.append(f"  Request URL (Event Subscriptions): https://<this bridge's public host>{PATH}")
+        if app.replies.app_token:
+            how.append("  Socket Mode on, an app-level token with connections:write (no Request URL needed)")
+        lines += [
+            f"{app.destination}: replies in its threads are sent as SMS with {app.replies.send_with}"
+            + (f" (at most {app.replies.max_segments} segments)" if app.replies.max_segments else ""),
+            *how,
+            f"  bot token scopes: {SCOPES[0]}, {SCOPES[1]}, and {SCOPES[2]} (public channel) or {SCOPES[3]} (private)",
+            f"  bot events: {EVENTS[0]} (public channel) or {EVENTS[1]} (private)",
+            f"  the app is a member of {app.channel} (/invite @your-app)",
+        ]
+    return lines

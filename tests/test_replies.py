@@ -1,0 +1,654 @@
+"""Answering texters from Slack (CONTRACT §7), end to end on 127.0.0.1: a fake Slack (threads,
+reactions, signed Events API requests made with Slack's algorithm), a fake Skycore (sendSMS),
+and the bridge in process between them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.app import create_app
+from bridge.config import build
+from bridge.errors import ConfigError, StoreError
+from bridge.runtime import RUNTIME
+from bridge.smstext import length, plain, segments
+from bridge.store import DeliveryFilter, EventFilter
+from tests.conftest import post
+from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
+from tests.slack_fake import APP_TOKEN, SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
+from tests.test_store_contract import pg_url  # noqa: F401
+
+TEXTER, SHORT_CODE = "15551234888", "60856"
+RETRY = {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"}
+
+
+def mo(n: int, text: str, at: str = "2026-12-01T10:00:00Z") -> bytes:
+    return (
+        f"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>{TEXTER}</FROM><TO>{SHORT_CODE}</TO>"
+        f"<TEXT>{text}</TEXT><RECEIVED>{at}</RECEIVED><TRANSACTIONID>rep-{n}</TRANSACTIONID></POSTBACK>"
+    ).encode()
+
+
+def report(code: str, tracking_id: str, status: str = "Message Sent/Delivered") -> bytes:
+    return (
+        f"<POSTBACK><ORIGIN>SMS_MT</ORIGIN><CODE>{code}</CODE><STATUS>{status}</STATUS><FROM>{SHORT_CODE}</FROM>"
+        f"<TO>{TEXTER}</TO><TRACKINGID>{tracking_id}</TRACKINGID><TIMESTAMP>2026-12-01T10:05:00Z</TIMESTAMP></POSTBACK>"
+    ).encode()
+
+
+def config(tmp_path: Path, slack: FakeSlack, skycore: FakeSkycore, **replies: Any) -> dict[str, Any]:
+    return {
+        "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+        "retry": RETRY,
+        "destinations": {
+            "sms": {"type": "skycore", "api_key": API_KEY, "api_url": skycore.api_url},
+            "inbox": {
+                "type": "slack",
+                "token": TOKEN,
+                "channel": "#sms-inbox",
+                "api_url": slack.api_url,
+                "replies": {"send_with": "sms", "signing_secret": SIGNING_SECRET, **replies},
+            },
+            "crm": {"type": "log", "path": str(tmp_path / "crm.jsonl")},
+        },
+        "routes": [
+            {"name": "both-sides", "match": {"type": ["sms.received", "sms.reply"]}, "to": ["crm"], "continue": True},
+            {"name": "everything", "match": {"shortcode": SHORT_CODE}, "to": ["inbox"]},
+        ],
+        "default": ["inbox"],
+    }
+
+
+class Bridge:
+    def __init__(self, client: Any, slack: FakeSlack, skycore: FakeSkycore) -> None:
+        self.client, self.slack, self.skycore = client, slack, skycore
+        self.store = client.app[RUNTIME].store
+        self._ts = 1714579300
+
+    async def postback(self, body: bytes) -> dict[str, Any]:
+        response = await self.client.post("/postback", data=body)
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    async def thread(self) -> str:
+        """The texter's thread: a text from them, posted in Slack."""
+        await self.postback(mo(1, "Are you open tomorrow?"))
+        (call,) = await self.slack.wait_for(1)
+        await self.settled()
+        assert call.ok and call.ts
+        return call.ts
+
+    def next_ts(self) -> str:
+        self._ts += 1
+        return f"{self._ts}.000100"
+
+    async def event(self, payload: dict[str, Any], *, headers: dict[str, str] | None = None) -> Any:
+        body = json.dumps(payload).encode()
+        return await self.client.post("/slack/events", data=body, headers=headers or signed(body))
+
+    async def reply(self, text: str, thread: str, **extra: Any) -> str:
+        ts = self.next_ts()
+        self.slack.person_says("C0FAKE", ts)
+        response = await self.event(message_event(text, thread_ts=thread, ts=ts, **extra))
+        assert response.status == 200, await response.text()
+        return ts
+
+    async def replies(self) -> list[dict[str, Any]]:
+        return await self.store.list_events(EventFilter(type="sms.reply"))
+
+    async def settled(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await self.store.list_deliveries(DeliveryFilter())
+            if all(d.status != "pending" for d in rows):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not settled: {rows}")
+            await asyncio.sleep(0.05)
+
+    async def reactions(self, ts: str, count: int, timeout: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while len(self.slack.reactions_on(ts)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reactions on {ts}: {self.slack.reactions_on(ts)}")
+            await asyncio.sleep(0.05)
+        return self.slack.reactions_on(ts)
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[tuple[FakeSlack, FakeSkycore]]:
+    async with fake_slack() as slack, fake_skycore() as skycore:
+        yield slack, skycore
+
+
+@pytest.fixture
+def start(aiohttp_client, tmp_path: Path, peers):
+    slack, skycore = peers
+
+    async def start(**replies: Any) -> Bridge:
+        app = create_app(build(config(tmp_path, slack, skycore, **replies), environ={}))
+        return Bridge(await aiohttp_client(app), slack, skycore)
+
+    return start
+
+
+# ---------------------------------------------------------------------------- text (pure)
+
+
+def test_slack_markup_becomes_plain_text():
+    text = "Hi <@U012|ann>, see <https://x.co/a?b=1&amp;c=2|our menu> in <#C1|sales> &lt;3 &amp; <!here> "
+    text += "<mailto:a@b.co|a@b.co>"
+    assert plain(text) == "Hi @ann, see our menu (https://x.co/a?b=1&c=2) in #sales <3 & @here a@b.co"
+    assert plain("<https://x.co>") == "https://x.co" and plain("<@U012>") == "@U012"
+    assert plain("&lt;@U012&gt;") == "<@U012>"  # typed, not markup
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "shape"),
+    [
+        ("a" * 160, 1, ("GSM-7", 160)),
+        ("a" * 161, 2, ("GSM-7", 161)),
+        ("a" * 306, 2, ("GSM-7", 306)),
+        ("a" * 307, 3, ("GSM-7", 307)),
+        ("€" * 80, 1, ("GSM-7", 160)),  # an extension character counts two
+        ("€" * 81, 2, ("GSM-7", 162)),
+        ("é" * 160, 1, ("GSM-7", 160)),  # in GSM-7's own table
+        ("ł" * 70, 1, ("UCS-2", 70)),
+        ("ł" * 71, 2, ("UCS-2", 71)),
+        ("ł" * 135, 3, ("UCS-2", 135)),
+        ("😀" * 35, 1, ("UCS-2", 70)),  # outside the BMP: two units each
+        ("😀" * 400, 12, ("UCS-2", 800)),
+    ],
+)
+def test_segments(text, count, shape):
+    assert segments(text) == count and length(text) == shape
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def errors_of(tmp_path: Path, **inbox: Any) -> list[str]:
+    raw = {
+        "destinations": {
+            "sms": {"type": "skycore", "api_key": "k"},
+            "hook": {"type": "log"},
+            "inbox": {"type": "slack", "token": TOKEN, "channel": "#c", **inbox},
+        },
+        "default": ["hook"],
+    }
+    with pytest.raises(ConfigError) as caught:
+        build(raw, environ={})
+    return caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("inbox", "place", "words"),
+    [
+        ({"replies": {"signing_secret": "s"}}, "destinations.inbox.replies.send_with", "is required"),
+        ({"replies": {"send_with": "nope", "signing_secret": "s"}}, "destinations.inbox.replies.send_with", "nope"),
+        ({"replies": {"send_with": "hook", "signing_secret": "s"}}, "destinations.inbox.replies.send_with", "log"),
+        ({"replies": {"send_with": "sms"}}, "destinations.inbox.replies", "signing_secret"),
+        (
+            {"replies": {"send_with": "sms", "signing_secret": "s", "max_segments": 0}},
+            "destinations.inbox.replies.max_segments",
+            "",
+        ),
+        (
+            {"replies": {"send_with": "sms", "signing_secret": "s", "secret": "x"}},
+            "destinations.inbox.replies.secret",
+            "unknown",
+        ),
+        (
+            {"replies": {"send_with": "sms", "signing_secret": "s"}, "thread_by_sender": False},
+            "destinations.inbox.replies",
+            "thread_by_sender",
+        ),
+        ({"replies": "sms"}, "destinations.inbox.replies", "mapping"),
+    ],
+)
+def test_replies_config_errors_name_their_place(tmp_path, inbox, place, words):
+    problems = errors_of(tmp_path, **inbox)
+    assert any(p.startswith(place) and words in p for p in problems), problems
+
+
+async def test_no_events_endpoint_without_replies(aiohttp_client, tmp_path):
+    raw = {"store": f"sqlite:///{tmp_path / 'b.db'}", "destinations": {"l": {"type": "log"}}, "default": ["l"]}
+    client = await aiohttp_client(create_app(build(raw, environ={})))
+    body = b'{"type": "url_verification", "challenge": "x"}'
+    assert (await client.post("/slack/events", data=body, headers=signed(body))).status == 404
+
+
+# ---------------------------------------------------------------------------- the Events API
+
+
+async def test_url_verification_is_answered(start):
+    bridge = await start()
+    response = await bridge.event(
+        {"type": "url_verification", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}
+    )
+    assert response.status == 200
+    assert (await response.json())["challenge"] == "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
+
+
+async def test_a_reply_goes_to_the_texter_with_the_right_xml_and_the_thread_shows_it(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = await bridge.reply("Yes, <@U0ANN|ann> opens at 9 &amp; closes at 5 <https://x.co/h|hours>", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    assert call.request == {
+        "ACTION": "sendSMS",
+        "API_KEY": API_KEY,
+        "TO": TEXTER,
+        "FROM": SHORT_CODE,
+        "TEXT": "Yes, @ann opens at 9 & closes at 5 hours (https://x.co/h)",
+    }
+    assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    (event,) = await bridge.replies()
+    assert (event["from"], event["to"], event["origin"]) == (SHORT_CODE, "+" + TEXTER, "SLACK")
+    await bridge.settled()
+    rows = await bridge.store.event_deliveries(event["id"])
+    assert sorted((d.destination, d.route, d.status) for d in rows) == [
+        ("crm", "both-sides", "delivered"),  # a route naming sms.reply gets it
+        ("sms", "replies", "delivered"),  # and never the Slack inbox (default, or a route without the type)
+    ]
+    assert next(d for d in rows if d.destination == "sms").tracking_id == call.tracking_id
+    assert len(bridge.slack.posted()) == 1  # the texter's message; the reply was not posted back
+
+    # the delivery reports go where their routes say (here: the inbox, by default)
+
+    # the delivery report for its TRACKINGID: a check mark
+    await bridge.postback(report("N201", call.tracking_id, "Message Sent"))
+    await bridge.postback(report("N202", call.tracking_id))
+    assert await bridge.reactions(ts, 2) == ["outbox_tray", "white_check_mark"]
+
+
+async def test_slacks_retry_of_one_event_makes_one_sms(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = bridge.next_ts()
+    bridge.slack.person_says("C0FAKE", ts)
+    payload = message_event("See you then", thread_ts=thread, ts=ts)
+    body = json.dumps(payload).encode()
+    for retry in range(3):
+        headers = {
+            **signed(body),
+            **({"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"} if retry else {}),
+        }
+        assert (await bridge.client.post("/slack/events", data=body, headers=headers)).status == 200
+    await bridge.skycore.wait_for(1)
+    await bridge.settled()
+    await asyncio.sleep(0.3)
+    assert len(bridge.skycore.calls) == 1 and len(await bridge.replies()) == 1
+
+
+@pytest.mark.parametrize("how", ["wrong secret", "stale", "missing", "tampered", "not a number", "not ascii"])
+async def test_a_bad_signature_is_401_and_nothing_is_stored(start, how):
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = bridge.next_ts()
+    body = json.dumps(message_event("Sneaky", thread_ts=thread, ts=ts)).encode()
+    headers = {
+        "wrong secret": signed(body, secret="not-the-secret"),
+        "stale": signed(body, at=time.time() - 301),
+        "missing": {"Content-Type": "application/json"},
+        "tampered": signed(body.replace(b"Sneaky", b"Snaaky")),
+        "not a number": {**signed(body), "X-Slack-Request-Timestamp": "soon"},
+        "not ascii": {**signed(body), "X-Slack-Signature": "v0=é"},
+    }[how]
+    response = await bridge.client.post("/slack/events", data=body, headers=headers)  # tampered: signed another
+    assert response.status == 401
+    await asyncio.sleep(0.2)
+    assert await bridge.replies() == [] and bridge.skycore.calls == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"bot_id": "B0BRIDGE"},
+        {"subtype": "message_changed"},
+        {"subtype": "bot_message"},
+        {"thread_ts": None},  # not in a thread
+        {"thread_ts": "1714579999.000001"},  # a thread the bridge did not start
+        {"channel": "C0OTHER"},  # the bridge's thread's ts, in another channel
+        {"text": "   "},
+    ],
+)
+async def test_what_is_not_a_reply_is_ignored(start, change):
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = bridge.next_ts()
+    payload = message_event("Not for the texter", thread_ts=thread, ts=ts)
+    for key, value in change.items():
+        if value is None:
+            payload["event"].pop(key)
+        else:
+            payload["event"][key] = value
+    response = await bridge.event(payload)
+    assert response.status == 200
+    await asyncio.sleep(0.3)
+    assert await bridge.replies() == [] and bridge.skycore.calls == []
+
+
+async def test_a_billing_problem_is_dead_with_x_and_the_reason_in_the_thread(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = ["E713"]
+    ts = await bridge.reply("We can help", thread)
+    assert await bridge.reactions(ts, 1) == ["x"]
+    await bridge.settled()
+    for _ in range(100):
+        lines = bridge.slack.thread_lines(thread)
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    assert lines == ["Not sent: E713: There is a billing problem on your account"]
+
+
+async def test_a_failed_delivery_report_is_x_with_its_code(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = await bridge.reply("We can help", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    await bridge.reactions(ts, 1)
+    await bridge.postback(report("E402", call.tracking_id, "Message Failed"))
+    assert await bridge.reactions(ts, 2) == ["outbox_tray", "x"]
+    for _ in range(100):
+        if "Not delivered: E402 Message Failed" in bridge.slack.thread_lines(thread):
+            break
+        await asyncio.sleep(0.05)
+    assert "Not delivered: E402 Message Failed" in bridge.slack.thread_lines(thread)
+
+
+async def test_skycore_down_then_back_sends_once(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = [503, "E106"]
+    ts = await bridge.reply("Back soon", thread)
+    assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    assert len(bridge.skycore.calls) == 3 and len(bridge.skycore.sent()) == 1
+
+
+async def test_stop_then_a_reply_is_never_sent_and_start_then_it_is(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    await bridge.postback(mo(2, "Stop.", at="2026-12-01T10:01:00Z"))
+    await bridge.settled()
+    refused = await bridge.reply("But we have a sale!", thread)
+    assert await bridge.reactions(refused, 1) == ["no_entry"]
+    await asyncio.sleep(0.5)
+    assert bridge.skycore.calls == []
+    (stored,) = await bridge.replies()
+    assert [d.destination for d in await bridge.store.event_deliveries(stored["id"])] == [
+        "crm"
+    ]  # the CRM still sees it
+    assert any("opted out" in line for line in bridge.slack.thread_lines(thread))
+
+    await bridge.postback(mo(3, "START", at="2026-12-01T10:02:00Z"))
+    await bridge.settled()
+    sent = await bridge.reply("Welcome back", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    assert call.request["TEXT"] == "Welcome back"
+    assert await bridge.reactions(sent, 1) == ["outbox_tray"]
+
+
+async def test_too_long_is_refused_and_says_how_long(start):
+    bridge = await start(max_segments=3)
+    thread = await bridge.thread()
+    ts = await bridge.reply("😀" * 400, thread)
+    assert await bridge.reactions(ts, 1) == ["no_entry"]
+    await asyncio.sleep(0.3)
+    assert bridge.skycore.calls == []
+    assert any("800 UCS-2 characters, 12 SMS segments" in line for line in bridge.slack.thread_lines(thread))
+    fits = await bridge.reply("a" * 459, thread)  # 3 GSM-7 segments
+    assert await bridge.reactions(fits, 1) == ["outbox_tray"]
+
+
+# ---------------------------------------------------------------------------- real processes
+
+
+def process_config(slack: FakeSlack, skycore: FakeSkycore, **sms: Any) -> dict[str, Any]:
+    return {
+        "retry": RETRY,
+        "destinations": {
+            "sms": {"type": "skycore", "api_key": "${SKYCORE_API_KEY}", "api_url": skycore.api_url, **sms},
+            "inbox": {
+                "type": "slack",
+                "token": "${SLACK_BOT_TOKEN}",
+                "channel": "#sms-inbox",
+                "api_url": slack.api_url,
+                "replies": {"send_with": "sms", "signing_secret": "${SLACK_SIGNING_SECRET}"},
+            },
+        },
+        "default": ["inbox"],
+    }
+
+
+ENV = {"SKYCORE_API_KEY": API_KEY, "SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET}
+
+
+async def send_event(url: str, payload: dict[str, Any]) -> int:
+    body = json.dumps(payload).encode()
+    status, _ = await post(url + "/slack/events", body, headers=signed(body))
+    return status
+
+
+async def thread_kept(url: str) -> None:
+    """Once the texter's message is delivered to the inbox, its thread is kept (the Slack
+    destination keeps it before its attempt ends): a person can answer in it."""
+    deadline = time.monotonic() + 20
+    while True:
+        listing = url + "/admin/deliveries?destination=inbox&status=delivered"
+        async with aiohttp.ClientSession() as session, session.get(listing) as response:
+            if (await response.json())["deliveries"]:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError("the inbox delivery did not finish")
+        await asyncio.sleep(0.05)
+
+
+async def until(check: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.05)
+
+
+async def test_check_config_names_what_the_slack_app_needs(peers, bridge_factory):
+    slack, skycore = peers
+    bridge = bridge_factory(process_config(slack, skycore), ENV)
+    shown = bridge.cli("check-config", "-c", str(bridge.config_path)).stdout
+    for needed in ("/slack/events", "chat:write", "reactions:write", "channels:history", "groups:history",
+                   "message.channels", "message.groups", "#sms-inbox"):  # fmt: skip
+        assert needed in shown, shown
+    assert API_KEY not in shown and SIGNING_SECRET not in shown
+
+
+async def test_killed_between_storing_the_reply_and_sending_it_sends_it_once_after_restart(peers, bridge_factory):
+    slack, skycore = peers
+    bridge = bridge_factory(process_config(slack, skycore, timeout="5s"), ENV)
+    bridge.start()
+    status, _ = await post(bridge.url + "/postback", mo(1, "Hello?"))
+    assert status == 200
+    (call,) = await slack.wait_for(1)
+    await thread_kept(bridge.url)
+    skycore.script = ["hang"]  # Skycore takes the request and never answers: the attempt is in flight
+    ts = "1714579400.000100"
+    slack.person_says("C0FAKE", ts)
+    assert await send_event(bridge.url, message_event("Yes we are", thread_ts=call.ts, ts=ts)) == 200
+    await skycore.wait_for(1)
+    bridge.kill()  # kill -9: the reply is stored, its SMS not sent
+    assert skycore.sent() == []
+
+    bridge.start()
+    await until(lambda: len(skycore.sent()) == 1)
+    await until(lambda: slack.reactions_on(ts) == ["outbox_tray"])
+    assert await send_event(bridge.url, message_event("Yes we are", thread_ts=call.ts, ts=ts)) == 200  # a late retry
+    await asyncio.sleep(1.0)
+    assert len(skycore.sent()) == 1 and skycore.sent()[0].request["TEXT"] == "Yes we are"
+    assert bridge.stop() == 0
+    seen = bridge.stdout() + bridge.stderr()
+    assert API_KEY not in seen and SIGNING_SECRET not in seen and TOKEN not in seen
+
+
+async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers, bridge_factory):  # noqa: F811
+    slack, skycore = peers
+    first = bridge_factory({**process_config(slack, skycore), "store": pg_url}, ENV)
+    first.start()
+    second = bridge_factory({**process_config(slack, skycore), "store": pg_url}, ENV)
+    second.start()
+    status, _ = await post(first.url + "/postback", mo(1, "Hello?"))
+    assert status == 200
+    (call,) = await slack.wait_for(1)
+    await thread_kept(first.url)
+    texts = [f"Answer {n}" for n in range(10)]
+    for n, text in enumerate(texts):
+        ts = f"{1714579500 + n}.000100"
+        slack.person_says("C0FAKE", ts)
+        payload = message_event(text, thread_ts=call.ts, ts=ts)
+        # Slack sends it, then retries it: the two land on different instances, at once
+        results = await asyncio.gather(send_event(first.url, payload), send_event(second.url, payload))
+        assert results == [200, 200]
+    await until(lambda: len(skycore.sent()) >= len(texts))
+    await asyncio.sleep(1.0)
+    assert sorted(c.request["TEXT"] for c in skycore.calls) == sorted(texts)
+    assert [c.request["TEXT"] for c in skycore.calls] == texts  # one texter's replies in the order written
+    assert first.stop() == 0 and second.stop() == 0
+
+
+def test_the_docs_manifest_asks_for_what_the_bridge_needs():
+    import re as _re
+
+    import yaml
+
+    from bridge import replies
+
+    page = (Path(__file__).parent.parent / "docs" / "replies.md").read_text()
+    block = next(b for b in _re.findall(r"```yaml\n(.*?)```", page, _re.S) if "oauth_config" in b)
+    manifest = yaml.safe_load(block)
+    assert manifest["oauth_config"]["scopes"]["bot"] == list(replies.SCOPES)
+    events = manifest["settings"]["event_subscriptions"]
+    assert events["bot_events"] == list(replies.EVENTS)
+    assert events["request_url"].endswith(replies.PATH)
+
+
+async def test_slack_gets_an_answer_within_3_seconds_even_when_the_store_hangs(start, monkeypatch):
+    bridge = await start()
+    thread = await bridge.thread()
+
+    async def hangs(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(bridge.store, "ingest", hangs)
+    ts = bridge.next_ts()
+    began = time.monotonic()
+    response = await bridge.event(message_event("Are you there?", thread_ts=thread, ts=ts))
+    assert response.status == 503 and time.monotonic() - began < 3.0  # Slack retries
+
+
+async def test_a_body_over_the_limit_is_413_before_the_signature_is_checked(start):
+    bridge = await start()
+    body = b'{"type": "event_callback", "pad": "' + b"x" * (600 * 1024) + b'"}'
+    response = await bridge.client.post("/slack/events", data=body, headers=signed(body))
+    assert response.status == 413
+    assert await bridge.replies() == []
+
+
+# ---------------------------------------------------------------------------- Socket Mode
+
+
+async def test_socket_mode_takes_the_same_replies_acks_after_storing_and_reconnects(aiohttp_client, tmp_path, peers):
+    slack, skycore = peers
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["inbox"]["replies"] = {"send_with": "sms", "app_token": APP_TOKEN}
+    bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
+    body = b'{"type": "url_verification", "challenge": "x"}'
+    assert (await bridge.client.post("/slack/events", data=body, headers=signed(body))).status == 404  # no Events API
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    thread = await bridge.thread()
+
+    ts = bridge.next_ts()
+    slack.person_says("C0FAKE", ts)
+    await slack.envelope(message_event("Hi from the socket", thread_ts=thread, ts=ts), "env-1")
+    (call,) = await skycore.wait_for(1)
+    assert call.request["TEXT"] == "Hi from the socket" and call.request["TO"] == TEXTER
+    await until(lambda: slack.acks == ["env-1"])
+    (stored,) = await bridge.replies()
+    assert stored["fields"]["slack"]["ts"] == ts
+
+    # the socket drops: the bridge opens a new one, and replies keep coming
+    slack.socket_opened.clear()
+    socket = slack.live_socket()
+    assert socket is not None
+    await socket.close()
+    await asyncio.wait_for(slack.socket_opened.wait(), 30)
+    ts2 = bridge.next_ts()
+    slack.person_says("C0FAKE", ts2)
+    await slack.envelope(message_event("Still here", thread_ts=thread, ts=ts2), "env-2")
+    await skycore.wait_for(2)
+    await until(lambda: "env-2" in slack.acks)
+    assert [c.request["TEXT"] for c in skycore.calls] == ["Hi from the socket", "Still here"]
+
+
+async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, tmp_path, peers, monkeypatch):
+    slack, skycore = peers
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["inbox"]["replies"] = {"send_with": "sms", "app_token": APP_TOKEN}
+    bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    thread = await bridge.thread()
+    real_ingest = bridge.store.ingest
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("database is down")
+
+    monkeypatch.setattr(bridge.store, "ingest", down)
+    ts = bridge.next_ts()
+    slack.person_says("C0FAKE", ts)
+    payload = message_event("Wait for it", thread_ts=thread, ts=ts)
+    await slack.envelope(payload, "env-1")
+    await asyncio.sleep(0.5)
+    assert slack.acks == [] and skycore.calls == []
+    monkeypatch.setattr(bridge.store, "ingest", real_ingest)
+    await slack.envelope(payload, "env-1")  # Slack sends it again
+    await until(lambda: slack.acks == ["env-1"])
+    await skycore.wait_for(1)
+
+
+async def test_a_stop_that_comes_while_the_reply_waits_stops_it(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = [503] * 10_000  # Skycore is down: the reply waits, retried
+    ts = await bridge.reply("Sorry for the wait", thread)
+    await bridge.skycore.wait_for(2)
+    await bridge.postback(mo(2, "STOP", at="2026-12-01T10:01:00Z"))  # texted meanwhile
+    await asyncio.sleep(0.5)  # an attempt in flight when it came gets its 503
+    calls = len(bridge.skycore.calls)
+    bridge.skycore.script = []  # Skycore is back
+    assert await bridge.reactions(ts, 1) == ["no_entry"]
+    await bridge.settled()
+    await asyncio.sleep(0.3)
+    assert bridge.skycore.sent() == [] and len(bridge.skycore.calls) == calls  # no request after the STOP
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
+    assert row.status == "dead" and row.last_error.startswith("opted out: +15551234888 texted STOP to 60856")
+
+
+async def test_a_thread_started_before_the_bridge_kept_its_channel_is_found_by_its_ts(start, tmp_path):
+    import sqlite3
+
+    bridge = await start()
+    thread = await bridge.thread()
+    conn = sqlite3.connect(tmp_path / "bridge.db")
+    with conn:  # as a store of the previous release has it: only conversation -> ts
+        assert conn.execute("DELETE FROM conversations WHERE key LIKE 'thread:%'").rowcount == 1
+    conn.close()
+    ts = await bridge.reply("Found you", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    assert call.request["TO"] == TEXTER and await bridge.reactions(ts, 1) == ["outbox_tray"]
