@@ -211,11 +211,13 @@ class PostgresStore(Store):
         self._opening: asyncpg.Pool | None = None  # connected, its schema being set up by `open`
         self._queue: list[_Postback] = []
         self._batches: set[asyncio.Task[None]] = set()
+        self._lock_turn: asyncio.Future[None] | None = None  # see _store
         self.batches_failed = 0  # batches tried again one postback at a time (tests, logs)
         self._channel = ""
         self._listeners: list[Listener] = []
         self._listening: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while LISTEN is in place (tests wait for it)
+        self.listen_pid: int | None = None  # its server process
 
     async def open(self) -> None:
         """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
@@ -374,12 +376,22 @@ class PostgresStore(Store):
         )
         if self._pool is None:
             raise StoreError("store is not open")
+        # Batches with ordered deliveries take their conversations' locks in the order they
+        # started, each once the one before has its own: a conversation's postbacks that came
+        # while a batch was in flight get delivery ids after that batch's, as they came.
+        turn: asyncio.Future[None] | None = None
+        if ordered:
+            before, turn = self._lock_turn, asyncio.get_running_loop().create_future()
+            self._lock_turn = turn
         try:
+            if turn is not None and before is not None:
+                await asyncio.shield(before)
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                if ordered:
+                if turn is not None:
                     # the conversations' locks first, held until the commit (see lock_conversations)
                     async with conn.transaction():
                         await conn.execute(Q["lock_conversations"], ordered)
+                        turn.set_result(None)
                         new = await conn.fetch(Q["ingest_batch"], *args)
                 else:  # one statement: one round trip, its own transaction
                     new = await conn.fetch(Q["ingest_batch"], *args)
@@ -388,6 +400,9 @@ class PostgresStore(Store):
                 owners = dict(await conn.fetch(Q["events_by_dedup_key"], taken)) if taken else {}
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if turn is not None and not turn.done():
+                turn.set_result(None)  # failed before its locks: the next goes on
         results: list[Ingested | StoreError] = []
         for item in batch:
             if item.event_id in accepted:
@@ -440,6 +455,7 @@ class PostgresStore(Store):
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 await conn.add_listener(self._channel, self._notified)
+                self.listen_pid = conn.get_server_pid()
                 self.listening.set()
                 if delay > LISTEN_RETRY_FIRST:
                     log.info("listening for other instances' postbacks again")
