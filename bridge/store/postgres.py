@@ -67,10 +67,17 @@ from bridge.store import (
 log = logging.getLogger("bridge.store")
 Q = load_queries("postgres.sql")
 POOL_SIZE = 10
+# Delivery bookkeeping (claims, verdicts, when the next is due) has a pool of its own whose
+# commits do not wait for their WAL to reach the disk (synchronous_commit off): postbacks are
+# answered only after an fsync'd commit, but a lease or a verdict lost with the last few hundred
+# milliseconds of a PostgreSQL crash only means a delivery is sent again (at least once, as
+# CONTRACT §6 says), never that an event is lost. It takes a flush off every claim and record,
+# which would otherwise queue behind (and hold back) the postbacks' own.
+BOOKKEEPING_POOL_SIZE = 4
 # Group commit: how many batches of postbacks may be committing at once (each on a connection of
 # its own), and how many postbacks go in one. While the batches in flight commit, new postbacks
 # queue for the next one.
-BATCHES_IN_FLIGHT = 2
+BATCHES_IN_FLIGHT = 1
 MAX_BATCH = 512
 # The LISTEN connection: checked this often (a connection cut without a word is noticed), made
 # again after LISTEN_RETRY_FIRST seconds when lost, then twice as long each time up to the max.
@@ -208,6 +215,7 @@ class PostgresStore(Store):
     def __init__(self, url: str) -> None:
         self.url = url
         self._pool: asyncpg.Pool | None = None
+        self._bookkeeping: asyncpg.Pool | None = None  # see BOOKKEEPING_POOL_SIZE
         self._opening: asyncpg.Pool | None = None  # connected, its schema being set up by `open`
         self._queue: list[_Postback] = []
         self._batches: set[asyncio.Task[None]] = set()
@@ -256,6 +264,15 @@ class PostgresStore(Store):
                     for (owner,) in await conn.fetch(Q["lease_owners"]):
                         if owner_gone(owner):
                             await conn.execute(Q["recover_leases"], owner, now)
+            bookkeeping = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=BOOKKEEPING_POOL_SIZE,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={**_settings(self.url), "synchronous_commit": "off"},
+                reset=_no_reset,
+            )
         except DRIVER_ERRORS as exc:
             pool.terminate()
             raise self._cannot_open(exc) from exc
@@ -264,7 +281,7 @@ class PostgresStore(Store):
             raise
         finally:
             self._opening = None
-        self._pool = pool
+        self._pool, self._bookkeeping = pool, bookkeeping
 
     def _cannot_open(self, exc: BaseException) -> ConfigError | StoreError:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # a timeout says nothing
@@ -288,12 +305,13 @@ class PostgresStore(Store):
             # an `open` still waiting on a database that stopped answering mid-way: asyncpg does
             # not give up on being cancelled, but does once its connections are gone
             self._opening.terminate()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            try:
-                await pool.close()
-            except DRIVER_ERRORS:
-                pool.terminate()
+        for pool in (self._pool, self._bookkeeping):
+            if pool is not None:
+                try:
+                    await pool.close()
+                except DRIVER_ERRORS:
+                    pool.terminate()
+        self._pool = self._bookkeeping = None
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
@@ -302,6 +320,19 @@ class PostgresStore(Store):
             raise StoreError("store is not open")
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _bookkeeping_conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the bookkeeping pool (see BOOKKEEPING_POOL_SIZE) for one statement,
+        which is a transaction of its own (no BEGIN and COMMIT round trips); driver errors leave
+        as StoreError."""
+        if self._bookkeeping is None:
+            raise StoreError("store is not open")
+        try:
+            async with self._bookkeeping.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 yield conn
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
@@ -483,7 +514,7 @@ class PostgresStore(Store):
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
         now = time.time()
-        async with self._tx() as conn:
+        async with self._bookkeeping_conn() as conn:  # one statement
             rows = await conn.fetch(
                 Q["claim_ordered" if ordered else "claim"], destination, now, limit, now + lease, owner
             )
@@ -513,6 +544,20 @@ class PostgresStore(Store):
             (deaths if status == "dead" else finishes).append((r, finish))
         if not results:
             return []
+        if not deaths and len({r.claim.id for r in results}) == len(results):
+            # the usual batch: one statement, its own transaction
+            columns = list(zip(*attempts, strict=True))
+            verdicts = list(zip(*(finish for _, finish in finishes), strict=True))
+            async with self._bookkeeping_conn() as conn:
+                await conn.execute(
+                    Q["complete_batch"],
+                    *(list(column) for column in columns),
+                    list(verdicts[2]),
+                    list(verdicts[3]),
+                    list(verdicts[4]),
+                    now,
+                )
+            return []
         died = []
         async with self._tx() as conn:
             await conn.executemany(Q["record_attempt"], attempts)
@@ -531,7 +576,7 @@ class PostgresStore(Store):
             await conn.executemany(Q["release"], [(c.id, c.attempt, now, owner) for c in claims])
 
     async def next_due(self, destination: str) -> float | None:
-        async with self._tx() as conn:
+        async with self._bookkeeping_conn() as conn:
             due: float | None = await conn.fetchval(Q["next_due"], destination)
             return due
 

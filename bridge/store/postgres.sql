@@ -120,6 +120,22 @@ INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (delivery_id, number) DO NOTHING
 
+-- name: complete_batch
+-- A batch of attempts and their verdicts in one statement (one round trip, one commit), when
+-- none of the verdicts is 'dead' (deaths are counted: `finish` one at a time tells which
+-- applied) and no delivery is in it twice (an UPDATE applies one of two source rows, not both in
+-- turn). The same conditions as `finish`.
+WITH recorded AS (
+    INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::text[], $5::integer[], $6::text[], $7::float8[])
+    ON CONFLICT (delivery_id, number) DO NOTHING
+)
+UPDATE deliveries AS d
+SET status = f.status, next_at = f.next_at, leased_by = NULL, last_error = f.error, updated_at = $11
+FROM unnest($1::bigint[], $2::integer[], $8::text[], $9::float8[], $10::text[])
+    AS f (id, attempt, status, next_at, error)
+WHERE d.id = f.id AND d.status = 'pending' AND (d.attempts = f.attempt OR f.status = 'delivered')
+
 -- name: finish
 -- Idempotent, and safe when late: a verdict from an attempt whose lease ran out (the delivery
 -- has been claimed again since, so attempts moved on) is ignored, unless it is 'delivered':
