@@ -327,3 +327,14 @@ def test_the_channel_is_per_store() -> None:
     assert one == postgres_store._channel("test.bridge_a")
     assert one != postgres_store._channel("test.bridge_b")
     assert len(one.encode()) < 64
+
+
+async def test_postbacks_wait_for_the_flush_and_only_bookkeeping_does_not(pg_url):
+    """A postback's commit is flushed before its 200 (synchronous_commit on, the server's
+    default); only claims and results, on their own pool, skip the wait."""
+    async with opened(pg_url) as store:
+        assert store._pool is not None and store._bookkeeping is not None
+        async with store._pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        async with store._bookkeeping.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
