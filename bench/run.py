@@ -352,7 +352,25 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=100_000, help="pending deliveries for the memory check")
     parser.add_argument("--steps", type=int, default=5, help="offered rates tried for the sustained end to end")
     parser.add_argument("--rounds", type=int, default=3, help="turns each throughput measurement takes (median)")
+    parser.add_argument(
+        "--store",
+        help="postgresql://...: measure the scale-out path instead (bench/scaleout.py): SQLite, PostgreSQL and two"
+        " instances on PostgreSQL behind one port, side by side, with the server's CPU",
+    )
+    parser.add_argument("--pickups", type=int, default=200, help="with --store: postbacks for the pickup measurement")
     args = parser.parse_args()
+    if args.store:
+        import scaleout  # beside this file
+
+        results = scaleout.run(args)
+        text = scaleout.report(results)
+        print()
+        print(text)
+        RESULTS.mkdir(exist_ok=True)
+        stamp = results["when"].replace(":", "").replace("-", "")
+        (RESULTS / f"{stamp}-scaleout.json").write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / "latest-scaleout.md").write_text(text + "\n")
+        return
     results = run(args)
     text = report(results)
     print()

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge import logs
@@ -115,8 +115,13 @@ class Dispatcher:
             self._loops[name] = asyncio.create_task(self._run(destination), name=f"deliver:{name}")
         if self.destinations:
             self._expiry = asyncio.create_task(self._expire(), name="expire")
+            # deliveries another instance stored wake us at once, not at the next poll
+            self.store.listen(self._stored_elsewhere)
 
-    def notify(self, names: list[str] | tuple[str, ...]) -> None:
+    def _stored_elsewhere(self, names: Sequence[str] | None) -> None:
+        self.notify(list(self._wake) if names is None else names)
+
+    def notify(self, names: Sequence[str]) -> None:
         """New deliveries are due now for these destinations."""
         for name in names:
             wake = self._wake.get(name)
@@ -128,6 +133,7 @@ class Dispatcher:
         give their deliveries back to the queue."""
         self._stopping = True
         self._stopped.set()
+        self.store.unlisten(self._stored_elsewhere)
         for wake in self._wake.values():
             wake.set()
         # Loops are not cancelled mid-claim: a claim cut off there would leave its deliveries

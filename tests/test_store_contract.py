@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -1223,3 +1224,24 @@ async def test_serve_keeps_apart_what_the_old_key_merged(store_url, sink, bridge
     by_id = {r.json()["id"]: r.json() for r in sink.received}
     assert by_id[firsts["delivered"]]["code"] == "N202" and by_id[sent["id"]]["code"] == "N201"
     assert bridge.stop() == 0
+
+
+async def test_a_tracking_id_given_with_a_result_is_kept_and_found(store):
+    """A send that the peer gave an id (Skycore's TRACKINGID) keeps it on its delivery, whether
+    its result is written in a batch with others or on its own, and the id finds the delivery."""
+    await put(store, 1)
+    await put(store, 2)
+    first, second = await claim(store)
+    await store.complete(
+        [
+            dataclasses.replace(finished(first, Done()), tracking_id="TRACK-1"),
+            finished(second, RetryAt(time.time() + 60, "HTTP 503")),
+        ]
+    )
+    (third,) = await claim(store, "b", lease=0.01) or [None]
+    assert third is None  # the retry waits its minute
+    found = await store.delivery_by_tracking_id("TRACK-1")
+    assert found is not None and found.id == first.id and found.tracking_id == "TRACK-1"
+    rows = {row.id: row for row in await store.list_deliveries(DeliveryFilter())}
+    assert rows[first.id].tracking_id == "TRACK-1" and rows[second.id].tracking_id is None
+    assert await store.delivery_by_tracking_id("TRACK-2") is None

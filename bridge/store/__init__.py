@@ -254,6 +254,16 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise StoreError unless the store can take a write now."""
 
+    def listen(self, callback: Callable[[Sequence[str] | None], None]) -> None:
+        """Call `callback(destinations)` when another process stored deliveries for these
+        destinations (None: any of them may have some). Best effort, as soon as it is known:
+        a store that cannot tell (SQLite, one process) never calls it, and callers poll too."""
+        return None
+
+    def unlisten(self, callback: Callable[[Sequence[str] | None], None]) -> None:
+        """Stop calling `callback`."""
+        return None
+
     @abc.abstractmethod
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested: ...
 

@@ -6,18 +6,33 @@ another instance is claiming (`FOR UPDATE SKIP LOCKED`), and a claimed delivery 
 'pending' with a lease (`next_at` in the future, `leased_by` its owner) until its verdict is
 recorded. All SQL is in postgres.sql. Errors of the driver or the network become StoreError
 here, at the boundary, so callers answer 503 and retry.
+
+Group commit, as the SQLite store's writer does it: postbacks that arrive while a commit is in
+flight queue up and go in the next one, all of them in one statement (`ingest_batch`), and each
+caller hears back only once that commit is done. A batch that fails is tried again one postback
+at a time, so one bad row (or a connection cut mid-commit) cannot fail its neighbours; a postback
+whose event is found stored under its own id then (the commit had gone through before the
+connection died) is accepted, not a duplicate.
+
+Wake-up across instances: each batch NOTIFYs its destinations on a channel of this database and
+schema when it commits; every instance LISTENs on a connection of its own and wakes its delivery
+loops for them at once. When that connection is lost it is made again with backoff, and the
+loops' 1 s poll covers what was missed meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -52,8 +67,25 @@ from bridge.store import (
     verdict,
 )
 
+log = logging.getLogger("bridge.store")
 Q = load_queries("postgres.sql")
 POOL_SIZE = 10
+# Delivery bookkeeping (claims, verdicts, when the next is due) has a pool of its own whose
+# commits do not wait for their WAL to reach the disk (synchronous_commit off): postbacks are
+# answered only after an fsync'd commit, but a lease or a verdict lost with the last few hundred
+# milliseconds of a PostgreSQL crash only means a delivery is sent again (at least once, as
+# CONTRACT §6 says), never that an event is lost. It takes a flush off every claim and record,
+# which would otherwise queue behind (and hold back) the postbacks' own.
+BOOKKEEPING_POOL_SIZE = 4
+# Group commit: how many batches of postbacks may be committing at once (each on a connection of
+# its own), and how many postbacks go in one. While the batches in flight commit, new postbacks
+# queue for the next one.
+BATCHES_IN_FLIGHT = 1
+MAX_BATCH = 512
+# The LISTEN connection: checked this often (a connection cut without a word is noticed), made
+# again after LISTEN_RETRY_FIRST seconds when lost, then twice as long each time up to the max.
+LISTEN_CHECK = 5.0
+LISTEN_RETRY_FIRST, LISTEN_RETRY_MAX = 0.1, 5.0
 CONNECT_TIMEOUT = 10.0  # seconds; also how long an operation waits for a free connection
 COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request that never ends
 SCHEMA_LOCK_PATIENCE = 2  # seconds opening the store waits for a lock on a table
@@ -143,13 +175,60 @@ async def _migrate(conn: asyncpg.Connection, where: str) -> None:
             await conn.execute(Q["set_meta"], schema.VERSION_KEY, str(todo[-1].version))
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is: the store sets nothing on a session (SET
+    LOCAL and advisory xact locks end with their transaction; pool connections never LISTEN),
+    so asyncpg's reset query would be a round trip per operation for nothing."""
+
+
+def _channel(where: str) -> str:
+    """The NOTIFY channel of one store (database and schema): instances of other stores on the
+    same server do not wake each other. Short: a channel name is at most 63 bytes."""
+    return "postback_bridge_" + hashlib.blake2b(where.encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class _Postback:
+    """One postback waiting for its group commit."""
+
+    event_id: str
+    dedup_key: str
+    type: str
+    received_at: float
+    body: str
+    deliveries: list[NewDelivery]
+    future: asyncio.Future[Ingested] = dataclasses.field(repr=False)
+
+
+Listener = Callable[[Sequence[str] | None], None]
+
+
+def _answer(item: _Postback, result: Ingested | BaseException) -> None:
+    if item.future.done():  # its caller gave up (patience ran out) or the store closed
+        return
+    if isinstance(result, BaseException):
+        item.future.set_exception(result)
+    else:
+        item.future.set_result(result)
+
+
 class PostgresStore(Store):
     retry_open = True
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._pool: asyncpg.Pool | None = None
+        self._bookkeeping: asyncpg.Pool | None = None  # see BOOKKEEPING_POOL_SIZE
         self._opening: asyncpg.Pool | None = None  # connected, its schema being set up by `open`
+        self._queue: list[_Postback] = []
+        self._batches: set[asyncio.Task[None]] = set()
+        self._lock_turn: asyncio.Future[None] | None = None  # see _store
+        self.batches_failed = 0  # batches tried again one postback at a time (tests, logs)
+        self._channel = ""
+        self._listeners: list[Listener] = []
+        self._listening: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()  # set while LISTEN is in place (tests wait for it)
+        self.listen_pid: int | None = None  # its server process
 
     async def open(self) -> None:
         """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
@@ -165,6 +244,7 @@ class PostgresStore(Store):
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
                 server_settings=_settings(self.url),
+                reset=_no_reset,
             )
         except (ValueError, OverflowError) as exc:  # a malformed URL (port 99999): trying again won't help
             raise ConfigError([f"store: {redact_url(self.url)}: {exc}"]) from exc
@@ -178,6 +258,7 @@ class PostgresStore(Store):
                 # postbacks would queue behind.
                 if schema.pending("postgres", await _schema_version(conn), where):
                     await _migrate(conn, where)
+                self._channel = _channel(await conn.fetchval(Q["current_schema"]))
                 async with conn.transaction():
                     # Leases of a process on this host that is gone (kill -9) are due again at
                     # once. Only those: a lease of another instance, here or on another host, is
@@ -186,6 +267,15 @@ class PostgresStore(Store):
                     for (owner,) in await conn.fetch(Q["lease_owners"]):
                         if owner_gone(owner):
                             await conn.execute(Q["recover_leases"], owner, now)
+            bookkeeping = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=BOOKKEEPING_POOL_SIZE,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={**_settings(self.url), "synchronous_commit": "off"},
+                reset=_no_reset,
+            )
         except DRIVER_ERRORS as exc:
             pool.terminate()
             raise self._cannot_open(exc) from exc
@@ -194,7 +284,7 @@ class PostgresStore(Store):
             raise
         finally:
             self._opening = None
-        self._pool = pool
+        self._pool, self._bookkeeping = pool, bookkeeping
 
     def _cannot_open(self, exc: BaseException) -> ConfigError | StoreError:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # a timeout says nothing
@@ -202,16 +292,29 @@ class PostgresStore(Store):
         return ConfigError([f"store: {message}"]) if isinstance(exc, NEEDS_A_PERSON) else StoreError(message)
 
     async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+            self._listening = None
+        # postbacks still queued are not stored: their callers answer 503 (Skycore retries);
+        # batches being committed are waited for (their callers hear how they went)
+        queued, self._queue = self._queue, []
+        for item in queued:
+            if not item.future.done():
+                item.future.set_exception(StoreError("store is closing"))
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
         if self._opening is not None:
             # an `open` still waiting on a database that stopped answering mid-way: asyncpg does
             # not give up on being cancelled, but does once its connections are gone
             self._opening.terminate()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            try:
-                await pool.close()
-            except DRIVER_ERRORS:
-                pool.terminate()
+        for pool in (self._pool, self._bookkeeping):
+            if pool is not None:
+                try:
+                    await pool.close()
+                except DRIVER_ERRORS:
+                    pool.terminate()
+        self._pool = self._bookkeeping = None
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
@@ -224,37 +327,197 @@ class PostgresStore(Store):
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
+    @asynccontextmanager
+    async def _bookkeeping_conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the bookkeeping pool (see BOOKKEEPING_POOL_SIZE) for one statement,
+        which is a transaction of its own (no BEGIN and COMMIT round trips); driver errors leave
+        as StoreError."""
+        if self._bookkeeping is None:
+            raise StoreError("store is not open")
+        try:
+            async with self._bookkeeping.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
     async def ping(self) -> None:
         async with self._tx() as conn:
             await conn.execute(Q["heartbeat"], str(time.time()))
 
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
-        now = time.time()
-        async with self._tx() as conn:
-            ordered = [_key(d.destination, d.conversation) for d in deliveries if d.ordered]
-            if ordered:
-                await conn.execute(Q["lock_conversations"], ordered)
-            stored = await conn.fetchval(Q["insert_event"], event["id"], dedup_key, event["type"], now, dumps(event))
-            if stored is None:  # the key is taken, by a committed event (or one that just committed)
-                existing = await conn.fetchval(Q["event_by_dedup_key"], dedup_key)
-                return Ingested("duplicate", existing)
-            if deliveries:
-                await conn.execute(
-                    Q["insert_deliveries"],
-                    event["id"],
-                    [d.destination for d in deliveries],
-                    [d.route for d in deliveries],
-                    [d.conversation for d in deliveries],
-                    [d.ordered for d in deliveries],
-                    now,
+        """Queued for the next group commit; returns once it committed (see the module's doc)."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
+        item = _Postback(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries, future)
+        self._queue.append(item)
+        self._start_batches()
+        return await future
+
+    def _start_batches(self) -> None:
+        while self._queue and len(self._batches) < BATCHES_IN_FLIGHT:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            task = asyncio.create_task(self._commit(batch), name="group-commit")
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._start_batches()
+
+    async def _commit(self, batch: list[_Postback]) -> None:
+        """Store `batch` in one transaction and answer each of its postbacks; if that fails,
+        each one alone."""
+        try:
+            results = await self._store(batch)
+        except StoreError as exc:
+            if len(batch) == 1:
+                _answer(batch[0], exc)
+                return
+            self.batches_failed += 1
+            log.warning(
+                "group commit failed; its postbacks are stored one by one",
+                extra={"count": len(batch), "error": str(exc)},
+            )
+            await asyncio.gather(*(self._commit([item]) for item in batch))
+            return
+        except BaseException as exc:  # a bug, or cancelled: never leave a caller waiting
+            for item in batch:
+                _answer(item, StoreError(f"store failed: {type(exc).__name__}: {exc}"))
+            raise
+        for item, result in zip(batch, results, strict=True):
+            _answer(item, result)
+
+    async def _store(self, batch: list[_Postback]) -> list[Ingested | StoreError]:
+        ordered = sorted({_key(d.destination, d.conversation) for i in batch for d in i.deliveries if d.ordered})
+        rows = [(i.event_id, d, i.received_at) for i in batch for d in i.deliveries]
+        dropped = [i for i in batch if not i.deliveries]
+        args = (
+            [i.event_id for i in batch],
+            [i.dedup_key for i in batch],
+            [i.type for i in batch],
+            [i.received_at for i in batch],
+            [i.body for i in batch],
+            [r[0] for r in rows],
+            [r[1].destination for r in rows],
+            [r[1].route for r in rows],
+            [r[1].conversation for r in rows],
+            [r[1].ordered for r in rows],
+            [r[2] for r in rows],
+            [i.event_id for i in dropped],
+            [i.received_at for i in dropped],
+            self._channel,
+        )
+        if self._pool is None:
+            raise StoreError("store is not open")
+        # Batches with ordered deliveries take their conversations' locks in the order they
+        # started, each once the one before has its own: a conversation's postbacks that came
+        # while a batch was in flight get delivery ids after that batch's, as they came.
+        turn: asyncio.Future[None] | None = None
+        if ordered:
+            before, turn = self._lock_turn, asyncio.get_running_loop().create_future()
+            self._lock_turn = turn
+        try:
+            if turn is not None and before is not None:
+                await asyncio.shield(before)
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                if turn is not None:
+                    # the conversations' locks first, held until the commit (see lock_conversations)
+                    async with conn.transaction():
+                        await conn.execute(Q["lock_conversations"], ordered)
+                        turn.set_result(None)
+                        new = await conn.fetch(Q["ingest_batch"], *args)
+                else:  # one statement: one round trip, its own transaction
+                    new = await conn.fetch(Q["ingest_batch"], *args)
+                accepted = {row[0] for row in new if row[0] is not None}
+                taken = [i.dedup_key for i in batch if i.event_id not in accepted]
+                owners = dict(await conn.fetch(Q["events_by_dedup_key"], taken)) if taken else {}
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if turn is not None and not turn.done():
+                turn.set_result(None)  # failed before its locks: the next goes on
+        results: list[Ingested | StoreError] = []
+        for item in batch:
+            if item.event_id in accepted:
+                results.append(Ingested("accepted", item.event_id))
+                continue
+            owner = owners.get(item.dedup_key)
+            if owner is None:  # taken, and gone by now (purged): Skycore's retry will tell
+                results.append(StoreError("PostgreSQL: the event holding this dedup key is gone"))
+            elif owner == item.event_id:
+                # stored by an earlier try of this batch whose commit went through while its
+                # connection was lost: ours, so accepted (and its deliveries are queued)
+                results.append(Ingested("accepted", item.event_id))
+            else:
+                results.append(Ingested("duplicate", owner))
+        return results
+
+    def listen(self, callback: Listener) -> None:
+        self._listeners.append(callback)
+        if self._listening is None and self._pool is not None:
+            self._listening = asyncio.create_task(self._listen(), name="listen")
+
+    def unlisten(self, callback: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _wake(self, names: Sequence[str] | None) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(names)
+            except Exception:  # a wake-up only: the poll still finds the deliveries
+                log.exception("waking the delivery loops failed")
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._wake(None if payload == "*" else payload.split(","))
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own for as long as the store is open; made again with
+        backoff when it is lost. Every loop is woken once it is (back) in place: what was stored
+        meanwhile was not announced to us."""
+        delay = LISTEN_RETRY_FIRST
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.url,
+                    timeout=CONNECT_TIMEOUT,
+                    command_timeout=COMMAND_TIMEOUT,
+                    server_settings=_settings(self.url),
                 )
-            else:  # dropped: kept for its dedup key and id
-                await conn.execute(Q["insert_dropped"], event["id"], now)
-        return Ingested("accepted", event["id"])
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, lost=lost: lost.set())
+                await conn.add_listener(self._channel, self._notified)
+                self.listen_pid = conn.get_server_pid()
+                self.listening.set()
+                if delay > LISTEN_RETRY_FIRST:
+                    log.info("listening for other instances' postbacks again")
+                delay = LISTEN_RETRY_FIRST
+                self._wake(None)
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(LISTEN_CHECK):
+                            await lost.wait()
+                    if not lost.is_set():
+                        await conn.fetchval("SELECT 1", timeout=LISTEN_CHECK)  # a cut that said nothing
+                raise ConnectionError("the LISTEN connection was closed")
+            except (*DRIVER_ERRORS, ConnectionError) as exc:
+                self.listening.clear()
+                log.warning(
+                    "not listening for other instances' postbacks (polling meanwhile)",
+                    extra={"error": f"{type(exc).__name__}: {exc}", "retry_in": delay},
+                )
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX)
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
         now = time.time()
-        async with self._tx() as conn:
+        async with self._bookkeeping_conn() as conn:  # one statement
             rows = await conn.fetch(
                 Q["claim_ordered" if ordered else "claim"], destination, now, limit, now + lease, owner
             )
@@ -284,6 +547,21 @@ class PostgresStore(Store):
             (deaths if status == "dead" else finishes).append((r, finish))
         if not results:
             return []
+        if not deaths and len({r.claim.id for r in results}) == len(results):
+            # the usual batch: one statement, its own transaction
+            columns = list(zip(*attempts, strict=True))
+            verdicts = list(zip(*(finish for _, finish in finishes), strict=True))
+            async with self._bookkeeping_conn() as conn:
+                await conn.execute(
+                    Q["complete_batch"],
+                    *(list(column) for column in columns),
+                    list(verdicts[2]),
+                    list(verdicts[3]),
+                    list(verdicts[4]),
+                    now,
+                    list(verdicts[6]),  # the tracking id a send was given (Skycore's), if any
+                )
+            return []
         died = []
         async with self._tx() as conn:
             await conn.executemany(Q["record_attempt"], attempts)
@@ -302,7 +580,7 @@ class PostgresStore(Store):
             await conn.executemany(Q["release"], [(c.id, c.attempt, now, owner) for c in claims])
 
     async def next_due(self, destination: str) -> float | None:
-        async with self._tx() as conn:
+        async with self._bookkeeping_conn() as conn:
             due: float | None = await conn.fetchval(Q["next_due"], destination)
             return due
 

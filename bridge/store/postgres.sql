@@ -18,6 +18,51 @@ RETURNING id
 -- name: event_by_dedup_key
 SELECT id FROM events WHERE dedup_key = $1
 
+-- name: events_by_dedup_key
+SELECT dedup_key, id FROM events WHERE dedup_key = ANY($1::text[])
+
+-- name: ingest_batch
+-- Every postback of a group commit in one statement (one round trip, and one transaction of
+-- its own unless the caller opened one to take conversation locks first): the events, each new
+-- one's deliveries in the order the postbacks came (their ids are drawn in that order), the
+-- dropped ones, and one NOTIFY that wakes the other instances' loops for these destinations
+-- when it commits. A dedup key that is taken, by a stored event or by an earlier postback of
+-- this batch, skips its row (DO NOTHING); only the events RETURNED here are new, and only their
+-- deliveries are inserted. Rows go in dedup key order, so two batches holding the same two keys
+-- (the same postbacks at two instances at once) wait for each other in one order, not a cycle.
+WITH new AS (
+    INSERT INTO events (id, dedup_key, type, received_at, body)
+    SELECT e.id, e.dedup_key, e.type, e.received_at, e.body
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[])
+        WITH ORDINALITY AS e (id, dedup_key, type, received_at, body, n)
+    ORDER BY e.dedup_key, e.n
+    ON CONFLICT (dedup_key) DO NOTHING
+    RETURNING id
+), queued AS (
+    INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
+    SELECT d.event_id, d.destination, d.route, d.conversation, d.ordered, 'pending', d.at, d.at, d.at
+    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[], $11::float8[])
+        WITH ORDINALITY AS d (event_id, destination, route, conversation, ordered, at, n)
+    WHERE d.event_id IN (SELECT id FROM new)
+    ORDER BY d.n
+    RETURNING destination
+), kept AS (
+    INSERT INTO dropped (event_id, received_at)
+    SELECT x.event_id, x.at FROM unnest($12::text[], $13::float8[]) AS x (event_id, at)
+    WHERE x.event_id IN (SELECT id FROM new)
+), woken AS (
+    -- a payload is at most 8000 bytes: '*' (every destination) when the names would not fit
+    SELECT pg_notify($14, CASE WHEN length(names) > 7000 THEN '*' ELSE names END)
+    FROM (SELECT string_agg(DISTINCT destination, ',') AS names FROM queued) AS q
+    WHERE names IS NOT NULL
+)
+SELECT id FROM new
+UNION ALL
+SELECT NULL FROM woken
+
+-- name: current_schema
+SELECT current_database() || '.' || current_schema()
+
 -- name: insert_deliveries
 INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
 SELECT $1, d.destination, d.route, d.conversation, d.ordered, 'pending', $6, $6, $6
@@ -74,6 +119,23 @@ RETURNING d.id, d.event_id, d.attempts, d.created_at, d.conversation, d.route, e
 INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (delivery_id, number) DO NOTHING
+
+-- name: complete_batch
+-- A batch of attempts and their verdicts in one statement (one round trip, one commit), when
+-- none of the verdicts is 'dead' (deaths are counted: `finish` one at a time tells which
+-- applied) and no delivery is in it twice (an UPDATE applies one of two source rows, not both in
+-- turn). The same conditions as `finish`.
+WITH recorded AS (
+    INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::text[], $5::integer[], $6::text[], $7::float8[])
+    ON CONFLICT (delivery_id, number) DO NOTHING
+)
+UPDATE deliveries AS d
+SET status = f.status, next_at = f.next_at, leased_by = NULL, last_error = f.error, updated_at = $11,
+    tracking_id = coalesce(f.tracking_id, d.tracking_id)
+FROM unnest($1::bigint[], $2::integer[], $8::text[], $9::float8[], $10::text[], $12::text[])
+    AS f (id, attempt, status, next_at, error, tracking_id)
+WHERE d.id = f.id AND d.status = 'pending' AND (d.attempts = f.attempt OR f.status = 'delivered')
 
 -- name: finish
 -- Idempotent, and safe when late: a verdict from an attempt whose lease ran out (the delivery

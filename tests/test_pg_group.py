@@ -1,0 +1,340 @@
+"""PostgreSQL group commit and wake-up across instances (issue 21): a burst of postbacks goes in
+a few transactions and each is answered only after its own commit; one bad row fails only its
+postback; a postback stored by one instance is picked up by another's delivery loop at once
+(LISTEN/NOTIFY), also after its LISTEN connection was cut; and connections cut in the middle of
+batches lose nothing that was answered, and answer nothing before its commit.
+
+Needs BRIDGE_TEST_POSTGRES_URL, as tests/test_store_contract.py. Every connection goes to
+127.0.0.1: the proxy here cuts its own connections, never the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+
+from bridge.delivery import Dispatcher
+from bridge.destinations.base import Services
+from bridge.destinations.webhook import WebhookDestination
+from bridge.errors import StoreError
+from bridge.event import dedup_key
+from bridge.retry import RetryPolicy
+from bridge.store import DeliveryFilter, Ingested, NewDelivery
+from bridge.store import postgres as postgres_store
+from bridge.store.postgres import PostgresStore
+from tests import test_store_contract as contract
+from tests.test_store_contract import make_event, via
+
+pg_url = contract.pg_url  # the fixture: a fresh schema per test
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# ---------------------------------------------------------------------------- group commit
+
+
+async def test_a_burst_is_stored_in_a_few_transactions_and_each_postback_answered(pg_url):
+    async with opened(pg_url) as store:
+        events = [make_event(n) for n in range(200)]
+        repeats = [make_event(n) for n in (3, 150)]  # Skycore's retries, within the burst
+        results = await asyncio.gather(
+            *(
+                store.ingest(e, dedup_key(e), [NewDelivery("crm", "r", f"c{n}")] if n % 10 else [])
+                for n, e in enumerate([*events, *repeats])
+            )
+        )
+        assert results[:200] == [Ingested("accepted", e["id"]) for e in events]
+        assert results[200:] == [Ingested("duplicate", events[3]["id"]), Ingested("duplicate", events[150]["id"])]
+        admin = await asyncpg.connect(pg_url)
+        try:
+            # xmin: the transaction that inserted a row. One per batch, not one per postback.
+            transactions = await admin.fetchval("SELECT count(DISTINCT xmin::text) FROM events")
+            assert 1 <= transactions <= 10, transactions
+            # each event's deliveries (or its dropped row) committed with it
+            apart = await admin.fetchval(
+                "SELECT count(*) FROM deliveries AS d JOIN events AS e ON e.id = d.event_id"
+                " WHERE d.xmin::text <> e.xmin::text"
+            )
+            assert apart == 0
+            assert await admin.fetchval("SELECT count(*) FROM deliveries") == 180
+            assert await admin.fetchval("SELECT count(*) FROM dropped") == 20
+        finally:
+            await admin.close()
+        # ordered deliveries of one conversation keep the order the postbacks came in
+        conv = [make_event(1000 + n) for n in range(50)]
+        await asyncio.gather(*(store.ingest(e, dedup_key(e), [NewDelivery("slack", "r", "one")]) for e in conv))
+        rows = await store.list_deliveries(DeliveryFilter(destination="slack", limit=100))
+        assert [r.event_id for r in sorted(rows, key=lambda r: r.id)] == [e["id"] for e in conv]
+
+
+async def test_one_bad_row_fails_only_its_own_postback(pg_url):
+    async with opened(pg_url) as store:
+        events = [make_event(n) for n in range(30)]
+        keys = [dedup_key(e) for e in events]
+        keys[17] = "tx\x00NUL"  # PostgreSQL's text refuses a NUL character: this row cannot be stored
+        results = await asyncio.gather(
+            *(store.ingest(e, k, [NewDelivery("crm", "r", "c")]) for e, k in zip(events, keys, strict=True)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[17], StoreError)
+        good = [r for n, r in enumerate(results) if n != 17]
+        assert good == [Ingested("accepted", e["id"]) for n, e in enumerate(events) if n != 17]
+        assert store.batches_failed >= 1  # the bad row was in a batch with others, which went on alone
+        stored = {r.event_id for r in await store.list_deliveries(DeliveryFilter(limit=100))}
+        assert stored == {e["id"] for n, e in enumerate(events) if n != 17}
+
+
+# ---------------------------------------------------------------------------- wake-up across instances
+
+
+class Sink:
+    """A webhook receiver on 127.0.0.1 that notes when each event arrived."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.event = asyncio.Event()
+
+    async def __aenter__(self) -> Sink:
+        from aiohttp import web
+
+        async def hook(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.arrived.setdefault(body["id"], time.monotonic())
+            self.event.set()
+            return web.Response(status=200)
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+    async def wait_for(self, event_id: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while event_id not in self.arrived and time.monotonic() < deadline:
+            self.event.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.event.wait()
+        return self.arrived.get(event_id, float("inf"))
+
+
+@contextlib.asynccontextmanager
+async def delivering(store: PostgresStore, url: str) -> AsyncIterator[Dispatcher]:
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", url, timeout=2)
+    destination.retry = RetryPolicy(initial=0.1, max_interval=1, max_age=3600)
+    await destination.open(Services(http=http, state=store))
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+
+
+async def pickups(one: PostgresStore, sink: Sink, count: int, base: int) -> list[float]:
+    """Store `count` postbacks on `one` (whose instance delivers nothing), at random moments,
+    and how long each took to reach the sink through the other instance."""
+    took = []
+    for n in range(count):
+        await asyncio.sleep(random.uniform(0.05, 0.3))  # anywhere in the other's 1 s poll
+        event = make_event(base + n)
+        await one.ingest(event, dedup_key(event), [NewDelivery("crm", "r", f"c{n}")])
+        stored = time.monotonic()
+        took.append(await sink.wait_for(event["id"], timeout=5) - stored)
+    return took
+
+
+async def test_a_postback_stored_by_one_instance_is_sent_by_another_at_once(pg_url):
+    async with Sink() as sink, opened(pg_url) as one, opened(pg_url) as two, delivering(two, sink.url):
+        await asyncio.wait_for(two.listening.wait(), 5)
+        await asyncio.sleep(0.3)
+        took = await pickups(one, sink, 15, 0)
+        assert max(took) < 0.2, sorted(took)  # the poll alone would take up to 1 s
+
+        # its LISTEN connection cut: polling meanwhile, then listening again, and at once again
+        pid = two.listen_pid
+        assert pid is not None
+        admin = await asyncpg.connect(pg_url)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.01)
+        event = make_event(500)
+        await one.ingest(event, dedup_key(event), [NewDelivery("crm", "r", "x")])  # maybe unannounced
+        assert await sink.wait_for(event["id"], timeout=3) < float("inf")  # the poll, or the wake on reconnect
+        await asyncio.wait_for(two.listening.wait(), 5)
+        assert two.listen_pid not in (None, pid)
+        took = await pickups(one, sink, 10, 600)
+        assert max(took) < 0.2, sorted(took)
+
+
+# ---------------------------------------------------------------------------- connections cut mid-batch
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of PostgreSQL that can cut every connection through it
+    at once, as a server restart or a network failure would, whatever is in flight."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.pipes: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.cuts = 0
+
+    async def __aenter__(self) -> CuttingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        self.cut()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            server, to_server = await asyncio.open_connection(*self.target)
+        except OSError:
+            to_client.close()
+            return
+        pipe = (to_client, to_server)
+        self.pipes.add(pipe)
+
+        async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        try:
+            await asyncio.gather(copy(client, to_server), copy(server, to_client))
+        finally:
+            self.pipes.discard(pipe)
+            self.tasks.discard(task)
+
+    def cut(self) -> int:
+        """Abort every connection now (RST, no goodbye), both sides; how many."""
+        pipes, self.pipes = list(self.pipes), set()
+        for pipe in pipes:
+            for writer in pipe:
+                writer.transport.abort()
+        self.cuts += 1
+        return len(pipes)
+
+
+async def test_connections_cut_in_the_middle_of_batches_lose_nothing_answered(pg_url, monkeypatch):
+    monkeypatch.setattr(postgres_store, "LISTEN_RETRY_FIRST", 0.05)
+    parts = urlsplit(pg_url)
+    async with CuttingProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        url = via(pg_url, proxy.port)
+        checker = await asyncpg.create_pool(pg_url, min_size=4, max_size=8)  # direct, never cut
+        store = PostgresStore(url)
+        await store.open()
+        accepted: dict[str, int] = {}
+        early: list[str] = []  # answered before its commit was visible
+        refused = 0
+        stop = asyncio.Event()
+
+        async def sender(worker: int) -> None:
+            nonlocal refused
+            n = 0
+            while not stop.is_set():
+                n += 1
+                event = make_event(worker * 100_000 + n)
+                deliveries = [NewDelivery(d, "r", f"c{worker}") for d in ("crm", "slack")[: 1 + n % 2]]
+                try:
+                    result = await store.ingest(event, dedup_key(event), deliveries)
+                except StoreError:
+                    refused += 1  # a 503: Skycore sends it again later
+                    await asyncio.sleep(0.01)
+                    continue
+                assert result == Ingested("accepted", event["id"])
+                # answered: its event and every delivery must be committed by now
+                async with checker.acquire() as conn:
+                    stored = await conn.fetchval("SELECT count(*) FROM deliveries WHERE event_id = $1", event["id"])
+                if stored != len(deliveries):
+                    early.append(event["id"])
+                accepted[event["id"]] = len(deliveries)
+
+        try:
+            senders = [asyncio.create_task(sender(w)) for w in range(24)]
+            cut = 0
+            for _ in range(4):
+                await asyncio.sleep(random.uniform(0.3, 0.6))
+                cut += proxy.cut()  # batches are in flight nearly all the time under this load
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*senders)
+        finally:
+            await store.close()
+        try:
+            assert cut >= 4
+            assert refused + store.batches_failed > 0  # the cuts did meet work in flight
+            assert len(accepted) > 100, (len(accepted), refused, store.batches_failed)
+            assert early == []
+            # every postback answered 200 is there to be delivered: all of its deliveries pending
+            async with checker.acquire() as conn:
+                rows = await conn.fetch("SELECT event_id, count(*) FROM deliveries GROUP BY event_id")
+            in_store = {row[0]: row[1] for row in rows}
+            missing = {e: n for e, n in accepted.items() if in_store.get(e) != n}
+            assert missing == {}
+        finally:
+            await checker.close()
+
+        # and they are delivered: a store behind the (now quiet) proxy sends every one of them
+        async with Sink() as sink, opened(url) as again, delivering(again, sink.url):
+            crm = set(accepted)
+            deadline = time.monotonic() + 30
+            while not crm <= set(sink.arrived) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert crm <= set(sink.arrived), len(crm - set(sink.arrived))
+
+
+def test_the_channel_is_per_store() -> None:
+    one = postgres_store._channel("test.bridge_a")
+    assert one == postgres_store._channel("test.bridge_a")
+    assert one != postgres_store._channel("test.bridge_b")
+    assert len(one.encode()) < 64
+
+
+async def test_postbacks_wait_for_the_flush_and_only_bookkeeping_does_not(pg_url):
+    """A postback's commit is flushed before its 200 (synchronous_commit on, the server's
+    default); only claims and results, on their own pool, skip the wait."""
+    async with opened(pg_url) as store:
+        assert store._pool is not None and store._bookkeeping is not None
+        async with store._pool.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        async with store._bookkeeping.acquire() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
