@@ -270,18 +270,35 @@ async def _using(store: Store, fn: Any) -> Any:
         await store.close()
 
 
-def cmd_deliveries(args: argparse.Namespace) -> int:
-    config = _config(args.config, required=False)  # with none, the store `serve` uses with none
+def _listed(config: Config, fetch: Any, as_json: bool, empty: str) -> list[Any] | None:
+    """The rows `fetch(store)` reads for a listing; None once they are printed as JSON, or said
+    to be none. A store not made yet (no `serve` has run, or a typo in `store:`) lists nothing,
+    and stderr says why."""
     try:
-        rows = _with_store(config, lambda store: store.list_deliveries(_filter(args)))
-    except NoStoreError as exc:  # nothing stored yet (or a typo in `store:`): none, and why
+        rows: list[Any] = _with_store(config, fetch)
+    except NoStoreError as exc:
         print(f"postback-bridge: {exc}", file=sys.stderr)
         rows = []
-    if args.json:
+    if as_json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
-        return 0
+        return None
     if not rows:
-        print("no deliveries match")
+        print(empty)
+        return None
+    return rows
+
+
+def _print_table(table: Sequence[Sequence[str]]) -> None:
+    """Columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    config = _config(args.config, required=False)  # with none, the store `serve` uses with none
+    rows = _listed(config, lambda store: store.list_deliveries(_filter(args)), args.json, "no deliveries match")
+    if rows is None:
         return 0
     tracked = any(r.tracking_id for r in rows)  # a TRACKING column when a peer gave ids (skycore)
     table = [("ID", "EVENT", "DESTINATION", "STATUS", "ATTEMPTS", "CREATED", "NEXT", *(("TRACKING",) * tracked),
@@ -300,9 +317,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 r.last_error or "",  # the last column: whole, not cut in the middle of an address
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(table)
     return 0
 
 
@@ -311,24 +326,15 @@ def cmd_optouts(args: argparse.Namespace) -> int:
     opted back in."""
     config = _config(args.config, required=False)
     number = phone(args.number.strip()) if args.number else None  # 15551234888 finds +15551234888
-    try:
-        rows = _with_store(config, lambda store: store.list_optouts(number, limit=args.limit))
-    except NoStoreError as exc:
-        print(f"postback-bridge: {exc}", file=sys.stderr)
-        rows = []
-    if args.json:
-        print(json.dumps([r.as_json() for r in rows], indent=2))
-        return 0
-    if not rows:
-        print("no one has opted out or back in" + (f" ({number})" if number else ""))
+    empty = "no one has opted out or back in" + (f" ({number})" if number else "")
+    rows = _listed(config, lambda store: store.list_optouts(number, limit=args.limit), args.json, empty)
+    if rows is None:
         return 0
     table = [("TEXTER", "SHORT CODE", "STATE", "WORD", "AT", "EVENT")]
     for r in rows:
         state = "opted out" if r.opted_out else "opted in"
         table.append((r.texter, r.short_code, state, r.word, _iso(r.at), r.event_id))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _print_table(table)
     return 0
 
 

@@ -34,8 +34,10 @@ from yarl import URL
 
 from bridge.app import create_app
 from bridge.config import build
+from bridge.destinations.base import Services
 from bridge.lane import LaneSite
 from bridge.store import Store
+from bridge.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 # Skycore's documentation as the product was built from it, copied from the project's shared
@@ -494,3 +496,17 @@ async def loop_watch(*, gc_off: bool = False) -> AsyncIterator[list[float]]:
             await task
         if gc_off:
             gc.enable()
+
+
+# ---------------------------------------------------------------------------- destinations
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    """What a destination opens with: an HTTP session and a real SQLite store for its
+    conversation state (a test module with a store of its own overrides this)."""
+    store = SQLiteStore(str(tmp_path / "state.db"))
+    await store.open()
+    async with aiohttp.ClientSession() as http:
+        yield Services(http=http, state=store)
+    await store.close()

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -26,7 +25,6 @@ from bridge.ids import event_id
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.runtime import RUNTIME
 from bridge.store import DeliveryFilter, DeliveryRow, NewDelivery
-from bridge.store.sqlite import SQLiteStore
 from tests.conftest import free_port
 from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
 
@@ -142,15 +140,6 @@ def test_the_api_key_is_never_shown():
 async def skycore() -> AsyncIterator[FakeSkycore]:
     async with fake_skycore() as fake:
         yield fake
-
-
-@pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    store = SQLiteStore(str(tmp_path / "state.db"))
-    await store.open()
-    async with aiohttp.ClientSession() as http:
-        yield Services(http=http, state=store)
-    await store.close()
 
 
 async def send_once(services: Services, options: dict[str, Any], event: Event) -> Outcome:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -38,7 +37,6 @@ from bridge.postback import parse
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.runtime import RUNTIME
 from bridge.store import DeliveryFilter, DeliveryRow
-from bridge.store.sqlite import SQLiteStore
 from tests.conftest import POSTBACKS, eventually, free_port, post, sms
 from tests.retry_table import STATUS_TABLE, kind
 from tests.slack_fake import TOKEN, WEBHOOK_PATH, FakeSlack, fake_slack
@@ -334,15 +332,6 @@ def test_config_defaults_and_no_secret_in_describe_or_preview():
 
 
 # ---------------------------------------------------------------------------- one attempt, by hand
-
-
-@pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    store = SQLiteStore(str(tmp_path / "state.db"))
-    await store.open()
-    async with aiohttp.ClientSession() as http:
-        yield Services(http=http, state=store)
-    await store.close()
 
 
 async def send_once(services: Services, options: dict[str, Any], event: Event) -> Outcome:
