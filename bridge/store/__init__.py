@@ -23,6 +23,19 @@ from bridge.retry import Dead, Decision, Done, RetryAt
 
 
 @dataclass(frozen=True)
+class PendingEvent:
+    """One postback's event as a store writes it, waiting for the group commit that takes it:
+    what both stores batch (SQLite's writer thread, PostgreSQL's ingest_batch)."""
+
+    event_id: str
+    dedup_key: str
+    type: str
+    received_at: float
+    body: str  # the event as JSON, byte for byte what is stored
+    deliveries: list[NewDelivery]
+
+
+@dataclass(frozen=True)
 class NewDelivery:
     destination: str
     route: str

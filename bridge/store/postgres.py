@@ -57,6 +57,7 @@ from bridge.store import (
     Ingested,
     NewDelivery,
     OptOutRow,
+    PendingEvent,
     Store,
     delivery_clauses,
     delivery_row,
@@ -187,17 +188,11 @@ def _channel(where: str) -> str:
     return "postback_bridge_" + hashlib.blake2b(where.encode(), digest_size=8).hexdigest()
 
 
-@dataclass
-class _Postback:
-    """One postback waiting for its group commit."""
+@dataclass(frozen=True)
+class _Postback(PendingEvent):
+    """One postback waiting for its group commit, with the future its request awaits."""
 
-    event_id: str
-    dedup_key: str
-    type: str
-    received_at: float
-    body: str
-    deliveries: list[NewDelivery]
-    future: asyncio.Future[Ingested] = dataclasses.field(repr=False)
+    future: asyncio.Future[Ingested] = dataclasses.field(repr=False, compare=False, kw_only=True)
 
 
 Listener = Callable[[Sequence[str] | None], None]
@@ -349,7 +344,7 @@ class PostgresStore(Store):
         if self._pool is None:
             raise StoreError("store is not open")
         future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
-        item = _Postback(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries, future)
+        item = _Postback(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries, future=future)
         self._queue.append(item)
         self._start_batches()
         return await future

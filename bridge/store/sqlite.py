@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from bridge.errors import ConfigError, StoreError
@@ -42,6 +42,7 @@ from bridge.store import (
     Ingested,
     NewDelivery,
     OptOutRow,
+    PendingEvent,
     Store,
     delivery_clauses,
     delivery_row,
@@ -245,14 +246,7 @@ class _Writer(threading.Thread):
                 loop.call_soon_threadsafe(_settle, items)
 
 
-@dataclass(frozen=True)
-class _Ingest:
-    event_id: str
-    dedup_key: str
-    type: str
-    received_at: float
-    body: str
-    deliveries: list[NewDelivery]
+_Ingest = PendingEvent  # an op the writer thread takes with the others of its commit
 
 
 def _ingest_all(
