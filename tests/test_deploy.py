@@ -437,9 +437,10 @@ def proxied_bridge(bridge_factory, token: str):
 
 
 async def only_postbacks_pass(client: aiohttp.ClientSession, base: str, token: str, bridge) -> None:
-    """What a proxy in front of `bridge` at `base` must do: pass postbacks (both token forms),
-    refuse every other path however it is spelt, refuse a body over 64 KiB (413), and answer 502
-    once the bridge is gone (stopped here: the proxy's error path, which names the request)."""
+    """What a proxy in front of `bridge` at `base` must do: pass postbacks (both token forms) and
+    Slack's events, refuse every other path however it is spelt, refuse a body over 64 KiB (413),
+    and answer 502 once the bridge is gone (stopped here: the proxy's error path, which names the
+    request)."""
 
     async def ask(method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         async with client.request(method, URL(base + path, encoded=True), data=body) as r:
@@ -450,6 +451,13 @@ async def only_postbacks_pass(client: aiohttp.ClientSession, base: str, token: s
     status, body = await ask("POST", f"/postback?token={token}", sms(2))
     assert (status, json.loads(body)["status"]) == (200, "accepted")
     assert (await ask("POST", "/postback/not-the-token", sms(3)))[0] == 401
+    # Slack's Events API for replies reaches the bridge (which has no such path without replies:
+    # its own JSON 404, not the proxy's); nothing else under /slack does
+    status, body = await ask("POST", "/slack/events", b'{"type": "url_verification"}')
+    assert (status, json.loads(body)) == (404, {"error": "not found"}), body
+    for path in ("/slack/events/x", "/slack", "/slack/eventsx"):
+        status, body = await ask("POST", path)
+        assert status == 404 and b'"error"' not in body, (path, body)
     # the bridge answers these itself on its own port ...
     async with aiohttp.ClientSession() as direct, direct.get(bridge.url + "/metrics") as r:
         assert r.status == 200 and "bridge_postbacks_received_total" in await r.text()
