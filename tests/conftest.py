@@ -510,3 +510,16 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
     async with aiohttp.ClientSession() as http:
         yield Services(http=http, state=store)
     await store.close()
+
+
+async def wait_for_arrivals(items: list[Any], arrived: asyncio.Event, count: int, timeout: float, what: str) -> None:
+    """Until `items` holds `count`, woken by `arrived` as each comes in (not polled, so not
+    eventually()): the fakes' wait_for. AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(items) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"{what} got {len(items)} calls, expected {count}")
+        arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), min(remaining, 0.2))

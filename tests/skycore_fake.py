@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.conftest import wait_for_arrivals
+
 API_KEY = "Y6r74u6Br4hAVgrolveksjEiiu8yJX"
 INFO = {
     "E100": "Invalid request",
@@ -65,14 +67,7 @@ class FakeSkycore:
         return [c for c in self.calls if c.tracking_id]
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[SendCall]:
-        deadline = time.monotonic() + timeout
-        while len(self.calls) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"fake Skycore got {len(self.calls)} calls, expected {count}")
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), min(remaining, 0.2))
+        await wait_for_arrivals(self.calls, self.arrived, count, timeout, "fake Skycore")
         return self.calls
 
     @staticmethod

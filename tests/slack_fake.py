@@ -24,6 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.conftest import wait_for_arrivals
+
 TOKEN = "xoxb-1111-2222-fakeBotTokenValue"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"  # the example in Slack's docs
 APP_TOKEN = "xapp-1-A0FAKE-1111-fakeAppLevelToken"
@@ -112,15 +114,7 @@ class FakeSlack:
         return [c for c in self.calls if c.ok and c.kind != "reactions.add"]
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[Call]:
-        # woken by each call as it arrives rather than polled, so not eventually()
-        deadline = time.monotonic() + timeout
-        while len(self.calls) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"fake Slack got {len(self.calls)} calls, expected {count}")
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), min(remaining, 0.2))
+        await wait_for_arrivals(self.calls, self.arrived, count, timeout, "fake Slack")
         return self.calls
 
     def _refusal(self, body: dict[str, Any]) -> str | None:

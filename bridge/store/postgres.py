@@ -232,15 +232,7 @@ class PostgresStore(Store):
         if missing:
             raise ConfigError([f"store: {redact_url(self.url)}: no such file: {', '.join(missing)}"])
         try:
-            pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=POOL_SIZE,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings=_settings(self.url),
-                reset=_no_reset,
-            )
+            pool = await self._new_pool(POOL_SIZE)
         except (ValueError, OverflowError) as exc:  # a malformed URL (port 99999): trying again won't help
             raise ConfigError([f"store: {redact_url(self.url)}: {exc}"]) from exc
         except DRIVER_ERRORS as exc:
@@ -262,15 +254,7 @@ class PostgresStore(Store):
                     for (owner,) in await conn.fetch(Q["lease_owners"]):
                         if owner_gone(owner):
                             await conn.execute(Q["recover_leases"], owner, now)
-            bookkeeping = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=BOOKKEEPING_POOL_SIZE,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={**_settings(self.url), "synchronous_commit": "off"},
-                reset=_no_reset,
-            )
+            bookkeeping = await self._new_pool(BOOKKEEPING_POOL_SIZE, synchronous_commit="off")
         except DRIVER_ERRORS as exc:
             pool.terminate()
             raise self._cannot_open(exc) from exc
@@ -280,6 +264,18 @@ class PostgresStore(Store):
         finally:
             self._opening = None
         self._pool, self._bookkeeping = pool, bookkeeping
+
+    async def _new_pool(self, size: int, **settings: str) -> asyncpg.Pool:
+        """A pool of up to `size` connections to the store, with these server settings beside ours."""
+        return await asyncpg.create_pool(
+            self.url,
+            min_size=1,
+            max_size=size,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings={**_settings(self.url), **settings},
+            reset=_no_reset,
+        )
 
     def _cannot_open(self, exc: BaseException) -> ConfigError | StoreError:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # a timeout says nothing
