@@ -9,13 +9,15 @@ attempts, backoff, leases and logging, so no destination retries on its own.
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from bridge import __version__
 from bridge.event import Event
-from bridge.retry import Outcome, RetryPolicy
+from bridge.retry import Failed, Outcome, RetryPolicy
+from bridge.templates import RenderError, Templates
 from bridge.validate import Reader
 
 if TYPE_CHECKING:
@@ -63,6 +65,24 @@ def conversation_key(event: Event) -> str:
     if event["type"] in ("sms.status", "mms.status", "sms.reply"):
         sender, recipient = recipient, sender
     return f"{sender or ''}|{recipient or ''}"
+
+
+async def rendered(templates: Templates, event: Event) -> dict[str, str] | Failed:
+    """A destination's templates, rendered before anything is sent, on a worker thread (a slow
+    template holds up no one else's deliveries). A template that fails makes the delivery dead
+    with the template's error as the reason: retrying would fail the same way."""
+    try:
+        return await asyncio.to_thread(templates.render, event)
+    except RenderError as exc:
+        return Failed(reason=str(exc), retryable=False)
+
+
+def preview_rendered(templates: Templates, event: Event) -> dict[str, str] | str:
+    """What `route` shows: the rendered templates, or the error a send would die of."""
+    try:
+        return templates.render(event)
+    except RenderError as exc:
+        return str(exc)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import html
 import ipaddress
 import re
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -24,12 +25,13 @@ from typing import Any
 
 import aiosmtplib
 
-from bridge.destinations.base import Attempt, ConversationState, Destination, Services
+from bridge.destinations.base import Attempt, ConversationState, Destination, Services, preview_rendered, rendered
 from bridge.digits import is_digits
 from bridge.errors import StoreError
 from bridge.event import Event, parse_time
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.secret import Secret
+from bridge.templates import Templates, parse_templates
 from bridge.validate import Reader
 
 SECURITY = ("none", "starttls", "tls")
@@ -41,6 +43,7 @@ _SMTP_KEYS = frozenset({"host", "port", "security", "username", "password", "tim
 _EHLO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _SUBJECT_MAX = 200
+TEMPLATES = {"subject": "text", "text": "text", "html": "html"}  # `template:` keys and their kinds
 QUIT_TIMEOUT = 5.0
 _LABELS = {
     "sms.received": "SMS",
@@ -112,7 +115,12 @@ def render_subject(template: str, event: Event) -> str:
             return m.group(0)[0]
         return values[m.group(1)]
 
-    subject = " ".join(_PLACEHOLDER.sub(sub, template).split())
+    return one_line(_PLACEHOLDER.sub(sub, template))
+
+
+def one_line(subject: str) -> str:
+    """A subject on one line (a newline must not end the header), at most 200 characters."""
+    subject = " ".join(subject.split())
     return subject if len(subject) <= _SUBJECT_MAX else subject[: _SUBJECT_MAX - 1] + "…"
 
 
@@ -204,14 +212,18 @@ def build_message(
     envelope: Envelope,
     subject: str = DEFAULT_SUBJECT,
     thread_root: str | None = None,
+    templated: Mapping[str, str] | None = None,
 ) -> EmailMessage:
-    """The mail for one event; `thread_root` is the Message-ID of the conversation's first mail."""
+    """The mail for one event; `thread_root` is the Message-ID of the conversation's first mail.
+    `templated`: what the destination's templates rendered (subject, text, html). With a text or
+    html template the mail has those parts only; without either, both built-in ones."""
+    templated = templated or {}
     msg = EmailMessage()
     msg["From"] = envelope.sender
     msg["To"] = envelope.to
     if envelope.cc:
         msg["Cc"] = envelope.cc
-    msg["Subject"] = render_subject(subject, event)
+    msg["Subject"] = one_line(templated["subject"]) if "subject" in templated else render_subject(subject, event)
     received = parse_time(event["received_at"])
     if received is not None:
         msg["Date"] = format_datetime(received)  # fixed per event, so a resend is the same mail
@@ -223,8 +235,15 @@ def build_message(
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: vacation responders stay quiet
     msg["X-Postback-Bridge-Event"] = event["id"]
     # quoted-printable keeps any text 7-bit and its lines short, whatever the server offers
-    msg.set_content(render_text(event), cte="quoted-printable")
-    msg.add_alternative(render_html(event), subtype="html", cte="quoted-printable")
+    if "text" not in templated and "html" not in templated:
+        msg.set_content(render_text(event), cte="quoted-printable")
+        msg.add_alternative(render_html(event), subtype="html", cte="quoted-printable")
+    elif "text" in templated:
+        msg.set_content(templated["text"], cte="quoted-printable")
+        if "html" in templated:
+            msg.add_alternative(templated["html"], subtype="html", cte="quoted-printable")
+    else:
+        msg.set_content(templated["html"], subtype="html", cte="quoted-printable")
     return msg
 
 
@@ -381,22 +400,31 @@ class EmailOptions:
     smtp: SMTPSettings
     envelope: Envelope
     subject: str = DEFAULT_SUBJECT
+    template: Templates | None = None
 
 
 class EmailDestination(Destination):
     type_name = "email"
-    config_keys = frozenset({"smtp", "from", "to", "cc", "subject"})
+    config_keys = frozenset({"smtp", "from", "to", "cc", "subject", "template"})
     required_keys = frozenset({"smtp", "from", "to"})
     default_concurrency = 4  # one SMTP connection each; relays throttle many at once
     ordered = True  # a conversation's first mail must be known before replies point at it
 
     def __init__(
-        self, name: str, smtp: SMTPSettings, envelope: Envelope, *, subject: str = DEFAULT_SUBJECT, **common: Any
+        self,
+        name: str,
+        smtp: SMTPSettings,
+        envelope: Envelope,
+        *,
+        subject: str = DEFAULT_SUBJECT,
+        template: Templates | None = None,
+        **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.smtp = smtp
         self.envelope = envelope
         self.subject = subject
+        self.template = template
         self.attempt_timeout = smtp.timeout + QUIT_TIMEOUT + 5.0
         self._tls = ssl.create_default_context(cafile=smtp.ca_file) if smtp.security != "none" else None
         self._state: ConversationState | None = None
@@ -418,29 +446,49 @@ class EmailDestination(Destination):
                     "write {{ and }} for braces)",
                 )
                 subject = None
+        template = None
+        if "template" in options:
+            template = parse_templates(options["template"], f"{path}.template", r, TEMPLATES)
+            if template is not None and template.get("subject") is not None and "subject" in options:
+                r.error(f"{path}.subject", "template.subject is given too: use one or the other")
+                template = None
         if smtp is None or sender is None or to is None or cc is None or subject is None:
             return None
-        return EmailOptions(smtp, Envelope(sender, to, cc), subject)
+        if "template" in options and template is None:
+            return None
+        return EmailOptions(smtp, Envelope(sender, to, cc), subject, template)
 
     def describe(self) -> str:
         recipients = ", ".join(self.envelope.recipients)
         return f"SMTP {self.smtp.describe()} from {self.envelope.sender.addr_spec} to {recipients}"
 
-    def _message(self, event: Event, thread_root: str | None) -> EmailMessage:
+    def _message(
+        self, event: Event, thread_root: str | None, templated: Mapping[str, str] | None = None
+    ) -> EmailMessage:
         return build_message(
-            event, destination=self.name, envelope=self.envelope, subject=self.subject, thread_root=thread_root
+            event,
+            destination=self.name,
+            envelope=self.envelope,
+            subject=self.subject,
+            thread_root=thread_root,
+            templated=templated,
         )
 
     def preview(self, event: Event) -> Any:
         # no conversation state in a dry run: shown as the first mail of its conversation
-        msg = self._message(event, None)
-        text, html_part = (part.get_content() for part in msg.iter_parts())
+        out = preview_rendered(self.template, event) if self.template is not None else None
+        if isinstance(out, str):
+            return {"error": out}
+        msg = self._message(event, None, out)
+        if msg.is_multipart():
+            parts = {part.get_content_subtype(): part.get_content() for part in msg.iter_parts()}
+        else:  # a text or html template alone: one part
+            parts = {msg.get_content_subtype(): msg.get_content()}
         return {
             "smtp": self.smtp.describe(),
             "envelope": {"from": self.envelope.sender.addr_spec, "to": self.envelope.recipients},
             "headers": {k: str(v) for k, v in msg.items() if not k.startswith("Content-")},
-            "text": text,
-            "html": html_part,
+            **{("text" if subtype == "plain" else subtype): body for subtype, body in parts.items()},
         }
 
     async def open(self, services: Services) -> None:
@@ -448,11 +496,17 @@ class EmailDestination(Destination):
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
         assert self._state is not None, "open() first"
+        out: dict[str, str] | None = None
+        if self.template is not None:  # all of it rendered before the server is called
+            result = await rendered(self.template, event)
+            if isinstance(result, Failed):
+                return result
+            out = result
         try:
             root = await self._state.get_conversation(self.name, attempt.conversation)
         except StoreError as exc:
             return Failed(reason=f"cannot read the conversation's thread: {exc}", retryable=True)
-        msg = self._message(event, root)
+        msg = self._message(event, root, out)
         s = self.smtp
         client = aiosmtplib.SMTP(
             hostname=s.host,

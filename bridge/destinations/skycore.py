@@ -19,12 +19,21 @@ from xml.sax.saxutils import escape
 
 import aiohttp
 
-from bridge.destinations.base import USER_AGENT, Attempt, Destination, OptOutLedger, Services
+from bridge.destinations.base import (
+    USER_AGENT,
+    Attempt,
+    Destination,
+    OptOutLedger,
+    Services,
+    preview_rendered,
+    rendered,
+)
 from bridge.errors import PostbackError, StoreError
 from bridge.event import Event, text_of
 from bridge.postback import read_xml
 from bridge.retry import Delivered, Failed, Outcome, classify_http
 from bridge.secret import Secret, redact
+from bridge.templates import Templates, parse_templates
 from bridge.validate import Reader
 
 API_URL = "https://secure.skycore.com/API/wxml/1.3/index.php"
@@ -40,9 +49,10 @@ def number(value: str | None) -> str:
     return (value or "").strip().removeprefix("+")
 
 
-def request_xml(event: Event, api_key: str, campaignref: str | None) -> str:
+def request_xml(event: Event, api_key: str, campaignref: str | None, text: str | None = None) -> str:
     """The sendSMS request for `event`: TO its `to` (the texter), FROM its `from` (the short
-    code), TEXT its `text`."""
+    code), TEXT its `text` (or `text`, what the destination's template made of it)."""
+    text = event.get("text") if text is None else text
     parts = [
         "<REQUEST>",
         "<ACTION>sendSMS</ACTION>",
@@ -52,7 +62,7 @@ def request_xml(event: Event, api_key: str, campaignref: str | None) -> str:
     ]
     if campaignref:
         parts.append(f"<CAMPAIGNREF>{escape(campaignref)}</CAMPAIGNREF>")
-    parts.append(f"<TEXT>{escape(_NOT_XML.sub('', event.get('text') or ''))}</TEXT>")
+    parts.append(f"<TEXT>{escape(_NOT_XML.sub('', text or ''))}</TEXT>")
     parts.append("</REQUEST>")
     return "".join(parts)
 
@@ -87,11 +97,12 @@ class SkycoreOptions:
     api_url: str = API_URL
     campaignref: str | None = None
     timeout: float = 10.0
+    template: Templates | None = None  # `text`: the SMS's text
 
 
 class SkycoreDestination(Destination):
     type_name = "skycore"
-    config_keys = frozenset({"api_key", "api_url", "campaignref", "timeout"})
+    config_keys = frozenset({"api_key", "api_url", "campaignref", "timeout", "template"})
     required_keys = frozenset({"api_key"})
     default_concurrency = 4  # accounts have a calls-per-second limit (E106, E113)
     ordered = True  # one texter's replies reach them in the order they were written
@@ -105,9 +116,11 @@ class SkycoreDestination(Destination):
         api_url: str = API_URL,
         campaignref: str | None = None,
         timeout: float = 10.0,
+        template: Templates | None = None,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
+        self.template = template
         self.api_key = api_key
         self.api_url = api_url
         self.campaignref = campaignref
@@ -127,19 +140,28 @@ class SkycoreDestination(Destination):
             campaignref = r.string(str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw,
                                    f"{path}.campaignref")  # fmt: skip
         timeout = r.duration(options["timeout"], f"{path}.timeout") if "timeout" in options else 10.0
+        template = None
+        if "template" in options:
+            template = parse_templates(options["template"], f"{path}.template", r, {"text": "text"})
         if len(r.errors) > errors_before or api_key is None or api_url is None or timeout is None:
             return None
-        return SkycoreOptions(api_key=api_key, api_url=api_url, campaignref=campaignref, timeout=timeout)
+        return SkycoreOptions(api_key, api_url, campaignref, timeout, template)
 
     def describe(self) -> str:
         campaign = f", CAMPAIGNREF {self.campaignref}" if self.campaignref else ""
         return f"sendSMS via {self.api_url}{campaign} (timeout {self.timeout:g}s)"
 
     def preview(self, event: Event) -> Any:
+        text = None
+        if self.template is not None:
+            out = preview_rendered(self.template, event)
+            if isinstance(out, str):
+                return {"error": out}
+            text = out["text"]
         return {
             "method": "POST",
             "url": self.api_url,
-            "form": {"xml": request_xml(event, str(self.api_key), self.campaignref)},
+            "form": {"xml": request_xml(event, str(self.api_key), self.campaignref, text)},
         }
 
     async def open(self, services: Services) -> None:
@@ -151,7 +173,13 @@ class SkycoreDestination(Destination):
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
         assert self._http is not None, "open() first"
-        if not number(event.get("to")) or not number(event.get("from")) or not (event.get("text") or "").strip():
+        text = event.get("text")
+        if self.template is not None:  # rendered before the ledger is asked or anything is sent
+            out = await rendered(self.template, event)
+            if isinstance(out, Failed):
+                return out
+            text = out["text"]
+        if not number(event.get("to")) or not number(event.get("from")) or not (text or "").strip():
             return Failed(reason="nothing to send: the event has no texter, short code or text", retryable=False)
         if self._ledger is not None:
             # checked again right before each attempt: a texter may text STOP while their reply
@@ -163,7 +191,7 @@ class SkycoreDestination(Destination):
                 return Failed(reason=f"cannot read the opt-out ledger: {exc}", retryable=True)
             if stopped:
                 return Failed(reason=f"{OPTED_OUT}: {texter} texted STOP to {short_code}; not sent", retryable=False)
-        form = {"xml": request_xml(event, self.api_key.reveal(), self.campaignref)}
+        form = {"xml": request_xml(event, self.api_key.reveal(), self.campaignref, text)}
         headers = {"User-Agent": USER_AGENT}
         try:
             async with asyncio.timeout(self.timeout):

@@ -8,6 +8,7 @@ posts once and turns whatever slack-sdk raises or returns into Delivered/Failed 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -21,11 +22,20 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bridge.destinations.base import USER_AGENT, Attempt, ConversationState, Destination, Services
+from bridge.destinations.base import (
+    USER_AGENT,
+    Attempt,
+    ConversationState,
+    Destination,
+    Services,
+    preview_rendered,
+    rendered,
+)
 from bridge.errors import StoreError
 from bridge.event import Event, parse_time, text_of
 from bridge.retry import RETRYABLE_STATUSES, Delivered, Failed, Outcome, parse_retry_after
 from bridge.secret import Secret
+from bridge.templates import RenderError, Templates, parse_templates
 from bridge.validate import Reader
 
 log = logging.getLogger("bridge.destinations.slack")
@@ -42,6 +52,8 @@ BODY_LIMIT = 2800  # a section's text may hold 3000 characters; room for the not
 FALLBACK_LIMIT = 200  # the notification preview
 FIELD_LIMIT = 200
 MAX_IMAGES = 10  # a message holds at most 50 blocks
+MAX_BLOCKS = 50
+TEMPLATES = {"text": "text", "blocks": "json"}  # `template:` keys: text, and blocks as a JSON list
 IMAGE_URL_LIMIT = 3000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")  # what Slack's image block shows
 
@@ -225,8 +237,30 @@ def render(event: Event, *, images: bool = True) -> Message:
     return _message(event, images=images)
 
 
+def templated(message: Message, out: Mapping[str, str]) -> Message:
+    """The message with what a destination's templates rendered (CONTRACT §9): `text` replaces
+    the text (and, without a `blocks` template, the blocks: a text-only message); `blocks`, a
+    JSON list of Block Kit blocks, replaces the blocks (the built-in text stays the fallback).
+    RenderError when they rendered something Slack cannot take."""
+    result = dict(message)
+    if "blocks" in out:
+        blocks = json.loads(out["blocks"])  # the template checked it is JSON
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) and "type" in b for b in blocks):
+            raise RenderError("template.blocks", None, "must render a JSON list of blocks, each with a type")
+        if not 1 <= len(blocks) <= MAX_BLOCKS:
+            raise RenderError("template.blocks", None, f"rendered {len(blocks)} blocks (1 to {MAX_BLOCKS})")
+        result["blocks"] = blocks
+    if "text" in out:
+        if not out["text"].strip() and "blocks" not in out:
+            raise RenderError("template.text", None, "rendered nothing to post")
+        result["text"] = out["text"] if out["text"].strip() else message["text"]
+        if "blocks" not in out:
+            del result["blocks"]
+    return result
+
+
 def has_images(message: Message) -> bool:
-    return any(block.get("type") == "image" for block in message["blocks"])
+    return any(block.get("type") == "image" for block in message.get("blocks", ()))
 
 
 # ---------------------------------------------------------------------------- errors (pure)
@@ -339,6 +373,7 @@ class SlackOptions:
     icon_emoji: str | None = None
     timeout: float = 10.0
     replies: RepliesOptions | None = None
+    template: Templates | None = None
 
 
 class SlackDestination(Destination):
@@ -354,6 +389,7 @@ class SlackDestination(Destination):
             "icon_emoji",
             "timeout",
             "replies",
+            "template",
         }
     )
     default_concurrency = 4  # Slack allows about one message a second per channel
@@ -371,10 +407,12 @@ class SlackDestination(Destination):
         icon_emoji: str | None = None,
         timeout: float = 10.0,
         replies: RepliesOptions | None = None,
+        template: Templates | None = None,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.replies = replies
+        self.template = template
         if (token is None) == (webhook_url is None):
             raise ValueError("exactly one of token and webhook_url")
         if token is not None and not channel:
@@ -447,6 +485,9 @@ class SlackDestination(Destination):
                 r.error(f"{path}.replies", "needs token: replies are read from the threads a bot token starts")
             elif not thread_by_sender:
                 r.error(f"{path}.replies", "needs thread_by_sender: a reply is an answer in a texter's thread")
+        template = (
+            parse_templates(options["template"], f"{path}.template", r, TEMPLATES) if "template" in options else None
+        )
         if len(r.errors) > errors_before or api_url is None or timeout is None:
             return None
         return SlackOptions(
@@ -459,6 +500,7 @@ class SlackDestination(Destination):
             icon_emoji=icon_emoji,
             timeout=timeout,
             replies=replies,
+            template=template,
         )
 
     def describe(self) -> str:
@@ -478,7 +520,16 @@ class SlackDestination(Destination):
         return payload
 
     def preview(self, event: Event) -> Any:
-        payload = self._payload(render(event))
+        message = render(event)
+        if self.template is not None:
+            out = preview_rendered(self.template, event)
+            try:
+                if isinstance(out, str):
+                    return {"error": out}
+                message = templated(message, out)
+            except RenderError as exc:
+                return {"error": str(exc)}
+        payload = self._payload(message)
         if self.webhook_url is not None:
             return {"url": mask_url(self.webhook_url.reveal()), "body": payload}
         body = {"channel": self.channel, **payload}
@@ -512,6 +563,15 @@ class SlackDestination(Destination):
         self._web = self._webhook = None  # the session is the server's to close
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
+        message = render(event)
+        if self.template is not None:  # all of it rendered before anything is posted
+            out = await rendered(self.template, event)
+            if isinstance(out, Failed):
+                return out
+            try:
+                message = templated(message, out)
+            except RenderError as exc:
+                return Failed(reason=str(exc), retryable=False)
         key = f"{self.channel}|{attempt.conversation}"
         thread_ts = None
         if self.thread_by_sender:
@@ -521,12 +581,19 @@ class SlackDestination(Destination):
             except StoreError as exc:
                 return Failed(reason=f"cannot read the sender's thread: {exc}", retryable=True)
 
-        message = render(event)
         outcome, ts, channel_id = await self._post(message, thread_ts)
-        if isinstance(outcome, Failed) and outcome.reason.startswith("invalid_blocks") and has_images(message):
+        fallback = self.template is None or self.template.get("blocks") is None  # never the template's blocks
+        if (
+            isinstance(outcome, Failed)
+            and outcome.reason.startswith("invalid_blocks")
+            and fallback
+            and has_images(message)
+        ):
             # Slack fetches image blocks as it posts, and Skycore deletes MMS files after a while:
             # post the pictures as links rather than lose the message.
-            outcome, ts, channel_id = await self._post(render(event, images=False), thread_ts)
+            outcome, ts, channel_id = await self._post(
+                {**message, "blocks": render(event, images=False)["blocks"]}, thread_ts
+            )
 
         if self._state is not None and self.thread_by_sender and thread_ts is None and ts:
             try:

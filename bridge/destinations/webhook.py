@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ import aiohttp
 from yarl import URL
 
 from bridge import http1
-from bridge.destinations.base import USER_AGENT, Attempt, Destination, Services
+from bridge.destinations.base import USER_AGENT, Attempt, Destination, Services, preview_rendered, rendered
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.retry import Failed, Outcome, classify_http
 from bridge.secret import Secret, redact
+from bridge.templates import Templates, parse_templates
 from bridge.validate import Reader, item_place
 
 REASON_BYTES = 512  # of a peer's error answer, kept as the delivery's reason
@@ -47,6 +49,16 @@ def reason_text(body: bytes, secrets: Sequence[Secret], *, whole: bool) -> str:
 
 
 FORMATS = ("event", "cloudevents")
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(?: *;[^\r\n\0]*)?")
+TEMPLATE_TYPE = "application/json"  # a template body's Content-Type unless `template.content_type` says
+
+
+def is_json_type(content_type: str) -> bool:
+    """application/json, or a JSON-based type (`application/cloudevents+json`)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 CLIENTS = ("builtin", "aiohttp")
 # bridge.http1 asks for neither: without them aiohttp's request is the same, and no receiver
 # compresses an error answer that would then be decompressed here (http1 takes it as it comes)
@@ -111,6 +123,7 @@ class WebhookOptions:
     headers: tuple[tuple[str, Secret], ...] = ()
     timeout: float = 10.0
     client: str = "builtin"  # or aiohttp: the way back from bridge.http1
+    template: Templates | None = None  # `body` (sent as it renders) and its `content_type`
 
 
 class WebhookDestination(Destination):
@@ -121,7 +134,7 @@ class WebhookDestination(Destination):
     # `concurrency:`.
     default_concurrency = 32
     bounds_itself = True  # the POST, connecting included, runs under `timeout`
-    config_keys = frozenset({"url", "secret", "format", "headers", "timeout", "client"})
+    config_keys = frozenset({"url", "secret", "format", "headers", "timeout", "client", "template"})
     required_keys = frozenset({"url"})
 
     def __init__(
@@ -134,10 +147,13 @@ class WebhookDestination(Destination):
         headers: Mapping[str, Secret] | Sequence[tuple[str, Secret]] = (),
         timeout: float = 10.0,
         client: str = "builtin",
+        template: Templates | None = None,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.url = url
+        self.template = template
+        self.content_type = (template.option("content_type") if template else None) or TEMPLATE_TYPE
         self.client = client
         self.secrets = tuple(secrets)  # each signs; more than one while the receiver rotates
         self.format = fmt
@@ -190,14 +206,22 @@ class WebhookDestination(Destination):
         client = options.get("client", "builtin")
         if client not in CLIENTS:
             r.error(f"{path}.client", f"expected one of {', '.join(CLIENTS)}, got {client!r}")
+        template = None
+        if "template" in options:
+            template = _template(options["template"], f"{path}.template", r)
+            if "format" in options:
+                r.error(f"{path}.format", "a template's body is what is sent: leave format out")
         if url is None or timeout is None or fmt not in FORMATS or client not in CLIENTS:
             return None
-        return WebhookOptions(url, tuple(secrets), fmt, tuple(headers.items()), timeout, client)
+        if "template" in options and (template is None or "format" in options):
+            return None
+        return WebhookOptions(url, tuple(secrets), fmt, tuple(headers.items()), timeout, client, template)
 
     def describe(self) -> str:
         signed = {0: "", 1: ", signed"}.get(len(self.secrets), f", signed with {len(self.secrets)} secrets")
         client = "" if self.client == "builtin" else f", client {self.client}"
-        return f"POST {self.shown_url} ({self.format}{signed}, timeout {self.timeout:g}s{client})"
+        shape = self.format if self.template is None else f"template body, {self.content_type}"
+        return f"POST {self.shown_url} ({shape}{signed}, timeout {self.timeout:g}s{client})"
 
     def _configured(self, *, reveal: bool) -> dict[str, str]:
         """`headers:` (revealed or masked), with our User-Agent unless they name their own."""
@@ -226,12 +250,18 @@ class WebhookDestination(Destination):
         return headers
 
     def preview(self, event: Event) -> Any:
-        body, content_type = render(event, self.format)
+        if self.template is not None:
+            out = preview_rendered(self.template, event)
+            if isinstance(out, str):
+                return {"error": out}
+            body, content_type = out["body"].encode(), self.content_type
+        else:
+            body, content_type = render(event, self.format)
         return {
             "method": "POST",
             "url": self.shown_url,
             "headers": self._headers(event["id"], body, content_type, reveal=False),
-            "body": json.loads(body),
+            "body": json.loads(body) if is_json_type(content_type) else body.decode(),
         }
 
     async def open(self, services: Services) -> None:
@@ -247,11 +277,16 @@ class WebhookDestination(Destination):
             await self._client.close()
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
+        if self.template is not None:  # the transformation: its body sent as it renders
+            out = await rendered(self.template, event)
+            if isinstance(out, Failed):
+                return out
+            return await self._post(event["id"], out["body"].encode(), self.content_type)
         body, content_type = render(event, self.format)
         return await self._post(event["id"], body, content_type)
 
     async def send_stored(self, body: str, attempt: Attempt) -> Outcome:
-        if self.format == "event" and attempt.event_id:
+        if self.format == "event" and attempt.event_id and self.template is None:
             # the stored JSON is the body, byte for byte what render() would make of it
             return await self._post(attempt.event_id, body.encode(), "application/json")
         return await super().send_stored(body, attempt)
@@ -349,6 +384,20 @@ async def _read_body(response: aiohttp.ClientResponse, keep: int, kept: bytearra
             kept += chunk[: keep - len(kept)]
         if total > http1.MAX_DRAIN:
             return  # not worth the connection: aiohttp closes it on release
+
+
+def _template(raw: Any, path: str, r: Reader) -> Templates | None:
+    """`template:`: `body`, and its `content_type` (application/json by default). A JSON type's
+    body must render JSON (checked at each send: never a broken body labelled as JSON)."""
+    content_type = raw.get("content_type") if isinstance(raw, dict) else None
+    if isinstance(content_type, str) and not _MEDIA_TYPE.fullmatch(content_type):
+        r.error(f"{path}.content_type", f"{content_type!r} is not a media type like text/plain")
+    kind = "json" if is_json_type(str(content_type or TEMPLATE_TYPE)) else "text"
+    template = parse_templates(raw, path, r, {"body": kind}, {"content_type": ()})
+    if template is not None and template.get("body") is None:
+        r.error(f"{path}.body", "is required")
+        return None
+    return template
 
 
 def _secrets(raw: Any, path: str, r: Reader) -> list[Secret]:
