@@ -99,7 +99,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  store {redact_url(config.store)}")
     print(f"  destinations ({len(config.destinations)}):")
     for name, destination in build_all(config.destinations).items():
-        print(f"    {name} [{destination.type_name}] {destination.describe()}")
+        templates = getattr(destination, "template", None)  # compiled and checked by the config already
+        shown = f"; template: {', '.join(n for n, _ in templates.items)}" if templates is not None else ""
+        print(f"    {name} [{destination.type_name}] {destination.describe()}{shown}")
     print(f"  routes ({len(config.routes)}):")
     for r in config.routes:
         cont = " (continue)" if r.continue_ else ""

@@ -78,9 +78,17 @@ def mrkdwn(value: Any) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _json_default(value: Any) -> Any:
+    """What JSON cannot hold: an undefined value says which (StrictUndefined raises as it is
+    printed), anything else is a TypeError."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def _plain_json(value: Any, indent: int | None = None) -> str:
     """`tojson` outside HTML: plain JSON (non-ASCII as it is), for webhook bodies and Slack blocks."""
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    return json.dumps(value, ensure_ascii=False, indent=indent, default=_json_default)
 
 
 def _check_widths(values: Any) -> None:
@@ -162,6 +170,7 @@ def _environment(*, html: bool) -> _Sandbox:
         env.filters[name] = _width_checked(name, env.filters[name])
     env.filters["phone"] = readable_phone
     env.filters["mrkdwn"] = mrkdwn
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False, "default": _json_default}
     if not html:  # Jinja's own tojson is for HTML (`<` as \u003c, a Markup string)
         env.filters["tojson"] = _plain_json
     return env
