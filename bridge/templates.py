@@ -10,12 +10,16 @@ What bounds a render (the template comes from the config file, the event from a 
 - `range()` is the sandbox's (at most jinja2.sandbox.MAX_RANGE items); `*` and `**` are checked
   before they run, so `'x' * 10**9` or `9 ** 9 ** 9` is an error, not a gigabyte or a hang.
 - RENDER_SECONDS of wall time per render, checked on every line the template's code runs (a
-  trace function on the rendering thread): a loop in a loop ends with an error.
+  trace function on the rendering thread): a loop in a loop ends with an error. Only a template
+  with a loop or a macro can run long, and only such a template is traced (the trace makes a
+  render ~10x slower); one without is bounded by its own length, and the filters by the checks
+  above.
 - MAX_OUTPUT characters of output, counted as the template makes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -189,6 +193,7 @@ class Template:
     kind: str
     source: str
     compiled: jinja2.Template = field(compare=False, repr=False)
+    loops: bool = True  # it has a loop or a macro: rendered under the deadline
 
     def render(self, event: Mapping[str, Any]) -> str:
         """The rendered text; RenderError when the template fails, runs too long, makes too
@@ -196,7 +201,7 @@ class Template:
         pieces: list[str] = []
         size = 0
         try:
-            with _deadline(RENDER_SECONDS):
+            with _deadline(RENDER_SECONDS) if self.loops else contextlib.nullcontext():
                 for piece in self.compiled.generate(event=event):
                     size += len(piece)
                     if size > MAX_OUTPUT:
@@ -231,6 +236,11 @@ class Templates:
     def option(self, name: str) -> str | None:
         return dict(self.options).get(name)
 
+    @property
+    def loops(self) -> bool:
+        """Whether a template may run long (a loop or a macro): worth a thread of its own."""
+        return any(template.loops for _, template in self.items)
+
     def render(self, event: Mapping[str, Any]) -> dict[str, str]:
         """Every template, rendered (all or nothing: RenderError names the first that failed)."""
         return {name: template.render(event) for name, template in self.items}
@@ -261,7 +271,8 @@ def compile_template(source: str, place: str, name: str, kind: str, r: Reader) -
         line = exc.lineno if isinstance(exc, jinja2.TemplateSyntaxError) else None
         r.error(place, (f"line {line}: " if line else "") + (exc.message or str(exc)))
         return None
-    return Template(place, name, kind, source, compiled)
+    loops = tree.find(nodes.For) is not None or tree.find(nodes.Macro) is not None
+    return Template(place, name, kind, source, compiled, loops)
 
 
 def parse_templates(

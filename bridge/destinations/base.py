@@ -68,10 +68,13 @@ def conversation_key(event: Event) -> str:
 
 
 async def rendered(templates: Templates, event: Event) -> dict[str, str] | Failed:
-    """A destination's templates, rendered before anything is sent, on a worker thread (a slow
-    template holds up no one else's deliveries). A template that fails makes the delivery dead
-    with the template's error as the reason: retrying would fail the same way."""
+    """A destination's templates, rendered before anything is sent; one with a loop on a worker
+    thread (it may take up to RENDER_SECONDS, and holds up no one else's deliveries meanwhile).
+    A template that fails makes the delivery dead with the template's error as the reason:
+    retrying would fail the same way."""
     try:
+        if not templates.loops:  # bounded by its length: a thread would cost more than it
+            return templates.render(event)
         return await asyncio.to_thread(templates.render, event)
     except RenderError as exc:
         return Failed(reason=str(exc), retryable=False)
