@@ -263,6 +263,9 @@ def compile_template(source: str, place: str, name: str, kind: str, r: Reader) -
             what = "filter" if isinstance(node, nodes.Filter) else "test"
             r.error(place, f"line {node.lineno}: unknown {what} {node.name!r}")
             ok = False
+    for other in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        r.error(place, f"line {other.lineno}: a template cannot extend, include or import another")
+        ok = False
     if not ok:
         return None
     try:

@@ -167,6 +167,10 @@ MAIL = {"type": "email", "smtp": {"host": "127.0.0.1", "security": "none"}, "fro
             {**HOOK, "template": {"body": "{% if event is phone_number %}x{% endif %}"}},
             "destinations.inbox.template.body: line 1: unknown test 'phone_number'",
         ),
+        (
+            {**SLACK, "template": {"text": "{% include 'secrets.txt' %}"}},
+            "destinations.inbox.template.text: line 1: a template cannot extend, include or import another",
+        ),
         ({**SLACK, "template": {"txt": "x"}}, "destinations.inbox.template.txt: unknown key (did you mean 'text'?)"),
         ({**SLACK, "template": {}}, "destinations.inbox.template: names no template (any of: text, blocks)"),
         (
