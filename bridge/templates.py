@@ -36,6 +36,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
+from bridge.digits import is_digits
 from bridge.validate import Reader
 
 MAX_OUTPUT = 1_048_576  # characters a render may make (a Slack message holds 40,000; a mail a few MB)
@@ -71,7 +72,7 @@ def readable_phone(number: Any) -> str:
     if number is None:
         return ""
     text = str(number)
-    if len(text) == 12 and text.startswith("+1") and text[1:].isascii() and text[1:].isdigit():
+    if len(text) == 12 and text.startswith("+1") and is_digits(text[1:]):
         return f"+1 {text[2:5]}-{text[5:8]}-{text[8:]}"
     return text
 

@@ -26,12 +26,11 @@ from typing import Any
 import aiosmtplib
 
 from bridge.destinations.base import Attempt, ConversationState, Destination, Services, preview_rendered, rendered
-from bridge.digits import is_digits
 from bridge.errors import StoreError
 from bridge.event import Event, parse_time
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.secret import Secret
-from bridge.templates import Templates, parse_templates
+from bridge.templates import Templates, parse_templates, readable_phone
 from bridge.validate import Reader
 
 SECURITY = ("none", "starttls", "tls")
@@ -76,11 +75,7 @@ class Envelope:
 
 def pretty_phone(number: str | None) -> str:
     """`+15552312102` -> `+1 555-231-2102` (North American numbers); others as they are."""
-    if not number:
-        return "unknown"
-    if len(number) == 12 and number.startswith("+1") and is_digits(number[1:]):
-        return f"+1 {number[2:5]}-{number[5:8]}-{number[8:]}"
-    return number
+    return readable_phone(number) or "unknown"
 
 
 def sender_fact(number: str | None) -> str:

@@ -35,7 +35,7 @@ from bridge.errors import StoreError
 from bridge.event import Event, parse_time, text_of
 from bridge.retry import RETRYABLE_STATUSES, Delivered, Failed, Outcome, parse_retry_after
 from bridge.secret import Secret
-from bridge.templates import RenderError, Templates, parse_templates
+from bridge.templates import RenderError, Templates, parse_templates, readable_phone
 from bridge.validate import Reader
 
 log = logging.getLogger("bridge.destinations.slack")
@@ -83,11 +83,7 @@ def cut(text: str, limit: int) -> tuple[str, int]:
 
 def phone_for_people(number: str | None) -> str:
     """`+15552312102` -> `+1 555-231-2102`; other numbers and short codes as they are."""
-    if not number:
-        return "unknown"
-    if re.fullmatch(r"\+1[0-9]{10}", number):
-        return f"+1 {number[2:5]}-{number[5:8]}-{number[8:]}"
-    return number
+    return readable_phone(number) or "unknown"
 
 
 def slack_date(iso: str) -> str:
