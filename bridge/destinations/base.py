@@ -38,6 +38,12 @@ class OptOutLedger(Protocol):
     async def opted_out(self, texter: str, short_code: str) -> bool: ...
 
 
+class MediaFiles(Protocol):
+    """The kept MMS files (bridge.media.stores), by SHA-256."""
+
+    async def get(self, digest: str) -> bytes | None: ...
+
+
 @dataclass
 class Services:
     """What destinations may use, opened and closed by the server."""
@@ -45,6 +51,7 @@ class Services:
     http: aiohttp.ClientSession
     state: ConversationState
     ledger: OptOutLedger | None = None  # the store's opt-out ledger (an SMS is never sent past it)
+    media: MediaFiles | None = None  # the kept MMS files, with a `media:` section (CONTRACT §9)
 
 
 @dataclass(frozen=True)

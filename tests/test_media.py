@@ -1,0 +1,448 @@
+"""MMS media (CONTRACT §9, issue 22): each file fetched once after the 200 by the `~media` step,
+kept under its SHA-256 (a directory, or S3 on moto's server), linked from the event as
+`archived_url` (a signed, expiring `/media/<sha256>` link), and the event's deliveries held
+until the step ends. A media server on 127.0.0.1 serves pictures, a huge file, a slow one,
+redirects and a 404; the SSRF rules are checked with `allow_private` off."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from bridge.config import build
+from bridge.media import links
+from bridge.media.fetch import Kept, NotFetched, TooLarge, fetch, session
+from bridge.media.guard import GuardedResolver, Policy
+from bridge.media.sniff import sniff
+from bridge.media.stores import FileStore, S3Store
+from bridge.runtime import RUNTIME
+from tests.conftest import eventually
+
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200)
+HUGE = 2 * 1024 * 1024
+MAX_BYTES = 64 * 1024
+PUBLIC = "https://bridge.example.com"
+
+
+class MediaServer:
+    """Skycore's media host, on 127.0.0.1: what it serves, and every request it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []  # (the address it was asked on, path)
+        self.failures: dict[str, int] = {}  # path -> how many 503s before it answers
+        self.base = ""
+        self.port = 0
+        self.closing = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else ("?", 0)
+        self.seen.append((sockname[0], request.path))
+        name = request.match_info["name"]
+        if self.failures.get(name, 0) > 0:
+            self.failures[name] -= 1
+            return web.Response(status=503)
+        if name == "pic.jpg":  # the origin says HTML: the bridge must not believe it
+            return web.Response(body=JPEG, headers={"Content-Type": "text/html"})
+        if name == "pic.png":
+            return web.Response(body=PNG, content_type="image/png")
+        if name == "note.txt":
+            return web.Response(body=b"<script>alert(1)</script> just text", content_type="text/html")
+        if name == "huge.bin":  # chunked: no Content-Length to refuse it by
+            response = web.StreamResponse()
+            await response.prepare(request)
+            for _ in range(HUGE // 65536):
+                await response.write(b"\0" * 65536)
+            await response.write_eof()
+            return response
+        if name == "slow.jpg":  # answers only once the test is over
+            await self.closing.wait()
+            return web.Response(body=JPEG)
+        if name == "same.jpg":
+            return web.Response(status=302, headers={"Location": "/pic.jpg"})
+        if name == "elsewhere.jpg":  # the same machine by another name: another host
+            return web.Response(status=302, headers={"Location": f"http://localhost:{self.port}/pic.jpg"})
+        return web.Response(status=404)
+
+
+@pytest.fixture
+async def media_server() -> AsyncIterator[MediaServer]:
+    server = MediaServer()
+    app = web.Application()
+    app.router.add_get("/{name}", server.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server.port = runner.addresses[0][1]
+    server.base = f"http://127.0.0.1:{server.port}"
+    yield server
+    server.closing.set()
+    await runner.cleanup()
+
+
+def mms(*urls: str, n: int = 1, sender: str = "15552312102") -> bytes:
+    files = "".join(f"<FILE>{url}</FILE>" for url in urls)
+    return (
+        f"<POSTBACK><ORIGIN>MMS_MO</ORIGIN><CODE>N401</CODE><FROM>{sender}</FROM><TO>86717</TO>"
+        f"<KEYWORD>PHOTO</KEYWORD><TRACKINGID>MMS_MO_{n}</TRACKINGID>"
+        f"<TIMESTAMP>2026-11-22T10:00:00Z</TIMESTAMP><CONTENT>{files}</CONTENT></POSTBACK>"
+    ).encode()
+
+
+def config(tmp_path: Path, sink_url: str, **media: Any) -> dict[str, Any]:
+    media.setdefault("public_url", PUBLIC)
+    return {
+        "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+        "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"},
+        "media": {"max_bytes": MAX_BYTES, "timeout": "500ms", "wait": "3s", "allow_private": True, **media},
+        "destinations": {"crm": {"type": "webhook", "url": sink_url + "/hook"}},
+        "default": ["crm"],
+    }
+
+
+# ---------------------------------------------------------------------------- end to end, in process
+
+
+async def test_files_are_kept_and_the_webhook_gets_archived_urls(app_client, sink, media_server, tmp_path):
+    m = media_server.base
+    client = await app_client(config(tmp_path, sink.url, wait="30s"))
+    urls = [f"{m}/pic.jpg", f"{m}/huge.bin", f"{m}/missing.jpg", f"{m}/same.jpg", f"{m}/note.txt"]
+    started = time.monotonic()
+    response = await client.post("/postback", data=mms(*urls))
+    assert response.status == 200 and (await response.json())["status"] == "accepted"
+    (request,) = await sink.wait_for(1, timeout=10)
+    # every file's fate was settled (none to retry): the delivery went at once, not after 30s
+    assert time.monotonic() - started < 10
+    media = request.json()["media"]
+    assert [item["url"] for item in media] == urls
+    picture, huge, missing, same, note = media
+    digest = hashlib.sha256(JPEG).hexdigest()
+    assert picture["sha256"] == digest and picture["content_type"] == "image/jpeg" and picture["size"] == len(JPEG)
+    assert picture["archived_url"].startswith(f"{PUBLIC}/media/{digest}?expires=")
+    assert same["sha256"] == digest  # a redirect on the same host is followed; the file is kept once
+    assert "archived_url" not in huge and "archived_url" not in missing  # too large: linked; 404: gone
+    assert note["content_type"] == "text/plain; charset=utf-8"  # sniffed: not the origin's text/html
+    assert (tmp_path / "media" / digest).read_bytes() == JPEG
+    assert len(list((tmp_path / "media").iterdir())) == 2  # the picture once, and the note
+    # the huge file was not read past max_bytes (and is not kept)
+    assert not any(p.stat().st_size > MAX_BYTES for p in (tmp_path / "media").iterdir())
+
+    # the link works, from the event, with the sniffed type
+    served = await client.get(URL(picture["archived_url"]).path_qs)
+    assert served.status == 200 and await served.read() == JPEG
+    assert served.headers["Content-Type"] == "image/jpeg"
+    assert served.headers["X-Content-Type-Options"] == "nosniff"
+    assert served.headers["Content-Disposition"] == "inline"
+    text = await client.get(URL(note["archived_url"]).path_qs)
+    assert text.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert text.headers["Content-Disposition"].startswith("attachment; filename=")
+
+    # the stored event has them too (what a replay sends), and the step is a delivery like any
+    event_id = request.json()["id"]
+    stored = await client.app[RUNTIME].store.get_event(event_id)
+    assert stored["media"] == media
+
+    async def settled() -> bool:
+        rows = await client.app[RUNTIME].store.event_deliveries(event_id)
+        return {(r.destination, r.status) for r in rows} == {("~media", "delivered"), ("crm", "delivered")}
+
+    await eventually(settled, 5)
+
+
+async def test_deliveries_wait_for_a_slow_file_until_media_wait(app_client, sink, media_server, tmp_path):
+    client = await app_client(config(tmp_path, sink.url, wait="1500ms"))
+    started = time.monotonic()
+    response = await client.post("/postback", data=mms(f"{media_server.base}/slow.jpg"))
+    assert response.status == 200  # answered at once: a postback never waits for its media
+    assert time.monotonic() - started < 1
+    (request,) = await sink.wait_for(1, timeout=10)
+    waited = time.monotonic() - started
+    assert 1.3 < waited < 6, waited
+    assert "archived_url" not in request.json()["media"][0]  # not fetched: only its URL
+
+    async def step_dead() -> Any:
+        rows = await client.app[RUNTIME].store.event_deliveries(request.json()["id"])
+        return next((r for r in rows if r.destination == "~media" and r.status == "dead"), None)
+
+    step = await eventually(step_dead, 5)
+    assert "not fetched within 0.5s" in (step.last_error or "")
+
+
+async def test_a_file_that_fails_at_first_is_fetched_on_a_retry(app_client, sink, media_server, tmp_path):
+    media_server.failures["pic.png"] = 1
+    client = await app_client(config(tmp_path, sink.url, wait="20s"))
+    await client.post("/postback", data=mms(f"{media_server.base}/pic.png"))
+    (request,) = await sink.wait_for(1, timeout=10)
+    assert request.json()["media"][0]["content_type"] == "image/png"
+    assert [path for _, path in media_server.seen] == ["/pic.png", "/pic.png"]
+
+
+async def test_an_sms_or_an_mms_without_files_is_not_held(app_client, sink, tmp_path):
+    client = await app_client(config(tmp_path, sink.url, wait="30s"))
+    response = await client.post("/postback", data=mms())
+    (request,) = await sink.wait_for(1, timeout=5)
+    rows = await client.app[RUNTIME].store.event_deliveries((await response.json())["id"])
+    assert [r.destination for r in rows] == ["crm"]
+    assert request.json()["media"] == []
+
+
+# ---------------------------------------------------------------------------- the SSRF rules
+
+
+async def test_private_addresses_are_refused_without_allow_private(app_client, sink, media_server, tmp_path):
+    port = media_server.port
+    urls = [
+        f"http://127.0.0.1:{port}/pic.jpg",
+        f"http://localhost:{port}/pic.jpg",  # a name: refused for what it resolves to
+        f"http://[::1]:{port}/pic.jpg",
+        f"http://[::ffff:127.0.0.1]:{port}/pic.jpg",
+        f"http://0.0.0.0:{port}/pic.jpg",
+        f"http://169.254.169.254:{port}/latest/meta-data",
+        f"ftp://127.0.0.1:{port}/pic.jpg",
+        "…URL of Content Here…",
+    ]
+    client = await app_client(config(tmp_path, sink.url, wait="30s", allow_private=False))
+    started = time.monotonic()
+    response = await client.post("/postback", data=mms(*urls))
+    (request,) = await sink.wait_for(1, timeout=10)
+    assert time.monotonic() - started < 10  # refused for good: nothing to wait for
+    assert all("archived_url" not in item for item in request.json()["media"])
+    assert media_server.seen == []  # not one request reached it
+    rows = await client.app[RUNTIME].store.event_deliveries((await response.json())["id"])
+    assert next(r for r in rows if r.destination == "~media").status == "delivered"
+
+
+async def test_allow_networks_lets_one_in_and_a_redirect_elsewhere_is_refused(app_client, sink, media_server, tmp_path):
+    m = media_server.base
+    client = await app_client(
+        config(tmp_path, sink.url, wait="30s", allow_private=False, allow_networks=["127.0.0.1/32"])
+    )
+    await client.post("/postback", data=mms(f"{m}/pic.jpg", f"{m}/elsewhere.jpg"))
+    (request,) = await sink.wait_for(1, timeout=10)
+    kept, redirected = request.json()["media"]
+    assert kept["content_type"] == "image/jpeg"
+    assert "archived_url" not in redirected  # to localhost: another host, not followed
+    assert [path for _, path in media_server.seen] == ["/pic.jpg", "/elsewhere.jpg"]
+
+
+class ChangingDNS(AbstractResolver):
+    """A DNS that answers `media.test` with one address, then with another (DNS rebinding)."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+
+    async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[ResolveResult]:
+        assert host == "media.test"
+        address = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return [ResolveResult(hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=0)]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_address_is_checked_again_after_a_redirect():
+    """A name that resolved to an allowed address and, at the redirect, to another: refused,
+    though the other address has a server that would answer."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.transport.get_extra_info("sockname")[0])
+        if request.path == "/first":
+            return web.Response(status=302, headers={"Location": "/pic.jpg"})
+        return web.Response(body=JPEG)
+
+    app = web.Application()
+    app.router.add_get("/{name}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    await web.TCPSite(runner, "127.0.0.2", port).start()  # the same server at the second address
+    policy = Policy(allow_networks=(ipaddress.ip_network("127.0.0.1/32"),))
+    try:
+        # each address answers on its own (the test could fail)
+        anything = Policy(allow_private=True)
+        async with session(anything, GuardedResolver(anything, ChangingDNS("127.0.0.2"))) as open_client:
+            url = f"http://media.test:{port}/pic.jpg"
+            got = await fetch(open_client, url, policy=anything, max_bytes=MAX_BYTES, within=5)
+            assert isinstance(got, Kept) and seen == ["127.0.0.2"]
+        seen.clear()
+        async with session(policy, GuardedResolver(policy, ChangingDNS("127.0.0.1", "127.0.0.2"))) as client:
+            got = await fetch(client, f"http://media.test:{port}/first", policy=policy, max_bytes=MAX_BYTES, within=5)
+        assert isinstance(got, NotFetched) and not got.retryable, got
+        assert "127.0.0.2" in got.reason
+        assert seen == ["127.0.0.1"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_fetch_limits(media_server):
+    policy = Policy(allow_private=True)
+    async with session(policy) as client:
+        big = await fetch(client, f"{media_server.base}/huge.bin", policy=policy, max_bytes=MAX_BYTES, within=5)
+        slow = await fetch(client, f"{media_server.base}/slow.jpg", policy=policy, max_bytes=MAX_BYTES, within=0.3)
+        gone = await fetch(client, f"{media_server.base}/missing.jpg", policy=policy, max_bytes=MAX_BYTES, within=5)
+        flaky = await fetch(client, "http://127.0.0.1:1/x.jpg", policy=policy, max_bytes=MAX_BYTES, within=5)
+    assert isinstance(big, TooLarge)
+    assert isinstance(slow, NotFetched) and slow.retryable
+    assert isinstance(gone, NotFetched) and not gone.retryable and gone.reason == "HTTP 404"
+    assert isinstance(flaky, NotFetched) and flaky.retryable  # nothing listens: try again
+
+
+def test_sniffing():
+    assert sniff(JPEG) == "image/jpeg" and sniff(PNG) == "image/png"
+    assert sniff(b"GIF89a....") == "image/gif"
+    assert sniff(b"RIFF\0\0\0\0WEBPVP8 ") == "image/webp"
+    assert sniff(b"\0\0\0\x18ftyp3gp4\0\0") == "video/3gpp"
+    assert sniff(b"\0\0\0\x18ftypisom\0\0") == "video/mp4"
+    assert sniff(b"#!AMR\n\x3c") == "audio/amr"
+    assert sniff(b"BEGIN:VCARD\r\nVERSION:3.0") == "text/vcard"
+    assert sniff("héllo".encode()) == "text/plain; charset=utf-8"
+    assert sniff(b"<svg onload=alert(1)>") == "text/plain; charset=utf-8"  # never image/svg+xml
+    assert sniff(b"<html><script>") == "text/plain; charset=utf-8"  # never text/html
+    assert sniff(b"\x00\x01\x02binary") == "application/octet-stream"
+
+
+# ---------------------------------------------------------------------------- the signed link
+
+
+async def test_signed_links_expire_and_cannot_be_forged(app_client, sink, tmp_path):
+    client = await app_client(config(tmp_path, sink.url))
+    runtime = client.app[RUNTIME]
+    await eventually(lambda: runtime.media_key is not None)
+    key = runtime.media_key
+    digest = hashlib.sha256(JPEG).hexdigest()
+    await runtime.media_store.put(digest, JPEG, "image/jpeg")
+    now = int(time.time())
+    good = links.path(key, digest, now + 60)
+    assert (await client.get(good)).status == 200
+    expired = links.path(key, digest, now - 1)
+    assert (await client.get(expired)).status == 403
+    longer = good.replace(f"expires={now + 60}", f"expires={now + 99999}")  # the same signature, a later expiry
+    assert (await client.get(longer)).status == 403
+    other = hashlib.sha256(b"another file").hexdigest()
+    assert (await client.get(good.replace(digest, other))).status == 403  # another file's link
+    assert (await client.get(f"/media/{digest}")).status == 403  # unsigned
+    assert (await client.get(links.path(b"another key" * 3, digest, now + 60))).status == 403
+    unknown = await client.get(links.path(key, other, now + 60))
+    assert unknown.status == 404  # signed, but not kept (or purged)
+    for bad in ("/media/..%2F..%2Fetc%2Fpasswd?expires=1&sig=x", f"/media/{digest}?expires=abc&sig=zz"):
+        assert (await client.get(bad)).status in (403, 404)
+
+
+async def test_the_key_is_kept_in_the_store_and_survives_a_restart(app_client, sink, tmp_path):
+    first = await app_client(config(tmp_path, sink.url))
+    await eventually(lambda: first.app[RUNTIME].media_key is not None)
+    key = first.app[RUNTIME].media_key
+    await first.close()
+    again = await app_client(config(tmp_path, sink.url))
+    await eventually(lambda: again.app[RUNTIME].media_key is not None)
+    assert again.app[RUNTIME].media_key == key
+    configured = await app_client({**config(tmp_path, sink.url, secret="a-secret-of-32-characters-or-so!")})
+    await eventually(lambda: configured.app[RUNTIME].media_key is not None)
+    assert configured.app[RUNTIME].media_key == links.key_from_secret("a-secret-of-32-characters-or-so!")
+
+
+async def test_media_is_404_without_a_media_section(app_client, sink, tmp_path):
+    raw = config(tmp_path, sink.url)
+    del raw["media"]
+    client = await app_client(raw)
+    assert (await client.get(f"/media/{'0' * 64}?expires=1&sig=x")).status == 404
+
+
+# ---------------------------------------------------------------------------- stores
+
+
+async def test_file_store_purges_what_was_kept_before_keep(tmp_path):
+    store = FileStore(str(tmp_path / "media"))
+    old, new = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"new").hexdigest()
+    await store.put(old, b"old", "text/plain")
+    await store.put(new, b"new", "text/plain")
+    past = time.time() - 1000
+    import os
+
+    os.utime(tmp_path / "media" / old, (past, past))
+    assert await store.purge(time.time() - 500) == 1
+    assert await store.get(old) is None and await store.get(new) == b"new"
+    with pytest.raises(ValueError):
+        await store.get("../../etc/passwd")
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+async def test_s3_store_on_moto(moto_server, tmp_path, app_client, sink, media_server):
+    from aiobotocore.session import get_session
+
+    keys = {"access_key_id": "testing", "secret_access_key": "testing"}
+    s3 = {"endpoint_url": moto_server, "region": "us-east-1", **keys}
+    async with get_session().create_client(
+        "s3", endpoint_url=moto_server, region_name="us-east-1", **{f"aws_{k}": v for k, v in keys.items()}
+    ) as raw:
+        await raw.create_bucket(Bucket="mms-media")
+        client = await app_client(config(tmp_path, sink.url, store="s3://mms-media/bridge/files", s3=s3))
+        await client.post("/postback", data=mms(f"{media_server.base}/pic.png"))
+        (request,) = await sink.wait_for(1, timeout=10)
+        item = request.json()["media"][0]
+        listed = await raw.list_objects_v2(Bucket="mms-media", Prefix="bridge/files/")
+        assert [o["Key"] for o in listed["Contents"]] == [f"bridge/files/{item['sha256']}"]
+        served = await client.get(URL(item["archived_url"]).path_qs)
+        assert served.status == 200 and await served.read() == PNG
+        assert served.headers["Content-Type"] == "image/png"
+        store = client.app[RUNTIME].media_store
+        assert isinstance(store, S3Store)
+        assert await store.purge(time.time() - 3600) == 0
+        assert await store.purge(time.time() + 60) == 1
+        assert (await client.get(URL(item["archived_url"]).path_qs)).status == 404
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_their_place(tmp_path):
+    from bridge.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        build(
+            {
+                "server": {"listen": "0.0.0.0:8080", "auth": {"token": "t" * 20}},
+                "store": "postgresql://bridge@db/bridge",
+                "media": {"max_byte": 5, "keep": "soon", "allow_private": "yes", "store": "http://x"},
+                "destinations": {"~media": {"type": "log"}},
+            },
+            environ={},
+        )
+    problems = caught.value.problems
+    assert "media.max_byte: unknown key (did you mean 'max_bytes'?)" in problems
+    assert any(p.startswith("media.keep: 'soon' is not a duration") for p in problems)
+    assert "media.allow_private: expected true or false, got 'yes'" in problems
+    assert any(p.startswith("media.store: 'http://x' is not file:///PATH or s3://") for p in problems)
+    assert any(p.startswith("media.public_url: is required to listen on 0.0.0.0:8080") for p in problems)
+    assert any(p.startswith("destinations.~media: a name starting with '~' is the bridge's own") for p in problems)
+    with pytest.raises(ConfigError) as caught:
+        build({"store": "postgresql://bridge@db/bridge", "media": {}}, environ={})
+    assert caught.value.problems[0].startswith("media.store: is required with a PostgreSQL store")
+    media = build({"store": f"sqlite:///{tmp_path}/b.db", "media": None}, environ={}).media
+    assert media is not None and media.store == f"file://{tmp_path}/media" and media.max_bytes == 5 * 1024 * 1024
+    assert media.wait == 120 and media.allow_private is False and media.public_url == "http://127.0.0.1:8080"
