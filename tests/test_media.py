@@ -24,10 +24,10 @@ from bridge.config import build
 from bridge.media import links
 from bridge.media.fetch import Kept, NotFetched, TooLarge, fetch, session
 from bridge.media.guard import GuardedResolver, Policy
-from bridge.media.sniff import sniff
 from bridge.media.stores import FileStore, S3Store
+from bridge.mediatypes import sniff
 from bridge.runtime import RUNTIME
-from tests.conftest import eventually
+from tests.conftest import eventually, post
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200)
@@ -446,3 +446,123 @@ def test_config_errors_name_their_place(tmp_path):
     media = build({"store": f"sqlite:///{tmp_path}/b.db", "media": None}, environ={}).media
     assert media is not None and media.store == f"file://{tmp_path}/media" and media.max_bytes == 5 * 1024 * 1024
     assert media.wait == 120 and media.allow_private is False and media.public_url == "http://127.0.0.1:8080"
+
+
+# ---------------------------------------------------------------------------- Slack and email
+
+
+async def test_slack_uploads_kept_files_into_the_texters_thread(app_client, media_server, tmp_path):
+    from tests.slack_fake import TOKEN, fake_slack
+
+    m = media_server.base
+    async with fake_slack() as slack:
+        raw = config(tmp_path, "http://unused", wait="30s")
+        raw["destinations"] = {
+            "inbox": {
+                "type": "slack", "token": TOKEN, "channel": "#sms-inbox", "api_url": slack.api_url,
+                "upload_media": True,
+            },
+        }  # fmt: skip
+        raw["default"] = ["inbox"]
+        client = await app_client(raw)
+        await client.post("/postback", data=mms(f"{m}/pic.jpg", f"{m}/missing.jpg", n=1))
+        await eventually(lambda: slack.shared, 10, "files shared in Slack")
+        (message,) = slack.posted()
+        channel, thread_ts, files = slack.shared[0]
+        assert channel == "C0FAKE" and thread_ts == message.ts  # in the thread the message started
+        digest = hashlib.sha256(JPEG).hexdigest()
+        assert files == [(f"{digest[:16]}.jpg", "MMS from +1 555-231-2102", JPEG)]
+        dump = message.dump()
+        assert f"{PUBLIC}/media/{digest}" in dump and "missing.jpg" in dump  # the kept copy linked, the lost one too
+        assert '"type": "image"' not in dump  # shown once: as the uploaded file
+
+        # a second MMS from the texter: its files go into the same thread
+        await client.post("/postback", data=mms(f"{m}/pic.png", n=2))
+        await eventually(lambda: len(slack.shared) == 2, 10, "the second MMS's files")
+        assert slack.shared[1][1] == message.ts and slack.shared[1][2][0][2] == PNG
+
+        # an upload Slack refuses: the message is posted once, with the links (never twice)
+        slack.refuse_uploads = "missing_scope"
+        response = await client.post("/postback", data=mms(f"{m}/pic.png", n=3, sender="15557654321"))
+        event_id = (await response.json())["id"]
+
+        async def settled() -> Any:
+            rows = await client.app[RUNTIME].store.event_deliveries(event_id)
+            return next((r for r in rows if r.destination == "inbox" and r.status == "delivered"), None)
+
+        await eventually(settled, 10)
+        assert len(slack.posted()) == 3 and len(slack.shared) == 2
+        assert f"{PUBLIC}/media/{hashlib.sha256(PNG).hexdigest()}" in slack.posted()[-1].dump()
+
+
+async def test_slack_shows_the_kept_copy_as_the_image(app_client, media_server, tmp_path):
+    from tests.slack_fake import TOKEN, fake_slack
+
+    async with fake_slack() as slack:
+        raw = config(tmp_path, "http://unused", wait="30s")
+        raw["destinations"] = {"inbox": {"type": "slack", "token": TOKEN, "channel": "#c", "api_url": slack.api_url}}
+        raw["default"] = ["inbox"]
+        client = await app_client(raw)
+        await client.post("/postback", data=mms(f"{media_server.base}/pic.png"))
+        (message,) = await slack.wait_for(1)
+        (image,) = [b for b in message.body["blocks"] if b["type"] == "image"]
+        assert image["image_url"].startswith(f"{PUBLIC}/media/{hashlib.sha256(PNG).hexdigest()}?expires=")
+
+
+async def test_email_attaches_kept_files_up_to_the_cap(app_client, media_server, tmp_path, mail_servers):
+    from tests.test_email import start_mail_server
+
+    peer, server = await start_mail_server()
+    mail_servers.append(server)
+    m = media_server.base
+    raw = config(tmp_path, "http://unused", wait="30s")
+    raw["destinations"] = {
+        "mail": {
+            "type": "email", "smtp": {"host": "127.0.0.1", "port": peer.port, "security": "none"},
+            "from": "bridge@example.com", "to": ["inbox@example.com"], "attach_media": True,
+            "attach_max_bytes": len(JPEG) + 10,
+        },
+    }  # fmt: skip
+    raw["default"] = ["mail"]
+    client = await app_client(raw)
+    await client.post("/postback", data=mms(f"{m}/pic.jpg", f"{m}/pic.png", f"{m}/missing.jpg"))
+    (mail,) = await peer.wait_for(1)
+    message = mail.message
+    assert message.get_content_type() == "multipart/mixed"
+    attached = [(p.get_filename(), p.get_content_type(), p.get_content()) for p in message.iter_attachments()]
+    digest = hashlib.sha256(JPEG).hexdigest()
+    assert attached == [(f"{digest[:16]}.jpg", "image/jpeg", JPEG)]  # the PNG is over the cap: a link
+    text = message.get_body(("plain",)).get_content()
+    assert f"kept copy: {PUBLIC}/media/{hashlib.sha256(PNG).hexdigest()}" in text
+    assert f"{m}/missing.jpg" in text and text.count("kept copy:") == 2
+
+
+@pytest.fixture
+async def mail_servers() -> AsyncIterator[list[asyncio.Server]]:
+    servers: list[asyncio.Server] = []
+    yield servers
+    for server in servers:
+        server.close()
+
+
+# ---------------------------------------------------------------------------- kill-safety
+
+
+async def test_the_step_is_resumed_after_a_kill(bridge_factory, sink, media_server, tmp_path):
+    """The step is a delivery: a bridge killed (-9) while its files cannot be fetched yet picks it
+    up when it starts again, and the webhook gets the kept file."""
+    media_server.failures["pic.png"] = 10**6  # Skycore's media host is down for now
+    raw = config(tmp_path, sink.url, wait="1h")
+    raw["media"]["public_url"] = PUBLIC
+    bridge = bridge_factory(raw)
+    bridge.start()
+    status, body = await post(bridge.url + "/postback", mms(f"{media_server.base}/pic.png"))
+    assert status == 200
+    await eventually(lambda: len(media_server.seen) >= 2, 10, "the step trying")
+    bridge.kill()
+    media_server.failures["pic.png"] = 0  # back
+    bridge.start()
+    (request,) = await sink.wait_for(1, timeout=15)
+    assert request.json()["id"] == body["id"]
+    assert request.json()["media"][0]["sha256"] == hashlib.sha256(PNG).hexdigest()
+    assert bridge.stop() == 0

@@ -16,6 +16,7 @@ import html
 import ipaddress
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -24,10 +25,11 @@ from typing import Any
 
 import aiosmtplib
 
-from bridge.destinations.base import Attempt, ConversationState, Destination, Services
+from bridge.destinations.base import Attempt, ConversationState, Destination, MediaFiles, Services
 from bridge.digits import is_digits
-from bridge.errors import StoreError
+from bridge.errors import BridgeError, StoreError
 from bridge.event import Event, parse_time
+from bridge.mediatypes import filename
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.secret import Secret
 from bridge.validate import Reader
@@ -41,6 +43,7 @@ _SMTP_KEYS = frozenset({"host", "port", "security", "username", "password", "tim
 _EHLO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _SUBJECT_MAX = 200
+ATTACH_MAX_BYTES = 10 * 1024 * 1024  # the kept files one mail carries at most, in all; the rest are links
 QUIT_TIMEOUT = 5.0
 _LABELS = {
     "sms.received": "SMS",
@@ -166,8 +169,17 @@ def render_text(event: Event) -> str:
     lines += [f"{label + ':':<{width}}{value}" for label, value in _facts(event)]
     if event["media"]:
         lines += ["", "Media:"]
-        lines += [f"  {item['url']}" + ("" if _is_link(item["url"]) else " (not a link)") for item in event["media"]]
+        for item in event["media"]:
+            lines.append(f"  {item['url']}" + ("" if _is_link(item["url"]) else " (not a link)"))
+            if item.get("archived_url"):
+                lines.append(f"    kept copy: {item['archived_url']}")
     return "\n".join(lines) + "\n"
+
+
+def _media_html(item: dict[str, Any]) -> str:
+    e, url, kept = html.escape, item["url"], item.get("archived_url") or ""
+    shown = f'<a href="{e(url)}">{e(url)}</a>' if _is_link(url) else e(url)
+    return shown + (f' (<a href="{e(kept)}">kept copy</a>)' if _is_link(kept) else "")
 
 
 def render_html(event: Event) -> str:
@@ -186,12 +198,7 @@ def render_html(event: Event) -> str:
         f"<table>{rows}</table>",
     ]
     if event["media"]:
-        items = "".join(
-            f'<li><a href="{e(item["url"])}">{e(item["url"])}</a></li>'
-            if _is_link(item["url"])
-            else f"<li>{e(item['url'])}</li>"
-            for item in event["media"]
-        )
+        items = "".join(f"<li>{_media_html(item)}</li>" for item in event["media"])
         parts.append(f"<p>Media:</p><ul>{items}</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -204,8 +211,10 @@ def build_message(
     envelope: Envelope,
     subject: str = DEFAULT_SUBJECT,
     thread_root: str | None = None,
+    attachments: Sequence[tuple[str, str, bytes]] = (),
 ) -> EmailMessage:
-    """The mail for one event; `thread_root` is the Message-ID of the conversation's first mail."""
+    """The mail for one event; `thread_root` is the Message-ID of the conversation's first mail;
+    `attachments` are (file name, content type, bytes): the MMS's kept files (`attach_media`)."""
     msg = EmailMessage()
     msg["From"] = envelope.sender
     msg["To"] = envelope.to
@@ -225,6 +234,9 @@ def build_message(
     # quoted-printable keeps any text 7-bit and its lines short, whatever the server offers
     msg.set_content(render_text(event), cte="quoted-printable")
     msg.add_alternative(render_html(event), subtype="html", cte="quoted-printable")
+    for name, content_type, data in attachments:
+        maintype, _, subtype = content_type.partition(";")[0].partition("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
     return msg
 
 
@@ -381,22 +393,35 @@ class EmailOptions:
     smtp: SMTPSettings
     envelope: Envelope
     subject: str = DEFAULT_SUBJECT
+    attach_media: bool = False
+    attach_max_bytes: int = ATTACH_MAX_BYTES
 
 
 class EmailDestination(Destination):
     type_name = "email"
-    config_keys = frozenset({"smtp", "from", "to", "cc", "subject"})
+    config_keys = frozenset({"smtp", "from", "to", "cc", "subject", "attach_media", "attach_max_bytes"})
     required_keys = frozenset({"smtp", "from", "to"})
     default_concurrency = 4  # one SMTP connection each; relays throttle many at once
     ordered = True  # a conversation's first mail must be known before replies point at it
 
     def __init__(
-        self, name: str, smtp: SMTPSettings, envelope: Envelope, *, subject: str = DEFAULT_SUBJECT, **common: Any
+        self,
+        name: str,
+        smtp: SMTPSettings,
+        envelope: Envelope,
+        *,
+        subject: str = DEFAULT_SUBJECT,
+        attach_media: bool = False,
+        attach_max_bytes: int = ATTACH_MAX_BYTES,
+        **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.smtp = smtp
         self.envelope = envelope
         self.subject = subject
+        self.attach_media = attach_media
+        self.attach_max_bytes = attach_max_bytes
+        self._media: MediaFiles | None = None
         self.attempt_timeout = smtp.timeout + QUIT_TIMEOUT + 5.0
         self._tls = ssl.create_default_context(cafile=smtp.ca_file) if smtp.security != "none" else None
         self._state: ConversationState | None = None
@@ -418,18 +443,49 @@ class EmailDestination(Destination):
                     "write {{ and }} for braces)",
                 )
                 subject = None
+        attach = r.boolean(options["attach_media"], f"{path}.attach_media") if "attach_media" in options else False
+        cap: int | None = ATTACH_MAX_BYTES
+        if "attach_max_bytes" in options:
+            cap = r.integer(options["attach_max_bytes"], f"{path}.attach_max_bytes", minimum=1)
         if smtp is None or sender is None or to is None or cc is None or subject is None:
             return None
-        return EmailOptions(smtp, Envelope(sender, to, cc), subject)
+        if attach is None or cap is None:
+            return None
+        return EmailOptions(smtp, Envelope(sender, to, cc), subject, attach, cap)
 
     def describe(self) -> str:
         recipients = ", ".join(self.envelope.recipients)
         return f"SMTP {self.smtp.describe()} from {self.envelope.sender.addr_spec} to {recipients}"
 
-    def _message(self, event: Event, thread_root: str | None) -> EmailMessage:
+    def _message(
+        self, event: Event, thread_root: str | None, attachments: Sequence[tuple[str, str, bytes]] = ()
+    ) -> EmailMessage:
         return build_message(
-            event, destination=self.name, envelope=self.envelope, subject=self.subject, thread_root=thread_root
+            event,
+            destination=self.name,
+            envelope=self.envelope,
+            subject=self.subject,
+            thread_root=thread_root,
+            attachments=attachments,
         )
+
+    async def _attachments(self, event: Event) -> list[tuple[str, str, bytes]]:
+        """The MMS's kept files, in order, while they fit in attach_max_bytes together; the rest
+        stay links (each file's kept copy is linked in the text either way)."""
+        if not self.attach_media or self._media is None:
+            return []
+        out, total = [], 0
+        for item in event.get("media") or []:
+            digest, size, kind = item.get("sha256"), item.get("size"), item.get("content_type")
+            if not (isinstance(digest, str) and isinstance(size, int) and isinstance(kind, str)):
+                continue  # not kept: its link is in the text
+            if total + size > self.attach_max_bytes:
+                continue
+            data = await self._media.get(digest)  # MediaStoreError: a retry, as the store's own
+            if data is not None:
+                out.append((filename(kind, digest), kind, data))
+                total += len(data)
+        return out
 
     def preview(self, event: Event) -> Any:
         # no conversation state in a dry run: shown as the first mail of its conversation
@@ -445,6 +501,7 @@ class EmailDestination(Destination):
 
     async def open(self, services: Services) -> None:
         self._state = services.state
+        self._media = services.media
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
         assert self._state is not None, "open() first"
@@ -452,7 +509,11 @@ class EmailDestination(Destination):
             root = await self._state.get_conversation(self.name, attempt.conversation)
         except StoreError as exc:
             return Failed(reason=f"cannot read the conversation's thread: {exc}", retryable=True)
-        msg = self._message(event, root)
+        try:
+            attachments = await self._attachments(event)
+        except BridgeError as exc:  # the media store cannot answer now
+            return Failed(reason=f"cannot read the kept files: {exc}", retryable=True)
+        msg = self._message(event, root, attachments)
         s = self.smtp
         client = aiosmtplib.SMTP(
             hostname=s.host,

@@ -17,13 +17,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bridge.destinations.base import USER_AGENT, Attempt, ConversationState, Destination, Services
-from bridge.errors import StoreError
+from bridge.destinations.base import USER_AGENT, Attempt, ConversationState, Destination, MediaFiles, Services
+from bridge.errors import BridgeError, StoreError
 from bridge.event import Event, parse_time, text_of
+from bridge.mediatypes import filename
 from bridge.retry import RETRYABLE_STATUSES, Delivered, Failed, Outcome, parse_retry_after
 from bridge.secret import Secret
 from bridge.validate import Reader
@@ -44,6 +45,7 @@ FIELD_LIMIT = 200
 MAX_IMAGES = 10  # a message holds at most 50 blocks
 IMAGE_URL_LIMIT = 3000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")  # what Slack's image block shows
+SLACK_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
 
 # ---------------------------------------------------------------------------- rendering (pure)
 
@@ -96,9 +98,9 @@ def is_image(url: str) -> bool:
     return is_url(url) and len(url) <= IMAGE_URL_LIMIT and urlsplit(url).path.lower().endswith(IMAGE_SUFFIXES)
 
 
-def link(url: str) -> str:
+def link(url: str, name: str | None = None) -> str:
     """`<url|file name>`; `|` would end the URL early, so it is percent-encoded."""
-    name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] or url
+    name = name or urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] or url
     return f"<{escape(url).replace('|', '%7C')}|{escape(name)}>"
 
 
@@ -154,14 +156,28 @@ def _status(event: Event) -> Message:
     return _one_liner(event, event.get("to"), ":outbox_tray:", line, f"{kind} to {texter}: {status}{code}")
 
 
-def _media_blocks(event: Event, *, images: bool) -> list[dict[str, Any]]:
+def _kept(item: dict[str, Any]) -> str | None:
+    """The bridge's own link to a kept file (archived_url), when there is one."""
+    kept = item.get("archived_url")
+    return kept if isinstance(kept, str) and is_url(kept) else None
+
+
+def _media_blocks(event: Event, *, images: bool, uploads: bool = False) -> list[dict[str, Any]]:
+    """Pictures as image blocks (the kept copy when there is one: Slack fetches it from the
+    bridge, not from Skycore, which deletes its files), the rest as links. With `uploads` the kept
+    files go into the thread as files (SlackDestination._upload) and everything is a link here."""
     blocks: list[dict[str, Any]] = []
     others: list[str] = []
     sender = phone_for_people(event.get("from"))
     for item in event.get("media") or []:
-        url = str(item.get("url", ""))
-        if images and is_image(url) and len(blocks) < MAX_IMAGES:
-            blocks.append({"type": "image", "image_url": url, "alt_text": f"MMS image from {sender}"})
+        url, kept, kind = str(item.get("url", "")), _kept(item), item.get("content_type")
+        picture = kind in SLACK_IMAGE_TYPES if kept else is_image(url)
+        shown = kept or url
+        if images and not uploads and picture and len(shown) <= IMAGE_URL_LIMIT and len(blocks) < MAX_IMAGES:
+            blocks.append({"type": "image", "image_url": shown, "alt_text": f"MMS image from {sender}"})
+        elif kept:
+            digest = str(item.get("sha256") or "")
+            others.append(f"• {link(kept, filename(str(kind), digest) if digest else None)}")
         elif is_url(url):
             others.append(f"• {link(url)}")
         else:
@@ -172,7 +188,7 @@ def _media_blocks(event: Event, *, images: bool) -> list[dict[str, Any]]:
     return blocks
 
 
-def _message(event: Event, *, images: bool) -> Message:
+def _message(event: Event, *, images: bool, uploads: bool = False) -> Message:
     kinds = {"sms.received": (":speech_balloon:", "SMS"), "mms.received": (":frame_with_picture:", "MMS")}
     emoji, kind = kinds.get(event["type"], (":incoming_envelope:", escape(event.get("origin") or "Postback")))
     sender = escape(phone_for_people(event.get("from")))
@@ -202,7 +218,7 @@ def _message(event: Event, *, images: bool) -> Message:
     elif not event.get("media"):
         blocks.append(_section("_(no text)_"))
 
-    blocks.extend(_media_blocks(event, images=images))
+    blocks.extend(_media_blocks(event, images=images, uploads=uploads))
     blocks.append(_context(event, event.get("from")))
 
     preview, omitted = cut(" ".join((text or "").split()), FALLBACK_LIMIT)
@@ -214,15 +230,16 @@ def _message(event: Event, *, images: bool) -> Message:
     return {"text": fallback, "blocks": blocks}
 
 
-def render(event: Event, *, images: bool = True) -> Message:
+def render(event: Event, *, images: bool = True, uploads: bool = False) -> Message:
     """The Slack message for `event`: `text` (notification fallback) and `blocks`. With
-    `images=False` MMS pictures are links instead of image blocks."""
+    `images=False` MMS pictures are links instead of image blocks; with `uploads` kept files are
+    links too (they are uploaded into the thread)."""
     kind = event["type"]
     if kind.startswith(("subscriber.", "email_subscriber.")):
         return _subscriber(event)
     if kind in ("sms.status", "mms.status"):
         return _status(event)
-    return _message(event, images=images)
+    return _message(event, images=images, uploads=uploads)
 
 
 def has_images(message: Message) -> bool:
@@ -339,6 +356,7 @@ class SlackOptions:
     icon_emoji: str | None = None
     timeout: float = 10.0
     replies: RepliesOptions | None = None
+    upload_media: bool = False
 
 
 class SlackDestination(Destination):
@@ -354,6 +372,7 @@ class SlackDestination(Destination):
             "icon_emoji",
             "timeout",
             "replies",
+            "upload_media",
         }
     )
     default_concurrency = 4  # Slack allows about one message a second per channel
@@ -371,10 +390,12 @@ class SlackDestination(Destination):
         icon_emoji: str | None = None,
         timeout: float = 10.0,
         replies: RepliesOptions | None = None,
+        upload_media: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.replies = replies
+        self.upload_media = upload_media
         if (token is None) == (webhook_url is None):
             raise ValueError("exactly one of token and webhook_url")
         if token is not None and not channel:
@@ -391,10 +412,12 @@ class SlackDestination(Destination):
         self.username = username
         self.icon_emoji = icon_emoji
         self.timeout = timeout
-        self.attempt_timeout = 2 * timeout + 5.0  # an invalid_blocks answer may cost a second post
+        # an invalid_blocks answer may cost a second post; uploads take their own
+        self.attempt_timeout = (4 if upload_media else 2) * timeout + 5.0
         self._web: AsyncWebClient | None = None
         self._webhook: AsyncWebhookClient | None = None
         self._state: ConversationState | None = None
+        self._media: MediaFiles | None = None
 
     @classmethod
     def is_ordered(cls, options: SlackOptions) -> bool:
@@ -447,6 +470,11 @@ class SlackDestination(Destination):
                 r.error(f"{path}.replies", "needs token: replies are read from the threads a bot token starts")
             elif not thread_by_sender:
                 r.error(f"{path}.replies", "needs thread_by_sender: a reply is an answer in a texter's thread")
+        upload_media = False
+        if "upload_media" in options:
+            upload_media = bool(r.boolean(options["upload_media"], f"{path}.upload_media"))
+            if upload_media and "webhook_url" in options:
+                r.error(f"{path}.upload_media", "needs token: an incoming webhook cannot upload files")
         if len(r.errors) > errors_before or api_url is None or timeout is None:
             return None
         return SlackOptions(
@@ -459,6 +487,7 @@ class SlackDestination(Destination):
             icon_emoji=icon_emoji,
             timeout=timeout,
             replies=replies,
+            upload_media=upload_media,
         )
 
     def describe(self) -> str:
@@ -488,6 +517,7 @@ class SlackDestination(Destination):
 
     async def open(self, services: Services) -> None:
         self._state = services.state
+        self._media = services.media
         # retry_handlers=[]: one attempt per send; the delivery loop owns retries
         if self.token is not None:
             self._web = AsyncWebClient(
@@ -521,7 +551,7 @@ class SlackDestination(Destination):
             except StoreError as exc:
                 return Failed(reason=f"cannot read the sender's thread: {exc}", retryable=True)
 
-        message = render(event)
+        message = render(event, uploads=self.upload_media)
         outcome, ts, channel_id = await self._post(message, thread_ts)
         if isinstance(outcome, Failed) and outcome.reason.startswith("invalid_blocks") and has_images(message):
             # Slack fetches image blocks as it posts, and Skycore deletes MMS files after a while:
@@ -540,7 +570,43 @@ class SlackDestination(Destination):
                     "cannot keep the sender's thread",
                     extra={"event_id": event["id"], "destination": self.name, "error": str(exc)},
                 )
+        if self.upload_media and isinstance(outcome, Delivered) and ts and channel_id:
+            problem = await self._upload(event, channel_id, thread_ts or ts)
+            if problem is not None:  # posted already: the files stay links, never a second post
+                log.warning("MMS files not uploaded", extra={"event_id": event["id"], "error": problem})
+                return Delivered(status=outcome.status, detail=problem)
         return outcome
+
+    async def _upload(self, event: Event, channel_id: str, thread_ts: str) -> str | None:
+        """The MMS's kept files into the thread, with files_upload_v2 (files.getUploadURLExternal,
+        the upload, files.completeUploadExternal); what went wrong, or None."""
+        if self._web is None or self._media is None:
+            return None
+        uploads = []
+        sender = phone_for_people(event.get("from"))
+        try:
+            for item in event.get("media") or []:
+                digest, kind = item.get("sha256"), item.get("content_type")
+                if isinstance(digest, str) and isinstance(kind, str) and _kept(item):
+                    data = await self._media.get(digest)
+                    if data is not None:
+                        uploads.append(
+                            {"content": data, "filename": filename(kind, digest), "title": f"MMS from {sender}"}
+                        )
+        except BridgeError as exc:
+            return f"files not uploaded (cannot read the kept files: {exc}): linked instead"
+        if not uploads:
+            return None
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                await self._web.files_upload_v2(file_uploads=uploads, channel=channel_id, thread_ts=thread_ts)
+        except SlackApiError as exc:
+            code = error_code(getattr(exc.response, "data", None)) or "error"
+            hint = ": add the files:write scope" if code == "missing_scope" else ""
+            return f"files not uploaded ({code}{hint}): linked instead"
+        except (TimeoutError, SlackClientError, aiohttp.ClientError, ConnectionError) as exc:
+            return self._scrub(f"files not uploaded ({type(exc).__name__}: {exc}): linked instead")
+        return None
 
     async def _post(self, message: Message, thread_ts: str | None) -> tuple[Outcome, str | None, str | None]:
         """One HTTP call (the message's ts and channel id when Slack gives them); slack-sdk's

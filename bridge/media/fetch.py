@@ -14,7 +14,7 @@ from yarl import URL
 
 from bridge.destinations.base import USER_AGENT
 from bridge.media.guard import AddressRefusedError, GuardedResolver, Policy, check
-from bridge.media.sniff import sniff
+from bridge.mediatypes import sniff
 from bridge.retry import RETRYABLE_STATUSES
 
 MAX_REDIRECTS = 5

@@ -19,8 +19,8 @@ from aiohttp import web
 from bridge.answers import error
 from bridge.config import MediaConfig
 from bridge.media import links
-from bridge.media.sniff import disposition, sniff
 from bridge.media.stores import MediaStore, MediaStoreError
+from bridge.mediatypes import disposition, sniff
 
 log = logging.getLogger("bridge.media")
 
