@@ -105,6 +105,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         cont = " (continue)" if r.continue_ else ""
         to = ", ".join(r.to) if r.to else "nothing (drop)"
         print(f"    {r.name}: {describe_match(r.match)} -> {to}{cont}")
+    if config.media is not None:
+        m = config.media
+        print(
+            f"  media: kept in {redact_url(m.store)}, up to {m.max_bytes} bytes a file for {m.keep / 86400:g}d;"
+            f" deliveries wait up to {m.wait:g}s; links {m.public_url}/media/..."
+            + ("; private addresses allowed" if m.allow_private else "")
+        )
     if config.default:
         print(f"  default -> {', '.join(config.default)}")
     else:

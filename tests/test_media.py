@@ -566,3 +566,21 @@ async def test_the_step_is_resumed_after_a_kill(bridge_factory, sink, media_serv
     assert request.json()["id"] == body["id"]
     assert request.json()["media"][0]["sha256"] == hashlib.sha256(PNG).hexdigest()
     assert bridge.stop() == 0
+
+
+def test_check_config_names_the_media_store_and_no_secret(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "media: {store: 's3://mms-media/bridge', secret: a-secret-of-32-characters-or-so!,"
+        " s3: {access_key_id: AKIAEXAMPLE, secret_access_key: the-s3-secret-key}}\n"
+        "destinations: {log: {type: log}}\ndefault: [log]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", "-c", str(path)], capture_output=True, text=True, check=True
+    )
+    assert "media: kept in s3://mms-media/bridge" in done.stdout
+    for secret in ("a-secret-of-32", "the-s3-secret-key"):
+        assert secret not in done.stdout + done.stderr
