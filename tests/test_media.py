@@ -28,6 +28,7 @@ from bridge.media.stores import FileStore, S3Store
 from bridge.mediatypes import sniff
 from bridge.runtime import RUNTIME
 from tests.conftest import eventually, post
+from tests.test_store_contract import pg_url  # noqa: F401 (the fixture: a fresh PostgreSQL schema)
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200)
@@ -548,6 +549,7 @@ async def mail_servers() -> AsyncIterator[list[asyncio.Server]]:
 # ---------------------------------------------------------------------------- kill-safety
 
 
+@pytest.mark.slow
 async def test_the_step_is_resumed_after_a_kill(bridge_factory, sink, media_server, tmp_path):
     """The step is a delivery: a bridge killed (-9) while its files cannot be fetched yet picks it
     up when it starts again, and the webhook gets the kept file."""
@@ -584,3 +586,50 @@ def test_check_config_names_the_media_store_and_no_secret(tmp_path):
     assert "media: kept in s3://mms-media/bridge" in done.stdout
     for secret in ("a-secret-of-32", "the-s3-secret-key"):
         assert secret not in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------- reload, PostgreSQL
+
+
+async def test_a_reload_keeps_the_step_and_refuses_another_media_store(aiohttp_client, sink, media_server, tmp_path):
+    import yaml
+
+    from bridge.app import create_app
+    from bridge.config import load
+
+    media_server.failures["pic.png"] = 10**6  # down for now: the step stays pending
+    raw = config(tmp_path, sink.url, wait="1h")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    app = create_app(load(path))
+    client = await aiohttp_client(app)
+    response = await client.post("/postback", data=mms(f"{media_server.base}/pic.png"))
+    event_id = (await response.json())["id"]
+    await eventually(lambda: media_server.seen, 10, "the step trying")
+    runtime = app[RUNTIME]
+    assert await runtime.reload() == []
+    rows = await runtime.store.event_deliveries(event_id)
+    assert {(r.destination, r.status) for r in rows} == {("~media", "pending"), ("crm", "pending")}  # not abandoned
+    raw["media"]["store"] = f"file://{tmp_path}/elsewhere"
+    path.write_text(yaml.safe_dump(raw))
+    assert await runtime.reload() == ["media: the store cannot change or go while running; restart"]
+    media_server.failures["pic.png"] = 0
+    (request,) = await sink.wait_for(1, timeout=15)
+    assert request.json()["media"][0]["content_type"] == "image/png"
+
+
+@pytest.fixture
+def postgres(pg_url: str) -> str:  # noqa: F811 (test_store_contract's fixture, taken before the app's)
+    return pg_url
+
+
+async def test_on_postgresql_the_step_releases_the_deliveries(postgres, app_client, sink, media_server, tmp_path):
+    raw = config(tmp_path, sink.url, wait="30s", store=f"file://{tmp_path}/media")
+    raw["store"] = postgres
+    client = await app_client(raw)
+    started = time.monotonic()
+    await client.post("/postback", data=mms(f"{media_server.base}/pic.jpg"))
+    (request,) = await sink.wait_for(1, timeout=10)
+    assert time.monotonic() - started < 10
+    assert request.json()["media"][0]["sha256"] == hashlib.sha256(JPEG).hexdigest()
+    assert await client.app[RUNTIME].store.keep_meta("media_link_key", "x") == client.app[RUNTIME].media_key.hex()
