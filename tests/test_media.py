@@ -28,6 +28,8 @@ from bridge.media.stores import FileStore, S3Store
 from bridge.mediatypes import sniff
 from bridge.runtime import RUNTIME
 from tests.conftest import eventually, post
+from tests.test_email import mail_servers, start_mail_server  # noqa: F401 (mail_servers: the fixture)
+from tests.test_slack import mms
 from tests.test_store_contract import pg_url  # noqa: F401 (the fixture: a fresh PostgreSQL schema)
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bytes(range(256)) * 8 + b"\xff\xd9"
@@ -91,15 +93,6 @@ async def media_server() -> AsyncIterator[MediaServer]:
     yield server
     server.closing.set()
     await runner.cleanup()
-
-
-def mms(*urls: str, n: int = 1, sender: str = "15552312102") -> bytes:
-    files = "".join(f"<FILE>{url}</FILE>" for url in urls)
-    return (
-        f"<POSTBACK><ORIGIN>MMS_MO</ORIGIN><CODE>N401</CODE><FROM>{sender}</FROM><TO>86717</TO>"
-        f"<KEYWORD>PHOTO</KEYWORD><TRACKINGID>MMS_MO_{n}</TRACKINGID>"
-        f"<TIMESTAMP>2026-11-22T10:00:00Z</TIMESTAMP><CONTENT>{files}</CONTENT></POSTBACK>"
-    ).encode()
 
 
 def config(tmp_path: Path, sink_url: str, **media: Any) -> dict[str, Any]:
@@ -510,9 +503,7 @@ async def test_slack_shows_the_kept_copy_as_the_image(app_client, media_server, 
         assert image["image_url"].startswith(f"{PUBLIC}/media/{hashlib.sha256(PNG).hexdigest()}?expires=")
 
 
-async def test_email_attaches_kept_files_up_to_the_cap(app_client, media_server, tmp_path, mail_servers):
-    from tests.test_email import start_mail_server
-
+async def test_email_attaches_kept_files_up_to_the_cap(app_client, media_server, tmp_path, mail_servers):  # noqa: F811
     peer, server = await start_mail_server()
     mail_servers.append(server)
     m = media_server.base
@@ -536,14 +527,6 @@ async def test_email_attaches_kept_files_up_to_the_cap(app_client, media_server,
     text = message.get_body(("plain",)).get_content()
     assert f"kept copy: {PUBLIC}/media/{hashlib.sha256(PNG).hexdigest()}" in text
     assert f"{m}/missing.jpg" in text and text.count("kept copy:") == 2
-
-
-@pytest.fixture
-async def mail_servers() -> AsyncIterator[list[asyncio.Server]]:
-    servers: list[asyncio.Server] = []
-    yield servers
-    for server in servers:
-        server.close()
 
 
 # ---------------------------------------------------------------------------- kill-safety
