@@ -124,10 +124,11 @@ class MediaStep(Destination):
             else:
                 notes.append(f"{url}: {result.reason}")
         body = dumps({**event, "media": media}) if changed else None
-        try:
-            await self._finish(event["id"], body, not retry)
-        except StoreError as exc:
-            return Failed(reason=f"cannot update the event: {exc}", retryable=True)
+        if body is not None or not retry:
+            try:
+                await self._finish(event["id"], body, not retry)
+            except StoreError as exc:
+                return Failed(reason=f"cannot update the event: {exc}", retryable=True)
         if retry:
             return Failed(reason="; ".join(retry), retryable=True)
         return Delivered(detail="; ".join(notes) or None)
