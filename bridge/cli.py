@@ -112,6 +112,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f" deliveries wait up to {m.wait:g}s; links {m.public_url}/media/..."
             + ("; private addresses allowed" if m.allow_private else "")
         )
+    uploading = sorted(name for name, spec in config.destinations.items() if getattr(spec.options, "upload_media", 0))
+    if uploading:
+        print(f"  upload_media ({', '.join(uploading)}): the Slack app needs the bot scope files:write")
+        if config.media is None:
+            print("    (no media: section: nothing is kept, so nothing is uploaded)")
     if config.default:
         print(f"  default -> {', '.join(config.default)}")
     else:

@@ -561,12 +561,14 @@ def test_check_config_names_the_media_store_and_no_secret(tmp_path):
     path.write_text(
         "media: {store: 's3://mms-media/bridge', secret: a-secret-of-32-characters-or-so!,"
         " s3: {access_key_id: AKIAEXAMPLE, secret_access_key: the-s3-secret-key}}\n"
-        "destinations: {log: {type: log}}\ndefault: [log]\n"
+        "destinations: {log: {type: log}, inbox: {type: slack, token: xoxb-1-2, channel: '#c', upload_media: true}}\n"
+        "default: [log]\n"
     )
     done = subprocess.run(
         [sys.executable, "-m", "bridge", "check-config", "-c", str(path)], capture_output=True, text=True, check=True
     )
     assert "media: kept in s3://mms-media/bridge" in done.stdout
+    assert "upload_media (inbox): the Slack app needs the bot scope files:write" in done.stdout
     for secret in ("a-secret-of-32", "the-s3-secret-key"):
         assert secret not in done.stdout + done.stderr
 
@@ -616,3 +618,17 @@ async def test_on_postgresql_the_step_releases_the_deliveries(postgres, app_clie
     assert time.monotonic() - started < 10
     assert request.json()["media"][0]["sha256"] == hashlib.sha256(JPEG).hexdigest()
     assert await client.app[RUNTIME].store.keep_meta("media_link_key", "x") == client.app[RUNTIME].media_key.hex()
+
+
+async def test_a_media_host_that_is_down_does_not_hold_back_other_mms(app_client, sink, media_server, tmp_path):
+    """The delivery loop takes a destination that fails again and again to be down and probes it
+    one delivery at a time; the media step fetches from whatever host each MMS names, so its
+    failures for one MMS must not slow the next one's files."""
+    media_server.failures["pic.png"] = 10**6
+    client = await app_client(config(tmp_path, sink.url, wait="1h"))
+    for n in range(8):
+        await client.post("/postback", data=mms(f"{media_server.base}/pic.png", n=n))
+    await eventually(lambda: len(media_server.seen) >= 12, 10, "the steps failing again and again")
+    await client.post("/postback", data=mms(f"{media_server.base}/pic.jpg", n=99))
+    (request,) = await sink.wait_for(1, timeout=3)
+    assert request.json()["media"][0]["content_type"] == "image/jpeg"

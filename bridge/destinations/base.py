@@ -98,6 +98,10 @@ class Destination(abc.ABC):
     #: True when `send` bounds all of its own waiting by a timeout shorter than attempt_timeout
     #: (the delivery loop then sets no timer of its own: one per attempt is enough)
     bounds_itself: ClassVar[bool] = False
+    #: whether retryable failures in a row mean the destination is down (the delivery loop then
+    #: probes one at a time): False where each delivery goes to a peer of its own (the media
+    #: step fetches from whatever host an MMS names; one that is down says nothing of the others)
+    has_health: ClassVar[bool] = True
 
     def __init__(self, name: str, *, retry: RetryPolicy | None = None, concurrency: int | None = None) -> None:
         self.name = name

@@ -46,6 +46,7 @@ def policy_of(config: MediaConfig) -> RetryPolicy:
 class MediaStep(Destination):
     type_name = MEDIA_DESTINATION
     default_concurrency = 4
+    has_health = False  # each MMS names its own hosts: one that is down must not hold back the rest
 
     def __init__(
         self,
