@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from bridge.media.guard import GuardedResolver, Policy
 from bridge.media.stores import FileStore, S3Store
 from bridge.mediatypes import sniff
 from bridge.runtime import RUNTIME
-from tests.conftest import eventually, post
+from tests.conftest import POSTBACKS, eventually, post
 from tests.test_email import mail_servers, start_mail_server  # noqa: F401 (mail_servers: the fixture)
 from tests.test_slack import mms
 from tests.test_store_contract import pg_url  # noqa: F401 (the fixture: a fresh PostgreSQL schema)
@@ -56,7 +57,11 @@ class MediaServer:
         if self.failures.get(name, 0) > 0:
             self.failures[name] -= 1
             return web.Response(status=503)
-        if name == "pic.jpg":  # the origin says HTML: the bridge must not believe it
+        if name == "2.txt":  # the files of the MMS_MO shapes in tests/data/postbacks
+            return web.Response(text="Hello from the MMS", content_type="text/plain")
+        if name == "3.smil":
+            return web.Response(text='<smil><body><par><img src="1.jpg"/></par></body></smil>')
+        if name in ("pic.jpg", "1.jpg"):  # the origin says HTML: the bridge must not believe it
             return web.Response(body=JPEG, headers={"Content-Type": "text/html"})
         if name == "pic.png":
             return web.Response(body=PNG, content_type="image/png")
@@ -84,6 +89,7 @@ async def media_server() -> AsyncIterator[MediaServer]:
     server = MediaServer()
     app = web.Application()
     app.router.add_get("/{name}", server.handle)
+    app.router.add_get("/mms/{id}/{name}", server.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -153,6 +159,19 @@ async def test_files_are_kept_and_the_webhook_gets_archived_urls(app_client, sin
         return {(r.destination, r.status) for r in rows} == {("~media", "delivered"), ("crm", "delivered")}
 
     await eventually(settled, 5)
+
+
+@pytest.mark.parametrize("shape", sorted(p.name for p in POSTBACKS.glob("mms_mo_*.xml")))
+async def test_every_mms_shape_gets_its_files_kept(app_client, sink, media_server, tmp_path, shape):
+    """Skycore's MMS_MO postbacks as documented (v1.3, the 2014 wrapper, with a SUBJECT), their
+    FILE URLs pointed at the media server."""
+    body = re.sub(rb"https://media\.example\.com/", f"{media_server.base}/".encode(), (POSTBACKS / shape).read_bytes())
+    client = await app_client(config(tmp_path, sink.url, wait="30s"))
+    assert (await client.post("/postback", data=body)).status == 200
+    (request,) = await sink.wait_for(1, timeout=10)
+    kinds = [item.get("content_type") for item in request.json()["media"]]
+    assert kinds == ["image/jpeg", "text/plain; charset=utf-8", "application/smil"]
+    assert all(item["archived_url"].startswith(PUBLIC) for item in request.json()["media"])
 
 
 async def test_deliveries_wait_for_a_slow_file_until_media_wait(app_client, sink, media_server, tmp_path):
