@@ -222,6 +222,8 @@ async def test_private_addresses_are_refused_without_allow_private(app_client, s
         f"http://[::1]:{port}/pic.jpg",
         f"http://[::ffff:127.0.0.1]:{port}/pic.jpg",
         f"http://0.0.0.0:{port}/pic.jpg",
+        f"http://2130706433:{port}/pic.jpg",  # 127.0.0.1 as one number
+        f"http://0x7f.0.0.1:{port}/pic.jpg",  # and in hex
         f"http://169.254.169.254:{port}/latest/meta-data",
         f"ftp://127.0.0.1:{port}/pic.jpg",
         "…URL of Content Here…",

@@ -92,7 +92,10 @@ async def fetch(client: aiohttp.ClientSession, url: str, *, policy: Policy, max_
                         location = response.headers.get("Location")
                         if not location:
                             return _refused(f"HTTP {response.status} without a Location")
-                        target = current.join(URL(location))
+                        try:
+                            target = current.join(URL(location))
+                        except (ValueError, TypeError):
+                            return _refused(f"HTTP {response.status} to a Location that is no URL")
                         if (target.host or "").lower() != host:
                             return _refused(f"redirect to another host ({target.host}) refused")
                         current = target

@@ -120,4 +120,5 @@ def check(policy: Policy, host: str, addresses: Sequence[str]) -> None:
             raise AddressRefusedError(f"{host} resolved to {text!r}, not an address") from None
         why = policy.refused(ip)
         if why is not None:
-            raise AddressRefusedError(f"{host} resolves to {why}; set media.allow_private to fetch from it")
+            name = "" if host.strip("[]") == text else f"{host} is {text}: "
+            raise AddressRefusedError(f"{name}{why}; refused (media.allow_private or allow_networks would let it in)")
