@@ -1268,3 +1268,26 @@ async def test_a_tracking_id_given_with_a_result_is_kept_and_found(store):
     rows = {row.id: row for row in await store.list_deliveries(DeliveryFilter())}
     assert rows[first.id].tracking_id == "TRACK-1" and rows[second.id].tracking_id is None
     assert await store.delivery_by_tracking_id("TRACK-2") is None
+
+
+async def test_releasing_an_mms_deliveries_wakes_the_other_instances(pg_url):
+    """The media step run by one instance makes the event's deliveries due: the others' loops
+    are told at once (NOTIFY), not at their next poll."""
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    await one.open()
+    await two.open()
+    told: list[Any] = []
+    try:
+        two.listen(told.append)
+        await asyncio.wait_for(two.listening.wait(), 5)
+        event = make_event(1)
+        deliveries = [NewDelivery("~media", "media", "c", ordered=False), NewDelivery("crm", "r", "c", delay=3600)]
+        await one.ingest(event, dedup_key(event), deliveries)
+        await eventually(lambda: ["crm", "~media"] in [sorted(names or []) for names in told], 5)
+        told.clear()
+        assert await one.update_event(event["id"], None, release_except="~media") == ["crm"]
+        await eventually(lambda: told, 2, interval=0.01)
+        assert told == [["crm"]]
+    finally:
+        await one.close()
+        await two.close()
