@@ -19,9 +19,9 @@ from bridge.auth import Caller
 from bridge.carriers import Carriers
 from bridge.config import Config
 from bridge.destinations.base import Services
-from bridge.destinations.registry import build_all
 from bridge.errors import StoreError
 from bridge.ingest import admit, read_body, take, unexpected
+from bridge.media.serve import add_routes as media_routes
 from bridge.runtime import OPEN_PATIENCE, RUNTIME, Runtime, purge_once
 from bridge.store import Store, open_store
 
@@ -122,7 +122,8 @@ def _route_path(request: web.Request) -> str:
 
 
 def create_app(config: Config, *, store: Store | None = None) -> web.Application:
-    runtime = Runtime(config=config, carriers=Carriers(config.carriers), destinations=build_all(config.destinations))
+    runtime = Runtime(config=config, carriers=Carriers(config.carriers))
+    runtime.destinations = runtime.build(config)
     app = web.Application(
         middlewares=[never_500],
         # postbacks keep to max_body_bytes themselves (read_body); this is aiohttp's limit for the
@@ -137,6 +138,8 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     admin.add_routes(app)
+    # GET /media/<sha256>: kept MMS files by signed link; 404 without `media:`
+    media_routes(app, lambda: (runtime.config.media, runtime.media_store, runtime.media_key))
     replies.install(app)  # POST /slack/events: 404 unless a Slack destination takes replies
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)
@@ -198,7 +201,9 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         # with every later request to its host, whichever destination sends it
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    await runtime.open_destinations(Services(http=http, state=runtime.store, ledger=runtime.store))
+    await runtime.open_media()
+    services = Services(http=http, state=runtime.store, ledger=runtime.store, media=runtime.media_store)
+    await runtime.open_destinations(services)
     connecting = None
     if runtime.store_error is None:
         await runtime.start_delivery()
@@ -215,6 +220,7 @@ async def _delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         # not for long: an open stuck mid-way gives up only once store.close() (next) cuts it off
         await asyncio.wait([connecting], timeout=2)
     await runtime.stop_delivery()
+    await runtime.close_media()
     await http.close()
 
 

@@ -107,6 +107,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         cont = " (continue)" if r.continue_ else ""
         to = ", ".join(r.to) if r.to else "nothing (drop)"
         print(f"    {r.name}: {describe_match(r.match)} -> {to}{cont}")
+    if config.media is not None:
+        m = config.media
+        print(
+            f"  media: kept in {redact_url(m.store)}, up to {m.max_bytes} bytes a file for {m.keep / 86400:g}d;"
+            f" deliveries wait up to {m.wait:g}s; links {m.public_url}/media/..."
+            + ("; private addresses allowed" if m.allow_private else "")
+        )
+    uploading = sorted(name for name, spec in config.destinations.items() if getattr(spec.options, "upload_media", 0))
+    if uploading:
+        print(f"  upload_media ({', '.join(uploading)}): the Slack app needs the bot scope files:write")
+        if config.media is None:
+            print("    (no media: section: nothing is kept, so nothing is uploaded)")
     if config.default:
         print(f"  default -> {', '.join(config.default)}")
     else:
@@ -345,11 +357,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("replay: say which deliveries: ids, --destination, --event, --since/--until, or --all", file=sys.stderr)
         return 2
     config = _config(args.config, required=False)
-    if args.destination and args.destination not in config.destinations:
+    known = (*config.destinations, *config.internal)  # the internal ones too (`~media`)
+    if args.destination and args.destination not in known:
         print(f"replay: destination {args.destination!r} is not in {config.source}", file=sys.stderr)
         return 2
     # only to destinations the config has: a replay to a removed one would wait forever
-    where = replace(_filter(args, status=None), destinations=tuple(config.destinations))
+    where = replace(_filter(args, status=None), destinations=known)
 
     async def replay(store: Store) -> tuple[list[int], list[int], list[tuple[int, str]]]:
         """The ids replayed; of the ids asked for, those that do not exist, and those (with their
@@ -359,7 +372,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return ids, [], []
         found = await store.list_deliveries(DeliveryFilter(ids=tuple(args.ids), limit=len(args.ids)))
         unknown = sorted(set(args.ids) - {row.id for row in found})
-        gone = sorted((row.id, row.destination) for row in found if row.destination not in config.destinations)
+        gone = sorted((row.id, row.destination) for row in found if row.destination not in known)
         return ids, unknown, gone
 
     ids, unknown, elsewhere = _with_store(config, replay)

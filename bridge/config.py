@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yarl import URL
 
 from bridge.carriers import spid_key
 from bridge.destinations.base import DestinationSpec
@@ -130,6 +131,40 @@ class Retention:
 
 _LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
+MEDIA_DESTINATION = "~media"  # the internal destination of the media fetch step (bridge.media.step)
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """`media.s3`: how to reach an S3-compatible server (AWS's own when nothing is given)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """`media:` (CONTRACT §9): where MMS files are kept, and the limits of fetching them."""
+
+    store: str  # file:///abs/dir or s3://bucket/prefix
+    public_url: str  # how readers reach this bridge: archived_url is {public_url}/media/<sha256>?...
+    s3: S3Settings = field(default_factory=S3Settings)
+    max_bytes: int = 5 * MIB
+    keep: float = 90 * 86400.0
+    wait: float = 120.0
+    timeout: float = 30.0
+    allow_private: bool = False
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    link_ttl: float | None = None  # None: as long as the file is kept
+    secret: Secret | None = None  # None: a random key kept in the store (shared by its instances)
+
+    @property
+    def link_lifetime(self) -> float:
+        return self.keep if self.link_ttl is None else self.link_ttl
+
 
 @dataclass(frozen=True)
 class Config:
@@ -142,6 +177,12 @@ class Config:
     default: tuple[str, ...] | None
     retention: Retention = field(default_factory=Retention)
     source: str | None = None  # the file it came from
+    media: MediaConfig | None = None
+
+    @property
+    def internal(self) -> tuple[str, ...]:
+        """The internal destinations this config needs (names start with `~`; no route names one)."""
+        return (MEDIA_DESTINATION,) if self.media is not None else ()
 
     def warnings(self) -> list[str]:
         """What is allowed but probably not meant, each with its place as errors have it:
@@ -226,7 +267,14 @@ def _interpolate(value: Any, path: str, environ: Mapping[str, str], r: Reader) -
 
 # ---------------------------------------------------------------------------- sections
 
-_TOP = frozenset({"server", "store", "carriers", "retry", "destinations", "routes", "default", "retention"})
+_TOP = frozenset({"server", "store", "carriers", "retry", "destinations", "routes", "default", "retention", "media"})
+_MEDIA = frozenset(
+    {
+        "store", "s3", "max_bytes", "keep", "wait", "timeout", "allow_private", "allow_networks", "public_url",
+        "link_ttl", "secret",
+    }
+)  # fmt: skip
+_S3 = frozenset({"endpoint_url", "region", "access_key_id", "secret_access_key"})
 _SERVER = frozenset({"listen", "postback_path", "max_body_bytes", "client_timeout", "auth", "admin_token", "lane"})
 _AUTH = frozenset({"token", "basic", "allow_from", "trusted_proxies", "allow_unauthenticated"})
 _RETRY = frozenset({"initial", "max_interval", "max_age"})
@@ -381,6 +429,103 @@ def _retention(raw: Any, r: Reader) -> Retention:
     return Retention(**{k: v for k, v in values.items() if v is not None})
 
 
+def _media_store(raw: Any, store: str, r: Reader) -> str | None:
+    """`media.store` as a URL: `file:///abs/dir` or `s3://bucket/prefix`. By default a `media`
+    directory beside a SQLite store's file."""
+    if raw is None:
+        if not store.startswith("sqlite:///"):
+            r.error(
+                "media.store",
+                "is required with a PostgreSQL store: every instance must reach the same files"
+                " (s3://bucket/prefix, or file:///a/shared/directory)",
+            )
+            return None
+        directory = os.path.dirname(os.path.abspath(store.removeprefix("sqlite:///")))
+        return "file://" + os.path.join(directory, "media")
+    text = r.string(raw, "media.store")
+    if text is None:
+        return None
+    if text.startswith("file://"):
+        path = text.removeprefix("file://")
+        if not path.startswith("/"):
+            r.error("media.store", f"{text!r}: a file store needs an absolute path, like file:///var/lib/bridge/media")
+            return None
+        return text
+    if text.startswith("s3://"):
+        bucket = text.removeprefix("s3://").split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            r.error("media.store", f"{text!r}: {bucket!r} is not an S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
+            return None
+        return text
+    r.error("media.store", f"{redact_url(text)!r} is not file:///PATH or s3://BUCKET/PREFIX")
+    return None
+
+
+def _s3(raw: Any, r: Reader) -> S3Settings:
+    data = r.mapping(raw, "media.s3", _S3)
+    if not data:
+        return S3Settings()
+    kwargs: dict[str, Any] = {}
+    if "endpoint_url" in data:
+        kwargs["endpoint_url"] = r.url(data["endpoint_url"], "media.s3.endpoint_url")
+    if "region" in data:
+        kwargs["region"] = r.string(data["region"], "media.s3.region")
+    for key in ("access_key_id", "secret_access_key"):
+        if key in data:
+            kwargs[key] = r.secret(data[key], f"media.s3.{key}")
+    if ("access_key_id" in data) != ("secret_access_key" in data):
+        missing = "secret_access_key" if "access_key_id" in data else "access_key_id"
+        r.error(f"media.s3.{missing}", "is required with " + ({"access_key_id", "secret_access_key"} - {missing}).pop())
+    return S3Settings(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _media(raw: Any, store: str, server: ServerConfig, r: Reader) -> MediaConfig | None:
+    """`media:` (CONTRACT §9); only called when the section is there (`media:` alone: the defaults)."""
+    data = r.mapping(raw, "media", _MEDIA)
+    if data is None:
+        return None
+    errors_before = len(r.errors)
+    location = _media_store(data.get("store"), store, r)
+    kwargs: dict[str, Any] = {}
+    if "s3" in data:
+        if location is not None and not location.startswith("s3://"):
+            r.error("media.s3", "is for an s3:// store")
+        kwargs["s3"] = _s3(data["s3"], r)
+    if "max_bytes" in data:
+        kwargs["max_bytes"] = r.integer(data["max_bytes"], "media.max_bytes", minimum=1)
+    for key in ("keep", "wait", "timeout", "link_ttl"):
+        if key in data:
+            kwargs[key] = r.duration(data[key], f"media.{key}")
+    if "allow_private" in data:
+        kwargs["allow_private"] = r.boolean(data["allow_private"], "media.allow_private")
+    if "allow_networks" in data:
+        kwargs["allow_networks"] = r.networks(data["allow_networks"], "media.allow_networks")
+    if "secret" in data:
+        kwargs["secret"] = r.secret(data["secret"], "media.secret")
+        if kwargs["secret"] is not None and len(kwargs["secret"].reveal()) < 16:
+            r.error("media.secret", "is too short to sign links with: use 16 characters or more (32 random bytes)")
+    public_url = None
+    if "public_url" in data:
+        public_url = r.url(data["public_url"], "media.public_url")
+        if public_url is not None and (URL(public_url).query_string or URL(public_url).fragment):
+            r.error("media.public_url", f"{public_url!r}: a base URL like https://bridge.example.com, no ? or #")
+            public_url = None
+    elif server.loopback:
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        public_url = f"http://{host}:{server.port}"
+    else:
+        r.error(
+            "media.public_url",
+            f"is required to listen on {server.host}:{server.port} (not loopback): the https:// address readers"
+            " reach this bridge by, for the archived files' links (/media/... must be passed on by the proxy)",
+        )
+    if len(r.errors) > errors_before or location is None or public_url is None:
+        return None
+    return MediaConfig(
+        store=location, public_url=public_url.rstrip("/"), **{k: v for k, v in kwargs.items() if v is not None}
+    )
+
+
 def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, DestinationSpec]:
     if raw is None:
         return {}
@@ -391,6 +536,9 @@ def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destinat
     types = registry()
     for name, spec in raw.items():
         path = f"destinations.{name}"
+        if isinstance(name, str) and name.startswith("~"):
+            r.error(path, "a name starting with '~' is the bridge's own (~media: fetching MMS files); choose another")
+            continue
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             r.error(path, "a destination name uses letters, digits, '_', '-' and '.' only")
             continue
@@ -529,9 +677,10 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
     routes = _routes(raw.get("routes"), declared, r)
     default = _destination_list(raw["default"], "default", declared, r) if raw.get("default") is not None else None
     _check_replies(destinations, raw.get("destinations"), r)
+    store = _store(raw.get("store"), r)
     config = Config(
         server=server,
-        store=_store(raw.get("store"), r),
+        store=store,
         carriers=_carriers(raw.get("carriers"), r),
         retry=retry,
         destinations=destinations,
@@ -539,6 +688,7 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
         default=default,
         retention=_retention(raw.get("retention"), r),
         source=source,
+        media=_media(raw.get("media"), store, server, r) if "media" in raw else None,
     )
     if r.errors:
         raise ConfigError(list(dict.fromkeys(r.errors)))  # an unset variable is seen twice

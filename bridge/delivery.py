@@ -357,7 +357,8 @@ class Dispatcher:
         now = time.time()
         health = self.health[destination.name]
         was_down = health.down
-        health.record(outcome, destination.retry, now)
+        if destination.has_health:
+            health.record(outcome, destination.retry, now)
         if health.down != was_down:  # down is worth a warning; back up is good news
             log.log(
                 logging.WARNING if health.down else logging.INFO,

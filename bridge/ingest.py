@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from aiohttp import web
 from bridge import logs
 from bridge.answers import STORE_DOWN, Reply, answer, refusal
 from bridge.auth import Caller, check_auth
-from bridge.config import Config
+from bridge.config import MEDIA_DESTINATION, Config
 from bridge.destinations.base import conversation_key
 from bridge.errors import PostbackError, StoreError
 from bridge.event import Event, dedup_key, normalize
@@ -104,6 +105,14 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
     conversation = conversation_key(event)
     destinations = config.destinations
     deliveries = [NewDelivery(d, r, conversation, destinations[d].ordered) for d, r in decision.destinations]
+    media = config.media
+    if media is not None and deliveries and event["media"]:
+        # its files are fetched after the 200 (CONTRACT §9); its deliveries wait for that step,
+        # which makes them due as soon as it ends (bridge.media.step), at most media.wait
+        deliveries = [
+            NewDelivery(MEDIA_DESTINATION, "media", conversation, ordered=False),
+            *(replace(d, delay=media.wait) for d in deliveries),
+        ]
     patience = runtime.patience
     task = patience.start()
     try:
@@ -158,7 +167,7 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
         },
     )
     if result.status == "accepted" and runtime.dispatcher is not None:
-        runtime.dispatcher.notify([d for d, _ in decision.destinations])
+        runtime.dispatcher.notify([d.destination for d in deliveries])
     _stored(runtime, event, result)
     return answer(result.status, result.event_id)
 

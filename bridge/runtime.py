@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +16,16 @@ from typing import Any
 from aiohttp import web
 
 from bridge.carriers import Carriers
-from bridge.config import Config, load
+from bridge.config import MEDIA_DESTINATION, Config, MediaConfig, load
 from bridge.delivery import Dispatcher
 from bridge.destinations.base import Destination, Services
 from bridge.destinations.registry import build_all
 from bridge.errors import BridgeError, ConfigError, StoreError
 from bridge.event import Event
 from bridge.ids import timestamp
+from bridge.media import links
+from bridge.media.step import MediaStep
+from bridge.media.stores import MediaStore, MediaStoreError, open_media_store
 from bridge.metrics import Metrics
 from bridge.store import AttemptResult, Claim, Store
 
@@ -122,6 +126,54 @@ class Runtime:
     # watch both: bridge.replies); each must be quick and not raise
     after_attempt: list[Callable[[Destination, Claim, AttemptResult], None]] = field(default_factory=list)
     after_stored: list[Callable[[Event, str], None]] = field(default_factory=list)
+    # MMS media (CONTRACT §9), with a `media:` section: where kept files are, and the key that
+    # signs their links (the same for every instance on one store: `media_link_key`)
+    media_store: MediaStore | None = None
+    media_key: bytes | None = None
+
+    def build(self, config: Config) -> dict[str, Destination]:
+        """The live destinations of `config`, not opened: the configured ones and the internal
+        ones it needs (`~media`)."""
+        built = build_all(config.destinations)
+        if config.media is not None:
+            built[MEDIA_DESTINATION] = MediaStep(
+                config.media, finish=self.media_done, key=lambda: self.media_key, files=lambda: self.media_store
+            )
+        return built
+
+    async def open_media(self) -> None:
+        """The media store, with a `media:` section (a directory needs nothing; S3 a client)."""
+        media = self.config.media
+        if media is not None and self.media_store is None:
+            store = open_media_store(media)
+            await store.open()
+            self.media_store = store
+
+    async def close_media(self) -> None:
+        if self.media_store is not None:
+            await self.media_store.close()
+            self.media_store = None
+
+    async def _media_key(self, media: MediaConfig) -> None:
+        """The links' signing key: from `media.secret`, else a random one kept in the store (the
+        first instance to ask keeps it; links stay good across restarts and instances)."""
+        assert self.store is not None
+        if media.secret is not None:
+            self.media_key = links.key_from_secret(media.secret.reveal())
+        elif self.media_key is None:
+            try:
+                kept = await self.store.keep_meta("media_link_key", os.urandom(32).hex())
+                self.media_key = bytes.fromhex(kept)
+            except (StoreError, ValueError) as exc:
+                log.error("cannot read the media links' key; /media answers 503", extra={"error": str(exc)})
+
+    async def media_done(self, event_id: str, body: str | None, ended: bool) -> None:
+        """The media step wrote `body` (None: nothing new); when it has `ended`, the event's
+        deliveries that wait for it are due now (StoreError: the step tries again)."""
+        assert self.store is not None
+        names = await self.store.update_event(event_id, body, release_except=MEDIA_DESTINATION if ended else None)
+        if names and self.dispatcher is not None:
+            self.dispatcher.notify(names)
 
     def hold(self) -> Config:
         """The config to route one postback with; `release` it once its deliveries are stored.
@@ -150,7 +202,7 @@ class Runtime:
         a destination that is ordered now (Slack `thread_by_sender` turned on) orders what was
         queued for it before, too."""
         assert self.store is not None
-        destinations = self.config.destinations
+        destinations = self.destinations  # the internal ones too (`~media`): theirs are not unknown
         try:
             removed = await self.store.abandon_unknown(set(destinations), "destination removed")
             ordered = await self.store.order_pending([name for name, d in destinations.items() if d.ordered])
@@ -176,6 +228,8 @@ class Runtime:
         """Start the delivery loops, once the store is open."""
         assert self.store is not None
         async with self._reload_lock:  # with the config a reload may be swapping meanwhile
+            if self.config.media is not None:
+                await self._media_key(self.config.media)
             await self.sweep()  # the config may have lost a destination since the last run
             self.dispatcher = self._dispatcher(self.destinations)
             self.dispatcher.start()
@@ -270,10 +324,17 @@ class Runtime:
         ):
             if running != wanted:
                 problems.append(f"{what}: cannot change while running ({running}, file says {wanted}); restart")
+        kept_in = [None if c.media is None else (c.media.store, c.media.s3) for c in (old, new)]
+        if old.media is not None and kept_in[0] != kept_in[1]:
+            problems.append("media: the store cannot change or go while running; restart")
+        elif old.media is None and new.media is not None:
+            problems.append("media: cannot be turned on while running; restart")
         if problems:
             return problems
         assert self.store is not None and self.services is not None
-        built = build_all(new.destinations)
+        if new.media is not None:
+            await self._media_key(new.media)
+        built = self.build(new)
         for destination in built.values():
             await destination.open(self.services)
         # Not delivering yet (the store has not opened): `start_delivery` will, with this config.
@@ -330,4 +391,13 @@ async def purge_once(runtime: Runtime, batch: int = 500) -> int:
         await asyncio.sleep(0.05)  # let postbacks through between batches
     if total:
         log.info("retention purge", extra={"purged": total})
+    media = runtime.config.media
+    if media is not None and runtime.media_store is not None:
+        try:
+            files = await runtime.media_store.purge(time.time() - media.keep)
+        except MediaStoreError as exc:
+            log.warning("media purge failed; trying again later", extra={"error": str(exc)})
+        else:
+            if files:
+                log.info("media purge", extra={"files": files})
     return total

@@ -1,5 +1,6 @@
-"""A fake Slack on 127.0.0.1: `chat.postMessage` and `reactions.add` of the Web API and an
-incoming webhook; and what Slack sends an app: signed Events API requests (`signed`).
+"""A fake Slack on 127.0.0.1: `chat.postMessage`, `reactions.add` and the file upload of
+`files_upload_v2` (`files.getUploadURLExternal`, the upload URL, `files.completeUploadExternal`)
+of the Web API and an incoming webhook; and what Slack sends an app: signed Events API requests (`signed`).
 
 It records every call and answers like Slack: `{"ok": true, "ts": ...}` or `{"ok": false,
 "error": ...}`, 429 with `Retry-After`, or a 5xx page. It also refuses what real Slack refuses
@@ -79,6 +80,12 @@ class FakeSlack:
     socket_opened: asyncio.Event = field(default_factory=asyncio.Event)
     connections_opened: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # files_upload_v2: upload URLs handed out (file id -> (filename, length)), the bytes that
+    # came to them, and what files.completeUploadExternal shared: (channel id, thread_ts, files)
+    upload_urls: dict[str, tuple[str, int]] = field(default_factory=dict)
+    uploaded: dict[str, bytes] = field(default_factory=dict)
+    shared: list[tuple[str, str | None, list[tuple[str, str, bytes]]]] = field(default_factory=list)
+    refuse_uploads: str | None = None  # an error code for files.completeUploadExternal (e.g. missing_scope)
     _clock: int = 0
 
     @property
@@ -209,6 +216,53 @@ class FakeSlack:
         self.reactions.append((channel_id, ts, name))
         return web.json_response({"ok": True}, status=status)
 
+    async def _form(self, request: web.Request) -> dict[str, str]:
+        """A Web API call's arguments: slack-sdk sends them in the query string or as a form."""
+        body = dict(request.query)
+        body.update({k: str(v) for k, v in (await request.post()).items()})
+        return body
+
+    async def get_upload_url(self, request: web.Request) -> web.Response:
+        """files.getUploadURLExternal: an upload URL (on this fake, on 127.0.0.1) per file."""
+        body = await self._form(request)
+        if request.headers.get("Authorization", "") != f"Bearer {TOKEN}":
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        if not body.get("filename") or not body.get("length", "").isdigit():
+            return web.json_response({"ok": False, "error": "invalid_arguments"})
+        file_id = f"F0FAKE{len(self.upload_urls) + 1}"
+        self.upload_urls[file_id] = (body["filename"], int(body["length"]))
+        return web.json_response({"ok": True, "file_id": file_id, "upload_url": f"{self.url}/upload/{file_id}"})
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """The upload URL: takes the file's bytes, which must be as long as announced."""
+        file_id = request.match_info["file_id"]
+        data = await request.read()
+        if file_id not in self.upload_urls or len(data) != self.upload_urls[file_id][1]:
+            return web.Response(status=400, text="bad upload")
+        self.uploaded[file_id] = data
+        return web.Response(text="OK - " + str(len(data)))
+
+    async def complete_upload(self, request: web.Request) -> web.Response:
+        """files.completeUploadExternal: shares uploaded files in a channel (and thread)."""
+        body = await self._form(request)
+        if self.refuse_uploads:
+            return web.json_response({"ok": False, "error": self.refuse_uploads})
+        if request.headers.get("Authorization", "") != f"Bearer {TOKEN}":
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        files = json.loads(body.get("files", "[]"))
+        if not files or any(f.get("id") not in self.uploaded for f in files):
+            return web.json_response({"ok": False, "error": "file_not_found"})
+        channel = body.get("channel_id", "")
+        if channel not in self.channel_ids.values():  # an id, as Slack wants here
+            return web.json_response({"ok": False, "error": "invalid_channel"})
+        thread_ts = body.get("thread_ts") or None
+        if thread_ts is not None and thread_ts not in self.threads.get(channel, set()):
+            return web.json_response({"ok": False, "error": "invalid_thread_ts"})
+        items = [(self.upload_urls[f["id"]][0], f.get("title", ""), self.uploaded[f["id"]]) for f in files]
+        self.shared.append((channel, thread_ts, items))
+        self.arrived.set()
+        return web.json_response({"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]})
+
     async def connections_open(self, request: web.Request) -> web.Response:
         """apps.connections.open: a websocket URL for an app-level token."""
         self.connections_opened += 1  # not in `calls`: those are the messages and reactions
@@ -277,6 +331,9 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     app.router.add_post("/api/chat.postMessage", slack.post_message)
     app.router.add_post("/api/reactions.add", slack.reactions_add)
     app.router.add_post("/api/apps.connections.open", slack.connections_open)
+    app.router.add_post("/api/files.getUploadURLExternal", slack.get_upload_url)
+    app.router.add_post("/upload/{file_id}", slack.upload)
+    app.router.add_post("/api/files.completeUploadExternal", slack.complete_upload)
     app.router.add_get("/link/", slack.link)
     app.router.add_post("/services/{tail:.*}", slack.webhook)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)

@@ -437,8 +437,8 @@ def proxied_bridge(bridge_factory, token: str):
 
 
 async def only_postbacks_pass(client: aiohttp.ClientSession, base: str, token: str, bridge) -> None:
-    """What a proxy in front of `bridge` at `base` must do: pass postbacks (both token forms) and
-    Slack's events, refuse every other path however it is spelt, refuse a body over 64 KiB (413),
+    """What a proxy in front of `bridge` at `base` must do: pass postbacks (both token forms),
+    Slack's events and GETs of /media/, refuse every other path however it is spelt, refuse a body over 64 KiB (413),
     and answer 502 once the bridge is gone (stopped here: the proxy's error path, which names the
     request)."""
 
@@ -458,6 +458,12 @@ async def only_postbacks_pass(client: aiohttp.ClientSession, base: str, token: s
     for path in ("/slack/events/x", "/slack", "/slack/eventsx"):
         status, body = await ask("POST", path)
         assert status == 404 and b'"error"' not in body, (path, body)
+    # kept MMS files by signed link reach it too (this bridge has no `media:`: its JSON 404), GET only
+    status, body = await ask("GET", f"/media/{'0' * 64}?expires=1&sig=x")
+    assert (status, json.loads(body)) == (404, {"error": "not found"}), body
+    for method, path in (("POST", f"/media/{'0' * 64}"), ("GET", "/mediax"), ("DELETE", f"/media/{'0' * 64}")):
+        status, body = await ask(method, path)
+        assert status in (403, 404, 405) and b'"error"' not in body, (method, path, body)
     # the bridge answers these itself on its own port ...
     async with aiohttp.ClientSession() as direct, direct.get(bridge.url + "/metrics") as r:
         assert r.status == 200 and "bridge_postbacks_received_total" in await r.text()

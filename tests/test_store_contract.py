@@ -927,6 +927,29 @@ async def test_conversation_state_is_kept_per_destination(store):
     assert await store.get_conversation("email", "+1555|86717") == "<m@x>"
 
 
+async def test_deliveries_that_wait_for_the_media_step_are_released_when_it_ends(store):
+    """An MMS's deliveries are stored due `media.wait` later, beside its `~media` step; the step
+    rewrites the event (archived_url) and, when it ends, makes them due at once (CONTRACT §9)."""
+    event = make_event(1)
+    deliveries = [NewDelivery("~media", "media", "c", ordered=False), NewDelivery("crm", "r", "c", delay=3600)]
+    await store.ingest(event, dedup_key(event), deliveries)
+    assert await claim(store) == []  # waits: due in an hour
+    step = await store.claim("~media", limit=10, lease=30, ordered=False, owner="a")
+    assert [c.destination for c in step] == ["~media"]
+    body = json.dumps({**event, "media": [{"url": "https://x/1.jpg", "archived_url": "https://b/media/1"}]})
+    assert await store.update_event(event["id"], body) == []  # progress only: still waiting
+    assert await claim(store) == []
+    assert await store.update_event(event["id"], None, release_except="~media") == ["crm"]
+    (claimed,) = await claim(store)
+    assert claimed.event["media"][0]["archived_url"] == "https://b/media/1"  # the event as updated
+    assert await store.update_event(event["id"], None, release_except="~media") == []  # leased: left alone
+
+
+async def test_keep_meta_keeps_the_first_value(store):
+    assert await store.keep_meta("media_link_key", "first") == "first"
+    assert await store.keep_meta("media_link_key", "second") == "first"
+
+
 # ---------------------------------------------------------------------------- PostgreSQL only
 
 
@@ -1245,3 +1268,26 @@ async def test_a_tracking_id_given_with_a_result_is_kept_and_found(store):
     rows = {row.id: row for row in await store.list_deliveries(DeliveryFilter())}
     assert rows[first.id].tracking_id == "TRACK-1" and rows[second.id].tracking_id is None
     assert await store.delivery_by_tracking_id("TRACK-2") is None
+
+
+async def test_releasing_an_mms_deliveries_wakes_the_other_instances(pg_url):
+    """The media step run by one instance makes the event's deliveries due: the others' loops
+    are told at once (NOTIFY), not at their next poll."""
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    await one.open()
+    await two.open()
+    told: list[Any] = []
+    try:
+        two.listen(told.append)
+        await asyncio.wait_for(two.listening.wait(), 5)
+        event = make_event(1)
+        deliveries = [NewDelivery("~media", "media", "c", ordered=False), NewDelivery("crm", "r", "c", delay=3600)]
+        await one.ingest(event, dedup_key(event), deliveries)
+        await eventually(lambda: ["crm", "~media"] in [sorted(names or []) for names in told], 5)
+        told.clear()
+        assert await one.update_event(event["id"], None, release_except="~media") == ["crm"]
+        await eventually(lambda: told, 2, interval=0.01)
+        assert told == [["crm"]]
+    finally:
+        await one.close()
+        await two.close()

@@ -40,6 +40,12 @@ class OptOutLedger(Protocol):
     async def opted_out(self, texter: str, short_code: str) -> bool: ...
 
 
+class MediaFiles(Protocol):
+    """The kept MMS files (bridge.media.stores), by SHA-256."""
+
+    async def get(self, digest: str) -> bytes | None: ...
+
+
 @dataclass
 class Services:
     """What destinations may use, opened and closed by the server."""
@@ -47,6 +53,7 @@ class Services:
     http: aiohttp.ClientSession
     state: ConversationState
     ledger: OptOutLedger | None = None  # the store's opt-out ledger (an SMS is never sent past it)
+    media: MediaFiles | None = None  # the kept MMS files, with a `media:` section (CONTRACT §9)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,10 @@ class Destination(abc.ABC):
     #: True when `send` bounds all of its own waiting by a timeout shorter than attempt_timeout
     #: (the delivery loop then sets no timer of its own: one per attempt is enough)
     bounds_itself: ClassVar[bool] = False
+    #: whether retryable failures in a row mean the destination is down (the delivery loop then
+    #: probes one at a time): False where each delivery goes to a peer of its own (the media
+    #: step fetches from whatever host an MMS names; one that is down says nothing of the others)
+    has_health: ClassVar[bool] = True
 
     def __init__(self, name: str, *, retry: RetryPolicy | None = None, concurrency: int | None = None) -> None:
         self.name = name

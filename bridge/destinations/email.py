@@ -16,7 +16,7 @@ import html
 import ipaddress
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -25,9 +25,18 @@ from typing import Any
 
 import aiosmtplib
 
-from bridge.destinations.base import Attempt, ConversationState, Destination, Services, preview_rendered, rendered
-from bridge.errors import StoreError
+from bridge.destinations.base import (
+    Attempt,
+    ConversationState,
+    Destination,
+    MediaFiles,
+    Services,
+    preview_rendered,
+    rendered,
+)
+from bridge.errors import BridgeError, StoreError
 from bridge.event import Event, parse_time
+from bridge.mediatypes import filename
 from bridge.retry import Delivered, Failed, Outcome
 from bridge.secret import Secret
 from bridge.templates import Templates, parse_templates, readable_phone
@@ -43,6 +52,7 @@ _EHLO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _SUBJECT_MAX = 200
 TEMPLATES = {"subject": "text", "text": "text", "html": "html"}  # `template:` keys and their kinds
+ATTACH_MAX_BYTES = 10 * 1024 * 1024  # the kept files one mail carries at most, in all; the rest are links
 QUIT_TIMEOUT = 5.0
 _LABELS = {
     "sms.received": "SMS",
@@ -169,8 +179,17 @@ def render_text(event: Event) -> str:
     lines += [f"{label + ':':<{width}}{value}" for label, value in _facts(event)]
     if event["media"]:
         lines += ["", "Media:"]
-        lines += [f"  {item['url']}" + ("" if _is_link(item["url"]) else " (not a link)") for item in event["media"]]
+        for item in event["media"]:
+            lines.append(f"  {item['url']}" + ("" if _is_link(item["url"]) else " (not a link)"))
+            if item.get("archived_url"):
+                lines.append(f"    kept copy: {item['archived_url']}")
     return "\n".join(lines) + "\n"
+
+
+def _media_html(item: dict[str, Any]) -> str:
+    e, url, kept = html.escape, item["url"], item.get("archived_url") or ""
+    shown = f'<a href="{e(url)}">{e(url)}</a>' if _is_link(url) else e(url)
+    return shown + (f' (<a href="{e(kept)}">kept copy</a>)' if _is_link(kept) else "")
 
 
 def render_html(event: Event) -> str:
@@ -189,12 +208,7 @@ def render_html(event: Event) -> str:
         f"<table>{rows}</table>",
     ]
     if event["media"]:
-        items = "".join(
-            f'<li><a href="{e(item["url"])}">{e(item["url"])}</a></li>'
-            if _is_link(item["url"])
-            else f"<li>{e(item['url'])}</li>"
-            for item in event["media"]
-        )
+        items = "".join(f"<li>{_media_html(item)}</li>" for item in event["media"])
         parts.append(f"<p>Media:</p><ul>{items}</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -208,10 +222,12 @@ def build_message(
     subject: str = DEFAULT_SUBJECT,
     thread_root: str | None = None,
     templated: Mapping[str, str] | None = None,
+    attachments: Sequence[tuple[str, str, bytes]] = (),
 ) -> EmailMessage:
     """The mail for one event; `thread_root` is the Message-ID of the conversation's first mail.
     `templated`: what the destination's templates rendered (subject, text, html). With a text or
-    html template the mail has those parts only; without either, both built-in ones."""
+    html template the mail has those parts only; without either, both built-in ones.
+    `attachments` are (file name, content type, bytes): the MMS's kept files (`attach_media`)."""
     templated = templated or {}
     msg = EmailMessage()
     msg["From"] = envelope.sender
@@ -239,6 +255,9 @@ def build_message(
             msg.add_alternative(templated["html"], subtype="html", cte="quoted-printable")
     else:
         msg.set_content(templated["html"], subtype="html", cte="quoted-printable")
+    for name, content_type, data in attachments:
+        maintype, _, subtype = content_type.partition(";")[0].partition("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
     return msg
 
 
@@ -396,11 +415,13 @@ class EmailOptions:
     envelope: Envelope
     subject: str = DEFAULT_SUBJECT
     template: Templates | None = None
+    attach_media: bool = False
+    attach_max_bytes: int = ATTACH_MAX_BYTES
 
 
 class EmailDestination(Destination):
     type_name = "email"
-    config_keys = frozenset({"smtp", "from", "to", "cc", "subject", "template"})
+    config_keys = frozenset({"smtp", "from", "to", "cc", "subject", "template", "attach_media", "attach_max_bytes"})
     required_keys = frozenset({"smtp", "from", "to"})
     default_concurrency = 4  # one SMTP connection each; relays throttle many at once
     ordered = True  # a conversation's first mail must be known before replies point at it
@@ -413,6 +434,8 @@ class EmailDestination(Destination):
         *,
         subject: str = DEFAULT_SUBJECT,
         template: Templates | None = None,
+        attach_media: bool = False,
+        attach_max_bytes: int = ATTACH_MAX_BYTES,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
@@ -420,6 +443,9 @@ class EmailDestination(Destination):
         self.envelope = envelope
         self.subject = subject
         self.template = template
+        self.attach_media = attach_media
+        self.attach_max_bytes = attach_max_bytes
+        self._media: MediaFiles | None = None
         self.attempt_timeout = smtp.timeout + QUIT_TIMEOUT + 5.0
         self._tls = ssl.create_default_context(cafile=smtp.ca_file) if smtp.security != "none" else None
         self._state: ConversationState | None = None
@@ -447,18 +473,28 @@ class EmailDestination(Destination):
             if template is not None and template.get("subject") is not None and "subject" in options:
                 r.error(f"{path}.subject", "template.subject is given too: use one or the other")
                 template = None
+        attach = r.boolean(options["attach_media"], f"{path}.attach_media") if "attach_media" in options else False
+        cap: int | None = ATTACH_MAX_BYTES
+        if "attach_max_bytes" in options:
+            cap = r.integer(options["attach_max_bytes"], f"{path}.attach_max_bytes", minimum=1)
         if smtp is None or sender is None or to is None or cc is None or subject is None:
             return None
         if "template" in options and template is None:
             return None
-        return EmailOptions(smtp, Envelope(sender, to, cc), subject, template)
+        if attach is None or cap is None:
+            return None
+        return EmailOptions(smtp, Envelope(sender, to, cc), subject, template, attach, cap)
 
     def describe(self) -> str:
         recipients = ", ".join(self.envelope.recipients)
         return f"SMTP {self.smtp.describe()} from {self.envelope.sender.addr_spec} to {recipients}"
 
     def _message(
-        self, event: Event, thread_root: str | None, templated: Mapping[str, str] | None = None
+        self,
+        event: Event,
+        thread_root: str | None,
+        templated: Mapping[str, str] | None = None,
+        attachments: Sequence[tuple[str, str, bytes]] = (),
     ) -> EmailMessage:
         return build_message(
             event,
@@ -467,7 +503,26 @@ class EmailDestination(Destination):
             subject=self.subject,
             thread_root=thread_root,
             templated=templated,
+            attachments=attachments,
         )
+
+    async def _attachments(self, event: Event) -> list[tuple[str, str, bytes]]:
+        """The MMS's kept files, in order, while they fit in attach_max_bytes together; the rest
+        stay links (each file's kept copy is linked in the text either way)."""
+        if not self.attach_media or self._media is None:
+            return []
+        out, total = [], 0
+        for item in event.get("media") or []:
+            digest, size, kind = item.get("sha256"), item.get("size"), item.get("content_type")
+            if not (isinstance(digest, str) and isinstance(size, int) and isinstance(kind, str)):
+                continue  # not kept: its link is in the text
+            if total + size > self.attach_max_bytes:
+                continue
+            data = await self._media.get(digest)  # MediaStoreError: a retry, as the store's own
+            if data is not None:
+                out.append((filename(kind, digest), kind, data))
+                total += len(data)
+        return out
 
     def preview(self, event: Event) -> Any:
         # no conversation state in a dry run: shown as the first mail of its conversation
@@ -488,6 +543,7 @@ class EmailDestination(Destination):
 
     async def open(self, services: Services) -> None:
         self._state = services.state
+        self._media = services.media
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
         assert self._state is not None, "open() first"
@@ -501,7 +557,11 @@ class EmailDestination(Destination):
             root = await self._state.get_conversation(self.name, attempt.conversation)
         except StoreError as exc:
             return Failed(reason=f"cannot read the conversation's thread: {exc}", retryable=True)
-        msg = self._message(event, root, out)
+        try:
+            attachments = await self._attachments(event)
+        except BridgeError as exc:  # the media store cannot answer now
+            return Failed(reason=f"cannot read the kept files: {exc}", retryable=True)
+        msg = self._message(event, root, out, attachments)
         s = self.smtp
         client = aiosmtplib.SMTP(
             hostname=s.host,

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
@@ -27,12 +27,14 @@ from bridge.destinations.base import (
     Attempt,
     ConversationState,
     Destination,
+    MediaFiles,
     Services,
     preview_rendered,
     rendered,
 )
-from bridge.errors import StoreError
+from bridge.errors import BridgeError, StoreError
 from bridge.event import Event, parse_time, text_of
+from bridge.mediatypes import filename
 from bridge.retry import RETRYABLE_STATUSES, Delivered, Failed, Outcome, parse_retry_after
 from bridge.secret import Secret
 from bridge.templates import RenderError, Templates, parse_templates, readable_phone
@@ -56,6 +58,7 @@ MAX_BLOCKS = 50
 TEMPLATES = {"text": "text", "blocks": "json"}  # `template:` keys: text, and blocks as a JSON list
 IMAGE_URL_LIMIT = 3000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")  # what Slack's image block shows
+SLACK_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif"})
 
 # ---------------------------------------------------------------------------- rendering (pure)
 
@@ -104,9 +107,9 @@ def is_image(url: str) -> bool:
     return is_url(url) and len(url) <= IMAGE_URL_LIMIT and urlsplit(url).path.lower().endswith(IMAGE_SUFFIXES)
 
 
-def link(url: str) -> str:
+def link(url: str, name: str | None = None) -> str:
     """`<url|file name>`; `|` would end the URL early, so it is percent-encoded."""
-    name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] or url
+    name = name or urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] or url
     return f"<{escape(url).replace('|', '%7C')}|{escape(name)}>"
 
 
@@ -162,14 +165,28 @@ def _status(event: Event) -> Message:
     return _one_liner(event, event.get("to"), ":outbox_tray:", line, f"{kind} to {texter}: {status}{code}")
 
 
-def _media_blocks(event: Event, *, images: bool) -> list[dict[str, Any]]:
+def _kept(item: dict[str, Any]) -> str | None:
+    """The bridge's own link to a kept file (archived_url), when there is one."""
+    kept = item.get("archived_url")
+    return kept if isinstance(kept, str) and is_url(kept) else None
+
+
+def _media_blocks(event: Event, *, images: bool, uploads: bool = False) -> list[dict[str, Any]]:
+    """Pictures as image blocks (the kept copy when there is one: Slack fetches it from the
+    bridge, not from Skycore, which deletes its files), the rest as links. With `uploads` the kept
+    files go into the thread as files (SlackDestination._upload) and everything is a link here."""
     blocks: list[dict[str, Any]] = []
     others: list[str] = []
     sender = phone_for_people(event.get("from"))
     for item in event.get("media") or []:
-        url = str(item.get("url", ""))
-        if images and is_image(url) and len(blocks) < MAX_IMAGES:
-            blocks.append({"type": "image", "image_url": url, "alt_text": f"MMS image from {sender}"})
+        url, kept, kind = str(item.get("url", "")), _kept(item), item.get("content_type")
+        picture = kind in SLACK_IMAGE_TYPES if kept else is_image(url)
+        shown = kept or url
+        if images and not uploads and picture and len(shown) <= IMAGE_URL_LIMIT and len(blocks) < MAX_IMAGES:
+            blocks.append({"type": "image", "image_url": shown, "alt_text": f"MMS image from {sender}"})
+        elif kept:
+            digest = str(item.get("sha256") or "")
+            others.append(f"• {link(kept, filename(str(kind), digest) if digest else None)}")
         elif is_url(url):
             others.append(f"• {link(url)}")
         else:
@@ -180,7 +197,7 @@ def _media_blocks(event: Event, *, images: bool) -> list[dict[str, Any]]:
     return blocks
 
 
-def _message(event: Event, *, images: bool) -> Message:
+def _message(event: Event, *, images: bool, uploads: bool = False) -> Message:
     kinds = {"sms.received": (":speech_balloon:", "SMS"), "mms.received": (":frame_with_picture:", "MMS")}
     emoji, kind = kinds.get(event["type"], (":incoming_envelope:", escape(event.get("origin") or "Postback")))
     sender = escape(phone_for_people(event.get("from")))
@@ -210,7 +227,7 @@ def _message(event: Event, *, images: bool) -> Message:
     elif not event.get("media"):
         blocks.append(_section("_(no text)_"))
 
-    blocks.extend(_media_blocks(event, images=images))
+    blocks.extend(_media_blocks(event, images=images, uploads=uploads))
     blocks.append(_context(event, event.get("from")))
 
     preview, omitted = cut(" ".join((text or "").split()), FALLBACK_LIMIT)
@@ -222,15 +239,16 @@ def _message(event: Event, *, images: bool) -> Message:
     return {"text": fallback, "blocks": blocks}
 
 
-def render(event: Event, *, images: bool = True) -> Message:
+def render(event: Event, *, images: bool = True, uploads: bool = False) -> Message:
     """The Slack message for `event`: `text` (notification fallback) and `blocks`. With
-    `images=False` MMS pictures are links instead of image blocks."""
+    `images=False` MMS pictures are links instead of image blocks; with `uploads` kept files are
+    links too (they are uploaded into the thread)."""
     kind = event["type"]
     if kind.startswith(("subscriber.", "email_subscriber.")):
         return _subscriber(event)
     if kind in ("sms.status", "mms.status"):
         return _status(event)
-    return _message(event, images=images)
+    return _message(event, images=images, uploads=uploads)
 
 
 def templated(message: Message, out: Mapping[str, str]) -> Message:
@@ -370,6 +388,7 @@ class SlackOptions:
     timeout: float = 10.0
     replies: RepliesOptions | None = None
     template: Templates | None = None
+    upload_media: bool = False
 
 
 class SlackDestination(Destination):
@@ -386,6 +405,7 @@ class SlackDestination(Destination):
             "timeout",
             "replies",
             "template",
+            "upload_media",
         }
     )
     default_concurrency = 4  # Slack allows about one message a second per channel
@@ -404,11 +424,13 @@ class SlackDestination(Destination):
         timeout: float = 10.0,
         replies: RepliesOptions | None = None,
         template: Templates | None = None,
+        upload_media: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(name, **common)
         self.replies = replies
         self.template = template
+        self.upload_media = upload_media
         if (token is None) == (webhook_url is None):
             raise ValueError("exactly one of token and webhook_url")
         if token is not None and not channel:
@@ -425,10 +447,12 @@ class SlackDestination(Destination):
         self.username = username
         self.icon_emoji = icon_emoji
         self.timeout = timeout
-        self.attempt_timeout = 2 * timeout + 5.0  # an invalid_blocks answer may cost a second post
+        # an invalid_blocks answer may cost a second post; uploads take their own
+        self.attempt_timeout = (4 if upload_media else 2) * timeout + 5.0
         self._web: AsyncWebClient | None = None
         self._webhook: AsyncWebhookClient | None = None
         self._state: ConversationState | None = None
+        self._media: MediaFiles | None = None
 
     @classmethod
     def is_ordered(cls, options: SlackOptions) -> bool:
@@ -484,6 +508,11 @@ class SlackDestination(Destination):
         template = (
             parse_templates(options["template"], f"{path}.template", r, TEMPLATES) if "template" in options else None
         )
+        upload_media = False
+        if "upload_media" in options:
+            upload_media = bool(r.boolean(options["upload_media"], f"{path}.upload_media"))
+            if upload_media and "webhook_url" in options:
+                r.error(f"{path}.upload_media", "needs token: an incoming webhook cannot upload files")
         if len(r.errors) > errors_before or api_url is None or timeout is None:
             return None
         return SlackOptions(
@@ -497,6 +526,7 @@ class SlackDestination(Destination):
             timeout=timeout,
             replies=replies,
             template=template,
+            upload_media=upload_media,
         )
 
     def describe(self) -> str:
@@ -535,6 +565,7 @@ class SlackDestination(Destination):
 
     async def open(self, services: Services) -> None:
         self._state = services.state
+        self._media = services.media
         # retry_handlers=[]: one attempt per send; the delivery loop owns retries
         if self.token is not None:
             self._web = AsyncWebClient(
@@ -559,7 +590,7 @@ class SlackDestination(Destination):
         self._web = self._webhook = None  # the session is the server's to close
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
-        message = render(event)
+        message = render(event, uploads=self.upload_media)
         if self.template is not None:  # all of it rendered before anything is posted
             out = await rendered(self.template, event)
             if isinstance(out, Failed):
@@ -588,7 +619,7 @@ class SlackDestination(Destination):
             # Slack fetches image blocks as it posts, and Skycore deletes MMS files after a while:
             # post the pictures as links rather than lose the message.
             outcome, ts, channel_id = await self._post(
-                {**message, "blocks": render(event, images=False)["blocks"]}, thread_ts
+                {**message, "blocks": render(event, images=False, uploads=self.upload_media)["blocks"]}, thread_ts
             )
 
         if self._state is not None and self.thread_by_sender and thread_ts is None and ts:
@@ -603,7 +634,43 @@ class SlackDestination(Destination):
                     "cannot keep the sender's thread",
                     extra={"event_id": event["id"], "destination": self.name, "error": str(exc)},
                 )
+        if self.upload_media and isinstance(outcome, Delivered) and ts and channel_id:
+            problem = await self._upload(event, channel_id, thread_ts or ts)
+            if problem is not None:  # posted already: the files stay links, never a second post
+                log.warning("MMS files not uploaded", extra={"event_id": event["id"], "error": problem})
+                return Delivered(status=outcome.status, detail=problem)
         return outcome
+
+    async def _upload(self, event: Event, channel_id: str, thread_ts: str) -> str | None:
+        """The MMS's kept files into the thread, with files_upload_v2 (files.getUploadURLExternal,
+        the upload, files.completeUploadExternal); what went wrong, or None."""
+        if self._web is None or self._media is None:
+            return None
+        uploads = []
+        sender = phone_for_people(event.get("from"))
+        try:
+            for item in event.get("media") or []:
+                digest, kind = item.get("sha256"), item.get("content_type")
+                if isinstance(digest, str) and isinstance(kind, str) and _kept(item):
+                    data = await self._media.get(digest)
+                    if data is not None:
+                        uploads.append(
+                            {"content": data, "filename": filename(kind, digest), "title": f"MMS from {sender}"}
+                        )
+        except BridgeError as exc:
+            return f"files not uploaded (cannot read the kept files: {exc}): linked instead"
+        if not uploads:
+            return None
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                await self._web.files_upload_v2(file_uploads=uploads, channel=channel_id, thread_ts=thread_ts)
+        except SlackApiError as exc:
+            code = error_code(getattr(exc.response, "data", None)) or "error"
+            hint = ": add the files:write scope" if code == "missing_scope" else ""
+            return f"files not uploaded ({code}{hint}): linked instead"
+        except (TimeoutError, SlackClientError, aiohttp.ClientError, ConnectionError) as exc:
+            return self._scrub(f"files not uploaded ({type(exc).__name__}: {exc}): linked instead")
+        return None
 
     async def _post(self, message: Message, thread_ts: str | None) -> tuple[Outcome, str | None, str | None]:
         """One HTTP call (the message's ts and channel id when Slack gives them); slack-sdk's

@@ -41,6 +41,7 @@ class NewDelivery:
     route: str
     conversation: str
     ordered: bool = True  # the destination sends a conversation in order (Destination.ordered)
+    delay: float = 0.0  # first due this many seconds after it is stored (an MMS's waiting for its files)
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]: ...
+
+    @abc.abstractmethod
+    async def update_event(self, event_id: str, body: str | None, *, release_except: str | None = None) -> list[str]:
+        """Replace the stored event's JSON with `body` (None: leave it). With `release_except`,
+        the event's pending deliveries that wait (due later, not leased), but for those to that
+        destination, are due now, and other instances are told (PostgreSQL); returns their
+        destinations. What the media step does when it ends (bridge.media.step)."""
+
+    @abc.abstractmethod
+    async def keep_meta(self, key: str, value: str) -> str:
+        """The value kept under `key`, keeping `value` first when there is none: every process on
+        this store gets the same one (the media links' signing key)."""
 
     @abc.abstractmethod
     async def get_event(self, event_id: str) -> Event | None: ...

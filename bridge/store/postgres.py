@@ -398,6 +398,7 @@ class PostgresStore(Store):
             [i.event_id for i in dropped],
             [i.received_at for i in dropped],
             self._channel,
+            [r[1].delay for r in rows],
         )
         if self._pool is None:
             raise StoreError("store is not open")
@@ -620,6 +621,24 @@ class PostgresStore(Store):
         async with self._tx() as conn:
             rows = await conn.fetch(query, *p.values)
         return [delivery_row(row) for row in rows]
+
+    async def update_event(self, event_id: str, body: str | None, *, release_except: str | None = None) -> list[str]:
+        async with self._tx() as conn:
+            if body is not None:
+                await conn.execute(Q["update_event"], event_id, body)
+            if release_except is None:
+                return []
+            rows = await conn.fetch(Q["release_waiting"], event_id, release_except, self._channel, time.time())
+        return sorted(row[0] for row in rows if row[0] is not None)
+
+    async def keep_meta(self, key: str, value: str) -> str:
+        for _ in range(3):
+            async with self._tx() as conn:
+                kept: str | None = await conn.fetchval(Q["keep_meta"], key, value)
+            if kept is not None:
+                return kept
+            # another instance kept one after this statement's snapshot was taken: read it now
+        raise StoreError(f"cannot read meta {key!r}")
 
     async def get_event(self, event_id: str) -> Event | None:
         async with self._tx() as conn:

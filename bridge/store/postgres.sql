@@ -40,9 +40,9 @@ WITH new AS (
     RETURNING id
 ), queued AS (
     INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
-    SELECT d.event_id, d.destination, d.route, d.conversation, d.ordered, 'pending', d.at, d.at, d.at
-    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[], $11::float8[])
-        WITH ORDINALITY AS d (event_id, destination, route, conversation, ordered, at, n)
+    SELECT d.event_id, d.destination, d.route, d.conversation, d.ordered, 'pending', d.at, d.at + d.delay, d.at
+    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[], $11::float8[], $15::float8[])
+        WITH ORDINALITY AS d (event_id, destination, route, conversation, ordered, at, delay, n)
     WHERE d.event_id IN (SELECT id FROM new)
     ORDER BY d.n
     RETURNING destination
@@ -275,3 +275,27 @@ SELECT key FROM conversations WHERE destination = $1 AND value = $2 ORDER BY key
 SELECT id, event_id, destination, route, status, attempts, coalesce(came_in_at, created_at), next_at, updated_at,
     last_error, tracking_id
 FROM deliveries WHERE tracking_id = $1 ORDER BY id DESC LIMIT 1
+
+-- name: update_event
+UPDATE events SET body = $2 WHERE id = $1
+
+-- name: release_waiting
+-- An event's deliveries that wait for its media step (due later, nobody sending them) are due
+-- now, and the other instances' loops for them are woken.
+WITH released AS (
+    UPDATE deliveries SET next_at = $4
+    WHERE event_id = $1 AND destination <> $2 AND status = 'pending' AND leased_by IS NULL AND next_at > $4
+    RETURNING destination
+), woken AS (
+    SELECT pg_notify($3, names) FROM (SELECT string_agg(DISTINCT destination, ',') AS names FROM released) AS q
+    WHERE names IS NOT NULL
+)
+SELECT DISTINCT destination FROM released
+UNION ALL
+SELECT NULL FROM woken
+
+-- name: keep_meta
+WITH kept AS (
+    INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING value
+)
+SELECT value FROM kept UNION ALL SELECT value FROM meta WHERE key = $1

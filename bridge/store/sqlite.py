@@ -268,7 +268,9 @@ def _ingest_all(
         stored_id = owner[item.dedup_key]
         if stored_id == item.event_id:
             eid, at = item.event_id, item.received_at
-            rows.extend((eid, d.destination, d.route, d.conversation, d.ordered, at, at, at) for d in item.deliveries)
+            rows.extend(
+                (eid, d.destination, d.route, d.conversation, d.ordered, at, at + d.delay, at) for d in item.deliveries
+            )
             if not item.deliveries:
                 dropped.append((eid, at))
             results.append((future, Ingested("accepted", item.event_id), None))
@@ -458,6 +460,26 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             rows = conn.execute(query, [*params, where.limit]).fetchall()
             return [delivery_row(row) for row in rows]
+
+        return await self._run(op)
+
+    async def update_event(self, event_id: str, body: str | None, *, release_except: str | None = None) -> list[str]:
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            if body is not None:
+                conn.execute(Q["update_event"], (body, event_id))
+            if release_except is None:
+                return []
+            rows = conn.execute(Q["release_waiting"], (now, event_id, release_except, now)).fetchall()
+            return sorted({row[0] for row in rows})
+
+        return await self._run(op)
+
+    async def keep_meta(self, key: str, value: str) -> str:
+        def op(conn: sqlite3.Connection) -> str:
+            conn.execute(Q["keep_meta"], (key, value))
+            return str(conn.execute(Q["get_meta"], (key,)).fetchone()[0])
 
         return await self._run(op)
 

@@ -151,3 +151,15 @@ SELECT key FROM conversations WHERE destination = ? AND value = ? ORDER BY key L
 SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
     last_error, tracking_id
 FROM deliveries WHERE tracking_id = ? ORDER BY id DESC LIMIT 1
+
+-- name: update_event
+UPDATE events SET body = ? WHERE id = ?
+
+-- name: release_waiting
+-- An event's deliveries that wait for its media step (due later, nobody sending them) are due now.
+UPDATE deliveries SET next_at = ?1
+WHERE event_id = ?2 AND destination <> ?3 AND status = 'pending' AND leased_by IS NULL AND next_at > ?4
+RETURNING destination
+
+-- name: keep_meta
+INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING
