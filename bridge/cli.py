@@ -343,11 +343,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("replay: say which deliveries: ids, --destination, --event, --since/--until, or --all", file=sys.stderr)
         return 2
     config = _config(args.config, required=False)
-    if args.destination and args.destination not in config.destinations:
+    known = (*config.destinations, *sorted(config.internal))  # the bridge's own (~feedback) too
+    if args.destination and args.destination not in known:
         print(f"replay: destination {args.destination!r} is not in {config.source}", file=sys.stderr)
         return 2
     # only to destinations the config has: a replay to a removed one would wait forever
-    where = replace(_filter(args, status=None), destinations=tuple(config.destinations))
+    where = replace(_filter(args, status=None), destinations=known)
 
     async def replay(store: Store) -> tuple[list[int], list[int], list[tuple[int, str]]]:
         """The ids replayed; of the ids asked for, those that do not exist, and those (with their
@@ -357,7 +358,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return ids, [], []
         found = await store.list_deliveries(DeliveryFilter(ids=tuple(args.ids), limit=len(args.ids)))
         unknown = sorted(set(args.ids) - {row.id for row in found})
-        gone = sorted((row.id, row.destination) for row in found if row.destination not in config.destinations)
+        gone = sorted((row.id, row.destination) for row in found if row.destination not in known)
         return ids, unknown, gone
 
     ids, unknown, elsewhere = _with_store(config, replay)

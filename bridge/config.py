@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,12 @@ class Retention:
 
 _LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
+# The bridge's own destinations (durable internal work through the outbox): their names start
+# with `~`, which a configured destination's name cannot, so no route can ever name one.
+INTERNAL_PREFIX = "~"
+FEEDBACK = "~feedback"  # what a reply's thread shows (reactions, lines): bridge.replies
+FEEDBACK_REPORT = "report"  # the route of its deliveries for SMS delivery reports (a TRACKINGID)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -142,6 +149,13 @@ class Config:
     default: tuple[str, ...] | None
     retention: Retention = field(default_factory=Retention)
     source: str | None = None  # the file it came from
+
+    @cached_property
+    def internal(self) -> frozenset[str]:
+        """The bridge's own destinations this config needs: `~feedback` when a Slack destination
+        takes replies. Their pending deliveries are not "to a removed destination"."""
+        takes_replies = any(getattr(spec.options, "replies", None) is not None for spec in self.destinations.values())
+        return frozenset({FEEDBACK}) if takes_replies else frozenset()
 
     def warnings(self) -> list[str]:
         """What is allowed but probably not meant, each with its place as errors have it:
@@ -392,7 +406,8 @@ def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destinat
     for name, spec in raw.items():
         path = f"destinations.{name}"
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            r.error(path, "a destination name uses letters, digits, '_', '-' and '.' only")
+            why = " (names starting with ~ are the bridge's own)" if str(name).startswith(INTERNAL_PREFIX) else ""
+            r.error(path, f"a destination name uses letters, digits, '_', '-' and '.' only{why}")
             continue
         if not isinstance(spec, dict):
             r.error(path, f"expected a mapping with a type, got {kind_of(spec)}")

@@ -32,8 +32,8 @@ from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bridge.answers import error
-from bridge.config import Config
-from bridge.destinations.base import Destination, conversation_key
+from bridge.config import FEEDBACK, FEEDBACK_REPORT, Config
+from bridge.destinations.base import Attempt, Destination, conversation_key
 from bridge.destinations.skycore import OPTED_OUT
 from bridge.destinations.slack import RepliesOptions, SlackDestination, SlackOptions, thread_key
 from bridge.digits import is_digits
@@ -41,10 +41,12 @@ from bridge.errors import StoreError
 from bridge.event import REPLY_TYPE, Event, format_time
 from bridge.ids import event_id
 from bridge.ingest import read_body
+from bridge.retry import Delivered, Failed, Outcome, RetryPolicy
 from bridge.routing import route
 from bridge.runtime import RUNTIME, Runtime
 from bridge.smstext import length, plain, segments
 from bridge.store import AttemptResult, Claim, NewDelivery, Store
+from bridge.validate import Reader
 
 log = logging.getLogger("bridge.replies")
 
@@ -250,6 +252,7 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
             deliveries.append(NewDelivery(spec.name, ROUTE, key, spec.ordered))
     else:
         slack["not_sent"] = not_sent
+        deliveries.append(NewDelivery(FEEDBACK, NOT_SENT, key, False))  # ⛔ and why, with the reply
     # routes whose match.type names sms.reply get it too (a CRM logs both sides); `default` never
     # does, and it never goes back into Slack
     naming = tuple(r for r in config.routes if r.match.type is not None and REPLY_TYPE in r.match.type)
@@ -264,30 +267,21 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
         "reply " + result.status,
         extra={"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent},
     )
-    if result.status == "accepted":
-        if runtime.dispatcher is not None:
-            runtime.dispatcher.notify([d.destination for d in deliveries])
-        if not_sent is not None:
-            _feedback(runtime, slack, "no_entry", not_sent)
+    if result.status == "accepted" and runtime.dispatcher is not None:
+        runtime.dispatcher.notify([d.destination for d in deliveries])
     return result.event_id
 
 
 # ---------------------------------------------------------------------------- the thread
 
-
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _feedback(runtime: Runtime, slack: dict[str, Any], emoji: str, message: str | None) -> None:
-    live = runtime.destinations.get(str(slack.get("destination")))
-    if not isinstance(live, SlackDestination):
-        return
-    channel, ts = slack.get("channel"), slack.get("ts")
-    if not isinstance(channel, str) or not isinstance(ts, str):
-        return
-    task = asyncio.get_running_loop().create_task(live.feedback(channel, ts, slack.get("thread_ts"), emoji, message))
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+# What a reply's thread shows is durable work through the outbox, like any delivery: a delivery
+# of the reply event (or of the delivery report) to the bridge's own `~feedback` destination,
+# stored in the transaction that learnt what to show, retried while Slack cannot take it, dead
+# and replayable when it never could. Its route says what to show.
+NOT_SENT = "not_sent"  # with the reply: ⛔ and why (opted out, too long)
+SENT = "sent"  # with the sendSMS attempt Skycore took: 📤
+DEAD = "dead"  # with the sendSMS attempt that made it dead: ❌ (⛔ when a STOP came meanwhile) and why
+# FEEDBACK_REPORT, with a delivery report (N202: ✅, an E code: ❌ and the code), is added by ingest
 
 
 def _slack_of(event: Event) -> dict[str, Any] | None:
@@ -296,62 +290,101 @@ def _slack_of(event: Event) -> dict[str, Any] | None:
     return slack if isinstance(slack, dict) else None
 
 
+class FeedbackDestination(Destination):
+    """`~feedback`: a reaction (and maybe a line) in a reply's thread, with the Slack
+    destination that took the reply. Built by the bridge, never configured."""
+
+    type_name = FEEDBACK
+    default_concurrency = 4
+
+    def __init__(self, runtime: Runtime, live: dict[str, Destination], retry: RetryPolicy) -> None:
+        super().__init__(FEEDBACK, retry=retry)
+        self._runtime = runtime
+        self._live = live  # the destinations built with this one (the Slack ones it shows with)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> None:
+        r.error(path, "is the bridge's own destination, not one to configure")
+
+    def describe(self) -> str:
+        return "what replies' threads show in Slack: reactions and lines"
+
+    def preview(self, event: Event) -> Any:
+        return None
+
+    async def send(self, event: Event, attempt: Attempt) -> Outcome:
+        try:
+            shown = await self._what(event, attempt.route)
+        except StoreError as exc:
+            return Failed(reason=f"cannot read the reply: {exc}", retryable=True)
+        if isinstance(shown, str):
+            return Delivered(detail=shown)  # nothing to show
+        slack, emoji, say = shown
+        live = self._live.get(str(slack.get("destination")))
+        channel, ts = slack.get("channel"), slack.get("ts")
+        if not isinstance(live, SlackDestination):
+            return Failed(reason=f"no Slack destination {slack.get('destination')!r} in the config", retryable=False)
+        if not isinstance(channel, str) or not isinstance(ts, str):
+            return Failed(reason="the reply names no Slack message", retryable=False)
+        thread_ts = slack.get("thread_ts")
+        return await live.show(channel, ts, thread_ts if isinstance(thread_ts, str) else None, emoji, say)
+
+    async def _what(self, event: Event, route: str) -> tuple[dict[str, Any], str, str | None] | str:
+        """(the reply's `fields.slack`, the reaction, the line) to show, or why nothing."""
+        store = self._runtime.store
+        if store is None:
+            raise StoreError("store is not open")
+        if route == FEEDBACK_REPORT:
+            row = await store.delivery_by_tracking_id(str(event.get("tracking_id")))
+            reply = await store.get_event(row.event_id) if row is not None and row.route == ROUTE else None
+            slack = _slack_of(reply) if reply is not None and reply["type"] == REPLY_TYPE else None
+            if slack is None:
+                return "not the report on a reply's SMS"
+            code = (event.get("code") or "").upper()
+            if code == "N202":
+                return slack, "white_check_mark", None
+            status = (event.get("fields") or {}).get("STATUS")
+            return slack, "x", f"Not delivered: {code}" + (f" {status}" if isinstance(status, str) and status else "")
+        slack = _slack_of(event)
+        if slack is None:
+            return "not a reply"
+        if route == NOT_SENT:
+            return slack, "no_entry", str(slack.get("not_sent") or "Not sent.")
+        if route == SENT:
+            return slack, "outbox_tray", None
+        sent = [d for d in await store.event_deliveries(event["id"]) if d.route == ROUTE and d.status == "dead"]
+        error = (sent[-1].last_error if sent else None) or "it could not be sent"
+        if error.startswith(OPTED_OUT):  # STOP came while it waited: not sent
+            return slack, "no_entry", f"Not sent: {error}"
+        return slack, "x", f"Not sent: {error}"
+
+
 def install(app: web.Application) -> None:
-    """The Events API route and the feedback hooks."""
+    """The Events API route, `~feedback` beside the configured destinations, and what a reply's
+    attempt leaves for its thread."""
     runtime = app[RUNTIME]
     app.router.add_post(PATH, slack_events)
 
+    def internal(config: Config, built: dict[str, Destination]) -> dict[str, Destination]:
+        if FEEDBACK not in config.internal:
+            return {}
+        return {FEEDBACK: FeedbackDestination(runtime, built, config.retry)}
+
+    def follow_ups(destination: Destination, claim: Claim, result: AttemptResult) -> tuple[NewDelivery, ...]:
+        if destination.type_name != "skycore" or claim.route != ROUTE or FEEDBACK not in runtime.destinations:
+            return ()
+        if _slack_of(claim.event) is None:
+            return ()
+        return (NewDelivery(FEEDBACK, SENT if result.outcome == "delivered" else DEAD, claim.conversation, False),)
+
     def after_attempt(destination: Destination, claim: Claim, result: AttemptResult) -> None:
-        if destination.type_name != "skycore" or claim.route != ROUTE or result.outcome == "retry":
-            return
-        slack = _slack_of(claim.event)
-        if slack is None:
-            return
-        if result.outcome == "delivered":
-            _feedback(runtime, slack, "outbox_tray", None)
-        elif (result.error or "").startswith(OPTED_OUT):  # STOP came while it waited: not sent
-            _feedback(runtime, slack, "no_entry", f"Not sent: {result.error}")
-        else:
-            _feedback(runtime, slack, "x", f"Not sent: {result.error}")
+        if result.follow_ups and runtime.dispatcher is not None:
+            runtime.dispatcher.notify([d.destination for d in result.follow_ups])
 
-    def after_stored(event: Event, status: str) -> None:
-        tracking_id = event.get("tracking_id")
-        if event["type"] != "sms.status" or not tracking_id or status != "accepted":
-            return
-        code = (event.get("code") or "").upper()
-        if code != "N202" and not code.startswith("E"):
-            return
-        if not apps(runtime):
-            return
-        task = asyncio.get_running_loop().create_task(_report(runtime, tracking_id, event))
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
-
+    runtime.internal.append(internal)
+    runtime.destinations.update(internal(runtime.config, runtime.destinations))
+    runtime.follow_ups.append(follow_ups)
     runtime.after_attempt.append(after_attempt)
-    runtime.after_stored.append(after_stored)
-
-
-async def _report(runtime: Runtime, tracking_id: str, report: Event) -> None:
-    """A delivery report for a reply's SMS: ✅ for N202, ❌ and the reason for an E code."""
-    store = runtime.store
-    if store is None:
-        return
-    try:
-        row = await store.delivery_by_tracking_id(tracking_id)
-        reply = await store.get_event(row.event_id) if row is not None and row.route == ROUTE else None
-    except StoreError as exc:
-        log.warning("cannot match a delivery report to a reply", extra={"error": str(exc)})
-        return
-    slack = _slack_of(reply) if reply is not None and reply["type"] == REPLY_TYPE else None
-    if slack is None:
-        return
-    code = (report.get("code") or "").upper()
-    if code == "N202":
-        _feedback(runtime, slack, "white_check_mark", None)
-    else:
-        fields = report.get("fields") or {}
-        status = fields.get("STATUS") if isinstance(fields.get("STATUS"), str) else ""
-        _feedback(runtime, slack, "x", f"Not delivered: {code}" + (f" {status}" if status else ""))
 
 
 # ---------------------------------------------------------------------------- Socket Mode

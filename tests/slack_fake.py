@@ -68,6 +68,7 @@ class FakeSlack:
     script: list[Any] = field(default_factory=list)
     delay: float = 0.0
     reject_images: bool = False  # answer invalid_blocks to image blocks, like Slack when a file is gone
+    down: bool = False  # every Web API call answers 503 (an HTML page) while set
     threads: dict[str, set[str]] = field(default_factory=dict)  # channel id -> top-level ts
     messages: dict[str, set[str]] = field(default_factory=dict)  # channel id -> every ts it knows
     reactions: list[tuple[str, str, str]] = field(default_factory=list)  # (channel id, ts, name)
@@ -135,6 +136,8 @@ class FakeSlack:
 
     def _scripted(self) -> tuple[int, web.Response | str | None]:
         """The status of a success, and a ready answer or an error code, for this call."""
+        if self.down:
+            return 503, web.Response(status=503, text="<html>slack is down</html>", content_type="text/html")
         entry = self.script.pop(0) if self.script else None
         if isinstance(entry, tuple):
             code, retry_after = entry

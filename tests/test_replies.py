@@ -257,6 +257,7 @@ async def test_a_reply_goes_to_the_texter_with_the_right_xml_and_the_thread_show
     assert sorted((d.destination, d.route, d.status) for d in rows) == [
         ("crm", "both-sides", "delivered"),  # a route naming sms.reply gets it
         ("sms", "replies", "delivered"),  # and never the Slack inbox (default, or a route without the type)
+        ("~feedback", "sent", "delivered"),  # the thread's 📤, a delivery of its own (durable, retried)
     ]
     assert next(d for d in rows if d.destination == "sms").tracking_id == call.tracking_id
     assert len(bridge.slack.posted()) == 1  # the texter's message; the reply was not posted back
@@ -385,9 +386,11 @@ async def test_stop_then_a_reply_is_never_sent_and_start_then_it_is(start):
     await asyncio.sleep(0.5)
     assert bridge.skycore.calls == []
     (stored,) = await bridge.replies()
-    assert [d.destination for d in await bridge.store.event_deliveries(stored["id"])] == [
-        "crm"
-    ]  # the CRM still sees it
+    # the CRM still sees it; the thread's ⛔ is a delivery of its own, stored with the reply
+    assert sorted((d.destination, d.route) for d in await bridge.store.event_deliveries(stored["id"])) == [
+        ("crm", "both-sides"),
+        ("~feedback", "not_sent"),
+    ]
     assert any("opted out" in line for line in bridge.slack.thread_lines(thread))
 
     await bridge.postback(mo(3, "START", at="2026-12-01T10:02:00Z"))
@@ -408,6 +411,72 @@ async def test_too_long_is_refused_and_says_how_long(start):
     assert any("800 UCS-2 characters, 12 SMS segments" in line for line in bridge.slack.thread_lines(thread))
     fits = await bridge.reply("a" * 459, thread)  # 3 GSM-7 segments
     assert await bridge.reactions(fits, 1) == ["outbox_tray"]
+
+
+async def test_slack_down_then_back_the_thread_still_shows_it_once(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.slack.down = True
+    bridge.skycore.script = ["E713"]
+    ts = await bridge.reply("We can help", thread)
+    await bridge.skycore.wait_for(1)
+
+    async def feedback() -> list[Any]:
+        response = await bridge.client.get("/admin/deliveries", params={"destination": "~feedback"})
+        assert response.status == 200
+        return (await response.json())["deliveries"]
+
+    deadline = time.monotonic() + 10
+    while not (rows := await feedback()) or rows[0]["attempts"] < 2:  # Slack refused it twice: retried
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.05)
+    assert rows[0]["status"] == "pending" and rows[0]["route"] == "dead" and "503" in rows[0]["last_error"]
+    assert bridge.slack.reactions_on(ts) == []
+    bridge.slack.down = False
+    assert await bridge.reactions(ts, 1) == ["x"]
+    await bridge.settled()
+    assert bridge.slack.thread_lines(thread) == ["Not sent: E713: There is a billing problem on your account"]
+    assert [row["status"] for row in await feedback()] == ["delivered"]
+
+
+async def test_the_line_failing_after_the_reaction_puts_only_the_line_again(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = ["E713"]
+    bridge.slack.script = [None, 500]  # the reaction is taken, the line is not: the whole is retried
+    ts = await bridge.reply("We can help", thread)
+    await bridge.settled()
+    assert bridge.slack.reactions_on(ts) == ["x"]  # already_reacted the second time counts as done
+    assert bridge.slack.thread_lines(thread) == ["Not sent: E713: There is a billing problem on your account"]
+    assert [c.kind for c in bridge.slack.calls[1:]] == [
+        "reactions.add", "chat.postMessage", "reactions.add", "chat.postMessage"
+    ]  # fmt: skip
+
+
+async def test_feedback_slack_refuses_is_dead_listed_and_replayable(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.slack.script = ["missing_scope"]  # reactions:write not granted (yet)
+    ts = await bridge.reply("See you", thread)
+    await bridge.settled()
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.status, row.route) == ("dead", "sent") and row.last_error and "missing_scope" in row.last_error
+    assert bridge.slack.reactions_on(ts) == []
+    response = await bridge.client.post(f"/admin/deliveries/{row.id}/replay")  # the scope is granted now
+    assert response.status == 200, await response.text()
+    assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    assert len(bridge.skycore.sent()) == 1
+
+
+def test_a_destination_or_route_cannot_name_the_bridges_own():
+    raw = {"destinations": {"~feedback": {"type": "log"}, "l": {"type": "log"}}, "default": ["l"]}
+    with pytest.raises(ConfigError) as caught:
+        build(raw, environ={})
+    assert any(p.startswith("destinations.~feedback") and "the bridge's own" in p for p in caught.value.problems)
+    raw = {"destinations": {"l": {"type": "log"}}, "routes": [{"match": {}, "to": ["~feedback"]}], "default": ["l"]}
+    with pytest.raises(ConfigError) as caught:
+        build(raw, environ={})
+    assert any("~feedback" in p for p in caught.value.problems), caught.value.problems
 
 
 # ---------------------------------------------------------------------------- real processes
@@ -498,6 +567,29 @@ async def test_killed_between_storing_the_reply_and_sending_it_sends_it_once_aft
     assert API_KEY not in seen and SIGNING_SECRET not in seen and TOKEN not in seen
 
 
+async def test_killed_between_sending_the_reply_and_its_reaction_shows_it_after_restart(peers, bridge_factory):
+    slack, skycore = peers
+    bridge = bridge_factory(process_config(slack, skycore), ENV)
+    bridge.start()
+    status, _ = await post(bridge.url + "/postback", mo(1, "Hello?"))
+    assert status == 200
+    (call,) = await slack.wait_for(1)
+    await thread_kept(bridge.url)
+    slack.down = True  # the SMS goes, its 📤 cannot
+    ts = "1714579400.000100"
+    slack.person_says("C0FAKE", ts)
+    assert await send_event(bridge.url, message_event("On our way", thread_ts=call.ts, ts=ts)) == 200
+    await until(lambda: len(skycore.sent()) == 1 and any(c.kind == "reactions.add" for c in slack.calls))
+    bridge.kill()  # kill -9: sent, and what the thread should show is only in the store
+    slack.down = False
+
+    bridge.start()
+    await until(lambda: slack.reactions_on(ts) == ["outbox_tray"])
+    await asyncio.sleep(0.5)
+    assert len(skycore.sent()) == 1 and slack.reactions_on(ts) == ["outbox_tray"]
+    assert bridge.stop() == 0
+
+
 async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers, bridge_factory):  # noqa: F811
     slack, skycore = peers
     first = bridge_factory({**process_config(slack, skycore), "store": pg_url}, ENV)
@@ -520,6 +612,12 @@ async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers,
     await asyncio.sleep(1.0)
     assert sorted(c.request["TEXT"] for c in skycore.calls) == sorted(texts)
     assert [c.request["TEXT"] for c in skycore.calls] == texts  # one texter's replies in the order written
+    # and one 📤 each: the thread's feedback is a delivery, sent by one instance
+    await until(lambda: len(slack.reactions) == len(texts))
+    await asyncio.sleep(0.5)
+    assert sorted(c.body["timestamp"] for c in slack.calls if c.kind == "reactions.add") == [
+        f"{1714579500 + n}.000100" for n in range(len(texts))
+    ]
     assert first.stop() == 0 and second.stop() == 0
 
 

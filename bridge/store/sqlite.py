@@ -368,12 +368,25 @@ class SQLiteStore(Store):
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
             finish = (status, next_at, error, now, r.claim.id, r.claim.attempt, r.tracking_id)
             (deaths if status == "dead" else finishes).append((r, finish))
+        # one at a time, to see which applied: deaths, and verdicts with follow-ups, are few
+        alone = [item for item in finishes if item[0].follow_ups]
+        together = [finish for r, finish in finishes if not r.follow_ups]
+
+        def follow(conn: sqlite3.Connection, r: AttemptResult) -> None:
+            eid = r.claim.event_id
+            rows = [(eid, d.destination, d.route, d.conversation, d.ordered, now, now, now) for d in r.follow_ups]
+            conn.executemany(Q["insert_delivery"], rows)
 
         def op(conn: sqlite3.Connection) -> list[AttemptResult]:
             conn.executemany(Q["record_attempt"], attempts)
-            conn.executemany(Q["finish"], [finish for _, finish in finishes])
-            # one at a time, to see which applied: deaths are few
-            return [r for r, finish in deaths if conn.execute(Q["finish"], finish).rowcount]
+            conn.executemany(Q["finish"], together)
+            for r, finish in alone:
+                if conn.execute(Q["finish"], finish).rowcount:
+                    follow(conn, r)
+            died = [r for r, finish in deaths if conn.execute(Q["finish"], finish).rowcount]
+            for r in died:
+                follow(conn, r)
+            return died
 
         return await self._run(op)
 
