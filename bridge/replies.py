@@ -98,20 +98,19 @@ def _verified(apps_: list[App], body: bytes, headers: Any) -> App | None:
 
 
 def not_a_reply(message: Any) -> str | None:
-    """Why a Slack event is not a person's reply in a thread (None when it is one)."""
+    """Why a Slack event is not a person's reply in a thread (None when it is one): one of
+    metrics.REPLY_IGNORED."""
     if not isinstance(message, dict) or message.get("type") != "message":
-        return "not a message"
+        return "not_a_message"
     if message.get("subtype"):
-        return f"subtype {message.get('subtype')}"  # edits, deletions, joins, the bridge's own posts
+        return "subtype"  # edits, deletions, joins, the bridge's own posts
     if message.get("bot_id") or message.get("bot_profile"):
-        return "a bot's message"
+        return "bot"
     thread_ts, ts = message.get("thread_ts"), message.get("ts")
     if not isinstance(thread_ts, str) or not isinstance(ts, str) or thread_ts == ts:
-        return "not in a thread"
-    if not isinstance(message.get("user"), str) or not isinstance(message.get("text"), str):
-        return "no person or no text"
-    if not isinstance(message.get("channel"), str):
-        return "no channel"
+        return "not_in_a_thread"
+    if not all(isinstance(message.get(key), str) for key in ("user", "text", "channel")):
+        return "incomplete"  # no person, text or channel
     return None
 
 
@@ -201,7 +200,7 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
         return web.json_response({"ok": True})
     try:
         async with asyncio.timeout(ANSWER_WITHIN):
-            await take_reply(runtime, app, payload)
+            await take_reply(runtime, app, payload, "events_api")
     except TimeoutError:
         # Slack gives up after 3 s and sends the event again: say so first (a write that did
         # commit meanwhile makes the retry a duplicate)
@@ -210,13 +209,14 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     return web.json_response({"ok": True})
 
 
-async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str | None:
-    """Store the reply in `payload` (an event_callback), if it is one; its event id. Raises
-    StoreError when the store cannot take it (Slack then retries)."""
+async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source: str) -> str | None:
+    """Store the reply in `payload` (an event_callback that came by `source`: events_api,
+    socket_mode), if it is one; its event id. Raises StoreError when the store cannot take it
+    (Slack then retries)."""
     message = payload.get("event")
     why = not_a_reply(message)
     if why is not None:
-        log.debug("Slack event ignored", extra={"why": why, "slack_event_id": payload.get("event_id")})
+        _ignored(runtime, why, payload)
         return None
     assert isinstance(message, dict)
     store = runtime.store
@@ -224,7 +224,7 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
         raise StoreError("store is not open")
     found = await conversation(store, app, message["channel"], message["thread_ts"])
     if found is None:
-        log.debug("Slack message ignored: not in a texter's thread", extra={"slack_event_id": payload.get("event_id")})
+        _ignored(runtime, "not_a_texters_thread", payload)
         return None
     texter, short_code = found
     slack = {
@@ -237,12 +237,16 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
     }
     event = reply_event(message, texter, short_code, slack)
     if not event["text"]:
+        _ignored(runtime, "empty", payload)
         return None
-    not_sent = None
+    refused: str | None = None
+    not_sent: str | None
     if await store.opted_out(texter, short_code):
+        refused = "opted_out"
         not_sent = f"Not sent: {texter} opted out of {short_code} (STOP). They must text START to hear from you again."
     else:
         not_sent = too_long(event["text"], app.replies.max_segments)
+        refused = None if not_sent is None else "too_long"
     config = runtime.config
     deliveries = []
     key = conversation_key(event)
@@ -267,9 +271,20 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
         "reply " + result.status,
         extra={"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent},
     )
-    if result.status == "accepted" and runtime.dispatcher is not None:
+    if result.status != "accepted":
+        _ignored(runtime, "duplicate", payload)
+        return result.event_id
+    runtime.metrics.reply(source)
+    if refused is not None:
+        runtime.metrics.reply_refused(refused)
+    if runtime.dispatcher is not None:
         runtime.dispatcher.notify([d.destination for d in deliveries])
     return result.event_id
+
+
+def _ignored(runtime: Runtime, why: str, payload: dict[str, Any]) -> None:
+    runtime.metrics.reply_ignored(why)
+    log.debug("Slack event ignored", extra={"why": why, "slack_event_id": payload.get("event_id")})
 
 
 # ---------------------------------------------------------------------------- the thread
@@ -378,6 +393,12 @@ def install(app: web.Application) -> None:
         return (NewDelivery(FEEDBACK, SENT if result.outcome == "delivered" else DEAD, claim.conversation, False),)
 
     def after_attempt(destination: Destination, claim: Claim, result: AttemptResult) -> None:
+        if destination.type_name != "skycore" or claim.route != ROUTE or result.outcome == "retry":
+            return
+        if result.outcome == "delivered":
+            runtime.metrics.replies_sent.inc()
+        else:
+            runtime.metrics.replies_failed.inc()
         if result.follow_ups and runtime.dispatcher is not None:
             runtime.dispatcher.notify([d.destination for d in result.follow_ups])
 
@@ -402,7 +423,7 @@ def _on_request(runtime: Runtime, app: App) -> Any:
         if request.type == "events_api" and isinstance(request.payload, dict):
             try:
                 async with asyncio.timeout(ANSWER_WITHIN):
-                    await take_reply(runtime, app, request.payload)
+                    await take_reply(runtime, app, request.payload, "socket_mode")
             except (StoreError, TimeoutError) as exc:
                 log.error("reply not stored; not acked, Slack sends it again", extra={"error": str(exc)})
                 return

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import create_app
 from bridge.config import build
@@ -112,6 +113,15 @@ class Bridge:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not settled: {rows}")
             await asyncio.sleep(0.05)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one series on /metrics (an error when it is not there)."""
+        text = await (await self.client.get("/metrics")).text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise AssertionError(f"{name}{labels} is not on /metrics")
 
     async def reactions(self, ts: str, count: int, timeout: float = 10.0) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -468,6 +478,40 @@ async def test_feedback_slack_refuses_is_dead_listed_and_replayable(start):
     assert len(bridge.skycore.sent()) == 1
 
 
+async def test_reply_metrics_count_received_ignored_refused_sent_and_failed(start):
+    bridge = await start(max_segments=1)
+    for name, labels in [
+        ("bridge_replies_received_total", {"source": "events_api"}),
+        ("bridge_replies_received_total", {"source": "socket_mode"}),
+        ("bridge_replies_ignored_total", {"why": "bot"}),
+        ("bridge_replies_refused_total", {"why": "opted_out"}),
+        ("bridge_replies_sent_total", {}),
+        ("bridge_replies_failed_total", {}),
+    ]:
+        assert await bridge.metric(name, **labels) == 0  # there from the start
+    thread = await bridge.thread()
+    sent = await bridge.reply("Yes", thread)
+    await bridge.reactions(sent, 1)
+    again = message_event("Yes", thread_ts=thread, ts=sent)  # Slack's retry of it
+    assert (await bridge.event(again)).status == 200
+    assert (await bridge.event(message_event("beep", thread_ts=thread, ts=bridge.next_ts(), bot_id="B1"))).status == 200
+    assert (await bridge.event(message_event("hi", thread_ts="1714579999.000001", ts=bridge.next_ts()))).status == 200
+    refused = await bridge.reply("a" * 161, thread)  # 2 segments
+    await bridge.reactions(refused, 1)
+    bridge.skycore.script = ["E713"]
+    failed = await bridge.reply("No", thread)
+    await bridge.reactions(failed, 1)
+    await bridge.settled()
+    assert await bridge.metric("bridge_replies_received_total", source="events_api") == 3
+    assert await bridge.metric("bridge_replies_ignored_total", why="duplicate") == 1
+    assert await bridge.metric("bridge_replies_ignored_total", why="bot") == 1
+    assert await bridge.metric("bridge_replies_ignored_total", why="not_a_texters_thread") == 1
+    assert await bridge.metric("bridge_replies_refused_total", why="too_long") == 1
+    assert await bridge.metric("bridge_replies_refused_total", why="opted_out") == 0
+    assert await bridge.metric("bridge_replies_sent_total") == 1
+    assert await bridge.metric("bridge_replies_failed_total") == 1
+
+
 def test_a_destination_or_route_cannot_name_the_bridges_own():
     raw = {"destinations": {"~feedback": {"type": "log"}, "l": {"type": "log"}}, "default": ["l"]}
     with pytest.raises(ConfigError) as caught:
@@ -693,6 +737,8 @@ async def test_socket_mode_takes_the_same_replies_acks_after_storing_and_reconne
     await skycore.wait_for(2)
     await until(lambda: "env-2" in slack.acks)
     assert [c.request["TEXT"] for c in skycore.calls] == ["Hi from the socket", "Still here"]
+    assert await bridge.metric("bridge_replies_received_total", source="socket_mode") == 2
+    assert await bridge.metric("bridge_replies_received_total", source="events_api") == 0
 
 
 async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, tmp_path, peers, monkeypatch):
