@@ -416,11 +416,13 @@ _SDK_LOG.setLevel(logging.INFO)
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 60.0
 
 
-def _on_request(runtime: Runtime, app: App) -> Any:
+def _on_request(runtime: Runtime, destination: str) -> Any:
     async def on_request(client: SocketModeClient, request: SocketModeRequest) -> None:
         """The same events as /slack/events, acked only once the reply is stored: an envelope
-        not acked is sent again by Slack."""
-        if request.type == "events_api" and isinstance(request.payload, dict):
+        not acked is sent again by Slack. The destination's replies as the config in force has
+        them (a reload may have changed them since the socket opened)."""
+        app = next((a for a in apps(runtime) if a.destination == destination), None)
+        if request.type == "events_api" and isinstance(request.payload, dict) and app is not None:
             try:
                 async with asyncio.timeout(ANSWER_WITHIN):
                     await take_reply(runtime, app, request.payload, "socket_mode")
@@ -450,28 +452,75 @@ async def _connect(client: SocketModeClient, destination: str) -> None:
             delay = min(2 * delay, RECONNECT_MAX)
 
 
-async def socket_mode_ctx(web_app: web.Application) -> Any:
-    """Socket Mode clients for the Slack destinations with `replies.app_token` (the config at
-    startup; a reload that adds or removes one takes effect at the next start)."""
-    runtime = web_app[RUNTIME]
-    clients: list[SocketModeClient] = []
-    tasks = []
-    for app in apps(runtime):
-        token = app.replies.app_token
-        if token is None:
-            continue
-        options = runtime.config.destinations[app.destination].options
-        api_url = options.api_url if isinstance(options, SlackOptions) else "https://slack.com/api/"
+@dataclass
+class _Socket:
+    wanted: tuple[str, str]  # (app token, Web API URL) it was opened with
+    client: SocketModeClient
+    connecting: asyncio.Task[None]
+
+
+class SocketModes:
+    """One Socket Mode client per Slack destination with `replies.app_token`, kept in step with
+    the config: `apply` (at start and after each reload) starts the ones a config adds, stops
+    the ones it removes, and restarts one whose app_token (or api_url) changed."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.running: dict[str, _Socket] = {}
+
+    @staticmethod
+    def wanted(config: Config) -> dict[str, tuple[str, str]]:
+        out = {}
+        for app in apps_of(config):
+            if app.replies.app_token is not None:
+                options = config.destinations[app.destination].options
+                api_url = options.api_url if isinstance(options, SlackOptions) else "https://slack.com/api/"
+                out[app.destination] = (app.replies.app_token.reveal(), api_url)
+        return out
+
+    async def apply(self, config: Config) -> None:
+        wanted = self.wanted(config)
+        for name in list(self.running):
+            if self.running[name].wanted != wanted.get(name):
+                await self._stop(name, "app_token changed" if name in wanted else "app_token removed")
+        for name, key in wanted.items():
+            if name not in self.running:
+                self._start(name, key)
+
+    def _start(self, destination: str, wanted: tuple[str, str]) -> None:
+        token, api_url = wanted
         web_client = AsyncWebClient(base_url=api_url, logger=_SDK_LOG, retry_handlers=[])
-        client = SocketModeClient(app_token=token.reveal(), web_client=web_client, logger=_SDK_LOG)
-        client.socket_mode_request_listeners.append(_on_request(runtime, app))
-        clients.append(client)
-        tasks.append(asyncio.create_task(_connect(client, app.destination), name=f"socket-mode:{app.destination}"))
+        client = SocketModeClient(app_token=token, web_client=web_client, logger=_SDK_LOG)
+        client.socket_mode_request_listeners.append(_on_request(self.runtime, destination))
+        task = asyncio.create_task(_connect(client, destination), name=f"socket-mode:{destination}")
+        self.running[destination] = _Socket(wanted, client, task)
+        log.info("Socket Mode starting", extra={"destination": destination})
+
+    async def _stop(self, destination: str, why: str) -> None:
+        socket = self.running.pop(destination)
+        socket.connecting.cancel()
+        await socket.client.close()  # type: ignore[no-untyped-call]
+        log.info("Socket Mode stopped", extra={"destination": destination, "why": why})
+
+    async def close(self) -> None:
+        for name in list(self.running):
+            await self._stop(name, "shutting down")
+
+
+async def socket_mode_ctx(web_app: web.Application) -> Any:
+    """Socket Mode clients for the Slack destinations with `replies.app_token`, started,
+    stopped and restarted as config reloads add, remove or change their tokens."""
+    runtime = web_app[RUNTIME]
+    sockets = SocketModes(runtime)
+    await sockets.apply(runtime.config)
+
+    async def reloaded(old: Config, new: Config) -> None:
+        await sockets.apply(new)
+
+    runtime.after_reload.append(reloaded)
     yield
-    for task in tasks:
-        task.cancel()
-    for client in clients:
-        await client.close()  # type: ignore[no-untyped-call]
+    runtime.after_reload.remove(reloaded)
+    await sockets.close()
 
 
 def needs(config: Config) -> list[str]:

@@ -79,6 +79,8 @@ class FakeSlack:
     acks: list[str] = field(default_factory=list)
     socket_opened: asyncio.Event = field(default_factory=asyncio.Event)
     connections_opened: int = 0
+    app_tokens: set[str] = field(default_factory=lambda: {APP_TOKEN})  # the app-level tokens it takes
+    opened_with: list[str] = field(default_factory=list)  # the token of each socket URL it gave out
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _clock: int = 0
 
@@ -215,8 +217,10 @@ class FakeSlack:
     async def connections_open(self, request: web.Request) -> web.Response:
         """apps.connections.open: a websocket URL for an app-level token."""
         self.connections_opened += 1  # not in `calls`: those are the messages and reactions
-        if request.headers.get("Authorization", "") != f"Bearer {APP_TOKEN}":
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in self.app_tokens:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        self.opened_with.append(token)
         return web.json_response({"ok": True, "url": self.url.replace("http://", "ws://") + "/link/?ticket=fake"})
 
     async def link(self, request: web.Request) -> web.WebSocketResponse:

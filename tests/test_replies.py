@@ -13,10 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import create_app
-from bridge.config import build
+from bridge.config import build, load
 from bridge.errors import ConfigError, StoreError
 from bridge.runtime import RUNTIME
 from bridge.smstext import length, plain, segments
@@ -739,6 +740,77 @@ async def test_socket_mode_takes_the_same_replies_acks_after_storing_and_reconne
     assert [c.request["TEXT"] for c in skycore.calls] == ["Hi from the socket", "Still here"]
     assert await bridge.metric("bridge_replies_received_total", source="socket_mode") == 2
     assert await bridge.metric("bridge_replies_received_total", source="events_api") == 0
+
+
+async def test_socket_mode_starts_restarts_and_stops_as_reloads_change_the_app_token(aiohttp_client, tmp_path, peers):
+    slack, skycore = peers
+    other_token = "xapp-1-A0FAKE-2222-anotherAppLevelToken"
+    slack.app_tokens.add(other_token)
+    raw = config(tmp_path, slack, skycore)
+    path = tmp_path / "config.yaml"
+
+    def write(**replies: Any) -> None:
+        raw["destinations"]["inbox"]["replies"] = {"send_with": "sms", "signing_secret": SIGNING_SECRET, **replies}
+        path.write_text(yaml.safe_dump(raw))
+
+    async def reload() -> None:
+        response = await bridge.client.post("/admin/reload")
+        assert response.status == 200, await response.text()
+
+    async def reply_by_socket(text: str, envelope_id: str) -> None:
+        ts = bridge.next_ts()
+        slack.person_says("C0FAKE", ts)
+        await slack.envelope(message_event(text, thread_ts=thread, ts=ts), envelope_id)
+        await until(lambda: envelope_id in slack.acks)
+        await until(lambda: text in [c.request["TEXT"] for c in skycore.calls])
+
+    write()  # the Events API only: no socket
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    assert slack.connections_opened == 0
+
+    write(app_token=APP_TOKEN)  # added: started, no restart needed
+    await reload()
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    await reply_by_socket("By the first socket", "env-1")
+
+    slack.socket_opened.clear()
+    write(app_token=other_token)  # changed: the old socket closes, one with the new token opens
+    await reload()
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    assert slack.opened_with == [APP_TOKEN, other_token]
+    assert [s.closed for s in slack.sockets] == [True, False]
+    await reply_by_socket("By the second socket", "env-2")
+
+    write(app_token=other_token, max_segments=2)  # the same token: the socket stays
+    await reload()
+    await asyncio.sleep(0.3)
+    assert len(slack.opened_with) == 2 and not slack.sockets[-1].closed
+
+    write()  # removed: stopped, and not reconnected
+    await reload()
+    await until(lambda: all(s.closed for s in slack.sockets))
+    await asyncio.sleep(1.5)
+    assert len(slack.opened_with) == 2 and all(s.closed for s in slack.sockets)
+
+
+async def test_a_reload_keeps_what_the_thread_has_yet_to_show(aiohttp_client, tmp_path, peers):
+    slack, skycore = peers
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, slack, skycore)))
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    slack.down = True
+    ts = await bridge.reply("Noted", thread)
+    await skycore.wait_for(1)
+    await until(lambda: any(c.kind == "reactions.add" for c in slack.calls))
+    response = await bridge.client.post("/admin/reload")  # ~feedback is no destination "removed"
+    assert response.status == 200, await response.text()
+    slack.down = False
+    assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    await bridge.settled()
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert row.status == "delivered"
 
 
 async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, tmp_path, peers, monkeypatch):
