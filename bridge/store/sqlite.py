@@ -1,6 +1,7 @@
 """SQLite store: WAL, fsync on every commit, and group commit.
 
-Every operation runs on one writer thread that owns the connection. Operations that arrive
+Every write runs on one writer thread that owns its connection (a few lookups that write
+nothing run on a reader connection of their own: `_Reader`). Operations that arrive
 while a commit is in flight queue up and are committed together in the next transaction, so a
 burst of N postbacks costs a few fsyncs, not N, and each caller still hears back only after
 its own data is durable. Each operation runs in a savepoint, so one failing op does not undo
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -290,10 +292,50 @@ def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
             future.set_result(value)
 
 
+class _Reader:
+    """Lookups that write nothing (a reply's thread and the opt-out ledger, a Slack thread's ts,
+    a tracking id), on a connection and a thread of their own: in WAL mode a reader sees every
+    committed transaction and never waits for the writer, so a lookup does not queue behind the
+    next group commit's fsync as an op of the writer's would (twice: the batch in flight, then
+    its own). It sees what was committed before it was asked; every write a caller awaited was."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:  # in the reader's thread, once the writer made and migrated the file
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA query_only = 1")
+            self._conn = conn
+        return self._conn
+
+    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            return op(self._connection())
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._pool.submit(shut)
+        self._pool.shutdown(wait=True)
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
         self._writer: _Writer | None = None
+        self._reader: _Reader | None = None
 
     async def open(self) -> None:
         writer = _Writer(self.path)
@@ -305,8 +347,12 @@ class SQLiteStore(Store):
                 raise exc
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._writer = writer
+        self._reader = _Reader(self.path)
 
     async def close(self) -> None:
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.close)
+            self._reader = None
         if self._writer is not None:
             self._writer.queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -320,6 +366,12 @@ class SQLiteStore(Store):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._writer.queue.put((op, future, isolated))
         return future
+
+    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a lookup that writes nothing on the reader (see _Reader)."""
+        if self._reader is None:
+            raise StoreError("store is not open")
+        return await self._reader.run(op)
 
     async def ping(self) -> None:
         now = str(time.time())
@@ -407,7 +459,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["get_conversation"], (destination, key)).fetchone()
             return row[0] if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def put_conversation(self, destination: str, key: str, value: str) -> None:
         await self._run(lambda conn: conn.execute(Q["put_conversation"], (destination, key, value)))
@@ -417,7 +469,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["conversation_of"], (destination, value)).fetchone()
             return row[0] if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def record_optout(self, row: OptOutRow) -> None:
         values = (row.texter, row.short_code, int(row.opted_out), row.word, row.at, row.event_id)
@@ -428,7 +480,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["opted_out"], (texter, short_code)).fetchone()
             return bool(row and row[0])
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
         where, params = ("", []) if number is None else (" WHERE texter = ? OR short_code = ?", [number, number])
@@ -444,7 +496,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["delivery_by_tracking_id"], (tracking_id,)).fetchone()
             return delivery_row(row) if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
@@ -479,7 +531,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["get_event"], (event_id,)).fetchone()
             return json.loads(row[0]) if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def attempts(self, delivery_id: int) -> list[AttemptRow]:
         return await self._run(
