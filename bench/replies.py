@@ -121,7 +121,7 @@ async def main(args: argparse.Namespace) -> None:
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {
                 "cpus": os.cpu_count(),
-                "shared": "with other sessions' builds and tests: figures vary between runs",
+                "note": "shared with other sessions' builds and tests: figures vary between runs",
                 "load_before": load_before,
                 "load_after": os.getloadavg(),
             },
