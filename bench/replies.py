@@ -94,12 +94,24 @@ async def main(args: argparse.Namespace) -> None:
                     # the postback path alone, then with replies beside it: same bridge, same
                     # store, same wrk settings, back to back (the machine is shared: rounds
                     # alternate so drift hits both)
+                    cpu = cpu_seconds(proc.pid)
                     alone = await asyncio.to_thread(
                         wrk, port, connections=10, seconds=args.seconds, pause_ms=args.postbacks_pause_ms
                     )
                     await asyncio.sleep(2)  # the backlog of the archive destination drains
+                    cpu_alone, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
                     beside, n = await with_replies(http, url, threads, args, n, slack)
-                    rounds.append({"round": round_no + 1, "postbacks_alone": alone, **beside})
+                    cpu_beside = cpu_seconds(proc.pid) - cpu
+                    rounds.append(
+                        {
+                            "round": round_no + 1,
+                            "postbacks_alone": alone,
+                            **beside,
+                            # the bridge's CPU time (user + system) over each phase and its wind-down
+                            "bridge_cpu_s_alone": round(cpu_alone, 2),
+                            "bridge_cpu_s_beside": round(cpu_beside, 2),
+                        }
+                    )
                     await asyncio.sleep(2)
                 rss = rss_mb(proc.pid)
         finally:
@@ -180,6 +192,12 @@ async def with_replies(
     return entry, n
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far, all threads, user + system (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -201,8 +219,8 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['settings']['seconds']:g} s per phase.",
         "",
         "| round | postbacks/s alone | p50 / p99 ms alone | postbacks/s with replies | p50 / p99 ms with replies "
-        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent | bridge CPU s alone / with |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rounds"]:
         a, b = r["postbacks_alone"], r["postbacks_beside_replies"]
@@ -210,7 +228,7 @@ def summary(result: dict[str, Any]) -> str:
             f"| {r['round']} | {a['per_s']:,.0f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['per_s']:,.0f} | "
             f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {r['replies_per_s']:g} | "
             f"{r['reply_p50_ms']} / {r['reply_p99_ms']} / {r['reply_max_ms']} | {r['events_not_200']} | "
-            f"{r['replies_sent_as_sms']} of {r['replies']} |"
+            f"{r['replies_sent_as_sms']} of {r['replies']} | {r['bridge_cpu_s_alone']} / {r['bridge_cpu_s_beside']} |"
         )
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB."]

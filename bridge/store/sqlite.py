@@ -294,7 +294,8 @@ def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
 
 class _Reader:
     """Lookups that write nothing (a reply's thread and the opt-out ledger, a Slack thread's ts,
-    a tracking id), on a connection and a thread of their own: in WAL mode a reader sees every
+    a tracking id, when a delivery loop's next delivery is due), on a connection and a thread of
+    their own: in WAL mode a reader sees every
     committed transaction and never waits for the writer, so a lookup does not queue behind the
     next group commit's fsync as an op of the writer's would (twice: the batch in flight, then
     its own). It sees what was committed before it was asked; every write a caller awaited was."""
@@ -452,7 +453,8 @@ class SQLiteStore(Store):
         await self._run(op)
 
     async def next_due(self, destination: str) -> float | None:
-        return await self._run(lambda conn: conn.execute(Q["next_due"], (destination,)).fetchone()[0])
+        # a delivery loop asks after each claim that found fewer than it wanted: on the reader
+        return await self._read(lambda conn: conn.execute(Q["next_due"], (destination,)).fetchone()[0])
 
     async def get_conversation(self, destination: str, key: str) -> str | None:
         def op(conn: sqlite3.Connection) -> str | None:
