@@ -2,7 +2,8 @@
 sendSMS request on a fake Skycore, at 50 replies/s, with postbacks flowing beside them (wrk,
 about 1,000/s offered), against the real bridge process on SQLite.
 
-    .venv/bin/python bench/replies.py [--seconds 20] [--rounds 2] [--rate 50] [--postbacks-pause-ms 10]
+    .venv/bin/python bench/replies.py [--seconds 20] [--rounds 2] [--rate 50]
+        [--postbacks-connections 20] [--postbacks-pause-ms 17]
 
 Each round runs wrk's postbacks alone, then the same again with the replies beside them, on
 one bridge: the postback path with and without replies flowing, in the same run.
@@ -95,9 +96,7 @@ async def main(args: argparse.Namespace) -> None:
                     # store, same wrk settings, back to back (the machine is shared: rounds
                     # alternate so drift hits both)
                     cpu = cpu_seconds(proc.pid)
-                    alone = await asyncio.to_thread(
-                        wrk, port, connections=10, seconds=args.seconds, pause_ms=args.postbacks_pause_ms
-                    )
+                    alone = await asyncio.to_thread(postbacks, port, args)
                     await asyncio.sleep(2)  # the backlog of the archive destination drains
                     cpu_alone, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
                     beside, n = await with_replies(http, url, threads, args, n, slack)
@@ -156,9 +155,7 @@ async def with_replies(
     """wrk's postbacks with `args.rate` replies/s beside them; the postbacks' figures, and the
     replies' send times (matched to the fake Skycore's requests afterwards)."""
     port = int(url.rsplit(":", 1)[1])
-    load = asyncio.create_task(
-        asyncio.to_thread(wrk, port, connections=10, seconds=args.seconds, pause_ms=args.postbacks_pause_ms)
-    )
+    load = asyncio.create_task(asyncio.to_thread(postbacks, port, args))
     sent_at: dict[str, float] = {}
     statuses: list[int] = []
     posting: list[asyncio.Task[None]] = []
@@ -179,17 +176,22 @@ async def with_replies(
         posting.append(asyncio.create_task(send(payload)))  # at the rate, whatever the answers take
         n += 1
         await asyncio.sleep(max(0.0, start + (n - first) * interval - time.monotonic()))
-    postbacks = await load
+    offered = await load
     await asyncio.gather(*posting)
     await asyncio.sleep(3)  # the last replies' SMS
     entry = {
-        "postbacks_beside_replies": postbacks,
+        "postbacks_beside_replies": offered,
         "replies": n - first,
         "replies_per_s": round((n - first) / args.seconds, 1),
         "events_not_200": sum(1 for s in statuses if s != 200),
         "_sent_at": sent_at,
     }
     return entry, n
+
+
+def postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
+    connections, pause = args.postbacks_connections, args.postbacks_pause_ms
+    return wrk(port, connections=connections, seconds=args.seconds, pause_ms=pause)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -215,7 +217,8 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
         f"the bridge on CPU 0, wrk on CPU 1, the fakes unpinned. {result['settings']['rate']:g} replies/s, "
-        f"wrk 10 connections each pausing {result['settings']['postbacks_pause_ms']:g} ms, "
+        f"wrk {result['settings']['postbacks_connections']} connections each pausing "
+        f"{result['settings']['postbacks_pause_ms']:g} ms, "
         f"{result['settings']['seconds']:g} s per phase.",
         "",
         "| round | postbacks/s alone | p50 / p99 ms alone | postbacks/s with replies | p50 / p99 ms with replies "
@@ -241,6 +244,13 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="each: postbacks alone, then with replies")
     parser.add_argument("--rate", type=float, default=50, help="replies per second")
     parser.add_argument(
-        "--postbacks-pause-ms", type=float, default=10, help="each of wrk's 10 connections waits this long"
+        "--postbacks-pause-ms", type=float, default=17, help="each of wrk's connections waits this long, each time"
+    )
+    parser.add_argument(
+        "--postbacks-connections",
+        type=int,
+        default=20,
+        help="wrk's connections: many, each pausing long, keep the offered rate near connections/pause whatever "
+        "the latency (about 1,000/s by default), so the two phases are offered the same",
     )
     asyncio.run(main(parser.parse_args()))
