@@ -326,7 +326,7 @@ class Runtime:
         assert self.store is not None
         stats = await self.store.stats()
         now = time.time()
-        for name in set(self.config.destinations) | set(stats):
+        for name in set(self.config.destinations) | self.config.internal | set(stats):
             current = stats.get(name)
             self.metrics.pending.labels(name).set(current.pending if current else 0)
             self.metrics.dead.labels(name).set(current.dead if current else 0)

@@ -511,6 +511,9 @@ async def test_reply_metrics_count_received_ignored_refused_sent_and_failed(star
     assert await bridge.metric("bridge_replies_refused_total", why="opted_out") == 0
     assert await bridge.metric("bridge_replies_sent_total") == 1
     assert await bridge.metric("bridge_replies_failed_total") == 1
+    # the bridge's own ~feedback has the per-destination series of any destination
+    assert await bridge.metric("bridge_deliveries_pending", destination="~feedback") == 0
+    assert await bridge.metric("bridge_delivery_attempts_total", destination="~feedback", outcome="delivered") == 3
 
 
 def test_a_destination_or_route_cannot_name_the_bridges_own():
