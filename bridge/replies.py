@@ -539,5 +539,7 @@ def needs(config: Config) -> list[str]:
             f"  bot token scopes: {SCOPES[0]}, {SCOPES[1]}, and {SCOPES[2]} (public channel) or {SCOPES[3]} (private)",
             f"  bot events: {EVENTS[0]} (public channel) or {EVENTS[1]} (private)",
             f"  the app is a member of {app.channel} (/invite @your-app)",
+            f"  what the thread shows goes through the bridge's own destination {FEEDBACK} "
+            f"(postback-bridge deliveries --destination '{FEEDBACK}')",
         ]
     return lines

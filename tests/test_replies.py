@@ -583,7 +583,7 @@ async def test_check_config_names_what_the_slack_app_needs(peers, bridge_factory
     bridge = bridge_factory(process_config(slack, skycore), ENV)
     shown = bridge.cli("check-config", "-c", str(bridge.config_path)).stdout
     for needed in ("/slack/events", "chat:write", "reactions:write", "channels:history", "groups:history",
-                   "message.channels", "message.groups", "#sms-inbox"):  # fmt: skip
+                   "message.channels", "message.groups", "#sms-inbox", "~feedback"):  # fmt: skip
         assert needed in shown, shown
     assert API_KEY not in shown and SIGNING_SECRET not in shown
 
