@@ -390,9 +390,12 @@ class Dispatcher:
         )
         if self._follow_ups is not None and label != "retry":
             try:
-                result = dataclasses.replace(result, follow_ups=self._follow_ups(destination, claim, result))
+                follow_ups = self._follow_ups(destination, claim, result)
             except Exception:  # feedback only: the verdict is recorded without it
                 log.exception("cannot work out what follows an attempt", extra={"event_id": claim.event_id})
+                follow_ups = ()
+            if follow_ups:  # (rarely: a reply's SMS) a copy costs more than the check
+                result = dataclasses.replace(result, follow_ups=follow_ups)
         # Recorded in the background, batched with other attempts' results: the slot is free for
         # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered
         # destinations, holds back the rest of its conversation), so nothing is sent twice.
