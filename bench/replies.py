@@ -2,7 +2,11 @@
 sendSMS request on a fake Skycore, at 50 replies/s, with postbacks flowing beside them (wrk,
 about 1,000/s offered), against the real bridge process on SQLite.
 
-    .venv/bin/python bench/replies.py [--seconds 20] [--rate 50] [--postbacks-pause-ms 10]
+    .venv/bin/python bench/replies.py [--seconds 20] [--rounds 2] [--rate 50]
+        [--postbacks-connections 20] [--postbacks-pause-ms 17]
+
+Each round runs wrk's postbacks alone, then the same again with the replies beside them, on
+one bridge: the postback path with and without replies flowing, in the same run.
 
 The fakes (tests/slack_fake.py, tests/skycore_fake.py) run in this process; the latency is
 from just before the signed event is POSTed to /slack/events to the moment the fake Skycore
@@ -14,12 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -27,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import free_port, wait_listening, wrk  # noqa: E402
+from bench.run import RESULTS, free_port, wait_listening, wrk  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
 
@@ -57,9 +64,11 @@ async def main(args: argparse.Namespace) -> None:
         }  # fmt: skip
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         log = (work / "bridge.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "-c", str(work / "config.yaml")], cwd=ROOT, stdout=log, stderr=log
-        )
+        argv = [sys.executable, "-m", "bridge", "serve", "-c", str(work / "config.yaml")]
+        if shutil.which("taskset"):
+            argv = ["taskset", "-c", "0", *argv]  # as bench/run.py: the bridge on CPU 0, wrk on CPU 1
+        load_before = os.getloadavg()
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         try:
             await asyncio.to_thread(wait_listening, port, proc)
@@ -80,59 +89,168 @@ async def main(args: argparse.Namespace) -> None:
                             threads = [c.ts for c in slack.posted() if c.ts and "thread_ts" not in c.body]
                 assert len(threads) == TEXTERS, "the texters' threads were not made"
 
-                load = asyncio.create_task(
-                    asyncio.to_thread(wrk, port, connections=10, seconds=args.seconds, pause_ms=args.postbacks_pause_ms)
-                )
-                sent_at: dict[str, float] = {}
-                statuses: list[int] = []
-                posting: list[asyncio.Task[None]] = []
-
-                async def send(payload: bytes) -> None:
-                    async with http.post(url + "/slack/events", data=payload, headers=signed(payload)) as response:
-                        statuses.append(response.status)
-
-                interval = 1.0 / args.rate
-                start = time.monotonic()
                 n = 0
-                while time.monotonic() - start < args.seconds:
-                    text = f"bench reply {n}"
-                    ts = f"{1800000000 + n}.000100"
-                    payload = json.dumps(message_event(text, thread_ts=threads[n % TEXTERS], ts=ts)).encode()
-                    sent_at[text] = time.time()
-                    posting.append(asyncio.create_task(send(payload)))  # at the rate, whatever the answers take
-                    n += 1
-                    await asyncio.sleep(max(0.0, start + n * interval - time.monotonic()))
-                postbacks = await load
-                await asyncio.gather(*posting)
-                await asyncio.sleep(3)  # the last replies' SMS
+                rounds: list[dict[str, Any]] = []
+                for round_no in range(args.rounds):
+                    # the postback path alone, then with replies beside it: same bridge, same
+                    # store, same wrk settings, back to back (the machine is shared: rounds
+                    # alternate so drift hits both)
+                    cpu = cpu_seconds(proc.pid)
+                    alone = await asyncio.to_thread(postbacks, port, args)
+                    await asyncio.sleep(2)  # the backlog of the archive destination drains
+                    cpu_alone, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
+                    beside, n = await with_replies(http, url, threads, args, n, slack)
+                    cpu_beside = cpu_seconds(proc.pid) - cpu
+                    rounds.append(
+                        {
+                            "round": round_no + 1,
+                            "postbacks_alone": alone,
+                            **beside,
+                            # the bridge's CPU time (user + system) over each phase and its wind-down
+                            "bridge_cpu_s_alone": round(cpu_alone, 2),
+                            "bridge_cpu_s_beside": round(cpu_beside, 2),
+                        }
+                    )
+                    await asyncio.sleep(2)
+                rss = rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(20)
-        latencies = [
-            (call.at - sent_at[call.request["TEXT"]]) * 1000
-            for call in skycore.calls
-            if call.request.get("TEXT") in sent_at
-        ]
+        for entry in rounds:
+            sent = entry.pop("_sent_at")
+            latencies = [
+                (call.at - sent[call.request["TEXT"]]) * 1000
+                for call in skycore.calls
+                if call.request.get("TEXT") in sent
+            ]
+            entry["replies_sent_as_sms"] = len(latencies)
+            entry["reply_p50_ms"] = round(statistics.median(latencies), 1) if latencies else None
+            entry["reply_p99_ms"] = round(pct(latencies, 0.99), 1)
+            entry["reply_max_ms"] = round(max(latencies), 1) if latencies else None
+        reactions = len(slack.reactions)
         result = {
-            "replies": n,
-            "replies_per_s": round(n / args.seconds, 1),
-            "events_not_200": sum(1 for s in statuses if s != 200),
-            "sms_requests": len(latencies),
-            "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
-            "p99_ms": round(pct(latencies, 0.99), 1),
-            "max_ms": round(max(latencies), 1) if latencies else None,
-            "postbacks_per_s": postbacks["per_s"],
-            "postbacks_p99_ms": postbacks["p99_ms"],
-            "postbacks_not_2xx": postbacks["non2xx"] + postbacks["socket_errors"],
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "note": "shared with other sessions' builds and tests: figures vary between runs",
+                "load_before": load_before,
+                "load_after": os.getloadavg(),
+            },
+            "settings": vars(args),
+            "rounds": rounds,
+            "reactions_in_threads": reactions,
+            "bridge_rss_mb": rss,
         }
         print(json.dumps(result, indent=2))
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S+0000", time.gmtime())
+        (RESULTS / f"{stamp}-replies.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "latest-replies.md").write_text(summary(result) + "\n")
+        print(summary(result))
+
+
+async def with_replies(
+    http: aiohttp.ClientSession, url: str, threads: list[str], args: argparse.Namespace, n: int, slack: Any
+) -> tuple[dict[str, Any], int]:
+    """wrk's postbacks with `args.rate` replies/s beside them; the postbacks' figures, and the
+    replies' send times (matched to the fake Skycore's requests afterwards)."""
+    port = int(url.rsplit(":", 1)[1])
+    load = asyncio.create_task(asyncio.to_thread(postbacks, port, args))
+    sent_at: dict[str, float] = {}
+    statuses: list[int] = []
+    posting: list[asyncio.Task[None]] = []
+
+    async def send(payload: bytes) -> None:
+        async with http.post(url + "/slack/events", data=payload, headers=signed(payload)) as response:
+            statuses.append(response.status)
+
+    interval = 1.0 / args.rate
+    start = time.monotonic()
+    first = n
+    while time.monotonic() - start < args.seconds:
+        text = f"bench reply {n}"
+        ts = f"{1800000000 + n}.000100"
+        slack.person_says("C0FAKE", ts)  # a message the fake knows: the thread's reactions land on it
+        payload = json.dumps(message_event(text, thread_ts=threads[n % TEXTERS], ts=ts)).encode()
+        sent_at[text] = time.time()
+        posting.append(asyncio.create_task(send(payload)))  # at the rate, whatever the answers take
+        n += 1
+        await asyncio.sleep(max(0.0, start + (n - first) * interval - time.monotonic()))
+    offered = await load
+    await asyncio.gather(*posting)
+    await asyncio.sleep(3)  # the last replies' SMS
+    entry = {
+        "postbacks_beside_replies": offered,
+        "replies": n - first,
+        "replies_per_s": round((n - first) / args.seconds, 1),
+        "events_not_200": sum(1 for s in statuses if s != 200),
+        "_sent_at": sent_at,
+    }
+    return entry, n
+
+
+def postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
+    connections, pause = args.postbacks_connections, args.postbacks_pause_ms
+    return wrk(port, connections=connections, seconds=args.seconds, pause_ms=pause)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far, all threads, user + system (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Replies beside postbacks ({result['when']})",
+        "",
+        f"{result['machine']['cpus']} CPUs, shared with other work (load average "
+        f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
+        f"the bridge on CPU 0, wrk on CPU 1, the fakes unpinned. {result['settings']['rate']:g} replies/s, "
+        f"wrk {result['settings']['postbacks_connections']} connections each pausing "
+        f"{result['settings']['postbacks_pause_ms']:g} ms, "
+        f"{result['settings']['seconds']:g} s per phase.",
+        "",
+        "| round | postbacks/s alone | p50 / p99 ms alone | postbacks/s with replies | p50 / p99 ms with replies "
+        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent | bridge CPU s alone / with |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rounds"]:
+        a, b = r["postbacks_alone"], r["postbacks_beside_replies"]
+        lines.append(
+            f"| {r['round']} | {a['per_s']:,.0f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['per_s']:,.0f} | "
+            f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {r['replies_per_s']:g} | "
+            f"{r['reply_p50_ms']} / {r['reply_p99_ms']} / {r['reply_max_ms']} | {r['events_not_200']} | "
+            f"{r['replies_sent_as_sms']} of {r['replies']} | {r['bridge_cpu_s_alone']} / {r['bridge_cpu_s_beside']} |"
+        )
+    reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
+    lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=20, help="per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="each: postbacks alone, then with replies")
     parser.add_argument("--rate", type=float, default=50, help="replies per second")
     parser.add_argument(
-        "--postbacks-pause-ms", type=float, default=10, help="each of wrk's 10 connections waits this long"
+        "--postbacks-pause-ms", type=float, default=17, help="each of wrk's connections waits this long, each time"
+    )
+    parser.add_argument(
+        "--postbacks-connections",
+        type=int,
+        default=20,
+        help="wrk's connections: many, each pausing long, keep the offered rate near connections/pause whatever "
+        "the latency (about 1,000/s by default), so the two phases are offered the same",
     )
     asyncio.run(main(parser.parse_args()))

@@ -150,8 +150,8 @@ def _int(text: str) -> int:
 async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
     runtime, store = _runtime(request), _store(request)
     force = _flag(request.query.get("force"))
-    # a replay to a removed one would wait forever; the internal ones (`~media`) are kept
-    configured = tuple(runtime.destinations)
+    # a replay to a removed one would wait forever (the bridge's own, such as ~feedback, count)
+    configured = (*runtime.config.destinations, *sorted(runtime.config.internal))
     ids = await store.replay(replace(where, destinations=configured), force=force)
     if single and not ids:
         rows = await store.list_deliveries(where)
@@ -166,7 +166,7 @@ async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) 
                 {"error": "already delivered: add ?force=true to send it again", "replayed": []}, status=409
             )
     if ids and runtime.dispatcher is not None:
-        runtime.dispatcher.notify(tuple(runtime.destinations))
+        runtime.dispatcher.notify(configured)
     return web.json_response({"replayed": ids})
 
 

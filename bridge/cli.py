@@ -357,7 +357,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("replay: say which deliveries: ids, --destination, --event, --since/--until, or --all", file=sys.stderr)
         return 2
     config = _config(args.config, required=False)
-    known = (*config.destinations, *config.internal)  # the internal ones too (`~media`)
+    known = (*config.destinations, *sorted(config.internal))  # the bridge's own (~feedback) too
     if args.destination and args.destination not in known:
         print(f"replay: destination {args.destination!r} is not in {config.source}", file=sys.stderr)
         return 2

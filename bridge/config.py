@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,11 @@ _LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
 MEDIA_DESTINATION = "~media"  # the internal destination of the media fetch step (bridge.media.step)
 MIB = 1024 * 1024
+# The bridge's own destinations (durable internal work through the outbox): their names start
+# with `~`, which a configured destination's name cannot, so no route can ever name one.
+INTERNAL_PREFIX = "~"
+FEEDBACK = "~feedback"  # what a reply's thread shows (reactions, lines): bridge.replies
+FEEDBACK_REPORT = "report"  # the route of its deliveries for SMS delivery reports (a TRACKINGID)
 
 
 @dataclass(frozen=True)
@@ -179,10 +185,15 @@ class Config:
     source: str | None = None  # the file it came from
     media: MediaConfig | None = None
 
-    @property
-    def internal(self) -> tuple[str, ...]:
-        """The internal destinations this config needs (names start with `~`; no route names one)."""
-        return (MEDIA_DESTINATION,) if self.media is not None else ()
+    @cached_property
+    def internal(self) -> frozenset[str]:
+        """The bridge's own destinations this config needs (names start with `~`; no route names
+        one): `~media` with a `media:` section, `~feedback` when a Slack destination takes
+        replies. Their pending deliveries are not "to a removed destination"."""
+        names = {MEDIA_DESTINATION} if self.media is not None else set()
+        if any(getattr(spec.options, "replies", None) is not None for spec in self.destinations.values()):
+            names.add(FEEDBACK)
+        return frozenset(names)
 
     def warnings(self) -> list[str]:
         """What is allowed but probably not meant, each with its place as errors have it:
@@ -536,8 +547,12 @@ def _destinations(raw: Any, retry: RetryPolicy, r: Reader) -> dict[str, Destinat
     types = registry()
     for name, spec in raw.items():
         path = f"destinations.{name}"
-        if isinstance(name, str) and name.startswith("~"):
-            r.error(path, "a name starting with '~' is the bridge's own (~media: fetching MMS files); choose another")
+        if isinstance(name, str) and name.startswith(INTERNAL_PREFIX):
+            r.error(
+                path,
+                f"a name starting with '{INTERNAL_PREFIX}' is the bridge's own ({MEDIA_DESTINATION}: fetching MMS"
+                f" files; {FEEDBACK}: what a reply's thread shows); choose another",
+            )
             continue
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             r.error(path, "a destination name uses letters, digits, '_', '-' and '.' only")

@@ -23,7 +23,7 @@ from bridge import logs
 from bridge.destinations.base import Attempt, Destination
 from bridge.errors import StoreError
 from bridge.retry import Dead, Delivered, Done, Failed, Outcome, RetryAt, RetryPolicy, backoff, decide
-from bridge.store import AttemptResult, Claim, Store
+from bridge.store import AttemptResult, Claim, NewDelivery, Store
 
 log = logging.getLogger("bridge.delivery")
 
@@ -87,6 +87,7 @@ class Dispatcher:
         *,
         on_result: Callable[[Destination, Claim, AttemptResult], None] | None = None,
         on_dead: Callable[[str, str, int], None] | None = None,
+        follow_ups: Callable[[Destination, Claim, AttemptResult], tuple[NewDelivery, ...]] | None = None,
         lease_margin: float = LEASE_MARGIN,
     ) -> None:
         self.store = store
@@ -97,6 +98,8 @@ class Dispatcher:
         # (destination, reason, count) for deliveries this dispatcher made dead: by an attempt's
         # verdict (the Dead decision's cause) or past max_age unattempted (`_expire`)
         self._on_dead = on_dead
+        # deliveries of the same event an attempt's verdict adds, recorded with it (bridge.replies)
+        self._follow_ups = follow_ups
         self._wake: dict[str, asyncio.Event] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
@@ -330,7 +333,11 @@ class Dispatcher:
     async def _attempt(self, destination: Destination, claim: Claim, claimed_at: float) -> None:
         started, t0 = time.time(), time.monotonic()
         attempt = Attempt(
-            delivery_id=claim.id, number=claim.attempt, conversation=claim.conversation, event_id=claim.event_id
+            delivery_id=claim.id,
+            number=claim.attempt,
+            conversation=claim.conversation,
+            event_id=claim.event_id,
+            route=claim.route,
         )
         try:
             if destination.bounds_itself:
@@ -382,6 +389,14 @@ class Dispatcher:
             detail=outcome.detail if isinstance(outcome, Delivered) else None,
             tracking_id=outcome.tracking_id if isinstance(outcome, Delivered) else None,
         )
+        if self._follow_ups is not None and label != "retry":
+            try:
+                follow_ups = self._follow_ups(destination, claim, result)
+            except Exception:  # feedback only: the verdict is recorded without it
+                log.exception("cannot work out what follows an attempt", extra={"event_id": claim.event_id})
+                follow_ups = ()
+            if follow_ups:  # (rarely: a reply's SMS) a copy costs more than the check
+                result = dataclasses.replace(result, follow_ups=follow_ups)
         # Recorded in the background, batched with other attempts' results: the slot is free for
         # the next delivery now. Until it is recorded the delivery stays leased (and, for ordered
         # destinations, holds back the rest of its conversation), so nothing is sent twice.

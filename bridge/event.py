@@ -31,6 +31,15 @@ ORIGINS = frozenset({*_TYPES, *(origin for origin, _ in _CODE_TYPES)})  # the OR
 TYPES = frozenset({*_TYPES.values(), *_CODE_TYPES.values(), UNKNOWN_TYPE, REPLY_TYPE})
 
 
+def says_delivered_or_failed(event: Event) -> bool:
+    """An SMS delivery report that a reply's thread shows (CONTRACT §7): SMS_MT N202
+    (delivered) or an `E` code (failed), naming the TRACKINGID its send was given."""
+    if event["type"] != "sms.status" or not event.get("tracking_id"):
+        return False
+    code = (event.get("code") or "").upper()
+    return code == "N202" or code.startswith("E")
+
+
 def text_of(value: Any) -> str | None:
     """An element's text as sent; None when absent. Mixed content keeps its text part."""
     if value is None:

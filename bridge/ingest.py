@@ -19,10 +19,10 @@ from aiohttp import web
 from bridge import logs
 from bridge.answers import STORE_DOWN, Reply, answer, refusal
 from bridge.auth import Caller, check_auth
-from bridge.config import MEDIA_DESTINATION, Config
+from bridge.config import FEEDBACK, FEEDBACK_REPORT, MEDIA_DESTINATION, Config
 from bridge.destinations.base import conversation_key
 from bridge.errors import PostbackError, StoreError
-from bridge.event import Event, dedup_key, normalize
+from bridge.event import dedup_key, normalize, says_delivered_or_failed
 from bridge.ids import event_id
 from bridge.optouts import Word, word_of
 from bridge.postback import parse
@@ -113,6 +113,10 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
             NewDelivery(MEDIA_DESTINATION, "media", conversation, ordered=False),
             *(replace(d, delay=media.wait) for d in deliveries),
         ]
+    if FEEDBACK in config.internal and says_delivered_or_failed(event):
+        # it may be the report on a reply's SMS: the thread shows it (bridge.replies looks up
+        # the TRACKINGID when it is sent), durable with the event
+        deliveries.append(NewDelivery(FEEDBACK, FEEDBACK_REPORT, conversation, False))
     patience = runtime.patience
     task = patience.start()
     try:
@@ -137,6 +141,8 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
         if decision.dropped and not decision.routes:
             metrics.unmatched.inc()
     if decision.dropped:
+        if deliveries and result.status == "accepted" and runtime.dispatcher is not None:
+            runtime.dispatcher.notify([d.destination for d in deliveries])  # the thread's feedback
         metrics.postback(origin, "dropped" if result.status == "accepted" else result.status, "")
         log.info(
             "event dropped",
@@ -148,7 +154,6 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
                 "duplicate": result.status == "duplicate",
             },
         )
-        _stored(runtime, event, result)
         return answer(result.status, result.event_id)
     metrics.postback(origin, result.status, "")
     logs.hot(
@@ -168,16 +173,7 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
     )
     if result.status == "accepted" and runtime.dispatcher is not None:
         runtime.dispatcher.notify([d.destination for d in deliveries])
-    _stored(runtime, event, result)
     return answer(result.status, result.event_id)
-
-
-def _stored(runtime: Runtime, event: Event, result: Ingested) -> None:
-    for hook in runtime.after_stored:
-        try:
-            hook(event, result.status)
-        except Exception:  # feedback only: the postback is stored
-            log.exception("after a postback was stored")
 
 
 async def _keep_word(store: Store, said: Word, result: Ingested) -> bool:

@@ -19,6 +19,21 @@ from bridge.event import ORIGINS
 # - error: the destination raised (a bug; the log has the traceback).
 DEAD_REASONS = ("rejected", "max_age", "destination_removed", "error")
 
+# Replies from Slack (CONTRACT §7): where they came from, why an event was no reply to send,
+# and why a reply was not sent. Bounded sets: each is a time series from the start.
+REPLY_SOURCES = ("events_api", "socket_mode")
+REPLY_IGNORED = (
+    "not_a_message",  # another kind of event
+    "subtype",  # an edit, a deletion, a join, the bridge's own post
+    "bot",  # a bot's message
+    "not_in_a_thread",
+    "incomplete",  # no person, text or channel
+    "not_a_texters_thread",  # a thread the bridge did not start for a conversation, or another channel
+    "empty",  # no text left once Slack's markup is plain text
+    "duplicate",  # Slack's retry of an event already stored
+)
+REPLY_REFUSED = ("opted_out", "too_long")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 
 
@@ -37,6 +52,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.postbacks = Counter(
             "bridge_postbacks_received",
             "Postbacks received, by ORIGIN and outcome (accepted, duplicate, dropped, rejected, unavailable).",
@@ -98,9 +114,39 @@ class Metrics:
         self.lane_postbacks = Counter(
             "bridge_lane_postbacks", "Postbacks the lane answered itself (server.lane), not aiohttp.", registry=r
         )
+        self.replies = Counter(
+            "bridge_replies_received",
+            "Replies from Slack stored to be sent (or refused), by source (" + ", ".join(REPLY_SOURCES) + ").",
+            ["source"],
+            registry=r,
+        )
+        self.replies_ignored = Counter(
+            "bridge_replies_ignored",
+            "Slack message events that were no reply to send, by why (" + ", ".join(REPLY_IGNORED) + ").",
+            ["why"],
+            registry=r,
+        )
+        self.replies_refused = Counter(
+            "bridge_replies_refused",
+            "Replies not sent, by why (" + ", ".join(REPLY_REFUSED) + "); the thread says so.",
+            ["why"],
+            registry=r,
+        )
+        self.replies_sent = Counter(
+            "bridge_replies_sent", "Replies Skycore took as an SMS (sendSMS Success).", registry=r
+        )
+        self.replies_failed = Counter(
+            "bridge_replies_failed",
+            "Replies whose SMS went dead at an attempt (sendSMS refused, retries ran out).",
+            registry=r,
+        )
+        for source in REPLY_SOURCES:
+            self._child(self.replies, source)
+        for why in REPLY_IGNORED:
+            self._child(self.replies_ignored, why)
+        for why in REPLY_REFUSED:
+            self._child(self.replies_refused, why)
         Info("bridge_build", "Build information.", registry=r).info({"version": __version__})
-
-        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, looked up once: labels() validates and locks on every call,
@@ -137,6 +183,17 @@ class Metrics:
 
     def delivered_after(self, destination: str, seconds: float) -> None:
         self._child(self.latency, destination).observe(seconds)
+
+    def reply(self, source: str) -> None:
+        self._child(self.replies, source).inc()
+
+    def reply_ignored(self, why: str) -> None:
+        assert why in REPLY_IGNORED, why
+        self._child(self.replies_ignored, why).inc()
+
+    def reply_refused(self, why: str) -> None:
+        assert why in REPLY_REFUSED, why
+        self._child(self.replies_refused, why).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,8 +32,8 @@ from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bridge.answers import error
-from bridge.config import Config
-from bridge.destinations.base import Destination, conversation_key
+from bridge.config import FEEDBACK, FEEDBACK_REPORT, Config
+from bridge.destinations.base import Attempt, Destination, conversation_key
 from bridge.destinations.skycore import OPTED_OUT
 from bridge.destinations.slack import RepliesOptions, SlackDestination, SlackOptions, thread_key
 from bridge.digits import is_digits
@@ -41,10 +41,12 @@ from bridge.errors import StoreError
 from bridge.event import REPLY_TYPE, Event, format_time
 from bridge.ids import event_id
 from bridge.ingest import read_body
+from bridge.retry import Delivered, Failed, Outcome, RetryPolicy
 from bridge.routing import route
 from bridge.runtime import RUNTIME, Runtime
 from bridge.smstext import length, plain, segments
 from bridge.store import AttemptResult, Claim, NewDelivery, Store
+from bridge.validate import Reader
 
 log = logging.getLogger("bridge.replies")
 
@@ -96,20 +98,19 @@ def _verified(apps_: list[App], body: bytes, headers: Any) -> App | None:
 
 
 def not_a_reply(message: Any) -> str | None:
-    """Why a Slack event is not a person's reply in a thread (None when it is one)."""
+    """Why a Slack event is not a person's reply in a thread (None when it is one): one of
+    metrics.REPLY_IGNORED."""
     if not isinstance(message, dict) or message.get("type") != "message":
-        return "not a message"
+        return "not_a_message"
     if message.get("subtype"):
-        return f"subtype {message.get('subtype')}"  # edits, deletions, joins, the bridge's own posts
+        return "subtype"  # edits, deletions, joins, the bridge's own posts
     if message.get("bot_id") or message.get("bot_profile"):
-        return "a bot's message"
+        return "bot"
     thread_ts, ts = message.get("thread_ts"), message.get("ts")
     if not isinstance(thread_ts, str) or not isinstance(ts, str) or thread_ts == ts:
-        return "not in a thread"
-    if not isinstance(message.get("user"), str) or not isinstance(message.get("text"), str):
-        return "no person or no text"
-    if not isinstance(message.get("channel"), str):
-        return "no channel"
+        return "not_in_a_thread"
+    if not all(isinstance(message.get(key), str) for key in ("user", "text", "channel")):
+        return "incomplete"  # no person, text or channel
     return None
 
 
@@ -199,7 +200,7 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
         return web.json_response({"ok": True})
     try:
         async with asyncio.timeout(ANSWER_WITHIN):
-            await take_reply(runtime, app, payload)
+            await take_reply(runtime, app, payload, "events_api")
     except TimeoutError:
         # Slack gives up after 3 s and sends the event again: say so first (a write that did
         # commit meanwhile makes the retry a duplicate)
@@ -208,13 +209,14 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     return web.json_response({"ok": True})
 
 
-async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str | None:
-    """Store the reply in `payload` (an event_callback), if it is one; its event id. Raises
-    StoreError when the store cannot take it (Slack then retries)."""
+async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source: str) -> str | None:
+    """Store the reply in `payload` (an event_callback that came by `source`: events_api,
+    socket_mode), if it is one; its event id. Raises StoreError when the store cannot take it
+    (Slack then retries)."""
     message = payload.get("event")
     why = not_a_reply(message)
     if why is not None:
-        log.debug("Slack event ignored", extra={"why": why, "slack_event_id": payload.get("event_id")})
+        _ignored(runtime, why, payload)
         return None
     assert isinstance(message, dict)
     store = runtime.store
@@ -222,7 +224,7 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
         raise StoreError("store is not open")
     found = await conversation(store, app, message["channel"], message["thread_ts"])
     if found is None:
-        log.debug("Slack message ignored: not in a texter's thread", extra={"slack_event_id": payload.get("event_id")})
+        _ignored(runtime, "not_a_texters_thread", payload)
         return None
     texter, short_code = found
     slack = {
@@ -235,12 +237,16 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
     }
     event = reply_event(message, texter, short_code, slack)
     if not event["text"]:
+        _ignored(runtime, "empty", payload)
         return None
-    not_sent = None
+    refused: str | None = None
+    not_sent: str | None
     if await store.opted_out(texter, short_code):
+        refused = "opted_out"
         not_sent = f"Not sent: {texter} opted out of {short_code} (STOP). They must text START to hear from you again."
     else:
         not_sent = too_long(event["text"], app.replies.max_segments)
+        refused = None if not_sent is None else "too_long"
     config = runtime.config
     deliveries = []
     key = conversation_key(event)
@@ -250,6 +256,7 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
             deliveries.append(NewDelivery(spec.name, ROUTE, key, spec.ordered))
     else:
         slack["not_sent"] = not_sent
+        deliveries.append(NewDelivery(FEEDBACK, NOT_SENT, key, False))  # ⛔ and why, with the reply
     # routes whose match.type names sms.reply get it too (a CRM logs both sides); `default` never
     # does, and it never goes back into Slack
     naming = tuple(r for r in config.routes if r.match.type is not None and REPLY_TYPE in r.match.type)
@@ -264,30 +271,32 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any]) -> str
         "reply " + result.status,
         extra={"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent},
     )
-    if result.status == "accepted":
-        if runtime.dispatcher is not None:
-            runtime.dispatcher.notify([d.destination for d in deliveries])
-        if not_sent is not None:
-            _feedback(runtime, slack, "no_entry", not_sent)
+    if result.status != "accepted":
+        _ignored(runtime, "duplicate", payload)
+        return result.event_id
+    runtime.metrics.reply(source)
+    if refused is not None:
+        runtime.metrics.reply_refused(refused)
+    if runtime.dispatcher is not None:
+        runtime.dispatcher.notify([d.destination for d in deliveries])
     return result.event_id
+
+
+def _ignored(runtime: Runtime, why: str, payload: dict[str, Any]) -> None:
+    runtime.metrics.reply_ignored(why)
+    log.debug("Slack event ignored", extra={"why": why, "slack_event_id": payload.get("event_id")})
 
 
 # ---------------------------------------------------------------------------- the thread
 
-
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _feedback(runtime: Runtime, slack: dict[str, Any], emoji: str, message: str | None) -> None:
-    live = runtime.destinations.get(str(slack.get("destination")))
-    if not isinstance(live, SlackDestination):
-        return
-    channel, ts = slack.get("channel"), slack.get("ts")
-    if not isinstance(channel, str) or not isinstance(ts, str):
-        return
-    task = asyncio.get_running_loop().create_task(live.feedback(channel, ts, slack.get("thread_ts"), emoji, message))
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+# What a reply's thread shows is durable work through the outbox, like any delivery: a delivery
+# of the reply event (or of the delivery report) to the bridge's own `~feedback` destination,
+# stored in the transaction that learnt what to show, retried while Slack cannot take it, dead
+# and replayable when it never could. Its route says what to show.
+NOT_SENT = "not_sent"  # with the reply: ⛔ and why (opted out, too long)
+SENT = "sent"  # with the sendSMS attempt Skycore took: 📤
+DEAD = "dead"  # with the sendSMS attempt that made it dead: ❌ (⛔ when a STOP came meanwhile) and why
+# FEEDBACK_REPORT, with a delivery report (N202: ✅, an E code: ❌ and the code), is added by ingest
 
 
 def _slack_of(event: Event) -> dict[str, Any] | None:
@@ -296,62 +305,107 @@ def _slack_of(event: Event) -> dict[str, Any] | None:
     return slack if isinstance(slack, dict) else None
 
 
+class FeedbackDestination(Destination):
+    """`~feedback`: a reaction (and maybe a line) in a reply's thread, with the Slack
+    destination that took the reply. Built by the bridge, never configured."""
+
+    type_name = FEEDBACK
+    default_concurrency = 4
+
+    def __init__(self, runtime: Runtime, live: dict[str, Destination], retry: RetryPolicy) -> None:
+        super().__init__(FEEDBACK, retry=retry)
+        self._runtime = runtime
+        self._live = live  # the destinations built with this one (the Slack ones it shows with)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], path: str, r: Reader) -> None:
+        r.error(path, "is the bridge's own destination, not one to configure")
+
+    def describe(self) -> str:
+        return "what replies' threads show in Slack: reactions and lines"
+
+    def preview(self, event: Event) -> Any:
+        return None
+
+    async def send(self, event: Event, attempt: Attempt) -> Outcome:
+        try:
+            shown = await self._what(event, attempt.route)
+        except StoreError as exc:
+            return Failed(reason=f"cannot read the reply: {exc}", retryable=True)
+        if isinstance(shown, str):
+            return Delivered(detail=shown)  # nothing to show
+        slack, emoji, say = shown
+        live = self._live.get(str(slack.get("destination")))
+        channel, ts = slack.get("channel"), slack.get("ts")
+        if not isinstance(live, SlackDestination):
+            return Failed(reason=f"no Slack destination {slack.get('destination')!r} in the config", retryable=False)
+        if not isinstance(channel, str) or not isinstance(ts, str):
+            return Failed(reason="the reply names no Slack message", retryable=False)
+        thread_ts = slack.get("thread_ts")
+        return await live.show(channel, ts, thread_ts if isinstance(thread_ts, str) else None, emoji, say)
+
+    async def _what(self, event: Event, route: str) -> tuple[dict[str, Any], str, str | None] | str:
+        """(the reply's `fields.slack`, the reaction, the line) to show, or why nothing."""
+        store = self._runtime.store
+        if store is None:
+            raise StoreError("store is not open")
+        if route == FEEDBACK_REPORT:
+            row = await store.delivery_by_tracking_id(str(event.get("tracking_id")))
+            reply = await store.get_event(row.event_id) if row is not None and row.route == ROUTE else None
+            slack = _slack_of(reply) if reply is not None and reply["type"] == REPLY_TYPE else None
+            if slack is None:
+                return "not the report on a reply's SMS"
+            code = (event.get("code") or "").upper()
+            if code == "N202":
+                return slack, "white_check_mark", None
+            status = (event.get("fields") or {}).get("STATUS")
+            return slack, "x", f"Not delivered: {code}" + (f" {status}" if isinstance(status, str) and status else "")
+        slack = _slack_of(event)
+        if slack is None:
+            return "not a reply"
+        if route == NOT_SENT:
+            return slack, "no_entry", str(slack.get("not_sent") or "Not sent.")
+        if route == SENT:
+            return slack, "outbox_tray", None
+        sent = [d for d in await store.event_deliveries(event["id"]) if d.route == ROUTE and d.status == "dead"]
+        error = (sent[-1].last_error if sent else None) or "it could not be sent"
+        if error.startswith(OPTED_OUT):  # STOP came while it waited: not sent
+            return slack, "no_entry", f"Not sent: {error}"
+        return slack, "x", f"Not sent: {error}"
+
+
 def install(app: web.Application) -> None:
-    """The Events API route and the feedback hooks."""
+    """The Events API route, `~feedback` beside the configured destinations, and what a reply's
+    attempt leaves for its thread."""
     runtime = app[RUNTIME]
     app.router.add_post(PATH, slack_events)
+
+    def internal(config: Config, built: dict[str, Destination]) -> dict[str, Destination]:
+        if FEEDBACK not in config.internal:
+            return {}
+        return {FEEDBACK: FeedbackDestination(runtime, built, config.retry)}
+
+    def follow_ups(destination: Destination, claim: Claim, result: AttemptResult) -> tuple[NewDelivery, ...]:
+        if destination.type_name != "skycore" or claim.route != ROUTE or FEEDBACK not in runtime.destinations:
+            return ()
+        if _slack_of(claim.event) is None:
+            return ()
+        return (NewDelivery(FEEDBACK, SENT if result.outcome == "delivered" else DEAD, claim.conversation, False),)
 
     def after_attempt(destination: Destination, claim: Claim, result: AttemptResult) -> None:
         if destination.type_name != "skycore" or claim.route != ROUTE or result.outcome == "retry":
             return
-        slack = _slack_of(claim.event)
-        if slack is None:
-            return
         if result.outcome == "delivered":
-            _feedback(runtime, slack, "outbox_tray", None)
-        elif (result.error or "").startswith(OPTED_OUT):  # STOP came while it waited: not sent
-            _feedback(runtime, slack, "no_entry", f"Not sent: {result.error}")
+            runtime.metrics.replies_sent.inc()
         else:
-            _feedback(runtime, slack, "x", f"Not sent: {result.error}")
+            runtime.metrics.replies_failed.inc()
+        if result.follow_ups and runtime.dispatcher is not None:
+            runtime.dispatcher.notify([d.destination for d in result.follow_ups])
 
-    def after_stored(event: Event, status: str) -> None:
-        tracking_id = event.get("tracking_id")
-        if event["type"] != "sms.status" or not tracking_id or status != "accepted":
-            return
-        code = (event.get("code") or "").upper()
-        if code != "N202" and not code.startswith("E"):
-            return
-        if not apps(runtime):
-            return
-        task = asyncio.get_running_loop().create_task(_report(runtime, tracking_id, event))
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
-
+    runtime.internal.append(internal)
+    runtime.destinations.update(internal(runtime.config, runtime.destinations))
+    runtime.follow_ups.append(follow_ups)
     runtime.after_attempt.append(after_attempt)
-    runtime.after_stored.append(after_stored)
-
-
-async def _report(runtime: Runtime, tracking_id: str, report: Event) -> None:
-    """A delivery report for a reply's SMS: ✅ for N202, ❌ and the reason for an E code."""
-    store = runtime.store
-    if store is None:
-        return
-    try:
-        row = await store.delivery_by_tracking_id(tracking_id)
-        reply = await store.get_event(row.event_id) if row is not None and row.route == ROUTE else None
-    except StoreError as exc:
-        log.warning("cannot match a delivery report to a reply", extra={"error": str(exc)})
-        return
-    slack = _slack_of(reply) if reply is not None and reply["type"] == REPLY_TYPE else None
-    if slack is None:
-        return
-    code = (report.get("code") or "").upper()
-    if code == "N202":
-        _feedback(runtime, slack, "white_check_mark", None)
-    else:
-        fields = report.get("fields") or {}
-        status = fields.get("STATUS") if isinstance(fields.get("STATUS"), str) else ""
-        _feedback(runtime, slack, "x", f"Not delivered: {code}" + (f" {status}" if status else ""))
 
 
 # ---------------------------------------------------------------------------- Socket Mode
@@ -362,14 +416,16 @@ _SDK_LOG.setLevel(logging.INFO)
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 60.0
 
 
-def _on_request(runtime: Runtime, app: App) -> Any:
+def _on_request(runtime: Runtime, destination: str) -> Any:
     async def on_request(client: SocketModeClient, request: SocketModeRequest) -> None:
         """The same events as /slack/events, acked only once the reply is stored: an envelope
-        not acked is sent again by Slack."""
-        if request.type == "events_api" and isinstance(request.payload, dict):
+        not acked is sent again by Slack. The destination's replies as the config in force has
+        them (a reload may have changed them since the socket opened)."""
+        app = next((a for a in apps(runtime) if a.destination == destination), None)
+        if request.type == "events_api" and isinstance(request.payload, dict) and app is not None:
             try:
                 async with asyncio.timeout(ANSWER_WITHIN):
-                    await take_reply(runtime, app, request.payload)
+                    await take_reply(runtime, app, request.payload, "socket_mode")
             except (StoreError, TimeoutError) as exc:
                 log.error("reply not stored; not acked, Slack sends it again", extra={"error": str(exc)})
                 return
@@ -396,28 +452,75 @@ async def _connect(client: SocketModeClient, destination: str) -> None:
             delay = min(2 * delay, RECONNECT_MAX)
 
 
-async def socket_mode_ctx(web_app: web.Application) -> Any:
-    """Socket Mode clients for the Slack destinations with `replies.app_token` (the config at
-    startup; a reload that adds or removes one takes effect at the next start)."""
-    runtime = web_app[RUNTIME]
-    clients: list[SocketModeClient] = []
-    tasks = []
-    for app in apps(runtime):
-        token = app.replies.app_token
-        if token is None:
-            continue
-        options = runtime.config.destinations[app.destination].options
-        api_url = options.api_url if isinstance(options, SlackOptions) else "https://slack.com/api/"
+@dataclass
+class _Socket:
+    wanted: tuple[str, str]  # (app token, Web API URL) it was opened with
+    client: SocketModeClient
+    connecting: asyncio.Task[None]
+
+
+class SocketModes:
+    """One Socket Mode client per Slack destination with `replies.app_token`, kept in step with
+    the config: `apply` (at start and after each reload) starts the ones a config adds, stops
+    the ones it removes, and restarts one whose app_token (or api_url) changed."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.running: dict[str, _Socket] = {}
+
+    @staticmethod
+    def wanted(config: Config) -> dict[str, tuple[str, str]]:
+        out = {}
+        for app in apps_of(config):
+            if app.replies.app_token is not None:
+                options = config.destinations[app.destination].options
+                api_url = options.api_url if isinstance(options, SlackOptions) else "https://slack.com/api/"
+                out[app.destination] = (app.replies.app_token.reveal(), api_url)
+        return out
+
+    async def apply(self, config: Config) -> None:
+        wanted = self.wanted(config)
+        for name in list(self.running):
+            if self.running[name].wanted != wanted.get(name):
+                await self._stop(name, "app_token changed" if name in wanted else "app_token removed")
+        for name, key in wanted.items():
+            if name not in self.running:
+                self._start(name, key)
+
+    def _start(self, destination: str, wanted: tuple[str, str]) -> None:
+        token, api_url = wanted
         web_client = AsyncWebClient(base_url=api_url, logger=_SDK_LOG, retry_handlers=[])
-        client = SocketModeClient(app_token=token.reveal(), web_client=web_client, logger=_SDK_LOG)
-        client.socket_mode_request_listeners.append(_on_request(runtime, app))
-        clients.append(client)
-        tasks.append(asyncio.create_task(_connect(client, app.destination), name=f"socket-mode:{app.destination}"))
+        client = SocketModeClient(app_token=token, web_client=web_client, logger=_SDK_LOG)
+        client.socket_mode_request_listeners.append(_on_request(self.runtime, destination))
+        task = asyncio.create_task(_connect(client, destination), name=f"socket-mode:{destination}")
+        self.running[destination] = _Socket(wanted, client, task)
+        log.info("Socket Mode starting", extra={"destination": destination})
+
+    async def _stop(self, destination: str, why: str) -> None:
+        socket = self.running.pop(destination)
+        socket.connecting.cancel()
+        await socket.client.close()  # type: ignore[no-untyped-call]
+        log.info("Socket Mode stopped", extra={"destination": destination, "why": why})
+
+    async def close(self) -> None:
+        for name in list(self.running):
+            await self._stop(name, "shutting down")
+
+
+async def socket_mode_ctx(web_app: web.Application) -> Any:
+    """Socket Mode clients for the Slack destinations with `replies.app_token`, started,
+    stopped and restarted as config reloads add, remove or change their tokens."""
+    runtime = web_app[RUNTIME]
+    sockets = SocketModes(runtime)
+    await sockets.apply(runtime.config)
+
+    async def reloaded(old: Config, new: Config) -> None:
+        await sockets.apply(new)
+
+    runtime.after_reload.append(reloaded)
     yield
-    for task in tasks:
-        task.cancel()
-    for client in clients:
-        await client.close()  # type: ignore[no-untyped-call]
+    runtime.after_reload.remove(reloaded)
+    await sockets.close()
 
 
 def needs(config: Config) -> list[str]:
@@ -436,5 +539,7 @@ def needs(config: Config) -> list[str]:
             f"  bot token scopes: {SCOPES[0]}, {SCOPES[1]}, and {SCOPES[2]} (public channel) or {SCOPES[3]} (private)",
             f"  bot events: {EVENTS[0]} (public channel) or {EVENTS[1]} (private)",
             f"  the app is a member of {app.channel} (/invite @your-app)",
+            f"  what the thread shows goes through the bridge's own destination {FEEDBACK} "
+            f"(postback-bridge deliveries --destination '{FEEDBACK}')",
         ]
     return lines

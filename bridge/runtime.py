@@ -9,7 +9,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +21,12 @@ from bridge.delivery import Dispatcher
 from bridge.destinations.base import Destination, Services
 from bridge.destinations.registry import build_all
 from bridge.errors import BridgeError, ConfigError, StoreError
-from bridge.event import Event
 from bridge.ids import timestamp
 from bridge.media import links
 from bridge.media.step import MediaStep
 from bridge.media.stores import MediaStore, MediaStoreError, open_media_store
 from bridge.metrics import Metrics
-from bridge.store import AttemptResult, Claim, Store
+from bridge.store import AttemptResult, Claim, NewDelivery, Store
 
 log = logging.getLogger("bridge.runtime")
 
@@ -122,23 +121,33 @@ class Runtime:
     # the old config's to be stored before it retires that config's destinations
     _routing: collections.Counter[int] = field(default_factory=collections.Counter)
     _routed: asyncio.Event = field(default_factory=asyncio.Event)
-    # called after each attempt is recorded, and after each postback's event is stored (replies
-    # watch both: bridge.replies); each must be quick and not raise
+    # called after each attempt is recorded (bridge.replies); each must be quick and not raise
     after_attempt: list[Callable[[Destination, Claim, AttemptResult], None]] = field(default_factory=list)
-    after_stored: list[Callable[[Event, str], None]] = field(default_factory=list)
-    # MMS media (CONTRACT §9), with a `media:` section: where kept files are, and the key that
+    # deliveries of the same event an attempt's verdict adds, in the transaction that records it
+    # (a reply's feedback in its thread: bridge.replies)
+    follow_ups: list[Callable[[Destination, Claim, AttemptResult], tuple[NewDelivery, ...]]] = field(
+        default_factory=list
+    )
+    # the bridge's own destinations (`~feedback`) beside the configured ones, built from a config
+    # and the live destinations built with it (bridge.replies); see Config.internal
+    internal: list[Callable[[Config, dict[str, Destination]], dict[str, Destination]]] = field(default_factory=list)
+    # called with (old config, new config) once a reload swapped them (Socket Mode clients)
+    after_reload: list[Callable[[Config, Config], Awaitable[None]]] = field(default_factory=list)
+
     # signs their links (the same for every instance on one store: `media_link_key`)
     media_store: MediaStore | None = None
     media_key: bytes | None = None
 
     def build(self, config: Config) -> dict[str, Destination]:
-        """The live destinations of `config`, not opened: the configured ones and the internal
-        ones it needs (`~media`)."""
+        """The live destinations of `config` (not opened yet): the configured ones, and the
+        bridge's own that it needs (`~media`; `~feedback` through `internal`)."""
         built = build_all(config.destinations)
         if config.media is not None:
             built[MEDIA_DESTINATION] = MediaStep(
                 config.media, finish=self.media_done, key=lambda: self.media_key, files=lambda: self.media_store
             )
+        for make in self.internal:
+            built.update(make(config, built))
         return built
 
     async def open_media(self) -> None:
@@ -204,7 +213,7 @@ class Runtime:
         assert self.store is not None
         destinations = self.destinations  # the internal ones too (`~media`): theirs are not unknown
         try:
-            removed = await self.store.abandon_unknown(set(destinations), "destination removed")
+            removed = await self.store.abandon_unknown(set(destinations) | self.config.internal, "destination removed")
             ordered = await self.store.order_pending([name for name, d in destinations.items() if d.ordered])
         except StoreError as exc:
             log.warning("cannot update pending deliveries for the config", extra={"error": str(exc)})
@@ -237,7 +246,15 @@ class Runtime:
     def _dispatcher(self, destinations: dict[str, Destination]) -> Dispatcher:
         assert self.store is not None
         self.metrics.destinations(destinations)
-        return Dispatcher(self.store, destinations, on_result=self._on_result, on_dead=self.metrics.died)
+        return Dispatcher(
+            self.store, destinations, on_result=self._on_result, on_dead=self.metrics.died, follow_ups=self._follow_ups
+        )
+
+    def _follow_ups(self, destination: Destination, claim: Claim, result: AttemptResult) -> tuple[NewDelivery, ...]:
+        out: tuple[NewDelivery, ...] = ()
+        for hook in self.follow_ups:
+            out += hook(destination, claim, result)
+        return out
 
     async def connect(self) -> None:
         """Open a store that could not be reached at startup, trying again with backoff until it
@@ -352,6 +369,11 @@ class Runtime:
                 await old_dispatcher.stop()
             for destination in old_destinations.values():
                 await destination.close()
+        for hook in self.after_reload:
+            try:
+                await hook(old, new)
+            except Exception:  # the reload is done; what a hook starts is its own to log
+                log.exception("after a config reload")
         return []
 
     async def refresh_gauges(self) -> None:
@@ -359,7 +381,7 @@ class Runtime:
         assert self.store is not None
         stats = await self.store.stats()
         now = time.time()
-        for name in set(self.config.destinations) | set(stats):
+        for name in set(self.config.destinations) | self.config.internal | set(stats):
             current = stats.get(name)
             self.metrics.pending.labels(name).set(current.pending if current else 0)
             self.metrics.dead.labels(name).set(current.dead if current else 0)

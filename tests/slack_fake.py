@@ -69,6 +69,7 @@ class FakeSlack:
     script: list[Any] = field(default_factory=list)
     delay: float = 0.0
     reject_images: bool = False  # answer invalid_blocks to image blocks, like Slack when a file is gone
+    down: bool = False  # every Web API call answers 503 (an HTML page) while set
     threads: dict[str, set[str]] = field(default_factory=dict)  # channel id -> top-level ts
     messages: dict[str, set[str]] = field(default_factory=dict)  # channel id -> every ts it knows
     reactions: list[tuple[str, str, str]] = field(default_factory=list)  # (channel id, ts, name)
@@ -79,6 +80,8 @@ class FakeSlack:
     acks: list[str] = field(default_factory=list)
     socket_opened: asyncio.Event = field(default_factory=asyncio.Event)
     connections_opened: int = 0
+    app_tokens: set[str] = field(default_factory=lambda: {APP_TOKEN})  # the app-level tokens it takes
+    opened_with: list[str] = field(default_factory=list)  # the token of each socket URL it gave out
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     # files_upload_v2: upload URLs handed out (file id -> (filename, length)), the bytes that
     # came to them, and what files.completeUploadExternal shared: (channel id, thread_ts, files)
@@ -142,6 +145,8 @@ class FakeSlack:
 
     def _scripted(self) -> tuple[int, web.Response | str | None]:
         """The status of a success, and a ready answer or an error code, for this call."""
+        if self.down:
+            return 503, web.Response(status=503, text="<html>slack is down</html>", content_type="text/html")
         entry = self.script.pop(0) if self.script else None
         if isinstance(entry, tuple):
             code, retry_after = entry
@@ -266,8 +271,10 @@ class FakeSlack:
     async def connections_open(self, request: web.Request) -> web.Response:
         """apps.connections.open: a websocket URL for an app-level token."""
         self.connections_opened += 1  # not in `calls`: those are the messages and reactions
-        if request.headers.get("Authorization", "") != f"Bearer {APP_TOKEN}":
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in self.app_tokens:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        self.opened_with.append(token)
         return web.json_response({"ok": True, "url": self.url.replace("http://", "ws://") + "/link/?ticket=fake"})
 
     async def link(self, request: web.Request) -> web.WebSocketResponse:

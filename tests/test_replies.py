@@ -13,9 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import create_app
-from bridge.config import build
+from bridge.config import build, load
 from bridge.errors import ConfigError, StoreError
 from bridge.runtime import RUNTIME
 from bridge.smstext import length, plain, segments
@@ -112,6 +114,15 @@ class Bridge:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not settled: {rows}")
             await asyncio.sleep(0.05)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one series on /metrics (an error when it is not there)."""
+        text = await (await self.client.get("/metrics")).text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise AssertionError(f"{name}{labels} is not on /metrics")
 
     async def reactions(self, ts: str, count: int, timeout: float = 10.0) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -257,6 +268,7 @@ async def test_a_reply_goes_to_the_texter_with_the_right_xml_and_the_thread_show
     assert sorted((d.destination, d.route, d.status) for d in rows) == [
         ("crm", "both-sides", "delivered"),  # a route naming sms.reply gets it
         ("sms", "replies", "delivered"),  # and never the Slack inbox (default, or a route without the type)
+        ("~feedback", "sent", "delivered"),  # the thread's 📤, a delivery of its own (durable, retried)
     ]
     assert next(d for d in rows if d.destination == "sms").tracking_id == call.tracking_id
     assert len(bridge.slack.posted()) == 1  # the texter's message; the reply was not posted back
@@ -385,9 +397,11 @@ async def test_stop_then_a_reply_is_never_sent_and_start_then_it_is(start):
     await asyncio.sleep(0.5)
     assert bridge.skycore.calls == []
     (stored,) = await bridge.replies()
-    assert [d.destination for d in await bridge.store.event_deliveries(stored["id"])] == [
-        "crm"
-    ]  # the CRM still sees it
+    # the CRM still sees it; the thread's ⛔ is a delivery of its own, stored with the reply
+    assert sorted((d.destination, d.route) for d in await bridge.store.event_deliveries(stored["id"])) == [
+        ("crm", "both-sides"),
+        ("~feedback", "not_sent"),
+    ]
     assert any("opted out" in line for line in bridge.slack.thread_lines(thread))
 
     await bridge.postback(mo(3, "START", at="2026-12-01T10:02:00Z"))
@@ -408,6 +422,109 @@ async def test_too_long_is_refused_and_says_how_long(start):
     assert any("800 UCS-2 characters, 12 SMS segments" in line for line in bridge.slack.thread_lines(thread))
     fits = await bridge.reply("a" * 459, thread)  # 3 GSM-7 segments
     assert await bridge.reactions(fits, 1) == ["outbox_tray"]
+
+
+async def test_slack_down_then_back_the_thread_still_shows_it_once(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.slack.down = True
+    bridge.skycore.script = ["E713"]
+    ts = await bridge.reply("We can help", thread)
+    await bridge.skycore.wait_for(1)
+
+    async def feedback() -> list[Any]:
+        response = await bridge.client.get("/admin/deliveries", params={"destination": "~feedback"})
+        assert response.status == 200
+        return (await response.json())["deliveries"]
+
+    deadline = time.monotonic() + 10
+    while not (rows := await feedback()) or rows[0]["attempts"] < 2:  # Slack refused it twice: retried
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.05)
+    assert rows[0]["status"] == "pending" and rows[0]["route"] == "dead" and "503" in rows[0]["last_error"]
+    assert bridge.slack.reactions_on(ts) == []
+    bridge.slack.down = False
+    assert await bridge.reactions(ts, 1) == ["x"]
+    await bridge.settled()
+    assert bridge.slack.thread_lines(thread) == ["Not sent: E713: There is a billing problem on your account"]
+    assert [row["status"] for row in await feedback()] == ["delivered"]
+
+
+async def test_the_line_failing_after_the_reaction_puts_only_the_line_again(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = ["E713"]
+    bridge.slack.script = [None, 500]  # the reaction is taken, the line is not: the whole is retried
+    ts = await bridge.reply("We can help", thread)
+    await bridge.settled()
+    assert bridge.slack.reactions_on(ts) == ["x"]  # already_reacted the second time counts as done
+    assert bridge.slack.thread_lines(thread) == ["Not sent: E713: There is a billing problem on your account"]
+    assert [c.kind for c in bridge.slack.calls[1:]] == [
+        "reactions.add", "chat.postMessage", "reactions.add", "chat.postMessage"
+    ]  # fmt: skip
+
+
+async def test_feedback_slack_refuses_is_dead_listed_and_replayable(start):
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.slack.script = ["missing_scope"]  # reactions:write not granted (yet)
+    ts = await bridge.reply("See you", thread)
+    await bridge.settled()
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.status, row.route) == ("dead", "sent") and row.last_error and "missing_scope" in row.last_error
+    assert bridge.slack.reactions_on(ts) == []
+    response = await bridge.client.post(f"/admin/deliveries/{row.id}/replay")  # the scope is granted now
+    assert response.status == 200, await response.text()
+    assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    assert len(bridge.skycore.sent()) == 1
+
+
+async def test_reply_metrics_count_received_ignored_refused_sent_and_failed(start):
+    bridge = await start(max_segments=1)
+    for name, labels in [
+        ("bridge_replies_received_total", {"source": "events_api"}),
+        ("bridge_replies_received_total", {"source": "socket_mode"}),
+        ("bridge_replies_ignored_total", {"why": "bot"}),
+        ("bridge_replies_refused_total", {"why": "opted_out"}),
+        ("bridge_replies_sent_total", {}),
+        ("bridge_replies_failed_total", {}),
+    ]:
+        assert await bridge.metric(name, **labels) == 0  # there from the start
+    thread = await bridge.thread()
+    sent = await bridge.reply("Yes", thread)
+    await bridge.reactions(sent, 1)
+    again = message_event("Yes", thread_ts=thread, ts=sent)  # Slack's retry of it
+    assert (await bridge.event(again)).status == 200
+    assert (await bridge.event(message_event("beep", thread_ts=thread, ts=bridge.next_ts(), bot_id="B1"))).status == 200
+    assert (await bridge.event(message_event("hi", thread_ts="1714579999.000001", ts=bridge.next_ts()))).status == 200
+    refused = await bridge.reply("a" * 161, thread)  # 2 segments
+    await bridge.reactions(refused, 1)
+    bridge.skycore.script = ["E713"]
+    failed = await bridge.reply("No", thread)
+    await bridge.reactions(failed, 1)
+    await bridge.settled()
+    assert await bridge.metric("bridge_replies_received_total", source="events_api") == 3
+    assert await bridge.metric("bridge_replies_ignored_total", why="duplicate") == 1
+    assert await bridge.metric("bridge_replies_ignored_total", why="bot") == 1
+    assert await bridge.metric("bridge_replies_ignored_total", why="not_a_texters_thread") == 1
+    assert await bridge.metric("bridge_replies_refused_total", why="too_long") == 1
+    assert await bridge.metric("bridge_replies_refused_total", why="opted_out") == 0
+    assert await bridge.metric("bridge_replies_sent_total") == 1
+    assert await bridge.metric("bridge_replies_failed_total") == 1
+    # the bridge's own ~feedback has the per-destination series of any destination
+    assert await bridge.metric("bridge_deliveries_pending", destination="~feedback") == 0
+    assert await bridge.metric("bridge_delivery_attempts_total", destination="~feedback", outcome="delivered") == 3
+
+
+def test_a_destination_or_route_cannot_name_the_bridges_own():
+    raw = {"destinations": {"~feedback": {"type": "log"}, "l": {"type": "log"}}, "default": ["l"]}
+    with pytest.raises(ConfigError) as caught:
+        build(raw, environ={})
+    assert any(p.startswith("destinations.~feedback") and "the bridge's own" in p for p in caught.value.problems)
+    raw = {"destinations": {"l": {"type": "log"}}, "routes": [{"match": {}, "to": ["~feedback"]}], "default": ["l"]}
+    with pytest.raises(ConfigError) as caught:
+        build(raw, environ={})
+    assert any("~feedback" in p for p in caught.value.problems), caught.value.problems
 
 
 # ---------------------------------------------------------------------------- real processes
@@ -466,7 +583,7 @@ async def test_check_config_names_what_the_slack_app_needs(peers, bridge_factory
     bridge = bridge_factory(process_config(slack, skycore), ENV)
     shown = bridge.cli("check-config", "-c", str(bridge.config_path)).stdout
     for needed in ("/slack/events", "chat:write", "reactions:write", "channels:history", "groups:history",
-                   "message.channels", "message.groups", "#sms-inbox"):  # fmt: skip
+                   "message.channels", "message.groups", "#sms-inbox", "~feedback"):  # fmt: skip
         assert needed in shown, shown
     assert API_KEY not in shown and SIGNING_SECRET not in shown
 
@@ -498,6 +615,29 @@ async def test_killed_between_storing_the_reply_and_sending_it_sends_it_once_aft
     assert API_KEY not in seen and SIGNING_SECRET not in seen and TOKEN not in seen
 
 
+async def test_killed_between_sending_the_reply_and_its_reaction_shows_it_after_restart(peers, bridge_factory):
+    slack, skycore = peers
+    bridge = bridge_factory(process_config(slack, skycore), ENV)
+    bridge.start()
+    status, _ = await post(bridge.url + "/postback", mo(1, "Hello?"))
+    assert status == 200
+    (call,) = await slack.wait_for(1)
+    await thread_kept(bridge.url)
+    slack.down = True  # the SMS goes, its 📤 cannot
+    ts = "1714579400.000100"
+    slack.person_says("C0FAKE", ts)
+    assert await send_event(bridge.url, message_event("On our way", thread_ts=call.ts, ts=ts)) == 200
+    await until(lambda: len(skycore.sent()) == 1 and any(c.kind == "reactions.add" for c in slack.calls))
+    bridge.kill()  # kill -9: sent, and what the thread should show is only in the store
+    slack.down = False
+
+    bridge.start()
+    await until(lambda: slack.reactions_on(ts) == ["outbox_tray"])
+    await asyncio.sleep(0.5)
+    assert len(skycore.sent()) == 1 and slack.reactions_on(ts) == ["outbox_tray"]
+    assert bridge.stop() == 0
+
+
 async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers, bridge_factory):  # noqa: F811
     slack, skycore = peers
     first = bridge_factory({**process_config(slack, skycore), "store": pg_url}, ENV)
@@ -520,6 +660,12 @@ async def test_two_instances_on_postgresql_send_one_sms_per_reply(pg_url, peers,
     await asyncio.sleep(1.0)
     assert sorted(c.request["TEXT"] for c in skycore.calls) == sorted(texts)
     assert [c.request["TEXT"] for c in skycore.calls] == texts  # one texter's replies in the order written
+    # and one 📤 each: the thread's feedback is a delivery, sent by one instance
+    await until(lambda: len(slack.reactions) == len(texts))
+    await asyncio.sleep(0.5)
+    assert sorted(c.body["timestamp"] for c in slack.calls if c.kind == "reactions.add") == [
+        f"{1714579500 + n}.000100" for n in range(len(texts))
+    ]
     assert first.stop() == 0 and second.stop() == 0
 
 
@@ -595,6 +741,79 @@ async def test_socket_mode_takes_the_same_replies_acks_after_storing_and_reconne
     await skycore.wait_for(2)
     await until(lambda: "env-2" in slack.acks)
     assert [c.request["TEXT"] for c in skycore.calls] == ["Hi from the socket", "Still here"]
+    assert await bridge.metric("bridge_replies_received_total", source="socket_mode") == 2
+    assert await bridge.metric("bridge_replies_received_total", source="events_api") == 0
+
+
+async def test_socket_mode_starts_restarts_and_stops_as_reloads_change_the_app_token(aiohttp_client, tmp_path, peers):
+    slack, skycore = peers
+    other_token = "xapp-1-A0FAKE-2222-anotherAppLevelToken"
+    slack.app_tokens.add(other_token)
+    raw = config(tmp_path, slack, skycore)
+    path = tmp_path / "config.yaml"
+
+    def write(**replies: Any) -> None:
+        raw["destinations"]["inbox"]["replies"] = {"send_with": "sms", "signing_secret": SIGNING_SECRET, **replies}
+        path.write_text(yaml.safe_dump(raw))
+
+    async def reload() -> None:
+        response = await bridge.client.post("/admin/reload")
+        assert response.status == 200, await response.text()
+
+    async def reply_by_socket(text: str, envelope_id: str) -> None:
+        ts = bridge.next_ts()
+        slack.person_says("C0FAKE", ts)
+        await slack.envelope(message_event(text, thread_ts=thread, ts=ts), envelope_id)
+        await until(lambda: envelope_id in slack.acks)
+        await until(lambda: text in [c.request["TEXT"] for c in skycore.calls])
+
+    write()  # the Events API only: no socket
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    assert slack.connections_opened == 0
+
+    write(app_token=APP_TOKEN)  # added: started, no restart needed
+    await reload()
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    await reply_by_socket("By the first socket", "env-1")
+
+    slack.socket_opened.clear()
+    write(app_token=other_token)  # changed: the old socket closes, one with the new token opens
+    await reload()
+    await asyncio.wait_for(slack.socket_opened.wait(), 10)
+    assert slack.opened_with == [APP_TOKEN, other_token]
+    assert [s.closed for s in slack.sockets] == [True, False]
+    await reply_by_socket("By the second socket", "env-2")
+
+    write(app_token=other_token, max_segments=2)  # the same token: the socket stays
+    await reload()
+    await asyncio.sleep(0.3)
+    assert len(slack.opened_with) == 2 and not slack.sockets[-1].closed
+
+    write()  # removed: stopped, and not reconnected
+    await reload()
+    await until(lambda: all(s.closed for s in slack.sockets))
+    await asyncio.sleep(1.5)
+    assert len(slack.opened_with) == 2 and all(s.closed for s in slack.sockets)
+
+
+async def test_a_reload_keeps_what_the_thread_has_yet_to_show(aiohttp_client, tmp_path, peers):
+    slack, skycore = peers
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, slack, skycore)))
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    slack.down = True
+    ts = await bridge.reply("Noted", thread)
+    await skycore.wait_for(1)
+    await until(lambda: any(c.kind == "reactions.add" for c in slack.calls))
+    response = await bridge.client.post("/admin/reload")  # ~feedback is no destination "removed"
+    assert response.status == 200, await response.text()
+    slack.down = False
+    assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    await bridge.settled()
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert row.status == "delivered"
 
 
 async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, tmp_path, peers, monkeypatch):

@@ -1291,3 +1291,28 @@ async def test_releasing_an_mms_deliveries_wakes_the_other_instances(pg_url):
     finally:
         await one.close()
         await two.close()
+
+
+async def test_follow_ups_are_added_with_the_verdict_that_applies_once(store):
+    """A result's follow-ups (a reply's feedback in its thread) are deliveries of the same event,
+    added in the transaction that records the verdict, and only when the verdict applies: a
+    result recorded twice adds them once; a dead verdict adds them and still counts its death."""
+    await put(store, 1)
+    await put(store, 2)
+    await put(store, 3)
+    sent, died, later = await claim(store)
+    up = (NewDelivery("~feedback", "sent", "c", False),)
+    down = (NewDelivery("~feedback", "dead", "c", False),)
+    results = [
+        dataclasses.replace(finished(sent, Done()), follow_ups=up),
+        dataclasses.replace(finished(died, Dead("E713: billing")), follow_ups=down),
+        finished(later, RetryAt(time.time() + 60, "HTTP 503")),
+    ]
+    assert [r.claim.id for r in await store.complete(results)] == [died.id]
+    assert await store.complete(results[:2]) == []  # recorded again: applies no more
+    feedback = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert sorted((row.event_id, row.route, row.status) for row in feedback) == sorted(
+        [(sent.event_id, "sent", "pending"), (died.event_id, "dead", "pending")]
+    )
+    (taken, other) = await store.claim("~feedback", limit=10, lease=30, ordered=False, owner="a")
+    assert {taken.body, other.body} == {sent.body, died.body}  # the event itself, as stored

@@ -62,6 +62,7 @@ class Attempt:
     number: int  # 1 for the first attempt
     conversation: str  # the (sender, short code) key of the event
     event_id: str = ""
+    route: str = ""  # the route it was stored under (what an internal delivery is for)
 
 
 def conversation_key(event: Event) -> str:

@@ -706,30 +706,45 @@ class SlackDestination(Destination):
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True), None, None
 
-    async def feedback(self, channel: str, ts: str, thread_ts: str | None, emoji: str, message: str | None) -> bool:
-        """What became of a person's reply (CONTRACT §7): a reaction on their message, and a line
-        in its thread when there is something to say. One try each; False when Slack refused."""
+    async def show(self, channel: str, ts: str, thread_ts: str | None, emoji: str, say: str | None) -> Outcome:
+        """What became of a person's reply (CONTRACT §7): the reaction `emoji` on their message,
+        and `say` as a line in its thread. One try each, as any attempt; a reaction that is
+        there already (`already_reacted`: an earlier try put it) counts as done, so a retry
+        after the line failed puts only the line."""
         if self._web is None:
-            return False
-        done = True
-        calls: list[Any] = [lambda web: web.reactions_add(channel=channel, timestamp=ts, name=emoji)]
-        if message:
-            say = {"channel": channel, "thread_ts": thread_ts or ts, "text": message, "unfurl_links": False}
-            calls.append(lambda web: web.chat_postMessage(**say))
+            return Failed(reason="replies need a bot token", retryable=False)
+        web = self._web
+        calls: list[Any] = [lambda: web.reactions_add(channel=channel, timestamp=ts, name=emoji)]
+        if say:
+            calls.append(
+                lambda: web.chat_postMessage(channel=channel, thread_ts=thread_ts or ts, text=say, unfurl_links=False)
+            )
+        outcome: Outcome = Delivered(status=200)
         for call in calls:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await call(self._web)
-            except SlackApiError as exc:
-                if error_code(getattr(exc.response, "data", None)) != "already_reacted":
-                    done = False
-                    log.warning("feedback in the thread refused", extra={"destination": self.name, "error": str(exc)})
-            except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-                done = False
-                log.warning(
-                    "feedback in the thread failed", extra={"destination": self.name, "error": self._scrub(str(exc))}
-                )
-        return done
+            outcome = await self._call(call)
+            if isinstance(outcome, Failed):
+                return outcome
+        return outcome
+
+    async def _call(self, call: Any) -> Outcome:
+        """One Web API call as an attempt's outcome (`already_reacted` is done)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await call()
+            return Delivered(status=response.status_code)
+        except SlackApiError as exc:
+            answer = exc.response
+            status = getattr(answer, "status_code", None) or getattr(answer, "status", None)
+            code = error_code(getattr(answer, "data", None))
+            if code == "already_reacted":
+                return Delivered(status=status)
+            if code is None and status == 200:
+                code = "unknown_error"
+            return classify(status, code, getattr(answer, "headers", None) or {}, time.time())
+        except TimeoutError:
+            return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True)
 
     def _scrub(self, text: str) -> str:
         """aiohttp's messages may quote the URL, and a webhook URL is a credential."""

@@ -78,6 +78,9 @@ class AttemptResult:
     decision: Decision
     detail: str | None = None  # what a destination says about a success (e.g. a side step that failed)
     tracking_id: str | None = None  # the peer's id for it (Skycore's TRACKINGID), kept on the delivery
+    # deliveries of the same event to add when this verdict applies, in its transaction (what a
+    # reply's attempt leaves for the thread to show: bridge.replies): recorded twice, added once
+    follow_ups: tuple[NewDelivery, ...] = ()
 
 
 def iso(ts: float | None) -> str | None:
@@ -292,7 +295,8 @@ class Store(abc.ABC):
         Returns the results whose delivery this made dead: a late verdict that did not apply (a
         result recorded twice, an attempt whose lease ran out) is not one, so each death is
         counted once. Dead verdicts apply after the others of the batch: a `delivered` one for
-        the same delivery (the peer has it) wins."""
+        the same delivery (the peer has it) wins. A result's `follow_ups` are added, in the same
+        transaction, only when its verdict applies."""
 
     @abc.abstractmethod
     async def release(self, claims: list[Claim], *, owner: str) -> None:

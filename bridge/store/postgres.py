@@ -539,7 +539,7 @@ class PostgresStore(Store):
             (deaths if status == "dead" else finishes).append((r, finish))
         if not results:
             return []
-        if not deaths and len({r.claim.id for r in results}) == len(results):
+        if not deaths and not any(r.follow_ups for r in results) and len({r.claim.id for r in results}) == len(results):
             # the usual batch: one statement, its own transaction
             columns = list(zip(*attempts, strict=True))
             verdicts = list(zip(*(finish for _, finish in finishes), strict=True))
@@ -557,11 +557,26 @@ class PostgresStore(Store):
         died = []
         async with self._tx() as conn:
             await conn.executemany(Q["record_attempt"], attempts)
-            if finishes:
-                await conn.executemany(Q["finish"], [finish for _, finish in finishes])
-            for r, finish in deaths:  # one at a time, to see which applied: deaths are few
-                if _updated(await conn.execute(Q["finish"], *finish)):
+            together = [finish for r, finish in finishes if not r.follow_ups]
+            if together:
+                await conn.executemany(Q["finish"], together)
+            # one at a time, to see which applied: deaths, and verdicts with follow-ups, are few
+            for r, finish in [item for item in finishes if item[0].follow_ups] + deaths:
+                if not _updated(await conn.execute(Q["finish"], *finish)):
+                    continue
+                if finish[2] == "dead":
                     died.append(r)
+                if r.follow_ups:
+                    ups = r.follow_ups
+                    await conn.execute(
+                        Q["insert_deliveries"],
+                        r.claim.event_id,
+                        [d.destination for d in ups],
+                        [d.route for d in ups],
+                        [d.conversation for d in ups],
+                        [d.ordered for d in ups],
+                        now,
+                    )
         return died
 
     async def release(self, claims: list[Claim], *, owner: str) -> None:

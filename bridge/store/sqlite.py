@@ -1,6 +1,7 @@
 """SQLite store: WAL, fsync on every commit, and group commit.
 
-Every operation runs on one writer thread that owns the connection. Operations that arrive
+Every write runs on one writer thread that owns its connection (a few lookups that write
+nothing run on a reader connection of their own: `_Reader`). Operations that arrive
 while a commit is in flight queue up and are committed together in the next transaction, so a
 burst of N postbacks costs a few fsyncs, not N, and each caller still hears back only after
 its own data is durable. Each operation runs in a savepoint, so one failing op does not undo
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -292,10 +294,51 @@ def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
             future.set_result(value)
 
 
+class _Reader:
+    """Lookups that write nothing (a reply's thread and the opt-out ledger, a Slack thread's ts,
+    a tracking id, when a delivery loop's next delivery is due), on a connection and a thread of
+    their own: in WAL mode a reader sees every
+    committed transaction and never waits for the writer, so a lookup does not queue behind the
+    next group commit's fsync as an op of the writer's would (twice: the batch in flight, then
+    its own). It sees what was committed before it was asked; every write a caller awaited was."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:  # in the reader's thread, once the writer made and migrated the file
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA query_only = 1")
+            self._conn = conn
+        return self._conn
+
+    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            return op(self._connection())
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        self._pool.submit(shut)
+        self._pool.shutdown(wait=True)
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
         self._writer: _Writer | None = None
+        self._reader: _Reader | None = None
 
     async def open(self) -> None:
         writer = _Writer(self.path)
@@ -307,8 +350,12 @@ class SQLiteStore(Store):
                 raise exc
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._writer = writer
+        self._reader = _Reader(self.path)
 
     async def close(self) -> None:
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.close)
+            self._reader = None
         if self._writer is not None:
             self._writer.queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -322,6 +369,12 @@ class SQLiteStore(Store):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._writer.queue.put((op, future, isolated))
         return future
+
+    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a lookup that writes nothing on the reader (see _Reader)."""
+        if self._reader is None:
+            raise StoreError("store is not open")
+        return await self._reader.run(op)
 
     async def ping(self) -> None:
         now = str(time.time())
@@ -370,12 +423,25 @@ class SQLiteStore(Store):
             attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
             finish = (status, next_at, error, now, r.claim.id, r.claim.attempt, r.tracking_id)
             (deaths if status == "dead" else finishes).append((r, finish))
+        # one at a time, to see which applied: deaths, and verdicts with follow-ups, are few
+        alone = [item for item in finishes if item[0].follow_ups]
+        together = [finish for r, finish in finishes if not r.follow_ups]
+
+        def follow(conn: sqlite3.Connection, r: AttemptResult) -> None:
+            eid = r.claim.event_id
+            rows = [(eid, d.destination, d.route, d.conversation, d.ordered, now, now, now) for d in r.follow_ups]
+            conn.executemany(Q["insert_delivery"], rows)
 
         def op(conn: sqlite3.Connection) -> list[AttemptResult]:
             conn.executemany(Q["record_attempt"], attempts)
-            conn.executemany(Q["finish"], [finish for _, finish in finishes])
-            # one at a time, to see which applied: deaths are few
-            return [r for r, finish in deaths if conn.execute(Q["finish"], finish).rowcount]
+            conn.executemany(Q["finish"], together)
+            for r, finish in alone:
+                if conn.execute(Q["finish"], finish).rowcount:
+                    follow(conn, r)
+            died = [r for r, finish in deaths if conn.execute(Q["finish"], finish).rowcount]
+            for r in died:
+                follow(conn, r)
+            return died
 
         return await self._run(op)
 
@@ -389,14 +455,15 @@ class SQLiteStore(Store):
         await self._run(op)
 
     async def next_due(self, destination: str) -> float | None:
-        return await self._run(lambda conn: conn.execute(Q["next_due"], (destination,)).fetchone()[0])
+        # a delivery loop asks after each claim that found fewer than it wanted: on the reader
+        return await self._read(lambda conn: conn.execute(Q["next_due"], (destination,)).fetchone()[0])
 
     async def get_conversation(self, destination: str, key: str) -> str | None:
         def op(conn: sqlite3.Connection) -> str | None:
             row = conn.execute(Q["get_conversation"], (destination, key)).fetchone()
             return row[0] if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def put_conversation(self, destination: str, key: str, value: str) -> None:
         await self._run(lambda conn: conn.execute(Q["put_conversation"], (destination, key, value)))
@@ -406,7 +473,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["conversation_of"], (destination, value)).fetchone()
             return row[0] if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def record_optout(self, row: OptOutRow) -> None:
         values = (row.texter, row.short_code, int(row.opted_out), row.word, row.at, row.event_id)
@@ -417,7 +484,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["opted_out"], (texter, short_code)).fetchone()
             return bool(row and row[0])
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
         where, params = ("", []) if number is None else (" WHERE texter = ? OR short_code = ?", [number, number])
@@ -433,7 +500,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["delivery_by_tracking_id"], (tracking_id,)).fetchone()
             return delivery_row(row) if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
@@ -488,7 +555,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["get_event"], (event_id,)).fetchone()
             return json.loads(row[0]) if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def attempts(self, delivery_id: int) -> list[AttemptRow]:
         return await self._run(
