@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -60,13 +60,26 @@ def _flag(value: Any) -> bool:
 
 
 def delivery_filter(query: Any, *, default_status: str | None = None) -> DeliveryFilter:
-    status = query.get("status", default_status)
+    status = query.get("status") or default_status  # an empty field (a form's "any") filters nothing
     if status is not None and status not in STATUSES:
         raise BadQuery(f"status: expected one of {', '.join(STATUSES)}")
     return DeliveryFilter(
         status=status,
-        destination=query.get("destination"),
-        event_id=query.get("event_id"),
+        destination=query.get("destination") or None,
+        event_id=query.get("event_id") or None,
+        since=_time(query, "since"),
+        until=_time(query, "until"),
+        limit=_limit(query),
+    )
+
+
+def event_filter(query: Any) -> EventFilter:
+    """The events a query asks for (the admin API's and the console's: one parser, one query)."""
+    return EventFilter(
+        type=query.get("type") or None,
+        sender=query.get("from") or None,
+        to=query.get("to") or None,
+        keyword=query.get("keyword") or None,
         since=_time(query, "since"),
         until=_time(query, "until"),
         limit=_limit(query),
@@ -89,17 +102,7 @@ def _store(request: web.Request) -> Store:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    q = request.query
-    where = EventFilter(
-        type=q.get("type"),
-        sender=q.get("from"),
-        to=q.get("to"),
-        keyword=q.get("keyword"),
-        since=_time(q, "since"),
-        until=_time(q, "until"),
-        limit=_limit(q),
-    )
-    events = await _store(request).list_events(where)
+    events = await _store(request).list_events(event_filter(request.query))
     return web.json_response({"events": events})
 
 
@@ -147,26 +150,46 @@ def _int(text: str) -> int:
     return number
 
 
-async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
-    runtime, store = _runtime(request), _store(request)
-    force = _flag(request.query.get("force"))
-    configured = tuple(runtime.config.destinations)  # a replay to a removed one would wait forever
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: the ids made pending again, or why nothing was (with the HTTP status
+    that says so)."""
+
+    ids: list[int]
+    error: str | None = None
+    status: int = 200
+
+
+async def replay(runtime: Runtime, where: DeliveryFilter, *, single: bool, force: bool = False) -> Replayed:
+    """Replay what `where` selects, to destinations the config has (a replay to a removed one
+    would wait forever), and wake their loops. With `single` (one delivery or event), an empty
+    result says why: no such delivery, a removed destination, or already delivered."""
+    store = runtime.store
+    if store is None:
+        raise StoreError("store is not open")
+    configured = tuple(runtime.config.destinations)
     ids = await store.replay(replace(where, destinations=configured), force=force)
     if single and not ids:
         rows = await store.list_deliveries(where)
         if not rows:
-            return web.json_response({"error": "nothing to replay: no such delivery or event"}, status=404)
+            return Replayed([], "nothing to replay: no such delivery or event", 404)
         gone = sorted({r.destination for r in rows} - set(configured))
         if gone:
             message = f"destination {', '.join(gone)} is not in the config: add it back, reload, then replay"
-            return web.json_response({"error": message, "replayed": []}, status=409)
+            return Replayed([], message, 409)
         if any(r.status == "delivered" for r in rows) and not force:
-            return web.json_response(
-                {"error": "already delivered: add ?force=true to send it again", "replayed": []}, status=409
-            )
+            return Replayed([], "already delivered: add ?force=true to send it again", 409)
     if ids and runtime.dispatcher is not None:
-        runtime.dispatcher.notify(tuple(runtime.config.destinations))
-    return web.json_response({"replayed": ids})
+        runtime.dispatcher.notify(configured)
+    return Replayed(ids)
+
+
+async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
+    done = await replay(_runtime(request), where, single=single, force=_flag(request.query.get("force")))
+    if done.error is None:
+        return web.json_response({"replayed": done.ids})
+    body: dict[str, Any] = {"error": done.error} if done.status == 404 else {"error": done.error, "replayed": []}
+    return web.json_response(body, status=done.status)
 
 
 async def replay_delivery(request: web.Request) -> web.Response:

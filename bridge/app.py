@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bridge import admin, replies
+from bridge import admin, console, replies
 from bridge.answers import error
 from bridge.auth import Caller
 from bridge.carriers import Carriers
@@ -137,6 +137,7 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     admin.add_routes(app)
+    console.add_routes(app)  # /ui/: the web console
     replies.install(app)  # POST /slack/events: 404 unless a Slack destination takes replies
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)
