@@ -11,7 +11,9 @@ from bridge.console.session import Attempts
 
 
 async def _to_console(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPMovedPermanently("/ui/")
+    return web.Response(
+        status=301, headers={"Location": "/ui/"}
+    )  # returned: the app's middleware answers raised ones in JSON
 
 
 def add_routes(app: web.Application) -> None:

@@ -172,7 +172,6 @@ def signed_in(handler: Handler) -> Handler:
             if request.method != "GET":
                 return _forbidden("Your session has ended. Sign in again, then repeat what you did.")
             return _redirect(target)
-        request["console_session"] = current
         return await handler(request)
 
     return check
@@ -187,7 +186,9 @@ def form_post(handler: FormHandler) -> Handler:
         key = _key(request)
         assert key is not None
         form = await request.post()
-        if not sessions.csrf_ok(key, request["console_session"].id, _field(form, "csrf")):
+        current = _session(request)
+        assert current is not None  # signed_in saw to it
+        if not sessions.csrf_ok(key, current.id, _field(form, "csrf")):
             return _forbidden("This form did not come from your console session (no valid CSRF token). "
                               "Reload the page and try again.")  # fmt: skip
         return await handler(request, form)
@@ -204,7 +205,8 @@ async def logout(request: web.Request, form: Form) -> web.StreamResponse:
 def _context(request: web.Request, nav: str, **more: Any) -> dict[str, Any]:
     key = _key(request)
     assert key is not None
-    current = request["console_session"]
+    current = _session(request)  # signed_in saw to it: read again (an HMAC), not kept on the request
+    assert current is not None
     return {"nav": nav, "csrf": sessions.csrf_token(key, current.id), "signed_in": True, "live": False, **more}
 
 

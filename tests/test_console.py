@@ -1,0 +1,220 @@
+"""The web console's sign-in, cookies, CSRF and headers, in process (the browser tests in
+test_console_browser.py drive the pages themselves)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.console import session as sessions
+from bridge.console.render import CSP, flatten, readable_phone
+from bridge.store.sqlite import SQLiteStore
+
+ADMIN = "console-admin-token-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def raw(tmp_path: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"admin_token": ADMIN, **server},
+        "store": f"sqlite:///{tmp_path / 'bridge.db'}",
+        "destinations": {"crm": {"type": "webhook", "url": "http://127.0.0.1:9/crm"}},
+        "default": ["crm"],
+    }
+
+
+async def login_form(client: Any, **headers: str) -> str:
+    response = await client.get("/ui/login", headers=headers)
+    assert response.status == 200
+    return re.search(r'name="csrf" value="([^"]+)"', await response.text()).group(1)
+
+
+async def sign_in(client: Any, token: str = ADMIN, **headers: str) -> Any:
+    csrf = await login_form(client, **headers)
+    return await client.post(
+        "/ui/login", data={"csrf": csrf, "token": token, "next": "/ui/events"}, headers=headers, allow_redirects=False
+    )
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+def test_a_session_cookie_is_read_back_only_with_the_same_key_and_before_it_expires():
+    key = sessions.signing_key(ADMIN)
+    made, cookie = sessions.new_session(key, now=1000.0)
+    assert sessions.read_session(key, cookie, now=1001.0) == made
+    assert sessions.read_session(key, cookie, now=made.expires) is None  # expired
+    assert sessions.read_session(sessions.signing_key("another token"), cookie, now=1001.0) is None
+    body, _, signature = cookie.rpartition(".")
+    later = body.replace(str(int(made.expires)), str(int(made.expires) + 10**6))
+    assert sessions.read_session(key, f"{later}.{signature}", now=1001.0) is None  # tampered
+    for junk in ("", "v1", "a.b.c.d", "x" * 500, cookie + "x"):
+        assert sessions.read_session(key, junk, now=1001.0) is None
+
+
+def test_a_csrf_token_belongs_to_one_session_and_one_purpose():
+    key = sessions.signing_key(ADMIN)
+    token = sessions.csrf_token(key, "session-a")
+    assert sessions.csrf_ok(key, "session-a", token)
+    assert not sessions.csrf_ok(key, "session-b", token)
+    assert not sessions.csrf_ok(key, "session-a", token, "login")
+    assert not sessions.csrf_ok(key, "session-a", None) and not sessions.csrf_ok(key, None, token)
+
+
+def test_wrong_tokens_are_limited_per_client_within_the_window():
+    attempts = sessions.Attempts(allowed=3, window=60.0, clients=2)
+    for t in (0.0, 1.0, 2.0):
+        assert attempts.wait("a", now=t) == 0.0
+        attempts.failed("a", now=t)
+    assert attempts.wait("a", now=3.0) == pytest.approx(57.0)
+    assert attempts.wait("b", now=3.0) == 0.0  # another client is not held up
+    assert attempts.wait("a", now=60.5) == 0.0  # the first failure has left the window
+    attempts.failed("b", now=4.0)
+    attempts.failed("c", now=5.0)  # a third client: the table keeps two, the oldest goes
+    assert attempts.wait("a", now=6.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("number", "shown"),
+    [("+15552312102", "+1 555-231-2102"), ("86717", "86717"), ("+447911123456", "+447911123456"), (None, "-")],
+)
+def test_phone_numbers_are_readable(number, shown):
+    assert readable_phone(number) == shown
+
+
+def test_raw_fields_are_flattened_with_their_place():
+    fields = {"ORIGIN": "MMS_MO", "CONTENT": {"FILE": ["a.jpg", "b.jpg"]}, "EMPTY": ""}
+    assert flatten(fields) == [
+        ("ORIGIN", "MMS_MO"),
+        ("CONTENT.FILE[0]", "a.jpg"),
+        ("CONTENT.FILE[1]", "b.jpg"),
+        ("EMPTY", ""),
+    ]
+
+
+def test_the_vendored_htmx_is_the_released_file_with_its_license_header():
+    text = (ROOT / "bridge" / "console" / "static" / "htmx.min.js").read_text(encoding="utf-8")
+    header, _, body = text.partition(" */\n")
+    assert "Zero-Clause BSD" in header and "htmx.org@2.0.11" in header
+    expected = re.search(r"sha256 ([0-9a-f]{64})", header).group(1)
+    assert hashlib.sha256(body.encode()).hexdigest() == expected
+
+
+# ---------------------------------------------------------------------------- over HTTP
+
+
+async def test_signing_in_sets_a_strict_httponly_cookie_that_another_instance_accepts(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    response = await sign_in(client)
+    assert response.status == 303 and response.headers["Location"] == "/ui/events"
+    cookie = response.cookies[sessions.SESSION_COOKIE]
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and not cookie["secure"]
+    assert cookie["path"] == "/ui/" and int(cookie["max-age"]) == sessions.SESSION_SECONDS
+    # a second instance on the same config (several on one PostgreSQL) takes the same cookie
+    other = await app_client(raw(tmp_path), store=SQLiteStore(str(tmp_path / "bridge.db")))
+    answer = await other.get(
+        "/ui/events", headers={"Cookie": f"{sessions.SESSION_COOKIE}={cookie.value}"}, allow_redirects=False
+    )
+    assert answer.status == 200 and "<h1>Events</h1>" in await answer.text()
+
+
+async def test_the_cookie_is_secure_when_a_trusted_proxy_says_https(app_client, tmp_path):
+    client = await app_client(raw(tmp_path, auth={"trusted_proxies": ["127.0.0.1/32"]}))
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    form = await client.get("/ui/login", headers=proxied)
+    nonce = form.cookies[sessions.LOGIN_COOKIE]
+    assert nonce["secure"]  # so the test client's jar keeps it to itself over http: sent by hand
+    csrf = re.search(r'name="csrf" value="([^"]+)"', await form.text()).group(1)
+    response = await client.post(
+        "/ui/login",
+        data={"csrf": csrf, "token": ADMIN},
+        headers={**proxied, "Cookie": f"{sessions.LOGIN_COOKIE}={nonce.value}"},
+        allow_redirects=False,
+    )
+    assert response.status == 303 and response.cookies[sessions.SESSION_COOKIE]["secure"]
+    plain = await app_client(raw(tmp_path))  # the peer is not a trusted proxy: the header says nothing
+    response = await sign_in(plain, **{"X-Forwarded-Proto": "https"})
+    assert response.status == 303 and not response.cookies[sessions.SESSION_COOKIE]["secure"]
+
+
+async def test_wrong_tokens_get_one_calm_answer_then_429(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    for _ in range(5):
+        response = await sign_in(client, token="guess")
+        assert response.status == 401
+        text = await response.text()
+        assert "Sign-in failed. Check the token and try again." in text and sessions.SESSION_COOKIE not in response.cookies
+    response = await sign_in(client, token=ADMIN)  # even the right one waits: the limit is per client
+    assert response.status == 429 and "Too many attempts" in await response.text()
+    assert sessions.SESSION_COOKIE not in response.cookies
+
+
+async def test_a_sign_in_without_its_form_token_is_refused(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    response = await client.post("/ui/login", data={"token": ADMIN}, allow_redirects=False)
+    assert response.status == 403 and sessions.SESSION_COOKIE not in response.cookies
+
+
+async def test_after_sign_in_only_our_own_pages_are_a_destination(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/\\evil"):
+        client.session.cookie_jar.clear()
+        csrf = await login_form(client)
+        response = await client.post(
+            "/ui/login", data={"csrf": csrf, "token": ADMIN, "next": target}, allow_redirects=False
+        )
+        assert response.headers["Location"] == "/ui/"
+
+
+async def test_pages_need_a_session_and_carry_a_strict_csp(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    for path in ("/ui/", "/ui/events", "/ui/deliveries", "/ui/dead-letters", "/ui/routes", "/ui/events/evt_x"):
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 303 and response.headers["Location"].startswith("/ui/login?next=")
+    polled = await client.get("/ui/events?part=live", headers={"HX-Request": "true"}, allow_redirects=False)
+    assert polled.status == 401 and polled.headers["HX-Redirect"].startswith("/ui/login")
+    await sign_in(client)
+    for path in ("/ui/", "/ui/events", "/ui/deliveries", "/ui/dead-letters", "/ui/routes"):
+        response = await client.get(path)
+        assert response.status == 200, path
+        assert response.headers["Content-Security-Policy"] == CSP
+        html = await response.text()
+        assert "<script>" not in html and "style=" not in html and "<style" not in html
+    assert "'unsafe-inline'" not in CSP and "script-src 'self'" in CSP
+    missing = await client.get("/ui/events/evt_nothing")
+    assert missing.status == 404
+    bad = await client.get("/ui/deliveries?since=yesterday")
+    assert bad.status == 400 and "since" in await bad.text()
+
+
+async def test_state_changing_forms_need_the_session_csrf_token(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    await sign_in(client)
+    for path in ("/ui/routes/reload", "/ui/replay", "/ui/deliveries/1/replay", "/ui/events/evt_x/replay", "/ui/logout"):
+        response = await client.post(path, data={"confirm": "yes", "ids": "1"}, allow_redirects=False)
+        assert response.status == 403, path
+        assert "CSRF" in await response.text()
+
+
+async def test_without_an_admin_token_the_console_is_off(app_client, tmp_path):
+    config = raw(tmp_path)
+    del config["server"]["admin_token"]
+    client = await app_client(config)
+    for path in ("/ui/", "/ui/login"):
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 404 and "server.admin_token" in await response.text()
+    response = await client.post("/ui/login", data={"token": ""}, allow_redirects=False)
+    assert response.status == 404
+
+
+async def test_static_files_are_served_from_the_package_and_nothing_else(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    css = await client.get("/ui/static/console.css")
+    assert css.status == 200 and css.headers["Content-Type"].startswith("text/css")
+    for name in ("..%2Fpages.py", "pages.py", "nothing.js", ".hidden.js", "..%2F..%2Fconfig.py"):
+        assert (await client.get(f"/ui/static/{name}", allow_redirects=False)).status == 404, name
+    assert (await client.get("/ui", allow_redirects=False)).headers["Location"] == "/ui/"
