@@ -8,6 +8,7 @@ proxy (which on the same host connects from loopback too), and off (404) anywher
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,7 +21,7 @@ from bridge.digits import parse_uint
 from bridge.errors import StoreError
 from bridge.event import phone
 from bridge.runtime import RUNTIME, Runtime
-from bridge.store import STATUSES, DeliveryFilter, EventFilter, Store
+from bridge.store import STATUSES, DeliveryFilter, EventFilter, Store, parse_event_cursor
 from bridge.validate import parse_when
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +60,32 @@ def _flag(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes")
 
 
+def _before_id(query: Any) -> int | None:
+    value = query.get("before_id")
+    if value is None or value == "":
+        return None
+    number = parse_uint(value)
+    if number is None:
+        raise BadQuery("before_id: expected a delivery id (the `next` of the page before)")
+    return number
+
+
+def _text(query: Any, key: str) -> str | None:
+    """A text filter: None when absent or blank."""
+    value = query.get(key)
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _number(query: Any, key: str) -> str | None:
+    """A phone number or short code as people write them (`+1 555-231-2102`, `1 (555) 231 2102`)
+    as the events hold it (`+15552312102`)."""
+    value = _text(query, key)
+    return phone(_SEPARATORS.sub("", value)) if value is not None else None
+
+
+_SEPARATORS = re.compile(r"[\s().-]")
+
+
 def delivery_filter(query: Any, *, default_status: str | None = None) -> DeliveryFilter:
     status = query.get("status") or default_status  # an empty field (a form's "any") filters nothing
     if status is not None and status not in STATUSES:
@@ -70,19 +97,31 @@ def delivery_filter(query: Any, *, default_status: str | None = None) -> Deliver
         since=_time(query, "since"),
         until=_time(query, "until"),
         limit=_limit(query),
+        before_id=_before_id(query),
     )
 
 
 def event_filter(query: Any) -> EventFilter:
-    """The events a query asks for (the admin API's and the console's: one parser, one query)."""
-    return EventFilter(
-        type=query.get("type") or None,
-        sender=query.get("from") or None,
-        to=query.get("to") or None,
-        keyword=query.get("keyword") or None,
+    """The events a query asks for (the admin API's and the console's), 400 for a bad value.
+    A texter's number may be given as digits (15552312102 finds +15552312102)."""
+    cursor = _text(query, "cursor")
+    if cursor is not None:
+        try:
+            parse_event_cursor(cursor)
+        except ValueError:
+            raise BadQuery("cursor: not a cursor this bridge gave (use the `next` of the page before)") from None
+    return EventFilter(  # a blank field (a form's "any") filters nothing
+        type=_text(query, "type"),
+        sender=_text(query, "from"),
+        to=_text(query, "to"),
+        keyword=_text(query, "keyword"),
         since=_time(query, "since"),
         until=_time(query, "until"),
         limit=_limit(query),
+        texter=_number(query, "texter"),
+        short_code=_number(query, "short_code"),
+        text=_text(query, "text"),
+        before=cursor,
     )
 
 
@@ -102,8 +141,8 @@ def _store(request: web.Request) -> Store:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    events = await _store(request).list_events(event_filter(request.query))
-    return web.json_response({"events": events})
+    events, after = await _store(request).events_page(event_filter(request.query))
+    return web.json_response({"events": events, "next": after})
 
 
 async def get_event(request: web.Request) -> web.Response:
@@ -120,16 +159,18 @@ async def get_event(request: web.Request) -> web.Response:
     return web.json_response({"event": event, "deliveries": deliveries})
 
 
+async def _deliveries_page(request: web.Request, where: DeliveryFilter) -> web.Response:
+    rows, after = await _store(request).deliveries_page(where)
+    return web.json_response({"deliveries": [r.as_json() for r in rows], "next": after})
+
+
 async def list_deliveries(request: web.Request) -> web.Response:
-    rows = await _store(request).list_deliveries(delivery_filter(request.query))
-    return web.json_response({"deliveries": [r.as_json() for r in rows]})
+    return await _deliveries_page(request, delivery_filter(request.query))
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     """The dead-letter list: dead deliveries, newest first (the other filters apply)."""
-    where = replace(delivery_filter(request.query), status="dead")
-    rows = await _store(request).list_deliveries(where)
-    return web.json_response({"deliveries": [r.as_json() for r in rows]})
+    return await _deliveries_page(request, replace(delivery_filter(request.query), status="dead"))
 
 
 async def get_delivery(request: web.Request) -> web.Response:
@@ -322,7 +363,14 @@ _DELIVERY_FILTERS = [
     _param("since", "created at or after", _TIME),
     _param("until", "created before", _TIME),
     _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+    _param(
+        "before_id",
+        "the next page: the `next` of the page before (ids below it)",
+        {"type": "integer", "minimum": 1, "example": 1000},
+    ),
 ]
+# an example of a cursor, as `event_cursor` makes them
+_CURSOR_EXAMPLE = "MjAyNi0xMS0yMlQxMDowMDowMC4xMjNafGV2dF8wMUpEN1FOT1RUSEVSRTAwMDAwMDAwMDA"
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _OK = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
 _REPLAYED = {
@@ -358,6 +406,14 @@ OPENAPI: dict[str, Any] = {
                     _param("since", "received at or after", _TIME),
                     _param("until", "received before", _TIME),
                     _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                    _param("texter", "a texter's number, either side (`from`, or `to` of a reply): E.164 or digits"),
+                    _param("short_code", "a short code, either side (with texter: one conversation, both ways)"),
+                    _param("text", "a part of the text, any case"),
+                    _param(
+                        "cursor",
+                        "the next page: the `next` of the page before",
+                        {"type": "string", "example": _CURSOR_EXAMPLE},
+                    ),
                 ],
                 "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
             }
@@ -407,7 +463,7 @@ OPENAPI: dict[str, Any] = {
         "/admin/replay": {
             "post": {
                 "summary": "Replay every dead and failed delivery of a destination and/or time range",
-                "parameters": [p for p in _DELIVERY_FILTERS if p["name"] != "status"] + [_FORCE],
+                "parameters": [p for p in _DELIVERY_FILTERS if p["name"] not in ("status", "before_id")] + [_FORCE],
                 "responses": {"200": _REPLAYED, "400": _ERROR, "401": _ERROR},
             }
         },

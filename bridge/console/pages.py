@@ -259,21 +259,11 @@ async def overview(request: web.Request) -> web.StreamResponse:
         pending=sum(r["pending"] for r in rows),
         dead=sum(r["dead"] for r in rows),
         oldest=max(oldest_all) if oldest_all else None,
-        chart=chart(await _per_minute(store, now)),
-        errors=await _recent_errors(store),
+        chart=chart(await store.postbacks_per_minute(now - 3600)),
+        errors=await store.recent_errors(10),
         live=True,
     )
     return page("overview.html" if request.query.get("part") != "live" else "_overview_live.html", context)
-
-
-async def _per_minute(store: Store, now: float) -> list[tuple[float, int]]:
-    per_minute = getattr(store, "postbacks_per_minute", None)
-    return list(await per_minute(now - 3600)) if per_minute is not None else []
-
-
-async def _recent_errors(store: Store) -> list[Any]:
-    recent = getattr(store, "recent_errors", None)
-    return list(await recent(10)) if recent is not None else []
 
 
 # ---------------------------------------------------------------------------- events
@@ -283,6 +273,12 @@ def _query_without(query: Mapping[str, str], *names: str) -> str:
     return urlencode([(k, v) for k, v in query.items() if k not in names and v])
 
 
+def _link(path: str, query: Mapping[str, str], drop: tuple[str, ...], **add: str) -> str:
+    """`path` with the query's non-empty fields but `drop`, and `add`: the link to a next page."""
+    kept = [(k, v) for k, v in query.items() if k not in drop and k not in add and v]
+    return f"{path}?{urlencode([*kept, *add.items()])}"
+
+
 @signed_in
 async def events(request: web.Request) -> web.StreamResponse:
     query = {**request.query, "limit": str(PAGE_SIZE)}
@@ -290,8 +286,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         where = admin.event_filter(query)
     except admin.BadQuery as exc:
         return _bad_query(request, "events", exc)
-    found = await _store(request).list_events(where)
-    first_page = not request.query.get("before")
+    found, after = await _store(request).events_page(where)
+    first_page = not request.query.get("cursor")  # only the newest page takes new events live
     context = _context(
         request,
         "events",
@@ -299,7 +295,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         query=request.query,
         types=sorted(_event_types()),
         here=_query_without(request.query, "part"),
-        next_page=None,
+        next_page=None if after is None else _link(request.path, request.query, ("part",), cursor=after),
         live=first_page,
     )
     return page("events.html" if request.query.get("part") != "live" else "_event_rows.html", context)
@@ -375,7 +371,7 @@ async def _deliveries(request: web.Request, *, dead_letters: bool) -> web.Stream
         return _bad_query(request, nav, exc)
     if dead_letters:
         where = replace(where, status="dead")
-    rows = await _store(request).list_deliveries(where)
+    rows, after = await _store(request).deliveries_page(where)
     context = _context(
         request,
         nav,
@@ -386,7 +382,9 @@ async def _deliveries(request: web.Request, *, dead_letters: bool) -> web.Stream
         destinations=sorted(_runtime(request).config.destinations),
         here=request.path_qs,
         filter_fields=[(k, v) for k, v in request.query.items() if k in _FILTER_KEYS and v],
-        next_page=None,
+        next_page=None
+        if after is None
+        else _link(request.path, request.query, ("part", "done", "n"), before_id=str(after)),
         notice=_notice(request),
         live=True,
     )
@@ -394,6 +392,7 @@ async def _deliveries(request: web.Request, *, dead_letters: bool) -> web.Stream
 
 
 _FILTER_KEYS = ("status", "destination", "event_id", "since", "until")
+_NOT_KEPT = ("part", "done", "n")  # what a link to the next page leaves out
 
 
 @signed_in

@@ -8,11 +8,13 @@ rows are committed durably, in one transaction.
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 import json
 import os
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib.resources import files
@@ -189,6 +191,8 @@ def optout_row(row: Sequence[Any]) -> OptOutRow:
 
 @dataclass(frozen=True)
 class EventFilter:
+    """Which events `list_events` gives, newest first by (received_at, id)."""
+
     type: str | None = None
     sender: str | None = None  # the event's `from`
     to: str | None = None
@@ -196,6 +200,111 @@ class EventFilter:
     since: float | None = None  # received_at
     until: float | None = None
     limit: int = 100
+    # A texter's number: the event's `from` (what they sent) or its `to` (an `sms.reply` to them);
+    # either side matches. With `short_code` too: one conversation, both ways.
+    texter: str | None = None
+    short_code: str | None = None  # either side too
+    text: str | None = None  # a case-insensitive substring of the event's text
+    before: str | None = None  # a cursor (`event_cursor` of the last event of the page before)
+
+
+MAX_CURSOR = 200  # characters: a cursor is an event id and a time, well under this
+
+
+def event_cursor(event: Event) -> str:
+    """The cursor that lists the events after `event` (older ones): `EventFilter(before=...)`.
+    Opaque to its users; it holds the event's id and its `received_at`."""
+    raw = f"{event['received_at']}|{event['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode("ascii").rstrip("=")
+
+
+def parse_event_cursor(cursor: str) -> tuple[float, str]:
+    """A cursor's (received_at as epoch seconds, event id); ValueError for anything that is not
+    a cursor `event_cursor` made."""
+    if not cursor or len(cursor) > MAX_CURSOR or not cursor.isascii():
+        raise ValueError("not a cursor this bridge made")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("not a cursor this bridge made") from None
+    when, sep, event_id = raw.partition("|")
+    if not sep or not event_id or not event_id.isprintable():
+        raise ValueError("not a cursor this bridge made")
+    try:
+        at = datetime.fromisoformat(when)
+    except ValueError:
+        raise ValueError("not a cursor this bridge made") from None
+    if at.tzinfo is None:
+        raise ValueError("not a cursor this bridge made")
+    return at.timestamp(), event_id
+
+
+def event_query(
+    where: EventFilter,
+    anchor: tuple[float, str] | None,
+    bind: Callable[[Any], str],
+    field: Callable[[str], str],
+    contains: Callable[[str, str], str],
+) -> tuple[str, int]:
+    """The SELECT of `list_events` for either store, and how many rows to fetch (duplicates
+    left out by `merged`). `bind(value)` gives a placeholder, `field(name)` the SQL of the
+    event's JSON field `name` (the same expression the indexes of migration 0005 are made on),
+    `contains(column_sql, placeholder)` a case-insensitive substring test. `anchor` is the
+    (received_at, id) the page starts below (see `parse_event_cursor`).
+
+    A texter or short code matches either side of an event (`from` or `to`): each side is a
+    query of its own, walking its own index newest first and stopping at the limit, and the
+    two are merged; an OR would make the store read every event of a short code to sort them."""
+    sides: list[dict[str, str]]
+    if where.texter is not None and where.short_code is not None:
+        sides = [{"from": where.texter, "to": where.short_code}, {"from": where.short_code, "to": where.texter}]
+    elif where.texter is not None:
+        sides = [{"from": where.texter}, {"to": where.texter}]
+    elif where.short_code is not None:
+        sides = [{"to": where.short_code}, {"from": where.short_code}]
+    else:
+        sides = [{}]
+    for name, value in (("from", where.sender), ("to", where.to)):
+        if value is not None:  # every side must have it too; a side that names another cannot
+            sides = [{**side, name: value} for side in sides if side.get(name, value) == value]
+    if not sides:
+        return "SELECT body, received_at, id FROM events WHERE 1 = 0", 0
+    order = " ORDER BY received_at DESC, id DESC"
+    selects = []
+    for side in sides:
+        clauses = [f"{field(name)} = {bind(value)}" for name, value in sorted(side.items())]
+        if where.type is not None:
+            clauses.append(f"type = {bind(where.type)}")
+        if where.keyword is not None:
+            clauses.append(f"upper({field('keyword')}) = upper({bind(where.keyword)})")
+        if where.since is not None:
+            clauses.append(f"received_at >= {bind(where.since)}")
+        if where.until is not None:
+            clauses.append(f"received_at < {bind(where.until)}")
+        if anchor is not None:
+            clauses.append(f"(received_at, id) < ({bind(anchor[0])}, {bind(anchor[1])})")
+        if where.text is not None:
+            clauses.append(contains(field("text"), bind(where.text)))
+        sql = "SELECT body, received_at, id FROM events" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        selects.append(f"{sql}{order} LIMIT {bind(where.limit)}")
+    if len(selects) == 1:
+        return selects[0], where.limit
+    union = " UNION ALL ".join(f"SELECT * FROM ({s}) AS side{n}" for n, s in enumerate(selects))
+    return f"{union}{order} LIMIT {bind(2 * where.limit)}", where.limit
+
+
+def merged(rows: Sequence[Sequence[Any]], limit: int) -> list[Event]:
+    """The events of `event_query`'s rows (body, received_at, id), each once, up to `limit`."""
+    seen: set[str] = set()
+    out: list[Event] = []
+    for row in rows:
+        if row[2] in seen:
+            continue
+        seen.add(row[2])
+        out.append(json.loads(row[0]))
+        if len(out) == limit:
+            break
+    return out
 
 
 @dataclass(frozen=True)
@@ -226,6 +335,7 @@ class DeliveryFilter:
     ids: tuple[int, ...] | None = None
     destinations: tuple[str, ...] | None = None  # only these (replay: the configured ones)
     limit: int = 100
+    before_id: int | None = None  # keyset paging: only ids below this (listings are newest, id, first)
 
 
 def delivery_clauses(
@@ -246,7 +356,15 @@ def delivery_clauses(
         clauses.append(among("id", where.ids, "bigint"))
     if where.destinations is not None:
         clauses.append(among("destination", where.destinations, "text"))
+    if where.before_id is not None:
+        clauses.append(f"id < {bind(where.before_id)}")
     return clauses
+
+
+# What listings select of a delivery, in the order `delivery_row` reads.
+DELIVERY_COLUMNS = (
+    f"id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at, last_error, tracking_id"
+)
 
 
 class Store(abc.ABC):
@@ -363,7 +481,33 @@ class Store(abc.ABC):
         from now on, also those stored while a destination was not ordered; how many changed."""
 
     @abc.abstractmethod
-    async def list_events(self, where: EventFilter) -> list[Event]: ...
+    async def list_events(self, where: EventFilter) -> list[Event]:
+        """Events newest first by (received_at, id); keyset paging with `where.before`.
+        ValueError for a `before` that is not a cursor (`parse_event_cursor`)."""
+
+    async def events_page(self, where: EventFilter) -> tuple[list[Event], str | None]:
+        """A page of `list_events` and the cursor of the next one (None: this is the last)."""
+        events = await self.list_events(replace(where, limit=where.limit + 1))
+        if len(events) <= where.limit:
+            return events, None
+        return events[: where.limit], event_cursor(events[where.limit - 1])
+
+    async def deliveries_page(self, where: DeliveryFilter) -> tuple[list[DeliveryRow], int | None]:
+        """A page of `list_deliveries` and the `before_id` of the next one (None: the last)."""
+        rows = await self.list_deliveries(replace(where, limit=where.limit + 1))
+        if len(rows) <= where.limit:
+            return rows, None
+        return rows[: where.limit], rows[where.limit - 1].id
+
+    @abc.abstractmethod
+    async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
+        """How many events were received in each minute since `since`: (the minute's start as
+        epoch seconds, count), oldest first; minutes without any are left out."""
+
+    @abc.abstractmethod
+    async def recent_errors(self, limit: int) -> list[DeliveryRow]:
+        """The deliveries whose latest attempt failed (waiting for a retry, or dead), the most
+        recent failure first, across destinations."""
 
     @abc.abstractmethod
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]: ...

@@ -43,7 +43,7 @@ from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.secret import redact_url
 from bridge.store import (
-    CAME_IN_SQL,
+    DELIVERY_COLUMNS,
     FAILED_SQL,
     OPTOUT_COLUMNS,
     REPLAY_SET_SQL,
@@ -61,9 +61,12 @@ from bridge.store import (
     Store,
     delivery_clauses,
     delivery_row,
+    event_query,
     load_queries,
+    merged,
     optout_row,
     owner_gone,
+    parse_event_cursor,
     schema,
     verdict,
 )
@@ -135,6 +138,15 @@ def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
     return delivery_clauses(
         where, p.add, lambda column, values, sql_type: f"{column} = ANY({p.add(list(values))}::{sql_type}[])"
     )
+
+
+def _field(name: str) -> str:
+    """An event's JSON field, as the indexes of migration 0005 are made on it."""
+    return f"(body::json ->> '{name}')"
+
+
+def _contains(column: str, needle: str) -> str:
+    return f"strpos(lower({column}), lower({needle}::text)) > 0"
 
 
 def _sql_where(clauses: list[str]) -> str:
@@ -613,10 +625,7 @@ class PostgresStore(Store):
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
         p = _Params()
         sql = _sql_where(_delivery_where(where, p))
-        query = (
-            f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
-            f" last_error, tracking_id FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
-        )
+        query = f"SELECT {DELIVERY_COLUMNS} FROM deliveries{sql} ORDER BY id DESC LIMIT {p.add(where.limit)}"
         async with self._tx() as conn:
             rows = await conn.fetch(query, *p.values)
         return [delivery_row(row) for row in rows]
@@ -667,26 +676,26 @@ class PostgresStore(Store):
         return _updated(status)
 
     async def list_events(self, where: EventFilter) -> list[Event]:
-        p = _Params()
-        clauses = []
-        if where.type is not None:
-            clauses.append(f"type = {p.add(where.type)}")
-        for field, value in (("from", where.sender), ("to", where.to)):
-            if value is not None:
-                clauses.append(f"body::json ->> '{field}' = {p.add(value)}")
-        if where.keyword is not None:
-            clauses.append(f"upper(body::json ->> 'keyword') = upper({p.add(where.keyword)})")
-        if where.since is not None:
-            clauses.append(f"received_at >= {p.add(where.since)}")
-        if where.until is not None:
-            clauses.append(f"received_at < {p.add(where.until)}")
-        query = (
-            f"SELECT body FROM events{_sql_where(clauses)}"
-            f" ORDER BY received_at DESC, id DESC LIMIT {p.add(where.limit)}"
-        )
+        cursor = parse_event_cursor(where.before) if where.before is not None else None
         async with self._tx() as conn:
+            anchor = None
+            if cursor is not None:  # the event's own received_at, unless it is gone (purged)
+                at = await conn.fetchval("SELECT received_at FROM events WHERE id = $1", cursor[1])
+                anchor = (at if at is not None else cursor[0], cursor[1])
+            p = _Params()
+            query, limit = event_query(where, anchor, p.add, _field, _contains)
             rows = await conn.fetch(query, *p.values)
-        return [json.loads(row[0]) for row in rows]
+        return merged(rows, limit)
+
+    async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(Q["postbacks_per_minute"], since)
+        return [(float(row[0]), row[1]) for row in rows]
+
+    async def recent_errors(self, limit: int) -> list[DeliveryRow]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(Q["recent_errors"], limit)
+        return [delivery_row(row) for row in rows]
 
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
         async with self._tx() as conn:

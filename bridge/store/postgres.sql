@@ -275,3 +275,15 @@ SELECT key FROM conversations WHERE destination = $1 AND value = $2 ORDER BY key
 SELECT id, event_id, destination, route, status, attempts, coalesce(came_in_at, created_at), next_at, updated_at,
     last_error, tracking_id
 FROM deliveries WHERE tracking_id = $1 ORDER BY id DESC LIMIT 1
+
+-- name: postbacks_per_minute
+-- (a range of the events_received index, which holds received_at)
+SELECT floor(received_at / 60) * 60 AS minute, count(*)::int FROM events
+WHERE received_at >= $1 GROUP BY minute ORDER BY minute
+
+-- name: recent_errors
+-- The deliveries whose latest attempt failed (delivered ones have no last_error): the partial
+-- index deliveries_errors, newest first.
+SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
+    last_error, tracking_id
+FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT $1

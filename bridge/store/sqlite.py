@@ -28,7 +28,7 @@ from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
-    CAME_IN_SQL,
+    DELIVERY_COLUMNS,
     FAILED_SQL,
     OPTOUT_COLUMNS,
     REPLAY_SET_SQL,
@@ -46,9 +46,12 @@ from bridge.store import (
     Store,
     delivery_clauses,
     delivery_row,
+    event_query,
     load_queries,
+    merged,
     optout_row,
     owner_gone,
+    parse_event_cursor,
     schema,
     verdict,
 )
@@ -59,6 +62,15 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
+
+
+def _field(name: str) -> str:
+    """An event's JSON field, as the indexes of migration 0005 are made on it."""
+    return f"json_extract(body, '$.{name}')"
+
+
+def _contains(column: str, needle: str) -> str:
+    return f"instr(lower({column}), lower({needle})) > 0"
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -450,10 +462,7 @@ class SQLiteStore(Store):
 
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
         sql, params = self._where(where)
-        query = (
-            f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
-            f" last_error, tracking_id FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
-        )
+        query = f"SELECT {DELIVERY_COLUMNS} FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
 
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             rows = conn.execute(query, [*params, where.limit]).fetchall()
@@ -536,26 +545,35 @@ class SQLiteStore(Store):
         return await self._run(op)
 
     async def list_events(self, where: EventFilter) -> list[Event]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for path, value in (("$.type", where.type), ("$.from", where.sender), ("$.to", where.to)):
-            if value is not None:
-                clauses.append(f"json_extract(body, '{path}') = ?")
+        cursor = parse_event_cursor(where.before) if where.before is not None else None
+
+        def op(conn: sqlite3.Connection) -> list[Event]:
+            anchor = None
+            if cursor is not None:  # the event's own received_at, unless it is gone (purged)
+                row = conn.execute("SELECT received_at FROM events WHERE id = ?", (cursor[1],)).fetchone()
+                anchor = (row[0] if row else cursor[0], cursor[1])
+            params: list[Any] = []
+
+            def bind(value: Any) -> str:
                 params.append(value)
-        if where.keyword is not None:
-            clauses.append("upper(json_extract(body, '$.keyword')) = upper(?)")
-            params.append(where.keyword)
-        if where.since is not None:
-            clauses.append("received_at >= ?")
-            params.append(where.since)
-        if where.until is not None:
-            clauses.append("received_at < ?")
-            params.append(where.until)
-        sql = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        query = f"SELECT body FROM events{sql} ORDER BY received_at DESC, id DESC LIMIT ?"
-        return await self._run(
-            lambda conn: [json.loads(row[0]) for row in conn.execute(query, [*params, where.limit]).fetchall()]
-        )
+                return "?"
+
+            query, limit = event_query(where, anchor, bind, _field, _contains)
+            return merged(conn.execute(query, params).fetchall(), limit)
+
+        return await self._run(op)
+
+    async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[float, int]]:
+            return [(float(m), n) for m, n in conn.execute(Q["postbacks_per_minute"], (since,)).fetchall()]
+
+        return await self._run(op)
+
+    async def recent_errors(self, limit: int) -> list[DeliveryRow]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            return [delivery_row(row) for row in conn.execute(Q["recent_errors"], (limit,)).fetchall()]
+
+        return await self._run(op)
 
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:

@@ -151,3 +151,15 @@ SELECT key FROM conversations WHERE destination = ? AND value = ? ORDER BY key L
 SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
     last_error, tracking_id
 FROM deliveries WHERE tracking_id = ? ORDER BY id DESC LIMIT 1
+
+-- name: postbacks_per_minute
+-- (a range of the events_received index, which holds received_at: the table is not read)
+SELECT CAST(received_at / 60 AS INTEGER) * 60 AS minute, COUNT(*) FROM events
+WHERE received_at >= ? GROUP BY minute ORDER BY minute
+
+-- name: recent_errors
+-- The deliveries whose latest attempt failed (delivered ones have no last_error): the partial
+-- index deliveries_errors, newest first.
+SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
+    last_error, tracking_id
+FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT ?
