@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 
 from bridge.console import session as sessions
+from bridge.console.pages import reply_state
 from bridge.console.render import CSP, flatten, readable_phone
+from bridge.store import DeliveryRow
 from bridge.store.sqlite import SQLiteStore
+from tests.skycore_fake import fake_skycore
+from tests.slack_fake import fake_slack
+from tests.test_replies import SHORT_CODE, TEXTER, Bridge, mo, report
+from tests.test_replies import config as replies_config
 
 ADMIN = "console-admin-token-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,3 +224,48 @@ async def test_static_files_are_served_from_the_package_and_nothing_else(app_cli
     for name in ("..%2Fpages.py", "pages.py", "nothing.js", ".hidden.js", "..%2F..%2Fconfig.py"):
         assert (await client.get(f"/ui/static/{name}", allow_redirects=False)).status == 404, name
     assert (await client.get("/ui", allow_redirects=False)).headers["Location"] == "/ui/"
+
+
+# ---------------------------------------------------------------------------- a conversation
+
+
+async def test_a_conversation_shows_texts_and_replies_with_their_state_and_the_opt_out(app_client, tmp_path):
+    """Through the real reply path (Slack's Events API -> an sms.reply -> Skycore), as
+    tests/test_replies.py drives it: delivered (N202 report), failed (E report), not sent (STOP)."""
+    async with fake_slack() as slack, fake_skycore() as skycore:
+        await _a_conversation(app_client, tmp_path, slack, skycore)
+
+
+async def _a_conversation(app_client: Any, tmp_path: Path, slack: Any, skycore: Any) -> None:
+    client = await app_client({**replies_config(tmp_path, slack, skycore), "server": {"admin_token": ADMIN}})
+    bridge = Bridge(client, slack, skycore)
+    thread = await bridge.thread()  # the texter: "Are you open tomorrow?"
+    await bridge.reply("Yes, from 9 to 5.", thread)
+    await bridge.reply("Bring the coupon!", thread)
+    first, second = await skycore.wait_for(2)
+    await bridge.settled()
+    await bridge.postback(report("N202", first.tracking_id))
+    await bridge.postback(report("E301", second.tracking_id, "Failed"))
+    await bridge.postback(mo(2, "STOP"))
+    await bridge.reply("Sorry to see you go", thread)
+    await bridge.settled()
+
+    assert (await sign_in(client)).status == 303
+    response = await client.get(f"/ui/conversations?texter={TEXTER}&short_code={SHORT_CODE}")
+    html = await response.text()
+    assert response.status == 200 and "<h1>+1 555-123-4888 and 60856</h1>" in html
+    said = re.findall(r'<p class="text">([^<]*)</p>', html)
+    assert said == ["Are you open tomorrow?", "Yes, from 9 to 5.", "Bring the coupon!", "STOP", "Sorry to see you go"]
+    states = re.findall(r'<span class="badge ([a-z-]+)">', html)
+    assert states == ["out", "delivered", "failed", "not-sent"]  # the opt-out state, then each reply's
+    assert "opted out of 60856 (STOP)" in html and "delivery report E301" in html
+    listing = await client.get("/ui/conversations")
+    assert f"texter=%2B{TEXTER}&amp;short_code={SHORT_CODE}" in await listing.text()  # among the recent ones
+
+
+def test_a_reply_is_sending_while_its_sms_waits():
+    reply = {"fields": {"slack": {"user": "U1"}}}
+    waiting = DeliveryRow(1, "evt_1", "sms", "replies", "pending", 1, 0.0, 5.0, 0.0, "HTTP 503")
+    assert reply_state(reply, [waiting], {}) == ("sending", "HTTP 503")
+    crm_only = DeliveryRow(2, "evt_1", "crm", "both-sides", "delivered", 1, 0.0, None, 0.0, None)
+    assert reply_state(reply, [crm_only], {})[0] == "not sent"

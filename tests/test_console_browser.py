@@ -294,6 +294,22 @@ def test_the_overview_and_deliveries_pages(page, bridge):
     assert page.csp == []
 
 
+def test_a_conversation_and_a_search(page, bridge):
+    page.goto("/ui/conversations")
+    page.get_by_role("link", name="+1 555-231-2102 and 86717").click()
+    assert page.get_by_role("heading", level=1).inner_text() == "+1 555-231-2102 and 86717"
+    assert page.locator(".badge.out").inner_text() == "opted out"  # it texted STOP (tx-101)
+    assert page.get_by_text("STOP").count() >= 1
+    assert axe(page) == []
+    shot(page, "conversation")
+    page.goto("/ui/events")
+    page.get_by_label("Texter").fill("+1 555-000-0101")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_url(re.compile(r"texter="))
+    assert page.locator("tbody tr").count() == 1
+    assert page.locator("tbody tr td.mono").first.inner_text() == "+1 555-000-0101"
+
+
 def test_a_pasted_postback_is_routed_as_the_route_command_says(page, bridge):
     page.goto("/ui/routes")
     assert page.get_by_role("rowheader", name="opt-out").is_visible()

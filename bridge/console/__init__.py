@@ -32,6 +32,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/ui/dead-letters", pages.dead_letters)
     r.add_post("/ui/deliveries/{delivery_id}/replay", pages.form_post(pages.replay_one))
     r.add_post("/ui/replay", pages.form_post(pages.replay_many))
+    r.add_get("/ui/conversations", pages.conversations)
     r.add_get("/ui/routes", pages.routes_page)
     r.add_post("/ui/routes/try", pages.form_post(pages.try_route))
     r.add_post("/ui/routes/reload", pages.form_post(pages.reload_config))

@@ -23,12 +23,15 @@ from bridge.auth import Caller, came_over_https, client_ip, same
 from bridge.console import session as sessions
 from bridge.console.render import PAGE_HEADERS, chart, page
 from bridge.destinations.base import conversation_key
+from bridge.destinations.skycore import OPTED_OUT
 from bridge.digits import parse_uint
 from bridge.dryrun import describe_match, route_report, routes_said
 from bridge.errors import PostbackError, StoreError
+from bridge.event import REPLY_TYPE, Event
+from bridge.replies import ROUTE as REPLIES_ROUTE
 from bridge.routing import route
 from bridge.runtime import RUNTIME, Runtime
-from bridge.store import STATUSES, DeliveryFilter, DeliveryRow, Store
+from bridge.store import STATUSES, DeliveryFilter, DeliveryRow, EventFilter, Store
 
 
 class Form(Protocol):
@@ -494,6 +497,89 @@ def _ids(values: list[Any]) -> list[int]:
         if number is not None:
             ids.append(number)
     return list(dict.fromkeys(ids))
+
+
+# ---------------------------------------------------------------------------- conversations
+
+INBOUND = ("sms.received", "mms.received")
+
+
+def reply_state(event: Event, deliveries: list[DeliveryRow], reports: Mapping[str, Event]) -> tuple[str, str]:
+    """A reply's state (CONTRACT §8: sent, delivered, failed, not sent, or sending while its
+    SMS waits to go) and what says so: why it was not sent (opted out, too long: then it has no
+    SMS delivery), its delivery to the SMS destination, then Skycore's delivery report for the
+    TRACKINGID that delivery got (`reports`, by tracking id)."""
+    slack = event["fields"].get("slack") if isinstance(event.get("fields"), dict) else None
+    not_sent = slack.get("not_sent") if isinstance(slack, dict) else None
+    if isinstance(not_sent, str):
+        return "not sent", not_sent.removeprefix("Not sent: ")
+    sms = next((d for d in deliveries if d.route == REPLIES_ROUTE), None)
+    if sms is None:
+        return "not sent", "no SMS delivery was stored for it"
+    if sms.status == "pending":
+        return "sending", sms.last_error or "waiting for its turn"
+    if sms.status == "dead":
+        if (sms.last_error or "").startswith(OPTED_OUT):
+            return "not sent", sms.last_error or ""
+        return "failed", sms.last_error or ""
+    report = reports.get(sms.tracking_id or "")
+    code = (report.get("code") or "").upper() if report is not None else ""
+    if code == "N202":
+        return "delivered", f"delivery report {code}"
+    if code.startswith("E"):
+        return "failed", f"delivery report {code}"
+    return "sent", f"Skycore took it (TRACKINGID {sms.tracking_id})" if sms.tracking_id else "Skycore took it"
+
+
+@signed_in
+async def conversations(request: web.Request) -> web.StreamResponse:
+    store = _store(request)
+    query = {**request.query, "limit": str(PAGE_SIZE)}
+    try:
+        where = admin.event_filter({k: query.get(k, "") for k in ("texter", "short_code", "cursor", "limit")})
+    except admin.BadQuery as exc:
+        return _bad_query(request, "conversations", exc)
+    if where.texter is None or where.short_code is None:
+        recent = await store.list_events(EventFilter(limit=200))
+        pairs = dict.fromkeys(
+            tuple(conversation_key(e).split("|", 1)) for e in recent if e["type"] in (*INBOUND, REPLY_TYPE)
+        )
+        context = _context(request, "conversations", texter=request.query.get("texter", ""),
+                           short_code=request.query.get("short_code", ""), recent=list(pairs)[:30])  # fmt: skip
+        return page("conversations.html", context)
+    found, after = await store.events_page(where)
+    # Skycore's delivery reports of this conversation (newest first, so the first of a tracking id
+    # is its latest word), also those newer than this page
+    statuses = await store.list_events(replace(where, type="sms.status", before=None, limit=admin.MAX_LIMIT))
+    reports: dict[str, Event] = {}
+    for e in statuses:
+        reports.setdefault(e.get("tracking_id") or "", e)
+    messages = []
+    for event in reversed(found):  # oldest first, as a chat reads
+        if event["type"] == REPLY_TYPE:
+            state, why = reply_state(event, await store.event_deliveries(event["id"]), reports)
+            slack = event["fields"].get("slack") if isinstance(event.get("fields"), dict) else None
+            who = slack.get("user") if isinstance(slack, dict) else None
+            label = f"Reply by {who} in Slack" if isinstance(who, str) else "Reply"
+            messages.append({"event": event, "label": label, "outbound": True, "state": state, "why": why})
+        elif event["type"] != "sms.status":
+            label = "Texter" if event["type"] in INBOUND else event["type"]
+            messages.append({"event": event, "label": label, "outbound": False, "state": None, "why": None})
+    optouts = [
+        r for r in await store.list_optouts(where.texter, limit=admin.MAX_LIMIT) if r.short_code == where.short_code
+    ]
+    context = _context(
+        request,
+        "conversations",
+        texter=where.texter,
+        short_code=where.short_code,
+        messages=messages,
+        optout=optouts[0] if optouts else None,
+        earlier=None if after is None else _link(request.path, request.query, _NOT_KEPT, cursor=after),
+        here=_link(request.path, request.query, _NOT_KEPT),
+        live=not request.query.get("cursor"),
+    )
+    return page("conversation.html" if request.query.get("part") != "live" else "_messages.html", context)
 
 
 # ---------------------------------------------------------------------------- routes
