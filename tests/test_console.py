@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from html import unescape as html_unescape
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from bridge.console.pages import reply_state
 from bridge.console.render import CSP, flatten, readable_phone
 from bridge.store import DeliveryRow
 from bridge.store.sqlite import SQLiteStore
+from tests.conftest import sms
 from tests.skycore_fake import fake_skycore
 from tests.slack_fake import fake_slack
 from tests.test_replies import SHORT_CODE, TEXTER, Bridge, mo, report
@@ -269,3 +271,56 @@ def test_a_reply_is_sending_while_its_sms_waits():
     assert reply_state(reply, [waiting], {}) == ("sending", "HTTP 503")
     crm_only = DeliveryRow(2, "evt_1", "crm", "both-sides", "delivered", 1, 0.0, None, 0.0, None)
     assert reply_state(reply, [crm_only], {})[0] == "not sent"
+
+
+# ---------------------------------------------------------------------------- the same data as the admin API
+
+
+def linked(html: str, prefix: str) -> list[str]:
+    """Ids linked from the table rows, in order (`/ui/events/<id>`)."""
+    return re.findall(rf'<a (?:class="mono" )?href="{prefix}([^"?]+)"', html)
+
+
+async def test_pages_list_what_the_admin_api_lists_and_page_with_its_cursors(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    for n in range(57):
+        response = await client.post("/postback", data=sms(n, sender=f"1555010{n % 3:04d}", text=f"hi {n}"))
+        assert response.status == 200
+    await sign_in(client)
+    bearer = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def admin_events(query: str) -> tuple[list[str], str | None]:
+        body = await (await client.get(f"/admin/events?{query}", headers=bearer)).json()
+        return [e["id"] for e in body["events"]], body["next"]
+
+    first = await client.get("/ui/events")
+    html = await first.text()
+    expected, cursor = await admin_events("limit=50")
+    assert linked(html, "/ui/events/") == expected and cursor is not None
+    older = html_unescape(re.search(r'<a href="([^"]+)">Older events</a>', html).group(1))
+    rest = await (await client.get(older)).text()
+    assert linked(rest, "/ui/events/") == (await admin_events(f"limit=50&cursor={cursor}"))[0]
+    assert len(linked(rest, "/ui/events/")) == 7 and "Older events" not in rest
+
+    search = "texter=%2B1+555-010-0001&text=HI+1"
+    found = linked(await (await client.get(f"/ui/events?{search}")).text(), "/ui/events/")
+    assert found == (await admin_events(f"{search}&limit=50"))[0] and len(found) == 5  # n = 19, 16, 13, 10, 1
+
+    pages = await (await client.get("/ui/deliveries")).text()
+    body = await (await client.get("/admin/deliveries?limit=50", headers=bearer)).json()
+    ids = re.findall(r'<td class="num">(\d+)</td>\s*<td><a class="mono"', pages)
+    assert [int(i) for i in ids] == [d["id"] for d in body["deliveries"]]
+    assert f"before_id={body['next']}" in pages
+
+
+async def test_a_bad_cursor_or_filter_is_a_400_page(app_client, tmp_path):
+    client = await app_client(raw(tmp_path))
+    await sign_in(client)
+    for path in (
+        "/ui/events?cursor=nonsense",
+        "/ui/events?since=soon",
+        "/ui/deliveries?before_id=x",
+        "/ui/deliveries?status=lost",
+    ):
+        response = await client.get(path)
+        assert response.status == 400 and response.content_type == "text/html", path
