@@ -8,6 +8,8 @@ a screenshot of each page there (the docs' pictures)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -23,6 +25,8 @@ import pytest
 import yaml
 
 from tests.conftest import DATA, POSTBACKS, BridgeProcess, free_port, sms
+from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
+from tests.slack_fake import SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
 
 CHROMIUM = Path("/usr/bin/chromium")
 ADMIN = "console-admin-token-0123456789"
@@ -74,27 +78,65 @@ def sink() -> Iterator[Sink]:
     s.server.shutdown()
 
 
-def config(sink_url: str) -> dict[str, Any]:
+class Peers:
+    """The fake Slack and Skycore (tests/slack_fake.py, tests/skycore_fake.py) on an event loop
+    of their own, in a thread: the browser tests are synchronous."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self._stack = contextlib.AsyncExitStack()
+        self.slack: FakeSlack = self.run(self._stack.enter_async_context(fake_slack()))
+        self.skycore: FakeSkycore = self.run(self._stack.enter_async_context(fake_skycore()))
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def close(self) -> None:
+        self.run(self._stack.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def peers() -> Iterator[Peers]:
+    both = Peers()
+    yield both
+    both.close()
+
+
+TEXTER, SHORT_CODE = "15551234888", "60856"
+
+
+def config(sink_url: str, peers: Peers) -> dict[str, Any]:
     return {
         "server": {"admin_token": ADMIN},
         "retry": {"initial": "50ms", "max_interval": "200ms", "max_age": "1h"},
         "destinations": {
             "crm": {"type": "webhook", "url": sink_url + "/crm"},
             "audit": {"type": "webhook", "url": sink_url + "/audit"},
+            "inbox": {
+                "type": "slack",
+                "token": TOKEN,
+                "channel": "#sms-inbox",
+                "api_url": peers.slack.api_url,
+                "replies": {"send_with": "sms", "signing_secret": SIGNING_SECRET},
+            },
+            "sms": {"type": "skycore", "api_key": API_KEY, "api_url": peers.skycore.api_url},
         },
         "routes": [
             {"name": "opt-out", "match": {"keyword": ["STOP", "UNSUBSCRIBE"]}, "to": ["crm"]},
             {"name": "promo", "match": {"keyword": "PIZZA"}, "to": ["crm", "audit"]},
+            {"name": "texts", "match": {"shortcode": SHORT_CODE}, "to": ["inbox"]},
         ],
         "default": ["audit"],
     }
 
 
 @pytest.fixture(scope="module")
-def bridge(sink: Sink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
+def bridge(sink: Sink, peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
     workdir = tmp_path_factory.mktemp("console")
     port = free_port()
-    raw = config(sink.url)
+    raw = config(sink.url, peers)
     raw["server"]["listen"] = f"127.0.0.1:{port}"
     raw["store"] = f"sqlite:///{workdir / 'bridge.db'}"
     path = workdir / "config.yaml"
@@ -121,10 +163,33 @@ def dead(bridge: BridgeProcess, *event_ids: str) -> None:
     wait_until(all_dead)
 
 
-def post(bridge: BridgeProcess, body: bytes) -> dict[str, Any]:
-    request = urllib.request.Request(bridge.url + "/postback", data=body, method="POST")
+def post(bridge: BridgeProcess, body: bytes, path: str = "/postback", **headers: str) -> dict[str, Any]:
+    request = urllib.request.Request(bridge.url + path, data=body, method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+        return json.loads(response.read() or b"{}")
+
+
+def texted(n: int, text: str) -> bytes:
+    return (
+        f"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>{TEXTER}</FROM><TO>{SHORT_CODE}</TO>"
+        f"<TEXT>{text}</TEXT><RECEIVED>2026-12-01T10:00:00Z</RECEIVED><TRANSACTIONID>conv-{n}</TRANSACTIONID>"
+        "</POSTBACK>"
+    ).encode()
+
+
+def delivery_report(tracking_id: str) -> bytes:
+    return (
+        f"<POSTBACK><ORIGIN>SMS_MT</ORIGIN><CODE>N202</CODE><STATUS>Message Sent/Delivered</STATUS>"
+        f"<FROM>{SHORT_CODE}</FROM><TO>{TEXTER}</TO><TRACKINGID>{tracking_id}</TRACKINGID>"
+        "<TIMESTAMP>2026-12-01T10:05:00Z</TIMESTAMP></POSTBACK>"
+    ).encode()
+
+
+def reply_in_slack(bridge: BridgeProcess, peers: Peers, thread: str, text: str, ts: str) -> None:
+    """A person answers in the texter's Slack thread: Slack's Events API calls the bridge."""
+    peers.slack.person_says("C0FAKE", ts)
+    body = json.dumps(message_event(text, thread_ts=thread, ts=ts)).encode()
+    post(bridge, body, "/slack/events", **signed(body))
 
 
 # ---------------------------------------------------------------------------- the browser
@@ -310,14 +375,37 @@ def test_the_overview_and_deliveries_pages(page, bridge):
     assert page.csp == []
 
 
-def test_a_conversation_and_a_search(page, bridge):
+def test_a_conversation_shows_texts_and_replies_with_their_state(page, bridge, peers):
+    post(bridge, texted(1, "Hi! Are you open tomorrow?"))
+    wait_until(lambda: len(peers.slack.posted()) >= 1)
+    thread = peers.slack.posted()[0].ts
+    reply_in_slack(bridge, peers, thread, "Yes, from 9 to 5. See you!", "1764842000.000100")
+    wait_until(lambda: len(peers.skycore.calls) >= 1)
+    wait_until(lambda: peers.skycore.calls[0].tracking_id is not None)
+    post(bridge, delivery_report(peers.skycore.calls[0].tracking_id))
+    post(bridge, texted(2, "Great, can I bring my dog?"))
+    reply_in_slack(bridge, peers, thread, "Of course, dogs are welcome.", "1764842001.000100")
+    wait_until(lambda: len(peers.skycore.calls) >= 2)
     page.goto("/ui/conversations")
-    page.get_by_role("link", name="+1 555-231-2102 and 86717").click()
-    assert page.get_by_role("heading", level=1).inner_text() == "+1 555-231-2102 and 86717"
-    assert page.locator(".badge.out").inner_text() == "opted out"  # it texted STOP (tx-101)
-    assert page.get_by_text("STOP").count() >= 1
+    page.get_by_role("link", name="+1 555-123-4888 and 60856").click()
+    assert page.get_by_role("heading", level=1).inner_text() == "+1 555-123-4888 and 60856"
+    page.locator("li.outbound .badge.sent").wait_for(timeout=8_000)  # Skycore took the second one
+    texts = page.locator("ol.messages p.text").all_inner_texts()
+    assert texts == [
+        "Hi! Are you open tomorrow?",
+        "Yes, from 9 to 5. See you!",
+        "Great, can I bring my dog?",
+        "Of course, dogs are welcome.",
+    ]
+    assert page.locator("li.outbound .badge").all_inner_texts() == ["delivered", "sent"]
+    assert page.locator("p .badge").inner_text() == "may be texted"
     assert axe(page) == []
     shot(page, "conversation")
+    page.goto("/ui/conversations?texter=%2B15552312102&short_code=86717")
+    assert page.locator("p .badge").inner_text() == "opted out"  # it texted STOP (tx-101)
+
+
+def test_a_search_by_texter(page, bridge):
     page.goto("/ui/events")
     page.get_by_label("Texter").fill("+1 555-000-0101")
     page.get_by_role("button", name="Search").click()
