@@ -226,16 +226,18 @@ def _bad_query(request: web.Request, nav: str, exc: admin.BadQuery) -> web.Respo
 
 
 def destination_state(runtime: Runtime, name: str, now: float) -> tuple[str, float | None]:
-    """`up`, `probing` (down: one delivery at a time) or `paused` (until the time given), as this
-    instance's delivery loop sees it."""
+    """`up`; `probing` (it looks down: one delivery at a time, the next at the time given); or
+    `paused` (a Retry-After: nothing is sent until the time given). As this instance's delivery
+    loop sees it."""
     dispatcher = runtime.dispatcher
     health = dispatcher.health.get(name) if dispatcher is not None else None
     if health is None:
         return "up", None
-    if health.paused_until > now:
-        return "paused", health.paused_until
+    until = health.paused_until if health.paused_until > now else None
     if health.down:
-        return "probing", None
+        return "probing", until
+    if until is not None:
+        return "paused", until
     return "up", None
 
 

@@ -100,24 +100,26 @@ def chart(points: Sequence[tuple[float, int]], *, minutes: int = 60, now: float 
     counts = {int(at // 60) * 60: n for at, n in points}
     values = [counts.get(start + i * 60, 0) for i in range(minutes)]
     top = max(values) or 1
-    width, height, bar = minutes * 8, 80, 6
+    step, bar, height, left = 12, 9, 96, 4  # a bar a minute; the drawing is 724 x 122 units
+    width = left + minutes * step
     parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height + 14}" width="100%" role="img" '
-        f'aria-labelledby="chart-title"><title id="chart-title">Postbacks per minute over the last hour: '
-        f"{sum(values)} in all, at most {max(values)} in one minute</title>"
+        f'<svg class="chart" viewBox="0 0 {width} {height + 26}" role="img" aria-labelledby="chart-title">'
+        f'<title id="chart-title">Postbacks per minute over the last hour: {sum(values)} in all, '
+        f"at most {max(values)} in one minute</title>",
+        f'<line class="grid" x1="{left}" y1="12.5" x2="{width}" y2="12.5"/>',
+        f'<text class="tick" x="{left}" y="9">{top} a minute</text>',
     ]
     for i, value in enumerate(values):
-        h = round(value / top * height) if value else 0
+        h = round(value / top * (height - 12)) if value else 0
         if h:
             at = datetime.fromtimestamp(start + i * 60, UTC).strftime("%H:%M UTC")
             parts.append(
-                f'<rect class="bar" x="{i * 8 + 1}" y="{height - h}" width="{bar}" height="{h}">'
+                f'<rect class="bar" x="{left + i * step + 1}" y="{height - h}" width="{bar}" height="{h}">'
                 f"<title>{at}: {value}</title></rect>"
             )
-    parts.append(f'<line class="axis" x1="0" y1="{height + 0.5}" x2="{width}" y2="{height + 0.5}"/>')
-    parts.append(f'<text class="tick" x="0" y="{height + 12}">-60 min</text>')
-    parts.append(f'<text class="tick" x="{width}" y="{height + 12}" text-anchor="end">now</text>')
-    parts.append(f'<text class="tick" x="{width}" y="10" text-anchor="end">{top}/min</text>')
+    parts.append(f'<line class="axis" x1="{left}" y1="{height + 0.5}" x2="{width}" y2="{height + 0.5}"/>')
+    parts.append(f'<text class="tick" x="{left}" y="{height + 18}">an hour ago</text>')
+    parts.append(f'<text class="tick" x="{width}" y="{height + 18}" text-anchor="end">now</text>')
     parts.append("</svg>")
     return Markup("".join(parts))  # noqa: S704 -- numbers and fixed text only, nothing a request sent
 
