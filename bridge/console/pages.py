@@ -471,13 +471,15 @@ async def replay_many(request: web.Request, form: Form) -> web.StreamResponse:
             rows = []  # pending ones are on their way, delivered ones need Send again
         more = len(rows) > admin.MAX_LIMIT
         rows = rows[: admin.MAX_LIMIT]
-        what = "all that this filter shows"
+        said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in filters.items())
+        what = f"all that this filter shows ({said})" if said else "all that the list shows (no filter)"
     else:
         ids = _ids(form.getall("ids", []))
         found = await store.list_deliveries(DeliveryFilter(ids=tuple(ids), limit=max(1, len(ids)))) if ids else []
         rows, more, what = [r for r in found if replayable(r)], False, "the ones you ticked"
         skipped = len(ids) - len(rows)
-    context = _context(request, "deliveries", rows=rows, more=more, what=what, back=back, skipped=skipped)
+    nav = "dead" if back.startswith("/ui/dead-letters") else "deliveries"
+    context = _context(request, nav, rows=rows, more=more, what=what, back=back, skipped=skipped)
     return page("confirm.html", context)
 
 

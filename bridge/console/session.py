@@ -1,7 +1,7 @@
 """The console's sign-in: signed session cookies, CSRF tokens, and a limit on wrong tokens.
 
-Nothing is kept on the server. The signing key is derived from `server.admin_token` (an HMAC of a
-fixed label under the token, as HKDF's extract step), so every instance that shares the config
+Nothing is kept on the server. The signing key is derived from `server.admin_token` (HMAC-SHA256
+keyed with the token, of a fixed label), so every instance that shares the config
 (several on one PostgreSQL) accepts every other's cookies, and changing the token signs everyone
 out. A session is `v1.<expires>.<id>.<signature>`; its CSRF token is an HMAC of its id, so a
 form from one session does not work in another.
