@@ -16,11 +16,12 @@ from bridge.console.pages import reply_state
 from bridge.console.render import CSP, flatten, readable_phone
 from bridge.store import DeliveryRow
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import sms
+from tests.conftest import free_port, sms
 from tests.skycore_fake import fake_skycore
 from tests.slack_fake import fake_slack
 from tests.test_replies import SHORT_CODE, TEXTER, Bridge, mo, report
 from tests.test_replies import config as replies_config
+from tests.test_store_contract import pg_url  # noqa: F401  (a fixture: a fresh PostgreSQL schema)
 
 ADMIN = "console-admin-token-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,8 +282,16 @@ def linked(html: str, prefix: str) -> list[str]:
     return re.findall(rf'<a (?:class="mono" )?href="{prefix}([^"?]+)"', html)
 
 
-async def test_pages_list_what_the_admin_api_lists_and_page_with_its_cursors(app_client, tmp_path):
-    client = await app_client(raw(tmp_path))
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The `store:` URL: SQLite, and PostgreSQL when BRIDGE_TEST_POSTGRES_URL is set."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bridge.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+async def test_pages_list_what_the_admin_api_lists_and_page_with_its_cursors(app_client, tmp_path, backend):
+    client = await app_client({**raw(tmp_path), "store": backend})
     for n in range(57):
         response = await client.post("/postback", data=sms(n, sender=f"1555010{n % 3:04d}", text=f"hi {n}"))
         assert response.status == 200
@@ -324,3 +333,13 @@ async def test_a_bad_cursor_or_filter_is_a_400_page(app_client, tmp_path):
     ):
         response = await client.get(path)
         assert response.status == 400 and response.content_type == "text/html", path
+
+
+async def test_while_the_store_cannot_be_reached_pages_say_so_with_a_503(app_client, tmp_path):
+    config = {**raw(tmp_path), "store": f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"}
+    client = await app_client(config)
+    await sign_in(client)  # the sign-in does not need the store
+    for path in ("/ui/", "/ui/events", "/ui/deliveries", "/ui/conversations?texter=1&short_code=2"):
+        response = await client.get(path)
+        assert response.status == 503, path
+        assert "The store is not reachable" in await response.text() and response.content_type == "text/html"

@@ -10,11 +10,12 @@ renders only that region.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
@@ -41,6 +42,7 @@ class Form(Protocol):
     def getall(self, key: str, default: list[Any], /) -> list[Any]: ...
 
 
+log = logging.getLogger("bridge.console")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FormHandler = Callable[[web.Request, Form], Awaitable[web.StreamResponse]]
 PAGE_SIZE = 50
@@ -175,7 +177,13 @@ def signed_in(handler: Handler) -> Handler:
             if request.method != "GET":
                 return _forbidden("Your session has ended. Sign in again, then repeat what you did.")
             return _redirect(target)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except StoreError as exc:  # not open yet, or unreachable: the page says so (the log too)
+            log.warning("store unavailable", extra={"error": str(exc), "path": request.path})
+            context = {"title": "The store is not reachable", "signed_in": False, "csrf": "",
+                       "message": "The bridge cannot read its store right now. Try again in a moment."}  # fmt: skip
+            return page("message.html", context, status=503, headers={"Retry-After": "5"})
 
     return check
 
@@ -411,11 +419,9 @@ async def dead_letters(request: web.Request) -> web.StreamResponse:
 
 
 def _back(form: Form, fallback: str, **done: str) -> web.Response:
-    target = _next_path(_field(form, "back") or fallback)
-    target = target.split("#", 1)[0]
-    base, _, query = target.partition("?")
-    kept = [(k, v) for k, v in (p.partition("=")[::2] for p in query.split("&") if p) if k not in ("done", "n")]
-    return _redirect(f"{base}?{urlencode([*kept, *done.items()])}")
+    """The redirect to the page the form came from, saying what was done (`done=`, `n=`)."""
+    base, _, query = _next_path(_field(form, "back") or fallback).split("#", 1)[0].partition("?")
+    return _redirect(_link(base, dict(parse_qsl(query)), ("done", "n"), **done))
 
 
 async def _replayed(request: web.Request, form: Form, where: DeliveryFilter, fallback: str) -> web.Response:
