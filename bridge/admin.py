@@ -132,7 +132,7 @@ def _runtime(request: web.Request) -> Runtime:
     return request.app[RUNTIME]
 
 
-def _store(request: web.Request) -> Store:
+def store_of(request: web.Request) -> Store:
     """The open store; StoreError (a 503, as for postbacks) while it is not open yet."""
     store = _runtime(request).store
     if store is None:
@@ -141,12 +141,12 @@ def _store(request: web.Request) -> Store:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    events, after = await _store(request).events_page(event_filter(request.query))
+    events, after = await store_of(request).events_page(event_filter(request.query))
     return web.json_response({"events": events, "next": after})
 
 
 async def get_event(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = store_of(request)
     event_id = request.match_info["event_id"]
     event = await store.get_event(event_id)
     if event is None:
@@ -160,7 +160,7 @@ async def get_event(request: web.Request) -> web.Response:
 
 
 async def _deliveries_page(request: web.Request, where: DeliveryFilter) -> web.Response:
-    rows, after = await _store(request).deliveries_page(where)
+    rows, after = await store_of(request).deliveries_page(where)
     return web.json_response({"deliveries": [r.as_json() for r in rows], "next": after})
 
 
@@ -174,7 +174,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 
 
 async def get_delivery(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = store_of(request)
     delivery_id = _int(request.match_info["delivery_id"])
     rows = await store.list_deliveries(DeliveryFilter(ids=(delivery_id,), limit=1))
     if not rows:
@@ -265,7 +265,7 @@ async def list_optouts(request: web.Request) -> web.Response:
     """The opt-out ledger (CONTRACT §7): each texter's latest word to each short code."""
     raw = request.query.get("number", "").strip()
     number = phone(raw) if raw else None  # 15551234888 finds +15551234888
-    rows = await _store(request).list_optouts(number, limit=_limit(request.query))
+    rows = await store_of(request).list_optouts(number, limit=_limit(request.query))
     return web.json_response({"optouts": [row.as_json() for row in rows]})
 
 

@@ -289,6 +289,7 @@ def test_sign_in_sets_a_strict_httponly_session_cookie_and_lands_where_asked(bro
     context.close()
 
 
+@pytest.mark.slow  # up to one poll: 5 s
 def test_an_event_arrives_live_on_the_events_page(page, bridge):
     page.goto("/ui/events")
     assert page.get_by_role("heading", name="Events").is_visible()
@@ -406,6 +407,7 @@ def test_a_conversation_shows_texts_and_replies_with_their_state(page, bridge, p
     reply_in_slack(bridge, peers, thread, "Of course, dogs are welcome.", "1764842001.000100")
     wait_until(lambda: len(peers.skycore.calls) >= 2)
     page.goto("/ui/conversations")
+    assert axe(page) == []
     page.get_by_role("link", name="+1 555-123-4888 and 60856").click()
     assert page.get_by_role("heading", level=1).inner_text() == "+1 555-123-4888 and 60856"
     page.locator("li.outbound .badge.sent").wait_for(timeout=8_000)  # Skycore took the second one
@@ -459,6 +461,7 @@ def test_a_bad_config_is_refused_on_reload_and_the_old_one_keeps_running(page, b
         alert = page.get_by_role("alert")
         assert "The config was not reloaded" in alert.inner_text() and "nowhere" in alert.inner_text()
         assert page.get_by_role("rowheader", name="opt-out").is_visible()
+        assert axe(page) == []
     finally:
         bridge.config_path.write_text(good)
     accepted = post(bridge, sms(400, text="STOP"))

@@ -56,13 +56,6 @@ def _runtime(request: web.Request) -> Runtime:
     return request.app[RUNTIME]
 
 
-def _store(request: web.Request) -> Store:
-    store = _runtime(request).store
-    if store is None:
-        raise StoreError("store is not open")
-    return store
-
-
 def _key(request: web.Request) -> bytes | None:
     """The session signing key, from the admin_token in force; None without one."""
     token = _runtime(request).config.server.admin_token
@@ -251,7 +244,7 @@ def destination_state(runtime: Runtime, name: str, now: float) -> tuple[str, flo
 
 @signed_in
 async def overview(request: web.Request) -> web.StreamResponse:
-    runtime, store, now = _runtime(request), _store(request), time.time()
+    runtime, store, now = _runtime(request), admin.store_of(request), time.time()
     stats = await store.stats()
     rows = []
     for name in sorted(set(runtime.config.destinations) | set(stats)):
@@ -299,7 +292,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         where = admin.event_filter(query)
     except admin.BadQuery as exc:
         return _bad_query(request, "events", exc)
-    found, after = await _store(request).events_page(where)
+    found, after = await admin.store_of(request).events_page(where)
     first_page = not request.query.get("cursor")  # only the newest page takes new events live
     context = _context(
         request,
@@ -322,7 +315,7 @@ def _event_types() -> set[str]:
 
 @signed_in
 async def event_page(request: web.Request) -> web.StreamResponse:
-    runtime, store = _runtime(request), _store(request)
+    runtime, store = _runtime(request), admin.store_of(request)
     event_id = request.match_info["event_id"]
     event = await store.get_event(event_id)
     if event is None:
@@ -384,7 +377,7 @@ async def _deliveries(request: web.Request, *, dead_letters: bool) -> web.Stream
         return _bad_query(request, nav, exc)
     if dead_letters:
         where = replace(where, status="dead")
-    rows, after = await _store(request).deliveries_page(where)
+    rows, after = await admin.store_of(request).deliveries_page(where)
     context = _context(
         request,
         nav,
@@ -454,7 +447,7 @@ def replayable(row: DeliveryRow) -> bool:
 async def replay_many(request: web.Request, form: Form) -> web.StreamResponse:
     """Two steps: the selection (ticked ids, or all that a filter shows) and a page that says how
     many it is; then, confirmed, exactly those ids are replayed."""
-    store = _store(request)
+    store = admin.store_of(request)
     back = _next_path(_field(form, "back") or "/ui/deliveries")
     if _field(form, "confirm") == "yes":
         ids = _ids(form.getall("ids", []))[: admin.MAX_LIMIT]
@@ -543,7 +536,7 @@ def reply_state(event: Event, deliveries: list[DeliveryRow], reports: Mapping[st
 
 @signed_in
 async def conversations(request: web.Request) -> web.StreamResponse:
-    store = _store(request)
+    store = admin.store_of(request)
     query = {**request.query, "limit": str(PAGE_SIZE)}
     try:
         where = admin.event_filter({k: query.get(k, "") for k in ("texter", "short_code", "cursor", "limit")})
