@@ -30,6 +30,7 @@ MAX_LIMIT = 1000
 
 class BadQuery(web.HTTPBadRequest):
     def __init__(self, message: str) -> None:
+        self.message = message  # what was wrong, for a page that says it in HTML (the console)
         super().__init__(text=f'{{"error": {_json_str(message)}}}', content_type="application/json")
 
 

@@ -170,7 +170,7 @@ async def test_a_sign_in_without_its_form_token_is_refused(app_client, tmp_path)
 
 async def test_after_sign_in_only_our_own_pages_are_a_destination(app_client, tmp_path):
     client = await app_client(raw(tmp_path))
-    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/\\evil"):
+    for target in ("https://evil.example/", "//evil.example/ui/", "/ui/\\evil", "/ui/\r\nSet-Cookie: a=b"):
         client.session.cookie_jar.clear()
         csrf = await login_form(client)
         response = await client.post(

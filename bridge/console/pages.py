@@ -28,7 +28,7 @@ from bridge.destinations.skycore import OPTED_OUT
 from bridge.digits import parse_uint
 from bridge.dryrun import describe_match, route_report, routes_said
 from bridge.errors import PostbackError, StoreError
-from bridge.event import REPLY_TYPE, Event
+from bridge.event import REPLY_TYPE, TYPES, Event
 from bridge.replies import ROUTE as REPLIES_ROUTE
 from bridge.routing import route
 from bridge.runtime import RUNTIME, Runtime
@@ -88,7 +88,7 @@ def _no_token() -> web.Response:
 
 def _next_path(value: str | None) -> str:
     """Where to go after signing in: a console path of ours, never another site."""
-    if value and value.startswith("/ui/") and not value.startswith("//") and "\\" not in value:
+    if value and value.startswith("/ui/") and "\\" not in value and value.isprintable():
         return value
     return "/ui/"
 
@@ -174,8 +174,8 @@ def signed_in(handler: Handler) -> Handler:
             return await handler(request)
         except StoreError as exc:  # not open yet, or unreachable: the page says so (the log too)
             log.warning("store unavailable", extra={"error": str(exc), "path": request.path})
-            context = {"title": "The store is not reachable", "signed_in": False, "csrf": "",
-                       "message": "The bridge cannot read its store right now. Try again in a moment."}  # fmt: skip
+            message = "The bridge cannot read its store right now. Try again in a moment."
+            context = _context(request, "", title="The store is not reachable", message=message)
             return page("message.html", context, status=503, headers={"Retry-After": "5"})
 
     return check
@@ -215,12 +215,8 @@ def _context(request: web.Request, nav: str, **more: Any) -> dict[str, Any]:
 
 
 def _bad_query(request: web.Request, nav: str, exc: admin.BadQuery) -> web.Response:
-    message = exc.text or "bad query"
-    if message.startswith("{"):
-        import json
-
-        message = json.loads(message).get("error", message)
-    return page("message.html", _context(request, nav, title="That filter does not work", message=message), status=400)
+    context = _context(request, nav, title="That filter does not work", message=exc.message)
+    return page("message.html", context, status=400)
 
 
 # ---------------------------------------------------------------------------- overview
@@ -275,10 +271,6 @@ async def overview(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------- events
 
 
-def _query_without(query: Mapping[str, str], *names: str) -> str:
-    return urlencode([(k, v) for k, v in query.items() if k not in names and v])
-
-
 def _link(path: str, query: Mapping[str, str], drop: tuple[str, ...], **add: str) -> str:
     """`path` with the query's non-empty fields but `drop`, and `add`: the link to a next page."""
     kept = [(k, v) for k, v in query.items() if k not in drop and k not in add and v]
@@ -299,18 +291,12 @@ async def events(request: web.Request) -> web.StreamResponse:
         "events",
         events=found,
         query=request.query,
-        types=sorted(_event_types()),
-        here=_query_without(request.query, "part"),
+        types=sorted(TYPES),
+        live_url=_link(request.path, request.query, ("part",), part="live"),
         next_page=None if after is None else _link(request.path, request.query, ("part",), cursor=after),
         live=first_page,
     )
     return page("events.html" if request.query.get("part") != "live" else "_event_rows.html", context)
-
-
-def _event_types() -> set[str]:
-    from bridge.event import TYPES
-
-    return set(TYPES)
 
 
 @signed_in
@@ -387,6 +373,7 @@ async def _deliveries(request: web.Request, *, dead_letters: bool) -> web.Stream
         dead_letters=dead_letters,
         destinations=sorted(_runtime(request).config.destinations),
         here=request.path_qs,
+        live_url=_link(request.path, request.query, _NOT_KEPT, part="live"),
         filter_fields=[(k, v) for k, v in request.query.items() if k in _FILTER_KEYS and v],
         next_page=None
         if after is None
@@ -579,7 +566,7 @@ async def conversations(request: web.Request) -> web.StreamResponse:
         messages=messages,
         optout=optouts[0] if optouts else None,
         earlier=None if after is None else _link(request.path, request.query, _NOT_KEPT, cursor=after),
-        here=_link(request.path, request.query, _NOT_KEPT),
+        live_url=_link(request.path, request.query, _NOT_KEPT, part="live"),
         live=not request.query.get("cursor"),
     )
     return page("conversation.html" if request.query.get("part") != "live" else "_messages.html", context)
