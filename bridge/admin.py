@@ -26,6 +26,7 @@ from bridge.validate import parse_when
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000
+MIN_TEXT = 3  # characters of a text search: what a trigram index can find (migration 0005)
 
 
 class BadQuery(web.HTTPBadRequest):
@@ -111,6 +112,9 @@ def event_filter(query: Any) -> EventFilter:
             parse_event_cursor(cursor)
         except ValueError:
             raise BadQuery("cursor: not a cursor this bridge gave (use the `next` of the page before)") from None
+    text = _text(query, "text")
+    if text is not None and len(text) < MIN_TEXT:
+        raise BadQuery(f"text: at least {MIN_TEXT} characters (shorter ones would read every event)")
     return EventFilter(  # a blank field (a form's "any") filters nothing
         type=_text(query, "type"),
         sender=_text(query, "from"),
@@ -121,7 +125,7 @@ def event_filter(query: Any) -> EventFilter:
         limit=_limit(query),
         texter=_number(query, "texter"),
         short_code=_number(query, "short_code"),
-        text=_text(query, "text"),
+        text=text,
         before=cursor,
     )
 
@@ -409,7 +413,11 @@ OPENAPI: dict[str, Any] = {
                     _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
                     _param("texter", "a texter's number, either side (`from`, or `to` of a reply): E.164 or digits"),
                     _param("short_code", "a short code, either side (with texter: one conversation, both ways)"),
-                    _param("text", "a part of the text, any case"),
+                    _param(
+                        "text",
+                        f"a part of the text, any case ({MIN_TEXT} characters or more)",
+                        {"type": "string", "minLength": MIN_TEXT, "example": "pizza"},
+                    ),
                     _param(
                         "cursor",
                         "the next page: the `next` of the page before",

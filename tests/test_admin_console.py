@@ -52,6 +52,8 @@ async def test_events_by_texter_short_code_and_text_in_pages(client):
         ("/admin/events", {"cursor": "not-a-cursor"}, "cursor"),
         ("/admin/events", {"cursor": "x" * 5000}, "cursor"),
         ("/admin/events", {"cursor": "fG5vdGhpbmc"}, "cursor"),
+        ("/admin/events", {"text": "ab"}, "text"),
+        ("/admin/events", {"text": " a  "}, "text"),
         ("/admin/deliveries", {"before_id": "abc"}, "before_id"),
         ("/admin/deliveries", {"before_id": "-3"}, "before_id"),
         ("/admin/dead-letters", {"before_id": "99999999999999999999"}, "before_id"),

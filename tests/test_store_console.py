@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import bridge.store
 from bridge.event import dedup_key
 from bridge.retry import Dead, Done, RetryAt
 from bridge.store import (
@@ -153,3 +154,24 @@ async def test_recent_errors_are_the_failed_latest_attempts_newest_first(store):
         (claims[0].id, "dead", "HTTP 404"),
     ]
     assert [r.id for r in await store.recent_errors(1)] == [claims[2].id]
+
+
+async def test_text_search_past_the_window_uses_the_text_index(store, monkeypatch):
+    """A text found in the window fills the page from it; fewer there, and the rest come from the
+    text index, older than the window (TEXT_WINDOW made small here); a needle too short for the
+    trigram index is tested event by event."""
+    monkeypatch.setattr(bridge.store, "TEXT_WINDOW", 3)
+    words = ["apple pie", "rare Kumquat jam", "apple tart", "kumquat", "plum", "apple", "plum jam", "pear"]
+    stored = [await keep(store, make_event(n, text=text)) for n, text in enumerate(words)]
+    newest = stored[::-1]
+    assert await ids(store, text="KUMQUAT") == [stored[3], stored[1]]  # both older than the window
+    assert await ids(store, text="apple", limit=2) == [stored[5], stored[2]]
+    assert await ids(store, text="apple") == [stored[5], stored[2], stored[0]]
+    assert await ids(store, text="jam", limit=1) == [stored[6]]
+    assert await ids(store, text="am") == [stored[6], stored[1]]  # two characters: no trigram
+    assert await ids(store, text="p") == [i for i, w in zip(newest, words[::-1], strict=True) if "p" in w]
+    page, cursor = await store.events_page(EventFilter(text="a", limit=3))
+    rest, _ = await store.events_page(EventFilter(text="a", limit=3, before=cursor))
+    assert [e["id"] for e in page + rest] == [i for i, w in zip(newest, words[::-1], strict=True) if "a" in w][:6]
+    assert await ids(store, text="kumquat", short_code=SHORT) == [stored[3], stored[1]]
+    assert await ids(store, text="kumquat", keyword="RARE") == [stored[1]]

@@ -13,7 +13,7 @@ import binascii
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
@@ -239,22 +239,55 @@ def parse_event_cursor(cursor: str) -> tuple[float, str]:
     return at.timestamp(), event_id
 
 
-def event_query(
-    where: EventFilter,
-    anchor: tuple[float, str] | None,
-    bind: Callable[[Any], str],
-    field: Callable[[str], str],
-    contains: Callable[[str, str], str],
-) -> tuple[str, int]:
-    """The SELECT of `list_events` for either store, and how many rows to fetch (duplicates
-    left out by `merged`). `bind(value)` gives a placeholder, `field(name)` the SQL of the
-    event's JSON field `name` (the same expression the indexes of migration 0005 are made on),
-    `contains(column_sql, placeholder)` a case-insensitive substring test. `anchor` is the
-    (received_at, id) the page starts below (see `parse_event_cursor`).
+class EventSQL(abc.ABC):
+    """How a store writes what `event_search` asks for: its placeholders, an event's JSON
+    fields (the same expressions its indexes are made on), and its text search."""
 
-    A texter or short code matches either side of an event (`from` or `to`): each side is a
-    query of its own, walking its own index newest first and stopping at the limit, and the
-    two are merged; an OR would make the store read every event of a short code to sort them."""
+    @abc.abstractmethod
+    def placeholder(self, n: int) -> str:
+        """The placeholder of the `n`th value bound (from 1)."""
+
+    @abc.abstractmethod
+    def field(self, name: str) -> str:
+        """The SQL of the event's JSON field `name`."""
+
+    @abc.abstractmethod
+    def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
+        """The condition: the event's text holds `needle`, in any case."""
+
+    def text_index(self, needle: str, bind: Callable[[Any], str]) -> str | None:
+        """A condition an index of the text answers (it may match more than `contains`), or
+        None when there is none for this needle."""
+        return None
+
+
+# Text search reads this many events of a page's other filters newest first (a window) and
+# tests their text. Only when fewer than a page match there does it ask the text index for the
+# older ones: a common word fills a page from the window at once, and a rare one has few hits in
+# the index. (The index alone would hand a common word's hundreds of thousands of events over
+# to be sorted.)
+TEXT_WINDOW = 4000
+
+
+class _Query:
+    def __init__(self, sql: EventSQL) -> None:
+        self.sql = sql
+        self.params: list[Any] = []
+
+    def bind(self, value: Any) -> str:
+        self.params.append(value)
+        return self.sql.placeholder(len(self.params))
+
+
+Rows = Sequence[Sequence[Any]]
+EventSearch = Generator[tuple[str, list[Any]], Rows, list[Event]]
+ORDER = " ORDER BY received_at DESC, id DESC"
+
+
+def event_sides(where: EventFilter) -> list[dict[str, str]]:
+    """The `from` and `to` each query of a search asks for. A texter or short code matches either
+    side of an event, so there are two (each walks its own index newest first and stops at the
+    page; an OR would read every event of a short code to sort them); none: nothing matches."""
     sides: list[dict[str, str]]
     if where.texter is not None and where.short_code is not None:
         sides = [{"from": where.texter, "to": where.short_code}, {"from": where.short_code, "to": where.texter}]
@@ -267,34 +300,69 @@ def event_query(
     for name, value in (("from", where.sender), ("to", where.to)):
         if value is not None:  # every side must have it too; a side that names another cannot
             sides = [{**side, name: value} for side in sides if side.get(name, value) == value]
-    if not sides:
-        return "SELECT body, received_at, id FROM events WHERE 1 = 0", 0
-    order = " ORDER BY received_at DESC, id DESC"
-    selects = []
-    for side in sides:
-        clauses = [f"{field(name)} = {bind(value)}" for name, value in sorted(side.items())]
-        if where.type is not None:
-            clauses.append(f"type = {bind(where.type)}")
-        if where.keyword is not None:
-            clauses.append(f"upper({field('keyword')}) = upper({bind(where.keyword)})")
-        if where.since is not None:
-            clauses.append(f"received_at >= {bind(where.since)}")
-        if where.until is not None:
-            clauses.append(f"received_at < {bind(where.until)}")
-        if anchor is not None:
-            clauses.append(f"(received_at, id) < ({bind(anchor[0])}, {bind(anchor[1])})")
-        if where.text is not None:
-            clauses.append(contains(field("text"), bind(where.text)))
-        sql = "SELECT body, received_at, id FROM events" + (" WHERE " + " AND ".join(clauses) if clauses else "")
-        selects.append(f"{sql}{order} LIMIT {bind(where.limit)}")
-    if len(selects) == 1:
-        return selects[0], where.limit
-    union = " UNION ALL ".join(f"SELECT * FROM ({s}) AS side{n}" for n, s in enumerate(selects))
-    return f"{union}{order} LIMIT {bind(2 * where.limit)}", where.limit
+    return sides
 
 
-def merged(rows: Sequence[Sequence[Any]], limit: int) -> list[Event]:
-    """The events of `event_query`'s rows (body, received_at, id), each once, up to `limit`."""
+def _side_sql(
+    q: _Query, where: EventFilter, side: dict[str, str], below: tuple[float, str] | None, *, text: bool
+) -> str:
+    """The WHERE of one side: its numbers, the other filters, below the cursor; the text test too
+    with `text`."""
+    clauses = [f"{q.sql.field(name)} = {q.bind(value)}" for name, value in sorted(side.items())]
+    if where.type is not None:
+        clauses.append(f"type = {q.bind(where.type)}")
+    if where.keyword is not None:
+        clauses.append(f"upper({q.sql.field('keyword')}) = upper({q.bind(where.keyword)})")
+    if where.since is not None:
+        clauses.append(f"received_at >= {q.bind(where.since)}")
+    if where.until is not None:
+        clauses.append(f"received_at < {q.bind(where.until)}")
+    if below is not None:
+        clauses.append(f"(received_at, id) < ({q.bind(below[0])}, {q.bind(below[1])})")
+    if text and where.text is not None:
+        clauses.append(q.sql.contains(where.text, q.bind))
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def event_search(sql: EventSQL, where: EventFilter, anchor: tuple[float, str] | None) -> EventSearch:
+    """`list_events` for either store: yields (query, values) and is sent each one's rows; returns
+    the events. `anchor` is the (received_at, id) the page starts below (see
+    `parse_event_cursor`)."""
+    limit = where.limit
+    found: list[Sequence[Any]] = []
+    for side in event_sides(where):
+        q = _Query(sql)
+        if where.text is None:
+            query = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+            found += yield f"{query} LIMIT {q.bind(limit)}", q.params
+            continue
+        # the window: the newest events of the other filters, their text tested
+        window = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+        tested = f"FROM ({window} LIMIT {q.bind(TEXT_WINDOW)}) AS recent WHERE {sql.contains(where.text, q.bind)}"
+        hits = yield f"SELECT body, received_at, id {tested}{ORDER} LIMIT {q.bind(limit)}", q.params
+        found += hits
+        if len(hits) == limit:
+            continue
+        q = _Query(sql)
+        query = f"SELECT received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+        last = yield f"{query} LIMIT 1 OFFSET {q.bind(TEXT_WINDOW - 1)}", q.params
+        if not last:  # the window held every event of the other filters
+            continue
+        # older than the window: what the text index finds there
+        q = _Query(sql)
+        clauses = _side_sql(q, where, side, (last[0][0], last[0][1]), text=True)
+        indexed = sql.text_index(where.text, q.bind)
+        if indexed is not None:
+            clauses += f" AND {indexed}"
+        query = f"SELECT body, received_at, id FROM events{clauses}{ORDER}"
+        found += yield f"{query} LIMIT {q.bind(limit - len(hits))}", q.params
+    found.sort(key=lambda row: (row[1], row[2]), reverse=True)
+    return merged(found, limit)
+
+
+def merged(rows: Rows, limit: int) -> list[Event]:
+    """The events of rows (body, received_at, id), each once (an event may be on both sides of
+    a search: a texter to themself), up to `limit`."""
     seen: set[str] = set()
     out: list[Event] = []
     for row in rows:

@@ -54,6 +54,7 @@ from bridge.store import (
     DeliveryRow,
     DestinationStats,
     EventFilter,
+    EventSQL,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -61,9 +62,8 @@ from bridge.store import (
     Store,
     delivery_clauses,
     delivery_row,
-    event_query,
+    event_search,
     load_queries,
-    merged,
     optout_row,
     owner_gone,
     parse_event_cursor,
@@ -140,13 +140,21 @@ def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
     )
 
 
-def _field(name: str) -> str:
-    """An event's JSON field, as the indexes of migration 0005 are made on it."""
-    return f"(body::json ->> '{name}')"
+class _EventSQL(EventSQL):
+    def placeholder(self, n: int) -> str:
+        return f"${n}"
+
+    def field(self, name: str) -> str:
+        return f"(body::json ->> '{name}')"  # as the indexes of migration 0005 are made on it
+
+    def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
+        """ILIKE: what the trigram index of migration 0005 (events_text, when pg_trgm could be
+        had) answers, so it is also `text_index`."""
+        pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return f"{self.field('text')} ILIKE {bind(pattern)}"
 
 
-def _contains(column: str, needle: str) -> str:
-    return f"strpos(lower({column}), lower({needle}::text)) > 0"
+_SQL = _EventSQL()
 
 
 def _sql_where(clauses: list[str]) -> str:
@@ -682,10 +690,14 @@ class PostgresStore(Store):
             if cursor is not None:  # the event's own received_at, unless it is gone (purged)
                 at = await conn.fetchval("SELECT received_at FROM events WHERE id = $1", cursor[1])
                 anchor = (at if at is not None else cursor[0], cursor[1])
-            p = _Params()
-            query, limit = event_query(where, anchor, p.add, _field, _contains)
-            rows = await conn.fetch(query, *p.values)
-        return merged(rows, limit)
+            search = event_search(_SQL, where, anchor)
+            try:
+                sql, values = next(search)
+                while True:
+                    sql, values = search.send(await conn.fetch(sql, *values))
+            except StopIteration as done:
+                events: list[Event] = done.value
+                return events
 
     async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
         async with self._tx() as conn:

@@ -39,6 +39,7 @@ from bridge.store import (
     DeliveryRow,
     DestinationStats,
     EventFilter,
+    EventSQL,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -46,9 +47,8 @@ from bridge.store import (
     Store,
     delivery_clauses,
     delivery_row,
-    event_query,
+    event_search,
     load_queries,
-    merged,
     optout_row,
     owner_gone,
     parse_event_cursor,
@@ -64,13 +64,30 @@ _STOP = object()
 MAX_BATCH = 1024
 
 
-def _field(name: str) -> str:
-    """An event's JSON field, as the indexes of migration 0005 are made on it."""
-    return f"json_extract(body, '$.{name}')"
+class _EventSQL(EventSQL):
+    def placeholder(self, n: int) -> str:
+        return "?"
+
+    def field(self, name: str) -> str:
+        return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0005 are made on it
+
+    def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
+        # (SQLite's lower() folds ASCII letters only)
+        return f"instr(lower({self.field('text')}), lower({bind(needle)})) > 0"
+
+    def text_index(self, needle: str, bind: Callable[[Any], str]) -> str | None:
+        """The trigram index of migration 0005 (events_text), for 3 characters or more: the
+        events that have each of the needle's trigrams (up to TRIGRAMS of them), anywhere."""
+        trigrams = sorted({needle[i : i + 3] for i in range(len(needle) - 2)})
+        if not trigrams:
+            return None
+        step = max(1, len(trigrams) // TRIGRAMS)
+        query = " AND ".join('"' + t.replace('"', '""') + '"' for t in trigrams[::step][:TRIGRAMS])
+        return f"id IN (SELECT event_id FROM events_text WHERE events_text MATCH {bind(query)})"
 
 
-def _contains(column: str, needle: str) -> str:
-    return f"instr(lower({column}), lower({needle})) > 0"
+_SQL = _EventSQL()
+TRIGRAMS = 8  # of a needle, asked of the text index: enough to leave few events to test
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -552,14 +569,14 @@ class SQLiteStore(Store):
             if cursor is not None:  # the event's own received_at, unless it is gone (purged)
                 row = conn.execute("SELECT received_at FROM events WHERE id = ?", (cursor[1],)).fetchone()
                 anchor = (row[0] if row else cursor[0], cursor[1])
-            params: list[Any] = []
-
-            def bind(value: Any) -> str:
-                params.append(value)
-                return "?"
-
-            query, limit = event_query(where, anchor, bind, _field, _contains)
-            return merged(conn.execute(query, params).fetchall(), limit)
+            search = event_search(_SQL, where, anchor)
+            try:
+                query = next(search)
+                while True:
+                    query = search.send(conn.execute(*query).fetchall())
+            except StopIteration as done:
+                events: list[Event] = done.value
+                return events
 
         return await self._run(op)
 
