@@ -16,7 +16,7 @@ from bridge.console.pages import reply_state
 from bridge.console.render import CSP, flatten, readable_phone
 from bridge.store import DeliveryRow
 from bridge.store.sqlite import SQLiteStore
-from tests.conftest import free_port, sms
+from tests.conftest import eventually, free_port, sms
 from tests.skycore_fake import fake_skycore
 from tests.slack_fake import fake_slack
 from tests.test_replies import SHORT_CODE, TEXTER, Bridge, mo, report
@@ -343,3 +343,32 @@ async def test_while_the_store_cannot_be_reached_pages_say_so_with_a_503(app_cli
         response = await client.get(path)
         assert response.status == 503, path
         assert "The store is not reachable" in await response.text() and response.content_type == "text/html"
+
+
+async def test_a_replay_that_cannot_be_done_says_why_on_the_page(app_client, tmp_path, sink):
+    config = raw(tmp_path)
+    config["destinations"]["crm"]["url"] = sink.url + "/crm"
+    client = await app_client(config)
+    accepted = await (await client.post("/postback", data=sms(1))).json()
+    await sink.wait_for(1)
+    await sign_in(client)
+    page = await (await client.get(f"/ui/events/{accepted['id']}")).text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    back = f"/ui/events/{accepted['id']}"
+
+    async def replay(delivery: str, **form: str) -> str:
+        response = await client.post(f"/ui/deliveries/{delivery}/replay", data={"csrf": csrf, "back": back, **form})
+        assert response.status == 200 and response.url.path == back
+        return re.search(r'<p class="notice" role="status">([^<]*)</p>', await response.text()).group(1)
+
+    async def delivered() -> bool:
+        response = await client.get("/admin/deliveries/1", headers={"Authorization": f"Bearer {ADMIN}"})
+        return (await response.json())["status"] == "delivered"
+
+    await eventually(delivered)
+    assert await replay("1") == "Not replayed: it is delivered already, or its destination is no longer in the config."
+    assert await replay("999") == "Nothing to replay: there is no such delivery."
+    assert await replay("1", force="1") == "Replayed 1 delivery: due now."
+    await sink.wait_for(2)
+    nothing = await client.post("/ui/replay", data={"csrf": csrf, "confirm": "yes", "back": "/ui/deliveries"})
+    assert "Nothing was replayed" in await nothing.text()

@@ -322,6 +322,11 @@ def test_a_dead_delivery_replayed_from_its_event_page_is_delivered(page, bridge,
     wait_until(lambda: admin(bridge, f"/admin/events/{accepted['id']}")["deliveries"][0]["status"] == "delivered")
     page.reload()  # (the page would show it by itself within 5 s: the events page test waits for that)
     assert page.get_by_role("region", name=re.compile(r"^crm")).locator("h3 .badge").inner_text() == "delivered"
+    sent = len(sink.received)
+    with page.expect_navigation():  # a delivered one can be sent again, on purpose
+        page.get_by_role("button", name="Send again to crm").click()
+    assert page.get_by_role("status").inner_text() == "Replayed 1 delivery: due now."
+    wait_until(lambda: any(b.get("id") == accepted["id"] for _, b in sink.received[sent:]))
     crm = page.get_by_role("region", name=re.compile(r"^crm"))
     assert [cell.inner_text() for cell in crm.locator("tbody tr td:nth-child(4)").all()] == ["400", "200"]
     shot(page, "event")
