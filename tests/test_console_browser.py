@@ -227,6 +227,9 @@ def sign_in(tab: Any, token: str) -> Any:
 
 def axe(tab: Any) -> list[str]:
     """axe-core's serious and critical violations on the page, as `rule: target` lines."""
+    # the page's polling holds still while axe reads it (a region swapped mid-run is no finding)
+    tab.evaluate("document.addEventListener('htmx:beforeRequest', (e) => e.preventDefault())")
+    tab.wait_for_function("!document.querySelector('.htmx-request, .htmx-swapping, .htmx-settling')")
     if not tab.evaluate("typeof window.axe !== 'undefined'"):
         tab.evaluate(AXE.read_text(encoding="utf-8"))
     result = tab.evaluate("axe.run(document, {resultTypes: ['violations']})")
