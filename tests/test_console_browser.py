@@ -195,8 +195,10 @@ def reply_in_slack(bridge: BridgeProcess, peers: Peers, thread: str, text: str, 
 # ---------------------------------------------------------------------------- the browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One Chromium for the module. Not for the session: Playwright's sync API runs an event loop
+    in this thread while it is open, and the asyncio tests after this module need the thread's."""
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=str(CHROMIUM))
         yield launched
