@@ -1,6 +1,7 @@
 /* postback-bridge console: the little the pages do in the browser. Without it they work, with
    times in UTC. With it: times in the viewer's time zone, and a region that updates itself
-   (htmx polling) waits while the viewer is working in it (focus inside, boxes ticked). */
+   (htmx polling) waits while the viewer is working in it (focus inside, boxes ticked) and while
+   the tab is hidden. */
 (function () {
   "use strict";
   var format = new Intl.DateTimeFormat(undefined, {
@@ -27,6 +28,7 @@
     var region = e.detail.elt;
     if (!region.hasAttribute || !region.hasAttribute("data-live")) { return; }
     var busy = region.contains(document.activeElement) && document.activeElement !== document.body;
-    if (busy || region.querySelector("input[type=checkbox]:checked")) { e.preventDefault(); }
+    // a tab in the background asks nothing: it catches up on the first poll once shown again
+    if (busy || document.hidden || region.querySelector("input[type=checkbox]:checked")) { e.preventDefault(); }
   });
 })();
