@@ -147,6 +147,9 @@ class _EventSQL(EventSQL):
     def field(self, name: str) -> str:
         return f"(body::json ->> '{name}')"  # as the indexes of migration 0005 are made on it
 
+    def unindexed(self, sql: str) -> str:
+        return f"({sql} || '')"
+
     def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
         """ILIKE: what the trigram index of migration 0005 (events_text, when pg_trgm could be
         had) answers, so it is also `text_index`."""

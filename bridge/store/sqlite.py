@@ -71,6 +71,9 @@ class _EventSQL(EventSQL):
     def field(self, name: str) -> str:
         return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0005 are made on it
 
+    def unindexed(self, sql: str) -> str:
+        return f"+{sql}"  # SQLite's way of saying so
+
     def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
         # (SQLite's lower() folds ASCII letters only)
         return f"instr(lower({self.field('text')}), lower({bind(needle)})) > 0"
