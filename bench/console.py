@@ -31,10 +31,8 @@ import json
 import os
 import random
 import secrets
-import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +51,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
-from bench.run import free_port, wait_listening  # noqa: E402
+from bench.run import free_port, process  # noqa: E402
 from bridge.carriers import Carriers  # noqa: E402
 from bridge.event import dedup_key, normalize  # noqa: E402
 from bridge.ids import ulid  # noqa: E402
@@ -281,6 +279,27 @@ def optout_rows(fill: Fill, seed: int = 21) -> list[tuple[Any, ...]]:
 CHUNK = 20_000
 
 
+def chunks(fill: Fill) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    """`rows` in chunks of CHUNK events: (events, their deliveries, their attempts)."""
+    events: list[tuple[Any, ...]] = []
+    deliveries: list[tuple[Any, ...]] = []
+    attempts: list[tuple[Any, ...]] = []
+    for event, its_deliveries, its_attempts in rows(fill):
+        events.append(event)
+        deliveries += its_deliveries
+        attempts += its_attempts
+        if len(events) >= CHUNK:
+            yield events, deliveries, attempts
+            events, deliveries, attempts = [], [], []
+    yield events, deliveries, attempts
+
+
+DELIVERY_COLUMNS = [
+    "id", "event_id", "destination", "route", "conversation", "status", "attempts", "created_at", "next_at",
+    "leased_by", "last_error", "updated_at", "ordered", "came_in_at", "tracking_id",
+]  # fmt: skip
+
+
 async def fill_store(url: str, fill: Fill) -> dict[str, Any]:
     store = open_store(url)
     await store.open()  # the schema, every migration
@@ -306,26 +325,13 @@ def _fill_sqlite(path: str, fill: Fill) -> dict[str, Any]:
         conn.execute(f"DROP {kind.upper()} {name}")
     started = time.monotonic()
     conn.execute("BEGIN")
-    events, deliveries, attempts = [], [], []
-
-    def flush() -> None:
+    for events, deliveries, attempts in chunks(fill):
         conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", events)
         conn.executemany(
-            "INSERT INTO deliveries (id, event_id, destination, route, conversation, status, attempts, created_at,"
-            " next_at, leased_by, last_error, updated_at, ordered, came_in_at, tracking_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO deliveries ({', '.join(DELIVERY_COLUMNS)}) VALUES ({', '.join('?' * len(DELIVERY_COLUMNS))})",
             deliveries,
         )
         conn.executemany("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?)", attempts)
-        events.clear(), deliveries.clear(), attempts.clear()
-
-    for event, its_deliveries, its_attempts in rows(fill):
-        events.append(event)
-        deliveries += its_deliveries
-        attempts += its_attempts
-        if len(events) >= CHUNK:
-            flush()
-    flush()
     conn.executemany("INSERT OR REPLACE INTO optouts VALUES (?, ?, ?, ?, ?, ?)", optout_rows(fill))
     conn.execute("COMMIT")
     loaded = time.monotonic()
@@ -363,28 +369,10 @@ async def _fill_postgres(url: str, fill: Fill) -> dict[str, Any]:
         for row in schema:
             await conn.execute(f"DROP INDEX {row['indexname']}")
         started = time.monotonic()
-        events, deliveries, attempts = [], [], []
-
-        async def flush() -> None:
+        for events, deliveries, attempts in chunks(fill):
             await conn.copy_records_to_table("events", records=events)
-            await conn.copy_records_to_table(
-                "deliveries",
-                records=deliveries,
-                columns=[
-                    "id", "event_id", "destination", "route", "conversation", "status", "attempts", "created_at",
-                    "next_at", "leased_by", "last_error", "updated_at", "ordered", "came_in_at", "tracking_id",
-                ],
-            )  # fmt: skip
+            await conn.copy_records_to_table("deliveries", records=deliveries, columns=DELIVERY_COLUMNS)
             await conn.copy_records_to_table("attempts", records=attempts)
-            events.clear(), deliveries.clear(), attempts.clear()
-
-        for event, its_deliveries, its_attempts in rows(fill):
-            events.append(event)
-            deliveries += its_deliveries
-            attempts += its_attempts
-            if len(events) >= CHUNK:
-                await flush()
-        await flush()
         await conn.copy_records_to_table("optouts", records=optout_rows(fill))
         await conn.execute(
             "SELECT setval(pg_get_serial_sequence('deliveries', 'id'), (SELECT max(id) FROM deliveries))"
@@ -464,20 +452,8 @@ def serving(url: str, work: Path, token: str) -> Iterator[int]:
         f"destinations:\n{destinations}"
         "default: [crm]\n"
     )
-    log = work / "serve.log"
-    with log.open("wb") as out:
-        argv = [sys.executable, "-m", "bridge", "serve", "-c", str(config)]
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
-        try:
-            wait_listening(port, proc, timeout=120)
-            yield port
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with process([sys.executable, "-m", "bridge", "serve", "-c", str(config)], 0, port, work / "serve.log"):
+        yield port
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -578,9 +554,7 @@ def _postbacks(n: int, start: int) -> list[tuple[dict[str, Any], str]]:
     return out
 
 
-async def ingest_rate(
-    store: Store, postbacks: list[tuple[dict[str, Any], str]], seconds: float
-) -> tuple[float, float]:
+async def ingest_rate(store: Store, postbacks: list[tuple[dict[str, Any], str]], seconds: float) -> tuple[float, float]:
     """Postbacks stored per second, 32 at a time (each with a crm and a slack delivery), and the
     CPU time this process spent per postback (microseconds: the event loop and, for SQLite, the
     writer thread; not PostgreSQL's server)."""

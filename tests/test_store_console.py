@@ -161,7 +161,7 @@ async def test_text_search_past_the_window_uses_the_text_index(store, monkeypatc
     text index, older than the window (TEXT_WINDOW made small here); a needle too short for the
     trigram index is tested event by event."""
     monkeypatch.setattr(bridge.store, "TEXT_WINDOW", 3)
-    words = ["apple pie", "rare Kumquat jam", "apple tart", "kumquat", "plum", "apple", "plum jam", "pear"]
+    words = ['apple "pie"', "rare Kumquat jam", "apple tart", "kumquat", "plum", "apple", "plum jam", "pear"]
     stored = [await keep(store, make_event(n, text=text)) for n, text in enumerate(words)]
     newest = stored[::-1]
     assert await ids(store, text="KUMQUAT") == [stored[3], stored[1]]  # both older than the window
@@ -175,3 +175,5 @@ async def test_text_search_past_the_window_uses_the_text_index(store, monkeypatc
     assert [e["id"] for e in page + rest] == [i for i, w in zip(newest, words[::-1], strict=True) if "a" in w][:6]
     assert await ids(store, text="kumquat", short_code=SHORT) == [stored[3], stored[1]]
     assert await ids(store, text="kumquat", keyword="RARE") == [stored[1]]
+    assert await ids(store, text='e "PIE"') == [stored[0]]  # quotes are text, not the index's syntax
+    assert await ids(store, text="pie AND plum") == [] and await ids(store, text="jam OR pear") == []

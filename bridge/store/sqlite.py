@@ -576,7 +576,7 @@ class SQLiteStore(Store):
             try:
                 query = next(search)
                 while True:
-                    query = search.send(conn.execute(*query).fetchall())
+                    query = search.send(conn.execute(query.sql, query.values).fetchall())
             except StopIteration as done:
                 events: list[Event] = done.value
                 return events
