@@ -589,7 +589,7 @@ async def without_0005(url: str) -> None:
         conn = sqlite3.connect(url.removeprefix("sqlite:///"))
         for name in INDEXES_0005[:-1]:
             conn.execute(f"DROP INDEX {name}")
-        conn.execute("DROP TRIGGER events_text_insert")
+        conn.execute("DROP TRIGGER events_text_queue")
         conn.execute("DROP TRIGGER events_text_delete")
         conn.commit()
         conn.close()
