@@ -6,6 +6,7 @@ test_store_contract)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from bridge.store import (
     NewDelivery,
     Store,
     event_cursor,
+    open_store,
     parse_event_cursor,
 )
 from tests import test_store_contract as contract
@@ -161,7 +163,7 @@ async def test_text_search_past_the_window_uses_the_text_index(store, monkeypatc
     text index, older than the window (TEXT_WINDOW made small here); a needle too short for the
     trigram index is tested event by event."""
     monkeypatch.setattr(bridge.store, "TEXT_WINDOW", 3)
-    words = ["apple pie", "rare Kumquat jam", "apple tart", "kumquat", "plum", "apple", "plum jam", "pear"]
+    words = ['apple "pie"', "rare Kumquat jam", "apple tart", "kumquat", "plum", "apple", "plum jam", "pear"]
     stored = [await keep(store, make_event(n, text=text)) for n, text in enumerate(words)]
     newest = stored[::-1]
     assert await ids(store, text="KUMQUAT") == [stored[3], stored[1]]  # both older than the window
@@ -175,3 +177,26 @@ async def test_text_search_past_the_window_uses_the_text_index(store, monkeypatc
     assert [e["id"] for e in page + rest] == [i for i, w in zip(newest, words[::-1], strict=True) if "a" in w][:6]
     assert await ids(store, text="kumquat", short_code=SHORT) == [stored[3], stored[1]]
     assert await ids(store, text="kumquat", keyword="RARE") == [stored[1]]
+    assert await ids(store, text='e "PIE"') == [stored[0]]  # quotes are text, not the index's syntax
+    assert await ids(store, text="pie AND plum") == [] and await ids(store, text="jam OR pear") == []
+
+
+async def test_new_events_are_found_by_text_before_and_after_they_are_indexed(tmp_path, monkeypatch):
+    """SQLite indexes new texts a few hundred at a time (migration 0005): until then a search
+    reads them as they are, and after, it finds them through the index."""
+    monkeypatch.setattr(bridge.store, "TEXT_WINDOW", 1)
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    await store.open()
+    try:
+        old = await keep(store, make_event(1, text="a quince jam"))
+        await keep(store, make_event(2, text="plain"))
+        assert await ids(store, text="QUINCE") == [old]  # waiting for the index
+        await store.index_text()
+        waiting = sqlite3.connect(tmp_path / "store.db").execute("SELECT count(*) FROM events_text_pending")
+        assert waiting.fetchone() == (0,)
+        assert await ids(store, text="QUINCE") == [old]  # from the index
+        newer = await keep(store, make_event(3, text="quince tart"))
+        await keep(store, make_event(4, text="plain"))
+        assert await ids(store, text="quince") == [newer, old]  # one of each
+    finally:
+        await store.close()

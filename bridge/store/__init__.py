@@ -252,6 +252,10 @@ class EventSQL(abc.ABC):
         """The SQL of the event's JSON field `name`."""
 
     @abc.abstractmethod
+    def unindexed(self, sql: str) -> str:
+        """`sql` as an expression no index is used for."""
+
+    @abc.abstractmethod
     def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
         """The condition: the event's text holds `needle`, in any case."""
 
@@ -280,17 +284,31 @@ class _Query:
 
 
 Rows = Sequence[Sequence[Any]]
-EventSearch = Generator[tuple[str, list[Any]], Rows, list[Event]]
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One query of `event_search`. `by_text` says it is the one a text index answers: a store
+    whose planner must be told how to walk (PostgreSQL) lets it use a bitmap of that index; the
+    others are walks of an index in order, which stop at the page."""
+
+    sql: str
+    values: list[Any]
+    by_text: bool = False
+
+
+EventSearch = Generator[SearchQuery, Rows, list[Event]]
 ORDER = " ORDER BY received_at DESC, id DESC"
 
 
 def event_sides(where: EventFilter) -> list[dict[str, str]]:
     """The `from` and `to` each query of a search asks for. A texter or short code matches either
     side of an event, so there are two (each walks its own index newest first and stops at the
-    page; an OR would read every event of a short code to sort them); none: nothing matches."""
+    page; an OR would read every event of a short code to sort them); none: nothing matches.
+    The first number of a side is the one whose index the query walks."""
     sides: list[dict[str, str]]
-    if where.texter is not None and where.short_code is not None:
-        sides = [{"from": where.texter, "to": where.short_code}, {"from": where.short_code, "to": where.texter}]
+    if where.texter is not None and where.short_code is not None:  # the texter's number leads: it is the rarer
+        sides = [{"from": where.texter, "to": where.short_code}, {"to": where.texter, "from": where.short_code}]
     elif where.texter is not None:
         sides = [{"from": where.texter}, {"to": where.texter}]
     elif where.short_code is not None:
@@ -308,7 +326,11 @@ def _side_sql(
 ) -> str:
     """The WHERE of one side: its numbers, the other filters, below the cursor; the text test too
     with `text`."""
-    clauses = [f"{q.sql.field(name)} = {q.bind(value)}" for name, value in sorted(side.items())]
+    numbers = list(side.items())
+    clauses = [f"{q.sql.field(name)} = {q.bind(value)}" for name, value in numbers[:1]]
+    # the others only tested on what that index gives (a planner may think a short code's index,
+    # which holds most events, the better walk)
+    clauses += [f"{q.sql.unindexed(q.sql.field(name))} = {q.bind(value)}" for name, value in numbers[1:]]
     if where.type is not None:
         clauses.append(f"type = {q.bind(where.type)}")
     if where.keyword is not None:
@@ -325,7 +347,7 @@ def _side_sql(
 
 
 def event_search(sql: EventSQL, where: EventFilter, anchor: tuple[float, str] | None) -> EventSearch:
-    """`list_events` for either store: yields (query, values) and is sent each one's rows; returns
+    """`list_events` for either store: yields each SearchQuery and is sent its rows; returns
     the events. `anchor` is the (received_at, id) the page starts below (see
     `parse_event_cursor`)."""
     limit = where.limit
@@ -334,18 +356,18 @@ def event_search(sql: EventSQL, where: EventFilter, anchor: tuple[float, str] | 
         q = _Query(sql)
         if where.text is None:
             query = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
-            found += yield f"{query} LIMIT {q.bind(limit)}", q.params
+            found += yield SearchQuery(f"{query} LIMIT {q.bind(limit)}", q.params)
             continue
         # the window: the newest events of the other filters, their text tested
         window = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
         tested = f"FROM ({window} LIMIT {q.bind(TEXT_WINDOW)}) AS recent WHERE {sql.contains(where.text, q.bind)}"
-        hits = yield f"SELECT body, received_at, id {tested}{ORDER} LIMIT {q.bind(limit)}", q.params
+        hits = yield SearchQuery(f"SELECT body, received_at, id {tested}{ORDER} LIMIT {q.bind(limit)}", q.params)
         found += hits
         if len(hits) == limit:
             continue
         q = _Query(sql)
         query = f"SELECT received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
-        last = yield f"{query} LIMIT 1 OFFSET {q.bind(TEXT_WINDOW - 1)}", q.params
+        last = yield SearchQuery(f"{query} LIMIT 1 OFFSET {q.bind(TEXT_WINDOW - 1)}", q.params)
         if not last:  # the window held every event of the other filters
             continue
         # older than the window: what the text index finds there
@@ -355,7 +377,7 @@ def event_search(sql: EventSQL, where: EventFilter, anchor: tuple[float, str] | 
         if indexed is not None:
             clauses += f" AND {indexed}"
         query = f"SELECT body, received_at, id FROM events{clauses}{ORDER}"
-        found += yield f"{query} LIMIT {q.bind(limit - len(hits))}", q.params
+        found += yield SearchQuery(f"{query} LIMIT {q.bind(limit - len(hits))}", q.params, by_text=True)
     found.sort(key=lambda row: (row[1], row[2]), reverse=True)
     return merged(found, limit)
 

@@ -62,6 +62,10 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
+# New events go into the text index (migration 0005) this many at a time at least, or after this
+# many seconds without postbacks: a few hundred in one statement cost a sixth of one at a time.
+TEXT_INDEX_BATCH = 500
+TEXT_INDEX_IDLE = 1.0
 
 
 class _EventSQL(EventSQL):
@@ -70,6 +74,9 @@ class _EventSQL(EventSQL):
 
     def field(self, name: str) -> str:
         return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0005 are made on it
+
+    def unindexed(self, sql: str) -> str:
+        return f"+{sql}"  # SQLite's way of saying so
 
     def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
         # (SQLite's lower() folds ASCII letters only)
@@ -83,7 +90,11 @@ class _EventSQL(EventSQL):
             return None
         step = max(1, len(trigrams) // TRIGRAMS)
         query = " AND ".join('"' + t.replace('"', '""') + '"' for t in trigrams[::step][:TRIGRAMS])
-        return f"id IN (SELECT event_id FROM events_text WHERE events_text MATCH {bind(query)})"
+        # and those not in the index yet (events_text_pending), tested as they are
+        return (
+            f"(id IN (SELECT event_id FROM events_text WHERE events_text MATCH {bind(query)})"
+            " OR rowid IN (SELECT event_rowid FROM events_text_pending))"
+        )
 
 
 _SQL = _EventSQL()
@@ -149,6 +160,7 @@ class _Writer(threading.Thread):
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
+        self.unindexed = 1  # events stored since the text index last took them (1: look at opening)
 
     def connect(self) -> sqlite3.Connection:
         if not os.path.exists(self.path):
@@ -213,7 +225,11 @@ class _Writer(threading.Thread):
         self.ready.set()
         try:
             while True:
-                first = self.queue.get()
+                try:
+                    first = self.queue.get(timeout=TEXT_INDEX_IDLE if self.unindexed else None)
+                except queue.Empty:  # quiet: index what waits
+                    self._index_text(conn)
+                    continue
                 if first is _STOP:
                     return
                 batch = [first]
@@ -228,16 +244,38 @@ class _Writer(threading.Thread):
                         break
                     batch.append(item)
                 self._run_batch(conn, batch)
+                if self.unindexed >= TEXT_INDEX_BATCH:
+                    self._index_text(conn)
                 if stop:
                     return
         finally:
             conn.close()
+
+    def _index_text(self, conn: sqlite3.Connection) -> None:
+        """Put the events waiting for the text index in it, in a transaction of its own (see
+        migration 0005). A failure leaves them waiting: a search reads them as they are."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self.index_text(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.exception("indexing the text of new events failed; they stay searchable, unindexed")
+        self.unindexed = 0
+
+    def index_text(self, conn: sqlite3.Connection) -> None:
+        """The statements of `_index_text`, in the transaction of `conn`."""
+        conn.execute(Q["index_text"])
+        conn.execute("DELETE FROM events_text_pending")
+        self.unindexed = 0
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op | _Ingest, asyncio.Future[Any], bool]]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             ingests = [(op, future) for op, future, _ in batch if isinstance(op, _Ingest)]
+            self.unindexed += len(ingests)
             if ingests:
                 results.extend(_ingest_all(conn, ingests))
             for op, future, isolated in batch:
@@ -573,12 +611,20 @@ class SQLiteStore(Store):
             try:
                 query = next(search)
                 while True:
-                    query = search.send(conn.execute(*query).fetchall())
+                    query = search.send(conn.execute(query.sql, query.values).fetchall())
             except StopIteration as done:
                 events: list[Event] = done.value
                 return events
 
         return await self._run(op)
+
+    async def index_text(self) -> None:
+        """Put the events waiting for the text index in it now (the writer does so by itself
+        every TEXT_INDEX_BATCH postbacks, and when quiet)."""
+        writer = self._writer
+        if writer is None:
+            raise StoreError("store is not open")
+        await self._run(writer.index_text)
 
     async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
         def op(conn: sqlite3.Connection) -> list[tuple[float, int]]:

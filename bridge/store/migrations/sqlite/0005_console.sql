@@ -18,24 +18,26 @@ CREATE INDEX IF NOT EXISTS deliveries_errors ON deliveries (updated_at, id) WHER
 CREATE INDEX IF NOT EXISTS deliveries_open ON deliveries (status, destination, created_at)
     WHERE status IN ('pending', 'dead');
 -- Text search: a trigram index of each event's text (any part of 3 characters or more, any
--- case), kept by triggers. detail=none: it says which events have each trigram, not where (a
--- fifth cheaper to keep; a search asks for every trigram of what it looks for and tests the
--- text of what comes back). It holds the event's id rather than relying on the rowid alone,
--- which a VACUUM may renumber in a table without an INTEGER PRIMARY KEY: a search looks events
--- up by id, and a purge deletes only the row that is its own event's.
+-- case). detail=none: it says which events have each trigram, not where (cheaper to keep; a
+-- search asks for every trigram of what it looks for and tests the text of what comes back). It
+-- holds the event's id rather than relying on the rowid alone, which a VACUUM may renumber in a
+-- table without an INTEGER PRIMARY KEY: a search looks events up by id, and a purge deletes only
+-- the row that is its own event's.
 CREATE VIRTUAL TABLE IF NOT EXISTS events_text USING fts5 (
     text, event_id UNINDEXED, tokenize = 'trigram', detail = 'none', columnsize = 0
 );
--- OR REPLACE: a store from before versioned migrations runs them all again, and a row left by a
--- VACUUM's renumbering must not stop a postback from being stored.
-INSERT OR REPLACE INTO events_text (rowid, text, event_id)
-    SELECT rowid, json_extract(body, '$.text'), id FROM events WHERE json_extract(body, '$.text') IS NOT NULL;
-CREATE TRIGGER IF NOT EXISTS events_text_insert AFTER INSERT ON events
+-- A new event is not indexed as it is stored: its rowid waits here, and the store indexes what
+-- waits a few hundred at a time (sqlite.py, `_index_text`), a sixth of the cost of one at a
+-- time in each postback's commit. A search reads what waits as it is.
+CREATE TABLE IF NOT EXISTS events_text_pending (event_rowid INTEGER PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS events_text_queue AFTER INSERT ON events
 BEGIN
-    INSERT OR REPLACE INTO events_text (rowid, text, event_id)
-    SELECT new.rowid, text, new.id FROM (SELECT json_extract(new.body, '$.text') AS text) WHERE text IS NOT NULL;
+    INSERT OR IGNORE INTO events_text_pending (event_rowid) VALUES (new.rowid);
 END;
 CREATE TRIGGER IF NOT EXISTS events_text_delete AFTER DELETE ON events
 BEGIN
     DELETE FROM events_text WHERE rowid = old.rowid AND event_id = old.id;
 END;
+-- The events stored before: all of them wait (OR IGNORE: a store from before versioned
+-- migrations runs them all again).
+INSERT OR IGNORE INTO events_text_pending (event_rowid) SELECT rowid FROM events;
