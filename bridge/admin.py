@@ -8,8 +8,9 @@ proxy (which on the same host connects from loopback too), and off (404) anywher
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -20,15 +21,17 @@ from bridge.digits import parse_uint
 from bridge.errors import StoreError
 from bridge.event import phone
 from bridge.runtime import RUNTIME, Runtime
-from bridge.store import STATUSES, DeliveryFilter, EventFilter, Store
+from bridge.store import STATUSES, DeliveryFilter, EventFilter, Store, parse_event_cursor
 from bridge.validate import parse_when
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000
+MIN_TEXT = 3  # characters of a text search: what a trigram index can find (migration 0005)
 
 
 class BadQuery(web.HTTPBadRequest):
     def __init__(self, message: str) -> None:
+        self.message = message  # what was wrong, for a page that says it in HTML (the console)
         super().__init__(text=f'{{"error": {_json_str(message)}}}', content_type="application/json")
 
 
@@ -59,17 +62,71 @@ def _flag(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes")
 
 
+def _before_id(query: Any) -> int | None:
+    value = query.get("before_id")
+    if value is None or value == "":
+        return None
+    number = parse_uint(value)
+    if number is None:
+        raise BadQuery("before_id: expected a delivery id (the `next` of the page before)")
+    return number
+
+
+def _text(query: Any, key: str) -> str | None:
+    """A text filter: None when absent or blank."""
+    value = query.get(key)
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _number(query: Any, key: str) -> str | None:
+    """A phone number or short code as people write them (`+1 555-231-2102`, `1 (555) 231 2102`)
+    as the events hold it (`+15552312102`)."""
+    value = _text(query, key)
+    return phone(_SEPARATORS.sub("", value)) if value is not None else None
+
+
+_SEPARATORS = re.compile(r"[\s().-]")
+
+
 def delivery_filter(query: Any, *, default_status: str | None = None) -> DeliveryFilter:
-    status = query.get("status", default_status)
+    status = query.get("status") or default_status  # an empty field (a form's "any") filters nothing
     if status is not None and status not in STATUSES:
         raise BadQuery(f"status: expected one of {', '.join(STATUSES)}")
     return DeliveryFilter(
         status=status,
-        destination=query.get("destination"),
-        event_id=query.get("event_id"),
+        destination=query.get("destination") or None,
+        event_id=query.get("event_id") or None,
         since=_time(query, "since"),
         until=_time(query, "until"),
         limit=_limit(query),
+        before_id=_before_id(query),
+    )
+
+
+def event_filter(query: Any) -> EventFilter:
+    """The events a query asks for (the admin API's and the console's), 400 for a bad value.
+    A texter's number may be given as digits (15552312102 finds +15552312102)."""
+    cursor = _text(query, "cursor")
+    if cursor is not None:
+        try:
+            parse_event_cursor(cursor)
+        except ValueError:
+            raise BadQuery("cursor: not a cursor this bridge gave (use the `next` of the page before)") from None
+    text = _text(query, "text")
+    if text is not None and len(text) < MIN_TEXT:
+        raise BadQuery(f"text: at least {MIN_TEXT} characters (shorter ones would read every event)")
+    return EventFilter(  # a blank field (a form's "any") filters nothing
+        type=_text(query, "type"),
+        sender=_text(query, "from"),
+        to=_text(query, "to"),
+        keyword=_text(query, "keyword"),
+        since=_time(query, "since"),
+        until=_time(query, "until"),
+        limit=_limit(query),
+        texter=_number(query, "texter"),
+        short_code=_number(query, "short_code"),
+        text=text,
+        before=cursor,
     )
 
 
@@ -80,7 +137,7 @@ def _runtime(request: web.Request) -> Runtime:
     return request.app[RUNTIME]
 
 
-def _store(request: web.Request) -> Store:
+def store_of(request: web.Request) -> Store:
     """The open store; StoreError (a 503, as for postbacks) while it is not open yet."""
     store = _runtime(request).store
     if store is None:
@@ -89,22 +146,12 @@ def _store(request: web.Request) -> Store:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    q = request.query
-    where = EventFilter(
-        type=q.get("type"),
-        sender=q.get("from"),
-        to=q.get("to"),
-        keyword=q.get("keyword"),
-        since=_time(q, "since"),
-        until=_time(q, "until"),
-        limit=_limit(q),
-    )
-    events = await _store(request).list_events(where)
-    return web.json_response({"events": events})
+    events, after = await store_of(request).events_page(event_filter(request.query))
+    return web.json_response({"events": events, "next": after})
 
 
 async def get_event(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = store_of(request)
     event_id = request.match_info["event_id"]
     event = await store.get_event(event_id)
     if event is None:
@@ -117,20 +164,22 @@ async def get_event(request: web.Request) -> web.Response:
     return web.json_response({"event": event, "deliveries": deliveries})
 
 
+async def _deliveries_page(request: web.Request, where: DeliveryFilter) -> web.Response:
+    rows, after = await store_of(request).deliveries_page(where)
+    return web.json_response({"deliveries": [r.as_json() for r in rows], "next": after})
+
+
 async def list_deliveries(request: web.Request) -> web.Response:
-    rows = await _store(request).list_deliveries(delivery_filter(request.query))
-    return web.json_response({"deliveries": [r.as_json() for r in rows]})
+    return await _deliveries_page(request, delivery_filter(request.query))
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     """The dead-letter list: dead deliveries, newest first (the other filters apply)."""
-    where = replace(delivery_filter(request.query), status="dead")
-    rows = await _store(request).list_deliveries(where)
-    return web.json_response({"deliveries": [r.as_json() for r in rows]})
+    return await _deliveries_page(request, replace(delivery_filter(request.query), status="dead"))
 
 
 async def get_delivery(request: web.Request) -> web.Response:
-    store = _store(request)
+    store = store_of(request)
     delivery_id = _int(request.match_info["delivery_id"])
     rows = await store.list_deliveries(DeliveryFilter(ids=(delivery_id,), limit=1))
     if not rows:
@@ -147,27 +196,47 @@ def _int(text: str) -> int:
     return number
 
 
-async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
-    runtime, store = _runtime(request), _store(request)
-    force = _flag(request.query.get("force"))
-    # a replay to a removed one would wait forever (the bridge's own, such as ~feedback, count)
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: the ids made pending again, or why nothing was (with the HTTP status
+    that says so)."""
+
+    ids: list[int]
+    error: str | None = None
+    status: int = 200
+
+
+async def replay(runtime: Runtime, where: DeliveryFilter, *, single: bool, force: bool = False) -> Replayed:
+    """Replay what `where` selects, to destinations the config has (a replay to a removed one
+    would wait forever), and wake their loops. With `single` (one delivery or event), an empty
+    result says why: no such delivery, a removed destination, or already delivered."""
+    store = runtime.store
+    if store is None:
+        raise StoreError("store is not open")
+    # the bridge's own (~media, ~feedback) count as configured
     configured = (*runtime.config.destinations, *sorted(runtime.config.internal))
     ids = await store.replay(replace(where, destinations=configured), force=force)
     if single and not ids:
         rows = await store.list_deliveries(where)
         if not rows:
-            return web.json_response({"error": "nothing to replay: no such delivery or event"}, status=404)
+            return Replayed([], "nothing to replay: no such delivery or event", 404)
         gone = sorted({r.destination for r in rows} - set(configured))
         if gone:
             message = f"destination {', '.join(gone)} is not in the config: add it back, reload, then replay"
-            return web.json_response({"error": message, "replayed": []}, status=409)
+            return Replayed([], message, 409)
         if any(r.status == "delivered" for r in rows) and not force:
-            return web.json_response(
-                {"error": "already delivered: add ?force=true to send it again", "replayed": []}, status=409
-            )
+            return Replayed([], "already delivered: add ?force=true to send it again", 409)
     if ids and runtime.dispatcher is not None:
         runtime.dispatcher.notify(configured)
-    return web.json_response({"replayed": ids})
+    return Replayed(ids)
+
+
+async def _replay(request: web.Request, where: DeliveryFilter, *, single: bool) -> web.Response:
+    done = await replay(_runtime(request), where, single=single, force=_flag(request.query.get("force")))
+    if done.error is None:
+        return web.json_response({"replayed": done.ids})
+    body: dict[str, Any] = {"error": done.error} if done.status == 404 else {"error": done.error, "replayed": []}
+    return web.json_response(body, status=done.status)
 
 
 async def replay_delivery(request: web.Request) -> web.Response:
@@ -202,7 +271,7 @@ async def list_optouts(request: web.Request) -> web.Response:
     """The opt-out ledger (CONTRACT §7): each texter's latest word to each short code."""
     raw = request.query.get("number", "").strip()
     number = phone(raw) if raw else None  # 15551234888 finds +15551234888
-    rows = await _store(request).list_optouts(number, limit=_limit(request.query))
+    rows = await store_of(request).list_optouts(number, limit=_limit(request.query))
     return web.json_response({"optouts": [row.as_json() for row in rows]})
 
 
@@ -300,7 +369,14 @@ _DELIVERY_FILTERS = [
     _param("since", "created at or after", _TIME),
     _param("until", "created before", _TIME),
     _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+    _param(
+        "before_id",
+        "the next page: the `next` of the page before (ids below it)",
+        {"type": "integer", "minimum": 1, "example": 1000},
+    ),
 ]
+# an example of a cursor, as `event_cursor` makes them
+_CURSOR_EXAMPLE = "MjAyNi0xMS0yMlQxMDowMDowMC4xMjNafGV2dF8wMUpEN1FOT1RUSEVSRTAwMDAwMDAwMDA"
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _OK = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
 _REPLAYED = {
@@ -336,6 +412,18 @@ OPENAPI: dict[str, Any] = {
                     _param("since", "received at or after", _TIME),
                     _param("until", "received before", _TIME),
                     _param("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                    _param("texter", "a texter's number, either side (`from`, or `to` of a reply): E.164 or digits"),
+                    _param("short_code", "a short code, either side (with texter: one conversation, both ways)"),
+                    _param(
+                        "text",
+                        f"a part of the text, any case ({MIN_TEXT} characters or more)",
+                        {"type": "string", "minLength": MIN_TEXT, "example": "pizza"},
+                    ),
+                    _param(
+                        "cursor",
+                        "the next page: the `next` of the page before",
+                        {"type": "string", "example": _CURSOR_EXAMPLE},
+                    ),
                 ],
                 "responses": {"200": _OK, "400": _ERROR, "401": _ERROR},
             }
@@ -385,7 +473,7 @@ OPENAPI: dict[str, Any] = {
         "/admin/replay": {
             "post": {
                 "summary": "Replay every dead and failed delivery of a destination and/or time range",
-                "parameters": [p for p in _DELIVERY_FILTERS if p["name"] != "status"] + [_FORCE],
+                "parameters": [p for p in _DELIVERY_FILTERS if p["name"] not in ("status", "before_id")] + [_FORCE],
                 "responses": {"200": _REPLAYED, "400": _ERROR, "401": _ERROR},
             }
         },

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bridge import admin, replies
+from bridge import admin, console, replies
 from bridge.answers import error
 from bridge.auth import Caller
 from bridge.carriers import Carriers
@@ -140,6 +140,7 @@ def create_app(config: Config, *, store: Store | None = None) -> web.Application
     admin.add_routes(app)
     # GET /media/<sha256>: kept MMS files by signed link; 404 without `media:`
     media_routes(app, lambda: (runtime.config.media, runtime.media_store, runtime.media_key))
+    console.add_routes(app)  # /ui/: the web console
     replies.install(app)  # POST /slack/events: 404 unless a Slack destination takes replies
     app.router.add_post(path, postback)
     app.router.add_post(path + "/{token}", postback)

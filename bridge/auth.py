@@ -126,3 +126,21 @@ def came_through_a_proxy(remote: str | None, headers: Headers, auth: AuthConfig)
     if address is not None and any(address in net for net in auth.trusted_proxies):
         return f"its peer {address} is one of server.auth.trusted_proxies"
     return None
+
+
+def came_over_https(remote: str | None, headers: Headers, auth: AuthConfig) -> bool:
+    """Whether the client used HTTPS, as a trusted proxy says (`X-Forwarded-Proto: https`, or
+    `Forwarded: proto=https`) on the hop it made to us. A header from any other peer says
+    nothing: anyone can send it. (The bridge itself speaks plain HTTP.)"""
+    address = address_of(remote)
+    if address is None or not any(address in net for net in auth.trusted_proxies):
+        return False
+    # the last value: the one our proxy set (a client's own header may come before it)
+    forwarded_proto = [p.strip().lower() for v in headers.getall("X-Forwarded-Proto", []) for p in v.split(",")]
+    if forwarded_proto:
+        return forwarded_proto[-1] == "https"
+    elements = [e for v in headers.getall("Forwarded", []) for e in v.split(",")]
+    if elements:
+        pairs = (p.strip().partition("=") for p in elements[-1].split(";"))
+        return any(k.strip().lower() == "proto" and v.strip().strip('"').lower() == "https" for k, _, v in pairs)
+    return False

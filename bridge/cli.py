@@ -19,6 +19,7 @@ from bridge import __version__, logs, replies
 from bridge.config import Config, defaults, load
 from bridge.destinations.registry import build_all
 from bridge.digits import parse_uint
+from bridge.dryrun import describe_match, route_report, routes_said
 from bridge.errors import BridgeError, ConfigError, PostbackError, StoreError
 from bridge.event import phone
 from bridge.secret import redact_url
@@ -134,22 +135,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_match(match: Any) -> str:
-    parts = []
-    for key, value in vars(match).items():
-        if value is None:
-            continue
-        name = key.rstrip("_")
-        shown = [getattr(v, "pattern", v) for v in value]
-        parts.append(f"{name}={'|'.join(shown)}")
-    return " ".join(parts) or "everything"
-
-
 def cmd_route(args: argparse.Namespace) -> int:
     from bridge.carriers import Carriers
-    from bridge.event import normalize
-    from bridge.postback import parse
-    from bridge.routing import route
 
     config = _config(args.config)
     carriers = Carriers(config.carriers)
@@ -158,31 +145,13 @@ def cmd_route(args: argparse.Namespace) -> int:
     destinations = build_all(config.destinations)  # live, never opened: what each would send
     for file in args.postbacks:
         try:
-            body = Path(file).read_bytes()
-            fields = parse(body)
+            report = route_report(Path(file).read_bytes(), config, destinations, carriers, name=file)
         except (OSError, PostbackError) as exc:
             why = f"cannot read: {exc.strerror or exc}" if isinstance(exc, OSError) else f"not a postback: {exc}"
             print(f"{file}: {why}", file=sys.stderr)
             reports.append({"file": file, "error": why})
             failed += 1
             continue
-        event = normalize(fields, event_id="evt_DRYRUN", received_at=datetime.now(UTC), carriers=carriers)
-        decision = route(event, config.routes, config.default)
-        sends = {
-            name: {
-                "via": via,
-                "type": destinations[name].type_name,
-                "would_send": destinations[name].preview(event),
-            }
-            for name, via in decision.destinations
-        }
-        report = {
-            "file": file,
-            "event": event,
-            "routes": list(decision.routes),
-            "default": decision.defaulted,
-            "destinations": sends,
-        }
         reports.append(report)
         if not args.json:
             _print_route_report(report)
@@ -195,12 +164,7 @@ def _print_route_report(report: dict[str, Any]) -> None:
     print(f"== {report['file']}")
     print("event:")
     print(_indent(json.dumps(report["event"], indent=2, ensure_ascii=False)))
-    if report["routes"]:
-        print(f"routes matched: {', '.join(report['routes'])}")
-    elif report["default"]:
-        print("routes matched: none -> default")
-    else:
-        print("routes matched: none, and no default: the event is dropped")
+    print(f"routes matched: {routes_said(report)}")
     if not report["destinations"]:
         print("destinations: none (dropped)")
     for name, send in report["destinations"].items():

@@ -30,6 +30,8 @@ RELEASED = {
     "postgres/0002_replies.sql": "132fd102b5bc639d0a8e7bca6f9b9c1b74a2c4b1d286c777434c9c8e109724e0",
     "sqlite/0001_baseline.sql": "1aec5d660b30898086493ee390562b09117df6926ad8c1a3e5c70e03ac6e6031",
     "sqlite/0002_replies.sql": "629bd4a1cd7d6a92cbc5fa90a839bd6198f3494e947ed0b1cc70f2a16414654c",
+    "postgres/0005_console.sql": "34bff5b68e361a8916d123db2157b6a53c6413328573a2ef5ce2bad7c9eb50f2",
+    "sqlite/0005_console.sql": "5f3458e9977f12fd2b06adf4df0e96fb774a58ee07d487c708e20382fd3206f5",
 }
 
 

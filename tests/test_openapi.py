@@ -20,6 +20,8 @@ PATH_EXAMPLES = {"event_id": "evt_01JD7QNOTTHERE0000000000", "delivery_id": "999
 
 def sample(schema: dict[str, Any]) -> str:
     """A valid value of a query parameter's schema."""
+    if "example" in schema:
+        return str(schema["example"])
     if "enum" in schema:
         return str(schema["enum"][0])
     if "anyOf" in schema:

@@ -8,11 +8,13 @@ rows are committed durably, in one transaction.
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Generator, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib.resources import files
@@ -193,6 +195,8 @@ def optout_row(row: Sequence[Any]) -> OptOutRow:
 
 @dataclass(frozen=True)
 class EventFilter:
+    """Which events `list_events` gives, newest first by (received_at, id)."""
+
     type: str | None = None
     sender: str | None = None  # the event's `from`
     to: str | None = None
@@ -200,6 +204,201 @@ class EventFilter:
     since: float | None = None  # received_at
     until: float | None = None
     limit: int = 100
+    # A texter's number: the event's `from` (what they sent) or its `to` (an `sms.reply` to them);
+    # either side matches. With `short_code` too: one conversation, both ways.
+    texter: str | None = None
+    short_code: str | None = None  # either side too
+    text: str | None = None  # a case-insensitive substring of the event's text
+    before: str | None = None  # a cursor (`event_cursor` of the last event of the page before)
+
+
+MAX_CURSOR = 200  # characters: a cursor is an event id and a time, well under this
+
+
+def event_cursor(event: Event) -> str:
+    """The cursor that lists the events after `event` (older ones): `EventFilter(before=...)`.
+    Opaque to its users; it holds the event's id and its `received_at`."""
+    raw = f"{event['received_at']}|{event['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode("ascii").rstrip("=")
+
+
+def parse_event_cursor(cursor: str) -> tuple[float, str]:
+    """A cursor's (received_at as epoch seconds, event id); ValueError for anything that is not
+    a cursor `event_cursor` made."""
+    if not cursor or len(cursor) > MAX_CURSOR or not cursor.isascii():
+        raise ValueError("not a cursor this bridge made")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("not a cursor this bridge made") from None
+    when, sep, event_id = raw.partition("|")
+    if not sep or not event_id or not event_id.isprintable():
+        raise ValueError("not a cursor this bridge made")
+    try:
+        at = datetime.fromisoformat(when)
+    except ValueError:
+        raise ValueError("not a cursor this bridge made") from None
+    if at.tzinfo is None:
+        raise ValueError("not a cursor this bridge made")
+    return at.timestamp(), event_id
+
+
+class EventSQL(abc.ABC):
+    """How a store writes what `event_search` asks for: its placeholders, an event's JSON
+    fields (the same expressions its indexes are made on), and its text search."""
+
+    @abc.abstractmethod
+    def placeholder(self, n: int) -> str:
+        """The placeholder of the `n`th value bound (from 1)."""
+
+    @abc.abstractmethod
+    def field(self, name: str) -> str:
+        """The SQL of the event's JSON field `name`."""
+
+    @abc.abstractmethod
+    def unindexed(self, sql: str) -> str:
+        """`sql` as an expression no index is used for."""
+
+    @abc.abstractmethod
+    def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
+        """The condition: the event's text holds `needle`, in any case."""
+
+    def text_index(self, needle: str, bind: Callable[[Any], str]) -> str | None:
+        """A condition an index of the text answers (it may match more than `contains`), or
+        None when there is none for this needle."""
+        return None
+
+
+# Text search reads this many events of a page's other filters newest first (a window) and
+# tests their text. Only when fewer than a page match there does it ask the text index for the
+# older ones: a common word fills a page from the window at once, and a rare one has few hits in
+# the index. (The index alone would hand a common word's hundreds of thousands of events over
+# to be sorted.)
+TEXT_WINDOW = 4000
+
+
+class _Query:
+    def __init__(self, sql: EventSQL) -> None:
+        self.sql = sql
+        self.params: list[Any] = []
+
+    def bind(self, value: Any) -> str:
+        self.params.append(value)
+        return self.sql.placeholder(len(self.params))
+
+
+Rows = Sequence[Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One query of `event_search`. `by_text` says it is the one a text index answers: a store
+    whose planner must be told how to walk (PostgreSQL) lets it use a bitmap of that index; the
+    others are walks of an index in order, which stop at the page."""
+
+    sql: str
+    values: list[Any]
+    by_text: bool = False
+
+
+EventSearch = Generator[SearchQuery, Rows, list[Event]]
+ORDER = " ORDER BY received_at DESC, id DESC"
+
+
+def event_sides(where: EventFilter) -> list[dict[str, str]]:
+    """The `from` and `to` each query of a search asks for. A texter or short code matches either
+    side of an event, so there are two (each walks its own index newest first and stops at the
+    page; an OR would read every event of a short code to sort them); none: nothing matches.
+    The first number of a side is the one whose index the query walks."""
+    sides: list[dict[str, str]]
+    if where.texter is not None and where.short_code is not None:  # the texter's number leads: it is the rarer
+        sides = [{"from": where.texter, "to": where.short_code}, {"to": where.texter, "from": where.short_code}]
+    elif where.texter is not None:
+        sides = [{"from": where.texter}, {"to": where.texter}]
+    elif where.short_code is not None:
+        sides = [{"to": where.short_code}, {"from": where.short_code}]
+    else:
+        sides = [{}]
+    for name, value in (("from", where.sender), ("to", where.to)):
+        if value is not None:  # every side must have it too; a side that names another cannot
+            sides = [{**side, name: value} for side in sides if side.get(name, value) == value]
+    return sides
+
+
+def _side_sql(
+    q: _Query, where: EventFilter, side: dict[str, str], below: tuple[float, str] | None, *, text: bool
+) -> str:
+    """The WHERE of one side: its numbers, the other filters, below the cursor; the text test too
+    with `text`."""
+    numbers = list(side.items())
+    clauses = [f"{q.sql.field(name)} = {q.bind(value)}" for name, value in numbers[:1]]
+    # the others only tested on what that index gives (a planner may think a short code's index,
+    # which holds most events, the better walk)
+    clauses += [f"{q.sql.unindexed(q.sql.field(name))} = {q.bind(value)}" for name, value in numbers[1:]]
+    if where.type is not None:
+        clauses.append(f"type = {q.bind(where.type)}")
+    if where.keyword is not None:
+        clauses.append(f"upper({q.sql.field('keyword')}) = upper({q.bind(where.keyword)})")
+    if where.since is not None:
+        clauses.append(f"received_at >= {q.bind(where.since)}")
+    if where.until is not None:
+        clauses.append(f"received_at < {q.bind(where.until)}")
+    if below is not None:
+        clauses.append(f"(received_at, id) < ({q.bind(below[0])}, {q.bind(below[1])})")
+    if text and where.text is not None:
+        clauses.append(q.sql.contains(where.text, q.bind))
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def event_search(sql: EventSQL, where: EventFilter, anchor: tuple[float, str] | None) -> EventSearch:
+    """`list_events` for either store: yields each SearchQuery and is sent its rows; returns
+    the events. `anchor` is the (received_at, id) the page starts below (see
+    `parse_event_cursor`)."""
+    limit = where.limit
+    found: list[Sequence[Any]] = []
+    for side in event_sides(where):
+        q = _Query(sql)
+        if where.text is None:
+            query = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+            found += yield SearchQuery(f"{query} LIMIT {q.bind(limit)}", q.params)
+            continue
+        # the window: the newest events of the other filters, their text tested
+        window = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+        tested = f"FROM ({window} LIMIT {q.bind(TEXT_WINDOW)}) AS recent WHERE {sql.contains(where.text, q.bind)}"
+        hits = yield SearchQuery(f"SELECT body, received_at, id {tested}{ORDER} LIMIT {q.bind(limit)}", q.params)
+        found += hits
+        if len(hits) == limit:
+            continue
+        q = _Query(sql)
+        query = f"SELECT received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+        last = yield SearchQuery(f"{query} LIMIT 1 OFFSET {q.bind(TEXT_WINDOW - 1)}", q.params)
+        if not last:  # the window held every event of the other filters
+            continue
+        # older than the window: what the text index finds there
+        q = _Query(sql)
+        clauses = _side_sql(q, where, side, (last[0][0], last[0][1]), text=True)
+        indexed = sql.text_index(where.text, q.bind)
+        if indexed is not None:
+            clauses += f" AND {indexed}"
+        query = f"SELECT body, received_at, id FROM events{clauses}{ORDER}"
+        found += yield SearchQuery(f"{query} LIMIT {q.bind(limit - len(hits))}", q.params, by_text=True)
+    found.sort(key=lambda row: (row[1], row[2]), reverse=True)
+    return merged(found, limit)
+
+
+def merged(rows: Rows, limit: int) -> list[Event]:
+    """The events of rows (body, received_at, id), each once (an event may be on both sides of
+    a search: a texter to themself), up to `limit`."""
+    seen: set[str] = set()
+    out: list[Event] = []
+    for row in rows:
+        if row[2] in seen:
+            continue
+        seen.add(row[2])
+        out.append(json.loads(row[0]))
+        if len(out) == limit:
+            break
+    return out
 
 
 @dataclass(frozen=True)
@@ -230,6 +429,7 @@ class DeliveryFilter:
     ids: tuple[int, ...] | None = None
     destinations: tuple[str, ...] | None = None  # only these (replay: the configured ones)
     limit: int = 100
+    before_id: int | None = None  # keyset paging: only ids below this (listings are newest, id, first)
 
 
 def delivery_clauses(
@@ -250,7 +450,15 @@ def delivery_clauses(
         clauses.append(among("id", where.ids, "bigint"))
     if where.destinations is not None:
         clauses.append(among("destination", where.destinations, "text"))
+    if where.before_id is not None:
+        clauses.append(f"id < {bind(where.before_id)}")
     return clauses
+
+
+# What listings select of a delivery, in the order `delivery_row` reads.
+DELIVERY_COLUMNS = (
+    f"id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at, last_error, tracking_id"
+)
 
 
 class Store(abc.ABC):
@@ -380,7 +588,33 @@ class Store(abc.ABC):
         from now on, also those stored while a destination was not ordered; how many changed."""
 
     @abc.abstractmethod
-    async def list_events(self, where: EventFilter) -> list[Event]: ...
+    async def list_events(self, where: EventFilter) -> list[Event]:
+        """Events newest first by (received_at, id); keyset paging with `where.before`.
+        ValueError for a `before` that is not a cursor (`parse_event_cursor`)."""
+
+    async def events_page(self, where: EventFilter) -> tuple[list[Event], str | None]:
+        """A page of `list_events` and the cursor of the next one (None: this is the last)."""
+        events = await self.list_events(replace(where, limit=where.limit + 1))
+        if len(events) <= where.limit:
+            return events, None
+        return events[: where.limit], event_cursor(events[where.limit - 1])
+
+    async def deliveries_page(self, where: DeliveryFilter) -> tuple[list[DeliveryRow], int | None]:
+        """A page of `list_deliveries` and the `before_id` of the next one (None: the last)."""
+        rows = await self.list_deliveries(replace(where, limit=where.limit + 1))
+        if len(rows) <= where.limit:
+            return rows, None
+        return rows[: where.limit], rows[where.limit - 1].id
+
+    @abc.abstractmethod
+    async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
+        """How many events were received in each minute since `since`: (the minute's start as
+        epoch seconds, count), oldest first; minutes without any are left out."""
+
+    @abc.abstractmethod
+    async def recent_errors(self, limit: int) -> list[DeliveryRow]:
+        """The deliveries whose latest attempt failed (waiting for a retry, or dead), the most
+        recent failure first, across destinations."""
 
     @abc.abstractmethod
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]: ...

@@ -299,3 +299,14 @@ WITH kept AS (
     INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING RETURNING value
 )
 SELECT value FROM kept UNION ALL SELECT value FROM meta WHERE key = $1
+-- name: postbacks_per_minute
+-- (a range of the events_received index, which holds received_at)
+SELECT floor(received_at / 60) * 60 AS minute, count(*)::int FROM events
+WHERE received_at >= $1 GROUP BY minute ORDER BY minute
+
+-- name: recent_errors
+-- The deliveries whose latest attempt failed (delivered ones have no last_error): the partial
+-- index deliveries_errors, newest first.
+SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
+    last_error, tracking_id
+FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT $1

@@ -30,7 +30,7 @@ from bridge.errors import ConfigError, StoreError
 from bridge.event import Event
 from bridge.jsonout import dumps
 from bridge.store import (
-    CAME_IN_SQL,
+    DELIVERY_COLUMNS,
     FAILED_SQL,
     OPTOUT_COLUMNS,
     REPLAY_SET_SQL,
@@ -41,6 +41,7 @@ from bridge.store import (
     DeliveryRow,
     DestinationStats,
     EventFilter,
+    EventSQL,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -48,9 +49,11 @@ from bridge.store import (
     Store,
     delivery_clauses,
     delivery_row,
+    event_search,
     load_queries,
     optout_row,
     owner_gone,
+    parse_event_cursor,
     schema,
     verdict,
 )
@@ -61,6 +64,43 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
+# New events go into the text index (migration 0005) this many at a time at least, or after this
+# many seconds without postbacks: a few hundred in one statement cost a sixth of one at a time.
+TEXT_INDEX_BATCH = 500
+TEXT_INDEX_IDLE = 1.0
+
+
+class _EventSQL(EventSQL):
+    def placeholder(self, n: int) -> str:
+        return "?"
+
+    def field(self, name: str) -> str:
+        return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0005 are made on it
+
+    def unindexed(self, sql: str) -> str:
+        return f"+{sql}"  # SQLite's way of saying so
+
+    def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
+        # (SQLite's lower() folds ASCII letters only)
+        return f"instr(lower({self.field('text')}), lower({bind(needle)})) > 0"
+
+    def text_index(self, needle: str, bind: Callable[[Any], str]) -> str | None:
+        """The trigram index of migration 0005 (events_text), for 3 characters or more: the
+        events that have each of the needle's trigrams (up to TRIGRAMS of them), anywhere."""
+        trigrams = sorted({needle[i : i + 3] for i in range(len(needle) - 2)})
+        if not trigrams:
+            return None
+        step = max(1, len(trigrams) // TRIGRAMS)
+        query = " AND ".join('"' + t.replace('"', '""') + '"' for t in trigrams[::step][:TRIGRAMS])
+        # and those not in the index yet (events_text_pending), tested as they are
+        return (
+            f"(id IN (SELECT event_id FROM events_text WHERE events_text MATCH {bind(query)})"
+            " OR rowid IN (SELECT event_rowid FROM events_text_pending))"
+        )
+
+
+_SQL = _EventSQL()
+TRIGRAMS = 8  # of a needle, asked of the text index: enough to leave few events to test
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -122,6 +162,7 @@ class _Writer(threading.Thread):
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
+        self.unindexed = 1  # events stored since the text index last took them (1: look at opening)
 
     def connect(self) -> sqlite3.Connection:
         if not os.path.exists(self.path):
@@ -186,7 +227,11 @@ class _Writer(threading.Thread):
         self.ready.set()
         try:
             while True:
-                first = self.queue.get()
+                try:
+                    first = self.queue.get(timeout=TEXT_INDEX_IDLE if self.unindexed else None)
+                except queue.Empty:  # quiet: index what waits
+                    self._index_text(conn)
+                    continue
                 if first is _STOP:
                     return
                 batch = [first]
@@ -201,16 +246,38 @@ class _Writer(threading.Thread):
                         break
                     batch.append(item)
                 self._run_batch(conn, batch)
+                if self.unindexed >= TEXT_INDEX_BATCH:
+                    self._index_text(conn)
                 if stop:
                     return
         finally:
             conn.close()
+
+    def _index_text(self, conn: sqlite3.Connection) -> None:
+        """Put the events waiting for the text index in it, in a transaction of its own (see
+        migration 0005). A failure leaves them waiting: a search reads them as they are."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self.index_text(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.exception("indexing the text of new events failed; they stay searchable, unindexed")
+        self.unindexed = 0
+
+    def index_text(self, conn: sqlite3.Connection) -> None:
+        """The statements of `_index_text`, in the transaction of `conn`."""
+        conn.execute(Q["index_text"])
+        conn.execute("DELETE FROM events_text_pending")
+        self.unindexed = 0
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op | _Ingest, asyncio.Future[Any], bool]]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             ingests = [(op, future) for op, future, _ in batch if isinstance(op, _Ingest)]
+            self.unindexed += len(ingests)
             if ingests:
                 results.extend(_ingest_all(conn, ingests))
             for op, future, isolated in batch:
@@ -519,10 +586,7 @@ class SQLiteStore(Store):
 
     async def list_deliveries(self, where: DeliveryFilter) -> list[DeliveryRow]:
         sql, params = self._where(where)
-        query = (
-            f"SELECT id, event_id, destination, route, status, attempts, {CAME_IN_SQL}, next_at, updated_at,"
-            f" last_error, tracking_id FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
-        )
+        query = f"SELECT {DELIVERY_COLUMNS} FROM deliveries{sql} ORDER BY id DESC LIMIT ?"
 
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             rows = conn.execute(query, [*params, where.limit]).fetchall()
@@ -625,26 +689,43 @@ class SQLiteStore(Store):
         return await self._run(op)
 
     async def list_events(self, where: EventFilter) -> list[Event]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for path, value in (("$.type", where.type), ("$.from", where.sender), ("$.to", where.to)):
-            if value is not None:
-                clauses.append(f"json_extract(body, '{path}') = ?")
-                params.append(value)
-        if where.keyword is not None:
-            clauses.append("upper(json_extract(body, '$.keyword')) = upper(?)")
-            params.append(where.keyword)
-        if where.since is not None:
-            clauses.append("received_at >= ?")
-            params.append(where.since)
-        if where.until is not None:
-            clauses.append("received_at < ?")
-            params.append(where.until)
-        sql = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        query = f"SELECT body FROM events{sql} ORDER BY received_at DESC, id DESC LIMIT ?"
-        return await self._run(
-            lambda conn: [json.loads(row[0]) for row in conn.execute(query, [*params, where.limit]).fetchall()]
-        )
+        cursor = parse_event_cursor(where.before) if where.before is not None else None
+
+        def op(conn: sqlite3.Connection) -> list[Event]:
+            anchor = None
+            if cursor is not None:  # the event's own received_at, unless it is gone (purged)
+                row = conn.execute("SELECT received_at FROM events WHERE id = ?", (cursor[1],)).fetchone()
+                anchor = (row[0] if row else cursor[0], cursor[1])
+            search = event_search(_SQL, where, anchor)
+            try:
+                query = next(search)
+                while True:
+                    query = search.send(conn.execute(query.sql, query.values).fetchall())
+            except StopIteration as done:
+                events: list[Event] = done.value
+                return events
+
+        return await self._run(op)
+
+    async def index_text(self) -> None:
+        """Put the events waiting for the text index in it now (the writer does so by itself
+        every TEXT_INDEX_BATCH postbacks, and when quiet)."""
+        writer = self._writer
+        if writer is None:
+            raise StoreError("store is not open")
+        await self._run(writer.index_text)
+
+    async def postbacks_per_minute(self, since: float) -> list[tuple[float, int]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[float, int]]:
+            return [(float(m), n) for m, n in conn.execute(Q["postbacks_per_minute"], (since,)).fetchall()]
+
+        return await self._run(op)
+
+    async def recent_errors(self, limit: int) -> list[DeliveryRow]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            return [delivery_row(row) for row in conn.execute(Q["recent_errors"], (limit,)).fetchall()]
+
+        return await self._run(op)
 
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:

@@ -163,3 +163,25 @@ RETURNING destination
 
 -- name: keep_meta
 INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING
+-- name: postbacks_per_minute
+-- (a range of the events_received index, which holds received_at: the table is not read)
+SELECT CAST(received_at / 60 AS INTEGER) * 60 AS minute, COUNT(*) FROM events
+WHERE received_at >= ? GROUP BY minute ORDER BY minute
+
+-- name: recent_errors
+-- The deliveries whose latest attempt failed (delivered ones have no last_error): the partial
+-- index deliveries_errors, newest first.
+SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
+    last_error, tracking_id
+FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT ?
+
+-- name: index_text
+-- The events waiting for the text index (events_text_pending), into it; an event purged
+-- meanwhile is gone from the join. OR REPLACE: a row left by a VACUUM's renumbering of rowids
+-- must not stop the index. (MATERIALIZED: each text taken out of its JSON once.)
+WITH waiting AS MATERIALIZED (
+    SELECT e.rowid AS event_rowid, json_extract(e.body, '$.text') AS text, e.id AS event_id
+    FROM events_text_pending AS p JOIN events AS e ON e.rowid = p.event_rowid
+)
+INSERT OR REPLACE INTO events_text (rowid, text, event_id)
+SELECT event_rowid, text, event_id FROM waiting WHERE text IS NOT NULL
