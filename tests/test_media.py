@@ -659,3 +659,15 @@ async def test_a_media_host_that_is_down_does_not_hold_back_other_mms(app_client
     await client.post("/postback", data=mms(f"{media_server.base}/pic.jpg", n=99))
     (request,) = await sink.wait_for(1, timeout=3)
     assert request.json()["media"][0]["content_type"] == "image/jpeg"
+
+
+async def test_a_delivery_report_gets_no_thread_feedback_when_only_media_is_on(app_client, sink, tmp_path):
+    """~feedback (what a reply's thread shows) is made for delivery reports only when a Slack
+    destination takes replies: a media: section alone makes the bridge's own ~media, not that."""
+    client = await app_client(config(tmp_path, sink.url))
+    assert client.app[RUNTIME].config.internal == frozenset({"~media"})
+    response = await client.post("/postback", data=(POSTBACKS / "sms_mt_n202_delivered.xml").read_bytes())
+    assert response.status == 200
+    await sink.wait_for(1, timeout=10)
+    rows = await client.app[RUNTIME].store.event_deliveries((await response.json())["id"])
+    assert [r.destination for r in rows] == ["crm"]
