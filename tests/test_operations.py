@@ -436,6 +436,7 @@ async def test_retention_purges_only_what_is_old_enough(store, app_client, sink)
     client = await app_client(raw)
     runtime = client.app[RUNTIME]
     await client.post("/postback", data=sms(1, text="STOP"))  # crm -> dead
+    await sink.wait_for(1)  # before the next one, which goes to another destination's loop
     await client.post("/postback", data=sms(2, text="hello"))  # audit -> delivered
     await sink.wait_for(2)
     await asyncio.sleep(1.3)
