@@ -103,7 +103,7 @@ async def test_admin_needs_the_bearer_token(sink, bridge_factory):
     assert (await admin(bridge, "GET", "/admin/deliveries", token=None))[0] == 401
     assert (await admin(bridge, "GET", "/admin/deliveries", token="wrong"))[0] == 401
     status, body = await admin(bridge, "GET", "/admin/deliveries")
-    assert status == 200 and body == {"deliveries": []}
+    assert status == 200 and body == {"deliveries": [], "next": None}
     status, spec = await admin(bridge, "GET", "/admin/openapi.json")
     assert status == 200 and "/admin/replay" in spec["paths"] and "/admin/dead-letters" in spec["paths"]
     assert (await admin(bridge, "GET", "/admin/dead-letters", token=None))[0] == 401
