@@ -31,6 +31,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -709,6 +710,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("ingest: the full store, an empty one, an empty one without 0005's indexes, in turns ...", flush=True)
         results["ingest"] = await compare_ingest(urls, rounds=args.rounds, seconds=args.seconds)
     results["machine"]["load_after"] = [round(x, 1) for x in os.getloadavg()]
+    shutil.rmtree(work, ignore_errors=True)  # gigabytes (a --keep store is elsewhere)
     return results
 
 

@@ -31,7 +31,7 @@ RELEASED = {
     "sqlite/0001_baseline.sql": "1aec5d660b30898086493ee390562b09117df6926ad8c1a3e5c70e03ac6e6031",
     "sqlite/0002_replies.sql": "629bd4a1cd7d6a92cbc5fa90a839bd6198f3494e947ed0b1cc70f2a16414654c",
     "postgres/0005_console.sql": "34bff5b68e361a8916d123db2157b6a53c6413328573a2ef5ce2bad7c9eb50f2",
-    "sqlite/0005_console.sql": "5f3458e9977f12fd2b06adf4df0e96fb774a58ee07d487c708e20382fd3206f5",
+    "sqlite/0005_console.sql": "bfe3479c4fc0053d509f3a43b4182d66312e7cfab8e9d1512abedafd7ccbd315",
 }
 
 

@@ -24,6 +24,7 @@ from bridge.store import (
     open_store,
     parse_event_cursor,
 )
+from bridge.store import sqlite as sqlite_store
 from tests import test_store_contract as contract
 from tests.test_store_contract import finished, make_event
 
@@ -185,18 +186,30 @@ async def test_new_events_are_found_by_text_before_and_after_they_are_indexed(tm
     """SQLite indexes new texts a few hundred at a time (migration 0005): until then a search
     reads them as they are, and after, it finds them through the index."""
     monkeypatch.setattr(bridge.store, "TEXT_WINDOW", 1)
+    monkeypatch.setattr(sqlite_store, "TEXT_INDEX_IDLE", 3600.0)  # only when asked, here
     store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+
+    def waiting_rows() -> int:
+        conn = sqlite3.connect(tmp_path / "store.db")
+        try:
+            return int(conn.execute("SELECT count(*) FROM events_text_pending").fetchone()[0])
+        finally:
+            conn.close()
+
     await store.open()
     try:
         old = await keep(store, make_event(1, text="a quince jam"))
         await keep(store, make_event(2, text="plain"))
         assert await ids(store, text="QUINCE") == [old]  # waiting for the index
         await store.index_text()
-        waiting = sqlite3.connect(tmp_path / "store.db").execute("SELECT count(*) FROM events_text_pending")
-        assert waiting.fetchone() == (0,)
+        assert waiting_rows() == 0
         assert await ids(store, text="QUINCE") == [old]  # from the index
         newer = await keep(store, make_event(3, text="quince tart"))
         await keep(store, make_event(4, text="plain"))
         assert await ids(store, text="quince") == [newer, old]  # one of each
+        monkeypatch.setattr(sqlite_store, "TEXT_INDEX_MOST", 1)  # a few at a time, the oldest first
+        await store.index_text()
+        assert waiting_rows() == 1
+        assert await ids(store, text="quince") == [newer, old]
     finally:
         await store.close()

@@ -68,6 +68,7 @@ MAX_BATCH = 1024
 # many seconds without postbacks: a few hundred in one statement cost a sixth of one at a time.
 TEXT_INDEX_BATCH = 500
 TEXT_INDEX_IDLE = 1.0
+TEXT_INDEX_MOST = 5000  # at a time: the postbacks of that moment wait for it (about 20 ms)
 
 
 class _EventSQL(EventSQL):
@@ -264,13 +265,20 @@ class _Writer(threading.Thread):
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             log.exception("indexing the text of new events failed; they stay searchable, unindexed")
-        self.unindexed = 0
+            self.unindexed = 0
 
     def index_text(self, conn: sqlite3.Connection) -> None:
-        """The statements of `_index_text`, in the transaction of `conn`."""
-        conn.execute(Q["index_text"])
-        conn.execute("DELETE FROM events_text_pending")
-        self.unindexed = 0
+        """The statements of `_index_text`, in the transaction of `conn`: up to TEXT_INDEX_MOST
+        events (the writer goes on with the rest after its next commit, or quiet second)."""
+        last, more = conn.execute(
+            "SELECT max(event_rowid), count(*) > ? FROM"
+            " (SELECT event_rowid FROM events_text_pending ORDER BY event_rowid LIMIT ?)",
+            (TEXT_INDEX_MOST - 1, TEXT_INDEX_MOST),
+        ).fetchone()
+        if last is not None:
+            conn.execute(Q["index_text"], {"last": last})
+            conn.execute("DELETE FROM events_text_pending WHERE event_rowid <= ?", (last,))
+        self.unindexed = TEXT_INDEX_BATCH if more else 0
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op | _Ingest, asyncio.Future[Any], bool]]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []

@@ -176,12 +176,15 @@ SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, 
 FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT ?
 
 -- name: index_text
--- The events waiting for the text index (events_text_pending), into it; an event purged
--- meanwhile is gone from the join. OR REPLACE: a row left by a VACUUM's renumbering of rowids
--- must not stop the index. (MATERIALIZED: each text taken out of its JSON once.)
+-- The events waiting for the text index (events_text_pending) up to :last, into it; an event
+-- purged meanwhile is gone from the join. OR REPLACE: a row left by a VACUUM's renumbering of
+-- rowids must not stop the index. (MATERIALIZED: each text taken out of its JSON once. CROSS
+-- JOIN: SQLite's way to say the waiting rows come first, one lookup of an event each; left to
+-- itself it read every event.)
 WITH waiting AS MATERIALIZED (
     SELECT e.rowid AS event_rowid, json_extract(e.body, '$.text') AS text, e.id AS event_id
-    FROM events_text_pending AS p JOIN events AS e ON e.rowid = p.event_rowid
+    FROM events_text_pending AS p CROSS JOIN events AS e ON e.rowid = p.event_rowid
+    WHERE p.event_rowid <= :last
 )
 INSERT OR REPLACE INTO events_text (rowid, text, event_id)
 SELECT event_rowid, text, event_id FROM waiting WHERE text IS NOT NULL

@@ -38,6 +38,7 @@ CREATE TRIGGER IF NOT EXISTS events_text_delete AFTER DELETE ON events
 BEGIN
     DELETE FROM events_text WHERE rowid = old.rowid AND event_id = old.id;
 END;
--- The events stored before: all of them wait (OR IGNORE: a store from before versioned
--- migrations runs them all again).
-INSERT OR IGNORE INTO events_text_pending (event_rowid) SELECT rowid FROM events;
+-- The events stored before, indexed here, in the migration (OR REPLACE: a store from before
+-- versioned migrations runs them all again).
+INSERT OR REPLACE INTO events_text (rowid, text, event_id)
+    SELECT rowid, json_extract(body, '$.text'), id FROM events WHERE json_extract(body, '$.text') IS NOT NULL;
