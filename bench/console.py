@@ -15,7 +15,7 @@ Then `serve` runs on it and every URL of PAGES is fetched `--runs` times after a
 p95, max). PAGES is data: the console's pages (`/ui/...`) go in beside the admin API's, with a
 session cookie (`--cookie name=value`) where the admin token does not do. Last, ingest: the
 store's own `ingest` (the group commit every postback goes through), 32 at a time, for the full
-store, for an empty store with the same schema, and for an empty store without migration 0005's
+store, for an empty store with the same schema, and for an empty store without migration 0003's
 indexes (what they cost), taken in turns, round after round (this machine's speed drifts).
 
 Results: bench/results/<time>-console-<backend>.json and latest-console-<backend>.md.
@@ -578,17 +578,17 @@ async def ingest_rate(store: Store, postbacks: list[tuple[dict[str, Any], str]],
     return done / (time.monotonic() - started), (time.process_time() - cpu) / max(done, 1) * 1e6
 
 
-INDEXES_0005 = [
+INDEXES_0003 = [
     "events_received_id", "events_from", "events_to", "events_keyword", "events_type", "deliveries_status_id",
     "deliveries_destination_id", "deliveries_errors", "deliveries_open", "events_text",
 ]  # fmt: skip
 
 
-async def without_0005(url: str) -> None:
-    """Drop what migration 0005 added (its indexes and the text index's triggers)."""
+async def without_0003(url: str) -> None:
+    """Drop what migration 0003 added (its indexes and the text index's triggers)."""
     if url.startswith("sqlite"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-        for name in INDEXES_0005[:-1]:
+        for name in INDEXES_0003[:-1]:
             conn.execute(f"DROP INDEX {name}")
         conn.execute("DROP TRIGGER events_text_queue")
         conn.execute("DROP TRIGGER events_text_delete")
@@ -596,9 +596,9 @@ async def without_0005(url: str) -> None:
         conn.close()
         return
     pg = await asyncpg.connect(url)
-    for name in INDEXES_0005:
+    for name in INDEXES_0003:
         await pg.execute(f"DROP INDEX IF EXISTS {name}")
-    await pg.execute("CREATE INDEX events_received ON events (received_at)")  # what 0005 replaced
+    await pg.execute("CREATE INDEX events_received ON events (received_at)")  # what 0003 replaced
     await pg.close()
 
 
@@ -706,8 +706,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             store = open_store(urls[name])
             await store.open()
             await store.close()
-        await without_0005(urls["bare"])
-        print("ingest: the full store, an empty one, an empty one without 0005's indexes, in turns ...", flush=True)
+        await without_0003(urls["bare"])
+        print("ingest: the full store, an empty one, an empty one without 0003's indexes, in turns ...", flush=True)
         results["ingest"] = await compare_ingest(urls, rounds=args.rounds, seconds=args.seconds)
     results["machine"]["load_after"] = [round(x, 1) for x in os.getloadavg()]
     shutil.rmtree(work, ignore_errors=True)  # gigabytes (a --keep store is elsewhere)
@@ -753,18 +753,18 @@ def report(results: dict[str, Any]) -> str:
             for name, label in (
                 ("full", "the full store"),
                 ("empty", "an empty store"),
-                ("bare", "an empty store without migration 0005's indexes"),
+                ("bare", "an empty store without migration 0003's indexes"),
             )
         ),
         "",
         f"Ingest with the full store: {ratio:.2f}x an empty one's (goal: at least {INGEST_GOAL}x: "
-        f"{'met' if ratio >= INGEST_GOAL else 'NOT met'}). Migration 0005's indexes cost ingest "
+        f"{'met' if ratio >= INGEST_GOAL else 'NOT met'}). Migration 0003's indexes cost ingest "
         f"{(1 - bare) * 100:.0f}% (an empty store with them against one without).",
     ]
     if all(cpu.values()):
         lines.append(
             f"CPU per postback in this process (steadier than the rates on a shared machine): full "
-            f"{cpu['full']} us, empty {cpu['empty']} us, empty without 0005's indexes {cpu['bare']} us."
+            f"{cpu['full']} us, empty {cpu['empty']} us, empty without 0003's indexes {cpu['bare']} us."
         )
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ from bridge.validate import parse_when
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 1000
-MIN_TEXT = 3  # characters of a text search: what a trigram index can find (migration 0005)
+MIN_TEXT = 3  # characters of a text search: what a trigram index can find (migration 0003)
 
 
 class BadQuery(web.HTTPBadRequest):

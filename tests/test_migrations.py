@@ -30,8 +30,8 @@ RELEASED = {
     "postgres/0002_replies.sql": "132fd102b5bc639d0a8e7bca6f9b9c1b74a2c4b1d286c777434c9c8e109724e0",
     "sqlite/0001_baseline.sql": "1aec5d660b30898086493ee390562b09117df6926ad8c1a3e5c70e03ac6e6031",
     "sqlite/0002_replies.sql": "629bd4a1cd7d6a92cbc5fa90a839bd6198f3494e947ed0b1cc70f2a16414654c",
-    "postgres/0005_console.sql": "34bff5b68e361a8916d123db2157b6a53c6413328573a2ef5ce2bad7c9eb50f2",
-    "sqlite/0005_console.sql": "bfe3479c4fc0053d509f3a43b4182d66312e7cfab8e9d1512abedafd7ccbd315",
+    "postgres/0003_console.sql": "45dd5c8ab2604bd4be1816d2dada83960c2a44bacf57b27df075dc78e561102c",
+    "sqlite/0003_console.sql": "dfb5b0f17fe90e7d30818ea8952cb46490b7e962adebd7e9d55598afd0a8a5df",
 }
 
 

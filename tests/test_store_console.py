@@ -183,7 +183,7 @@ async def test_text_search_past_the_window_uses_the_text_index(store, monkeypatc
 
 
 async def test_new_events_are_found_by_text_before_and_after_they_are_indexed(tmp_path, monkeypatch):
-    """SQLite indexes new texts a few hundred at a time (migration 0005): until then a search
+    """SQLite indexes new texts a few hundred at a time (migration 0003): until then a search
     reads them as they are, and after, it finds them through the index."""
     monkeypatch.setattr(bridge.store, "TEXT_WINDOW", 1)
     monkeypatch.setattr(sqlite_store, "TEXT_INDEX_IDLE", 3600.0)  # only when asked, here

@@ -145,13 +145,13 @@ class _EventSQL(EventSQL):
         return f"${n}"
 
     def field(self, name: str) -> str:
-        return f"(body::json ->> '{name}')"  # as the indexes of migration 0005 are made on it
+        return f"(body::json ->> '{name}')"  # as the indexes of migration 0003 are made on it
 
     def unindexed(self, sql: str) -> str:
         return f"({sql} || '')"
 
     def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
-        """ILIKE: what the trigram index of migration 0005 (events_text, when pg_trgm could be
+        """ILIKE: what the trigram index of migration 0003 (events_text, when pg_trgm could be
         had) answers, so it is also `text_index`."""
         pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         return f"{self.field('text')} ILIKE {bind(pattern)}"

@@ -64,7 +64,7 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
-# New events go into the text index (migration 0005) this many at a time at least, or after this
+# New events go into the text index (migration 0003) this many at a time at least, or after this
 # many seconds without postbacks: a few hundred in one statement cost a sixth of one at a time.
 TEXT_INDEX_BATCH = 500
 TEXT_INDEX_IDLE = 1.0
@@ -76,7 +76,7 @@ class _EventSQL(EventSQL):
         return "?"
 
     def field(self, name: str) -> str:
-        return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0005 are made on it
+        return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0003 are made on it
 
     def unindexed(self, sql: str) -> str:
         return f"+{sql}"  # SQLite's way of saying so
@@ -86,7 +86,7 @@ class _EventSQL(EventSQL):
         return f"instr(lower({self.field('text')}), lower({bind(needle)})) > 0"
 
     def text_index(self, needle: str, bind: Callable[[Any], str]) -> str | None:
-        """The trigram index of migration 0005 (events_text), for 3 characters or more: the
+        """The trigram index of migration 0003 (events_text), for 3 characters or more: the
         events that have each of the needle's trigrams (up to TRIGRAMS of them), anywhere."""
         trigrams = sorted({needle[i : i + 3] for i in range(len(needle) - 2)})
         if not trigrams:
@@ -256,7 +256,7 @@ class _Writer(threading.Thread):
 
     def _index_text(self, conn: sqlite3.Connection) -> None:
         """Put the events waiting for the text index in it, in a transaction of its own (see
-        migration 0005). A failure leaves them waiting: a search reads them as they are."""
+        migration 0003). A failure leaves them waiting: a search reads them as they are."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             self.index_text(conn)

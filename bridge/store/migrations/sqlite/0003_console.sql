@@ -1,4 +1,4 @@
--- 0005 console (CONTRACT §8): the indexes the console's and the admin API's lists read, so that
+-- 0003 console (CONTRACT §8): the indexes the console's and the admin API's lists read, so that
 -- each page is a short walk of an index newest first, whatever the size of the store.
 -- Events newest first, and postbacks per minute (a range of it).
 CREATE INDEX IF NOT EXISTS events_received_id ON events (received_at, id);
