@@ -213,3 +213,23 @@ async def test_new_events_are_found_by_text_before_and_after_they_are_indexed(tm
         assert await ids(store, text="quince") == [newer, old]
     finally:
         await store.close()
+
+
+async def test_sqlite_listings_do_not_wait_behind_the_writer(tmp_path):
+    """A page of the console or the admin API reads on a connection of its own (WAL): it answers
+    while the writer is busy with a commit, and neither holds the other back."""
+    store = sqlite_store.SQLiteStore(str(tmp_path / "bridge.db"))
+    await store.open()
+    try:
+        event_id = await keep(store, make_event(1))
+        busy = store._run(lambda conn: time.sleep(1.0))  # the writer, held for a second
+        started = time.monotonic()
+        events = await store.list_events(EventFilter())
+        rows = await store.list_deliveries(DeliveryFilter())
+        stats = await store.stats()
+        assert time.monotonic() - started < 0.5
+        assert [e["id"] for e in events] == [event_id] and [r.event_id for r in rows] == [event_id]
+        assert stats["crm"].pending == 1
+        await busy
+    finally:
+        await store.close()

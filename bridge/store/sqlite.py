@@ -1,7 +1,7 @@
 """SQLite store: WAL, fsync on every commit, and group commit.
 
 Every write runs on one writer thread that owns its connection (a few lookups that write
-nothing run on a reader connection of their own: `_Reader`). Operations that arrive
+nothing run on a reader connection of their own, and the listings on another: `_Reader`). Operations that arrive
 while a commit is in flight queue up and are committed together in the next transaction, so a
 burst of N postbacks costs a few fsyncs, not N, and each caller still hears back only after
 its own data is durable. Each operation runs in a savepoint, so one failing op does not undo
@@ -377,9 +377,9 @@ class _Reader:
     next group commit's fsync as an op of the writer's would (twice: the batch in flight, then
     its own). It sees what was committed before it was asked; every write a caller awaited was."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, name: str = "sqlite-reader") -> None:
         self.path = path
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
         self._conn: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
@@ -414,6 +414,9 @@ class SQLiteStore(Store):
         self.path = path
         self._writer: _Writer | None = None
         self._reader: _Reader | None = None
+        # the admin API's and the console's listings, on a reader of their own: a page of a big
+        # store (1-30 ms) neither holds postbacks back behind the writer nor a reply's lookups
+        self._lister: _Reader | None = None
 
     async def open(self) -> None:
         writer = _Writer(self.path)
@@ -426,11 +429,13 @@ class SQLiteStore(Store):
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
         self._writer = writer
         self._reader = _Reader(self.path)
+        self._lister = _Reader(self.path, "sqlite-lister")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            await asyncio.to_thread(self._reader.close)
-            self._reader = None
+        for reader in (self._reader, self._lister):
+            if reader is not None:
+                await asyncio.to_thread(reader.close)
+        self._reader = self._lister = None
         if self._writer is not None:
             self._writer.queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -450,6 +455,12 @@ class SQLiteStore(Store):
         if self._reader is None:
             raise StoreError("store is not open")
         return await self._reader.run(op)
+
+    async def _list(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a listing (admin API, console, /metrics' counts) on the lister (see _Reader)."""
+        if self._lister is None:
+            raise StoreError("store is not open")
+        return await self._lister.run(op)
 
     async def ping(self) -> None:
         now = str(time.time())
@@ -568,7 +579,7 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> list[OptOutRow]:
             return [optout_row(row) for row in conn.execute(query, [*params, limit]).fetchall()]
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def delivery_by_tracking_id(self, tracking_id: str) -> DeliveryRow | None:
         def op(conn: sqlite3.Connection) -> DeliveryRow | None:
@@ -600,7 +611,7 @@ class SQLiteStore(Store):
             rows = conn.execute(query, [*params, where.limit]).fetchall()
             return [delivery_row(row) for row in rows]
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def update_event(self, event_id: str, body: str | None, *, release_except: str | None = None) -> list[str]:
         now = time.time()
@@ -630,7 +641,7 @@ class SQLiteStore(Store):
         return await self._read(op)
 
     async def attempts(self, delivery_id: int) -> list[AttemptRow]:
-        return await self._run(
+        return await self._list(
             lambda conn: [AttemptRow(*row) for row in conn.execute(Q["attempts"], (delivery_id,)).fetchall()]
         )
 
@@ -713,7 +724,7 @@ class SQLiteStore(Store):
                 events: list[Event] = done.value
                 return events
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def index_text(self) -> None:
         """Put the events waiting for the text index in it now (the writer does so by itself
@@ -727,20 +738,20 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> list[tuple[float, int]]:
             return [(float(m), n) for m, n in conn.execute(Q["postbacks_per_minute"], (since,)).fetchall()]
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def recent_errors(self, limit: int) -> list[DeliveryRow]:
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             return [delivery_row(row) for row in conn.execute(Q["recent_errors"], (limit,)).fetchall()]
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             rows = conn.execute(Q["deliveries_of_event"], (event_id,)).fetchall()
             return [delivery_row(row) for row in rows]
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def stats(self) -> dict[str, DestinationStats]:
         def op(conn: sqlite3.Connection) -> dict[str, DestinationStats]:
@@ -754,7 +765,7 @@ class SQLiteStore(Store):
                 out[destination] = current
             return out
 
-        return await self._run(op)
+        return await self._list(op)
 
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int = 500) -> int:
         params = {"delivered_before": delivered_before, "dead_before": dead_before, "batch": batch}
