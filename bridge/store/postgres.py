@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -224,6 +225,8 @@ class PostgresStore(Store):
         self._listening: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while LISTEN is in place (tests wait for it)
         self.listen_pid: int | None = None  # its server process
+        self._lost_claims: list[tuple[str, float, str]] = []  # destination, lease end, owner: see claim
+        self._last_lease_end = 0.0
 
     async def open(self) -> None:
         """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
@@ -507,11 +510,23 @@ class PostgresStore(Store):
             delay = min(delay * 2, LISTEN_RETRY_MAX)
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        """A claim whose answer is lost (its connection cut) may have committed: its leases would
+        keep those deliveries from everyone until they run out. So it is given back at once, or
+        before the next claim when the database is not reachable yet (see _give_back)."""
+        if self._lost_claims:
+            await self._give_back()
         now = time.time()
-        async with self._bookkeeping_conn() as conn:  # one statement
-            rows = await conn.fetch(
-                Q["claim_ordered" if ordered else "claim"], destination, now, limit, now + lease, owner
-            )
+        lease_end = self._lease_end(now + lease)
+        try:
+            async with self._bookkeeping_conn() as conn:  # one statement
+                rows = await conn.fetch(
+                    Q["claim_ordered" if ordered else "claim"], destination, now, limit, lease_end, owner
+                )
+        except StoreError:
+            self._lost_claims.append((destination, lease_end, owner))
+            with contextlib.suppress(StoreError):
+                await self._give_back()
+            raise
         return [
             Claim(
                 id=row[0],
@@ -525,6 +540,24 @@ class PostgresStore(Store):
             )
             for row in sorted(rows, key=lambda row: row[0])
         ]
+
+    def _lease_end(self, at: float) -> float:
+        """`at`, made to differ from the last claim's lease end, which tells a claim's rows apart
+        from those of the claims of its destination and owner before it (see give_back_lost_claims:
+        a destination's claims all lease for as long, so theirs differ once the clock has moved)."""
+        if at <= self._last_lease_end < at + 1e-3:  # the clock had not moved (or not enough)
+            at = math.nextafter(self._last_lease_end, math.inf)
+        self._last_lease_end = at
+        return at
+
+    async def _give_back(self) -> None:
+        """Give back what the lost claims leased (see `claim`); StoreError if that fails too."""
+        lost = list(self._lost_claims)
+        async with self._bookkeeping_conn() as conn:
+            status = await conn.execute(Q["give_back_lost_claims"], *map(list, zip(*lost, strict=True)), time.time())
+        self._lost_claims = [claim for claim in self._lost_claims if claim not in lost]
+        if given := _updated(status):
+            log.info("deliveries of a claim whose answer was lost are due again", extra={"count": given})
 
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         now = time.time()

@@ -176,6 +176,18 @@ SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by
 UPDATE deliveries SET next_at = LEAST(next_at, $2), leased_by = NULL
 WHERE status = 'pending' AND leased_by = $1
 
+-- name: give_back_lost_claims
+-- Claims whose answer was lost with their connection (each may or may not have committed): a
+-- claim's rows are those its owner leased until exactly its lease end, which is unique per claim
+-- of this store (see PostgresStore._lease_end). Given back as `release` does, not an attempt, so
+-- they are due at once instead of when the lease runs out; a claim that did not commit matches
+-- nothing. A claim still running on the server holds its rows' locks: this waits for it and
+-- rechecks their newest versions.
+UPDATE deliveries AS d SET next_at = $4, leased_by = NULL, attempts = d.attempts - 1
+FROM unnest($1::text[], $2::float8[], $3::text[]) AS lost (destination, lease_end, owner)
+WHERE d.destination = lost.destination AND d.status = 'pending' AND d.next_at = lost.lease_end
+  AND d.leased_by = lost.owner
+
 -- name: next_due
 SELECT min(next_at) FROM deliveries WHERE destination = $1 AND status = 'pending'
 
