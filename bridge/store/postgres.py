@@ -14,10 +14,11 @@ at a time, so one bad row (or a connection cut mid-commit) cannot fail its neigh
 whose event is found stored under its own id then (the commit had gone through before the
 connection died) is accepted, not a duplicate.
 
-Wake-up across instances: each batch NOTIFYs its destinations on a channel of this database and
-schema when it commits; every instance LISTENs on a connection of its own and wakes its delivery
-loops for them at once. When that connection is lost it is made again with backoff, and the
-loops' 1 s poll covers what was missed meanwhile.
+Wake-up across instances: once a batch has committed (and its postbacks are answered), its
+destinations are NOTIFYed on a channel of this database and schema, in a statement of its own
+(see `notify` in postgres.sql for why not in the batch's); every instance LISTENs on a connection
+of its own and wakes its delivery loops for them at once. When that connection is lost it is
+made again with backoff, and the loops' 1 s poll covers what was missed meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -225,6 +226,8 @@ class PostgresStore(Store):
         self._listening: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while LISTEN is in place (tests wait for it)
         self.listen_pid: int | None = None  # its server process
+        self._unannounced: set[str] = set()  # destinations to NOTIFY (see _announce)
+        self._announcing: asyncio.Task[None] | None = None
         self._lost_claims: list[tuple[str, float, str]] = []  # destination, lease end, owner: see claim
         self._last_lease_end = 0.0
 
@@ -298,6 +301,9 @@ class PostgresStore(Store):
                 item.future.set_exception(StoreError("store is closing"))
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
+        if self._announcing is not None:  # a wake-up only: the others' poll covers it
+            self._announcing.cancel()
+            await asyncio.gather(self._announcing, return_exceptions=True)
         if self._opening is not None:
             # an `open` still waiting on a database that stopped answering mid-way: asyncpg does
             # not give up on being cancelled, but does once its connections are gone
@@ -381,6 +387,29 @@ class PostgresStore(Store):
             raise
         for item, result in zip(batch, results, strict=True):
             _answer(item, result)
+        self._announce(
+            d.destination
+            for item, result in zip(batch, results, strict=True)
+            if isinstance(result, Ingested) and result.status == "accepted"
+            for d in item.deliveries
+        )
+
+    def _announce(self, destinations: Iterable[str]) -> None:
+        """Wake the other instances for these destinations: names gathered while a NOTIFY is in
+        flight go in the next one (at most one at a time, as the group commit)."""
+        self._unannounced.update(destinations)
+        if self._unannounced and (self._announcing is None or self._announcing.done()):
+            self._announcing = asyncio.create_task(self._notify(), name="notify")
+
+    async def _notify(self) -> None:
+        while self._unannounced:
+            names, self._unannounced = ",".join(sorted(self._unannounced)), set()
+            try:
+                async with self._bookkeeping_conn() as conn:
+                    # a payload is at most 8000 bytes: '*' (every destination) when the names would not fit
+                    await conn.execute(Q["notify"], self._channel, "*" if len(names) > 7000 else names)
+            except StoreError as exc:  # the others' 1 s poll finds these deliveries
+                log.info("could not wake the other instances", extra={"error": str(exc)})
 
     async def _store(self, batch: list[_Postback]) -> list[Ingested | StoreError]:
         ordered = sorted({_key(d.destination, d.conversation) for i in batch for d in i.deliveries if d.ordered})
@@ -400,7 +429,6 @@ class PostgresStore(Store):
             [r[2] for r in rows],
             [i.event_id for i in dropped],
             [i.received_at for i in dropped],
-            self._channel,
         )
         if self._pool is None:
             raise StoreError("store is not open")

@@ -24,12 +24,12 @@ SELECT dedup_key, id FROM events WHERE dedup_key = ANY($1::text[])
 -- name: ingest_batch
 -- Every postback of a group commit in one statement (one round trip, and one transaction of
 -- its own unless the caller opened one to take conversation locks first): the events, each new
--- one's deliveries in the order the postbacks came (their ids are drawn in that order), the
--- dropped ones, and one NOTIFY that wakes the other instances' loops for these destinations
--- when it commits. A dedup key that is taken, by a stored event or by an earlier postback of
--- this batch, skips its row (DO NOTHING); only the events RETURNED here are new, and only their
+-- one's deliveries in the order the postbacks came (their ids are drawn in that order), and the
+-- dropped ones. A dedup key that is taken, by a stored event or by an earlier postback of this
+-- batch, skips its row (DO NOTHING); only the events RETURNED here are new, and only their
 -- deliveries are inserted. Rows go in dedup key order, so two batches holding the same two keys
 -- (the same postbacks at two instances at once) wait for each other in one order, not a cycle.
+-- No NOTIFY here: see `notify`.
 WITH new AS (
     INSERT INTO events (id, dedup_key, type, received_at, body)
     SELECT e.id, e.dedup_key, e.type, e.received_at, e.body
@@ -45,20 +45,20 @@ WITH new AS (
         WITH ORDINALITY AS d (event_id, destination, route, conversation, ordered, at, n)
     WHERE d.event_id IN (SELECT id FROM new)
     ORDER BY d.n
-    RETURNING destination
 ), kept AS (
     INSERT INTO dropped (event_id, received_at)
     SELECT x.event_id, x.at FROM unnest($12::text[], $13::float8[]) AS x (event_id, at)
     WHERE x.event_id IN (SELECT id FROM new)
-), woken AS (
-    -- a payload is at most 8000 bytes: '*' (every destination) when the names would not fit
-    SELECT pg_notify($14, CASE WHEN length(names) > 7000 THEN '*' ELSE names END)
-    FROM (SELECT string_agg(DISTINCT destination, ',') AS names FROM queued) AS q
-    WHERE names IS NOT NULL
 )
 SELECT id FROM new
-UNION ALL
-SELECT NULL FROM woken
+
+-- name: notify
+-- Wakes the other instances' delivery loops for these destinations ($2: their names, or '*' for
+-- every destination). A statement of its own after the postbacks' commit, on a connection whose
+-- commits do not wait for the flush: PostgreSQL serializes the commits of every transaction that
+-- notifies (one lock for the whole server), and a NOTIFY in the postbacks' own commit held that
+-- lock through their flush, so their commits (and any other notifier's) took turns.
+SELECT pg_notify($1, $2)
 
 -- name: current_schema
 SELECT current_database() || '.' || current_schema()
