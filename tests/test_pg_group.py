@@ -198,6 +198,43 @@ async def test_a_postback_stored_by_one_instance_is_sent_by_another_at_once(pg_u
         assert max(took) < 0.2, sorted(took)
 
 
+async def test_an_instance_notifies_only_while_another_listens(pg_url, monkeypatch):
+    """A single instance's NOTIFYs would wake only itself (its loops are woken already): it sends
+    them only while another instance's LISTEN connection is seen, which a plain listener (not an
+    instance) is not; an instance that does not listen itself always sends them."""
+    monkeypatch.setattr(postgres_store, "LISTEN_CHECK", 0.2)
+    heard: list[str] = []
+    raw = await asyncpg.connect(pg_url)
+
+    async def stored(store: PostgresStore, n: int) -> None:
+        event = make_event(n)
+        await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", f"c{n}")])
+
+    try:
+        async with opened(pg_url) as one:
+            one.listen(lambda names: None)
+            await asyncio.wait_for(one.listening.wait(), 5)
+            await raw.add_listener(one._channel, lambda *args: heard.append(args[3]))
+            await asyncio.sleep(0.5)  # checks that see only the plain listener
+            assert not one.others_listen
+            await stored(one, 1)
+            await asyncio.sleep(0.3)
+            assert heard == []
+            async with opened(pg_url) as two:
+                two.listen(lambda names: None)
+                await asyncio.wait_for(two.listening.wait(), 5)
+                assert two.others_listen  # it saw one at once
+                await eventually(lambda: one.others_listen, 5, "one to see two")
+                await stored(one, 2)
+                await eventually(lambda: heard == ["crm"], 5, lambda: f"one NOTIFY (heard {heard})")
+            await eventually(lambda: not one.others_listen, 5, "one to see two gone")
+            async with opened(pg_url) as deaf:  # stores, never listens: cannot tell, so notifies
+                await stored(deaf, 3)
+                await eventually(lambda: heard == ["crm", "crm"], 5, lambda: f"a second NOTIFY (heard {heard})")
+    finally:
+        await raw.close()
+
+
 # ---------------------------------------------------------------------------- connections cut mid-batch
 
 

@@ -16,9 +16,10 @@ connection died) is accepted, not a duplicate.
 
 Wake-up across instances: once a batch has committed (and its postbacks are answered), its
 destinations are NOTIFYed on a channel of this database and schema, in a statement of its own
-(see `notify` in postgres.sql for why not in the batch's); every instance LISTENs on a connection
-of its own and wakes its delivery loops for them at once. When that connection is lost it is
-made again with backoff, and the loops' 1 s poll covers what was missed meanwhile.
+(see `notify` in postgres.sql for why not in the batch's), unless no other instance listens; every
+instance LISTENs on a connection of its own and wakes its delivery loops for them at once. When
+that connection is lost it is made again with backoff, and the loops' 1 s poll covers what was
+missed meanwhile.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ from bridge.store import (
 
 log = logging.getLogger("bridge.store")
 Q = load_queries("postgres.sql")
+# pg_stat_activity shows the first 1,023 bytes of a statement (track_activity_query_size): the
+# listeners check goes without its comments
+LISTENERS = "\n".join(line for line in Q["listeners"].splitlines() if not line.startswith("--"))
 POOL_SIZE = 10
 # Delivery bookkeeping (claims, verdicts, when the next is due) has a pool of its own whose
 # commits do not wait for their WAL to reach the disk (synchronous_commit off): postbacks are
@@ -226,6 +230,7 @@ class PostgresStore(Store):
         self._listening: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while LISTEN is in place (tests wait for it)
         self.listen_pid: int | None = None  # its server process
+        self.others_listen = True  # another instance may LISTEN on our channel (see _look_for_listeners)
         self._unannounced: set[str] = set()  # destinations to NOTIFY (see _announce)
         self._announcing: asyncio.Task[None] | None = None
         self._lost_claims: list[tuple[str, float, str]] = []  # destination, lease end, owner: see claim
@@ -396,7 +401,10 @@ class PostgresStore(Store):
 
     def _announce(self, destinations: Iterable[str]) -> None:
         """Wake the other instances for these destinations: names gathered while a NOTIFY is in
-        flight go in the next one (at most one at a time, as the group commit)."""
+        flight go in the next one (at most one at a time, as the group commit). Not when no
+        other instance listens (see _look_for_listeners): our own loops were woken already."""
+        if not self.others_listen:
+            return
         self._unannounced.update(destinations)
         if self._unannounced and (self._announcing is None or self._announcing.done()):
             self._announcing = asyncio.create_task(self._notify(), name="notify")
@@ -475,6 +483,15 @@ class PostgresStore(Store):
                 results.append(Ingested("duplicate", owner))
         return results
 
+    async def _look_for_listeners(self, conn: asyncpg.Connection) -> None:
+        """Whether another instance listens on this store's channel: its LISTEN connection's last
+        statement is this same check, whose text names the channel. When that cannot be told
+        (the server does not track statements, or shows another role's as insufficient
+        privilege), we assume one does."""
+        query = f"{LISTENERS} -- {self._channel}"
+        others, seen = await conn.fetchrow(query, timeout=LISTEN_CHECK)
+        self.others_listen = bool(others) or not seen
+
     def listen(self, callback: Listener) -> None:
         self._listeners.append(callback)
         if self._listening is None and self._pool is not None:
@@ -511,6 +528,7 @@ class PostgresStore(Store):
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 await conn.add_listener(self._channel, self._notified)
+                await self._look_for_listeners(conn)  # now: the others see us at their next look
                 self.listen_pid = conn.get_server_pid()
                 self.listening.set()
                 if delay > LISTEN_RETRY_FIRST:
@@ -522,7 +540,7 @@ class PostgresStore(Store):
                         async with asyncio.timeout(LISTEN_CHECK):
                             await lost.wait()
                     if not lost.is_set():
-                        await conn.fetchval("SELECT 1", timeout=LISTEN_CHECK)  # a cut that said nothing
+                        await self._look_for_listeners(conn)  # also notices a cut that said nothing
                 raise ConnectionError("the LISTEN connection was closed")
             except (*DRIVER_ERRORS, ConnectionError) as exc:
                 self.listening.clear()
@@ -532,6 +550,7 @@ class PostgresStore(Store):
                 )
             finally:
                 self.listening.clear()
+                self.others_listen = True  # not known while we do not look
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(delay)

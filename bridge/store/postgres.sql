@@ -52,6 +52,18 @@ WITH new AS (
 )
 SELECT id FROM new
 
+-- name: listeners
+-- Run by each instance's LISTEN connection, and by nothing else, with the channel appended as a
+-- comment: another backend whose statement has this very text is another instance listening on
+-- the same channel. `seen`: our own backend shows its statement (track_activities is on);
+-- `others` also counts statements hidden from us (another role's), which may be one.
+SELECT count(*) FILTER (
+           WHERE pid <> pg_backend_pid() AND (query = current_query() OR query = '<insufficient privilege>')
+       ),
+       coalesce(bool_or(pid = pg_backend_pid() AND query = current_query()), false)
+FROM pg_stat_activity
+WHERE datname = current_database()
+
 -- name: notify
 -- Wakes the other instances' delivery loops for these destinations ($2: their names, or '*' for
 -- every destination). A statement of its own after the postbacks' commit, on a connection whose
