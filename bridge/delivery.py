@@ -238,6 +238,8 @@ class Dispatcher:
     async def _idle(self, destination: Destination, wake: asyncio.Event) -> None:
         """Fewer deliveries were due than asked for: sleep until the next is due, a new one
         arrives (notify) or an attempt finishes (its verdict may free a conversation's next)."""
+        if wake.is_set():
+            return  # woken while claiming (new deliveries, under load nearly always): claim again, no need to ask when
         try:
             due = await self.store.next_due(destination.name)
         except Exception:

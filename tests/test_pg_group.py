@@ -14,11 +14,14 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
+import pytest
 
 from bridge.delivery import Dispatcher
 from bridge.destinations.base import Services
@@ -30,7 +33,8 @@ from bridge.store import DeliveryFilter, Ingested, NewDelivery
 from bridge.store import postgres as postgres_store
 from bridge.store.postgres import PostgresStore
 from tests import test_store_contract as contract
-from tests.test_store_contract import make_event, via
+from tests.conftest import BridgeProcess, eventually, sms
+from tests.test_store_contract import hook_config, make_event, via, wait_for_ids
 
 pg_url = contract.pg_url  # the fixture: a fresh schema per test
 
@@ -194,6 +198,43 @@ async def test_a_postback_stored_by_one_instance_is_sent_by_another_at_once(pg_u
         assert max(took) < 0.2, sorted(took)
 
 
+async def test_an_instance_notifies_only_while_another_listens(pg_url, monkeypatch):
+    """A single instance's NOTIFYs would wake only itself (its loops are woken already): it sends
+    them only while another instance's LISTEN connection is seen, which a plain listener (not an
+    instance) is not; an instance that does not listen itself always sends them."""
+    monkeypatch.setattr(postgres_store, "LISTEN_CHECK", 0.2)
+    heard: list[str] = []
+    raw = await asyncpg.connect(pg_url)
+
+    async def stored(store: PostgresStore, n: int) -> None:
+        event = make_event(n)
+        await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", f"c{n}")])
+
+    try:
+        async with opened(pg_url) as one:
+            one.listen(lambda names: None)
+            await asyncio.wait_for(one.listening.wait(), 5)
+            await raw.add_listener(one._channel, lambda *args: heard.append(args[3]))
+            await asyncio.sleep(0.5)  # checks that see only the plain listener
+            assert not one.others_listen
+            await stored(one, 1)
+            await asyncio.sleep(0.3)
+            assert heard == []
+            async with opened(pg_url) as two:
+                two.listen(lambda names: None)
+                await asyncio.wait_for(two.listening.wait(), 5)
+                assert two.others_listen  # it saw one at once
+                await eventually(lambda: one.others_listen, 5, "one to see two")
+                await stored(one, 2)
+                await eventually(lambda: heard == ["crm"], 5, lambda: f"one NOTIFY (heard {heard})")
+            await eventually(lambda: not one.others_listen, 5, "one to see two gone")
+            async with opened(pg_url) as deaf:  # stores, never listens: cannot tell, so notifies
+                await stored(deaf, 3)
+                await eventually(lambda: heard == ["crm", "crm"], 5, lambda: f"a second NOTIFY (heard {heard})")
+    finally:
+        await raw.close()
+
+
 # ---------------------------------------------------------------------------- connections cut mid-batch
 
 
@@ -206,6 +247,8 @@ class CuttingProxy:
         self.pipes: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.cuts = 0
+        self.holding = False  # the server's answers go nowhere (a network failing one way)
+        self.refusing = False  # new connections are closed at once (the server still away)
 
     async def __aenter__(self) -> CuttingProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -223,6 +266,9 @@ class CuttingProxy:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
+        if self.refusing:
+            to_client.transport.abort()
+            return
         try:
             server, to_server = await asyncio.open_connection(*self.target)
         except OSError:
@@ -231,15 +277,19 @@ class CuttingProxy:
         pipe = (to_client, to_server)
         self.pipes.add(pipe)
 
-        async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool) -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await reader.read(65536):
+                    if answers and self.holding:
+                        continue
                     writer.write(data)
                     await writer.drain()
             writer.close()
 
         try:
-            await asyncio.gather(copy(client, to_server), copy(server, to_client))
+            await asyncio.gather(copy(client, to_server, False), copy(server, to_client, True))
+        except asyncio.CancelledError:  # the proxy closing: asyncio's server would log it as an error
+            pass
         finally:
             self.pipes.discard(pipe)
             self.tasks.discard(task)
@@ -320,6 +370,123 @@ async def test_connections_cut_in_the_middle_of_batches_lose_nothing_answered(pg
             while not crm <= set(sink.arrived) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert crm <= set(sink.arrived), len(crm - set(sink.arrived))
+
+
+async def test_a_claim_whose_answer_is_lost_is_given_back_at_once_not_when_its_lease_ends(pg_url):
+    """A claim that committed on the server but whose answer never came (the connection was cut
+    meanwhile) leased its deliveries to nobody who knows it: they are due again at once, and, if
+    the database cannot be reached at that moment, before the next claim."""
+    parts = urlsplit(pg_url)
+    admin = await asyncpg.connect(pg_url)
+
+    async def leases() -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await admin.fetch("SELECT leased_by, attempts FROM deliveries ORDER BY id")]
+
+    async def all_leased() -> bool:
+        return await leases() == [("me", 1)] * 3
+
+    async with (
+        CuttingProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy,
+        opened(via(pg_url, proxy.port)) as store,
+    ):
+        try:
+            for n in range(3):
+                event = make_event(n)
+                await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", f"c{n}")])
+            other = await store.claim("slack", limit=5, lease=60, ordered=False, owner="me")  # nothing due
+            assert other == []
+            for refusing in (False, True):
+                proxy.holding = True
+                claiming = asyncio.create_task(store.claim("crm", limit=5, lease=60, ordered=False, owner="me"))
+                await eventually(all_leased, what="the claim to commit on the server")
+                proxy.holding, proxy.refusing = False, refusing
+                proxy.cut()
+                with pytest.raises(StoreError):
+                    await claiming
+                if refusing:  # could not be given back yet: it is before the next claim
+                    assert await leases() == [("me", 1)] * 3
+                    proxy.refusing = False
+                else:
+                    assert await leases() == [(None, 0)] * 3  # due again, and that claim was not an attempt
+                claims = await store.claim("crm", limit=5, lease=60, ordered=False, owner="me")
+                assert [c.attempt for c in claims] == [1, 1, 1]
+                await store.release(claims, owner="me")
+        finally:
+            await admin.close()
+
+
+def batches_failed(bridge: BridgeProcess) -> int:
+    """How many group commits `bridge` has logged as failed (each then went on one by one)."""
+    return sum(line.get("msg", "").startswith("group commit failed") for line in bridge.log_lines())
+
+
+@pytest.mark.slow
+async def test_serve_with_its_connections_cut_mid_batch_answers_200_only_for_what_is_committed(
+    pg_url, sink, bridge_factory
+):
+    """The real `serve`, its PostgreSQL behind a proxy that cuts every connection (the pools',
+    the LISTEN one) four times while 24 senders post flat out, each sending a postback again
+    after a 503 as Skycore does: every answer is a 200 or a 503; a 200's event and its delivery
+    are committed when it arrives (read on a connection of our own, never cut); and every
+    event answered 200 reaches the webhook."""
+    parts = urlsplit(pg_url)
+    async with CuttingProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        config = hook_config(via(pg_url, proxy.port), sink.url)
+        config["destinations"]["crm"]["timeout"] = (
+            "1s"  # a claim whose answer was cut is sent when its lease (42 s) ends
+        )
+        bridge = bridge_factory(config, env={"BRIDGE_LOG_LEVEL": "warning"})
+        await asyncio.to_thread(bridge.start)
+        checker = await asyncpg.create_pool(pg_url, min_size=4, max_size=8)
+        answered: dict[int, str] = {}  # postback -> the event id of its 200
+        early: list[str] = []  # answered 200 before its event and delivery were committed
+        statuses: Counter[int] = Counter()
+        stop = asyncio.Event()
+
+        async def sender(session: aiohttp.ClientSession, worker: int) -> None:
+            n = worker * 100_000
+            while not stop.is_set():
+                n += 1
+                while True:  # Skycore sends it again until it has a 200
+                    async with session.post(bridge.url + "/postback", data=sms(n)) as r:
+                        statuses[r.status] += 1
+                        body = await r.json()
+                    if r.status == 200:
+                        break
+                    await asyncio.sleep(0.02)
+                assert body["status"] in ("accepted", "duplicate"), body  # duplicate: a 503'd try was committed
+                async with checker.acquire() as conn:
+                    stored = await conn.fetchval(
+                        "SELECT count(*) FROM events AS e JOIN deliveries AS d ON d.event_id = e.id WHERE e.id = $1",
+                        body["id"],
+                    )
+                if stored != 1:
+                    early.append(body["id"])
+                answered[n] = body["id"]
+
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=24)) as session:
+                senders = [asyncio.create_task(sender(session, w)) for w in range(1, 25)]
+                cut: list[int] = []
+                # at random moments, at least four times and until a cut has met a batch being
+                # committed (nearly always at once: under this load one is in flight nearly always)
+                while len(cut) < 4 or (not batches_failed(bridge) and len(cut) < 12):
+                    await asyncio.sleep(random.uniform(0.2, 0.5))
+                    cut.append(proxy.cut())
+                await asyncio.sleep(0.5)
+                stop.set()
+                await asyncio.gather(*senders)
+            assert set(statuses) <= {200, 503}, statuses
+            assert min(cut) >= 2 and batches_failed(bridge) > 0, (cut, statuses)
+            assert len(answered) > 100, statuses
+            assert early == []
+            assert len(set(answered.values())) == len(answered)
+            await wait_for_ids(sink, set(answered.values()), timeout=60)
+            print(f"\n{len(answered)} answered 200, answers {dict(statuses)}, connections cut {cut}")
+        finally:
+            await checker.close()
+        # in a thread: on its way out the bridge talks to PostgreSQL through this loop's proxy
+        assert await asyncio.to_thread(bridge.stop) == 0
 
 
 def test_the_channel_is_per_store() -> None:

@@ -14,10 +14,12 @@ at a time, so one bad row (or a connection cut mid-commit) cannot fail its neigh
 whose event is found stored under its own id then (the commit had gone through before the
 connection died) is accepted, not a duplicate.
 
-Wake-up across instances: each batch NOTIFYs its destinations on a channel of this database and
-schema when it commits; every instance LISTENs on a connection of its own and wakes its delivery
-loops for them at once. When that connection is lost it is made again with backoff, and the
-loops' 1 s poll covers what was missed meanwhile.
+Wake-up across instances: once a batch has committed (and its postbacks are answered), its
+destinations are NOTIFYed on a channel of this database and schema, in a statement of its own
+(see `notify` in postgres.sql for why not in the batch's), unless no other instance listens; every
+instance LISTENs on a connection of its own and wakes its delivery loops for them at once. When
+that connection is lost it is made again with backoff, and the loops' 1 s poll covers what was
+missed meanwhile.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -73,6 +76,9 @@ from bridge.store import (
 
 log = logging.getLogger("bridge.store")
 Q = load_queries("postgres.sql")
+# pg_stat_activity shows the first 1,023 bytes of a statement (track_activity_query_size): the
+# listeners check goes without its comments
+LISTENERS = "\n".join(line for line in Q["listeners"].splitlines() if not line.startswith("--"))
 POOL_SIZE = 10
 # Delivery bookkeeping (claims, verdicts, when the next is due) has a pool of its own whose
 # commits do not wait for their WAL to reach the disk (synchronous_commit off): postbacks are
@@ -247,6 +253,11 @@ class PostgresStore(Store):
         self._listening: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while LISTEN is in place (tests wait for it)
         self.listen_pid: int | None = None  # its server process
+        self.others_listen = True  # another instance may LISTEN on our channel (see _look_for_listeners)
+        self._unannounced: set[str] = set()  # destinations to NOTIFY (see _announce)
+        self._announcing: asyncio.Task[None] | None = None
+        self._lost_claims: list[tuple[str, float, str]] = []  # destination, lease end, owner: see claim
+        self._last_lease_end = 0.0
 
     async def open(self) -> None:
         """Raises ConfigError when trying again cannot help (see NEEDS_A_PERSON), StoreError
@@ -318,6 +329,9 @@ class PostgresStore(Store):
                 item.future.set_exception(StoreError("store is closing"))
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
+        if self._announcing is not None:  # a wake-up only: the others' poll covers it
+            self._announcing.cancel()
+            await asyncio.gather(self._announcing, return_exceptions=True)
         if self._opening is not None:
             # an `open` still waiting on a database that stopped answering mid-way: asyncpg does
             # not give up on being cancelled, but does once its connections are gone
@@ -401,6 +415,32 @@ class PostgresStore(Store):
             raise
         for item, result in zip(batch, results, strict=True):
             _answer(item, result)
+        self._announce(
+            d.destination
+            for item, result in zip(batch, results, strict=True)
+            if isinstance(result, Ingested) and result.status == "accepted"
+            for d in item.deliveries
+        )
+
+    def _announce(self, destinations: Iterable[str]) -> None:
+        """Wake the other instances for these destinations: names gathered while a NOTIFY is in
+        flight go in the next one (at most one at a time, as the group commit). Not when no
+        other instance listens (see _look_for_listeners): our own loops were woken already."""
+        if not self.others_listen:
+            return
+        self._unannounced.update(destinations)
+        if self._unannounced and (self._announcing is None or self._announcing.done()):
+            self._announcing = asyncio.create_task(self._notify(), name="notify")
+
+    async def _notify(self) -> None:
+        while self._unannounced:
+            names, self._unannounced = ",".join(sorted(self._unannounced)), set()
+            try:
+                async with self._bookkeeping_conn() as conn:
+                    # a payload is at most 8000 bytes: '*' (every destination) when the names would not fit
+                    await conn.execute(Q["notify"], self._channel, "*" if len(names) > 7000 else names)
+            except StoreError as exc:  # the others' 1 s poll finds these deliveries
+                log.info("could not wake the other instances", extra={"error": str(exc)})
 
     async def _store(self, batch: list[_Postback]) -> list[Ingested | StoreError]:
         ordered = sorted({_key(d.destination, d.conversation) for i in batch for d in i.deliveries if d.ordered})
@@ -420,7 +460,6 @@ class PostgresStore(Store):
             [r[2] for r in rows],
             [i.event_id for i in dropped],
             [i.received_at for i in dropped],
-            self._channel,
             [r[1].delay for r in rows],
         )
         if self._pool is None:
@@ -468,6 +507,15 @@ class PostgresStore(Store):
                 results.append(Ingested("duplicate", owner))
         return results
 
+    async def _look_for_listeners(self, conn: asyncpg.Connection) -> None:
+        """Whether another instance listens on this store's channel: its LISTEN connection's last
+        statement is this same check, whose text names the channel. When that cannot be told
+        (the server does not track statements, or shows another role's as insufficient
+        privilege), we assume one does."""
+        query = f"{LISTENERS} -- {self._channel}"
+        others, seen = await conn.fetchrow(query, timeout=LISTEN_CHECK)
+        self.others_listen = bool(others) or not seen
+
     def listen(self, callback: Listener) -> None:
         self._listeners.append(callback)
         if self._listening is None and self._pool is not None:
@@ -504,6 +552,7 @@ class PostgresStore(Store):
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 await conn.add_listener(self._channel, self._notified)
+                await self._look_for_listeners(conn)  # now: the others see us at their next look
                 self.listen_pid = conn.get_server_pid()
                 self.listening.set()
                 if delay > LISTEN_RETRY_FIRST:
@@ -515,7 +564,7 @@ class PostgresStore(Store):
                         async with asyncio.timeout(LISTEN_CHECK):
                             await lost.wait()
                     if not lost.is_set():
-                        await conn.fetchval("SELECT 1", timeout=LISTEN_CHECK)  # a cut that said nothing
+                        await self._look_for_listeners(conn)  # also notices a cut that said nothing
                 raise ConnectionError("the LISTEN connection was closed")
             except (*DRIVER_ERRORS, ConnectionError) as exc:
                 self.listening.clear()
@@ -525,17 +574,30 @@ class PostgresStore(Store):
                 )
             finally:
                 self.listening.clear()
+                self.others_listen = True  # not known while we do not look
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX)
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        """A claim whose answer is lost (its connection cut) may have committed: its leases would
+        keep those deliveries from everyone until they run out. So it is given back at once, or
+        before the next claim when the database is not reachable yet (see _give_back)."""
+        if self._lost_claims:
+            await self._give_back()
         now = time.time()
-        async with self._bookkeeping_conn() as conn:  # one statement
-            rows = await conn.fetch(
-                Q["claim_ordered" if ordered else "claim"], destination, now, limit, now + lease, owner
-            )
+        lease_end = self._lease_end(now + lease)
+        try:
+            async with self._bookkeeping_conn() as conn:  # one statement
+                rows = await conn.fetch(
+                    Q["claim_ordered" if ordered else "claim"], destination, now, limit, lease_end, owner
+                )
+        except StoreError:
+            self._lost_claims.append((destination, lease_end, owner))
+            with contextlib.suppress(StoreError):
+                await self._give_back()
+            raise
         return [
             Claim(
                 id=row[0],
@@ -549,6 +611,24 @@ class PostgresStore(Store):
             )
             for row in sorted(rows, key=lambda row: row[0])
         ]
+
+    def _lease_end(self, at: float) -> float:
+        """`at`, made to differ from the last claim's lease end, which tells a claim's rows apart
+        from those of the claims of its destination and owner before it (see give_back_lost_claims:
+        a destination's claims all lease for as long, so theirs differ once the clock has moved)."""
+        if at <= self._last_lease_end < at + 1e-3:  # the clock had not moved (or not enough)
+            at = math.nextafter(self._last_lease_end, math.inf)
+        self._last_lease_end = at
+        return at
+
+    async def _give_back(self) -> None:
+        """Give back what the lost claims leased (see `claim`); StoreError if that fails too."""
+        lost = list(self._lost_claims)
+        async with self._bookkeeping_conn() as conn:
+            status = await conn.execute(Q["give_back_lost_claims"], *map(list, zip(*lost, strict=True)), time.time())
+        self._lost_claims = [claim for claim in self._lost_claims if claim not in lost]
+        if given := _updated(status):
+            log.info("deliveries of a claim whose answer was lost are due again", extra={"count": given})
 
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         now = time.time()

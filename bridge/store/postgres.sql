@@ -24,12 +24,12 @@ SELECT dedup_key, id FROM events WHERE dedup_key = ANY($1::text[])
 -- name: ingest_batch
 -- Every postback of a group commit in one statement (one round trip, and one transaction of
 -- its own unless the caller opened one to take conversation locks first): the events, each new
--- one's deliveries in the order the postbacks came (their ids are drawn in that order), the
--- dropped ones, and one NOTIFY that wakes the other instances' loops for these destinations
--- when it commits. A dedup key that is taken, by a stored event or by an earlier postback of
--- this batch, skips its row (DO NOTHING); only the events RETURNED here are new, and only their
+-- one's deliveries in the order the postbacks came (their ids are drawn in that order), and the
+-- dropped ones. A dedup key that is taken, by a stored event or by an earlier postback of this
+-- batch, skips its row (DO NOTHING); only the events RETURNED here are new, and only their
 -- deliveries are inserted. Rows go in dedup key order, so two batches holding the same two keys
 -- (the same postbacks at two instances at once) wait for each other in one order, not a cycle.
+-- No NOTIFY here: see `notify`.
 WITH new AS (
     INSERT INTO events (id, dedup_key, type, received_at, body)
     SELECT e.id, e.dedup_key, e.type, e.received_at, e.body
@@ -41,24 +41,36 @@ WITH new AS (
 ), queued AS (
     INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
     SELECT d.event_id, d.destination, d.route, d.conversation, d.ordered, 'pending', d.at, d.at + d.delay, d.at
-    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[], $11::float8[], $15::float8[])
+    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[], $11::float8[], $14::float8[])
         WITH ORDINALITY AS d (event_id, destination, route, conversation, ordered, at, delay, n)
     WHERE d.event_id IN (SELECT id FROM new)
     ORDER BY d.n
-    RETURNING destination
 ), kept AS (
     INSERT INTO dropped (event_id, received_at)
     SELECT x.event_id, x.at FROM unnest($12::text[], $13::float8[]) AS x (event_id, at)
     WHERE x.event_id IN (SELECT id FROM new)
-), woken AS (
-    -- a payload is at most 8000 bytes: '*' (every destination) when the names would not fit
-    SELECT pg_notify($14, CASE WHEN length(names) > 7000 THEN '*' ELSE names END)
-    FROM (SELECT string_agg(DISTINCT destination, ',') AS names FROM queued) AS q
-    WHERE names IS NOT NULL
 )
 SELECT id FROM new
-UNION ALL
-SELECT NULL FROM woken
+
+-- name: listeners
+-- Run by each instance's LISTEN connection, and by nothing else, with the channel appended as a
+-- comment: another backend whose statement has this very text is another instance listening on
+-- the same channel. `seen`: our own backend shows its statement (track_activities is on);
+-- `others` also counts statements hidden from us (another role's), which may be one.
+SELECT count(*) FILTER (
+           WHERE pid <> pg_backend_pid() AND (query = current_query() OR query = '<insufficient privilege>')
+       ),
+       coalesce(bool_or(pid = pg_backend_pid() AND query = current_query()), false)
+FROM pg_stat_activity
+WHERE datname = current_database()
+
+-- name: notify
+-- Wakes the other instances' delivery loops for these destinations ($2: their names, or '*' for
+-- every destination). A statement of its own after the postbacks' commit, on a connection whose
+-- commits do not wait for the flush: PostgreSQL serializes the commits of every transaction that
+-- notifies (one lock for the whole server), and a NOTIFY in the postbacks' own commit held that
+-- lock through their flush, so their commits (and any other notifier's) took turns.
+SELECT pg_notify($1, $2)
 
 -- name: current_schema
 SELECT current_database() || '.' || current_schema()
@@ -175,6 +187,18 @@ SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by
 -- name: recover_leases
 UPDATE deliveries SET next_at = LEAST(next_at, $2), leased_by = NULL
 WHERE status = 'pending' AND leased_by = $1
+
+-- name: give_back_lost_claims
+-- Claims whose answer was lost with their connection (each may or may not have committed): a
+-- claim's rows are those its owner leased until exactly its lease end, which is unique per claim
+-- of this store (see PostgresStore._lease_end). Given back as `release` does, not an attempt, so
+-- they are due at once instead of when the lease runs out; a claim that did not commit matches
+-- nothing. A claim still running on the server holds its rows' locks: this waits for it and
+-- rechecks their newest versions.
+UPDATE deliveries AS d SET next_at = $4, leased_by = NULL, attempts = d.attempts - 1
+FROM unnest($1::text[], $2::float8[], $3::text[]) AS lost (destination, lease_end, owner)
+WHERE d.destination = lost.destination AND d.status = 'pending' AND d.next_at = lost.lease_end
+  AND d.leased_by = lost.owner
 
 -- name: next_due
 SELECT min(next_at) FROM deliveries WHERE destination = $1 AND status = 'pending'
