@@ -413,8 +413,17 @@ def _store(raw: Any, r: Reader) -> str:
     if text is None:
         return DEFAULT_STORE
     if not (text.startswith("sqlite:///") or text.startswith(("postgresql://", "postgres://"))):
-        r.error("store", f"{redact_url(text)!r} is not sqlite:///PATH or postgresql://...")
+        r.error("store", f"{redact_url(text)!r} is not sqlite:///PATH or postgresql://...{_store_hint(text)}")
     return text
+
+
+def _store_hint(text: str) -> str:
+    """What to write instead, when the value is a bare filesystem path."""
+    if ":" in text:
+        return ""
+    if text.startswith("/"):
+        return f"; an absolute path is sqlite:///{text} (four slashes)"
+    return f"; a path relative to the working directory is sqlite:///{text} (three slashes)"
 
 
 def _carriers(raw: Any, r: Reader) -> dict[str, str]:

@@ -528,9 +528,17 @@ def needs(config: Config) -> list[str]:
     lines = []
     for app in apps_of(config):
         how = []
-        if app.replies.signing_secret:
-            how.append(f"  Request URL (Event Subscriptions): https://<this bridge's public host>{PATH}")
-        if app.replies.app_token:
+        url = f"https://<this bridge's public host>{PATH}"
+        if app.replies.signing_secret and app.replies.app_token:
+            how += [
+                "  signing_secret and app_token: the bridge takes both; Slack sends each event one way:"
+                " over the socket while Socket Mode is on in the app, else to the Request URL",
+                f"  Request URL (Event Subscriptions), used only while Socket Mode is off: {url}",
+                "  for Socket Mode: an app-level token with connections:write",
+            ]
+        elif app.replies.signing_secret:
+            how.append(f"  Request URL (Event Subscriptions): {url}")
+        elif app.replies.app_token:
             how.append("  Socket Mode on, an app-level token with connections:write (no Request URL needed)")
         lines += [
             f"{app.destination}: replies in its threads are sent as SMS with {app.replies.send_with}"

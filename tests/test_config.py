@@ -250,6 +250,29 @@ def test_check_config_reads_bridge_config_and_needs_a_file(tmp_path):
     assert "-c FILE" in done.stderr and "BRIDGE_CONFIG" in done.stderr
 
 
+def test_check_config_says_which_way_slack_replies_come_when_both_are_given(tmp_path):
+    config = {
+        "destinations": {
+            "sms": {"type": "skycore", "api_key": "k"},
+            "inbox": {
+                "type": "slack",
+                "token": "xoxb-1",
+                "channel": "#sms-inbox",
+                "replies": {"send_with": "sms", "signing_secret": "shh", "app_token": "xapp-1"},
+            },
+        },
+        "default": ["inbox"],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = run_cli("check-config", "-c", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert "no Request URL needed" not in out  # it would be, were Socket Mode off in the app
+    assert "the bridge takes both; Slack sends each event one way: over the socket while Socket Mode is on" in out
+    assert "Request URL (Event Subscriptions), used only while Socket Mode is off: https://" in out
+
+
 async def test_route_is_a_dry_run(tmp_path, sink):
     config = {
         "store": f"sqlite:///{tmp_path / 'bridge.db'}",

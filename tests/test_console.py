@@ -372,3 +372,37 @@ async def test_a_replay_that_cannot_be_done_says_why_on_the_page(app_client, tmp
     await sink.wait_for(2)
     nothing = await client.post("/ui/replay", data={"csrf": csrf, "confirm": "yes", "back": "/ui/deliveries"})
     assert "Nothing was replayed" in await nothing.text()
+
+
+async def test_the_bulk_replay_confirmation_says_which_deliveries_the_filter_takes(app_client, tmp_path, sink):
+    config = raw(tmp_path)
+    sink.default = 400  # dead at once
+    config["destinations"] = {
+        "crm": {"type": "webhook", "url": sink.url + "/crm"},
+        "flaky": {"type": "webhook", "url": "http://127.0.0.1:9/x", "retry": {"initial": "1h", "max_interval": "1h"}},
+    }
+    config["default"] = ["crm", "flaky"]
+    client = await app_client(config)
+    await client.post("/postback", data=sms(1))
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def settled() -> bool:
+        dead = await (await client.get("/admin/deliveries?status=dead", headers=auth)).json()
+        failed = await (await client.get("/admin/deliveries?status=failed", headers=auth)).json()
+        return len(dead["deliveries"]) == 1 and len(failed["deliveries"]) == 1
+
+    await eventually(settled)
+    await sign_in(client)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', await (await client.get("/ui/deliveries")).text()).group(1)
+
+    async def confirmation(**filters: str) -> str:
+        form = {"csrf": csrf, "scope": "filter", "back": "/ui/deliveries", **filters}
+        text = await (await client.post("/ui/replay", data=form)).text()
+        return html_unescape(re.search(r"<p>These are ([^<]*)</p>", text).group(1))
+
+    said = " Each is sent again now, as a new series of attempts, with the same event id."
+    failed = "waiting for a retry after a failed attempt"
+    shows = "all that this filter shows"
+    assert await confirmation(status="dead") == f"{shows} (status dead): only dead deliveries.{said}"
+    assert await confirmation(status="failed") == f"{shows} (status failed): only deliveries {failed}.{said}"
+    assert await confirmation() == f"all that the list shows (no filter): the dead deliveries and those {failed}.{said}"

@@ -243,6 +243,15 @@ async def test_private_addresses_are_refused_without_allow_private(app_client, s
         return next(r for r in rows if r.destination == "~media").status == "delivered"
 
     await eventually(step_recorded, 5, "the ~media step recorded as delivered")
+    # why each file was not kept is in the step's attempt record, not only in the log
+    shown = await (await client.get(f"/admin/events/{event_id}")).json()
+    (step,) = [d for d in shown["deliveries"] if d["destination"] == "~media"]
+    assert step["last_error"] is None  # it did its job: a file refused is no failure of the step
+    (attempt,) = step["attempt_log"]
+    assert attempt["outcome"] == "delivered"
+    metadata = f"http://169.254.169.254:{port}/latest/meta-data"
+    assert f"{metadata}: 169.254.169.254 is not a public address (link-local)" in attempt["error"]
+    assert "…URL of Content Here…: not an http or https URL (no scheme)" in attempt["error"]
 
 
 async def test_allow_networks_lets_one_in_and_a_redirect_elsewhere_is_refused(app_client, sink, media_server, tmp_path):

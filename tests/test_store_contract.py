@@ -777,6 +777,20 @@ async def test_complete_says_which_results_made_their_delivery_dead_once(store):
     assert rows == {c0.id: "dead", c1.id: "pending", c2.id: "delivered", new.id: "delivered"}
 
 
+async def test_a_successful_attempt_keeps_its_detail_as_its_reason(store):
+    """A success with something to say (a file the media step did not keep, a Slack upload
+    refused) says it in the attempt's record; the delivery itself has no last error."""
+    for n in range(2):
+        await put(store, n)
+    said, plain = sorted(await claim(store), key=lambda c: c.id)
+    noted = dataclasses.replace(finished(said, Done()), detail="https://x/1.jpg: HTTP 404")
+    await store.complete([noted, finished(plain, Done())])
+    assert [a.error for a in await store.attempts(said.id)] == ["https://x/1.jpg: HTTP 404"]
+    assert [a.error for a in await store.attempts(plain.id)] == [None]
+    rows = {r.id: r for r in await store.list_deliveries(DeliveryFilter())}
+    assert (rows[said.id].status, rows[said.id].last_error) == ("delivered", None)
+
+
 async def test_abandon_unknown_kills_pending_deliveries_of_removed_destinations(store):
     await put(store, 1, destinations=("crm", "gone", "also-gone"))
     assert await store.abandon_unknown({"crm", "slack"}, "destination removed") == {"gone": 1, "also-gone": 1}

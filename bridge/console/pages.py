@@ -459,14 +459,23 @@ async def replay_many(request: web.Request, form: Form) -> web.StreamResponse:
         rows = rows[: admin.MAX_LIMIT]
         said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in filters.items())
         what = f"all that this filter shows ({said})" if said else "all that the list shows (no filter)"
+        which = _WHICH.get(where.status or "", _WHICH[""])
     else:
         ids = _ids(form.getall("ids", []))
         found = await store.list_deliveries(DeliveryFilter(ids=tuple(ids), limit=max(1, len(ids)))) if ids else []
-        rows, more, what = [r for r in found if replayable(r)], False, "the ones you ticked"
+        rows, more, what, which = [r for r in found if replayable(r)], False, "the ones you ticked", _WHICH[""]
         skipped = len(ids) - len(rows)
     nav = "dead" if back.startswith("/ui/dead-letters") else "deliveries"
-    context = _context(request, nav, rows=rows, more=more, what=what, back=back, skipped=skipped)
+    context = _context(request, nav, rows=rows, more=more, what=what, which=which, back=back, skipped=skipped)
     return page("confirm.html", context)
+
+
+# What a bulk replay takes, by the filter's status (none: both).
+_WHICH = {
+    "dead": "only dead deliveries",
+    "failed": "only deliveries waiting for a retry after a failed attempt",
+    "": "the dead deliveries and those waiting for a retry after a failed attempt",
+}
 
 
 async def _matching(store: Store, where: DeliveryFilter) -> list[DeliveryRow]:

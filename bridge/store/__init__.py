@@ -84,6 +84,12 @@ class AttemptResult:
     # reply's attempt leaves for the thread to show: bridge.replies): recorded twice, added once
     follow_ups: tuple[NewDelivery, ...] = ()
 
+    @property
+    def reason(self) -> str | None:
+        """What the attempt's record says: the error, or for a success its detail (a file the
+        media step did not keep, a Slack upload refused), which is otherwise only in the log."""
+        return self.error if self.error is not None else self.detail
+
 
 def iso(ts: float | None) -> str | None:
     """Epoch seconds -> `2026-11-23T10:00:00.123Z` (None stays None)."""

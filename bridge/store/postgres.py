@@ -637,7 +637,7 @@ class PostgresStore(Store):
         deaths: list[tuple[AttemptResult, tuple[Any, ...]]] = []
         for r in results:
             status, next_at, error = verdict(r.decision, now)
-            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
+            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.reason, r.duration))
             finish = (r.claim.id, r.claim.attempt, status, next_at, error, now, r.tracking_id)
             (deaths if status == "dead" else finishes).append((r, finish))
         if not results:

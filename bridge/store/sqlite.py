@@ -506,7 +506,7 @@ class SQLiteStore(Store):
         deaths: list[tuple[AttemptResult, tuple[Any, ...]]] = []
         for r in results:
             status, next_at, error = verdict(r.decision, now)
-            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.error, r.duration))
+            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.reason, r.duration))
             finish = (status, next_at, error, now, r.claim.id, r.claim.attempt, r.tracking_id)
             (deaths if status == "dead" else finishes).append((r, finish))
         # one at a time, to see which applied: deaths, and verdicts with follow-ups, are few
