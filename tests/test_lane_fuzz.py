@@ -187,6 +187,32 @@ async def answers(server: TestServer, raw: bytes) -> list[Any]:
     return got
 
 
+def parse_error(answer: Any) -> bool:
+    """aiohttp's own 400 for bytes it cannot parse as a request (text/plain, not our JSON)."""
+    return isinstance(answer, tuple) and answer[0] == 400 and answer[1].get("content-type", "").startswith("text/plain")
+
+
+def answered_what_aiohttp_drops(got: list[Any], want: list[Any]) -> bool:
+    """The one known difference, where the lane is right: when one read holds complete requests
+    and then bytes that are no request, aiohttp answers only the parse error (its
+    RequestHandler.data_received replaces every message parsed from that read with the error),
+    while the lane answers the complete requests first, then gives the same parse error. Seen
+    with `Content-Length: 0` and the postback after the headers. True when `got` is `want` with
+    answers to complete requests in front of it. (The parse errors are compared by their first
+    line: aiohttp's quotes the bad bytes, and the lane's, having answered, also has the
+    `GET /healthz` that `answers` sent next.)"""
+    extra = len(got) - len(want)
+    if extra <= 0 or not want or not parse_error(want[0]) or not parse_error(got[extra]):
+        return False
+    first_line = got[extra][2].split("\n")[0] == want[0][2].split("\n")[0]
+    return (
+        first_line
+        and got[extra][:2] == want[0][:2]
+        and got[extra + 1 :] == want[1:]
+        and all(isinstance(a, tuple) and not parse_error(a) for a in got[:extra])
+    )
+
+
 @pytest.fixture
 async def pair(serve):  # noqa: F811 (the fixture imported above)
     """A server with the lane and one without, for every example of a test."""
@@ -199,9 +225,12 @@ async def pair(serve):  # noqa: F811 (the fixture imported above)
 @example(raw=request(sms(2)).replace(b"Content-Length: ", b"Content-Length: 00"))
 @example(raw=request(sms(3)).replace(b"\r\n", b"\n"))
 @example(raw=request(sms(4), Connection="keep-alive, close"))
+@example(raw=b"POST /postback HTTP/1.1\r\nHost: bridge\r\ncontent-length: 0\r\n\r\n" + sms(5))
 async def test_the_lane_frames_and_answers_as_aiohttp_does(pair, raw):
     with_lane, without = pair
     got, want = await answers(with_lane, raw), await answers(without, raw)
+    if got != want and answered_what_aiohttp_drops(got, want):
+        got = want  # the known difference, where the lane answers what aiohttp drops
     assert got == want, raw
     event(" / ".join(str(a[0]) if isinstance(a, tuple) else a for a in got))  # --hypothesis-show-statistics
     assert all(isinstance(a, str) or a[0] != 500 for a in got)
