@@ -12,8 +12,10 @@ four destinations: delivered, dead, failed and pending ones, with their attempts
 deliveries are due in two hours, so the bridge has nothing to send while it is timed.
 
 Then `serve` runs on it and every URL of PAGES is fetched `--runs` times after a warm-up (p50,
-p95, max). PAGES is data: the console's pages (`/ui/...`) go in beside the admin API's, with a
-session cookie (`--cookie name=value`) where the admin token does not do. Last, ingest: the
+p95, max). PAGES is data: the admin API's lists, and the web console's pages (`/ui/...`),
+fetched with a session cookie the bench signs itself with the admin token it gave `serve`;
+each console answer must be a 200 HTML page that is not the sign-in form, or the page is
+marked as failed. Last (unless `--no-ingest`), ingest: the
 store's own `ingest` (the group commit every postback goes through), 32 at a time, for the full
 store, for an empty store with the same schema, and for an empty store without migration 0003's
 indexes (what they cost), taken in turns, round after round (this machine's speed drifts).
@@ -27,9 +29,11 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import html
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import sqlite3
@@ -54,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import free_port, process  # noqa: E402
 from bridge.carriers import Carriers  # noqa: E402
+from bridge.console.session import SESSION_COOKIE, new_session, signing_key  # noqa: E402
 from bridge.event import dedup_key, normalize  # noqa: E402
 from bridge.ids import ulid  # noqa: E402
 from bridge.jsonout import dumps  # noqa: E402
@@ -69,12 +74,13 @@ INGEST_GOAL = 0.9  # ingest with the full store at least this much of an empty o
 @dataclass(frozen=True)
 class Page:
     """One URL to time. `path` may name values of the context (`{texter}`, `{event_id}`, and
-    what earlier pages captured); `capture` keeps this page's `next` under that name."""
+    what earlier pages captured); `capture` keeps this page's `next` under that name (for a
+    console page: the `cursor` or `before_id` of the link to the next page it shows)."""
 
     name: str
     path: str
     capture: str | None = None
-    ui: bool = False  # a console page: sent with the session cookie (--cookie)
+    ui: bool = False  # a console page: its answer must be a page of HTML, not the sign-in form
 
 
 PAGES: list[Page] = [
@@ -115,6 +121,65 @@ PAGES: list[Page] = [
     Page("opt-outs", "/admin/optouts"),
     Page("opt-outs: a number", "/admin/optouts?number={optout_texter}"),
     Page("metrics (pending and dead counts)", "/metrics"),
+    # the web console: its lists show 50 rows a page
+    Page("ui: overview", "/ui/", ui=True),
+    Page("ui: overview, live part (polled)", "/ui/?part=live", ui=True),
+    Page("ui: events", "/ui/events", capture="ui_events_next", ui=True),
+    Page("ui: events, 2nd page (its link)", "/ui/events?cursor={ui_events_next}", ui=True),
+    Page("ui: events, live part (polled)", "/ui/events?part=live", ui=True),
+    Page("ui: events, a busy texter", "/ui/events?texter={busy_texter}", capture="ui_texter_next", ui=True),
+    Page(
+        "ui: events, a busy texter, 2nd page",
+        "/ui/events?texter={busy_texter}&cursor={ui_texter_next}",
+        ui=True,
+    ),
+    Page("ui: events, a texter", "/ui/events?texter={texter}", ui=True),
+    Page("ui: events, a short code", "/ui/events?short_code={short_code}", ui=True),
+    Page("ui: events, a quiet short code", "/ui/events?short_code={quiet_short_code}", ui=True),
+    Page("ui: events, keyword (common)", "/ui/events?keyword=INFO", ui=True),
+    Page("ui: events, keyword (rare)", "/ui/events?keyword={rare_keyword}", ui=True),
+    Page("ui: events, type (common)", "/ui/events?type=sms.received", ui=True),
+    Page("ui: events, type (rare)", "/ui/events?type=email_subscriber.opted_out", ui=True),
+    Page("ui: events, text (common word)", "/ui/events?text=pizza", capture="ui_text_next", ui=True),
+    Page("ui: events, text, 2nd page", "/ui/events?text=pizza&cursor={ui_text_next}", ui=True),
+    Page("ui: events, text (rare word)", "/ui/events?text=kumquat", ui=True),
+    Page("ui: events, text and short code", "/ui/events?text=refund&short_code={short_code}", ui=True),
+    Page(
+        "ui: events, every field of the form",
+        "/ui/events?texter={busy_texter}&short_code={short_code}&keyword=&type=sms.received&text=pizza&since=&until=",
+        ui=True,
+    ),
+    Page("ui: event, its deliveries and attempts", "/ui/events/{event_id}", ui=True),
+    Page("ui: deliveries", "/ui/deliveries", capture="ui_deliveries_next", ui=True),
+    Page("ui: deliveries, 2nd page (its link)", "/ui/deliveries?before_id={ui_deliveries_next}", ui=True),
+    Page("ui: deliveries, status delivered", "/ui/deliveries?status=delivered", ui=True),
+    Page("ui: deliveries, status pending", "/ui/deliveries?status=pending", ui=True),
+    Page("ui: deliveries, status failed", "/ui/deliveries?status=failed", ui=True),
+    Page("ui: deliveries, status dead", "/ui/deliveries?status=dead", ui=True),
+    Page("ui: deliveries, destination", "/ui/deliveries?destination=slack", ui=True),
+    Page("ui: deliveries, destination and status", "/ui/deliveries?destination=sms&status=dead", ui=True),
+    Page("ui: deliveries, live part (polled)", "/ui/deliveries?part=live", ui=True),
+    Page("ui: dead letters", "/ui/dead-letters", capture="ui_dead_next", ui=True),
+    Page("ui: dead letters, 2nd page (its link)", "/ui/dead-letters?before_id={ui_dead_next}", ui=True),
+    Page("ui: dead letters, a destination", "/ui/dead-letters?destination=crm", ui=True),
+    Page("ui: conversations (the picker)", "/ui/conversations", ui=True),
+    Page(
+        "ui: a conversation (a busy texter)",
+        "/ui/conversations?texter={busy_texter}&short_code={short_code}",
+        capture="ui_conversation_next",
+        ui=True,
+    ),
+    Page(
+        "ui: a conversation, earlier messages",
+        "/ui/conversations?texter={busy_texter}&short_code={short_code}&cursor={ui_conversation_next}",
+        ui=True,
+    ),
+    Page(
+        "ui: a conversation, live part (polled)",
+        "/ui/conversations?texter={busy_texter}&short_code={short_code}&part=live",
+        ui=True,
+    ),
+    Page("ui: routes", "/ui/routes", ui=True),
 ]
 
 # What the console's Overview asks the store for that no admin list shows: timed in the bench's
@@ -463,12 +528,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def time_pages(
-    base: str, pages: list[Page], context: dict[str, str], *, runs: int, token: str, cookie: str | None
+    base: str, pages: list[Page], context: dict[str, str], *, runs: int, token: str
 ) -> list[dict[str, Any]]:
     headers = {"Authorization": f"Bearer {token}"}
-    cookies = dict([cookie.split("=", 1)]) if cookie else {}
+    _, cookie = new_session(signing_key(token))  # the console's session, as signing in would give
     out = []
-    async with aiohttp.ClientSession(base, cookies=cookies) as session:
+    async with aiohttp.ClientSession(base, cookies={SESSION_COOKIE: cookie}) as session:
         # the 20th page of events: follow the cursor
         cursor = None
         for _ in range(19):
@@ -482,26 +547,66 @@ async def time_pages(
             except KeyError as missing:
                 out.append({"name": page.name, "path": page.path, "skipped": f"no {missing} in the context"})
                 continue
-            times, status, size = [], 0, 0
+            times, status, size, wrong = [], 0, 0, None
             for n in range(runs + 1):
                 started = time.perf_counter()
-                async with session.get(path, headers=headers) as response:
+                async with session.get(path, headers=headers, allow_redirects=False) as response:
                     body = await response.read()
                 elapsed = (time.perf_counter() - started) * 1000
                 status, size = response.status, len(body)
+                if page.ui:
+                    wrong = wrong or _not_a_page(status, response.content_type, body)
                 if n == 0:  # the warm-up: what it captures, and its count
                     if page.capture and status == 200:
-                        context[page.capture] = str(json.loads(body).get("next") or "")
+                        context[page.capture] = _next_of(body, ui=page.ui)
                     continue
                 times.append(elapsed)
-            rows = _count(body)
+            rows = _count_html(body) if page.ui else _count(body)
             out.append({
-                "name": page.name, "path": path, "status": status, "bytes": size, "rows": rows,
+                "name": page.name, "path": path, "ui": page.ui, "status": status, "bytes": size, "rows": rows,
                 "p50_ms": round(statistics.median(times), 1), "p95_ms": round(_percentile(times, 0.95), 1),
-                "max_ms": round(max(times), 1),
+                "max_ms": round(max(times), 1), **({"not_a_page": wrong} if wrong else {}),
             })  # fmt: skip
-            print(f"  {page.name}: p50 {out[-1]['p50_ms']} ms, max {out[-1]['max_ms']} ms ({rows} rows, {status})")
+            said = f", NOT A PAGE: {wrong}" if wrong else ""
+            print(
+                f"  {page.name}: p50 {out[-1]['p50_ms']} ms, max {out[-1]['max_ms']} ms ({rows} rows, {status}{said})"
+            )
     return out
+
+
+def _not_a_page(status: int, content_type: str, body: bytes) -> str | None:
+    """Why a console answer is not the page asked for (None: it is): not a 200, not HTML, or the
+    sign-in form (the session cookie was refused)."""
+    if status != 200:
+        return f"status {status}"
+    if content_type != "text/html":
+        return f"content type {content_type}"
+    if b'action="/ui/login"' in body:
+        return "the sign-in form"
+    return None
+
+
+_PAGER = re.compile(rb'<a href="([^"]*)">(?:Older events|Older deliveries|Earlier messages)</a>')
+
+
+def _next_of(body: bytes, *, ui: bool) -> str:
+    """The next page's cursor: the admin API's `next`, or the `cursor` (events, conversations)
+    or `before_id` (deliveries) of the link a console page shows to it; "" when there is none."""
+    if not ui:
+        return str(json.loads(body).get("next") or "")
+    link = _PAGER.search(body)
+    if link is None:
+        return ""
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(html.unescape(link.group(1).decode())).query))
+    return query.get("cursor") or query.get("before_id") or ""
+
+
+_ROWS = re.compile(rb'<tr>\s+<td|<li class="(?:in|out)bound"|<li><a href="/ui/conversations\?')
+
+
+def _count_html(body: bytes) -> int:
+    """The rows a console page shows: table rows, a conversation's messages, the picker's pairs."""
+    return len(_ROWS.findall(body))
 
 
 def _count(body: bytes) -> int | None:
@@ -673,7 +778,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "load_before": [round(x, 1) for x in load],
         },
         "backend": backend,
-        "settings": {"events": fill.events, "deliveries": fill.deliveries, "runs": args.runs, "rounds": args.rounds},
+        "settings": {
+            "events": fill.events,
+            "deliveries": fill.deliveries,
+            "runs": args.runs,
+            "rounds": 0 if args.no_ingest else args.rounds,
+        },
     }
     names = ["full", "empty", "bare"]
     async with contextlib.AsyncExitStack() as stack:
@@ -698,17 +808,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("timing the pages ...", flush=True)
         with serving(full, work, token) as port:
             time.sleep(2)
-            results["pages"] = await time_pages(
-                f"http://127.0.0.1:{port}", PAGES, context, runs=args.runs, token=token, cookie=args.cookie
-            )
+            results["pages"] = await time_pages(f"http://127.0.0.1:{port}", PAGES, context, runs=args.runs, token=token)
         results["store_calls"] = await time_store_calls(full, runs=args.runs)
-        for name in ("empty", "bare"):
-            store = open_store(urls[name])
-            await store.open()
-            await store.close()
-        await without_0003(urls["bare"])
-        print("ingest: the full store, an empty one, an empty one without 0003's indexes, in turns ...", flush=True)
-        results["ingest"] = await compare_ingest(urls, rounds=args.rounds, seconds=args.seconds)
+        if not args.no_ingest:
+            for name in ("empty", "bare"):
+                store = open_store(urls[name])
+                await store.open()
+                await store.close()
+            await without_0003(urls["bare"])
+            print("ingest: the full store, an empty one, one without 0003's indexes, in turns ...", flush=True)
+            results["ingest"] = await compare_ingest(urls, rounds=args.rounds, seconds=args.seconds)
     results["machine"]["load_after"] = [round(x, 1) for x in os.getloadavg()]
     shutil.rmtree(work, ignore_errors=True)  # gigabytes (a --keep store is elsewhere)
     return results
@@ -732,13 +841,18 @@ def report(results: dict[str, Any]) -> str:
         if "skipped" in page:
             lines.append(f"| {page['name']} | skipped: {page['skipped']} | | | | |")
             continue
-        met = "yes" if page["p95_ms"] < GOAL_MS and page["status"] == 200 else f"NO ({page['status']})"
+        if page.get("not_a_page"):
+            met = f"NO (not the page: {page['not_a_page']})"
+        else:
+            met = "yes" if page["p95_ms"] < GOAL_MS and page["status"] == 200 else f"NO ({page['status']})"
         lines.append(
             f"| {page['name']} | {page['rows']} | {page['p50_ms']} | {page['p95_ms']} | {page['max_ms']} | {met} |"
         )
     for call in results.get("store_calls", []):
         met = "yes" if call["p95_ms"] < GOAL_MS else "NO"
         lines.append(f"| {call['name']} | | {call['p50_ms']} | {call['p95_ms']} | {call['max_ms']} | {met} |")
+    if "ingest" not in results:
+        return "\n".join(lines)
     ingest = results["ingest"]
     ratio = ingest["full"]["median"] / ingest["empty"]["median"]
     bare = ingest["empty"]["median"] / ingest["bare"]["median"]
@@ -777,7 +891,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed fetches of each page, after a warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="ingest rounds per store, taken in turns")
     parser.add_argument("--seconds", type=float, default=5, help="each ingest round")
-    parser.add_argument("--cookie", help="name=value: the console's session cookie, for /ui/ pages")
+    parser.add_argument("--no-ingest", action="store_true", help="time the pages only, not ingest")
     parser.add_argument("--keep", help="SQLite: fill this file once and reuse it on later runs")
     parser.add_argument("--no-save", action="store_true", help="print, keep nothing in bench/results/")
     args = parser.parse_args()

@@ -266,6 +266,29 @@ async def _a_conversation(app_client: Any, tmp_path: Path, slack: Any, skycore: 
     assert f"texter=%2B{TEXTER}&amp;short_code={SHORT_CODE}" in await listing.text()  # among the recent ones
 
 
+async def test_an_earlier_page_of_a_conversation_shows_its_replies_state(app_client, tmp_path):
+    """The page reads the delivery reports from its oldest message on (bench/console.py: a busy
+    texter's older ones cost 30-50 ms): a reply two pages back still finds its report."""
+    async with fake_slack() as slack, fake_skycore() as skycore:
+        client = await app_client({**replies_config(tmp_path, slack, skycore), "server": {"admin_token": ADMIN}})
+        bridge = Bridge(client, slack, skycore)
+        thread = await bridge.thread()
+        await bridge.reply("Yes, from 9 to 5.", thread)
+        (sent,) = await skycore.wait_for(1)
+        await bridge.settled()
+        await bridge.postback(report("N202", sent.tracking_id))
+        for n in range(10, 60):  # a page (50) of newer texts
+            await bridge.postback(mo(n, f"text {n}"))
+        await bridge.settled()
+        await sign_in(client)
+        newest = await (await client.get(f"/ui/conversations?texter={TEXTER}&short_code={SHORT_CODE}")).text()
+        assert "Yes, from 9 to 5." not in newest
+        earlier = re.search(r'<a href="([^"]+)">Earlier messages</a>', newest).group(1)
+        html = await (await client.get(html_unescape(earlier))).text()
+        assert "Yes, from 9 to 5." in html
+        assert re.findall(r'<span class="badge ([a-z-]+)">', html) == ["in", "delivered"]  # not opted out; the reply
+
+
 def test_a_reply_is_sending_while_its_sms_waits():
     reply = {"fields": {"slack": {"user": "U1"}}}
     waiting = DeliveryRow(1, "evt_1", "sms", "replies", "pending", 1, 0.0, 5.0, 0.0, "HTTP 503")
