@@ -39,7 +39,7 @@ async def test_the_bench_fills_a_store_and_every_page_it_times_answers(app_clien
         "default": ["crm"],
     }
     client = await app_client(raw)
-    pages = await console.time_pages(str(client.make_url("")), console.PAGES, context, runs=1, token=TOKEN, cookie=None)
+    pages = await console.time_pages(str(client.make_url("")), console.PAGES, context, runs=1, token=TOKEN)
     assert [p["name"] for p in pages] == [p.name for p in console.PAGES]
     assert [(p["name"], p.get("status")) for p in pages if p.get("status") != 200] == []
     results = {
