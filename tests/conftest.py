@@ -243,6 +243,19 @@ class Sink:
         return self.received
 
 
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, *, shutdown_timeout: float = 0.1) -> AsyncIterator[str]:
+    """`app` on 127.0.0.1, on a port of its own, while the block runs: its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 async def start_sink(port: int | None = None) -> tuple[Sink, web.AppRunner]:
     sink = Sink()
     app = web.Application()

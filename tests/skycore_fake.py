@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import wait_for_arrivals
+from tests.conftest import serving, wait_for_arrivals
 
 API_KEY = "Y6r74u6Br4hAVgrolveksjEiiu8yJX"
 INFO = {
@@ -119,12 +119,5 @@ async def fake_skycore() -> AsyncIterator[FakeSkycore]:
     skycore = FakeSkycore()
     app = web.Application()
     app.router.add_post("/API/wxml/1.3/index.php", skycore.index)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    skycore.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(app) as skycore.url:
         yield skycore
-    finally:
-        await runner.cleanup()

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import wait_for_arrivals
+from tests.conftest import serving, wait_for_arrivals
 
 TOKEN = "xoxb-1111-2222-fakeBotTokenValue"
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"  # the example in Slack's docs
@@ -343,15 +343,8 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
     app.router.add_post("/api/files.completeUploadExternal", slack.complete_upload)
     app.router.add_get("/link/", slack.link)
     app.router.add_post("/services/{tail:.*}", slack.webhook)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    slack.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(app, shutdown_timeout=0.5) as slack.url:
         yield slack
-    finally:
-        await runner.cleanup()
 
 
 def signed(body: bytes, *, secret: str = SIGNING_SECRET, at: float | None = None) -> dict[str, str]:

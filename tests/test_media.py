@@ -28,7 +28,7 @@ from bridge.media.guard import GuardedResolver, Policy
 from bridge.media.stores import FileStore, S3Store
 from bridge.mediatypes import sniff
 from bridge.runtime import RUNTIME
-from tests.conftest import POSTBACKS, eventually, post
+from tests.conftest import POSTBACKS, eventually, post, serving
 from tests.test_email import mail_servers, start_mail_server  # noqa: F401 (mail_servers: the fixture)
 from tests.test_slack import mms
 from tests.test_store_contract import pg_url  # noqa: F401 (the fixture: a fresh PostgreSQL schema)
@@ -90,15 +90,10 @@ async def media_server() -> AsyncIterator[MediaServer]:
     app = web.Application()
     app.router.add_get("/{name}", server.handle)
     app.router.add_get("/mms/{id}/{name}", server.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.port = runner.addresses[0][1]
-    server.base = f"http://127.0.0.1:{server.port}"
-    yield server
-    server.closing.set()
-    await runner.cleanup()
+    async with serving(app) as server.base:
+        server.port = URL(server.base).port or 0
+        yield server
+        server.closing.set()  # the slow file's handler ends
 
 
 def config(tmp_path: Path, sink_url: str, **media: Any) -> dict[str, Any]:
