@@ -250,7 +250,8 @@ class Fill:
 
 def rows(fill: Fill, seed: int = 20) -> Iterator[tuple[tuple[Any, ...], list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
     """(event row, its delivery rows, their attempt rows) for each event, oldest first. Events
-    are (id, dedup_key, type, received_at, body, and the columns of its fields: EVENT_COLUMNS);
+    are (id, dedup_key, type, received_at, body, and on PostgreSQL the columns of its fields:
+    EVENT_COLUMNS);
     deliveries (id, event_id, destination, route,
     conversation, status, attempts, created_at, next_at, leased_by, last_error, updated_at,
     ordered, came_in_at, tracking_id); attempts (delivery_id, number, at, outcome, status,
@@ -394,9 +395,8 @@ def _fill_sqlite(path: str, fill: Fill) -> dict[str, Any]:
     started = time.monotonic()
     conn.execute("BEGIN")
     for events, deliveries, attempts in chunks(fill):
-        conn.executemany(
-            f"INSERT INTO events ({', '.join(EVENT_ROW)}) VALUES ({', '.join('?' * len(EVENT_ROW))})", events
-        )
+        # SQLite's events have no columns for the fields (its indexes are on the JSON: migration 0004)
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (event[:5] for event in events))
         conn.executemany(
             f"INSERT INTO deliveries ({', '.join(DELIVERY_COLUMNS)}) VALUES ({', '.join('?' * len(DELIVERY_COLUMNS))})",
             deliveries,
@@ -408,7 +408,8 @@ def _fill_sqlite(path: str, fill: Fill) -> dict[str, Any]:
     conn.execute("BEGIN")
     conn.execute("DELETE FROM events_text")
     conn.execute(
-        "INSERT INTO events_text (rowid, text, event_id) SELECT rowid, text, id FROM events WHERE text IS NOT NULL"
+        "INSERT INTO events_text (rowid, text, event_id) SELECT rowid, json_extract(body, '$.text'), id FROM events"
+        " WHERE json_extract(body, '$.text') IS NOT NULL"
     )
     for _, _, sql in schema:
         conn.execute(sql)
@@ -472,7 +473,7 @@ async def _fill_postgres(url: str, fill: Fill) -> dict[str, Any]:
 async def context_of(url: str) -> dict[str, str]:
     """The values PAGES name: numbers and ids found in the store."""
     sqlite = url.startswith("sqlite")
-    field = EVENT_COLUMNS.__getitem__
+    field = (lambda f: f"json_extract(body, '$.{f}')") if sqlite else EVENT_COLUMNS.__getitem__
     queries = {
         "busy_texter": f"SELECT {field('from')} FROM events WHERE type = 'sms.received'"
         " ORDER BY received_at DESC LIMIT 1",

@@ -24,7 +24,8 @@ from bridge.event import Event
 from bridge.retry import Dead, Decision, Done, RetryAt
 
 # An event's JSON fields that event lists filter on (`EventFilter`), and the columns of `events`
-# that hold them (migration 0004): written with the event, indexed, and what `event_search` asks.
+# that hold them on PostgreSQL (migration 0004): written with the event, indexed, and what
+# `event_search` asks there. (SQLite's indexes are on the JSON: see its 0004.)
 EVENT_COLUMNS = {"from": "sender", "to": "recipient", "keyword": "keyword", "text": "text"}
 
 
@@ -43,7 +44,8 @@ class PendingEvent:
     received_at: float
     body: str  # the event as JSON, byte for byte what is stored
     deliveries: list[NewDelivery]
-    # the fields event lists filter on, in columns of their own (EVENT_COLUMNS; migration 0004)
+    # the fields event lists filter on, in columns of their own on PostgreSQL (EVENT_COLUMNS;
+    # migration 0004); SQLite's store leaves them out
     sender: str | None = None
     recipient: str | None = None
     keyword: str | None = None
@@ -273,15 +275,15 @@ def parse_event_cursor(cursor: str) -> tuple[float, str]:
 
 class EventSQL(abc.ABC):
     """How a store writes what `event_search` asks for: its placeholders, an event's fields
-    (their columns), and its text search."""
+    (the same expressions its indexes are made on), and its text search."""
 
     @abc.abstractmethod
     def placeholder(self, n: int) -> str:
         """The placeholder of the `n`th value bound (from 1)."""
 
+    @abc.abstractmethod
     def field(self, name: str) -> str:
-        """The SQL of the event's field `name`: its column (EVENT_COLUMNS), which its index is on."""
-        return EVENT_COLUMNS[name]
+        """The SQL of the event's field `name` (the same expression its index is made on)."""
 
     @abc.abstractmethod
     def unindexed(self, sql: str) -> str:

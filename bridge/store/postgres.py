@@ -47,6 +47,7 @@ from bridge.jsonout import dumps
 from bridge.secret import redact_url
 from bridge.store import (
     DELIVERY_COLUMNS,
+    EVENT_COLUMNS,
     FAILED_SQL,
     OPTOUT_COLUMNS,
     REPLAY_SET_SQL,
@@ -157,6 +158,9 @@ def _delivery_where(where: DeliveryFilter, p: _Params) -> list[str]:
 class _EventSQL(EventSQL):
     def placeholder(self, n: int) -> str:
         return f"${n}"
+
+    def field(self, name: str) -> str:
+        return EVENT_COLUMNS[name]  # the columns of migration 0004, which its indexes are on
 
     def unindexed(self, sql: str) -> str:
         return f"({sql} || '')"
