@@ -692,7 +692,8 @@ async def test_slack_gets_an_answer_within_3_seconds_even_when_the_store_hangs(s
     async def hangs(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(30)
 
-    monkeypatch.setattr(bridge.store, "ingest", hangs)
+    for write in ("ingest", "ingest_and_claim"):  # a reply is stored by the one or the other
+        monkeypatch.setattr(bridge.store, write, hangs)
     ts = bridge.next_ts()
     began = time.monotonic()
     response = await bridge.event(message_event("Are you there?", thread_ts=thread, ts=ts))
@@ -823,19 +824,19 @@ async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, 
     bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
     await asyncio.wait_for(slack.socket_opened.wait(), 10)
     thread = await bridge.thread()
-    real_ingest = bridge.store.ingest
 
     async def down(*args: Any, **kwargs: Any) -> Any:
         raise StoreError("database is down")
 
-    monkeypatch.setattr(bridge.store, "ingest", down)
+    for write in ("ingest", "ingest_and_claim"):  # a reply is stored by the one or the other
+        monkeypatch.setattr(bridge.store, write, down)
     ts = bridge.next_ts()
     slack.person_says("C0FAKE", ts)
     payload = message_event("Wait for it", thread_ts=thread, ts=ts)
     await slack.envelope(payload, "env-1")
     await asyncio.sleep(0.5)
     assert slack.acks == [] and skycore.calls == []
-    monkeypatch.setattr(bridge.store, "ingest", real_ingest)
+    monkeypatch.undo()
     await slack.envelope(payload, "env-1")  # Slack sends it again
     await until(lambda: slack.acks == ["env-1"])
     await skycore.wait_for(1)

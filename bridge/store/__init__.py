@@ -20,6 +20,7 @@ from functools import cached_property
 from importlib.resources import files
 from typing import Any, ClassVar
 
+from bridge.errors import StoreError
 from bridge.event import Event
 from bridge.retry import Dead, Decision, Done, RetryAt
 
@@ -67,6 +68,18 @@ class Claim:
     def event(self) -> Event:
         """Decoded when first asked for: a webhook sends `body` as it is."""
         return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class ClaimFor:
+    """A claim to make in the same trip as a write (`Store.ingest_and_claim`,
+    `Store.complete_and_claim`): what `Store.claim` takes."""
+
+    destination: str
+    limit: int
+    lease: float
+    ordered: bool
+    owner: str
 
 
 @dataclass(frozen=True)
@@ -503,6 +516,39 @@ class Store(abc.ABC):
         """Lease up to `limit` due deliveries. With `ordered`, only the oldest pending delivery
         of each conversation is due, so one conversation is never sent out of order."""
 
+    async def ingest_and_claim(
+        self, event: Event, dedup_key: str, deliveries: list[NewDelivery], then: ClaimFor
+    ) -> tuple[Ingested, list[Claim]]:
+        """`ingest`, then `claim` as `then` says: what is due for that destination now, the new
+        event's delivery among it unless an earlier one of its conversation holds it back
+        (ordered). For a delivery that is sent at once (a reply's SMS), so that its delivery loop
+        need not claim it. A store that can make both in one trip does (SQLite: one transaction);
+        this one makes the two in turn. A claim that fails leaves the event stored and claims
+        nothing (the loop claims it as usual)."""
+        result = await self.ingest(event, dedup_key, deliveries)
+        try:
+            claims = await self.claim(
+                then.destination, limit=then.limit, lease=then.lease, ordered=then.ordered, owner=then.owner
+            )
+        except StoreError:
+            claims = []
+        return result, claims
+
+    async def complete_and_claim(
+        self, results: list[AttemptResult], then: ClaimFor
+    ) -> tuple[list[AttemptResult], list[Claim]]:
+        """`complete`, then `claim` as `then` says (the follow-ups the results add are due at
+        once: a reply's feedback in its thread). As `ingest_and_claim`: one trip where the store
+        can, else the two in turn; a claim that fails claims nothing."""
+        died = await self.complete(results)
+        try:
+            claims = await self.claim(
+                then.destination, limit=then.limit, lease=then.lease, ordered=then.ordered, owner=then.owner
+            )
+        except StoreError:
+            claims = []
+        return died, claims
+
     @abc.abstractmethod
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         """Record attempts and apply their decisions; a delivery no longer pending is left alone.
@@ -539,6 +585,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def opted_out(self, texter: str, short_code: str) -> bool:
         """Whether the texter's latest word to the short code was an opt-out."""
+
+    async def thread_and_ledger(
+        self, destination: str, key: str, value: str, which: Callable[[str | None, str | None], tuple[str, str] | None]
+    ) -> tuple[tuple[str, str] | None, bool]:
+        """A reply's lookups in one go (bridge.replies): the conversation state `key` of
+        `destination` (or, when there is none, the conversation whose state is `value`), made
+        into (texter, short code) by `which(state, conversation)` (pure: a store may call it on
+        a thread of its own), and whether that texter opted out of that short code. A store
+        that can make them in one trip does (SQLite: one reader round); this one asks in turn."""
+        kept = await self.get_conversation(destination, key)
+        found = which(kept, None if kept is not None else await self.conversation_of(destination, value))
+        if found is None:
+            return None, False
+        return found, await self.opted_out(*found)
 
     @abc.abstractmethod
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:

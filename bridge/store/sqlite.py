@@ -37,6 +37,7 @@ from bridge.store import (
     AttemptResult,
     AttemptRow,
     Claim,
+    ClaimFor,
     DeliveryFilter,
     DeliveryRow,
     DestinationStats,
@@ -61,6 +62,7 @@ from bridge.store import (
 log = logging.getLogger("bridge.store")
 Q = load_queries("sqlite.sql")
 T = TypeVar("T")
+F = TypeVar("F")  # what a caller of _ingest_all gets each result back with (its future)
 Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
@@ -326,9 +328,7 @@ class _Writer(threading.Thread):
 _Ingest = PendingEvent  # an op the writer thread takes with the others of its commit
 
 
-def _ingest_all(
-    conn: sqlite3.Connection, ingests: list[tuple[_Ingest, asyncio.Future[Any]]]
-) -> list[tuple[asyncio.Future[Any], Any, None]]:
+def _ingest_all(conn: sqlite3.Connection, ingests: list[tuple[_Ingest, F]]) -> list[tuple[F, Any, None]]:
     """Every postback of a commit in two statements: the events (duplicates skipped by the
     unique dedup key), then the deliveries of those that were new."""
     before = conn.total_changes
@@ -340,7 +340,7 @@ def _ingest_all(
         owner = dict(conn.execute(f"SELECT dedup_key, id FROM events WHERE dedup_key IN ({_marks(keys)})", keys))
     rows: list[tuple[Any, ...]] = []
     dropped: list[tuple[str, float]] = []
-    results: list[tuple[asyncio.Future[Any], Any, None]] = []
+    results: list[tuple[F, Any, None]] = []
     for item, future in ingests:
         stored_id = owner[item.dedup_key]
         if stored_id == item.event_id:
@@ -357,6 +357,36 @@ def _ingest_all(
     if dropped:
         conn.executemany(Q["insert_dropped"], dropped)
     return results
+
+
+def _claimed(conn: sqlite3.Connection, then: ClaimFor, now: float) -> list[Claim]:
+    """`Store.claim` as one op of the writer."""
+    params = {
+        "destination": then.destination,
+        "now": now,
+        "lease_until": now + then.lease,
+        "owner": then.owner,
+        "limit": then.limit,
+    }
+    rows = conn.execute(Q["claim_ordered" if then.ordered else "claim"], params).fetchall()
+    if not rows:
+        return []
+    ids = sorted({row[1] for row in rows})
+    bodies = dict(conn.execute(f"SELECT id, body FROM events WHERE id IN ({_marks(ids)})", ids).fetchall())
+    rows.sort(key=lambda row: row[0])
+    return [
+        Claim(
+            id=row[0],
+            event_id=row[1],
+            destination=then.destination,
+            attempt=row[2],
+            created_at=row[3],
+            conversation=row[4],
+            route=row[5],
+            body=bodies[row[1]],
+        )
+        for row in rows
+    ]
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -472,34 +502,23 @@ class SQLiteStore(Store):
         return result
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        then = ClaimFor(destination, limit, lease, ordered, owner)
         now = time.time()
-        params = {"destination": destination, "now": now, "lease_until": now + lease, "owner": owner, "limit": limit}
-        query = Q["claim_ordered" if ordered else "claim"]
+        return await self._run(lambda conn: _claimed(conn, then, now))
 
-        def op(conn: sqlite3.Connection) -> list[Claim]:
-            rows = conn.execute(query, params).fetchall()
-            if not rows:
-                return []
-            ids = sorted({row[1] for row in rows})
-            bodies = dict(conn.execute(f"SELECT id, body FROM events WHERE id IN ({_marks(ids)})", ids).fetchall())
-            rows.sort(key=lambda row: row[0])
-            return [
-                Claim(
-                    id=row[0],
-                    event_id=row[1],
-                    destination=destination,
-                    attempt=row[2],
-                    created_at=row[3],
-                    conversation=row[4],
-                    route=row[5],
-                    body=bodies[row[1]],
-                )
-                for row in rows
-            ]
+    async def ingest_and_claim(
+        self, event: Event, dedup_key: str, deliveries: list[NewDelivery], then: ClaimFor
+    ) -> tuple[Ingested, list[Claim]]:
+        # one op of the writer's next commit: the event as `ingest` stores it, then the claim
+        item = _Ingest(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries)
+
+        def op(conn: sqlite3.Connection) -> tuple[Ingested, list[Claim]]:
+            ((_, result, _),) = _ingest_all(conn, [(item, None)])
+            return result, _claimed(conn, then, time.time())
 
         return await self._run(op)
 
-    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
+    def _complete_op(self, results: list[AttemptResult]) -> Callable[[sqlite3.Connection], list[AttemptResult]]:
         now = time.time()
         attempts: list[tuple[Any, ...]] = []
         finishes: list[tuple[AttemptResult, tuple[Any, ...]]] = []
@@ -528,6 +547,20 @@ class SQLiteStore(Store):
             for r in died:
                 follow(conn, r)
             return died
+
+        return op
+
+    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
+        return await self._run(self._complete_op(results))
+
+    async def complete_and_claim(
+        self, results: list[AttemptResult], then: ClaimFor
+    ) -> tuple[list[AttemptResult], list[Claim]]:
+        complete = self._complete_op(results)
+
+        def op(conn: sqlite3.Connection) -> tuple[list[AttemptResult], list[Claim]]:
+            died = complete(conn)
+            return died, _claimed(conn, then, time.time())
 
         return await self._run(op)
 
@@ -569,6 +602,23 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute(Q["opted_out"], (texter, short_code)).fetchone()
             return bool(row and row[0])
+
+        return await self._read(op)
+
+    async def thread_and_ledger(
+        self, destination: str, key: str, value: str, which: Callable[[str | None, str | None], tuple[str, str] | None]
+    ) -> tuple[tuple[str, str] | None, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[tuple[str, str] | None, bool]:
+            row = conn.execute(Q["get_conversation"], (destination, key)).fetchone()
+            other = None
+            if row is None:
+                found = conn.execute(Q["conversation_of"], (destination, value)).fetchone()
+                other = found[0] if found else None
+            texter = which(row[0] if row else None, other)
+            if texter is None:
+                return None, False
+            stopped = conn.execute(Q["opted_out"], texter).fetchone()
+            return texter, bool(stopped and stopped[0])
 
         return await self._read(op)
 
