@@ -447,6 +447,8 @@ class SQLiteStore(Store):
         # the admin API's and the console's listings, on a reader of their own: a page of a big
         # store (1-30 ms) neither holds postbacks back behind the writer nor a reply's lookups
         self._lister: _Reader | None = None
+        # a reply's point lookups (its thread, the opt-out ledger) on the event loop itself: see _quick
+        self._quick_conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
         writer = _Writer(self.path)
@@ -466,6 +468,9 @@ class SQLiteStore(Store):
             if reader is not None:
                 await asyncio.to_thread(reader.close)
         self._reader = self._lister = None
+        if self._quick_conn is not None:
+            self._quick_conn.close()
+            self._quick_conn = None
         if self._writer is not None:
             self._writer.queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -485,6 +490,27 @@ class SQLiteStore(Store):
         if self._reader is None:
             raise StoreError("store is not open")
         return await self._reader.run(op)
+
+    async def _quick(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a point lookup (a few rows by a primary key or an index) on a read-only connection
+        of the event loop's own. It costs tens of microseconds; a trip to the reader thread and
+        back costs several times that in thread wake-ups, and a reply makes two of them (its
+        thread and the ledger, then the ledger again right before its SMS). In WAL mode a reader
+        takes no lock the writer holds, so it never waits for a commit; should SQLite still say
+        busy (a WAL being recovered), the lookup goes to the reader thread, which may wait."""
+        if self._writer is None:
+            raise StoreError("store is not open")
+        try:
+            if self._quick_conn is None:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 0")  # never wait on the loop
+                conn.execute("PRAGMA query_only = 1")
+                self._quick_conn = conn
+            return op(self._quick_conn)
+        except sqlite3.OperationalError:
+            return await self._read(op)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
 
     async def _list(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run a listing (admin API, console, /metrics' counts) on the lister (see _Reader)."""
@@ -603,7 +629,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["opted_out"], (texter, short_code)).fetchone()
             return bool(row and row[0])
 
-        return await self._read(op)
+        return await self._quick(op)
 
     async def thread_and_ledger(
         self, destination: str, key: str, value: str, which: Callable[[str | None, str | None], tuple[str, str] | None]
@@ -620,7 +646,7 @@ class SQLiteStore(Store):
             stopped = conn.execute(Q["opted_out"], texter).fetchone()
             return texter, bool(stopped and stopped[0])
 
-        return await self._read(op)
+        return await self._quick(op)
 
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
         where, params = ("", []) if number is None else (" WHERE texter = ? OR short_code = ?", [number, number])
