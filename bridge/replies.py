@@ -32,7 +32,7 @@ from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bridge.answers import error
-from bridge.config import FEEDBACK, FEEDBACK_REPORT, Config
+from bridge.config import FEEDBACK, FEEDBACK_REPORT, REPLY_ROUTE, Config
 from bridge.delivery import Dispatcher
 from bridge.destinations.base import Attempt, Destination, conversation_key
 from bridge.destinations.skycore import OPTED_OUT
@@ -57,7 +57,7 @@ ANSWER_WITHIN = 2.5  # seconds: Slack waits 3 for an answer, then retries
 SCOPES = ("chat:write", "reactions:write", "channels:history", "groups:history")
 EVENTS = ("message.channels", "message.groups")
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
-ROUTE = "replies"  # the route name a reply's delivery to send_with is stored under
+ROUTE = REPLY_ROUTE  # the route name a reply's delivery to send_with is stored under
 
 
 @dataclass(frozen=True)

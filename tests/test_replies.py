@@ -281,6 +281,24 @@ async def test_a_reply_goes_to_the_texter_with_the_right_xml_and_the_thread_show
     assert await bridge.reactions(ts, 2) == ["outbox_tray", "white_check_mark"]
 
 
+async def test_only_the_reports_on_a_replys_sms_get_a_feedback_delivery(start):
+    """Skycore sends delivery reports for every message the account sends, and nearly none is a
+    reply's: those go where their routes say and leave nothing for a thread to show (no
+    `~feedback` delivery to claim, attempt and record for each)."""
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = await bridge.reply("On my way", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    await bridge.settled()
+    for n, code in enumerate(("N202", "E713", "N202")):
+        await bridge.postback(report(code, f"campaign-{n}"))  # messages the bridge never sent
+    await bridge.postback(report("E713", call.tracking_id, "Message Failed"))  # the reply's
+    await bridge.settled()
+    feedback = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert sorted(row.route for row in feedback) == ["report", "sent"]
+    assert await bridge.reactions(ts, 2) == ["outbox_tray", "x"]
+
+
 async def test_slacks_retry_of_one_event_makes_one_sms(start):
     bridge = await start()
     thread = await bridge.thread()

@@ -662,7 +662,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["delivery_by_tracking_id"], (tracking_id,)).fetchone()
             return delivery_row(row) if row else None
 
-        return await self._read(op)
+        return await self._quick(op)  # asked for each delivery report (bridge.ingest): by an index
 
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
