@@ -23,7 +23,7 @@ from bridge import logs
 from bridge.destinations.base import Attempt, Destination
 from bridge.errors import StoreError
 from bridge.retry import Dead, Delivered, Done, Failed, Outcome, RetryAt, RetryPolicy, backoff, decide
-from bridge.store import AttemptResult, Claim, ClaimFor, NewDelivery, Store
+from bridge.store import AttemptResult, Claim, ClaimFor, ExpiryFollowUp, NewDelivery, Store
 
 log = logging.getLogger("bridge.delivery")
 
@@ -88,6 +88,7 @@ class Dispatcher:
         on_result: Callable[[Destination, Claim, AttemptResult], None] | None = None,
         on_dead: Callable[[str, str, int], None] | None = None,
         follow_ups: Callable[[Destination, Claim, AttemptResult], tuple[NewDelivery, ...]] | None = None,
+        expiry_follow_up: Callable[[Destination], ExpiryFollowUp | None] | None = None,
         lease_margin: float = LEASE_MARGIN,
     ) -> None:
         self.store = store
@@ -100,6 +101,8 @@ class Dispatcher:
         self._on_dead = on_dead
         # deliveries of the same event an attempt's verdict adds, recorded with it (bridge.replies)
         self._follow_ups = follow_ups
+        # what a delivery that dies unattempted past max_age adds (`Store.expire`; bridge.replies)
+        self._expiry_follow_up = expiry_follow_up
         self._wake: dict[str, asyncio.Event] = {}
         # Whether the store may hold deliveries due for a destination that its loop has not
         # claimed: new ones were stored (notify), a verdict freed a conversation's next, a check
@@ -353,7 +356,10 @@ class Dispatcher:
                 max_age = destination.retry.max_age
                 due[name] = time.monotonic() + expire_every(max_age)
                 try:
-                    count = await self.store.expire(name, max_age=max_age, grace=expire_grace(max_age))
+                    follow_up = self._expiry_follow_up(destination) if self._expiry_follow_up is not None else None
+                    count = await self.store.expire(
+                        name, max_age=max_age, grace=expire_grace(max_age), follow_up=follow_up
+                    )
                 except Exception as exc:  # the store (StoreError) or a bug: the check must not die
                     log.warning(
                         "cannot mark deliveries past max_age dead", extra={"destination": name, "error": str(exc)}
@@ -366,6 +372,8 @@ class Dispatcher:
                         extra={"destination": name, "count": count, "max_age_s": max_age},
                     )
                     self.notify([name])  # the next deliveries of their conversations are due
+                    if follow_up is not None:
+                        self.notify([follow_up.destination])
             pause = min(due.values()) - time.monotonic()
             if pause > 0:
                 with contextlib.suppress(TimeoutError):

@@ -46,7 +46,7 @@ from bridge.retry import Delivered, Failed, Outcome, RetryPolicy
 from bridge.routing import route
 from bridge.runtime import RUNTIME, Runtime
 from bridge.smstext import length, plain, segments
-from bridge.store import AttemptResult, Claim, ClaimFor, Ingested, NewDelivery, Store
+from bridge.store import AttemptResult, Claim, ClaimFor, ExpiryFollowUp, Ingested, NewDelivery, Store
 from bridge.validate import Reader
 
 log = logging.getLogger("bridge.replies")
@@ -433,7 +433,15 @@ def install(app: web.Application) -> None:
 
     runtime.internal.append(internal)
     runtime.destinations.update(internal(runtime.config, runtime.destinations))
+
+    def expiry_follow_up(destination: Destination) -> ExpiryFollowUp | None:
+        # a reply's SMS that dies unattempted (Skycore down or paused past max_age): ❌ and why
+        if destination.type_name != "skycore" or FEEDBACK not in runtime.destinations:
+            return None
+        return ExpiryFollowUp(ROUTE, FEEDBACK, DEAD)
+
     runtime.follow_ups.append(follow_ups)
+    runtime.expiry_follow_ups.append(expiry_follow_up)
     runtime.after_attempt.append(after_attempt)
 
 

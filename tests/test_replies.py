@@ -299,6 +299,24 @@ async def test_only_the_reports_on_a_replys_sms_get_a_feedback_delivery(start):
     assert await bridge.reactions(ts, 2) == ["outbox_tray", "x"]
 
 
+async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_thread(aiohttp_client, tmp_path, peers):
+    """A reply that waits behind the texter's earlier one (Skycore takes that one and never
+    answers) and is never attempted: when max_age passes, the check marks it dead, and its
+    thread shows why, as for any dead reply."""
+    slack, skycore = peers
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["sms"].update({"retry": {**RETRY, "max_age": "1s"}, "timeout": "30s"})
+    bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
+    thread = await bridge.thread()
+    skycore.script = ["hang"]
+    await bridge.reply("First", thread)
+    await skycore.wait_for(1)
+    ts = await bridge.reply("Second, behind it", thread)
+    assert await bridge.reactions(ts, 1, timeout=10) == ["x"]
+    assert any("max_age 1s passed after 0 attempts" in line for line in slack.thread_lines(thread))
+    assert len(skycore.calls) == 1  # the second was never sent
+
+
 async def test_slacks_retry_of_one_event_makes_one_sms(start):
     bridge = await start()
     thread = await bridge.thread()

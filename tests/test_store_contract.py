@@ -44,6 +44,7 @@ from bridge.store import (
     ClaimFor,
     DeliveryFilter,
     EventFilter,
+    ExpiryFollowUp,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -1409,3 +1410,20 @@ async def test_thread_and_ledger_reads_a_replys_thread_and_the_ledger_in_one_go(
     await store.record_optout(dataclasses.replace(row, opted_out=False, word="START", at=row.at + 1))
     assert await store.thread_and_ledger("inbox", "thread:1.1", "1.1", which) == (("15550000001", "86717"), False)
     assert await store.opted_out("15550000001", "86717") is False
+
+
+async def test_expire_adds_the_follow_up_of_the_deliveries_of_its_route(store):
+    """A reply's SMS that dies unattempted past max_age gets its feedback delivery with its
+    death, in the same transaction; other routes' deliveries do not."""
+    old = make_event(1)
+    other = make_event(2)
+    await store.ingest(old, dedup_key(old), [NewDelivery("sms", "replies", "alice")])
+    await store.ingest(other, dedup_key(other), [NewDelivery("sms", "elsewhere", "bob")])
+    await asyncio.sleep(0.05)
+    up = ExpiryFollowUp("replies", "~feedback", "dead")
+    assert await store.expire("sms", max_age=0.01, follow_up=up) == 2
+    (row,) = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.event_id, row.route, row.status) == (old["id"], "dead", "pending")
+    (taken,) = await store.claim("~feedback", limit=5, lease=30, ordered=False, owner="a")
+    assert taken.conversation == "alice" and json.loads(taken.body) == old
+    assert await store.expire("sms", max_age=0.01, follow_up=up) == 0  # dead already: nothing more

@@ -83,6 +83,17 @@ class ClaimFor:
 
 
 @dataclass(frozen=True)
+class ExpiryFollowUp:
+    """What `Store.expire` adds, in its transaction, for each delivery it makes dead whose route
+    is `route`: a delivery of the same event to `destination` under `then_route` (same
+    conversation, unordered). A reply's SMS that dies unattempted still shows in its thread."""
+
+    route: str
+    destination: str
+    then_route: str
+
+
+@dataclass(frozen=True)
 class AttemptResult:
     claim: Claim
     started_at: float
@@ -640,12 +651,15 @@ class Store(abc.ABC):
         longer has it); how many, by destination (none: empty)."""
 
     @abc.abstractmethod
-    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
+    async def expire(
+        self, destination: str, *, max_age: float, grace: float = 0.0, follow_up: ExpiryFollowUp | None = None
+    ) -> int:
         """Mark pending deliveries of `destination` stored more than `max_age` seconds ago dead,
         except those leased right now (an attempt in flight gets its own verdict; a lease that
         ran out counts as not leased) and those due less than `grace` seconds ago (the last
         retry is due at the deadline itself: the worker gets that long to make it). The reason
-        says so and keeps the last error: `max_age 3s passed after 2 attempts: HTTP 500`. How
+        says so and keeps the last error: `max_age 3s passed after 2 attempts: HTTP 500`. With
+        `follow_up`, those of its route get their follow-up delivery in the same transaction. How
         many."""
 
     @abc.abstractmethod

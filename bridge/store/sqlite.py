@@ -43,6 +43,7 @@ from bridge.store import (
     DestinationStats,
     EventFilter,
     EventSQL,
+    ExpiryFollowUp,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -758,7 +759,9 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
+    async def expire(
+        self, destination: str, *, max_age: float, grace: float = 0.0, follow_up: ExpiryFollowUp | None = None
+    ) -> int:
         now = time.time()
         params = {
             "destination": destination,
@@ -767,7 +770,19 @@ class SQLiteStore(Store):
             "cutoff": now - max_age,
             "reason": f"max_age {max_age:g}s passed after ",
         }
-        return await self._run(lambda conn: conn.execute(Q["expire"], params).rowcount)
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(Q["expire"], params).fetchall()
+            if follow_up is not None:
+                ups = [
+                    (eid, follow_up.destination, follow_up.then_route, conversation, False, now, now, now)
+                    for eid, route, conversation in rows
+                    if route == follow_up.route
+                ]
+                conn.executemany(Q["insert_delivery"], ups)
+            return len(rows)
+
+        return await self._run(op)
 
     async def order_pending(self, destinations: Collection[str]) -> int:
         names = sorted(destinations)
