@@ -63,7 +63,7 @@ from bridge.event import dedup_key, normalize  # noqa: E402
 from bridge.ids import ulid  # noqa: E402
 from bridge.jsonout import dumps  # noqa: E402
 from bridge.postback import parse  # noqa: E402
-from bridge.store import EventFilter, NewDelivery, Store, open_store  # noqa: E402
+from bridge.store import EVENT_COLUMNS, EventFilter, NewDelivery, Store, open_store  # noqa: E402
 
 GOAL_MS = 150.0
 INGEST_GOAL = 0.9  # ingest with the full store at least this much of an empty one's
@@ -250,7 +250,8 @@ class Fill:
 
 def rows(fill: Fill, seed: int = 20) -> Iterator[tuple[tuple[Any, ...], list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
     """(event row, its delivery rows, their attempt rows) for each event, oldest first. Events
-    are (id, dedup_key, type, received_at, body); deliveries (id, event_id, destination, route,
+    are (id, dedup_key, type, received_at, body, and the columns of its fields: EVENT_COLUMNS);
+    deliveries (id, event_id, destination, route,
     conversation, status, attempts, created_at, next_at, leased_by, last_error, updated_at,
     ordered, came_in_at, tracking_id); attempts (delivery_id, number, at, outcome, status,
     error, duration)."""
@@ -289,7 +290,7 @@ def rows(fill: Fill, seed: int = 20) -> Iterator[tuple[tuple[Any, ...], list[tup
             "received_at": iso, "fields": fields,
         }  # fmt: skip
         key = hashlib.sha256(f"tx\0{origin}\0{code}\0{fields['TRANSACTIONID']}".encode()).hexdigest()
-        event_row = (event_id, key, kind, at, dumps(event))
+        event_row = (event_id, key, kind, at, dumps(event), sender, to, keyword, text)
         if kind == "sms.reply":
             second = "sms"
         elif kind in ("sms.received", "mms.received"):
@@ -360,6 +361,7 @@ def chunks(fill: Fill) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[Any, 
     yield events, deliveries, attempts
 
 
+EVENT_ROW = ("id", "dedup_key", "type", "received_at", "body", *EVENT_COLUMNS.values())
 DELIVERY_COLUMNS = [
     "id", "event_id", "destination", "route", "conversation", "status", "attempts", "created_at", "next_at",
     "leased_by", "last_error", "updated_at", "ordered", "came_in_at", "tracking_id",
@@ -392,7 +394,9 @@ def _fill_sqlite(path: str, fill: Fill) -> dict[str, Any]:
     started = time.monotonic()
     conn.execute("BEGIN")
     for events, deliveries, attempts in chunks(fill):
-        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", events)
+        conn.executemany(
+            f"INSERT INTO events ({', '.join(EVENT_ROW)}) VALUES ({', '.join('?' * len(EVENT_ROW))})", events
+        )
         conn.executemany(
             f"INSERT INTO deliveries ({', '.join(DELIVERY_COLUMNS)}) VALUES ({', '.join('?' * len(DELIVERY_COLUMNS))})",
             deliveries,
@@ -404,8 +408,7 @@ def _fill_sqlite(path: str, fill: Fill) -> dict[str, Any]:
     conn.execute("BEGIN")
     conn.execute("DELETE FROM events_text")
     conn.execute(
-        "INSERT INTO events_text (rowid, text, event_id) SELECT rowid, json_extract(body, '$.text'), id FROM events"
-        " WHERE json_extract(body, '$.text') IS NOT NULL"
+        "INSERT INTO events_text (rowid, text, event_id) SELECT rowid, text, id FROM events WHERE text IS NOT NULL"
     )
     for _, _, sql in schema:
         conn.execute(sql)
@@ -436,7 +439,7 @@ async def _fill_postgres(url: str, fill: Fill) -> dict[str, Any]:
             await conn.execute(f"DROP INDEX {row['indexname']}")
         started = time.monotonic()
         for events, deliveries, attempts in chunks(fill):
-            await conn.copy_records_to_table("events", records=events)
+            await conn.copy_records_to_table("events", records=events, columns=EVENT_ROW)
             await conn.copy_records_to_table("deliveries", records=deliveries, columns=DELIVERY_COLUMNS)
             await conn.copy_records_to_table("attempts", records=attempts)
         await conn.copy_records_to_table("optouts", records=optout_rows(fill))
@@ -469,7 +472,7 @@ async def _fill_postgres(url: str, fill: Fill) -> dict[str, Any]:
 async def context_of(url: str) -> dict[str, str]:
     """The values PAGES name: numbers and ids found in the store."""
     sqlite = url.startswith("sqlite")
-    field = (lambda f: f"json_extract(body, '$.{f}')") if sqlite else (lambda f: f"(body::json ->> '{f}')")
+    field = EVENT_COLUMNS.__getitem__
     queries = {
         "busy_texter": f"SELECT {field('from')} FROM events WHERE type = 'sms.received'"
         " ORDER BY received_at DESC LIMIT 1",

@@ -18,7 +18,7 @@ import pytest
 
 from bridge.errors import ConfigError
 from bridge.event import dedup_key
-from bridge.store import DeliveryFilter, Ingested, NewDelivery, open_store, schema
+from bridge.store import DeliveryFilter, EventFilter, Ingested, NewDelivery, open_store, schema
 from bridge.store.sqlite import _statements
 from tests.test_store_contract import claim, make_event, pg_url, store_url  # noqa: F401
 
@@ -32,6 +32,8 @@ RELEASED = {
     "sqlite/0002_replies.sql": "629bd4a1cd7d6a92cbc5fa90a839bd6198f3494e947ed0b1cc70f2a16414654c",
     "postgres/0003_console.sql": "45dd5c8ab2604bd4be1816d2dada83960c2a44bacf57b27df075dc78e561102c",
     "sqlite/0003_console.sql": "dfb5b0f17fe90e7d30818ea8952cb46490b7e962adebd7e9d55598afd0a8a5df",
+    "postgres/0004_event_columns.sql": "257dfa856b446e6dfcf49512fac65863ee088c1bad570cbb606e9d2098b94c05",
+    "sqlite/0004_event_columns.sql": "ec188c7279ebb6e5e13b4e9cd1e43719fa215b7475936e1b2cd621f5a32f0297",
 }
 
 
@@ -216,3 +218,62 @@ async def test_stores_opened_at_once_migrate_once(store_url):  # noqa: F811
     for s in stores:
         await s.close()
     assert await version_in(store_url) == schema.latest(backend(store_url))
+
+
+async def test_0004_fills_the_event_columns_of_a_store_of_version_3(store_url):  # noqa: F811
+    """A store as 0003 left it, with events in it: 0004 copies each event's `from`, `to`,
+    keyword and text into their columns (a value that is not a string is NULL), and event lists
+    find the old events by them as they find new ones."""
+    for migration in schema.migrations(backend(store_url))[:3]:
+        await run_sql(store_url, migration.sql)
+    await run_sql(store_url, "INSERT INTO meta (key, value) VALUES ('schema_version', '3')")
+    received = make_event(1, sender="15550001111", to="86717", text="Where is my PIZZA order")
+    texter, short = received["from"], received["to"]
+    reply = {**received, "id": "evt_reply", "from": short, "to": texter, "text": "On its way", "type": "sms.reply"}
+    reply["keyword"] = None
+    odd = {**make_event(3, sender="15550002222", text="odd"), "keyword": 42}  # not a string: NULL
+    insert = (
+        "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES ($1, $2, $3, $4, $5)"
+        if backend(store_url) == "postgres"
+        else "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)"
+    )
+    now = time.time()
+    for n, event in enumerate((received, reply, odd)):
+        await run_sql(store_url, insert, event["id"], f"key-{n}", event["type"], now + n, json.dumps(event))
+
+    store = open_store(store_url)
+    await store.open()
+    try:
+        assert await version_in(store_url) == schema.latest(backend(store_url))
+        conversation = await store.list_events(EventFilter(texter=texter, short_code=short))
+        assert [e["id"] for e in conversation] == [reply["id"], received["id"]]
+        assert [e["id"] for e in await store.list_events(EventFilter(text="pizza"))] == [received["id"]]
+        assert [e["id"] for e in await store.list_events(EventFilter(keyword=received["keyword"].lower()))] == [
+            received["id"]
+        ]
+        assert await store.list_events(EventFilter(keyword="42")) == []
+        # and a new event, written with its columns, is found beside them
+        new = make_event(4, sender="15550001111", to="86717", text="another pizza please")
+        assert (await store.ingest(new, dedup_key(new), [])).status == "accepted"
+        assert [e["id"] for e in await store.list_events(EventFilter(text="PIZZA"))] == [new["id"], received["id"]]
+    finally:
+        await store.close()
+    rows = await column_rows(store_url)
+    assert rows[received["id"]] == (texter, short, received["keyword"], "Where is my PIZZA order")
+    assert rows[reply["id"]] == (short, texter, None, "On its way")
+    assert rows[odd["id"]][2] is None
+
+
+async def column_rows(url: str) -> dict[str, tuple[object, ...]]:
+    query = "SELECT id, sender, recipient, keyword, text FROM events"
+    if backend(url) == "sqlite":
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            return {row[0]: tuple(row[1:]) for row in conn.execute(query)}
+        finally:
+            conn.close()
+    conn = await asyncpg.connect(url)
+    try:
+        return {row[0]: tuple(row[1:]) for row in await conn.fetch(query)}
+    finally:
+        await conn.close()

@@ -86,6 +86,42 @@ async def test_a_burst_is_stored_in_a_few_transactions_and_each_postback_answere
         assert [r.event_id for r in sorted(rows, key=lambda r: r.id)] == [e["id"] for e in conv]
 
 
+async def test_the_text_index_is_merged_off_the_postbacks_path(pg_url, monkeypatch):
+    """Migration 0004's trigram index takes new events in its pending list; the store merges the
+    list every TEXT_INDEX_MERGE_EVERY seconds while events come, so that no postback's insert
+    finds it full and merges it while its postbacks wait. Afterwards nothing is left to merge
+    (gin_clean_pending_list, which merges what is left, finds no page), and text search finds
+    every event, merged or not."""
+    monkeypatch.setattr(postgres_store, "TEXT_INDEX_MERGE_EVERY", 0.2)
+    async with opened(pg_url) as store:
+        if not store._text_index:
+            pytest.skip("pg_trgm is not on this server: no text index to merge")
+        events = [make_event(n, text=f"a pizza order number {n}") for n in range(300)]
+        await asyncio.gather(*(store.ingest(e, dedup_key(e), []) for e in events))
+        found = await store.list_events(contract.EventFilter(text="PIZZA ORDER", limit=500))
+        assert len(found) == 300
+        conn = await asyncpg.connect(pg_url)
+        try:
+
+            async def pending_pages() -> int:
+                return int(await conn.fetchval("SELECT gin_clean_pending_list('events_text'::regclass)"))
+
+            await eventually(lambda: store._merging is not None and store._merging.done(), timeout=10)
+            assert await pending_pages() == 0
+            # and while closed (nobody merging), the inserts' pages stay in the list
+        finally:
+            await conn.close()
+    async with opened(pg_url) as store:
+        monkeypatch.setattr(postgres_store, "TEXT_INDEX_MERGE_EVERY", 3600)
+        more = [make_event(n, text=f"another pizza {n}") for n in range(300, 400)]
+        await asyncio.gather(*(store.ingest(e, dedup_key(e), []) for e in more))
+        conn = await asyncpg.connect(pg_url)
+        try:
+            assert int(await conn.fetchval("SELECT gin_clean_pending_list('events_text'::regclass)")) > 0
+        finally:
+            await conn.close()
+
+
 async def test_one_bad_row_fails_only_its_own_postback(pg_url):
     async with opened(pg_url) as store:
         events = [make_event(n) for n in range(30)]

@@ -18,11 +18,19 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib.resources import files
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from bridge.errors import StoreError
 from bridge.event import Event
 from bridge.retry import Dead, Decision, Done, RetryAt
+
+# An event's JSON fields that event lists filter on (`EventFilter`), and the columns of `events`
+# that hold them (migration 0004): written with the event, indexed, and what `event_search` asks.
+EVENT_COLUMNS = {"from": "sender", "to": "recipient", "keyword": "keyword", "text": "text"}
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,20 @@ class PendingEvent:
     received_at: float
     body: str  # the event as JSON, byte for byte what is stored
     deliveries: list[NewDelivery]
+    # the fields event lists filter on, in columns of their own (EVENT_COLUMNS; migration 0004)
+    sender: str | None = None
+    recipient: str | None = None
+    keyword: str | None = None
+    text: str | None = None
+
+    @classmethod
+    def of(
+        cls, event: Event, dedup_key: str, received_at: float, body: str, deliveries: list[NewDelivery], **more: Any
+    ) -> Self:
+        """The pending event of `event`, its columns taken from it (a value that is not a
+        string, or is missing, is NULL)."""
+        columns = {column: _string(event.get(name)) for name, column in EVENT_COLUMNS.items()}
+        return cls(event["id"], dedup_key, event["type"], received_at, body, deliveries, **columns, **more)
 
 
 @dataclass(frozen=True)
@@ -274,16 +296,16 @@ def parse_event_cursor(cursor: str) -> tuple[float, str]:
 
 
 class EventSQL(abc.ABC):
-    """How a store writes what `event_search` asks for: its placeholders, an event's JSON
-    fields (the same expressions its indexes are made on), and its text search."""
+    """How a store writes what `event_search` asks for: its placeholders, an event's fields
+    (their columns), and its text search."""
 
     @abc.abstractmethod
     def placeholder(self, n: int) -> str:
         """The placeholder of the `n`th value bound (from 1)."""
 
-    @abc.abstractmethod
     def field(self, name: str) -> str:
-        """The SQL of the event's JSON field `name`."""
+        """The SQL of the event's field `name`: its column (EVENT_COLUMNS), which its index is on."""
+        return EVENT_COLUMNS[name]
 
     @abc.abstractmethod
     def unindexed(self, sql: str) -> str:
@@ -393,7 +415,8 @@ def event_search(sql: EventSQL, where: EventFilter, anchor: tuple[float, str] | 
             found += yield SearchQuery(f"{query} LIMIT {q.bind(limit)}", q.params)
             continue
         # the window: the newest events of the other filters, their text tested
-        window = f"SELECT body, received_at, id FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
+        columns = f"body, received_at, id, {sql.field('text')}"
+        window = f"SELECT {columns} FROM events{_side_sql(q, where, side, anchor, text=False)}{ORDER}"
         tested = f"FROM ({window} LIMIT {q.bind(TEXT_WINDOW)}) AS recent WHERE {sql.contains(where.text, q.bind)}"
         hits = yield SearchQuery(f"SELECT body, received_at, id {tested}{ORDER} LIMIT {q.bind(limit)}", q.params)
         found += hits

@@ -97,6 +97,9 @@ MAX_BATCH = 512
 # again after LISTEN_RETRY_FIRST seconds when lost, then twice as long each time up to the max.
 LISTEN_CHECK = 5.0
 LISTEN_RETRY_FIRST, LISTEN_RETRY_MAX = 0.1, 5.0
+# The text index's pending list (migration 0004) is merged this often while postbacks come, off
+# their path: left to itself, the insert that finds it full merges it, and its postbacks wait.
+TEXT_INDEX_MERGE_EVERY = 1.0  # seconds
 CONNECT_TIMEOUT = 10.0  # seconds; also how long an operation waits for a free connection
 COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request that never ends
 SCHEMA_LOCK_PATIENCE = 2  # seconds opening the store waits for a lock on a table
@@ -151,14 +154,11 @@ class _EventSQL(EventSQL):
     def placeholder(self, n: int) -> str:
         return f"${n}"
 
-    def field(self, name: str) -> str:
-        return f"(body::json ->> '{name}')"  # as the indexes of migration 0003 are made on it
-
     def unindexed(self, sql: str) -> str:
         return f"({sql} || '')"
 
     def contains(self, needle: str, bind: Callable[[Any], str]) -> str:
-        """ILIKE: what the trigram index of migration 0003 (events_text, when pg_trgm could be
+        """ILIKE: what the trigram index of migrations 0003 and 0004 (events_text, when pg_trgm could be
         had) answers, so it is also `text_index`."""
         pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         return f"{self.field('text')} ILIKE {bind(pattern)}"
@@ -258,6 +258,9 @@ class PostgresStore(Store):
         self._unannounced: set[str] = set()  # destinations to NOTIFY (see _announce)
         self._announcing: asyncio.Task[None] | None = None
         self._lost_claims: list[tuple[str, float, str]] = []  # destination, lease end, owner: see claim
+        self._text_index = False  # the store has it (migration 0004): see _merge_text_index
+        self._text_unmerged = False  # events stored since the last merge
+        self._merging: asyncio.Task[None] | None = None
         self._last_lease_end = 0.0
 
     async def open(self) -> None:
@@ -281,6 +284,7 @@ class PostgresStore(Store):
                 if schema.pending("postgres", await _schema_version(conn), where):
                     await _migrate(conn, where)
                 self._channel = _channel(await conn.fetchval(Q["current_schema"]))
+                self._text_index = bool(await conn.fetchval(Q["has_text_index"]))
                 async with conn.transaction():
                     # Leases of a process on this host that is gone (kill -9) are due again at
                     # once. Only those: a lease of another instance, here or on another host, is
@@ -318,6 +322,10 @@ class PostgresStore(Store):
         return ConfigError([f"store: {message}"]) if isinstance(exc, NEEDS_A_PERSON) else StoreError(message)
 
     async def close(self) -> None:
+        if self._merging is not None:  # tidying only: the next instance, or autovacuum, merges
+            self._merging.cancel()
+            await asyncio.gather(self._merging, return_exceptions=True)
+            self._merging = None
         if self._listening is not None:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
@@ -378,7 +386,7 @@ class PostgresStore(Store):
         if self._pool is None:
             raise StoreError("store is not open")
         future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
-        item = _Postback(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries, future=future)
+        item = _Postback.of(event, dedup_key, time.time(), dumps(event), deliveries, future=future)
         self._queue.append(item)
         self._start_batches()
         return await future
@@ -416,12 +424,39 @@ class PostgresStore(Store):
             raise
         for item, result in zip(batch, results, strict=True):
             _answer(item, result)
+        if self._text_index and any(isinstance(r, Ingested) and r.status == "accepted" for r in results):
+            self._text_unmerged = True
+            if self._merging is None or self._merging.done():
+                self._merging = asyncio.create_task(self._merge_text_index(), name="merge-text-index")
         self._announce(
             d.destination
             for item, result in zip(batch, results, strict=True)
             if isinstance(result, Ingested) and result.status == "accepted"
             for d in item.deliveries
         )
+
+    async def _merge_text_index(self) -> None:
+        """Merge the text index's pending list every TEXT_INDEX_MERGE_EVERY seconds while events
+        come (one task; it ends after a quiet period and the next stored event starts it again).
+        Off the postbacks' path: the merge runs on a bookkeeping connection, and the inserts go
+        on meanwhile (they add to the list; only merges wait for each other)."""
+        while self._text_unmerged:
+            await asyncio.sleep(TEXT_INDEX_MERGE_EVERY)
+            self._text_unmerged = False
+            try:
+                async with self._bookkeeping_conn() as conn:
+                    await conn.fetchval(Q["merge_text_index"])
+            except StoreError as exc:
+                if isinstance(exc.__cause__, asyncpg.InsufficientPrivilegeError):
+                    # only the index's owner may (the role that ran the migration): inserts merge
+                    # it themselves, as PostgreSQL does by default, and autovacuum does
+                    log.warning(
+                        "cannot merge the text index's pending list (not its owner); postbacks will",
+                        extra={"error": str(exc)},
+                    )
+                    self._text_index = False
+                    return
+                log.info("could not merge the text index's pending list", extra={"error": str(exc)})
 
     def _announce(self, destinations: Iterable[str]) -> None:
         """Wake the other instances for these destinations: names gathered while a NOTIFY is in
@@ -453,6 +488,10 @@ class PostgresStore(Store):
             [i.type for i in batch],
             [i.received_at for i in batch],
             [i.body for i in batch],
+            [i.sender for i in batch],
+            [i.recipient for i in batch],
+            [i.keyword for i in batch],
+            [i.text for i in batch],
             [r[0] for r in rows],
             [r[1].destination for r in rows],
             [r[1].route for r in rows],

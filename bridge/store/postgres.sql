@@ -10,11 +10,6 @@ SELECT pg_advisory_xact_lock(hashtextextended('postback-bridge schema', 0))
 -- conversations take turns. Released at commit.
 SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT unnest($1::bigint[]) AS k) AS keys ORDER BY k
 
--- name: insert_event
-INSERT INTO events (id, dedup_key, type, received_at, body) VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (dedup_key) DO NOTHING
-RETURNING id
-
 -- name: event_by_dedup_key
 SELECT id FROM events WHERE dedup_key = $1
 
@@ -31,23 +26,23 @@ SELECT dedup_key, id FROM events WHERE dedup_key = ANY($1::text[])
 -- (the same postbacks at two instances at once) wait for each other in one order, not a cycle.
 -- No NOTIFY here: see `notify`.
 WITH new AS (
-    INSERT INTO events (id, dedup_key, type, received_at, body)
-    SELECT e.id, e.dedup_key, e.type, e.received_at, e.body
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[])
-        WITH ORDINALITY AS e (id, dedup_key, type, received_at, body, n)
+    INSERT INTO events (id, dedup_key, type, received_at, body, sender, recipient, keyword, text)
+    SELECT e.id, e.dedup_key, e.type, e.received_at, e.body, e.sender, e.recipient, e.keyword, e.text
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
+        WITH ORDINALITY AS e (id, dedup_key, type, received_at, body, sender, recipient, keyword, text, n)
     ORDER BY e.dedup_key, e.n
     ON CONFLICT (dedup_key) DO NOTHING
     RETURNING id
 ), queued AS (
     INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
     SELECT d.event_id, d.destination, d.route, d.conversation, d.ordered, 'pending', d.at, d.at + d.delay, d.at
-    FROM unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::boolean[], $11::float8[], $14::float8[])
+    FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::boolean[], $15::float8[], $18::float8[])
         WITH ORDINALITY AS d (event_id, destination, route, conversation, ordered, at, delay, n)
     WHERE d.event_id IN (SELECT id FROM new)
     ORDER BY d.n
 ), kept AS (
     INSERT INTO dropped (event_id, received_at)
-    SELECT x.event_id, x.at FROM unnest($12::text[], $13::float8[]) AS x (event_id, at)
+    SELECT x.event_id, x.at FROM unnest($16::text[], $17::float8[]) AS x (event_id, at)
     WHERE x.event_id IN (SELECT id FROM new)
 )
 SELECT id FROM new
@@ -335,3 +330,12 @@ WHERE received_at >= $1 GROUP BY minute ORDER BY minute
 SELECT id, event_id, destination, route, status, attempts, COALESCE(came_in_at, created_at), next_at, updated_at,
     last_error, tracking_id
 FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC LIMIT $1
+
+-- name: has_text_index
+-- Whether this store has the text's trigram index (migration 0004: where pg_trgm could be had).
+SELECT to_regclass('events_text') IS NOT NULL
+
+-- name: merge_text_index
+-- The text index's pending list merged into it (see migration 0004 and `_tidy`); the number of
+-- pages it took. A second caller at once waits for the first, then finds little to do.
+SELECT gin_clean_pending_list('events_text'::regclass)

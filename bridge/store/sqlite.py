@@ -78,9 +78,6 @@ class _EventSQL(EventSQL):
     def placeholder(self, n: int) -> str:
         return "?"
 
-    def field(self, name: str) -> str:
-        return f"json_extract(body, '$.{name}')"  # as the indexes of migration 0003 are made on it
-
     def unindexed(self, sql: str) -> str:
         return f"+{sql}"  # SQLite's way of saying so
 
@@ -333,7 +330,13 @@ def _ingest_all(conn: sqlite3.Connection, ingests: list[tuple[_Ingest, F]]) -> l
     """Every postback of a commit in two statements: the events (duplicates skipped by the
     unique dedup key), then the deliveries of those that were new."""
     before = conn.total_changes
-    conn.executemany(Q["insert_event"], [(i.event_id, i.dedup_key, i.type, i.received_at, i.body) for i, _ in ingests])
+    conn.executemany(
+        Q["insert_event"],
+        [
+            (i.event_id, i.dedup_key, i.type, i.received_at, i.body, i.sender, i.recipient, i.keyword, i.text)
+            for i, _ in ingests
+        ],
+    )
     if conn.total_changes - before == len(ingests):
         owner = {i.dedup_key: i.event_id for i, _ in ingests}
     else:  # some were duplicates (of a stored event, or of one earlier in this batch)
@@ -524,7 +527,7 @@ class SQLiteStore(Store):
         await self._run(lambda conn: conn.execute(Q["heartbeat"], (now,)))
 
     async def ingest(self, event: Event, dedup_key: str, deliveries: list[NewDelivery]) -> Ingested:
-        item = _Ingest(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries)
+        item = _Ingest.of(event, dedup_key, time.time(), dumps(event), deliveries)
         result: Ingested = await self._run(item, isolated=False)  # answered by _ingest_all
         return result
 

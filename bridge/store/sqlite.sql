@@ -1,5 +1,6 @@
 -- name: insert_event
-INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)
+INSERT INTO events (id, dedup_key, type, received_at, body, sender, recipient, keyword, text)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (dedup_key) DO NOTHING
 
 -- name: insert_delivery
@@ -179,11 +180,11 @@ FROM deliveries WHERE last_error IS NOT NULL ORDER BY updated_at DESC, id DESC L
 -- name: index_text
 -- The events waiting for the text index (events_text_pending) up to :last, into it; an event
 -- purged meanwhile is gone from the join. OR REPLACE: a row left by a VACUUM's renumbering of
--- rowids must not stop the index. (MATERIALIZED: each text taken out of its JSON once. CROSS
--- JOIN: SQLite's way to say the waiting rows come first, one lookup of an event each; left to
--- itself it read every event.)
+-- rowids must not stop the index. (MATERIALIZED: each event read once. CROSS JOIN: SQLite's way
+-- to say the waiting rows come first, one lookup of an event each; left to itself it read every
+-- event.)
 WITH waiting AS MATERIALIZED (
-    SELECT e.rowid AS event_rowid, json_extract(e.body, '$.text') AS text, e.id AS event_id
+    SELECT e.rowid AS event_rowid, e.text AS text, e.id AS event_id
     FROM events_text_pending AS p CROSS JOIN events AS e ON e.rowid = p.event_rowid
     WHERE p.event_rowid <= :last
 )
