@@ -31,6 +31,7 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bridge import logs
 from bridge.answers import error
 from bridge.config import FEEDBACK, FEEDBACK_REPORT, REPLY_ROUTE, Config
 from bridge.delivery import Dispatcher
@@ -278,10 +279,8 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source
         result = await store.ingest(event, dedup, deliveries)
     else:
         result = await _ingest_and_send(store, runtime.dispatcher, send, event, dedup, deliveries)
-    log.info(
-        "reply " + result.status,
-        extra={"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent},
-    )
+    fields = {"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent}
+    logs.hot(log, logging.INFO, "reply " + result.status, fields)  # one a reply: without a LogRecord
     if result.status != "accepted":
         _ignored(runtime, "duplicate", payload)
         return result.event_id
