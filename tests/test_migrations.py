@@ -32,8 +32,8 @@ RELEASED = {
     "sqlite/0002_replies.sql": "629bd4a1cd7d6a92cbc5fa90a839bd6198f3494e947ed0b1cc70f2a16414654c",
     "postgres/0003_console.sql": "45dd5c8ab2604bd4be1816d2dada83960c2a44bacf57b27df075dc78e561102c",
     "sqlite/0003_console.sql": "dfb5b0f17fe90e7d30818ea8952cb46490b7e962adebd7e9d55598afd0a8a5df",
-    "postgres/0004_event_columns.sql": "257dfa856b446e6dfcf49512fac65863ee088c1bad570cbb606e9d2098b94c05",
-    "sqlite/0004_event_columns.sql": "ec188c7279ebb6e5e13b4e9cd1e43719fa215b7475936e1b2cd621f5a32f0297",
+    "postgres/0004_event_columns.sql": "49827ae96bb82c748f7b3a9edcbf4ba3bccf0827e9a0b1e2852cd018d476fcca",
+    "sqlite/0004_event_columns.sql": "b7622e7b8b71917015836e78cc4d4dca9d974abcfb047f41236fed9d783666f5",
 }
 
 
@@ -277,3 +277,23 @@ async def column_rows(url: str) -> dict[str, tuple[object, ...]]:
         return {row[0]: tuple(row[1:]) for row in await conn.fetch(query)}
     finally:
         await conn.close()
+
+
+async def test_a_long_migration_is_not_cut_off_by_the_command_timeout(pg_url, monkeypatch):  # noqa: F811
+    """A migration on a big store runs for minutes (0004 on a million events: 47 s), longer than
+    any one operation may (COMMAND_TIMEOUT, 15 s): it runs to its end, rather than being rolled
+    back at each start for ever."""
+    from bridge.store import postgres as postgres_store
+
+    store = open_store(pg_url)
+    await store.open()
+    await store.close()
+    at = schema.latest("postgres")
+    slow = schema.Migration(at + 1, "slow", "SELECT pg_sleep(1.5);\nCREATE TABLE made_slowly (x integer);\n")
+    monkeypatch.setattr(schema, "migrations", lambda name, real=schema.migrations: (*real(name), slow))
+    monkeypatch.setattr(postgres_store, "COMMAND_TIMEOUT", 0.5)
+    store = open_store(pg_url)
+    await store.open()
+    await store.close()
+    assert await version_in(pg_url) == at + 1
+    await run_sql(pg_url, "SELECT * FROM made_slowly")

@@ -101,6 +101,11 @@ LISTEN_RETRY_FIRST, LISTEN_RETRY_MAX = 0.1, 5.0
 # their path: left to itself, the insert that finds it full merges it, and its postbacks wait.
 TEXT_INDEX_MERGE_EVERY = 1.0  # seconds
 CONNECT_TIMEOUT = 10.0  # seconds; also how long an operation waits for a free connection
+# A migration is not an operation: on a big store it rewrites tables and builds indexes for
+# minutes (0004 on a million events: 47 s), and cut off by COMMAND_TIMEOUT it would be rolled
+# back and tried again at every start, for ever. Waiting for locks has its own limit
+# (SCHEMA_LOCK_PATIENCE); this only stops one that hangs.
+MIGRATION_TIMEOUT = 6 * 3600.0
 COMMAND_TIMEOUT = 15.0  # a database that hangs is an error (503), not a request that never ends
 SCHEMA_LOCK_PATIENCE = 2  # seconds opening the store waits for a lock on a table
 
@@ -201,7 +206,11 @@ async def _migrate(conn: asyncpg.Connection, where: str) -> None:
         await conn.execute(Q["schema_lock"])
         todo = schema.pending("postgres", await _schema_version(conn), where)
         for migration in todo:
-            await conn.execute(migration.sql)
+            log.info(
+                "migrating the store; postbacks wait until it is done",
+                extra={"migration": f"{migration.version:04d}_{migration.name}", "store": where},
+            )
+            await conn.execute(migration.sql, timeout=MIGRATION_TIMEOUT)
         if todo:
             await conn.execute(Q["set_meta"], schema.VERSION_KEY, str(todo[-1].version))
 

@@ -8,29 +8,33 @@ ALTER TABLE events
     ADD COLUMN IF NOT EXISTS recipient text,     -- its `to`
     ADD COLUMN IF NOT EXISTS keyword text,       -- its keyword, as it came (searched in any case)
     ADD COLUMN IF NOT EXISTS text text;          -- its text
+-- 0003's indexes on the JSON go first, so that filling the columns does not keep them up to
+-- date row by row (each a parse of the body), and are made again on the columns afterwards
+-- (same names, same order of keys).
+DROP INDEX IF EXISTS events_from;
+DROP INDEX IF EXISTS events_to;
+DROP INDEX IF EXISTS events_keyword;
+DROP INDEX IF EXISTS events_text;
 -- The events stored before, each body parsed once. (It rewrites every row: on a big store this
 -- migration takes a while, once; the instances wait for it, as for any migration.)
-UPDATE events AS e
-SET sender = CASE json_typeof(j.body -> 'from') WHEN 'string' THEN j.body ->> 'from' END,
-    recipient = CASE json_typeof(j.body -> 'to') WHEN 'string' THEN j.body ->> 'to' END,
-    keyword = CASE json_typeof(j.body -> 'keyword') WHEN 'string' THEN j.body ->> 'keyword' END,
-    text = CASE json_typeof(j.body -> 'text') WHEN 'string' THEN j.body ->> 'text' END
-FROM (SELECT id, body::json AS body FROM events) AS j
-WHERE e.id = j.id;
--- 0003's indexes, made again on the columns (same names, same order of keys).
-DROP INDEX IF EXISTS events_from;
+UPDATE events
+SET (sender, recipient, keyword, text) = (
+    SELECT CASE json_typeof(j -> 'from') WHEN 'string' THEN j ->> 'from' END,
+           CASE json_typeof(j -> 'to') WHEN 'string' THEN j ->> 'to' END,
+           CASE json_typeof(j -> 'keyword') WHEN 'string' THEN j ->> 'keyword' END,
+           CASE json_typeof(j -> 'text') WHEN 'string' THEN j ->> 'text' END
+    FROM (SELECT body::json AS j) AS parsed
+);
 CREATE INDEX events_from ON events (sender, received_at, id);
-DROP INDEX IF EXISTS events_to;
 CREATE INDEX events_to ON events (recipient, received_at, id);
-DROP INDEX IF EXISTS events_keyword;
 CREATE INDEX events_keyword ON events (upper(keyword), received_at, id);
 -- The text's trigram index (where pg_trgm is there, as in 0003). New entries go to the index's
 -- pending list (GIN's fastupdate) and are merged into it in bulk. Left alone, the insert that
 -- finds the list past gin_pending_list_limit (4 MB by default) merges it itself, and its
 -- postbacks wait: tens of milliseconds, up to 180 measured. The bridge merges it every second
--- instead, off the postbacks' path (postgres.py, `_tidy`); the limit is raised so that an
--- insert merges only when that has not run for a long while (no instance up, or no right to).
-DROP INDEX IF EXISTS events_text;
+-- instead, off the postbacks' path (postgres.py, `_merge_text_index`); the limit is raised so
+-- that an insert merges only when that has not run for a long while (no instance up, or no
+-- right to).
 DO $$
 DECLARE
     home text;

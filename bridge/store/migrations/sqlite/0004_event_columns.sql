@@ -8,6 +8,11 @@ ALTER TABLE events ADD COLUMN sender TEXT;     -- the event's `from`
 ALTER TABLE events ADD COLUMN recipient TEXT;  -- its `to`
 ALTER TABLE events ADD COLUMN keyword TEXT;    -- its keyword, as it came (searched in any case)
 ALTER TABLE events ADD COLUMN text TEXT;       -- its text
+-- 0003's indexes on the JSON go first, so that filling the columns does not keep them up to
+-- date row by row, and are made again on the columns afterwards (same names, same order of keys).
+DROP INDEX IF EXISTS events_from;
+DROP INDEX IF EXISTS events_to;
+DROP INDEX IF EXISTS events_keyword;
 -- The events stored before. (It rewrites every row: on a big store this migration takes a
 -- while, once.)
 UPDATE events
@@ -15,10 +20,6 @@ SET sender = CASE json_type(body, '$.from') WHEN 'text' THEN json_extract(body, 
     recipient = CASE json_type(body, '$.to') WHEN 'text' THEN json_extract(body, '$.to') END,
     keyword = CASE json_type(body, '$.keyword') WHEN 'text' THEN json_extract(body, '$.keyword') END,
     text = CASE json_type(body, '$.text') WHEN 'text' THEN json_extract(body, '$.text') END;
--- 0003's indexes, made again on the columns (same names, same order of keys).
-DROP INDEX IF EXISTS events_from;
 CREATE INDEX events_from ON events (sender, received_at, id);
-DROP INDEX IF EXISTS events_to;
 CREATE INDEX events_to ON events (recipient, received_at, id);
-DROP INDEX IF EXISTS events_keyword;
 CREATE INDEX events_keyword ON events (upper(keyword), received_at, id);
