@@ -317,6 +317,30 @@ async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_th
     assert len(skycore.calls) == 1  # the second was never sent
 
 
+async def test_a_replys_sms_and_its_feedback_are_claimed_with_the_writes_not_by_a_claim_round(start, monkeypatch):
+    """The SMS is claimed in the transaction that stores the reply and handed to its loop; the
+    thread's feedback in the one that records the sendSMS answer: neither waits for (nor costs)
+    a claim round of its loop."""
+    bridge = await start()
+    thread = await bridge.thread()
+    await bridge.settled()
+    store, by_claim_round = bridge.store, []
+    claim = store.claim
+
+    async def counted(destination: str, **kwargs: Any) -> Any:
+        claims = await claim(destination, **kwargs)
+        by_claim_round.extend((destination, c.route) for c in claims)
+        return claims
+
+    monkeypatch.setattr(store, "claim", counted)
+    for n in range(3):  # one after the other: none waits behind the texter's previous one
+        ts = await bridge.reply(f"Reply {n}", thread)
+        assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    await bridge.settled()
+    assert len(bridge.skycore.calls) == 3
+    assert [c for c in by_claim_round if c[0] in ("sms", "~feedback")] == []
+
+
 async def test_slacks_retry_of_one_event_makes_one_sms(start):
     bridge = await start()
     thread = await bridge.thread()
