@@ -1,12 +1,16 @@
 """Replies from Slack under load (issue 19, "Speed"; not a timed test): a Slack event to the
 sendSMS request on a fake Skycore, at 50 replies/s, with postbacks flowing beside them (wrk,
-about 1,000/s offered), against the real bridge process on SQLite.
+about 1,000/s offered), against the real bridge process on SQLite (or PostgreSQL: `--store
+postgresql://...`, on a fresh schema of that database, dropped afterwards).
 
     .venv/bin/python bench/replies.py [--seconds 20] [--rounds 2] [--rate 50]
-        [--postbacks-connections 20] [--postbacks-pause-ms 17]
+        [--postbacks-connections 20] [--postbacks-pause-ms 17] [--store URL]
 
-Each round runs wrk's postbacks alone, then the same again with the replies beside them, on
-one bridge: the postback path with and without replies flowing, in the same run.
+Each round runs wrk's postbacks alone, then the replies alone, then the postbacks again with
+the replies beside them, on one bridge: the postback path with and without replies flowing, in
+the same run. The replies-alone phase gives the bridge's CPU per reply directly (its CPU over
+the phase, less what it spends idle, per reply); beside the postbacks it is estimated as the
+phase's CPU less the postbacks' share at the alone phase's CPU per postback.
 
 The fakes (tests/slack_fake.py, tests/skycore_fake.py) run in this process; the latency is
 from just before the signed event is POSTed to /slack/events to the moment the fake Skycore
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.run import RESULTS, free_port, wait_listening, wrk  # noqa: E402
+from bench.scaleout import _schema, with_query  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
 
@@ -47,12 +53,25 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
+    schema = None
+    if args.store != "sqlite":
+        schema = f"bench_replies_{uuid.uuid4().hex[:8]}"
+        await _schema(args.store, schema)
+    try:
+        await run(args, schema)
+    finally:
+        if schema is not None:
+            await _schema(args.store, schema, drop=True)
+
+
+async def run(args: argparse.Namespace, schema: str | None) -> None:
     async with fake_slack() as slack, fake_skycore() as skycore:
         work = Path(tempfile.mkdtemp(prefix="bench-replies-"))
         port = free_port()
+        store = f"sqlite:///{work / 'bridge.db'}" if schema is None else with_query(args.store, search_path=schema)
         config = {
             "server": {"listen": f"127.0.0.1:{port}"},
-            "store": f"sqlite:///{work / 'bridge.db'}",
+            "store": store,
             "destinations": {
                 "sms": {"type": "skycore", "api_key": API_KEY, "api_url": skycore.api_url},
                 "inbox": {"type": "slack", "token": TOKEN, "channel": "#sms-inbox", "api_url": slack.api_url,
@@ -89,6 +108,10 @@ async def main(args: argparse.Namespace) -> None:
                             threads = [c.ts for c in slack.posted() if c.ts and "thread_ts" not in c.body]
                 assert len(threads) == TEXTERS, "the texters' threads were not made"
 
+                await asyncio.sleep(2)
+                idle0, idle_t0 = cpu_seconds(proc.pid), time.monotonic()
+                await asyncio.sleep(5)
+                idle = (cpu_seconds(proc.pid) - idle0) / (time.monotonic() - idle_t0)  # CPU s per s, idle
                 n = 0
                 rounds: list[dict[str, Any]] = []
                 for round_no in range(args.rounds):
@@ -96,19 +119,37 @@ async def main(args: argparse.Namespace) -> None:
                     # store, same wrk settings, back to back (the machine is shared: rounds
                     # alternate so drift hits both)
                     cpu = cpu_seconds(proc.pid)
-                    alone = await asyncio.to_thread(postbacks, port, args)
+                    alone = await asyncio.to_thread(wrk_postbacks, port, args)
                     await asyncio.sleep(2)  # the backlog of the archive destination drains
                     cpu_alone, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
+                    t0 = time.monotonic()
+                    only, n = await with_replies(http, url, threads, args, n, slack, postbacks=False)
+                    cpu_only, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
+                    wall_only = time.monotonic() - t0
                     beside, n = await with_replies(http, url, threads, args, n, slack)
                     cpu_beside = cpu_seconds(proc.pid) - cpu
+                    per_postback = cpu_alone / max(1, alone["ok"])
+                    postbacks_cpu = per_postback * beside["postbacks_beside_replies"]["ok"]
                     rounds.append(
                         {
                             "round": round_no + 1,
                             "postbacks_alone": alone,
                             **beside,
+                            "replies_alone": {k: v for k, v in only.items() if k != "postbacks_beside_replies"},
                             # the bridge's CPU time (user + system) over each phase and its wind-down
                             "bridge_cpu_s_alone": round(cpu_alone, 2),
+                            "bridge_cpu_s_replies_alone": round(cpu_only, 2),
                             "bridge_cpu_s_beside": round(cpu_beside, 2),
+                            "bridge_idle_cpu_s_per_s": round(idle, 4),
+                            "bridge_cpu_ms_per_postback": round(per_postback * 1000, 3),
+                            # replies alone: the phase's CPU less the idle bridge's, per reply
+                            "bridge_cpu_ms_per_reply_alone": round(
+                                (cpu_only - idle * wall_only) / max(1, only["replies"]) * 1000, 2
+                            ),
+                            # beside: the phase's CPU less its postbacks' at the alone phase's rate
+                            "bridge_cpu_ms_per_reply_beside": round(
+                                (cpu_beside - postbacks_cpu) / max(1, beside["replies"]) * 1000, 2
+                            ),
                         }
                     )
                     await asyncio.sleep(2)
@@ -116,7 +157,7 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             proc.terminate()
             proc.wait(20)
-        for entry in rounds:
+        for entry in [*rounds, *(r["replies_alone"] for r in rounds)]:
             sent = entry.pop("_sent_at")
             latencies = [
                 (call.at - sent[call.request["TEXT"]]) * 1000
@@ -137,6 +178,7 @@ async def main(args: argparse.Namespace) -> None:
                 "load_after": os.getloadavg(),
             },
             "settings": vars(args),
+            "store": "sqlite" if schema is None else "postgresql",
             "rounds": rounds,
             "reactions_in_threads": reactions,
             "bridge_rss_mb": rss,
@@ -144,18 +186,27 @@ async def main(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S+0000", time.gmtime())
-        (RESULTS / f"{stamp}-replies.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "latest-replies.md").write_text(summary(result) + "\n")
+        kind = "replies" if schema is None else "replies-pg"
+        (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"latest-{kind}.md").write_text(summary(result) + "\n")
         print(summary(result))
 
 
 async def with_replies(
-    http: aiohttp.ClientSession, url: str, threads: list[str], args: argparse.Namespace, n: int, slack: Any
+    http: aiohttp.ClientSession,
+    url: str,
+    threads: list[str],
+    args: argparse.Namespace,
+    n: int,
+    slack: Any,
+    *,
+    postbacks: bool = True,
 ) -> tuple[dict[str, Any], int]:
-    """wrk's postbacks with `args.rate` replies/s beside them; the postbacks' figures, and the
-    replies' send times (matched to the fake Skycore's requests afterwards)."""
+    """wrk's postbacks (unless `postbacks` is False) with `args.rate` replies/s beside them; the
+    postbacks' figures, and the replies' send times (matched to the fake Skycore's requests
+    afterwards)."""
     port = int(url.rsplit(":", 1)[1])
-    load = asyncio.create_task(asyncio.to_thread(postbacks, port, args))
+    load = asyncio.create_task(asyncio.to_thread(wrk_postbacks, port, args)) if postbacks else None
     sent_at: dict[str, float] = {}
     statuses: list[int] = []
     posting: list[asyncio.Task[None]] = []
@@ -176,7 +227,7 @@ async def with_replies(
         posting.append(asyncio.create_task(send(payload)))  # at the rate, whatever the answers take
         n += 1
         await asyncio.sleep(max(0.0, start + (n - first) * interval - time.monotonic()))
-    offered = await load
+    offered = await load if load is not None else None
     await asyncio.gather(*posting)
     await asyncio.sleep(3)  # the last replies' SMS
     entry = {
@@ -189,7 +240,7 @@ async def with_replies(
     return entry, n
 
 
-def postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
+def wrk_postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
     connections, pause = args.postbacks_connections, args.postbacks_pause_ms
     return wrk(port, connections=connections, seconds=args.seconds, pause_ms=pause)
 
@@ -212,7 +263,7 @@ def rss_mb(pid: int) -> float | None:
 
 def summary(result: dict[str, Any]) -> str:
     lines = [
-        f"# Replies beside postbacks ({result['when']})",
+        f"# Replies beside postbacks ({result['when']}, {result['store']})",
         "",
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
@@ -222,8 +273,9 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['settings']['seconds']:g} s per phase.",
         "",
         "| round | postbacks/s alone | p50 / p99 ms alone | postbacks/s with replies | p50 / p99 ms with replies "
-        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent | bridge CPU s alone / with |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent | bridge CPU s alone / with "
+        "| replies alone: p50 / p99 ms | bridge CPU ms per reply: alone / beside | per postback |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rounds"]:
         a, b = r["postbacks_alone"], r["postbacks_beside_replies"]
@@ -231,7 +283,10 @@ def summary(result: dict[str, Any]) -> str:
             f"| {r['round']} | {a['per_s']:,.0f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['per_s']:,.0f} | "
             f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {r['replies_per_s']:g} | "
             f"{r['reply_p50_ms']} / {r['reply_p99_ms']} / {r['reply_max_ms']} | {r['events_not_200']} | "
-            f"{r['replies_sent_as_sms']} of {r['replies']} | {r['bridge_cpu_s_alone']} / {r['bridge_cpu_s_beside']} |"
+            f"{r['replies_sent_as_sms']} of {r['replies']} | {r['bridge_cpu_s_alone']} / {r['bridge_cpu_s_beside']} | "
+            f"{r['replies_alone']['reply_p50_ms']} / {r['replies_alone']['reply_p99_ms']} | "
+            f"{r['bridge_cpu_ms_per_reply_alone']} / {r['bridge_cpu_ms_per_reply_beside']} | "
+            f"{r['bridge_cpu_ms_per_postback']} |"
         )
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB."]
@@ -243,6 +298,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=20, help="per phase")
     parser.add_argument("--rounds", type=int, default=2, help="each: postbacks alone, then with replies")
     parser.add_argument("--rate", type=float, default=50, help="replies per second")
+    parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(
         "--postbacks-pause-ms", type=float, default=17, help="each of wrk's connections waits this long, each time"
     )

@@ -139,6 +139,7 @@ MIB = 1024 * 1024
 INTERNAL_PREFIX = "~"
 FEEDBACK = "~feedback"  # what a reply's thread shows (reactions, lines): bridge.replies
 FEEDBACK_REPORT = "report"  # the route of its deliveries for SMS delivery reports (a TRACKINGID)
+REPLY_ROUTE = "replies"  # the route a reply's delivery to its SMS destination is stored under
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from bridge import logs
 from bridge.destinations.base import Attempt, Destination
 from bridge.errors import StoreError
 from bridge.retry import Dead, Delivered, Done, Failed, Outcome, RetryAt, RetryPolicy, backoff, decide
-from bridge.store import AttemptResult, Claim, NewDelivery, Store
+from bridge.store import AttemptResult, Claim, ClaimFor, ExpiryFollowUp, NewDelivery, Store
 
 log = logging.getLogger("bridge.delivery")
 
@@ -88,6 +88,7 @@ class Dispatcher:
         on_result: Callable[[Destination, Claim, AttemptResult], None] | None = None,
         on_dead: Callable[[str, str, int], None] | None = None,
         follow_ups: Callable[[Destination, Claim, AttemptResult], tuple[NewDelivery, ...]] | None = None,
+        expiry_follow_up: Callable[[Destination], ExpiryFollowUp | None] | None = None,
         lease_margin: float = LEASE_MARGIN,
     ) -> None:
         self.store = store
@@ -100,19 +101,35 @@ class Dispatcher:
         self._on_dead = on_dead
         # deliveries of the same event an attempt's verdict adds, recorded with it (bridge.replies)
         self._follow_ups = follow_ups
+        # what a delivery that dies unattempted past max_age adds (`Store.expire`; bridge.replies)
+        self._expiry_follow_up = expiry_follow_up
         self._wake: dict[str, asyncio.Event] = {}
+        # Whether the store may hold deliveries due for a destination that its loop has not
+        # claimed: new ones were stored (notify), a verdict freed a conversation's next, a check
+        # or a failed claim says to look. A loop woken without it (an attempt finished, claims
+        # handed to it) starts what it holds and claims nothing until `_idle_until`: the claim
+        # that sent it idle found fewer than it asked for, so nothing else was due then.
+        self._due: dict[str, bool] = {}
+        self._idle_until: dict[str, float] = {}  # time.monotonic() of its next look at the store
+        # an ordered destination's due delivery waits behind an earlier one of its conversation:
+        # the verdict that frees it (recorded) makes the loop look again
+        self._held: dict[str, bool] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
         self._ready: dict[str, deque[tuple[Claim, float]]] = {}  # claimed (when), waiting for a slot
         self.health: dict[str, Health] = {name: Health() for name in self.destinations}
         self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
-        self._recorder = _Recorder(store, self._recorded)
+        self._recorder = _Recorder(store, self._recorded, self._follow_ups_claim, self.hand, self.notify)
         self._expiry: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         for name, destination in self.destinations.items():
             self._wake[name] = asyncio.Event()
+            self._due[name] = True
+            self._idle_until[name] = 0.0
+            self._held[name] = False
             self._inflight[name] = {}
             self._ready[name] = deque()
             self._loops[name] = asyncio.create_task(self._run(destination), name=f"deliver:{name}")
@@ -129,7 +146,57 @@ class Dispatcher:
         for name in names:
             wake = self._wake.get(name)
             if wake is not None:
+                self._due[name] = True
                 wake.set()
+
+    def claim_for(self, name: str) -> ClaimFor | None:
+        """A claim for `name`'s loop to make in the same trip as a write (`Store.ingest_and_claim`,
+        `Store.complete_and_claim`) and to `hand` it: as many as it has free slots for, or None
+        when it should not take any now (stopping, paused, down, or a backlog of its own)."""
+        destination = self.destinations.get(name)
+        if destination is None or self._stopping or name not in self._wake:
+            return None
+        health = self.health[name]
+        if health.down or health.paused_until > time.time():
+            return None
+        free = destination.concurrency - len(self._inflight[name]) - len(self._ready[name])
+        if free <= 0:
+            return None
+        lease = 2 * destination.attempt_timeout + self.lease_margin
+        return ClaimFor(name, free, lease, destination.ordered, self.owner)
+
+    def hand(self, then: ClaimFor, claims: Sequence[Claim], expected: str | None = None) -> None:
+        """Claims made for `then` (see `claim_for`) to its loop, which starts them without a
+        claim of its own. When the claim may have left some due (it got as many as it asked
+        for, or `expected`, the event whose delivery should be among them, is not: an ordered
+        conversation held back), the loop looks as on `notify`."""
+        name = then.destination
+        if name not in self._wake or self._stopping:
+            if claims:  # stop() may have gathered what it gives back already: these go back now
+                task = asyncio.create_task(self._release(list(claims)))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return
+        if claims:
+            now = time.monotonic()
+            self._ready[name].extend((claim, now) for claim in claims)
+            self._wake[name].set()
+        held = then.ordered if expected is None else all(c.event_id != expected for c in claims)
+        if len(claims) >= then.limit or held:
+            self.notify([name])
+
+    def _follow_ups_claim(self, batch: Sequence[AttemptResult]) -> ClaimFor | None:
+        """What the recorder claims with a batch whose results add follow-ups (a reply's
+        feedback): for the first of their destinations; the others are told as on `notify`."""
+        names = list(dict.fromkeys(d.destination for r in batch for d in r.follow_ups))
+        if not names:
+            return None
+        if len(names) > 1:
+            self.notify(names[1:])
+        then = self.claim_for(names[0])
+        if then is None:
+            self.notify(names[:1])
+        return then
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop claiming; let attempts in flight finish for `grace` seconds, then cancel them and
@@ -159,6 +226,8 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*background, *[t for ts in self._inflight.values() for t in ts], return_exceptions=True)
         await self._recorder.drain(grace)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         if unfinished:
             try:
                 await self.store.release(unfinished, owner=self.owner)
@@ -177,7 +246,7 @@ class Dispatcher:
 
         def finished(task: asyncio.Task[None]) -> None:
             inflight.pop(task, None)
-            wake.set()
+            wake.set()  # a slot is free: what waits in `ready` starts (and a backlog is claimed)
 
         async def start_ready(slots: int) -> None:
             stale = []
@@ -205,6 +274,14 @@ class Dispatcher:
                 continue
             slots = 1 if health.down else destination.concurrency
             await start_ready(slots)
+            idle_for = self._idle_until[name] - time.monotonic()
+            if not self._due[name] and idle_for > 0:
+                # woken by a finished attempt or handed claims, nothing stored meanwhile: the
+                # store had nothing more due when this loop last looked
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle_for):
+                        await wake.wait()
+                continue
             # Claims come a batch at a time, one batch ahead of the free slots, so a finished
             # attempt starts the next from memory instead of waiting for a claim of one.
             want = (slots - len(inflight)) + (0 if health.down else slots) - len(ready)
@@ -217,12 +294,15 @@ class Dispatcher:
                 await asyncio.sleep(LINGER)
                 continue  # slots may have changed meanwhile
             lingered = False
+            self._due[name] = False  # before claiming, so a notify during the claim is not lost
+            self._idle_until[name] = 0.0
             try:
                 claims = await self.store.claim(
                     name, limit=want, lease=lease, ordered=destination.ordered, owner=self.owner
                 )
             except Exception as exc:  # the store (StoreError) or a bug: the loop must not die
                 log.warning("cannot claim deliveries", extra={"destination": name, "error": str(exc)})
+                self._due[name] = True
                 await asyncio.sleep(IDLE_POLL)
                 continue
             claimed_at = time.monotonic()
@@ -236,12 +316,15 @@ class Dispatcher:
             await self._idle(destination, wake)
 
     async def _idle(self, destination: Destination, wake: asyncio.Event) -> None:
-        """Fewer deliveries were due than asked for: sleep until the next is due, a new one
-        arrives (notify) or an attempt finishes (its verdict may free a conversation's next)."""
-        if wake.is_set():
-            return  # woken while claiming (new deliveries, under load nearly always): claim again, no need to ask when
+        """Fewer deliveries were due than asked for: sleep until the next is due or a new one
+        arrives (notify). An attempt that finishes meanwhile (or claims handed over) wakes the
+        loop to start what it holds, and it sleeps on (`_idle_until`); a verdict recorded for an
+        ordered destination whose due delivery waits behind its conversation makes it look."""
+        name = destination.name
+        if self._due[name]:
+            return  # stored while claiming (under load nearly always): claim again, no need to ask when
         try:
-            due = await self.store.next_due(destination.name)
+            due = await self.store.next_due(name)
         except Exception:
             due = None
         now = time.time()
@@ -251,8 +334,13 @@ class Dispatcher:
             timeout = min(IDLE_POLL, due - now)
         else:
             # Due but not handed out: for an ordered destination, behind an earlier delivery of
-            # its conversation (a verdict wakes us); otherwise just taken by another instance.
+            # its conversation (its verdict, recorded, wakes us); otherwise just taken by another
+            # instance.
             timeout = IDLE_POLL if destination.ordered else 0.01
+            self._held[name] = destination.ordered
+        self._idle_until[name] = time.monotonic() + timeout
+        if self._due[name]:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await wake.wait()
@@ -268,7 +356,10 @@ class Dispatcher:
                 max_age = destination.retry.max_age
                 due[name] = time.monotonic() + expire_every(max_age)
                 try:
-                    count = await self.store.expire(name, max_age=max_age, grace=expire_grace(max_age))
+                    follow_up = self._expiry_follow_up(destination) if self._expiry_follow_up is not None else None
+                    count = await self.store.expire(
+                        name, max_age=max_age, grace=expire_grace(max_age), follow_up=follow_up
+                    )
                 except Exception as exc:  # the store (StoreError) or a bug: the check must not die
                     log.warning(
                         "cannot mark deliveries past max_age dead", extra={"destination": name, "error": str(exc)}
@@ -280,7 +371,9 @@ class Dispatcher:
                         "deliveries past max_age are dead",
                         extra={"destination": name, "count": count, "max_age_s": max_age},
                     )
-                    self._wake[name].set()  # the next deliveries of their conversations are due
+                    self.notify([name])  # the next deliveries of their conversations are due
+                    if follow_up is not None:
+                        self.notify([follow_up.destination])
             pause = min(due.values()) - time.monotonic()
             if pause > 0:
                 with contextlib.suppress(TimeoutError):
@@ -300,16 +393,28 @@ class Dispatcher:
                 log.exception("after marking deliveries dead")
 
     def _recorded(self, batch: list[tuple[Destination, AttemptResult, float]], died: list[AttemptResult]) -> None:
+        now, clock = time.time(), time.monotonic()
         for destination, result, _ in batch:
             self._log_attempt(destination, result)
             if self._on_result is not None:
                 self._on_result(destination, result.claim, result)
+            name = destination.name
+            if name not in self._wake:
+                continue
+            decision = result.decision
+            if isinstance(decision, RetryAt):  # the loop looks again when it is due
+                at = clock + max(0.0, decision.at - now)
+                if at < self._idle_until[name]:
+                    self._idle_until[name] = at
+                    self._wake[name].set()
+            elif destination.ordered and self._held[name]:
+                self._held[name] = False  # the conversation's next delivery may be due now
+                self.notify([name])
         for result in died:
             assert isinstance(result.decision, Dead)
             self._dead(result.claim.destination, result.decision.cause, 1)
-            wake = self._wake.get(destination.name)
-            if wake is not None and destination.ordered:
-                wake.set()  # the conversation's next delivery may be due now
+            if result.claim.destination in self._wake and self.destinations[result.claim.destination].ordered:
+                self.notify([result.claim.destination])  # the conversation's next delivery may be due now
 
     @staticmethod
     def _log_attempt(destination: Destination, result: AttemptResult) -> None:
@@ -423,9 +528,16 @@ class _Recorder:
         self,
         store: Store,
         on_recorded: Callable[[list[tuple[Destination, AttemptResult, float]], list[AttemptResult]], None],
+        claim_for: Callable[[Sequence[AttemptResult]], ClaimFor | None],
+        hand: Callable[[ClaimFor, Sequence[Claim]], None],
+        notify: Callable[[Sequence[str]], None],
     ) -> None:
         self.store = store
         self._on_recorded = on_recorded
+        # a batch with follow-ups claims them in the same trip, for their loop (a reply's feedback)
+        self._claim_for = claim_for
+        self._hand = hand
+        self._notify = notify
         self._pending: list[tuple[Destination, AttemptResult, float]] = []
         self._task: asyncio.Task[None] | None = None
         self._warned: set[int] = set()  # said once per delivery, not once per retry
@@ -445,8 +557,14 @@ class _Recorder:
         await asyncio.sleep(LINGER)  # one write for the results of attempts finishing about now
         while self._pending:
             batch, self._pending = self._pending, []
+            results = [result for _, result, _ in batch]
+            then = self._claim_for(results) if any(r.follow_ups for r in results) else None
             try:
-                died = await self.store.complete([result for _, result, _ in batch])
+                if then is None:
+                    died = await self.store.complete(results)
+                else:
+                    died, claims = await self.store.complete_and_claim(results, then)
+                    self._hand(then, claims)
             except StoreError as exc:
                 for destination, result, _ in batch:
                     if result.claim.id not in self._warned:
@@ -468,6 +586,8 @@ class _Recorder:
                 continue
             except Exception:  # one bad result must not keep its neighbours from being recorded
                 batch, died = await self._one_by_one(batch)
+                if then is not None:  # recorded without the claim: its loop claims them
+                    self._notify([then.destination])
             delay = 0.1
             self._warned.difference_update(result.claim.id for _, result, _ in batch)
             try:

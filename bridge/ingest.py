@@ -19,10 +19,10 @@ from aiohttp import web
 from bridge import logs
 from bridge.answers import STORE_DOWN, Reply, answer, refusal
 from bridge.auth import Caller, check_auth
-from bridge.config import FEEDBACK, FEEDBACK_REPORT, MEDIA_DESTINATION, Config
+from bridge.config import FEEDBACK, FEEDBACK_REPORT, MEDIA_DESTINATION, REPLY_ROUTE, Config
 from bridge.destinations.base import conversation_key
 from bridge.errors import PostbackError, StoreError
-from bridge.event import dedup_key, normalize, says_delivered_or_failed
+from bridge.event import Event, dedup_key, normalize, says_delivered_or_failed
 from bridge.ids import event_id
 from bridge.optouts import Word, word_of
 from bridge.postback import parse
@@ -113,9 +113,8 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
             NewDelivery(MEDIA_DESTINATION, "media", conversation, ordered=False),
             *(replace(d, delay=media.wait) for d in deliveries),
         ]
-    if FEEDBACK in config.internal and says_delivered_or_failed(event):
-        # it may be the report on a reply's SMS: the thread shows it (bridge.replies looks up
-        # the TRACKINGID when it is sent), durable with the event
+    if FEEDBACK in config.internal and says_delivered_or_failed(event) and await _on_a_reply(store, event):
+        # the report on a reply's SMS: the thread shows it, durable with the event
         deliveries.append(NewDelivery(FEEDBACK, FEEDBACK_REPORT, conversation, False))
     patience = runtime.patience
     task = patience.start()
@@ -174,6 +173,18 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
     if result.status == "accepted" and runtime.dispatcher is not None:
         runtime.dispatcher.notify([d.destination for d in deliveries])
     return answer(result.status, result.event_id)
+
+
+async def _on_a_reply(store: Store, event: Event) -> bool:
+    """Whether a delivery report's TRACKINGID is a reply's SMS (its sendSMS answer, recorded
+    within milliseconds of it, gave the id), so that the thread is to show it: most reports are
+    on messages the bridge never sent, and those get no `~feedback` delivery. When the store
+    cannot say now, the report gets one anyway (its attempt looks the id up again)."""
+    try:
+        row = await store.delivery_by_tracking_id(str(event.get("tracking_id")))
+    except StoreError:
+        return True
+    return row is not None and row.route == REPLY_ROUTE
 
 
 async def _keep_word(store: Store, said: Word, result: Ingested) -> bool:

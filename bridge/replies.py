@@ -31,8 +31,10 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bridge import logs
 from bridge.answers import error
-from bridge.config import FEEDBACK, FEEDBACK_REPORT, Config
+from bridge.config import FEEDBACK, FEEDBACK_REPORT, REPLY_ROUTE, Config
+from bridge.delivery import Dispatcher
 from bridge.destinations.base import Attempt, Destination, conversation_key
 from bridge.destinations.skycore import OPTED_OUT
 from bridge.destinations.slack import RepliesOptions, SlackDestination, SlackOptions, thread_key
@@ -45,7 +47,7 @@ from bridge.retry import Delivered, Failed, Outcome, RetryPolicy
 from bridge.routing import route
 from bridge.runtime import RUNTIME, Runtime
 from bridge.smstext import length, plain, segments
-from bridge.store import AttemptResult, Claim, NewDelivery, Store
+from bridge.store import AttemptResult, Claim, ClaimFor, ExpiryFollowUp, Ingested, NewDelivery, Store
 from bridge.validate import Reader
 
 log = logging.getLogger("bridge.replies")
@@ -56,7 +58,7 @@ ANSWER_WITHIN = 2.5  # seconds: Slack waits 3 for an answer, then retries
 SCOPES = ("chat:write", "reactions:write", "channels:history", "groups:history")
 EVENTS = ("message.channels", "message.groups")
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{6,}")
-ROUTE = "replies"  # the route name a reply's delivery to send_with is stored under
+ROUTE = REPLY_ROUTE  # the route name a reply's delivery to send_with is stored under
 
 
 @dataclass(frozen=True)
@@ -114,22 +116,26 @@ def not_a_reply(message: Any) -> str | None:
     return None
 
 
-async def conversation(store: Store, app: App, channel_id: str, thread_ts: str) -> tuple[str, str] | None:
+async def conversation(store: Store, app: App, channel_id: str, thread_ts: str) -> tuple[tuple[str, str] | None, bool]:
     """(texter, short code) of the bridge's thread `thread_ts` in channel `channel_id`, or None
-    when it is no thread the bridge started for a conversation in this destination's channel."""
-    kept = await store.get_conversation(app.destination, thread_key(thread_ts))
-    if kept is not None:
-        known_id, _, key = kept.partition("|")
-        if known_id and known_id != channel_id:
-            return None  # the same ts in another channel
-    else:  # a thread started before the bridge kept its channel id
-        key = await store.conversation_of(app.destination, thread_ts) or ""
-        if not key or (_CHANNEL_ID.fullmatch(app.channel) and app.channel != channel_id):
+    when it is no thread the bridge started for a conversation in this destination's channel;
+    and whether that texter opted out of that short code. One lookup (`thread_and_ledger`)."""
+
+    def which(kept: str | None, started: str | None) -> tuple[str, str] | None:
+        if kept is not None:
+            known_id, _, key = kept.partition("|")
+            if known_id and known_id != channel_id:
+                return None  # the same ts in another channel
+        else:  # a thread started before the bridge kept its channel id
+            key = started or ""
+            if not key or (_CHANNEL_ID.fullmatch(app.channel) and app.channel != channel_id):
+                return None
+        parts = key.rsplit("|", 2)
+        if len(parts) != 3 or parts[0] != app.channel or not parts[1] or not parts[2]:
             return None
-    parts = key.rsplit("|", 2)
-    if len(parts) != 3 or parts[0] != app.channel or not parts[1] or not parts[2]:
-        return None
-    return parts[1], parts[2]
+        return parts[1], parts[2]
+
+    return await store.thread_and_ledger(app.destination, thread_key(thread_ts), thread_ts, which)
 
 
 def reply_event(message: dict[str, Any], texter: str, short_code: str, slack: dict[str, Any]) -> Event:
@@ -222,7 +228,7 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source
     store = runtime.store
     if store is None:
         raise StoreError("store is not open")
-    found = await conversation(store, app, message["channel"], message["thread_ts"])
+    found, stopped = await conversation(store, app, message["channel"], message["thread_ts"])
     if found is None:
         _ignored(runtime, "not_a_texters_thread", payload)
         return None
@@ -241,7 +247,7 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source
         return None
     refused: str | None = None
     not_sent: str | None
-    if await store.opted_out(texter, short_code):
+    if stopped:
         refused = "opted_out"
         not_sent = f"Not sent: {texter} opted out of {short_code} (STOP). They must text START to hear from you again."
     else:
@@ -250,10 +256,13 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source
     config = runtime.config
     deliveries = []
     key = conversation_key(event)
+    send = None  # the SMS's claim, made with the reply: its loop sends it without a claim of its own
     if not_sent is None:
         spec = config.destinations.get(app.replies.send_with)
         if spec is not None:
             deliveries.append(NewDelivery(spec.name, ROUTE, key, spec.ordered))
+            if runtime.dispatcher is not None:
+                send = runtime.dispatcher.claim_for(spec.name)
     else:
         slack["not_sent"] = not_sent
         deliveries.append(NewDelivery(FEEDBACK, NOT_SENT, key, False))  # ⛔ and why, with the reply
@@ -266,11 +275,12 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source
         if spec is not None and spec.type != "slack" and name != app.replies.send_with:
             deliveries.append(NewDelivery(name, route_name, key, spec.ordered))
     dedup = "slack:" + str(payload.get("event_id") or f"{message['channel']}:{message['ts']}")
-    result = await store.ingest(event, dedup, deliveries)
-    log.info(
-        "reply " + result.status,
-        extra={"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent},
-    )
+    if send is None or runtime.dispatcher is None:
+        result = await store.ingest(event, dedup, deliveries)
+    else:
+        result = await _ingest_and_send(store, runtime.dispatcher, send, event, dedup, deliveries)
+    fields = {"event_id": result.event_id, "to": texter, "from": short_code, "not_sent": not_sent}
+    logs.hot(log, logging.INFO, "reply " + result.status, fields)  # one a reply: without a LogRecord
     if result.status != "accepted":
         _ignored(runtime, "duplicate", payload)
         return result.event_id
@@ -278,8 +288,28 @@ async def take_reply(runtime: Runtime, app: App, payload: dict[str, Any], source
     if refused is not None:
         runtime.metrics.reply_refused(refused)
     if runtime.dispatcher is not None:
-        runtime.dispatcher.notify([d.destination for d in deliveries])
+        claimed = None if send is None else send.destination  # its loop has its claim (or was told)
+        runtime.dispatcher.notify([d.destination for d in deliveries if d.destination != claimed])
     return result.event_id
+
+
+async def _ingest_and_send(
+    store: Store, dispatcher: Dispatcher, send: ClaimFor, event: Event, dedup: str, deliveries: list[NewDelivery]
+) -> Ingested:
+    """Store the reply and claim its SMS in one trip, and hand the claim to the SMS's loop. The
+    claim is handed over even when the answer to Slack gave up waiting meanwhile (shielded):
+    a claim nobody holds would wait for its lease to run out."""
+
+    def hand(done: asyncio.Future[tuple[Ingested, list[Claim]]]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        result, claims = done.result()
+        dispatcher.hand(send, claims, expected=result.event_id if result.status == "accepted" else None)
+
+    stored = asyncio.ensure_future(store.ingest_and_claim(event, dedup, deliveries, send))
+    stored.add_done_callback(hand)
+    result, _ = await asyncio.shield(stored)
+    return result
 
 
 def _ignored(runtime: Runtime, why: str, payload: dict[str, Any]) -> None:
@@ -399,12 +429,18 @@ def install(app: web.Application) -> None:
             runtime.metrics.replies_sent.inc()
         else:
             runtime.metrics.replies_failed.inc()
-        if result.follow_ups and runtime.dispatcher is not None:
-            runtime.dispatcher.notify([d.destination for d in result.follow_ups])
 
     runtime.internal.append(internal)
     runtime.destinations.update(internal(runtime.config, runtime.destinations))
+
+    def expiry_follow_up(destination: Destination) -> ExpiryFollowUp | None:
+        # a reply's SMS that dies unattempted (Skycore down or paused past max_age): ❌ and why
+        if destination.type_name != "skycore" or FEEDBACK not in runtime.destinations:
+            return None
+        return ExpiryFollowUp(ROUTE, FEEDBACK, DEAD)
+
     runtime.follow_ups.append(follow_ups)
+    runtime.expiry_follow_ups.append(expiry_follow_up)
     runtime.after_attempt.append(after_attempt)
 
 

@@ -26,7 +26,7 @@ from bridge.media import links
 from bridge.media.step import MediaStep
 from bridge.media.stores import MediaStore, MediaStoreError, open_media_store
 from bridge.metrics import Metrics
-from bridge.store import AttemptResult, Claim, NewDelivery, Store
+from bridge.store import AttemptResult, Claim, ExpiryFollowUp, NewDelivery, Store
 
 log = logging.getLogger("bridge.runtime")
 
@@ -128,6 +128,9 @@ class Runtime:
     follow_ups: list[Callable[[Destination, Claim, AttemptResult], tuple[NewDelivery, ...]]] = field(
         default_factory=list
     )
+    # the same for deliveries that die unattempted past max_age, in the transaction that marks
+    # them dead (a reply's SMS: its thread shows it); one per destination at most
+    expiry_follow_ups: list[Callable[[Destination], ExpiryFollowUp | None]] = field(default_factory=list)
     # the bridge's own destinations (`~feedback`) beside the configured ones, built from a config
     # and the live destinations built with it (bridge.replies); see Config.internal
     internal: list[Callable[[Config, dict[str, Destination]], dict[str, Destination]]] = field(default_factory=list)
@@ -247,8 +250,20 @@ class Runtime:
         assert self.store is not None
         self.metrics.destinations(destinations)
         return Dispatcher(
-            self.store, destinations, on_result=self._on_result, on_dead=self.metrics.died, follow_ups=self._follow_ups
+            self.store,
+            destinations,
+            on_result=self._on_result,
+            on_dead=self.metrics.died,
+            follow_ups=self._follow_ups,
+            expiry_follow_up=self._expiry_follow_up,
         )
+
+    def _expiry_follow_up(self, destination: Destination) -> ExpiryFollowUp | None:
+        for hook in self.expiry_follow_ups:
+            found = hook(destination)
+            if found is not None:
+                return found
+        return None
 
     def _follow_ups(self, destination: Destination, claim: Claim, result: AttemptResult) -> tuple[NewDelivery, ...]:
         out: tuple[NewDelivery, ...] = ()

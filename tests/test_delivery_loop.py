@@ -231,10 +231,15 @@ class CountingStore(SQLiteStore):
 
     claims = 0
     completes = 0
+    next_dues = 0
 
     async def claim(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.claims += 1
         return await super().claim(*args, **kwargs)
+
+    async def next_due(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.next_dues += 1
+        return await super().next_due(*args, **kwargs)
 
     async def complete(self, results):  # type: ignore[no-untyped-def]
         self.completes += 1
@@ -267,6 +272,36 @@ async def test_postbacks_arriving_together_are_claimed_and_recorded_together(tmp
     assert len(sink.received) == 40
     assert store.claims <= 12, f"{store.claims} claims for 40 postbacks"
     assert store.completes <= 12, f"{store.completes} writes of results for 40 postbacks"
+
+
+async def test_a_finished_attempt_does_not_make_an_idle_loop_claim_again(tmp_path: Path, sink):
+    """Postbacks one at a time (a reply's pace): each is one claim and one look at when the
+    next is due, not a second claim and look when its attempt finishes (it finds nothing: the
+    claim before it found fewer than it asked for, and nothing was stored since)."""
+    store = CountingStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", sink.url + "/hook")
+    await destination.open(Services(http=http, state=store))
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        await asyncio.sleep(0.1)  # the loop is idle, waiting
+        claims, dues, began = store.claims, store.next_dues, time.monotonic()
+        for n in range(8):
+            await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", f"c{n}")])
+            dispatcher.notify(["crm"])
+            await sink.wait_for(n + 1)
+            await asyncio.sleep(0.05)  # recorded, and the loop idle again
+        polls = int((time.monotonic() - began) / 1.0) + 1  # IDLE_POLL: it looks once a second anyway
+        claims, dues = store.claims - claims, store.next_dues - dues
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+        await store.close()
+    assert claims <= 8 + polls, f"{claims} claims for 8 postbacks one at a time"
+    assert dues <= 8 + polls, f"{dues} next_due for 8 postbacks one at a time"
 
 
 @pytest.mark.slow

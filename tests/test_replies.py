@@ -281,6 +281,66 @@ async def test_a_reply_goes_to_the_texter_with_the_right_xml_and_the_thread_show
     assert await bridge.reactions(ts, 2) == ["outbox_tray", "white_check_mark"]
 
 
+async def test_only_the_reports_on_a_replys_sms_get_a_feedback_delivery(start):
+    """Skycore sends delivery reports for every message the account sends, and nearly none is a
+    reply's: those go where their routes say and leave nothing for a thread to show (no
+    `~feedback` delivery to claim, attempt and record for each)."""
+    bridge = await start()
+    thread = await bridge.thread()
+    ts = await bridge.reply("On my way", thread)
+    (call,) = await bridge.skycore.wait_for(1)
+    await bridge.settled()
+    for n, code in enumerate(("N202", "E713", "N202")):
+        await bridge.postback(report(code, f"campaign-{n}"))  # messages the bridge never sent
+    await bridge.postback(report("E713", call.tracking_id, "Message Failed"))  # the reply's
+    await bridge.settled()
+    feedback = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert sorted(row.route for row in feedback) == ["report", "sent"]
+    assert await bridge.reactions(ts, 2) == ["outbox_tray", "x"]
+
+
+async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_thread(aiohttp_client, tmp_path, peers):
+    """A reply that waits behind the texter's earlier one (Skycore takes that one and never
+    answers) and is never attempted: when max_age passes, the check marks it dead, and its
+    thread shows why, as for any dead reply."""
+    slack, skycore = peers
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["sms"].update({"retry": {**RETRY, "max_age": "1s"}, "timeout": "30s"})
+    bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
+    thread = await bridge.thread()
+    skycore.script = ["hang"]
+    await bridge.reply("First", thread)
+    await skycore.wait_for(1)
+    ts = await bridge.reply("Second, behind it", thread)
+    assert await bridge.reactions(ts, 1, timeout=10) == ["x"]
+    assert any("max_age 1s passed after 0 attempts" in line for line in slack.thread_lines(thread))
+    assert len(skycore.calls) == 1  # the second was never sent
+
+
+async def test_a_replys_sms_and_its_feedback_are_claimed_with_the_writes_not_by_a_claim_round(start, monkeypatch):
+    """The SMS is claimed in the transaction that stores the reply and handed to its loop; the
+    thread's feedback in the one that records the sendSMS answer: neither waits for (nor costs)
+    a claim round of its loop."""
+    bridge = await start()
+    thread = await bridge.thread()
+    await bridge.settled()
+    store, by_claim_round = bridge.store, []
+    claim = store.claim
+
+    async def counted(destination: str, **kwargs: Any) -> Any:
+        claims = await claim(destination, **kwargs)
+        by_claim_round.extend((destination, c.route) for c in claims)
+        return claims
+
+    monkeypatch.setattr(store, "claim", counted)
+    for n in range(3):  # one after the other: none waits behind the texter's previous one
+        ts = await bridge.reply(f"Reply {n}", thread)
+        assert await bridge.reactions(ts, 1) == ["outbox_tray"]
+    await bridge.settled()
+    assert len(bridge.skycore.calls) == 3
+    assert [c for c in by_claim_round if c[0] in ("sms", "~feedback")] == []
+
+
 async def test_slacks_retry_of_one_event_makes_one_sms(start):
     bridge = await start()
     thread = await bridge.thread()
@@ -692,7 +752,8 @@ async def test_slack_gets_an_answer_within_3_seconds_even_when_the_store_hangs(s
     async def hangs(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(30)
 
-    monkeypatch.setattr(bridge.store, "ingest", hangs)
+    for write in ("ingest", "ingest_and_claim"):  # a reply is stored by the one or the other
+        monkeypatch.setattr(bridge.store, write, hangs)
     ts = bridge.next_ts()
     began = time.monotonic()
     response = await bridge.event(message_event("Are you there?", thread_ts=thread, ts=ts))
@@ -823,19 +884,19 @@ async def test_socket_mode_does_not_ack_what_it_could_not_store(aiohttp_client, 
     bridge = Bridge(await aiohttp_client(create_app(build(raw, environ={}))), slack, skycore)
     await asyncio.wait_for(slack.socket_opened.wait(), 10)
     thread = await bridge.thread()
-    real_ingest = bridge.store.ingest
 
     async def down(*args: Any, **kwargs: Any) -> Any:
         raise StoreError("database is down")
 
-    monkeypatch.setattr(bridge.store, "ingest", down)
+    for write in ("ingest", "ingest_and_claim"):  # a reply is stored by the one or the other
+        monkeypatch.setattr(bridge.store, write, down)
     ts = bridge.next_ts()
     slack.person_says("C0FAKE", ts)
     payload = message_event("Wait for it", thread_ts=thread, ts=ts)
     await slack.envelope(payload, "env-1")
     await asyncio.sleep(0.5)
     assert slack.acks == [] and skycore.calls == []
-    monkeypatch.setattr(bridge.store, "ingest", real_ingest)
+    monkeypatch.undo()
     await slack.envelope(payload, "env-1")  # Slack sends it again
     await until(lambda: slack.acks == ["env-1"])
     await skycore.wait_for(1)

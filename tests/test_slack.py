@@ -672,3 +672,45 @@ async def test_threads_survive_a_restart_and_secrets_stay_out_of_logs(slack, bri
     seen = check.stdout + check.stderr + bridge.stdout() + bridge.stderr()
     assert "delivery attempt" in seen  # the logs were written, at debug level
     assert TOKEN not in seen and "fakeWebhookSecretPath" not in seen
+
+
+async def test_show_answers_each_web_api_outcome_as_slack_sdk_would(slack, services):
+    """What a reply's thread shows (`show`): reactions.add and the line, each one POST with the
+    bot token; Slack's answers classified as the rest of the destination classifies them."""
+    inbox = slack_destination({"token": TOKEN, "channel": "#sms-inbox", "api_url": slack.api_url})
+    await inbox.open(services)
+    try:
+        thread = "1714579200.000001"
+        slack.person_says("C0FAKE", "1714579300.000001")
+        slack.threads.setdefault("C0FAKE", set()).add(thread)
+        show = lambda emoji, say=None: inbox.show("C0FAKE", "1714579300.000001", thread, emoji, say)  # noqa: E731
+        assert await show("x", "Not sent: E713") == Delivered(status=200)
+        reaction, line = slack.calls[-2:]
+        assert reaction.kind == "reactions.add" and reaction.ok
+        assert reaction.body == {"channel": "C0FAKE", "timestamp": "1714579300.000001", "name": "x"}
+        assert reaction.headers["Authorization"] == f"Bearer {TOKEN}"
+        assert reaction.headers["User-Agent"].startswith("postback-bridge/")
+        assert line.kind == "chat.postMessage" and line.ok
+        assert line.body == {"channel": "C0FAKE", "thread_ts": thread, "text": "Not sent: E713", "unfurl_links": False}
+        assert await show("x") == Delivered(status=200)  # already_reacted: an earlier try put it
+        slack.script = [("ratelimited", "7")]
+        limited = await show("white_check_mark")
+        assert isinstance(limited, Failed) and limited.retryable and limited.status == 429
+        assert limited.retry_after == 7.0
+        slack.script = [503]
+        assert await show("white_check_mark") == Failed(reason="HTTP 503", retryable=True, status=503)
+        slack.script = ["missing_scope"]
+        refused = await show("white_check_mark")
+        assert isinstance(refused, Failed) and not refused.retryable and refused.reason.startswith("missing_scope")
+        slack.script = [None, "channel_not_found"]  # the reaction goes, the line does not
+        lost = await show("outbox_tray", "a line")
+        assert isinstance(lost, Failed) and not lost.retryable and lost.reason.startswith("channel_not_found")
+        assert slack.reactions_on("1714579300.000001") == ["x", "outbox_tray"]
+        slack.down = True
+        assert await show("no_entry") == Failed(reason="HTTP 503", retryable=True, status=503)
+    finally:
+        await inbox.close()
+    token_less = slack_destination({"webhook_url": slack.webhook_url})
+    assert await token_less.show("C0FAKE", "1.2", None, "x", None) == Failed(
+        reason="replies need a bot token", retryable=False
+    )

@@ -41,10 +41,13 @@ from bridge.retry import Dead, Decision, Done, RetryAt
 from bridge.store import (
     AttemptResult,
     Claim,
+    ClaimFor,
     DeliveryFilter,
     EventFilter,
+    ExpiryFollowUp,
     Ingested,
     NewDelivery,
+    OptOutRow,
     Store,
     open_store,
 )
@@ -1330,3 +1333,97 @@ async def test_follow_ups_are_added_with_the_verdict_that_applies_once(store):
     )
     (taken, other) = await store.claim("~feedback", limit=10, lease=30, ordered=False, owner="a")
     assert {taken.body, other.body} == {sent.body, died.body}  # the event itself, as stored
+
+
+async def test_ingest_and_claim_stores_the_event_and_claims_what_is_due_for_one_destination(store):
+    """A reply's SMS is claimed with the reply (`ingest_and_claim`): the event and its deliveries
+    stored as `ingest` stores them, then the destination's due deliveries leased to `owner`, in
+    order: one held back behind an earlier delivery of its conversation is not claimed."""
+    sms = ClaimFor("sms", limit=4, lease=30, ordered=True, owner="me")
+    first = make_event(1, sender="15550000001")
+    deliveries = [NewDelivery("sms", "replies", "alice", True), NewDelivery("crm", "r", "alice")]
+    result, claims = await store.ingest_and_claim(first, dedup_key(first), deliveries, sms)
+    assert result == Ingested("accepted", first["id"])
+    (taken,) = claims
+    assert (taken.event_id, taken.destination, taken.route, taken.attempt) == (first["id"], "sms", "replies", 1)
+    assert json.loads(taken.body) == first
+    assert await store.claim("sms", limit=10, lease=30, ordered=True, owner="other") == []  # leased
+    (crm,) = await claim(store)  # the other destination's delivery is stored, not claimed
+    assert crm.event_id == first["id"]
+    # the same conversation again while the first is being sent: stored, held back
+    second = make_event(2, sender="15550000001")
+    result, claims = await store.ingest_and_claim(second, dedup_key(second), deliveries[:1], sms)
+    assert result == Ingested("accepted", second["id"]) and claims == []
+    # Slack's retry of the first (an event of its own, the same dedup key): the first one's id,
+    # nothing stored again
+    retry = {**first, "id": event_id()}
+    again, _ = await store.ingest_and_claim(retry, dedup_key(first), deliveries, sms)
+    assert again == Ingested("duplicate", first["id"])
+    assert len(await store.list_deliveries(DeliveryFilter(destination="sms"))) == 2
+    await store.complete([finished(taken, Done())])
+    (then,) = await store.claim("sms", limit=10, lease=30, ordered=True, owner="me")
+    assert then.event_id == second["id"]
+
+
+async def test_complete_and_claim_records_and_claims_the_follow_ups_at_once(store):
+    """The verdict that adds a reply's feedback claims it in the same go (`complete_and_claim`);
+    its death still counts once."""
+    await put(store, 1)
+    await put(store, 2)
+    sent, died = await claim(store)
+    feedback = ClaimFor("~feedback", limit=8, lease=30, ordered=False, owner="me")
+    results = [
+        dataclasses.replace(finished(sent, Done()), follow_ups=(NewDelivery("~feedback", "sent", "c", False),)),
+        dataclasses.replace(finished(died, Dead("E713")), follow_ups=(NewDelivery("~feedback", "dead", "c", False),)),
+    ]
+    dead, claims = await store.complete_and_claim(results, feedback)
+    assert [r.claim.id for r in dead] == [died.id]
+    assert sorted((c.event_id, c.route, c.destination) for c in claims) == sorted(
+        [(sent.event_id, "sent", "~feedback"), (died.event_id, "dead", "~feedback")]
+    )
+    assert {c.body for c in claims} == {sent.body, died.body}
+    assert await store.claim("~feedback", limit=10, lease=30, ordered=False, owner="other") == []  # ours
+    dead, claims = await store.complete_and_claim(results, feedback)  # recorded again: nothing new
+    assert dead == [] and claims == []
+    rows = await store.list_deliveries(DeliveryFilter(destination="crm"))
+    assert sorted(row.status for row in rows) == ["dead", "delivered"]
+
+
+async def test_thread_and_ledger_reads_a_replys_thread_and_the_ledger_in_one_go(store):
+    def which(kept: str | None, started: str | None) -> tuple[str, str] | None:
+        seen.append((kept, started))
+        key = (kept or "").partition("|")[2] if kept is not None else started
+        parts = (key or "").split("|")
+        return (parts[1], parts[2]) if len(parts) == 3 else None
+
+    seen: list[tuple[str | None, str | None]] = []
+    await store.put_conversation("inbox", "thread:1.1", "C1|#sms|15550000001|86717")
+    await store.put_conversation("inbox", "#sms|15550000002|86717", "2.2")  # an old thread: no thread key
+    row = OptOutRow("15550000001", "86717", True, "STOP", time.time(), "evt_x")
+    await store.record_optout(row)
+    assert await store.thread_and_ledger("inbox", "thread:1.1", "1.1", which) == (("15550000001", "86717"), True)
+    assert seen[-1] == ("C1|#sms|15550000001|86717", None)
+    assert await store.thread_and_ledger("inbox", "thread:2.2", "2.2", which) == (("15550000002", "86717"), False)
+    assert seen[-1] == (None, "#sms|15550000002|86717")
+    assert await store.thread_and_ledger("inbox", "thread:3.3", "3.3", which) == (None, False)
+    assert seen[-1] == (None, None)
+    await store.record_optout(dataclasses.replace(row, opted_out=False, word="START", at=row.at + 1))
+    assert await store.thread_and_ledger("inbox", "thread:1.1", "1.1", which) == (("15550000001", "86717"), False)
+    assert await store.opted_out("15550000001", "86717") is False
+
+
+async def test_expire_adds_the_follow_up_of_the_deliveries_of_its_route(store):
+    """A reply's SMS that dies unattempted past max_age gets its feedback delivery with its
+    death, in the same transaction; other routes' deliveries do not."""
+    old = make_event(1)
+    other = make_event(2)
+    await store.ingest(old, dedup_key(old), [NewDelivery("sms", "replies", "alice")])
+    await store.ingest(other, dedup_key(other), [NewDelivery("sms", "elsewhere", "bob")])
+    await asyncio.sleep(0.05)
+    up = ExpiryFollowUp("replies", "~feedback", "dead")
+    assert await store.expire("sms", max_age=0.01, follow_up=up) == 2
+    (row,) = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.event_id, row.route, row.status) == (old["id"], "dead", "pending")
+    (taken,) = await store.claim("~feedback", limit=5, lease=30, ordered=False, owner="a")
+    assert taken.conversation == "alice" and json.loads(taken.body) == old
+    assert await store.expire("sms", max_age=0.01, follow_up=up) == 0  # dead already: nothing more

@@ -15,13 +15,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
+from bridge import http1
 from bridge.destinations.base import (
     USER_AGENT,
     Attempt,
@@ -297,6 +298,11 @@ HINTS = {
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
+ANSWER_BYTES = 64 * 1024  # of a Web API answer to `show`'s calls, read
+_FORM = "application/x-www-form-urlencoded"
+_JSON = "application/json; charset=utf-8"
+
+
 def classify(status: int | None, error: str | None, headers: Mapping[str, str], now: float) -> Outcome:
     """Slack's answer -> Delivered, Failed(retryable) for rate limits and Slack's own trouble,
     else Failed(permanent) with Slack's error code as the reason."""
@@ -451,6 +457,8 @@ class SlackDestination(Destination):
         self.attempt_timeout = (4 if upload_media else 2) * timeout + 5.0
         self._web: AsyncWebClient | None = None
         self._webhook: AsyncWebhookClient | None = None
+        # what a reply's thread shows (`show`): two small Web API calls, on connections of their own
+        self._api: http1.Client | None = None
         self._state: ConversationState | None = None
         self._media: MediaFiles | None = None
 
@@ -588,6 +596,9 @@ class SlackDestination(Destination):
 
     async def close(self) -> None:
         self._web = self._webhook = None  # the session is the server's to close
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
 
     async def send(self, event: Event, attempt: Attempt) -> Outcome:
         message = render(event, uploads=self.upload_media)
@@ -711,40 +722,51 @@ class SlackDestination(Destination):
         and `say` as a line in its thread. One try each, as any attempt; a reaction that is
         there already (`already_reacted`: an earlier try put it) counts as done, so a retry
         after the line failed puts only the line."""
-        if self._web is None:
+        if self.token is None:
             return Failed(reason="replies need a bot token", retryable=False)
-        web = self._web
-        calls: list[Any] = [lambda: web.reactions_add(channel=channel, timestamp=ts, name=emoji)]
-        if say:
-            calls.append(
-                lambda: web.chat_postMessage(channel=channel, thread_ts=thread_ts or ts, text=say, unfurl_links=False)
-            )
-        outcome: Outcome = Delivered(status=200)
-        for call in calls:
-            outcome = await self._call(call)
-            if isinstance(outcome, Failed):
-                return outcome
-        return outcome
+        if self._api is None:
+            self._api = http1.Client()
+        reaction = urlencode({"channel": channel, "timestamp": ts, "name": emoji}).encode()
+        outcome = await self._call("reactions.add", reaction, _FORM)
+        if isinstance(outcome, Failed) or not say:
+            return outcome
+        line = {"channel": channel, "thread_ts": thread_ts or ts, "text": say, "unfurl_links": False}
+        return await self._call("chat.postMessage", json.dumps(line).encode(), _JSON)
 
-    async def _call(self, call: Any) -> Outcome:
-        """One Web API call as an attempt's outcome (`already_reacted` is done)."""
+    async def _call(self, method: str, body: bytes, content_type: str) -> Outcome:
+        """One Web API call as an attempt's outcome (`already_reacted` is done), as slack-sdk's
+        client would make it, without its per-call machinery: a POST with the bot token, the
+        answer's `ok` and `error` (a 200 that is not JSON is `unknown_error`)."""
+        assert self._api is not None and self.token is not None
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Content-Type": content_type,
+            "Authorization": f"Bearer {self.token.reveal()}",
+        }
         try:
-            async with asyncio.timeout(self.timeout):
-                response = await call()
-            return Delivered(status=response.status_code)
-        except SlackApiError as exc:
-            answer = exc.response
-            status = getattr(answer, "status_code", None) or getattr(answer, "status", None)
-            code = error_code(getattr(answer, "data", None))
-            if code == "already_reacted":
-                return Delivered(status=status)
-            if code is None and status == 200:
-                code = "unknown_error"
-            return classify(status, code, getattr(answer, "headers", None) or {}, time.time())
+            answer = await self._api.post(self.api_url + method, body, headers, keep=ANSWER_BYTES, timeout=self.timeout)
         except TimeoutError:
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
-        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except http1.HTTPError as exc:
             return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True)
+        length = answer.headers.get("Content-Length")
+        if length and length.isdigit() and len(answer.body) < min(int(length), ANSWER_BYTES):
+            # the answer broke off (the status was in): as a broken connection, tried again
+            return Failed(reason=f"Slack's answer to {method} broke off", retryable=True, status=answer.status)
+        try:
+            data = json.loads(answer.body) if answer.body else {}
+        except ValueError:
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        if answer.status == 200 and data.get("ok"):
+            return Delivered(status=200)
+        code = error_code(data)
+        if code == "already_reacted":
+            return Delivered(status=answer.status)
+        if code is None and answer.status == 200:
+            code = "unknown_error"
+        return classify(answer.status, code, answer.headers, time.time())
 
     def _scrub(self, text: str) -> str:
         """aiohttp's messages may quote the URL, and a webhook URL is a credential."""

@@ -20,6 +20,7 @@ from functools import cached_property
 from importlib.resources import files
 from typing import Any, ClassVar, Self
 
+from bridge.errors import StoreError
 from bridge.event import Event
 from bridge.retry import Dead, Decision, Done, RetryAt
 
@@ -91,6 +92,29 @@ class Claim:
     def event(self) -> Event:
         """Decoded when first asked for: a webhook sends `body` as it is."""
         return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class ClaimFor:
+    """A claim to make in the same trip as a write (`Store.ingest_and_claim`,
+    `Store.complete_and_claim`): what `Store.claim` takes."""
+
+    destination: str
+    limit: int
+    lease: float
+    ordered: bool
+    owner: str
+
+
+@dataclass(frozen=True)
+class ExpiryFollowUp:
+    """What `Store.expire` adds, in its transaction, for each delivery it makes dead whose route
+    is `route`: a delivery of the same event to `destination` under `then_route` (same
+    conversation, unordered). A reply's SMS that dies unattempted still shows in its thread."""
+
+    route: str
+    destination: str
+    then_route: str
 
 
 @dataclass(frozen=True)
@@ -528,6 +552,39 @@ class Store(abc.ABC):
         """Lease up to `limit` due deliveries. With `ordered`, only the oldest pending delivery
         of each conversation is due, so one conversation is never sent out of order."""
 
+    async def ingest_and_claim(
+        self, event: Event, dedup_key: str, deliveries: list[NewDelivery], then: ClaimFor
+    ) -> tuple[Ingested, list[Claim]]:
+        """`ingest`, then `claim` as `then` says: what is due for that destination now, the new
+        event's delivery among it unless an earlier one of its conversation holds it back
+        (ordered). For a delivery that is sent at once (a reply's SMS), so that its delivery loop
+        need not claim it. A store that can make both in one trip does (SQLite: one transaction);
+        this one makes the two in turn. A claim that fails leaves the event stored and claims
+        nothing (the loop claims it as usual)."""
+        result = await self.ingest(event, dedup_key, deliveries)
+        try:
+            claims = await self.claim(
+                then.destination, limit=then.limit, lease=then.lease, ordered=then.ordered, owner=then.owner
+            )
+        except StoreError:
+            claims = []
+        return result, claims
+
+    async def complete_and_claim(
+        self, results: list[AttemptResult], then: ClaimFor
+    ) -> tuple[list[AttemptResult], list[Claim]]:
+        """`complete`, then `claim` as `then` says (the follow-ups the results add are due at
+        once: a reply's feedback in its thread). As `ingest_and_claim`: one trip where the store
+        can, else the two in turn; a claim that fails claims nothing."""
+        died = await self.complete(results)
+        try:
+            claims = await self.claim(
+                then.destination, limit=then.limit, lease=then.lease, ordered=then.ordered, owner=then.owner
+            )
+        except StoreError:
+            claims = []
+        return died, claims
+
     @abc.abstractmethod
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
         """Record attempts and apply their decisions; a delivery no longer pending is left alone.
@@ -564,6 +621,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def opted_out(self, texter: str, short_code: str) -> bool:
         """Whether the texter's latest word to the short code was an opt-out."""
+
+    async def thread_and_ledger(
+        self, destination: str, key: str, value: str, which: Callable[[str | None, str | None], tuple[str, str] | None]
+    ) -> tuple[tuple[str, str] | None, bool]:
+        """A reply's lookups in one go (bridge.replies): the conversation state `key` of
+        `destination` (or, when there is none, the conversation whose state is `value`), made
+        into (texter, short code) by `which(state, conversation)` (pure: a store may call it on
+        a thread of its own), and whether that texter opted out of that short code. A store
+        that can make them in one trip does (SQLite: one reader round); this one asks in turn."""
+        kept = await self.get_conversation(destination, key)
+        found = which(kept, None if kept is not None else await self.conversation_of(destination, value))
+        if found is None:
+            return None, False
+        return found, await self.opted_out(*found)
 
     @abc.abstractmethod
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
@@ -605,12 +676,15 @@ class Store(abc.ABC):
         longer has it); how many, by destination (none: empty)."""
 
     @abc.abstractmethod
-    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
+    async def expire(
+        self, destination: str, *, max_age: float, grace: float = 0.0, follow_up: ExpiryFollowUp | None = None
+    ) -> int:
         """Mark pending deliveries of `destination` stored more than `max_age` seconds ago dead,
         except those leased right now (an attempt in flight gets its own verdict; a lease that
         ran out counts as not leased) and those due less than `grace` seconds ago (the last
         retry is due at the deadline itself: the worker gets that long to make it). The reason
-        says so and keeps the last error: `max_age 3s passed after 2 attempts: HTTP 500`. How
+        says so and keeps the last error: `max_age 3s passed after 2 attempts: HTTP 500`. With
+        `follow_up`, those of its route get their follow-up delivery in the same transaction. How
         many."""
 
     @abc.abstractmethod

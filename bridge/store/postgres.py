@@ -59,6 +59,7 @@ from bridge.store import (
     DestinationStats,
     EventFilter,
     EventSQL,
+    ExpiryFollowUp,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -841,11 +842,24 @@ class PostgresStore(Store):
             rows = await conn.fetch(Q["abandon_unknown"], reason, time.time(), sorted(keep))
         return {row[0]: row[1] for row in rows}
 
-    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
+    async def expire(
+        self, destination: str, *, max_age: float, grace: float = 0.0, follow_up: ExpiryFollowUp | None = None
+    ) -> int:
         now, reason = time.time(), f"max_age {max_age:g}s passed after "
         async with self._tx() as conn:
-            status = await conn.execute(Q["expire"], destination, now - max_age, now, reason, now - grace)
-        return _updated(status)
+            rows = await conn.fetch(Q["expire"], destination, now - max_age, now, reason, now - grace)
+            for row in rows:
+                if follow_up is not None and row[1] == follow_up.route:
+                    await conn.execute(
+                        Q["insert_deliveries"],
+                        row[0],
+                        [follow_up.destination],
+                        [follow_up.then_route],
+                        [row[2]],
+                        [False],
+                        now,
+                    )
+        return len(rows)
 
     async def order_pending(self, destinations: Collection[str]) -> int:
         async with self._tx() as conn:

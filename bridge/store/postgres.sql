@@ -175,6 +175,7 @@ SET status = 'dead', next_at = $3, leased_by = NULL, updated_at = $3,
     last_error = $4::text || d.attempts || ' attempts' || coalesce(': ' || d.last_error, '')
 FROM old
 WHERE d.id = old.id
+RETURNING d.event_id, d.route, d.conversation
 
 -- name: lease_owners
 SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL

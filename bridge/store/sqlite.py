@@ -37,11 +37,13 @@ from bridge.store import (
     AttemptResult,
     AttemptRow,
     Claim,
+    ClaimFor,
     DeliveryFilter,
     DeliveryRow,
     DestinationStats,
     EventFilter,
     EventSQL,
+    ExpiryFollowUp,
     Ingested,
     NewDelivery,
     OptOutRow,
@@ -61,6 +63,7 @@ from bridge.store import (
 log = logging.getLogger("bridge.store")
 Q = load_queries("sqlite.sql")
 T = TypeVar("T")
+F = TypeVar("F")  # what a caller of _ingest_all gets each result back with (its future)
 Op = Callable[[sqlite3.Connection], Any]  # or an _Ingest: every postback of a commit goes in together
 _STOP = object()
 MAX_BATCH = 1024
@@ -326,9 +329,7 @@ class _Writer(threading.Thread):
 _Ingest = PendingEvent  # an op the writer thread takes with the others of its commit
 
 
-def _ingest_all(
-    conn: sqlite3.Connection, ingests: list[tuple[_Ingest, asyncio.Future[Any]]]
-) -> list[tuple[asyncio.Future[Any], Any, None]]:
+def _ingest_all(conn: sqlite3.Connection, ingests: list[tuple[_Ingest, F]]) -> list[tuple[F, Any, None]]:
     """Every postback of a commit in two statements: the events (duplicates skipped by the
     unique dedup key), then the deliveries of those that were new."""
     before = conn.total_changes
@@ -340,7 +341,7 @@ def _ingest_all(
         owner = dict(conn.execute(f"SELECT dedup_key, id FROM events WHERE dedup_key IN ({_marks(keys)})", keys))
     rows: list[tuple[Any, ...]] = []
     dropped: list[tuple[str, float]] = []
-    results: list[tuple[asyncio.Future[Any], Any, None]] = []
+    results: list[tuple[F, Any, None]] = []
     for item, future in ingests:
         stored_id = owner[item.dedup_key]
         if stored_id == item.event_id:
@@ -357,6 +358,36 @@ def _ingest_all(
     if dropped:
         conn.executemany(Q["insert_dropped"], dropped)
     return results
+
+
+def _claimed(conn: sqlite3.Connection, then: ClaimFor, now: float) -> list[Claim]:
+    """`Store.claim` as one op of the writer."""
+    params = {
+        "destination": then.destination,
+        "now": now,
+        "lease_until": now + then.lease,
+        "owner": then.owner,
+        "limit": then.limit,
+    }
+    rows = conn.execute(Q["claim_ordered" if then.ordered else "claim"], params).fetchall()
+    if not rows:
+        return []
+    ids = sorted({row[1] for row in rows})
+    bodies = dict(conn.execute(f"SELECT id, body FROM events WHERE id IN ({_marks(ids)})", ids).fetchall())
+    rows.sort(key=lambda row: row[0])
+    return [
+        Claim(
+            id=row[0],
+            event_id=row[1],
+            destination=then.destination,
+            attempt=row[2],
+            created_at=row[3],
+            conversation=row[4],
+            route=row[5],
+            body=bodies[row[1]],
+        )
+        for row in rows
+    ]
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -417,6 +448,8 @@ class SQLiteStore(Store):
         # the admin API's and the console's listings, on a reader of their own: a page of a big
         # store (1-30 ms) neither holds postbacks back behind the writer nor a reply's lookups
         self._lister: _Reader | None = None
+        # a reply's point lookups (its thread, the opt-out ledger) on the event loop itself: see _quick
+        self._quick_conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
         writer = _Writer(self.path)
@@ -436,6 +469,9 @@ class SQLiteStore(Store):
             if reader is not None:
                 await asyncio.to_thread(reader.close)
         self._reader = self._lister = None
+        if self._quick_conn is not None:
+            self._quick_conn.close()
+            self._quick_conn = None
         if self._writer is not None:
             self._writer.queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -456,6 +492,27 @@ class SQLiteStore(Store):
             raise StoreError("store is not open")
         return await self._reader.run(op)
 
+    async def _quick(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a point lookup (a few rows by a primary key or an index) on a read-only connection
+        of the event loop's own. It costs tens of microseconds; a trip to the reader thread and
+        back costs several times that in thread wake-ups, and a reply makes two of them (its
+        thread and the ledger, then the ledger again right before its SMS). In WAL mode a reader
+        takes no lock the writer holds, so it never waits for a commit; should SQLite still say
+        busy (a WAL being recovered), the lookup goes to the reader thread, which may wait."""
+        if self._writer is None:
+            raise StoreError("store is not open")
+        try:
+            if self._quick_conn is None:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 0")  # never wait on the loop
+                conn.execute("PRAGMA query_only = 1")
+                self._quick_conn = conn
+            return op(self._quick_conn)
+        except sqlite3.OperationalError:
+            return await self._read(op)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite: {exc}") from exc
+
     async def _list(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run a listing (admin API, console, /metrics' counts) on the lister (see _Reader)."""
         if self._lister is None:
@@ -472,34 +529,23 @@ class SQLiteStore(Store):
         return result
 
     async def claim(self, destination: str, *, limit: int, lease: float, ordered: bool, owner: str) -> list[Claim]:
+        then = ClaimFor(destination, limit, lease, ordered, owner)
         now = time.time()
-        params = {"destination": destination, "now": now, "lease_until": now + lease, "owner": owner, "limit": limit}
-        query = Q["claim_ordered" if ordered else "claim"]
+        return await self._run(lambda conn: _claimed(conn, then, now))
 
-        def op(conn: sqlite3.Connection) -> list[Claim]:
-            rows = conn.execute(query, params).fetchall()
-            if not rows:
-                return []
-            ids = sorted({row[1] for row in rows})
-            bodies = dict(conn.execute(f"SELECT id, body FROM events WHERE id IN ({_marks(ids)})", ids).fetchall())
-            rows.sort(key=lambda row: row[0])
-            return [
-                Claim(
-                    id=row[0],
-                    event_id=row[1],
-                    destination=destination,
-                    attempt=row[2],
-                    created_at=row[3],
-                    conversation=row[4],
-                    route=row[5],
-                    body=bodies[row[1]],
-                )
-                for row in rows
-            ]
+    async def ingest_and_claim(
+        self, event: Event, dedup_key: str, deliveries: list[NewDelivery], then: ClaimFor
+    ) -> tuple[Ingested, list[Claim]]:
+        # one op of the writer's next commit: the event as `ingest` stores it, then the claim
+        item = _Ingest.of(event, dedup_key, time.time(), dumps(event), deliveries)
+
+        def op(conn: sqlite3.Connection) -> tuple[Ingested, list[Claim]]:
+            ((_, result, _),) = _ingest_all(conn, [(item, None)])
+            return result, _claimed(conn, then, time.time())
 
         return await self._run(op)
 
-    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
+    def _complete_op(self, results: list[AttemptResult]) -> Callable[[sqlite3.Connection], list[AttemptResult]]:
         now = time.time()
         attempts: list[tuple[Any, ...]] = []
         finishes: list[tuple[AttemptResult, tuple[Any, ...]]] = []
@@ -528,6 +574,20 @@ class SQLiteStore(Store):
             for r in died:
                 follow(conn, r)
             return died
+
+        return op
+
+    async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
+        return await self._run(self._complete_op(results))
+
+    async def complete_and_claim(
+        self, results: list[AttemptResult], then: ClaimFor
+    ) -> tuple[list[AttemptResult], list[Claim]]:
+        complete = self._complete_op(results)
+
+        def op(conn: sqlite3.Connection) -> tuple[list[AttemptResult], list[Claim]]:
+            died = complete(conn)
+            return died, _claimed(conn, then, time.time())
 
         return await self._run(op)
 
@@ -570,7 +630,24 @@ class SQLiteStore(Store):
             row = conn.execute(Q["opted_out"], (texter, short_code)).fetchone()
             return bool(row and row[0])
 
-        return await self._read(op)
+        return await self._quick(op)
+
+    async def thread_and_ledger(
+        self, destination: str, key: str, value: str, which: Callable[[str | None, str | None], tuple[str, str] | None]
+    ) -> tuple[tuple[str, str] | None, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[tuple[str, str] | None, bool]:
+            row = conn.execute(Q["get_conversation"], (destination, key)).fetchone()
+            other = None
+            if row is None:
+                found = conn.execute(Q["conversation_of"], (destination, value)).fetchone()
+                other = found[0] if found else None
+            texter = which(row[0] if row else None, other)
+            if texter is None:
+                return None, False
+            stopped = conn.execute(Q["opted_out"], texter).fetchone()
+            return texter, bool(stopped and stopped[0])
+
+        return await self._quick(op)
 
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
         where, params = ("", []) if number is None else (" WHERE texter = ? OR short_code = ?", [number, number])
@@ -586,7 +663,7 @@ class SQLiteStore(Store):
             row = conn.execute(Q["delivery_by_tracking_id"], (tracking_id,)).fetchone()
             return delivery_row(row) if row else None
 
-        return await self._read(op)
+        return await self._quick(op)  # asked for each delivery report (bridge.ingest): by an index
 
     @staticmethod
     def _where(where: DeliveryFilter) -> tuple[str, list[Any]]:
@@ -682,7 +759,9 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def expire(self, destination: str, *, max_age: float, grace: float = 0.0) -> int:
+    async def expire(
+        self, destination: str, *, max_age: float, grace: float = 0.0, follow_up: ExpiryFollowUp | None = None
+    ) -> int:
         now = time.time()
         params = {
             "destination": destination,
@@ -691,7 +770,19 @@ class SQLiteStore(Store):
             "cutoff": now - max_age,
             "reason": f"max_age {max_age:g}s passed after ",
         }
-        return await self._run(lambda conn: conn.execute(Q["expire"], params).rowcount)
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(Q["expire"], params).fetchall()
+            if follow_up is not None:
+                ups = [
+                    (eid, follow_up.destination, follow_up.then_route, conversation, False, now, now, now)
+                    for eid, route, conversation in rows
+                    if route == follow_up.route
+                ]
+                conn.executemany(Q["insert_delivery"], ups)
+            return len(rows)
+
+        return await self._run(op)
 
     async def order_pending(self, destinations: Collection[str]) -> int:
         names = sorted(destinations)

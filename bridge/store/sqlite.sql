@@ -64,6 +64,7 @@ SET status = 'dead', next_at = :now, leased_by = NULL, updated_at = :now,
     last_error = :reason || attempts || ' attempts' || COALESCE(': ' || last_error, '')
 WHERE destination = :destination AND status = 'pending' AND created_at < :cutoff
   AND (leased_by IS NULL OR next_at <= :now) AND (next_at <= :settled OR next_at > :now)
+RETURNING event_id, route, conversation
 
 -- name: lease_owners
 SELECT DISTINCT leased_by FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL
