@@ -537,7 +537,7 @@ class SQLiteStore(Store):
         self, event: Event, dedup_key: str, deliveries: list[NewDelivery], then: ClaimFor
     ) -> tuple[Ingested, list[Claim]]:
         # one op of the writer's next commit: the event as `ingest` stores it, then the claim
-        item = _Ingest.of(event, dedup_key, time.time(), dumps(event), deliveries)
+        item = _Ingest(event["id"], dedup_key, event["type"], time.time(), dumps(event), deliveries)
 
         def op(conn: sqlite3.Connection) -> tuple[Ingested, list[Claim]]:
             ((_, result, _),) = _ingest_all(conn, [(item, None)])
