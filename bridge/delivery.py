@@ -114,6 +114,9 @@ class Dispatcher:
         # an ordered destination's due delivery waits behind an earlier one of its conversation:
         # the verdict that frees it (recorded) makes the loop look again
         self._held: dict[str, bool] = {}
+        # verdicts recorded per destination: one recorded while its loop claimed or asked when
+        # the next is due (before `_held` could say it waits) frees its conversation too
+        self._verdicts: dict[str, int] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._inflight: dict[str, dict[asyncio.Task[None], Claim]] = {}
         self._ready: dict[str, deque[tuple[Claim, float]]] = {}  # claimed (when), waiting for a slot
@@ -130,6 +133,7 @@ class Dispatcher:
             self._due[name] = True
             self._idle_until[name] = 0.0
             self._held[name] = False
+            self._verdicts[name] = 0
             self._inflight[name] = {}
             self._ready[name] = deque()
             self._loops[name] = asyncio.create_task(self._run(destination), name=f"deliver:{name}")
@@ -182,7 +186,9 @@ class Dispatcher:
             self._ready[name].extend((claim, now) for claim in claims)
             self._wake[name].set()
         held = then.ordered if expected is None else all(c.event_id != expected for c in claims)
-        if len(claims) >= then.limit or held:
+        if not claims or len(claims) >= then.limit or held:
+            # none: the claim failed (a store that claims in turn) or found the others first;
+            # the loop looks, as on `notify`, rather than at its next idle poll
             self.notify([name])
 
     def _follow_ups_claim(self, batch: Sequence[AttemptResult]) -> ClaimFor | None:
@@ -296,6 +302,7 @@ class Dispatcher:
             lingered = False
             self._due[name] = False  # before claiming, so a notify during the claim is not lost
             self._idle_until[name] = 0.0
+            verdicts = self._verdicts[name]  # as a notify: one recorded from here on is not lost
             try:
                 claims = await self.store.claim(
                     name, limit=want, lease=lease, ordered=destination.ordered, owner=self.owner
@@ -313,9 +320,9 @@ class Dispatcher:
             if len(claims) == want:
                 lingered = True  # more may be due now: claim again at once
                 continue
-            await self._idle(destination, wake)
+            await self._idle(destination, wake, verdicts)
 
-    async def _idle(self, destination: Destination, wake: asyncio.Event) -> None:
+    async def _idle(self, destination: Destination, wake: asyncio.Event, verdicts: int) -> None:
         """Fewer deliveries were due than asked for: sleep until the next is due or a new one
         arrives (notify). An attempt that finishes meanwhile (or claims handed over) wakes the
         loop to start what it holds, and it sleeps on (`_idle_until`); a verdict recorded for an
@@ -336,6 +343,8 @@ class Dispatcher:
             # Due but not handed out: for an ordered destination, behind an earlier delivery of
             # its conversation (its verdict, recorded, wakes us); otherwise just taken by another
             # instance.
+            if destination.ordered and self._verdicts[name] != verdicts:
+                return  # a verdict recorded since the claim may have freed it: claim again
             timeout = IDLE_POLL if destination.ordered else 0.01
             self._held[name] = destination.ordered
         self._idle_until[name] = time.monotonic() + timeout
@@ -401,6 +410,7 @@ class Dispatcher:
             name = destination.name
             if name not in self._wake:
                 continue
+            self._verdicts[name] += 1
             decision = result.decision
             if isinstance(decision, RetryAt):  # the loop looks again when it is due
                 at = clock + max(0.0, decision.at - now)

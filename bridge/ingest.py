@@ -113,12 +113,12 @@ async def _take(runtime: Runtime, config: Config, fields: dict[str, Any]) -> Rep
             NewDelivery(MEDIA_DESTINATION, "media", conversation, ordered=False),
             *(replace(d, delay=media.wait) for d in deliveries),
         ]
-    if FEEDBACK in config.internal and says_delivered_or_failed(event) and await _on_a_reply(store, event):
-        # the report on a reply's SMS: the thread shows it, durable with the event
-        deliveries.append(NewDelivery(FEEDBACK, FEEDBACK_REPORT, conversation, False))
     patience = runtime.patience
-    task = patience.start()
+    task = patience.start()  # the store's answers within it, the lookup of a report's reply too
     try:
+        if FEEDBACK in config.internal and says_delivered_or_failed(event) and await _on_a_reply(store, event):
+            # the report on a reply's SMS: the thread shows it, durable with the event
+            deliveries.append(NewDelivery(FEEDBACK, FEEDBACK_REPORT, conversation, False))
         result = await store.ingest(event, dedup_key(event), deliveries)
     except (StoreError, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not patience.ran_out(task):

@@ -304,6 +304,47 @@ async def test_a_finished_attempt_does_not_make_an_idle_loop_claim_again(tmp_pat
     assert dues <= 8 + polls, f"{dues} next_due for 8 postbacks one at a time"
 
 
+class SlowNextDueStore(SQLiteStore):
+    """The real SQLite store, answering "when is the next due" late, as a busy store does."""
+
+    async def next_due(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        due = await super().next_due(*args, **kwargs)
+        await asyncio.sleep(0.2)
+        return due
+
+
+async def test_a_conversations_next_message_is_not_held_when_its_verdict_comes_while_the_loop_looks(
+    tmp_path: Path, sink
+):
+    """An ordered destination, two messages of one conversation, a fast receiver and a store slow
+    to say when the next is due: the first's verdict is recorded while the loop asks, and the
+    second is due but was held behind it. The loop claims it at once (a verdict recorded since
+    its claim), not after its idle second (review of the replies' change: 1.2 s instead of 0.2)."""
+    store = SlowNextDueStore(str(tmp_path / "b.db"))
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", sink.url + "/hook")
+    destination.ordered = True
+    await destination.open(Services(http=http, state=store))
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        await asyncio.sleep(1.3)  # idle, past its first look
+        for n in (1, 2):
+            await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", "one conversation", True)])
+        began = time.monotonic()
+        dispatcher.notify(["crm"])
+        await sink.wait_for(2)
+        took = time.monotonic() - began
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+        await store.close()
+    assert [json.loads(r.body)["id"] for r in sink.received] == ["evt_0001", "evt_0002"]
+    assert took < 0.8, f"the second message waited {took:.2f} s"
+
+
 @pytest.mark.slow
 async def test_a_backlog_to_a_destination_that_stays_down_is_dead_soon_after_max_age(tmp_path: Path, sink):
     """An always-500 destination is soon taken to be down and probed one delivery at a time, so

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.app import create_app
 from bridge.config import build, load
 from bridge.errors import ConfigError, StoreError
-from bridge.runtime import RUNTIME
+from bridge.runtime import RUNTIME, Patience
 from bridge.smstext import length, plain, segments
 from bridge.store import DeliveryFilter, EventFilter
 from tests.conftest import post
@@ -297,6 +297,29 @@ async def test_only_the_reports_on_a_replys_sms_get_a_feedback_delivery(start):
     feedback = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
     assert sorted(row.route for row in feedback) == ["report", "sent"]
     assert await bridge.reactions(ts, 2) == ["outbox_tray", "x"]
+
+
+async def test_a_report_whose_reply_lookup_hangs_is_a_503_within_patience(aiohttp_client, tmp_path, peers, monkeypatch):
+    """Whether a report is on a reply's SMS is a store lookup before the report is stored: it
+    counts against the store's patience as the write does, so a store that hangs there gets
+    Skycore's retry (503) in time, not an answer after the lookup's own timeouts."""
+    slack, skycore = peers
+    app = create_app(build(config(tmp_path, slack, skycore), environ={}))
+    app[RUNTIME].patience = Patience(0.3, every=0.05)  # before it starts: its sweep is started then
+    bridge = Bridge(await aiohttp_client(app), slack, skycore)
+    stuck = asyncio.Event()
+
+    async def hangs(tracking_id: str) -> Any:
+        await stuck.wait()
+
+    monkeypatch.setattr(bridge.store, "delivery_by_tracking_id", hangs)
+    began = time.monotonic()
+    async with asyncio.timeout(5):
+        response = await bridge.client.post("/postback", data=report("N202", "some-message"))
+    assert response.status == 503, await response.text()
+    assert time.monotonic() - began < 2
+    monkeypatch.undo()  # the store answers again: Skycore's retry is taken
+    await bridge.postback(report("N202", "some-message"))
 
 
 async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_thread(aiohttp_client, tmp_path, peers):

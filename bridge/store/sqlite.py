@@ -450,6 +450,7 @@ class SQLiteStore(Store):
         self._lister: _Reader | None = None
         # a reply's point lookups (its thread, the opt-out ledger) on the event loop itself: see _quick
         self._quick_conn: sqlite3.Connection | None = None
+        self._closing = False
 
     async def open(self) -> None:
         writer = _Writer(self.path)
@@ -465,6 +466,7 @@ class SQLiteStore(Store):
         self._lister = _Reader(self.path, "sqlite-lister")
 
     async def close(self) -> None:
+        self._closing = True  # no new connection of the loop's own (`_quick`) while this waits
         for reader in (self._reader, self._lister):
             if reader is not None:
                 await asyncio.to_thread(reader.close)
@@ -476,6 +478,7 @@ class SQLiteStore(Store):
             self._writer.queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+        self._closing = False  # closed: `_writer` says so from here on
 
     def _run(self, op: Callable[[sqlite3.Connection], T] | _Ingest, *, isolated: bool = True) -> asyncio.Future[T]:
         """Queue `op` for the next commit. `isolated=False` is for ops whose only possible failure
@@ -499,7 +502,7 @@ class SQLiteStore(Store):
         thread and the ledger, then the ledger again right before its SMS). In WAL mode a reader
         takes no lock the writer holds, so it never waits for a commit; should SQLite still say
         busy (a WAL being recovered), the lookup goes to the reader thread, which may wait."""
-        if self._writer is None:
+        if self._writer is None or self._closing:
             raise StoreError("store is not open")
         try:
             if self._quick_conn is None:
