@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import resource
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -246,29 +248,38 @@ class CountingStore(SQLiteStore):
         return await super().complete(results)
 
 
+@contextlib.asynccontextmanager
+async def delivering(store: SQLiteStore, url: str, *, ordered: bool = False) -> AsyncIterator[Dispatcher]:
+    """`store` opened, one webhook destination `crm` to `url` and a running dispatcher for it;
+    all stopped and closed afterwards."""
+    await store.open()
+    http = aiohttp.ClientSession()
+    destination = WebhookDestination("crm", url)
+    destination.ordered = ordered
+    await destination.open(Services(http=http, state=store))
+    dispatcher = Dispatcher(store, {"crm": destination})
+    dispatcher.start()
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.stop()
+        await destination.close()
+        await http.close()
+        await store.close()
+
+
 async def test_postbacks_arriving_together_are_claimed_and_recorded_together(tmp_path: Path, sink):
     """A notify per postback, as the server sends: one claim takes the postbacks that came in
     about the same time, and their results are written together, instead of a store round
     trip (and a commit) per postback for each."""
     store = CountingStore(str(tmp_path / "b.db"))
-    await store.open()
-    http = aiohttp.ClientSession()
-    destination = WebhookDestination("crm", sink.url + "/hook")
-    await destination.open(Services(http=http, state=store))
-    dispatcher = Dispatcher(store, {"crm": destination})
-    dispatcher.start()
-    try:
+    async with delivering(store, sink.url + "/hook") as dispatcher:
         await asyncio.sleep(0.1)  # the loop is idle, waiting
         for n in range(40):
             await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", f"c{n}")])
             dispatcher.notify(["crm"])
         await sink.wait_for(40)
         await asyncio.sleep(0.2)
-    finally:
-        await dispatcher.stop()
-        await destination.close()
-        await http.close()
-        await store.close()
     assert len(sink.received) == 40
     assert store.claims <= 12, f"{store.claims} claims for 40 postbacks"
     assert store.completes <= 12, f"{store.completes} writes of results for 40 postbacks"
@@ -279,13 +290,7 @@ async def test_a_finished_attempt_does_not_make_an_idle_loop_claim_again(tmp_pat
     next is due, not a second claim and look when its attempt finishes (it finds nothing: the
     claim before it found fewer than it asked for, and nothing was stored since)."""
     store = CountingStore(str(tmp_path / "b.db"))
-    await store.open()
-    http = aiohttp.ClientSession()
-    destination = WebhookDestination("crm", sink.url + "/hook")
-    await destination.open(Services(http=http, state=store))
-    dispatcher = Dispatcher(store, {"crm": destination})
-    dispatcher.start()
-    try:
+    async with delivering(store, sink.url + "/hook") as dispatcher:
         await asyncio.sleep(0.1)  # the loop is idle, waiting
         claims, dues, began = store.claims, store.next_dues, time.monotonic()
         for n in range(8):
@@ -295,11 +300,6 @@ async def test_a_finished_attempt_does_not_make_an_idle_loop_claim_again(tmp_pat
             await asyncio.sleep(0.05)  # recorded, and the loop idle again
         polls = int((time.monotonic() - began) / 1.0) + 1  # IDLE_POLL: it looks once a second anyway
         claims, dues = store.claims - claims, store.next_dues - dues
-    finally:
-        await dispatcher.stop()
-        await destination.close()
-        await http.close()
-        await store.close()
     assert claims <= 8 + polls, f"{claims} claims for 8 postbacks one at a time"
     assert dues <= 8 + polls, f"{dues} next_due for 8 postbacks one at a time"
 
@@ -321,14 +321,7 @@ async def test_a_conversations_next_message_is_not_held_when_its_verdict_comes_w
     second is due but was held behind it. The loop claims it at once (a verdict recorded since
     its claim), not after its idle second (review of the replies' change: 1.2 s instead of 0.2)."""
     store = SlowNextDueStore(str(tmp_path / "b.db"))
-    await store.open()
-    http = aiohttp.ClientSession()
-    destination = WebhookDestination("crm", sink.url + "/hook")
-    destination.ordered = True
-    await destination.open(Services(http=http, state=store))
-    dispatcher = Dispatcher(store, {"crm": destination})
-    dispatcher.start()
-    try:
+    async with delivering(store, sink.url + "/hook", ordered=True) as dispatcher:
         await asyncio.sleep(1.3)  # idle, past its first look
         for n in (1, 2):
             await store.ingest(event(n), f"k{n}", [NewDelivery("crm", "r", "one conversation", True)])
@@ -336,11 +329,6 @@ async def test_a_conversations_next_message_is_not_held_when_its_verdict_comes_w
         dispatcher.notify(["crm"])
         await sink.wait_for(2)
         took = time.monotonic() - began
-    finally:
-        await dispatcher.stop()
-        await destination.close()
-        await http.close()
-        await store.close()
     assert [json.loads(r.body)["id"] for r in sink.received] == ["evt_0001", "evt_0002"]
     assert took < 0.8, f"the second message waited {took:.2f} s"
 
