@@ -562,13 +562,7 @@ class Store(abc.ABC):
         this one makes the two in turn. A claim that fails leaves the event stored and claims
         nothing (the loop claims it as usual)."""
         result = await self.ingest(event, dedup_key, deliveries)
-        try:
-            claims = await self.claim(
-                then.destination, limit=then.limit, lease=then.lease, ordered=then.ordered, owner=then.owner
-            )
-        except StoreError:
-            claims = []
-        return result, claims
+        return result, await self._claim_or_none(then)
 
     async def complete_and_claim(
         self, results: list[AttemptResult], then: ClaimFor
@@ -577,13 +571,17 @@ class Store(abc.ABC):
         once: a reply's feedback in its thread). As `ingest_and_claim`: one trip where the store
         can, else the two in turn; a claim that fails claims nothing."""
         died = await self.complete(results)
+        return died, await self._claim_or_none(then)
+
+    async def _claim_or_none(self, then: ClaimFor) -> list[Claim]:
+        """`claim` as `then` says, after a write that went through: a claim that fails claims
+        nothing (the loop claims as usual)."""
         try:
-            claims = await self.claim(
+            return await self.claim(
                 then.destination, limit=then.limit, lease=then.lease, ordered=then.ordered, owner=then.owner
             )
         except StoreError:
-            claims = []
-        return died, claims
+            return []
 
     @abc.abstractmethod
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
