@@ -51,6 +51,7 @@ def _print_problems(problems: Sequence[str], kind: str, where: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.app import create_app
+    from bridge.runtime import settle_heap
     from bridge.serving import run_app
 
     config = _config(args.config, required=False)
@@ -62,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("config warning", extra={"warning": warning})
 
     def started(_: str) -> None:
+        settle_heap()  # what starting made lives as long as the process: out of the collector's way
         log.info(
             "listening",
             extra={

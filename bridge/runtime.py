@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -29,6 +30,21 @@ from bridge.metrics import Metrics
 from bridge.store import AttemptResult, Claim, ExpiryFollowUp, NewDelivery, Store
 
 log = logging.getLogger("bridge.runtime")
+
+
+def settle_heap() -> None:
+    """Put what exists now out of the cyclic collector's sight (gc.freeze), once serving has
+    started: the modules, the config, the destinations and the app live as long as the process,
+    and a full collection that walks them all stops the loop for about 30 ms (measured under
+    load: every few seconds at 3,000 postbacks/s, the p99 of every postback in flight). Frozen,
+    a full collection walks only what serving made since. Called again after a reload, it first
+    thaws the heap, so the old config's and destinations' cycles are collected, not kept for good.
+    A process that never froze (tests running the app in-process) is left as it is on reload."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
 
 # Skycore gives up on an answer after 10 s; a store slower than this gets a 503 (it may still
 # commit: Skycore's retry is then answered "duplicate", and the event is delivered once)
@@ -330,6 +346,8 @@ class Runtime:
             else:
                 self.metrics.reloads.labels("success").inc()
                 self.metrics.last_reload.set_to_current_time()
+                if gc.get_freeze_count():  # serving froze the heap at start: the old config's cycles go
+                    settle_heap()
                 log.info(
                     "config reloaded",
                     extra={"destinations": sorted(self.config.destinations), "routes": len(self.config.routes)},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -15,7 +16,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +33,7 @@ from bridge import runtime as runtime_module
 from bridge.app import create_app
 from bridge.config import load
 from bridge.errors import StoreError
-from bridge.runtime import RUNTIME, purge_once
+from bridge.runtime import RUNTIME, purge_once, settle_heap
 from bridge.store import DeliveryFilter
 from bridge.store.sqlite import SQLiteStore
 from tests.conftest import POSTBACKS, connect_to, eventually, free_port, post, sms
@@ -851,3 +853,53 @@ async def test_a_destination_made_ordered_orders_what_was_queued_for_it(tmp_path
     again = await app_client(config(True))
     assert stored() == [1, 1]
     await again.close()
+
+
+# ---------------------------------------------------------------------------- the heap
+
+
+@pytest.fixture
+def thawed_after() -> Iterator[None]:
+    """A test that freezes the heap, as serving does, thaws it again: the suite's objects made
+    meanwhile are collected as before once it ends."""
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def test_serving_puts_what_starting_made_out_of_the_collectors_sight(thawed_after):
+    made_at_start = [[n] for n in range(100)]  # lists: objects the collector tracks
+    settle_heap()
+    walked = {id(o) for o in gc.get_objects()}  # what a full collection walks
+    assert not any(id(o) in walked for o in made_at_start)
+    made_later = [[n] for n in range(100)]
+    walked = {id(o) for o in gc.get_objects()}
+    assert all(id(o) in walked for o in made_later)
+
+
+async def test_a_reload_of_a_frozen_heap_lets_the_old_destinations_cycles_go(tmp_path, aiohttp_server, thawed_after):
+    """Frozen objects are never collected: the destinations a reload replaces, made before the
+    heap was frozen, would be kept for good if they (or what they hold) are in a cycle."""
+    path = tmp_path / "c.yaml"
+
+    def write(name: str) -> None:
+        path.write_text(
+            f"store: sqlite:///{tmp_path / 'b.db'}\n"
+            f"destinations:\n  {name}: {{type: log, path: {tmp_path / name}.jsonl}}\n"
+            f"default: [{name}]\n"
+        )
+
+    write("a")
+    app = create_app(load(path))
+    await aiohttp_server(app)
+    runtime = app[RUNTIME]
+    old = runtime.destinations["a"]
+    old.cycle = old  # type: ignore[attr-defined]  # a cycle the old destination is in
+    gone = weakref.ref(old)
+    del old
+    settle_heap()  # serving has started
+    write("b")
+    assert await runtime.reload() == []
+    assert gone() is None, "the replaced destination is still in memory"
+    assert gc.get_freeze_count() > 0, "the heap is frozen again after the reload"
