@@ -63,7 +63,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("config warning", extra={"warning": warning})
 
     def started(_: str) -> None:
-        settle_heap()  # what starting made lives as long as the process: out of the collector's way
         log.info(
             "listening",
             extra={
@@ -77,7 +76,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        run_app(app, host=server.host, port=server.port, lane=server.lane, shutdown_timeout=10.0, started=started)
+        run_app(
+            app,
+            host=server.host,
+            port=server.port,
+            lane=server.lane,
+            shutdown_timeout=10.0,
+            started=started,
+            before_listening=settle_heap,  # what starting made lives as long as the process
+        )
     except BridgeError as exc:
         log.error("cannot start", extra={"error": str(exc)})
         logs.flush()

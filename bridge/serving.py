@@ -25,14 +25,18 @@ def run_app(
     lane: bool = True,
     shutdown_timeout: float,
     started: Callable[[str], None],
+    before_listening: Callable[[], None] = lambda: None,
 ) -> None:
-    """aiohttp's web.run_app: serve until SIGINT or SIGTERM, then shut down."""
+    """aiohttp's web.run_app: serve until SIGINT or SIGTERM, then shut down. `before_listening`
+    runs once the app has started (its startup hooks: the store, the destinations), before the
+    port takes its first connection; `started` once it listens."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
 
     async def serve() -> None:
         runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout)
         await runner.setup()
+        before_listening()
         try:
             site: web.BaseSite
             if lane:

@@ -26,10 +26,12 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import cli as cli_module
 from bridge import runtime as runtime_module
+from bridge import serving
 from bridge.app import create_app
 from bridge.config import load
 from bridge.errors import StoreError
@@ -868,7 +870,7 @@ def thawed_after() -> Iterator[None]:
         gc.unfreeze()
 
 
-def test_serving_puts_what_starting_made_out_of_the_collectors_sight(thawed_after):
+def test_settling_puts_what_exists_out_of_the_collectors_sight(thawed_after):
     made_at_start = [[n] for n in range(100)]  # lists: objects the collector tracks
     settle_heap()
     walked = {id(o) for o in gc.get_objects()}  # what a full collection walks
@@ -878,9 +880,41 @@ def test_serving_puts_what_starting_made_out_of_the_collectors_sight(thawed_afte
     assert all(id(o) in walked for o in made_later)
 
 
-async def test_a_reload_of_a_frozen_heap_lets_the_old_destinations_cycles_go(tmp_path, aiohttp_server, thawed_after):
-    """Frozen objects are never collected: the destinations a reload replaces, made before the
-    heap was frozen, would be kept for good if they (or what they hold) are in a cycle."""
+def test_serve_settles_the_heap_once_the_app_has_started_before_it_listens(tmp_path, monkeypatch):
+    """The wiring: `serve` hands settle_heap to run_app, which calls it after the app's startup
+    (store open, destinations open) and before the port listens."""
+    seen: list[tuple[str, bool]] = []
+
+    def run_app(app, *, host, port, lane, shutdown_timeout, started, before_listening):
+        async def go() -> None:
+            runner = web.AppRunner(app)
+            await runner.setup()  # the app's startup hooks, as the real run_app
+            before_listening()
+            seen.append(("settled", app[RUNTIME].store is not None and gc.get_freeze_count() > 0))
+            with socket.socket() as s:  # nothing listens on the port yet
+                seen.append(("listening", s.connect_ex((host, port)) == 0))
+            await runner.cleanup()
+
+        asyncio.run(go())
+
+    monkeypatch.setattr("bridge.serving.run_app", run_app)
+    monkeypatch.setattr("bridge.logs.setup", lambda *args, **kwargs: None)  # the suite's logging stays
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"server: {{listen: 127.0.0.1:{free_port()}}}\nstore: sqlite:///{tmp_path / 'b.db'}\n"
+        f"destinations:\n  a: {{type: log, path: {tmp_path / 'a.jsonl'}}}\ndefault: [a]\n"
+    )
+    try:
+        assert cli_module.main(["serve", "-c", str(config)]) == 0
+    finally:
+        gc.unfreeze()
+    assert seen == [("settled", True), ("listening", False)]
+
+
+async def test_a_reload_of_a_frozen_heap_lets_the_old_configs_cycles_go(tmp_path, aiohttp_server, thawed_after):
+    """Frozen objects that end in a reference cycle are never collected: whatever of the old
+    config sits in one (planted here: the destination refers to itself) would be kept for good.
+    A reload thaws the heap, collects, and freezes what lives now."""
     path = tmp_path / "c.yaml"
 
     def write(name: str) -> None:
@@ -895,11 +929,46 @@ async def test_a_reload_of_a_frozen_heap_lets_the_old_destinations_cycles_go(tmp
     await aiohttp_server(app)
     runtime = app[RUNTIME]
     old = runtime.destinations["a"]
-    old.cycle = old  # type: ignore[attr-defined]  # a cycle the old destination is in
+    old.cycle = old  # type: ignore[attr-defined]  # the planted cycle
     gone = weakref.ref(old)
     del old
-    settle_heap()  # serving has started
+    settle_heap()  # as serving does once started
+    made_since = [[1]]
     write("b")
     assert await runtime.reload() == []
     assert gone() is None, "the replaced destination is still in memory"
-    assert gc.get_freeze_count() > 0, "the heap is frozen again after the reload"
+    assert not any(o is made_since for o in gc.get_objects()), "what lives after the reload is frozen again"
+
+
+@pytest.mark.parametrize("lane", [True, False])
+def test_run_app_calls_before_listening_after_the_startup_and_before_the_port_listens(tmp_path, lane):
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"server: {{listen: 127.0.0.1:{port}}}\nstore: sqlite:///{tmp_path / 'b.db'}\n"
+        f"destinations:\n  a: {{type: log, path: {tmp_path / 'a.jsonl'}}}\ndefault: [a]\n"
+    )
+    app = create_app(load(config))
+    seen: list[tuple[str, bool, bool]] = []
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def before_listening() -> None:
+        seen.append(("before_listening", app[RUNTIME].store is not None, listening()))
+
+    def started(_: str) -> None:
+        seen.append(("started", app[RUNTIME].store is not None, listening()))
+        os.kill(os.getpid(), signal.SIGTERM)  # run_app's own handler: a graceful stop
+
+    serving.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        lane=lane,
+        shutdown_timeout=1.0,
+        started=started,
+        before_listening=before_listening,
+    )
+    assert seen == [("before_listening", True, False), ("started", True, True)]
