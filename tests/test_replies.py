@@ -24,7 +24,16 @@ from bridge.smstext import length, plain, segments
 from bridge.store import DeliveryFilter, EventFilter
 from tests.conftest import post
 from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
-from tests.slack_fake import APP_TOKEN, SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
+from tests.slack_fake import (
+    APP_TOKEN,
+    CUT_OFF,
+    SIGNING_SECRET,
+    TOKEN,
+    FakeSlack,
+    fake_slack,
+    message_event,
+    signed,
+)
 from tests.test_store_contract import pg_url  # noqa: F401
 
 TEXTER, SHORT_CODE = "15551234888", "60856"
@@ -586,6 +595,28 @@ async def test_the_line_failing_after_the_reaction_puts_only_the_line_again(star
     assert [c.kind for c in bridge.slack.calls[1:]] == [
         "reactions.add", "chat.postMessage", "reactions.add", "chat.postMessage"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", CUT_OFF)
+async def test_a_slack_answer_that_breaks_off_mid_body_is_retried(start, cut):
+    """Slack takes the reaction and its 200 breaks off mid-body (sent chunked without its last
+    chunk, or short of its Content-Length): its `ok` was never read, so the feedback is tried
+    again as after a broken connection, not dead. The reaction there already counts as done,
+    and the line follows once Slack answers whole."""
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = ["E713"]
+    bridge.slack.script = [cut]  # the answer to the reaction
+    ts = await bridge.reply("We can help", thread)
+    await bridge.settled()
+    assert bridge.slack.reactions_on(ts) == ["x"]
+    assert bridge.slack.thread_lines(thread) == ["Not sent: E713: There is a billing problem on your account"]
+    assert [c.kind for c in bridge.slack.calls[1:]] == ["reactions.add", "reactions.add", "chat.postMessage"]
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.status, row.attempts) == ("delivered", 2)
+    first, second = await bridge.store.attempts(row.id)
+    assert (first.outcome, first.status, first.error) == ("retry", 200, "Slack's answer to reactions.add broke off")
+    assert second.outcome == "delivered"
 
 
 async def test_feedback_slack_refuses_is_dead_listed_and_replayable(start):
