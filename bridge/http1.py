@@ -20,7 +20,8 @@ nothing after it (headers that are malformed, over MAX_HEAD or never end, a body
 off or never ends) makes it anything but delivered, or the event would go twice. Another
 status counts once its head is in whole and well-formed: the body is only the reason. What
 comes after the deciding point gets BODY_PATIENCE (and never more than the caller's timeout),
-then the connection is dropped and the answer stands with what came of it. Anything malformed
+then the connection is dropped and the answer stands with what came of it (`broken`: not all
+of it came, for a caller that needs the body whole, as Slack's answers are). Anything malformed
 before that point is an HTTPError, which the webhook destination reports as retryable.
 
 One peer must not hold the event loop: heads are searched for their end only in the bytes
@@ -90,6 +91,10 @@ class Response:
     reason: str
     headers: Headers
     body: bytes  # the first `keep` bytes of the body
+    # the body (or the head) broke off before its end: the connection ended or went bad, or it
+    # took longer than BODY_PATIENCE (or the timeout); `body` is what came of it. The status
+    # still stands; a caller that reads the body (Slack's `ok`) knows it did not get all of it.
+    broken: bool = False
 
 
 class _Connection(asyncio.Protocol):
@@ -105,6 +110,7 @@ class _Connection(asyncio.Protocol):
         # once the status decides the outcome: (status, reason, headers, the body kept so far),
         # which is the response whatever breaks from then on
         self.answer: tuple[int, str, Headers, bytearray] | None = None
+        self.body_read = False  # the answer's body was read to its end (a chunked one's trailers may follow)
         self._waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol
@@ -290,7 +296,7 @@ class Client:
             if conn.answer is None:
                 raise
             status, reason, got, kept = conn.answer  # the status had decided: that is the answer
-            return Response(status, reason, got, bytes(kept[:keep]))
+            return Response(status, reason, got, bytes(kept[:keep]), broken=not conn.body_read)
         except BaseException:  # cancelled from outside, or a bug
             if conn is not None:
                 self._discard(conn)
@@ -361,7 +367,7 @@ class Client:
         self, conn: _Connection, request: bytes, keep: int, deadline: asyncio.Timeout
     ) -> tuple[Response, bool]:
         assert conn.transport is not None
-        conn.answer = None
+        conn.answer, conn.body_read = None, False
         conn.transport.write(request)
         interim = 0
         while True:
@@ -589,6 +595,7 @@ async def _read_chunked(conn: _Connection, keep: int, kept: bytearray) -> bool:
             raise HTTPError(f"bad chunk size: {size_line[:20]!r}")
         size = int(size_match[1], 16)
         if size == 0:
+            conn.body_read = True  # what follows (trailers) is no part of the body
             break
         total += size
         if total > MAX_DRAIN:

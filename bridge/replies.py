@@ -439,8 +439,16 @@ def install(app: web.Application) -> None:
             return None
         return ExpiryFollowUp(ROUTE, FEEDBACK, DEAD)
 
+    def removal_follow_up() -> ExpiryFollowUp | None:
+        # a reply's SMS whose destination the config no longer has (dead: `destination removed`),
+        # whatever type that destination was: ❌ and why, while the config still takes replies
+        if FEEDBACK not in runtime.destinations:
+            return None
+        return ExpiryFollowUp(ROUTE, FEEDBACK, DEAD)
+
     runtime.follow_ups.append(follow_ups)
     runtime.expiry_follow_ups.append(expiry_follow_up)
+    runtime.removal_follow_ups.append(removal_follow_up)
     runtime.after_attempt.append(after_attempt)
 
 

@@ -148,6 +148,9 @@ class Runtime:
     # the same for deliveries that die unattempted past max_age, in the transaction that marks
     # them dead (a reply's SMS: its thread shows it); one per destination at most
     expiry_follow_ups: list[Callable[[Destination], ExpiryFollowUp | None]] = field(default_factory=list)
+    # the same for pending deliveries that die because their destination left the config
+    # (`sweep`), asked once the config in force has its destinations; one at most
+    removal_follow_ups: list[Callable[[], ExpiryFollowUp | None]] = field(default_factory=list)
     # the bridge's own destinations (`~feedback`) beside the configured ones, built from a config
     # and the live destinations built with it (bridge.replies); see Config.internal
     internal: list[Callable[[Config, dict[str, Destination]], dict[str, Destination]]] = field(default_factory=list)
@@ -229,11 +232,15 @@ class Runtime:
         """Pending deliveries to destinations the config no longer has are dead (listable,
         replayable once it is back): never left pending for a destination nobody sends to. And
         a destination that is ordered now (Slack `thread_by_sender` turned on) orders what was
-        queued for it before, too."""
+        queued for it before, too. A reply's SMS that dies so still shows in its thread, while
+        the config takes replies (`removal_follow_ups`: its `~feedback`, in the same transaction)."""
         assert self.store is not None
         destinations = self.destinations  # the internal ones too (`~media`): theirs are not unknown
+        follow_up = next((found for hook in self.removal_follow_ups if (found := hook()) is not None), None)
         try:
-            removed = await self.store.abandon_unknown(set(destinations) | self.config.internal, "destination removed")
+            removed = await self.store.abandon_unknown(
+                set(destinations) | self.config.internal, "destination removed", follow_up=follow_up
+            )
             ordered = await self.store.order_pending([name for name, d in destinations.items() if d.ordered])
         except StoreError as exc:
             log.warning("cannot update pending deliveries for the config", extra={"error": str(exc)})
@@ -245,6 +252,8 @@ class Runtime:
                 "pending deliveries to removed destinations are dead",
                 extra={"count": sum(removed.values()), "destinations": sorted(removed)},
             )
+            if follow_up is not None and self.dispatcher is not None:
+                self.dispatcher.notify([follow_up.destination])  # what their threads show is due now
         if ordered:
             log.info("pending deliveries now go in conversation order", extra={"count": ordered})
 

@@ -32,6 +32,7 @@ SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"  # the example in Slack's do
 APP_TOKEN = "xapp-1-A0FAKE-1111-fakeAppLevelToken"
 WEBHOOK_PATH = "/services/T0000/B0000/fakeWebhookSecretPath"
 WEBHOOK_STATUS = {"no_service": 404, "channel_is_archived": 410, "action_prohibited": 403}
+CUT_OFF = ("cut_off_chunked", "cut_off_length")  # script entries: a 200 that breaks off mid-body
 
 
 @dataclass
@@ -60,9 +61,11 @@ class Call:
 @dataclass
 class FakeSlack:
     """`script` is consumed one entry per call: None (answer normally), an error code
-    (`"channel_not_found"`), `("ratelimited", "1")` (429 with that Retry-After), or an int
-    status: a normal answer with that status if 2xx, else an HTML error page. `delay` holds
-    every answer back that many seconds."""
+    (`"channel_not_found"`), `("ratelimited", "1")` (429 with that Retry-After), an int
+    status: a normal answer with that status if 2xx, else an HTML error page, or one of CUT_OFF
+    (`reactions.add` only): the call is taken as usual and its 200 breaks off mid-body, the
+    connection closed after half of it (sent chunked, or short of its Content-Length). `delay`
+    holds every answer back that many seconds."""
 
     url: str = ""
     calls: list[Call] = field(default_factory=list)
@@ -204,7 +207,8 @@ class FakeSlack:
         status, scripted = self._scripted()
         if isinstance(scripted, web.Response):
             return scripted
-        error = scripted
+        cut = scripted if scripted in CUT_OFF else None
+        error = None if cut else scripted
         if error is None and request.headers.get("Authorization", "") != f"Bearer {TOKEN}":
             error = "invalid_auth"
         channel, ts, name = str(body.get("channel", "")), str(body.get("timestamp", "")), str(body.get("name", ""))
@@ -219,7 +223,25 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": error})
         call.ok = True
         self.reactions.append((channel_id, ts, name))
+        if cut is not None:
+            return await self._cut_off(request, {"ok": True}, chunked=cut == "cut_off_chunked")
         return web.json_response({"ok": True}, status=status)
+
+    @staticmethod
+    async def _cut_off(request: web.Request, answer: dict[str, Any], *, chunked: bool) -> web.StreamResponse:
+        """A 200 whose body breaks off: its first half (one chunk, or short of the Content-Length
+        it announced), then the connection closes."""
+        body = json.dumps(answer).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        if chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        assert request.transport is not None
+        request.transport.close()  # what was written goes first; aiohttp's end of the body cannot
+        return response
 
     async def _form(self, request: web.Request) -> dict[str, str]:
         """A Web API call's arguments: slack-sdk sends them in the query string or as a form."""

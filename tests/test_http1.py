@@ -129,13 +129,15 @@ async def test_chunked_body_with_extensions_and_trailers_then_reuse(peer) -> Non
     await client.close()
     assert (first.status, first.body) == (500, b"hello, world")
     assert (second.status, second.body) == (200, b"ok")
+    assert not first.broken and not second.broken
     assert p.connections == 1
 
 
 async def test_body_until_close_and_http_1_0_are_not_reused(peer) -> None:
     p = await peer(answering(b"HTTP/1.1 200 OK\r\n\r\nread until close", close_after=True))
     client = http1.Client()
-    assert (await client.post(p.url, b"1", {})).body == b"read until close"
+    until_close = await client.post(p.url, b"1", {})
+    assert until_close.body == b"read until close" and not until_close.broken
     assert (await client.post(p.url, b"2", {})).status == 200
     q = await peer(answering(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"))
     await client.post(q.url, b"1", {})
@@ -226,7 +228,7 @@ async def test_an_error_response_cut_short_is_its_status_and_not_resent(peer) ->
     client = http1.Client()
     await client.post(p.url, b"1", {})
     response = await client.post(p.url, b"2", {})
-    assert (response.status, response.body) == (500, b"abc")
+    assert (response.status, response.body, response.broken) == (500, b"abc", True)
     assert (await client.post(p.url, b"3", {})).status == 200
     await client.close()
     assert len(p.requests) == 3 and p.connections == 2
@@ -257,7 +259,7 @@ async def test_a_2xx_counts_whatever_its_body_does(peer, monkeypatch, reply: byt
     client = http1.Client()
     async with asyncio.timeout(1.5):
         response = await client.post(p.url, b"1", {})
-    assert 200 <= response.status < 300
+    assert 200 <= response.status < 300 and response.broken  # the body did not come whole
     assert (await client.post(p.url, b"2", {})).status >= 200  # on a new connection
     await client.close()
     assert p.connections == 2
@@ -501,6 +503,7 @@ async def test_a_2xx_counts_once_its_status_line_is_in_whatever_its_head_does(pe
     started = loop.time()
     response = await client.post(p.url, b"1", {}, timeout=5)
     assert 200 <= response.status < 300 and loop.time() - started < 1.5
+    assert response.broken and response.body == b""
     assert (await client.post(p.url, b"2", {}, timeout=5)).status >= 200  # on a new connection
     await client.close()
     assert p.connections == 2
@@ -530,9 +533,40 @@ async def test_an_error_status_decides_once_its_head_is_in_whatever_its_body_doe
     client = http1.Client()
     response = await client.post(p.url, b"1", {}, timeout=5)
     assert response.status == 410 and response.body in (b"", b"abc")
+    assert response.broken == (b"bad trailer" not in reply)  # a trailer comes after the body's end
     await client.post(p.url, b"2", {}, timeout=5)
     await client.close()
     assert p.connections == 2  # not reused
+
+
+@pytest.mark.parametrize(
+    ("tail", "broken"),
+    [
+        (b"", True),  # the peer closes after the first chunk
+        (b"7\r\n, wor", True),  # or mid-chunk
+        (b"0\r\n", False),  # or after the last chunk, without the line that ends the trailers
+        (b"0\r\n\r\n", False),  # the whole body, then the peer closes
+    ],
+)
+async def test_a_chunked_200_that_breaks_off_says_so(peer, tail: bytes, broken: bool) -> None:
+    """A chunked 200 whose connection closes before its last chunk is still a 200 with the body
+    as far as it came (a webhook's delivery stands), and `broken` says it did not come whole:
+    a caller that needs the body (Slack's `ok`) tries again. Once the last chunk is in, the
+    body is whole, whatever the trailers do."""
+
+    async def answer_then_close(reader, writer, p: Peer) -> None:
+        await p.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n" + tail)
+        await writer.drain()
+
+    p = await peer(answer_then_close)
+    client = http1.Client()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await client.post(p.url, b"1", {}, timeout=5)
+    assert (response.status, response.body, response.broken) == (200, b"hello", broken)
+    assert loop.time() - started < 0.5  # the close ends it, not BODY_PATIENCE
+    await client.close()
 
 
 async def test_a_410_whose_body_drips_past_the_timeout_is_dead(peer) -> None:

@@ -24,7 +24,16 @@ from bridge.smstext import length, plain, segments
 from bridge.store import DeliveryFilter, EventFilter
 from tests.conftest import post
 from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
-from tests.slack_fake import APP_TOKEN, SIGNING_SECRET, TOKEN, FakeSlack, fake_slack, message_event, signed
+from tests.slack_fake import (
+    APP_TOKEN,
+    CUT_OFF,
+    SIGNING_SECRET,
+    TOKEN,
+    FakeSlack,
+    fake_slack,
+    message_event,
+    signed,
+)
 from tests.test_store_contract import pg_url  # noqa: F401
 
 TEXTER, SHORT_CODE = "15551234888", "60856"
@@ -340,6 +349,47 @@ async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_th
     assert len(skycore.calls) == 1  # the second was never sent
 
 
+@pytest.mark.parametrize("replies", ["with another", "gone"])
+async def test_a_reply_whose_sms_destination_is_removed_says_so_in_its_thread(aiohttp_client, tmp_path, peers, replies):
+    """Skycore is down and a reply waits for it; a reload removes that skycore destination. The
+    SMS is dead (`destination removed`) and, while the config still takes replies (here sent
+    with another skycore destination), its thread shows that as for any dead reply: a
+    `~feedback` delivery stored with its death. With replies gone altogether nothing is posted."""
+    slack, skycore = peers
+    path = tmp_path / "config.yaml"
+    raw = config(tmp_path, slack, skycore)
+    path.write_text(yaml.safe_dump(raw))
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    skycore.script = [503] * 10_000  # Skycore is down: the reply waits, retried
+    ts = await bridge.reply("Sorry for the wait", thread)
+    await skycore.wait_for(2)
+    sms = raw["destinations"].pop("sms")
+    if replies == "gone":
+        del raw["destinations"]["inbox"]["replies"]
+    else:
+        raw["destinations"]["sms-new"] = sms
+        raw["destinations"]["inbox"]["replies"]["send_with"] = "sms-new"
+    path.write_text(yaml.safe_dump(raw))
+    response = await bridge.client.post("/admin/reload")
+    assert response.status == 200, await response.text()
+    if replies == "gone":
+        await bridge.settled()
+        await asyncio.sleep(0.5)
+        assert slack.reactions_on(ts) == [] and slack.thread_lines(thread) == []
+        assert await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback")) == []
+    else:
+        assert await bridge.reactions(ts, 1) == ["x"]
+        await bridge.settled()
+        assert slack.thread_lines(thread) == ["Not sent: destination removed"]
+        (shown,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+        assert (shown.route, shown.status) == ("dead", "delivered")
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
+    assert (row.status, row.last_error) == ("dead", "destination removed")
+    assert await bridge.metric("bridge_deliveries_died_total", destination="sms", reason="destination_removed") == 1
+    assert skycore.sent() == []
+
+
 async def test_a_replys_sms_and_its_feedback_are_claimed_with_the_writes_not_by_a_claim_round(start, monkeypatch):
     """The SMS is claimed in the transaction that stores the reply and handed to its loop; the
     thread's feedback in the one that records the sendSMS answer: neither waits for (nor costs)
@@ -545,6 +595,28 @@ async def test_the_line_failing_after_the_reaction_puts_only_the_line_again(star
     assert [c.kind for c in bridge.slack.calls[1:]] == [
         "reactions.add", "chat.postMessage", "reactions.add", "chat.postMessage"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("cut", CUT_OFF)
+async def test_a_slack_answer_that_breaks_off_mid_body_is_retried(start, cut):
+    """Slack takes the reaction and its 200 breaks off mid-body (sent chunked without its last
+    chunk, or short of its Content-Length): its `ok` was never read, so the feedback is tried
+    again as after a broken connection, not dead. The reaction there already counts as done,
+    and the line follows once Slack answers whole."""
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.skycore.script = ["E713"]
+    bridge.slack.script = [cut]  # the answer to the reaction
+    ts = await bridge.reply("We can help", thread)
+    await bridge.settled()
+    assert bridge.slack.reactions_on(ts) == ["x"]
+    assert bridge.slack.thread_lines(thread) == ["Not sent: E713: There is a billing problem on your account"]
+    assert [c.kind for c in bridge.slack.calls[1:]] == ["reactions.add", "reactions.add", "chat.postMessage"]
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.status, row.attempts) == ("delivered", 2)
+    first, second = await bridge.store.attempts(row.id)
+    assert (first.outcome, first.status, first.error) == ("retry", 200, "Slack's answer to reactions.add broke off")
+    assert second.outcome == "delivered"
 
 
 async def test_feedback_slack_refuses_is_dead_listed_and_replayable(start):

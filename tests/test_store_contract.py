@@ -804,6 +804,35 @@ async def test_abandon_unknown_kills_pending_deliveries_of_removed_destinations(
     assert await store.abandon_unknown(set(), "no destinations at all") == {"crm": 1}  # crm too
 
 
+async def test_abandon_unknown_adds_the_follow_up_of_the_deliveries_of_its_route(store):
+    """A reply's SMS whose destination left the config gets its feedback delivery with its death,
+    in the same transaction (`follow_up`), whatever that destination was; other routes'
+    deliveries, and those of its route to a destination that is kept, do not. The count stays
+    by destination, and a follow-up to a destination not kept itself is not added."""
+    reply = make_event(1)
+    other = make_event(2)
+    await store.ingest(reply, dedup_key(reply), [NewDelivery("old-sms", "replies", "alice")])
+    await store.ingest(
+        other, dedup_key(other), [NewDelivery("old-sms", "r", "bob"), NewDelivery("crm", "replies", "bob")]
+    )
+    up = ExpiryFollowUp("replies", "~feedback", "dead")
+    kept = {"crm", "~feedback"}
+    assert await store.abandon_unknown(kept, "destination removed", follow_up=up) == {"old-sms": 2}
+    (row,) = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.event_id, row.route, row.status) == (reply["id"], "dead", "pending")
+    (taken,) = await store.claim("~feedback", limit=5, lease=30, ordered=False, owner="a")
+    assert taken.conversation == "alice" and json.loads(taken.body) == reply
+    (crm,) = await store.list_deliveries(DeliveryFilter(destination="crm"))
+    assert crm.status == "pending"
+    assert await store.abandon_unknown(kept, "destination removed", follow_up=up) == {}  # dead already: nothing more
+    assert len(await store.list_deliveries(DeliveryFilter(destination="~feedback"))) == 1
+    # replies no longer taken: `~feedback` is not kept, so nothing is added for it
+    late = make_event(3)
+    await store.ingest(late, dedup_key(late), [NewDelivery("old-sms", "replies", "carol")])
+    assert await store.abandon_unknown({"crm"}, "destination removed", follow_up=up) == {"old-sms": 1, "~feedback": 1}
+    assert [r.status for r in await store.list_deliveries(DeliveryFilter(destination="~feedback"))] == ["dead"]
+
+
 async def test_expire_kills_deliveries_past_max_age_unless_being_sent(store):
     retried = await put(store, 1)  # failed once, waiting for its retry
     sending = await put(store, 2)  # an attempt in flight: its lease runs

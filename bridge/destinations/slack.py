@@ -749,9 +749,10 @@ class SlackDestination(Destination):
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
         except http1.HTTPError as exc:
             return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True)
-        length = answer.headers.get("Content-Length")
-        if length and length.isdigit() and len(answer.body) < min(int(length), ANSWER_BYTES):
-            # the answer broke off (the status was in): as a broken connection, tried again
+        if answer.broken:
+            # the answer broke off after its status (short of its Content-Length, a chunked body
+            # without its last chunk, a head cut off): `ok` was never read, so as a broken
+            # connection, tried again
             return Failed(reason=f"Slack's answer to {method} broke off", retryable=True, status=answer.status)
         try:
             data = json.loads(answer.body) if answer.body else {}

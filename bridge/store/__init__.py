@@ -108,9 +108,10 @@ class ClaimFor:
 
 @dataclass(frozen=True)
 class ExpiryFollowUp:
-    """What `Store.expire` adds, in its transaction, for each delivery it makes dead whose route
-    is `route`: a delivery of the same event to `destination` under `then_route` (same
-    conversation, unordered). A reply's SMS that dies unattempted still shows in its thread."""
+    """What `Store.expire` (and `Store.abandon_unknown`) adds, in its transaction, for each
+    delivery it makes dead whose route is `route`: a delivery of the same event to `destination`
+    under `then_route` (same conversation, unordered). A reply's SMS that dies unattempted (past
+    max_age, or its destination gone from the config) still shows in its thread."""
 
     route: str
     destination: str
@@ -669,9 +670,13 @@ class Store(abc.ABC):
         """Make matching dead (and with `force` delivered) deliveries pending again, due now."""
 
     @abc.abstractmethod
-    async def abandon_unknown(self, keep: Collection[str], reason: str) -> dict[str, int]:
+    async def abandon_unknown(
+        self, keep: Collection[str], reason: str, *, follow_up: ExpiryFollowUp | None = None
+    ) -> dict[str, int]:
         """Mark pending deliveries to any destination not in `keep` dead (the config no
-        longer has it); how many, by destination (none: empty)."""
+        longer has it); how many, by destination (none: empty). With `follow_up`, those of its
+        route get their follow-up delivery in the same transaction, when its destination is in
+        `keep` (one to a destination not kept would be abandoned itself)."""
 
     @abc.abstractmethod
     async def expire(

@@ -217,10 +217,19 @@ INSERT INTO meta (key, value) VALUES ('heartbeat', $1)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
 
 -- name: abandon_unknown
+-- With a follow-up ($4 its route, $5 its destination, $6 the route it is added under; NULLs:
+-- none), each delivery of that route made dead here gets a delivery of the same event to $5, in
+-- this statement (a data-modifying WITH runs whether or not the query reads it); not when $5 is
+-- not kept itself. Only rows this statement changed are returned: an instance sweeping at the
+-- same time waits on their locks, finds them no longer pending and adds nothing.
 WITH gone AS (
     UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
     WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
-    RETURNING destination
+    RETURNING destination, event_id, route, conversation
+), followed AS (
+    INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
+    SELECT event_id, $5::text, $6::text, conversation, false, 'pending', $2, $2, $2 FROM gone
+    WHERE route = $4::text AND $5::text = ANY($3::text[])
 )
 SELECT destination, count(*) FROM gone GROUP BY destination
 

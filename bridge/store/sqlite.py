@@ -750,15 +750,28 @@ class SQLiteStore(Store):
 
         return await self._run(op)
 
-    async def abandon_unknown(self, keep: Collection[str], reason: str) -> dict[str, int]:
+    async def abandon_unknown(
+        self, keep: Collection[str], reason: str, *, follow_up: ExpiryFollowUp | None = None
+    ) -> dict[str, int]:
         now, names = time.time(), sorted(keep)
+        if follow_up is not None and follow_up.destination not in names:
+            follow_up = None  # it would be abandoned itself
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             query = (
                 "UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?"
-                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)}) RETURNING destination"
+                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)})"
+                " RETURNING destination, event_id, route, conversation"
             )
-            return dict(collections.Counter(row[0] for row in conn.execute(query, [reason, now, *names])))
+            rows = conn.execute(query, [reason, now, *names]).fetchall()
+            if follow_up is not None:
+                ups = [
+                    (eid, follow_up.destination, follow_up.then_route, conversation, False, now, now, now)
+                    for _, eid, route, conversation in rows
+                    if route == follow_up.route
+                ]
+                conn.executemany(Q["insert_delivery"], ups)
+            return dict(collections.Counter(row[0] for row in rows))
 
         return await self._run(op)
 
