@@ -22,7 +22,7 @@ from bridge.errors import ConfigError, StoreError
 from bridge.runtime import RUNTIME, Patience
 from bridge.smstext import length, plain, segments
 from bridge.store import DeliveryFilter, EventFilter
-from tests.conftest import post
+from tests.conftest import eventually, post
 from tests.skycore_fake import API_KEY, FakeSkycore, fake_skycore
 from tests.slack_fake import (
     APP_TOKEN,
@@ -351,19 +351,27 @@ async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_th
 
 @pytest.mark.parametrize("replies", ["with another", "gone"])
 async def test_a_reply_whose_sms_destination_is_removed_says_so_in_its_thread(aiohttp_client, tmp_path, peers, replies):
-    """Skycore is down and a reply waits for it; a reload removes that skycore destination. The
-    SMS is dead (`destination removed`) and, while the config still takes replies (here sent
-    with another skycore destination), its thread shows that as for any dead reply: a
-    `~feedback` delivery stored with its death. With replies gone altogether nothing is posted."""
+    """Skycore is down and a reply waits for its retry; a reload removes that skycore
+    destination. The SMS is dead (`destination removed`) and, while the config still takes
+    replies (here sent with another skycore destination), its thread shows that as for any dead
+    reply: a `~feedback` delivery stored with its death. With replies gone altogether nothing
+    is posted."""
     slack, skycore = peers
     path = tmp_path / "config.yaml"
     raw = config(tmp_path, slack, skycore)
+    raw["retry"] = {**RETRY, "initial": "1h", "max_interval": "1h"}  # waiting, not being sent, at the reload
     path.write_text(yaml.safe_dump(raw))
     bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
     thread = await bridge.thread()
     skycore.script = [503] * 10_000  # Skycore is down: the reply waits, retried
     ts = await bridge.reply("Sorry for the wait", thread)
-    await skycore.wait_for(2)
+    await skycore.wait_for(1)
+
+    async def waiting() -> bool:  # the attempt's verdict is recorded: no longer leased
+        (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
+        return row.last_error is not None
+
+    await eventually(waiting)
     sms = raw["destinations"].pop("sms")
     if replies == "gone":
         del raw["destinations"]["inbox"]["replies"]
@@ -388,6 +396,33 @@ async def test_a_reply_whose_sms_destination_is_removed_says_so_in_its_thread(ai
     assert (row.status, row.last_error) == ("dead", "destination removed")
     assert await bridge.metric("bridge_deliveries_died_total", destination="sms", reason="destination_removed") == 1
     assert skycore.sent() == []
+
+
+async def test_a_reply_being_sent_when_its_destination_is_removed_is_not_said_to_be_unsent(
+    aiohttp_client, tmp_path, peers
+):
+    """The reload comes while the SMS is with Skycore (the request in flight): Skycore may well
+    take it, so the thread is not told it was not sent."""
+    slack, skycore = peers
+    path = tmp_path / "config.yaml"
+    raw = config(tmp_path, slack, skycore)
+    path.write_text(yaml.safe_dump(raw))
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    skycore.script = ["hang"]  # the sendSMS request is in flight at the reload
+    ts = await bridge.reply("On my way", thread)
+    await skycore.wait_for(1)
+    sms = raw["destinations"].pop("sms")
+    raw["destinations"]["sms-new"] = sms
+    raw["destinations"]["inbox"]["replies"]["send_with"] = "sms-new"
+    path.write_text(yaml.safe_dump(raw))
+    response = await bridge.client.post("/admin/reload")
+    assert response.status == 200, await response.text()
+    await bridge.settled()
+    await asyncio.sleep(0.5)
+    assert "x" not in slack.reactions_on(ts)
+    assert "Not sent: destination removed" not in slack.thread_lines(thread)
+    assert await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback")) == []
 
 
 async def test_a_replys_sms_and_its_feedback_are_claimed_with_the_writes_not_by_a_claim_round(start, monkeypatch):

@@ -833,6 +833,23 @@ async def test_abandon_unknown_adds_the_follow_up_of_the_deliveries_of_its_route
     assert [r.status for r in await store.list_deliveries(DeliveryFilter(destination="~feedback"))] == ["dead"]
 
 
+async def test_abandon_unknown_adds_no_follow_up_for_a_delivery_being_sent(store):
+    """A reply's SMS whose attempt is in flight (leased, the lease running) when its destination
+    leaves the config is dead with the rest, but gets no `~feedback` saying it was not sent: the
+    attempt may well succeed. One whose lease ran out (nobody is sending it) gets its feedback."""
+    sending, lapsed = make_event(1), make_event(2)
+    await store.ingest(sending, dedup_key(sending), [NewDelivery("old-sms", "replies", "alice")])
+    (claimed,) = await store.claim("old-sms", limit=5, lease=30, ordered=False, owner="a")
+    await store.ingest(lapsed, dedup_key(lapsed), [NewDelivery("old-sms", "replies", "bob")])
+    await store.claim("old-sms", limit=5, lease=0.05, ordered=False, owner="b")
+    await asyncio.sleep(0.1)  # b's lease ran out
+    up = ExpiryFollowUp("replies", "~feedback", "dead")
+    assert await store.abandon_unknown({"~feedback"}, "destination removed", follow_up=up) == {"old-sms": 2}
+    feedback = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert [row.event_id for row in feedback] == [lapsed["id"]]
+    assert claimed.event_id == sending["id"]
+
+
 async def test_expire_kills_deliveries_past_max_age_unless_being_sent(store):
     retried = await put(store, 1)  # failed once, waiting for its retry
     sending = await put(store, 2)  # an attempt in flight: its lease runs

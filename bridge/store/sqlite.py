@@ -761,14 +761,24 @@ class SQLiteStore(Store):
             query = (
                 "UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?"
                 f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)})"
-                " RETURNING destination, event_id, route, conversation"
+                " RETURNING destination, event_id, route, conversation, id"
             )
+            sending: set[int] = set()
+            if follow_up is not None:  # being sent right now: its attempt may succeed (see postgres.sql)
+                sending = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL AND next_at > ?"
+                        f" AND destination NOT IN ({_marks(names)})",
+                        [now, *names],
+                    )
+                }
             rows = conn.execute(query, [reason, now, *names]).fetchall()
             if follow_up is not None:
                 ups = [
                     (eid, follow_up.destination, follow_up.then_route, conversation, False, now, now, now)
-                    for _, eid, route, conversation in rows
-                    if route == follow_up.route
+                    for _, eid, route, conversation, delivery_id in rows
+                    if route == follow_up.route and delivery_id not in sending
                 ]
                 conn.executemany(Q["insert_delivery"], ups)
             return dict(collections.Counter(row[0] for row in rows))
