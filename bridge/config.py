@@ -668,8 +668,17 @@ def _routes(raw: Any, declared: set[str], r: Reader) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def _check_replies(destinations: Mapping[str, DestinationSpec], raw: Any, r: Reader) -> None:
-    """`replies.send_with` (CONTRACT §7) names a destination of type skycore."""
+def _check_replies(destinations: Mapping[str, DestinationSpec], raw: Any, raw_routes: Any, r: Reader) -> None:
+    """`replies.send_with` (CONTRACT §7) names a destination of type skycore; and no route of
+    the config's takes the name a reply's SMS is stored under (REPLY_ROUTE), or its deliveries
+    would be taken for replies' (a thread told about them, their reports matched)."""
+    if any(getattr(spec.options, "replies", None) is not None for spec in destinations.values()):
+        for i, route in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+            if isinstance(route, dict) and route.get("name") == REPLY_ROUTE:
+                r.error(
+                    f"routes[{i}].name",
+                    f"{REPLY_ROUTE!r} is the route name replies from Slack are stored under: name this route otherwise",
+                )
     for name, spec in destinations.items():
         replies = getattr(spec.options, "replies", None)
         if replies is None:
@@ -701,7 +710,7 @@ def build(raw: Any, environ: Mapping[str, str] | None = None, source: str | None
     declared = set(raw["destinations"]) if isinstance(raw.get("destinations"), dict) else set()
     routes = _routes(raw.get("routes"), declared, r)
     default = _destination_list(raw["default"], "default", declared, r) if raw.get("default") is not None else None
-    _check_replies(destinations, raw.get("destinations"), r)
+    _check_replies(destinations, raw.get("destinations"), raw.get("routes"), r)
     store = _store(raw.get("store"), r)
     config = Config(
         server=server,

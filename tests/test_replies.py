@@ -717,6 +717,22 @@ def test_a_destination_or_route_cannot_name_the_bridges_own():
     assert any("~feedback" in p for p in caught.value.problems), caught.value.problems
 
 
+def test_with_replies_no_route_takes_the_name_a_replys_sms_is_stored_under():
+    """A reply's SMS is stored under the route `replies`: a route of the config's by that name
+    would have its deliveries taken for replies' (told in a thread, their reports matched)."""
+    destinations = {
+        "sms": {"type": "skycore", "api_key": "k"},
+        "inbox": {"type": "slack", "token": "xoxb-1", "channel": "C1",
+                  "replies": {"send_with": "sms", "signing_secret": "shh"}},
+    }  # fmt: skip
+    raw = {"destinations": destinations, "routes": [{"name": "replies", "match": {}, "to": ["sms"]}]}
+    with pytest.raises(ConfigError) as caught:
+        build(raw, environ={})
+    assert any(p.startswith("routes[0].name") and "'replies'" in p for p in caught.value.problems), caught.value
+    del destinations["inbox"]["replies"]  # without replies the name is the user's
+    assert build(raw, environ={}).routes[0].name == "replies"
+
+
 # ---------------------------------------------------------------------------- real processes
 
 
