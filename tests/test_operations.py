@@ -58,6 +58,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
+def one_log_destination(tmp_path: Path, name: str, listen: str | None = None) -> str:
+    """A config file's text: SQLite in tmp_path, and everything to one log destination `name`."""
+    server = f"server: {{listen: {listen}}}\n" if listen else ""
+    return (
+        f"{server}store: sqlite:///{tmp_path / 'b.db'}\n"
+        f"destinations:\n  {name}: {{type: log, path: {tmp_path / name}.jsonl}}\n"
+        f"default: [{name}]\n"
+    )
+
+
 def config_for(url: str, **server: object) -> dict:
     return {
         "server": {"admin_token": ADMIN, **server},
@@ -475,11 +485,7 @@ async def test_a_postback_in_flight_during_a_reload_is_routed_by_the_new_config(
     path = tmp_path / "c.yaml"
 
     def write(name: str) -> None:
-        path.write_text(
-            f"store: sqlite:///{tmp_path / 'b.db'}\n"
-            f"destinations:\n  {name}: {{type: log, path: {tmp_path / name}.jsonl}}\n"
-            f"default: [{name}]\n"
-        )
+        path.write_text(one_log_destination(tmp_path, name))
 
     write("a")
     app = create_app(load(path))  # not app_client: from a file, which the reload reads again
@@ -900,10 +906,7 @@ def test_serve_settles_the_heap_once_the_app_has_started_before_it_listens(tmp_p
     monkeypatch.setattr("bridge.serving.run_app", run_app)
     monkeypatch.setattr("bridge.logs.setup", lambda *args, **kwargs: None)  # the suite's logging stays
     config = tmp_path / "c.yaml"
-    config.write_text(
-        f"server: {{listen: 127.0.0.1:{free_port()}}}\nstore: sqlite:///{tmp_path / 'b.db'}\n"
-        f"destinations:\n  a: {{type: log, path: {tmp_path / 'a.jsonl'}}}\ndefault: [a]\n"
-    )
+    config.write_text(one_log_destination(tmp_path, "a", listen=f"127.0.0.1:{free_port()}"))
     try:
         assert cli_module.main(["serve", "-c", str(config)]) == 0
     finally:
@@ -918,11 +921,7 @@ async def test_a_reload_of_a_frozen_heap_lets_the_old_configs_cycles_go(tmp_path
     path = tmp_path / "c.yaml"
 
     def write(name: str) -> None:
-        path.write_text(
-            f"store: sqlite:///{tmp_path / 'b.db'}\n"
-            f"destinations:\n  {name}: {{type: log, path: {tmp_path / name}.jsonl}}\n"
-            f"default: [{name}]\n"
-        )
+        path.write_text(one_log_destination(tmp_path, name))
 
     write("a")
     app = create_app(load(path))
@@ -944,10 +943,7 @@ async def test_a_reload_of_a_frozen_heap_lets_the_old_configs_cycles_go(tmp_path
 def test_run_app_calls_before_listening_after_the_startup_and_before_the_port_listens(tmp_path, lane):
     port = free_port()
     config = tmp_path / "c.yaml"
-    config.write_text(
-        f"server: {{listen: 127.0.0.1:{port}}}\nstore: sqlite:///{tmp_path / 'b.db'}\n"
-        f"destinations:\n  a: {{type: log, path: {tmp_path / 'a.jsonl'}}}\ndefault: [a]\n"
-    )
+    config.write_text(one_log_destination(tmp_path, "a", listen=f"127.0.0.1:{port}"))
     app = create_app(load(config))
     seen: list[tuple[str, bool, bool]] = []
 
