@@ -228,18 +228,24 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._routed.wait(), 0.1)
 
-    async def sweep(self) -> None:
+    async def sweep(self, *, leave_leased: bool = False) -> None:
         """Pending deliveries to destinations the config no longer has are dead (listable,
         replayable once it is back): never left pending for a destination nobody sends to. And
         a destination that is ordered now (Slack `thread_by_sender` turned on) orders what was
         queued for it before, too. A reply's SMS that dies so still shows in its thread, while
-        the config takes replies (`removal_follow_ups`: its `~feedback`, in the same transaction)."""
+        the config takes replies (`removal_follow_ups`: its `~feedback`, in the same transaction).
+        With `leave_leased` (a reload, while the old config's loops still run), what is leased
+        is left to its attempt: its verdict stands, and what was claimed but not sent is given
+        back when those loops stop, for the reload's second sweep."""
         assert self.store is not None
         destinations = self.destinations  # the internal ones too (`~media`): theirs are not unknown
         follow_up = next((found for hook in self.removal_follow_ups if (found := hook()) is not None), None)
         try:
             removed = await self.store.abandon_unknown(
-                set(destinations) | self.config.internal, "destination removed", follow_up=follow_up
+                set(destinations) | self.config.internal,
+                "destination removed",
+                follow_up=follow_up,
+                leave_leased=leave_leased,
             )
             ordered = await self.store.order_pending([name for name, d in destinations.items() if d.ordered])
         except StoreError as exc:
@@ -408,12 +414,17 @@ class Runtime:
                 dispatcher.start()
                 # postbacks that were routed with the old config are stored before we look
                 await self._routed_with(old, patience=old.server.client_timeout + 15)
-                await self.sweep()
+                await self.sweep(leave_leased=True)  # the old loops' attempts are theirs to finish
         finally:
             if old_dispatcher is not None:
                 await old_dispatcher.stop()
             for destination in old_destinations.values():
                 await destination.close()
+        if dispatcher is not None:
+            # the old loops have stopped: their verdicts are in, and what they had claimed but not
+            # sent is given back, so it dies now (a reply's with its line in the thread), not
+            # pending for good; other instances' leases are still theirs
+            await self.sweep(leave_leased=True)
         for hook in self.after_reload:
             try:
                 await hook(old, new)

@@ -49,7 +49,8 @@ class SendCall:
 @dataclass
 class FakeSkycore:
     """`script` is consumed one entry per call: None (answer normally), an error code ("E713":
-    a Failure with it), an int (that HTTP status with an HTML page), or "hang" (no answer for a
+    a Failure with it), an int (that HTTP status with an HTML page), "slow" (answered normally, a
+    second late), or "hang" (no answer for a
     minute)."""
 
     url: str = ""
@@ -93,6 +94,9 @@ class FakeSkycore:
         entry = self.script.pop(0) if self.script else None
         if entry == "hang":
             await asyncio.sleep(60)
+        elif entry == "slow":  # answers normally, a second late
+            await asyncio.sleep(1)
+            entry = None
         if isinstance(entry, int):
             return web.Response(status=entry, text="<html>upstream trouble</html>", content_type="text/html")
         to = fields.get("TO", "")

@@ -33,6 +33,7 @@ APP_TOKEN = "xapp-1-A0FAKE-1111-fakeAppLevelToken"
 WEBHOOK_PATH = "/services/T0000/B0000/fakeWebhookSecretPath"
 WEBHOOK_STATUS = {"no_service": 404, "channel_is_archived": 410, "action_prohibited": 403}
 CUT_OFF = ("cut_off_chunked", "cut_off_length")  # script entries: a 200 that breaks off mid-body
+CUT_OFF_404 = "cut_off_404"  # script entry: a 404 (channel_not_found) whose body breaks off
 
 
 @dataclass
@@ -207,6 +208,8 @@ class FakeSlack:
         status, scripted = self._scripted()
         if isinstance(scripted, web.Response):
             return scripted
+        if scripted == CUT_OFF_404:
+            return await self._cut_off(request, {"ok": False, "error": "channel_not_found"}, chunked=True, status=404)
         cut = scripted if scripted in CUT_OFF else None
         error = None if cut else scripted
         if error is None and request.headers.get("Authorization", "") != f"Bearer {TOKEN}":
@@ -228,11 +231,13 @@ class FakeSlack:
         return web.json_response({"ok": True}, status=status)
 
     @staticmethod
-    async def _cut_off(request: web.Request, answer: dict[str, Any], *, chunked: bool) -> web.StreamResponse:
-        """A 200 whose body breaks off: its first half (one chunk, or short of the Content-Length
-        it announced), then the connection closes."""
+    async def _cut_off(
+        request: web.Request, answer: dict[str, Any], *, chunked: bool, status: int = 200
+    ) -> web.StreamResponse:
+        """An answer whose body breaks off: its first half (one chunk, or short of the
+        Content-Length it announced), then the connection closes."""
         body = json.dumps(answer).encode()
-        response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        response = web.StreamResponse(status=status, headers={"Content-Type": "application/json; charset=utf-8"})
         if chunked:
             response.enable_chunked_encoding()
         else:

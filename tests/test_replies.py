@@ -398,31 +398,62 @@ async def test_a_reply_whose_sms_destination_is_removed_says_so_in_its_thread(ai
     assert skycore.sent() == []
 
 
-async def test_a_reply_being_sent_when_its_destination_is_removed_is_not_said_to_be_unsent(
-    aiohttp_client, tmp_path, peers
-):
-    """The reload comes while the SMS is with Skycore (the request in flight): Skycore may well
-    take it, so the thread is not told it was not sent."""
+async def reload_without_sms(bridge: Bridge, raw: dict[str, Any], path: Path) -> None:
+    """Reload with the skycore destination `sms` renamed (`send_with` follows it): the
+    deliveries to `sms` are to a destination the config no longer has."""
+    raw["destinations"]["sms-new"] = raw["destinations"].pop("sms")
+    raw["destinations"]["inbox"]["replies"]["send_with"] = "sms-new"
+    path.write_text(yaml.safe_dump(raw))
+    response = await bridge.client.post("/admin/reload")
+    assert response.status == 200, await response.text()
+
+
+async def test_a_reload_that_removes_the_sms_destination_lets_a_send_in_flight_finish(aiohttp_client, tmp_path, peers):
+    """The reload comes while the SMS is with Skycore, which answers a second later: the old
+    config's loop finishes that attempt, and its verdict stands (Skycore took it: 📤, never
+    `x` or a line saying it was not sent)."""
     slack, skycore = peers
     path = tmp_path / "config.yaml"
     raw = config(tmp_path, slack, skycore)
     path.write_text(yaml.safe_dump(raw))
     bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
     thread = await bridge.thread()
-    skycore.script = ["hang"]  # the sendSMS request is in flight at the reload
-    ts = await bridge.reply("On my way", thread)
+    skycore.script = ["slow"]
+    sending = await bridge.reply("On my way", thread)
     await skycore.wait_for(1)
-    sms = raw["destinations"].pop("sms")
-    raw["destinations"]["sms-new"] = sms
-    raw["destinations"]["inbox"]["replies"]["send_with"] = "sms-new"
-    path.write_text(yaml.safe_dump(raw))
-    response = await bridge.client.post("/admin/reload")
-    assert response.status == 200, await response.text()
+    await reload_without_sms(bridge, raw, path)
+    assert await bridge.reactions(sending, 1) == ["outbox_tray"]
     await bridge.settled()
-    await asyncio.sleep(0.5)
-    assert "x" not in slack.reactions_on(ts)
-    assert "Not sent: destination removed" not in slack.thread_lines(thread)
-    assert await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback")) == []
+    assert slack.thread_lines(thread) == []
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
+    assert row.status == "delivered" and len(skycore.sent()) == 1
+
+
+async def test_what_the_old_loop_gave_back_at_a_reload_dies_with_its_line(aiohttp_client, tmp_path, peers):
+    """Skycore hangs on one SMS and the next waits behind it (one send at a time) when a reload
+    removes their destination. The waiting one dies with the reload, with its line; the one in
+    flight is left to its attempt, which the old config's loop gives back when it stops (its
+    grace run out), and the reload's second sweep makes it dead with its line too, not pending
+    for a destination nobody sends to."""
+    slack, skycore = peers
+    path = tmp_path / "config.yaml"
+    raw = config(tmp_path, slack, skycore)
+    raw["destinations"]["sms"]["concurrency"] = 1
+    path.write_text(yaml.safe_dump(raw))
+    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    thread = await bridge.thread()
+    skycore.script = ["hang"]
+    first = await bridge.reply("On my way", thread)
+    await skycore.wait_for(1)
+    second = await bridge.reply("And a second thing", thread)
+    await reload_without_sms(bridge, raw, path)  # takes the old loop's grace (5 s)
+    assert await bridge.reactions(first, 1) == ["x"]
+    assert await bridge.reactions(second, 1) == ["x"]
+    await bridge.settled()
+    assert slack.thread_lines(thread) == ["Not sent: destination removed"] * 2
+    rows = await bridge.store.list_deliveries(DeliveryFilter(destination="sms"))
+    assert [(r.status, r.last_error) for r in rows] == [("dead", "destination removed")] * 2
+    assert skycore.sent() == []
 
 
 async def test_a_replys_sms_and_its_feedback_are_claimed_with_the_writes_not_by_a_claim_round(start, monkeypatch):
@@ -652,6 +683,20 @@ async def test_a_slack_answer_that_breaks_off_mid_body_is_retried(start, cut):
     first, second = await bridge.store.attempts(row.id)
     assert (first.outcome, first.status, first.error) == ("retry", 200, "Slack's answer to reactions.add broke off")
     assert second.outcome == "delivered"
+
+
+async def test_a_refusal_from_slack_that_breaks_off_is_still_a_refusal(start):
+    """A 404 whose body breaks off is decided by its status, as it would be whole: not tried
+    again as a broken 200 would be."""
+    bridge = await start()
+    thread = await bridge.thread()
+    bridge.slack.script = ["cut_off_404"]  # the answer to the reaction
+    await bridge.reply("We can help", thread)
+    await bridge.settled()
+    (row,) = await bridge.store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert (row.status, row.attempts) == ("dead", 1), row
+    (attempt,) = await bridge.store.attempts(row.id)
+    assert attempt.status == 404
 
 
 async def test_feedback_slack_refuses_is_dead_listed_and_replayable(start):

@@ -833,21 +833,33 @@ async def test_abandon_unknown_adds_the_follow_up_of_the_deliveries_of_its_route
     assert [r.status for r in await store.list_deliveries(DeliveryFilter(destination="~feedback"))] == ["dead"]
 
 
-async def test_abandon_unknown_adds_no_follow_up_for_a_delivery_being_sent(store):
-    """A reply's SMS whose attempt is in flight (leased, the lease running) when its destination
-    leaves the config is dead with the rest, but gets no `~feedback` saying it was not sent: the
-    attempt may well succeed. One whose lease ran out (nobody is sending it) gets its feedback."""
+async def test_abandon_unknown_can_leave_what_is_leased_to_its_attempt(store):
+    """With `leave_leased` (a reload, while the old config's loops still run), a delivery leased
+    right now is left pending, to its attempt's verdict; one whose lease ran out (nobody is
+    sending it) dies with its follow-up. Given back unsent (as a stopping loop does), the next
+    sweep makes it dead with its follow-up too. Without it, both die at once."""
     sending, lapsed = make_event(1), make_event(2)
     await store.ingest(sending, dedup_key(sending), [NewDelivery("old-sms", "replies", "alice")])
-    (claimed,) = await store.claim("old-sms", limit=5, lease=30, ordered=False, owner="a")
+    (held,) = await store.claim("old-sms", limit=5, lease=30, ordered=False, owner="a")
     await store.ingest(lapsed, dedup_key(lapsed), [NewDelivery("old-sms", "replies", "bob")])
     await store.claim("old-sms", limit=5, lease=0.05, ordered=False, owner="b")
     await asyncio.sleep(0.1)  # b's lease ran out
     up = ExpiryFollowUp("replies", "~feedback", "dead")
-    assert await store.abandon_unknown({"~feedback"}, "destination removed", follow_up=up) == {"old-sms": 2}
+    kept = {"~feedback"}
+    assert await store.abandon_unknown(kept, "destination removed", follow_up=up, leave_leased=True) == {"old-sms": 1}
     feedback = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
     assert [row.event_id for row in feedback] == [lapsed["id"]]
-    assert claimed.event_id == sending["id"]
+    statuses = {r.event_id: r.status for r in await store.list_deliveries(DeliveryFilter(destination="old-sms"))}
+    assert statuses == {sending["id"]: "pending", lapsed["id"]: "dead"}
+    await store.release([held], owner="a")  # the old loop stops without sending it
+    assert await store.abandon_unknown(kept, "destination removed", follow_up=up, leave_leased=True) == {"old-sms": 1}
+    feedback = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+    assert sorted(row.event_id for row in feedback) == sorted([sending["id"], lapsed["id"]])
+    # without leave_leased, what is leased dies too
+    late = make_event(3)
+    await store.ingest(late, dedup_key(late), [NewDelivery("old-sms", "replies", "carol")])
+    await store.claim("old-sms", limit=5, lease=30, ordered=False, owner="a")
+    assert await store.abandon_unknown(kept, "destination removed", follow_up=up) == {"old-sms": 1}
 
 
 async def test_expire_kills_deliveries_past_max_age_unless_being_sent(store):

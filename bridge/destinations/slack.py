@@ -749,10 +749,11 @@ class SlackDestination(Destination):
             return Failed(reason=f"timeout after {self.timeout:g}s", retryable=True)
         except http1.HTTPError as exc:
             return Failed(reason=self._scrub(f"{type(exc).__name__}: {exc}"), retryable=True)
-        if answer.broken:
-            # the answer broke off after its status (short of its Content-Length, a chunked body
-            # without its last chunk, a head cut off): `ok` was never read, so as a broken
-            # connection, tried again
+        if answer.broken and answer.status == 200:
+            # a 200 whose answer broke off (short of its Content-Length, a chunked body without
+            # its last chunk, a head cut off): `ok` was never read, so as a broken connection,
+            # tried again. Any other status decides as it would whole (a 429 keeps its
+            # Retry-After, a 404 is not tried again).
             return Failed(reason=f"Slack's answer to {method} broke off", retryable=True, status=answer.status)
         try:
             data = json.loads(answer.body) if answer.body else {}

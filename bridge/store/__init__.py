@@ -671,12 +671,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def abandon_unknown(
-        self, keep: Collection[str], reason: str, *, follow_up: ExpiryFollowUp | None = None
+        self,
+        keep: Collection[str],
+        reason: str,
+        *,
+        follow_up: ExpiryFollowUp | None = None,
+        leave_leased: bool = False,
     ) -> dict[str, int]:
         """Mark pending deliveries to any destination not in `keep` dead (the config no
         longer has it); how many, by destination (none: empty). With `follow_up`, those of its
         route get their follow-up delivery in the same transaction, when its destination is in
-        `keep` (one to a destination not kept would be abandoned itself)."""
+        `keep` (one to a destination not kept would be abandoned itself). With `leave_leased`,
+        those leased right now (the lease has not run out: an attempt may be running, or about
+        to) are left to their attempt, as `expire` leaves them: a reload sweeps again once the
+        old config's loops have stopped and given back what they did not send."""
 
     @abc.abstractmethod
     async def expire(

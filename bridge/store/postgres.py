@@ -838,11 +838,16 @@ class PostgresStore(Store):
         return sorted(row[0] for row in rows)
 
     async def abandon_unknown(
-        self, keep: Collection[str], reason: str, *, follow_up: ExpiryFollowUp | None = None
+        self,
+        keep: Collection[str],
+        reason: str,
+        *,
+        follow_up: ExpiryFollowUp | None = None,
+        leave_leased: bool = False,
     ) -> dict[str, int]:
         up = (None, None, None) if follow_up is None else (follow_up.route, follow_up.destination, follow_up.then_route)
         async with self._tx() as conn:
-            rows = await conn.fetch(Q["abandon_unknown"], reason, time.time(), sorted(keep), *up)
+            rows = await conn.fetch(Q["abandon_unknown"], reason, time.time(), sorted(keep), *up, leave_leased)
         return {row[0]: row[1] for row in rows}
 
     async def expire(

@@ -220,23 +220,19 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 -- With a follow-up ($4 its route, $5 its destination, $6 the route it is added under; NULLs:
 -- none), each delivery of that route made dead here gets a delivery of the same event to $5, in
 -- this statement (a data-modifying WITH runs whether or not the query reads it); not when $5 is
--- not kept itself, and not for one being sent right now (leased, its lease not run out): its
--- attempt may succeed, and the thread would say it was not sent. Only rows this statement
--- changed are returned: an instance sweeping at the same time waits on their locks, finds them
--- no longer pending and adds nothing.
-WITH old AS (
-    SELECT id, leased_by IS NOT NULL AND next_at > $2 AS sending FROM deliveries
+-- not kept itself. With $7, deliveries leased right now (their lease not run out) are left to
+-- their attempt, as `expire` leaves them. Only rows this statement changed are returned: an
+-- instance sweeping at the same time waits on their locks, finds them no longer pending and
+-- adds nothing.
+WITH gone AS (
+    UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
     WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
-    FOR UPDATE
-), gone AS (
-    UPDATE deliveries AS d SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
-    FROM old
-    WHERE d.id = old.id AND d.status = 'pending'
-    RETURNING d.destination, d.event_id, d.route, d.conversation, old.sending
+      AND NOT ($7::boolean AND leased_by IS NOT NULL AND next_at > $2)
+    RETURNING destination, event_id, route, conversation
 ), followed AS (
     INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
     SELECT event_id, $5::text, $6::text, conversation, false, 'pending', $2, $2, $2 FROM gone
-    WHERE route = $4::text AND NOT sending AND $5::text = ANY($3::text[])
+    WHERE route = $4::text AND $5::text = ANY($3::text[])
 )
 SELECT destination, count(*) FROM gone GROUP BY destination
 

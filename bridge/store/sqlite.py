@@ -751,34 +751,30 @@ class SQLiteStore(Store):
         return await self._run(op)
 
     async def abandon_unknown(
-        self, keep: Collection[str], reason: str, *, follow_up: ExpiryFollowUp | None = None
+        self,
+        keep: Collection[str],
+        reason: str,
+        *,
+        follow_up: ExpiryFollowUp | None = None,
+        leave_leased: bool = False,
     ) -> dict[str, int]:
         now, names = time.time(), sorted(keep)
         if follow_up is not None and follow_up.destination not in names:
             follow_up = None  # it would be abandoned itself
+        leased = " AND NOT (leased_by IS NOT NULL AND next_at > ?)" if leave_leased else ""
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             query = (
                 "UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = ?, updated_at = ?"
-                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)})"
-                " RETURNING destination, event_id, route, conversation, id"
+                f" WHERE status = 'pending' AND destination NOT IN ({_marks(names)}){leased}"
+                " RETURNING destination, event_id, route, conversation"
             )
-            sending: set[int] = set()
-            if follow_up is not None:  # being sent right now: its attempt may succeed (see postgres.sql)
-                sending = {
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT id FROM deliveries WHERE status = 'pending' AND leased_by IS NOT NULL AND next_at > ?"
-                        f" AND destination NOT IN ({_marks(names)})",
-                        [now, *names],
-                    )
-                }
-            rows = conn.execute(query, [reason, now, *names]).fetchall()
+            rows = conn.execute(query, [reason, now, *names, *([now] if leave_leased else [])]).fetchall()
             if follow_up is not None:
                 ups = [
                     (eid, follow_up.destination, follow_up.then_route, conversation, False, now, now, now)
-                    for _, eid, route, conversation, delivery_id in rows
-                    if route == follow_up.route and delivery_id not in sending
+                    for _, eid, route, conversation in rows
+                    if route == follow_up.route
                 ]
                 conn.executemany(Q["insert_delivery"], ups)
             return dict(collections.Counter(row[0] for row in rows))
