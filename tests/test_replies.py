@@ -349,6 +349,14 @@ async def test_a_reply_whose_sms_dies_unattempted_past_max_age_says_so_in_its_th
     assert len(skycore.calls) == 1  # the second was never sent
 
 
+async def from_file(aiohttp_client: Any, tmp_path: Path, peers: Any, raw: dict[str, Any]) -> tuple[Bridge, Path]:
+    """A bridge in this process whose config is a file (`raw`), which a reload reads again."""
+    slack, skycore = peers
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore), path
+
+
 @pytest.mark.parametrize("replies", ["with another", "gone"])
 async def test_a_reply_whose_sms_destination_is_removed_says_so_in_its_thread(aiohttp_client, tmp_path, peers, replies):
     """Skycore is down and a reply waits for its retry; a reload removes that skycore
@@ -357,11 +365,9 @@ async def test_a_reply_whose_sms_destination_is_removed_says_so_in_its_thread(ai
     reply: a `~feedback` delivery stored with its death. With replies gone altogether nothing
     is posted."""
     slack, skycore = peers
-    path = tmp_path / "config.yaml"
     raw = config(tmp_path, slack, skycore)
     raw["retry"] = {**RETRY, "initial": "1h", "max_interval": "1h"}  # waiting, not being sent, at the reload
-    path.write_text(yaml.safe_dump(raw))
-    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    bridge, path = await from_file(aiohttp_client, tmp_path, peers, raw)
     thread = await bridge.thread()
     skycore.script = [503] * 10_000  # Skycore is down: the reply waits, retried
     ts = await bridge.reply("Sorry for the wait", thread)
@@ -413,10 +419,8 @@ async def test_a_reload_that_removes_the_sms_destination_lets_a_send_in_flight_f
     config's loop finishes that attempt, and its verdict stands (Skycore took it: 📤, never
     `x` or a line saying it was not sent)."""
     slack, skycore = peers
-    path = tmp_path / "config.yaml"
     raw = config(tmp_path, slack, skycore)
-    path.write_text(yaml.safe_dump(raw))
-    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    bridge, path = await from_file(aiohttp_client, tmp_path, peers, raw)
     thread = await bridge.thread()
     skycore.script = ["slow"]
     sending = await bridge.reply("On my way", thread)
@@ -436,11 +440,9 @@ async def test_what_the_old_loop_gave_back_at_a_reload_dies_with_its_line(aiohtt
     grace run out), and the reload's second sweep makes it dead with its line too, not pending
     for a destination nobody sends to."""
     slack, skycore = peers
-    path = tmp_path / "config.yaml"
     raw = config(tmp_path, slack, skycore)
     raw["destinations"]["sms"]["concurrency"] = 1
-    path.write_text(yaml.safe_dump(raw))
-    bridge = Bridge(await aiohttp_client(create_app(load(str(path)))), slack, skycore)
+    bridge, path = await from_file(aiohttp_client, tmp_path, peers, raw)
     thread = await bridge.thread()
     skycore.script = ["hang"]
     first = await bridge.reply("On my way", thread)
