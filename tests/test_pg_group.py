@@ -541,3 +541,25 @@ async def test_postbacks_wait_for_the_flush_and_only_bookkeeping_does_not(pg_url
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
         async with store._bookkeeping.acquire() as conn:
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
+
+
+async def test_a_sweep_never_waits_for_a_row_another_transaction_holds(pg_url):
+    """The sweep of removed destinations skips rows locked elsewhere (an instance recording
+    their verdict) instead of waiting: a sweep that waits can be the one PostgreSQL picks to end
+    a deadlock, and an aborted sweep leaves every delivery to a removed destination pending until
+    the next one. What it skipped, the next sweep takes."""
+    async with opened(pg_url) as store:
+        held, free = make_event(1), make_event(2)
+        await store.ingest(held, dedup_key(held), [NewDelivery("gone", "r", "a")])
+        await store.ingest(free, dedup_key(free), [NewDelivery("gone", "r", "b")])
+        other = await asyncpg.connect(pg_url)
+        try:
+            async with other.transaction():
+                await other.execute("SELECT id FROM deliveries WHERE event_id = $1 FOR UPDATE", held["id"])
+                async with asyncio.timeout(5):  # waiting would take until the transaction ends
+                    assert await store.abandon_unknown({"crm"}, "destination removed") == {"gone": 1}
+            statuses = {r.event_id: r.status for r in await store.list_deliveries(DeliveryFilter())}
+            assert statuses == {held["id"]: "pending", free["id"]: "dead"}
+            assert await store.abandon_unknown({"crm"}, "destination removed") == {"gone": 1}
+        finally:
+            await other.close()

@@ -684,7 +684,9 @@ class Store(abc.ABC):
         `keep` (one to a destination not kept would be abandoned itself). With `leave_leased`,
         those leased right now (the lease has not run out: an attempt may be running, or about
         to) are left to their attempt, as `expire` leaves them: a reload sweeps again once the
-        old config's loops have stopped and given back what they did not send."""
+        old config's loops have stopped and given back what they did not send. A store shared
+        by several instances may skip rows another transaction holds rather than wait for them
+        (PostgreSQL); the next sweep takes them."""
 
     @abc.abstractmethod
     async def expire(

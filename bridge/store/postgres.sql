@@ -221,14 +221,20 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value
 -- none), each delivery of that route made dead here gets a delivery of the same event to $5, in
 -- this statement (a data-modifying WITH runs whether or not the query reads it); not when $5 is
 -- not kept itself. With $7, deliveries leased right now (their lease not run out) are left to
--- their attempt, as `expire` leaves them. Only rows this statement changed are returned: an
--- instance sweeping at the same time waits on their locks, finds them no longer pending and
--- adds nothing.
-WITH gone AS (
-    UPDATE deliveries SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
+-- their attempt, as `expire` leaves them. Rows locked elsewhere (a verdict being recorded,
+-- another instance sweeping) are skipped, not waited for: the sweep never waits, so it is never
+-- the one PostgreSQL aborts to end a deadlock, and the next sweep takes what it skipped. Each
+-- locked row is rechecked against its newest version, as in `claim`.
+WITH old AS (
+    SELECT id FROM deliveries
     WHERE status = 'pending' AND NOT (destination = ANY($3::text[]))
       AND NOT ($7::boolean AND leased_by IS NOT NULL AND next_at > $2)
-    RETURNING destination, event_id, route, conversation
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    UPDATE deliveries AS d SET status = 'dead', leased_by = NULL, last_error = $1, updated_at = $2
+    FROM old
+    WHERE d.id = old.id
+    RETURNING d.destination, d.event_id, d.route, d.conversation
 ), followed AS (
     INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
     SELECT event_id, $5::text, $6::text, conversation, false, 'pending', $2, $2, $2 FROM gone
