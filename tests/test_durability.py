@@ -147,8 +147,14 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory
     assert len(client.acked) == total, f"only {len(client.acked)} of {total} postbacks ever got a 200"
 
     acked_ids = set(client.acked.values())
+
     # within 30 s: what the killed process held is due at once, not when its 45 s leases run out
-    await eventually(lambda: acked_ids <= set(delivered_ids(sink)), 30, "every acked event at the sink", interval=0.25)
+    def missing() -> str:  # what the failure says: which acked events never came, and their rows
+        gone = acked_ids - set(delivered_ids(sink))
+        rows = [r for r in deliveries(bridge) if r["event_id"] in gone]
+        return f"every acked event at the sink ({len(gone)} missing; their deliveries, first 5: {rows[:5]})"
+
+    await eventually(lambda: acked_ids <= set(delivered_ids(sink)), 30, missing, interval=0.25)
     await asyncio.sleep(1.0)  # let stragglers (redeliveries after a kill) arrive before counting
     received = delivered_ids(sink)
     lost = acked_ids - set(received)
