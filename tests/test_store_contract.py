@@ -211,6 +211,53 @@ async def test_postbacks_the_old_key_took_for_one_another_are_events_of_their_ow
     assert {r.event_id for r in await store.list_deliveries(DeliveryFilter())} == set(firsts.values())
 
 
+@contextlib.asynccontextmanager
+async def writes_held(store: Store, store_url: str) -> AsyncIterator[None]:
+    """What is written inside goes in one commit: for SQLite, another connection holds the
+    file's write lock while the store's writer waits behind a ping, and the writes queue up
+    behind it; PostgreSQL's group commit takes writes that arrive together as they come."""
+    if not store_url.startswith("sqlite"):
+        yield
+        return
+    lock = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        plug = asyncio.ensure_future(store.ping())
+        await asyncio.sleep(0.2)  # the writer has taken the ping and waits for the lock
+        yield
+        await asyncio.sleep(0.2)  # what was started inside is queued behind it
+        lock.execute("ROLLBACK")
+        await plug
+    finally:
+        lock.close()
+
+
+async def test_retries_committed_with_new_postbacks_are_duplicates_and_every_delivery_is_claimable(store, store_url):
+    """Skycore's retries of stored postbacks in one commit with as many new ones (after a
+    restart, or a timeout under load): each retry is `duplicate` with the first id and adds no
+    delivery; the new ones are stored; every delivery can be claimed. (SQLite took the rows its
+    text-index trigger adds for new events as the retries' own, stored their deliveries under
+    ids that have no event, and every claim of that destination failed from then on.)"""
+    firsts = [await put(store, n) for n in (1, 2)]
+    retries, news = [make_event(n) for n in (1, 2)], [make_event(n) for n in (3, 4)]
+    async with writes_held(store, store_url):
+        pending = asyncio.gather(
+            *(store.ingest(e, dedup_key(e), [NewDelivery("crm", "r", "c")]) for e in [*retries, *news])
+        )
+    results = await pending
+    assert results == [
+        Ingested("duplicate", firsts[0]),
+        Ingested("duplicate", firsts[1]),
+        Ingested("accepted", news[0]["id"]),
+        Ingested("accepted", news[1]["id"]),
+    ]
+    expected = {*firsts, news[0]["id"], news[1]["id"]}
+    assert {r.event_id for r in await store.list_deliveries(DeliveryFilter())} == expected
+    claims = await claim(store)
+    assert {c.event_id for c in claims} == expected
+    assert {c.event["id"] for c in claims} == expected
+
+
 # ---------------------------------------------------------------------------- claims and leases
 
 

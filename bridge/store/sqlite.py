@@ -332,9 +332,12 @@ _Ingest = PendingEvent  # an op the writer thread takes with the others of its c
 def _ingest_all(conn: sqlite3.Connection, ingests: list[tuple[_Ingest, F]]) -> list[tuple[F, Any, None]]:
     """Every postback of a commit in two statements: the events (duplicates skipped by the
     unique dedup key), then the deliveries of those that were new."""
-    before = conn.total_changes
-    conn.executemany(Q["insert_event"], [(i.event_id, i.dedup_key, i.type, i.received_at, i.body) for i, _ in ingests])
-    if conn.total_changes - before == len(ingests):
+    # rowcount counts the rows the inserts themselves made: the events' trigger (0003) adds a
+    # row for each new event, which total_changes would count too, taking retries for new events
+    inserted = conn.executemany(
+        Q["insert_event"], [(i.event_id, i.dedup_key, i.type, i.received_at, i.body) for i, _ in ingests]
+    ).rowcount
+    if inserted == len(ingests):
         owner = {i.dedup_key: i.event_id for i, _ in ingests}
     else:  # some were duplicates (of a stored event, or of one earlier in this batch)
         keys = list({i.dedup_key for i, _ in ingests})
@@ -374,6 +377,8 @@ def _claimed(conn: sqlite3.Connection, then: ClaimFor, now: float) -> list[Claim
         return []
     ids = sorted({row[1] for row in rows})
     bodies = dict(conn.execute(f"SELECT id, body FROM events WHERE id IN ({_marks(ids)})", ids).fetchall())
+    if len(bodies) < len(ids):  # see migration 0005: one such row would fail every claim
+        rows = _without_orphans(conn, rows, bodies)
     rows.sort(key=lambda row: row[0])
     return [
         Claim(
@@ -388,6 +393,18 @@ def _claimed(conn: sqlite3.Connection, then: ClaimFor, now: float) -> list[Claim
         )
         for row in rows
     ]
+
+
+def _without_orphans(conn: sqlite3.Connection, rows: list[Any], bodies: dict[str, str]) -> list[Any]:
+    """The claimed rows whose event is stored; the others are removed. A delivery without its
+    event has nothing to send, and its conversation's later deliveries would wait behind it."""
+    orphans = [row[0] for row in rows if row[1] not in bodies]
+    conn.execute(f"DELETE FROM deliveries WHERE id IN ({_marks(orphans)})", orphans)
+    log.error(
+        "deliveries without their event removed",
+        extra={"deliveries": orphans, "event_ids": sorted({row[1] for row in rows if row[1] not in bodies})},
+    )
+    return [row for row in rows if row[1] in bodies]
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
