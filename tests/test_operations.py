@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import cli as cli_module
@@ -883,6 +884,34 @@ def test_settling_puts_what_exists_out_of_the_collectors_sight(thawed_after):
     made_later = [[n] for n in range(100)]
     walked = {id(o) for o in gc.get_objects()}
     assert all(id(o) in walked for o in made_later)
+
+
+def test_serve_settles_the_heap_once_the_app_has_started_before_it_listens(tmp_path, monkeypatch):
+    """The wiring: `serve` hands settle_heap to run_app, which calls it after the app's startup
+    (store open, destinations open) and before the port listens."""
+    seen: list[tuple[str, bool]] = []
+
+    def run_app(app, *, host, port, lane, shutdown_timeout, started, before_listening):
+        async def go() -> None:
+            runner = web.AppRunner(app)
+            await runner.setup()  # the app's startup hooks, as the real run_app
+            before_listening()
+            seen.append(("settled", app[RUNTIME].store is not None and gc.get_freeze_count() > 0))
+            with socket.socket() as s:  # nothing listens on the port yet
+                seen.append(("listening", s.connect_ex((host, port)) == 0))
+            await runner.cleanup()
+
+        asyncio.run(go())
+
+    monkeypatch.setattr("bridge.serving.run_app", run_app)
+    monkeypatch.setattr("bridge.logs.setup", lambda *args, **kwargs: None)  # the suite's logging stays
+    config = tmp_path / "c.yaml"
+    config.write_text(one_log_destination(tmp_path, "a", listen=f"127.0.0.1:{free_port()}"))
+    try:
+        assert cli_module.main(["serve", "-c", str(config)]) == 0
+    finally:
+        gc.unfreeze()
+    assert seen == [("settled", True), ("listening", False)]
 
 
 async def test_a_reload_of_a_frozen_heap_lets_the_old_configs_cycles_go(tmp_path, aiohttp_server, thawed_after):
