@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -35,7 +36,7 @@ RELEASED = {
     "postgres/0004_event_columns.sql": "49827ae96bb82c748f7b3a9edcbf4ba3bccf0827e9a0b1e2852cd018d476fcca",
     "sqlite/0004_event_columns.sql": "91c40fd8c83c441222e8c7ae2be60197cb41cbd8199be926d9876da7912f4bbd",
     "postgres/0005_orphan_deliveries.sql": "459a6cb8638506e8a29a81b8d42041f3114eb06ad6836c752c45d14edbeb421e",
-    "sqlite/0005_orphan_deliveries.sql": "5e31e297c04bd9fc4506b779b079eaa10614a5e2966db5d81c077122bd526eb6",
+    "sqlite/0005_orphan_deliveries.sql": "3723d9cefefc4ddefdf7d38b58554b513bfd17de0da9fb584539dd287b90c2f9",
 }
 
 
@@ -305,72 +306,102 @@ async def test_a_long_migration_is_not_cut_off_by_the_command_timeout(pg_url, mo
     await run_sql(pg_url, "SELECT * FROM made_slowly")
 
 
-def _orphaned_store(path: Path, version: int) -> tuple[str, int]:
-    """A SQLite store at `version` as the miscount before 0005 left it: an event with its pending
-    delivery, and a retry's delivery stored under an event id that has no event, in the same
-    conversation after it. Returns the event's id and the orphan's delivery id."""
+def _orphaned_store(path: Path, version: int) -> dict[str, Any]:
+    """A SQLite store at `version` as the miscount before 0005 left it, with both kinds of rows
+    it made: a retry's copy of a stored event's delivery, under an event id that has no event
+    (in the event's conversation, after it); and the only delivery of an event whose two copies
+    came in one commit, under the second copy's id (no event), the first copy's event stored with
+    no delivery. Far from both, an event routed nowhere. Returns their ids."""
     conn = sqlite3.connect(path)
+    made: dict[str, Any] = {}
     try:
         with conn:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
-            event, now = make_event(1), time.time()
-            conn.execute(
-                "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)",
-                (event["id"], dedup_key(event), event["type"], now, json.dumps(event)),
-            )
-            insert = (
-                "INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at,"
-                " updated_at) VALUES (?, 'crm', 'r', 'c', 'pending', ?, ?, ?)"
-            )
-            conn.execute(insert, (event["id"], now, now, now))
-            orphan = conn.execute(insert, ("evt_a_retry_taken_for_new", now, now, now)).lastrowid
+            now = time.time()
+
+            def event(n: int, at: float) -> str:
+                e = make_event(n)
+                conn.execute(
+                    "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)",
+                    (e["id"], dedup_key(e), e["type"], at, json.dumps(e)),
+                )
+                return str(e["id"])
+
+            def delivery(event_id: str, conversation: str, at: float) -> int:
+                row = conn.execute(
+                    "INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at,"
+                    " updated_at) VALUES (?, 'crm', 'r', ?, 'pending', ?, ?, ?)",
+                    (event_id, conversation, at, at, at),
+                ).lastrowid
+                assert row is not None
+                return row
+
+            made["stored"] = event(1, now - 60)
+            delivery(made["stored"], "c", now - 60)
+            made["copy"] = delivery("evt_a_retry_taken_for_new", "c", now)
+            made["nowhere"] = event(3, now - 3600)  # routed nowhere, an hour before
+            conn.execute("INSERT INTO dropped (event_id, received_at) VALUES (?, ?)", (made["nowhere"], now - 3600))
+            made["first_copy"] = event(2, now - 30.002)
+            made["only"] = delivery("evt_the_second_copy", "d", now - 30.001)
     finally:
         conn.close()
-    assert orphan is not None
-    return event["id"], orphan
+    return made
 
 
-async def test_0005_removes_the_deliveries_sqlite_stored_for_retries_without_their_event(tmp_path: Path):
+async def test_0005_gives_sqlite_orphan_deliveries_back_to_their_event_or_removes_copies(tmp_path: Path):
     """A store that the miscount before 0005 left with deliveries whose event is not stored
-    (see test_store_contract's test of retries in one commit with new postbacks): opened by this
-    release, they are gone, and what is left is claimed and delivered, the conversation's order
-    kept."""
+    (see test_store_contract's tests of retries in one commit with new postbacks): opened by
+    this release, a copy of a stored event's delivery is gone, and an event's only delivery is
+    its own again; both are claimed and delivered, the conversation's order kept."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = open_store(url)
     await store.open()
     await store.close()
-    event_id, orphan = _orphaned_store(tmp_path / "store.db", 4)
+    made = _orphaned_store(tmp_path / "store.db", 4)
     store = open_store(url)
     await store.open()
     try:
         assert await version_in(url) == schema.latest("sqlite")
         rows = await store.list_deliveries(DeliveryFilter())
-        assert [(r.event_id, r.status) for r in rows] == [(event_id, "pending")]
-        assert orphan not in {r.id for r in rows}
-        (pending,) = await claim(store, ordered=True)
-        assert pending.event_id == event_id
+        assert sorted((r.event_id, r.id, r.status) for r in rows) == sorted(
+            [(made["stored"], 1, "pending"), (made["first_copy"], made["only"], "pending")]
+        )
+        claims = await claim(store, ordered=True)
+        assert sorted((c.event_id, c.event["id"]) for c in claims) == sorted(
+            [(made["stored"], made["stored"]), (made["first_copy"], made["first_copy"])]
+        )
+        assert await store.event_deliveries(made["nowhere"]) == []
     finally:
         await store.close()
 
 
 async def test_a_delivery_without_its_event_does_not_stop_its_destination_claims(tmp_path: Path, caplog):
     """Should such a row appear again (a copy of a store made by hand, a bug), a claim that
-    meets it removes it and says so, and hands out the rest, rather than failing every claim of
-    its destination for ever."""
+    meets it removes it, with any attempts of its id, and says so, and hands out the rest,
+    rather than failing every claim of its destination for ever."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = open_store(url)
     await store.open()
     await store.close()
-    event_id, orphan = _orphaned_store(tmp_path / "store.db", schema.latest("sqlite"))
+    made = _orphaned_store(tmp_path / "store.db", schema.latest("sqlite"))
+    await run_sql(
+        url,
+        "INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)"
+        " VALUES (?, 1, ?, 'retry', 500, 'an old error', 0.1)",
+        made["copy"],
+        time.time(),
+    )
     store = open_store(url)
     await store.open()
     try:
-        (pending,) = await claim(store)
-        assert pending.event_id == event_id and pending.event["id"] == event_id
-        assert orphan not in {r.id for r in await store.list_deliveries(DeliveryFilter())}
+        claims = await claim(store)
+        assert {c.event_id for c in claims} == {made["stored"]}  # the first copy's has no event to send
+        remaining = {r.id for r in await store.list_deliveries(DeliveryFilter())}
+        assert made["copy"] not in remaining and made["only"] not in remaining
+        assert await store.attempts(made["copy"]) == []
         assert await claim(store) == []
     finally:
         await store.close()
     (record,) = [r for r in caplog.records if r.getMessage() == "deliveries without their event removed"]
-    assert record.levelname == "ERROR" and record.deliveries == [orphan]
-    assert record.event_ids == ["evt_a_retry_taken_for_new"]
+    assert record.levelname == "ERROR" and sorted(record.deliveries) == sorted([made["copy"], made["only"]])
+    assert record.event_ids == ["evt_a_retry_taken_for_new", "evt_the_second_copy"]

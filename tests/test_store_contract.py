@@ -258,6 +258,22 @@ async def test_retries_committed_with_new_postbacks_are_duplicates_and_every_del
     assert {c.event["id"] for c in claims} == expected
 
 
+async def test_two_copies_of_a_new_postback_in_one_commit_are_one_event(store, store_url):
+    """Skycore's retry of a postback still waiting for its commit (it gave up waiting), in the
+    same commit: the first copy is the event, with its deliveries; the second is `duplicate`
+    with the first's id. (SQLite stored the first's event with no delivery, and the deliveries
+    under the second's id, which has no event.)"""
+    first, again = make_event(1), make_event(1)
+    async with writes_held(store, store_url):
+        pending = asyncio.gather(
+            *(store.ingest(e, dedup_key(e), [NewDelivery("crm", "r", "c")]) for e in (first, again))
+        )
+    assert await pending == [Ingested("accepted", first["id"]), Ingested("duplicate", first["id"])]
+    assert [r.event_id for r in await store.list_deliveries(DeliveryFilter())] == [first["id"]]
+    (claimed,) = await claim(store)
+    assert claimed.event == first
+
+
 # ---------------------------------------------------------------------------- claims and leases
 
 

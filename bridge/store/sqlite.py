@@ -399,6 +399,7 @@ def _without_orphans(conn: sqlite3.Connection, rows: list[Any], bodies: dict[str
     """The claimed rows whose event is stored; the others are removed. A delivery without its
     event has nothing to send, and its conversation's later deliveries would wait behind it."""
     orphans = [row[0] for row in rows if row[1] not in bodies]
+    conn.execute(f"DELETE FROM attempts WHERE delivery_id IN ({_marks(orphans)})", orphans)  # ids are reused
     conn.execute(f"DELETE FROM deliveries WHERE id IN ({_marks(orphans)})", orphans)
     log.error(
         "deliveries without their event removed",
