@@ -172,6 +172,53 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(sink, bridge_factory
     assert bridge.stop() == 0
 
 
+async def test_retries_committed_with_new_postbacks_are_answered_with_the_first_id_and_delivered_once(
+    sink, bridge_factory
+):
+    """Skycore retries what it got no answer for: retries of stored postbacks sent at the same
+    moment as new postbacks, and second copies of new ones sent with them, landing in the same
+    commits. Each retry is `duplicate` with its first copy's id, each postback is one
+    event, delivered once, and the destination goes on delivering afterwards. (SQLite miscounted
+    such commits: it answered retries as new events under ids it never stored, and every claim
+    of the destination failed from then on.)"""
+
+    async def slow(request: web.Request) -> web.Response:  # its two slots stay full throughout,
+        await asyncio.sleep(0.05)  # so the bridge stores postbacks in batches, not claiming with each
+        return web.Response(text="ok")
+
+    sink.default = slow
+    bridge = bridge_factory(hook_config(("crm", sink.url + "/hook", {"concurrency": 2})), env=QUIET)
+    await asyncio.to_thread(bridge.start)
+    url = bridge.url + "/postback"
+    stored, new = range(0, 30), range(30, 60)
+    async with aiohttp.ClientSession() as session:
+
+        async def send(n: int) -> tuple[int, dict[str, Any]]:
+            async with session.post(url, data=sms(n)) as r:
+                return n, await r.json()
+
+        firsts = {n: body["id"] for n, body in await asyncio.gather(*(send(n) for n in stored))}
+        answers = []
+        for retry, n in zip(stored, new, strict=True):  # in twos, as a commit of two is where it went wrong
+            answers += await asyncio.gather(send(retry), send(n))
+            answers += await asyncio.gather(send(n + 100), send(n + 100))  # a new one and its copy
+        later = await send(999)
+    ids: dict[int, set[str]] = {}
+    for n, body in answers:
+        ids.setdefault(n, set()).add(body["id"])
+        if n in stored:
+            assert body == {"status": "duplicate", "id": firsts[n]}, n
+    assert all(len(one) == 1 for one in ids.values()), {n: one for n, one in ids.items() if len(one) > 1}
+    for n in new:
+        assert [body["status"] for m, body in answers if m == n] == ["accepted"], n
+        assert sorted(body["status"] for m, body in answers if m == n + 100) == ["accepted", "duplicate"], n
+    expected = {*firsts.values(), *(ids[n].pop() for n in [*new, *(n + 100 for n in new)]), later[1]["id"]}
+    await eventually(lambda: set(delivered_ids(sink)) >= expected, 20, "every event at the sink", interval=0.2)
+    await asyncio.sleep(0.5)  # anything sent twice would be in by now
+    assert delivered_ids(sink) == Counter(expected)
+    assert bridge.stop() == 0
+
+
 @pytest.mark.slow
 async def test_cli_beside_a_running_server_leaves_its_leases_alone(sink, bridge_factory):
     release = asyncio.Event()
