@@ -289,8 +289,36 @@ def summary(result: dict[str, Any]) -> str:
             f"{r['bridge_cpu_ms_per_postback']} |"
         )
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
-    lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB."]
+    lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB.", "", *verdict(result["rounds"])]
     return "\n".join(lines)
+
+
+def verdict(rounds: list[dict[str, Any]]) -> list[str]:
+    """Issue 19's targets: each figure of the postbacks beside the replies against the same
+    round's postbacks alone, as the median of the rounds' ratios (a round's two phases run one
+    after the other, so a machine that speeds up or slows down between them moves one round,
+    not the verdict), and the replies' p99 in every round."""
+
+    def ratios(key: str) -> list[float]:
+        return sorted(r["postbacks_beside_replies"][key] / r["postbacks_alone"][key] for r in rounds)
+
+    def row(what: str, values: list[float], goal: str, met: bool) -> str:
+        each = ", ".join(f"{v:.2f}" for v in values)
+        median = statistics.median(values)
+        return f"| {what} (each round's: {each}) | {median:.2f}x | {goal} | {'yes' if met else 'NO'} |"
+
+    rate, p50, p99 = ratios("per_s"), ratios("p50_ms"), ratios("p99_ms")
+    replies = [r["reply_p99_ms"] for r in rounds]
+    worst = max(replies)
+    return [
+        "| target | measured | goal | met |",
+        "| --- | --- | --- | --- |",
+        f"| reply p99, Slack event to sendSMS (each round's: {', '.join(f'{v:g}' for v in replies)}) "
+        f"| {worst:g} ms at most | < 100 ms | {'yes' if worst < 100 else 'NO'} |",
+        row("postbacks/s beside replies vs alone", rate, ">= 0.95x", statistics.median(rate) >= 0.95),
+        row("postback p50 beside replies vs alone", p50, "<= 1.05x", statistics.median(p50) <= 1.05),
+        row("postback p99 beside replies vs alone", p99, "<= 1.05x", statistics.median(p99) <= 1.05),
+    ]
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ RELEASED = {
     "sqlite/0003_console.sql": "dfb5b0f17fe90e7d30818ea8952cb46490b7e962adebd7e9d55598afd0a8a5df",
     "postgres/0004_event_columns.sql": "49827ae96bb82c748f7b3a9edcbf4ba3bccf0827e9a0b1e2852cd018d476fcca",
     "sqlite/0004_event_columns.sql": "91c40fd8c83c441222e8c7ae2be60197cb41cbd8199be926d9876da7912f4bbd",
-    "postgres/0005_orphan_deliveries.sql": "459a6cb8638506e8a29a81b8d42041f3114eb06ad6836c752c45d14edbeb421e",
+    "postgres/0005_orphan_deliveries.sql": "43c429a71bb4f8c57325777d723d31f5fc6a6fd5fec9162ac223c6ac86a62992",
     "sqlite/0005_orphan_deliveries.sql": "3723d9cefefc4ddefdf7d38b58554b513bfd17de0da9fb584539dd287b90c2f9",
 }
 
