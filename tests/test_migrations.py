@@ -17,8 +17,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bridge.destinations.base import conversation_key
 from bridge.errors import ConfigError
-from bridge.event import dedup_key
+from bridge.event import Event, dedup_key
 from bridge.store import DeliveryFilter, EventFilter, Ingested, NewDelivery, open_store, schema
 from bridge.store.sqlite import _statements
 from tests.test_store_contract import claim, make_event, pg_url, store_url  # noqa: F401
@@ -36,7 +37,7 @@ RELEASED = {
     "postgres/0004_event_columns.sql": "49827ae96bb82c748f7b3a9edcbf4ba3bccf0827e9a0b1e2852cd018d476fcca",
     "sqlite/0004_event_columns.sql": "91c40fd8c83c441222e8c7ae2be60197cb41cbd8199be926d9876da7912f4bbd",
     "postgres/0005_orphan_deliveries.sql": "43c429a71bb4f8c57325777d723d31f5fc6a6fd5fec9162ac223c6ac86a62992",
-    "sqlite/0005_orphan_deliveries.sql": "3723d9cefefc4ddefdf7d38b58554b513bfd17de0da9fb584539dd287b90c2f9",
+    "sqlite/0005_orphan_deliveries.sql": "4763873594240c77bb0ecc546535ecf9f9190b494c2ab235ab91afe122483e02",
 }
 
 
@@ -307,42 +308,48 @@ async def test_a_long_migration_is_not_cut_off_by_the_command_timeout(pg_url, mo
 
 
 def _orphaned_store(path: Path, version: int) -> dict[str, Any]:
-    """A SQLite store at `version` as the miscount before 0005 left it, with both kinds of rows
-    it made: a retry's copy of a stored event's delivery, under an event id that has no event
-    (in the event's conversation, after it); and the only delivery of an event whose two copies
-    came in one commit, under the second copy's id (no event), the first copy's event stored with
-    no delivery. Far from both, an event routed nowhere. Returns their ids."""
+    """A SQLite store at `version` as the miscount before 0005 left it: the rows of commits it
+    took for "all new", written as that code wrote them (the first copy of a postback sent twice
+    in one commit stored with no delivery, the deliveries under the second copy's id; a retry's
+    deliveries under its own id, its first copy stored earlier with its own). Returns the ids."""
     conn = sqlite3.connect(path)
     made: dict[str, Any] = {}
+    now = time.time()
+
+    def event(name: str, sender: str, at: float) -> Event:
+        e = make_event(len(made), sender=sender)
+        conn.execute(
+            "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)",
+            (e["id"], dedup_key(e), e["type"], at, json.dumps(e)),
+        )
+        made[name] = e["id"]
+        return e
+
+    def delivery(name: str, event_id: str, conversation: str, at: float) -> None:
+        made[name] = conn.execute(
+            "INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at,"
+            " updated_at) VALUES (?, 'crm', 'r', ?, 'pending', ?, ?, ?)",
+            (event_id, conversation, at, at, at),
+        ).lastrowid
+
     try:
         with conn:
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
-            now = time.time()
-
-            def event(n: int, at: float) -> str:
-                e = make_event(n)
-                conn.execute(
-                    "INSERT INTO events (id, dedup_key, type, received_at, body) VALUES (?, ?, ?, ?, ?)",
-                    (e["id"], dedup_key(e), e["type"], at, json.dumps(e)),
-                )
-                return str(e["id"])
-
-            def delivery(event_id: str, conversation: str, at: float) -> int:
-                row = conn.execute(
-                    "INSERT INTO deliveries (event_id, destination, route, conversation, status, created_at, next_at,"
-                    " updated_at) VALUES (?, 'crm', 'r', ?, 'pending', ?, ?, ?)",
-                    (event_id, conversation, at, at, at),
-                ).lastrowid
-                assert row is not None
-                return row
-
-            made["stored"] = event(1, now - 60)
-            delivery(made["stored"], "c", now - 60)
-            made["copy"] = delivery("evt_a_retry_taken_for_new", "c", now)
-            made["nowhere"] = event(3, now - 3600)  # routed nowhere, an hour before
-            conn.execute("INSERT INTO dropped (event_id, received_at) VALUES (?, ?)", (made["nowhere"], now - 3600))
-            made["first_copy"] = event(2, now - 30.002)
-            made["only"] = delivery("evt_the_second_copy", "d", now - 30.001)
+            stored = event("stored", "15550000001", now - 200)  # texter B's, stored long before
+            delivery("stored delivery", stored["id"], conversation_key(stored), now - 200)
+            # a commit of: A's postback, B's retry of `stored`, A's postback again, C's new one
+            a = event("a", "15550000002", now - 100)
+            delivery("b's retry copy", "evt_b_retry", conversation_key(stored), now - 99.999)
+            delivery("a's only", "evt_a_second_copy", conversation_key(a), now - 99.998)
+            c = event("c", "15550000003", now - 99.997)
+            delivery("c delivery", c["id"], conversation_key(c), now - 99.997)
+            # a commit of: D's postback, E's postback, then each again
+            d = event("d", "15550000004", now - 50)
+            e = event("e", "15550000005", now - 49.999)
+            delivery("d's only", "evt_d_second_copy", conversation_key(d), now - 49.998)
+            delivery("e's only", "evt_e_second_copy", conversation_key(e), now - 49.997)
+            nowhere = event("nowhere", "15550000006", now - 49.996)  # routed nowhere, beside them
+            conn.execute("INSERT INTO dropped (event_id, received_at) VALUES (?, ?)", (nowhere["id"], now - 49.996))
     finally:
         conn.close()
     return made
@@ -351,8 +358,9 @@ def _orphaned_store(path: Path, version: int) -> dict[str, Any]:
 async def test_0005_gives_sqlite_orphan_deliveries_back_to_their_event_or_removes_copies(tmp_path: Path):
     """A store that the miscount before 0005 left with deliveries whose event is not stored
     (see test_store_contract's tests of retries in one commit with new postbacks): opened by
-    this release, a copy of a stored event's delivery is gone, and an event's only delivery is
-    its own again; both are claimed and delivered, the conversation's order kept."""
+    this release, a retry's copy of a stored event's delivery is gone, and each event's only
+    delivery is its own again, in its own conversation, even when another texter's rows came
+    between (found in review: matched by time alone, one went to the wrong texter's event)."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = open_store(url)
     await store.open()
@@ -362,14 +370,17 @@ async def test_0005_gives_sqlite_orphan_deliveries_back_to_their_event_or_remove
     await store.open()
     try:
         assert await version_in(url) == schema.latest("sqlite")
-        rows = await store.list_deliveries(DeliveryFilter())
-        assert sorted((r.event_id, r.id, r.status) for r in rows) == sorted(
-            [(made["stored"], 1, "pending"), (made["first_copy"], made["only"], "pending")]
-        )
+        rows = {r.id: r.event_id for r in await store.list_deliveries(DeliveryFilter())}
+        assert rows == {
+            made["stored delivery"]: made["stored"],
+            made["a's only"]: made["a"],
+            made["c delivery"]: made["c"],
+            made["d's only"]: made["d"],
+            made["e's only"]: made["e"],
+        }
         claims = await claim(store, ordered=True)
-        assert sorted((c.event_id, c.event["id"]) for c in claims) == sorted(
-            [(made["stored"], made["stored"]), (made["first_copy"], made["first_copy"])]
-        )
+        assert sorted(c.event["id"] for c in claims) == sorted(rows.values())
+        assert all(c.conversation == conversation_key(c.event) for c in claims)
         assert await store.event_deliveries(made["nowhere"]) == []
     finally:
         await store.close()
@@ -388,20 +399,21 @@ async def test_a_delivery_without_its_event_does_not_stop_its_destination_claims
         url,
         "INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)"
         " VALUES (?, 1, ?, 'retry', 500, 'an old error', 0.1)",
-        made["copy"],
+        made["b's retry copy"],
         time.time(),
     )
+    orphans = [made[name] for name in ("b's retry copy", "a's only", "d's only", "e's only")]
     store = open_store(url)
     await store.open()
     try:
         claims = await claim(store)
-        assert {c.event_id for c in claims} == {made["stored"]}  # the first copy's has no event to send
+        assert {c.event_id for c in claims} == {made["stored"], made["c"]}
         remaining = {r.id for r in await store.list_deliveries(DeliveryFilter())}
-        assert made["copy"] not in remaining and made["only"] not in remaining
-        assert await store.attempts(made["copy"]) == []
+        assert not remaining & set(orphans)
+        assert await store.attempts(made["b's retry copy"]) == []
         assert await claim(store) == []
     finally:
         await store.close()
     (record,) = [r for r in caplog.records if r.getMessage() == "deliveries without their event removed"]
-    assert record.levelname == "ERROR" and sorted(record.deliveries) == sorted([made["copy"], made["only"]])
-    assert record.event_ids == ["evt_a_retry_taken_for_new", "evt_the_second_copy"]
+    assert record.levelname == "ERROR" and sorted(record.deliveries) == sorted(orphans)
+    assert record.event_ids == sorted(["evt_b_retry", "evt_a_second_copy", "evt_d_second_copy", "evt_e_second_copy"])
