@@ -6,11 +6,16 @@ postgresql://...`, on a fresh schema of that database, dropped afterwards).
     .venv/bin/python bench/replies.py [--seconds 20] [--rounds 2] [--rate 50]
         [--postbacks-connections 20] [--postbacks-pause-ms 17] [--store URL]
 
-Each round runs wrk's postbacks alone, then the replies alone, then the postbacks again with
-the replies beside them, on one bridge: the postback path with and without replies flowing, in
-the same run. The replies-alone phase gives the bridge's CPU per reply directly (its CPU over
-the phase, less what it spends idle, per reply); beside the postbacks it is estimated as the
-phase's CPU less the postbacks' share at the alone phase's CPU per postback.
+One bridge runs the replies alone once, then wrk's postbacks alone (A) and with the replies
+beside them (B) in turn, A B A B ... A, `--rounds` B phases in all. Each B is compared with
+the mean of the A just before it and the A just after it: the bridge answers a little slower
+as its store grows (over its first 100,000 events or so), and a B compared with the A before it
+alone would count that growth against the replies. `--rate 0` sends no replies in the B phases:
+a calibration, whose verdict says what the comparison reads when nothing differs.
+
+The replies-alone phase gives the bridge's CPU per reply directly (its CPU over the phase, less
+what it spends idle, per reply); beside the postbacks it is estimated as the phase's CPU less
+the postbacks' share at the A phases' CPU per postback.
 
 The fakes (tests/slack_fake.py, tests/skycore_fake.py) run in this process; the latency is
 from just before the signed event is POSTed to /slack/events to the moment the fake Skycore
@@ -113,51 +118,56 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 await asyncio.sleep(5)
                 idle = (cpu_seconds(proc.pid) - idle0) / (time.monotonic() - idle_t0)  # CPU s per s, idle
                 n = 0
+                only: dict[str, Any] | None = None
+                if args.rate > 0:  # the replies alone, once: their latency and CPU with nothing beside
+                    cpu, t0 = cpu_seconds(proc.pid), time.monotonic()
+                    only, n = await with_replies(http, url, threads, args, n, slack, postbacks=False)
+                    cpu_only, wall_only = cpu_seconds(proc.pid) - cpu, time.monotonic() - t0
+                    only.pop("postbacks_beside_replies")
+                    only["bridge_cpu_s"] = round(cpu_only, 2)
+                    # the phase's CPU less the idle bridge's, per reply
+                    only["bridge_cpu_ms_per_reply"] = round(
+                        (cpu_only - idle * wall_only) / max(1, only["replies"]) * 1000, 2
+                    )
+                # Postbacks alone and with replies beside them, alternating on one bridge: A B A B
+                # ... A. Each B is compared with the A just before and the A just after it (their
+                # mean): the bridge answers a little slower as its store grows (its first 100,000
+                # events or so), and a B compared only with the A before it would count that
+                # against the replies.
+                alone = [await alone_phase(proc.pid, port, args)]
                 rounds: list[dict[str, Any]] = []
                 for round_no in range(args.rounds):
-                    # the postback path alone, then with replies beside it: same bridge, same
-                    # store, same wrk settings, back to back (the machine is shared: rounds
-                    # alternate so drift hits both)
                     cpu = cpu_seconds(proc.pid)
-                    alone = await asyncio.to_thread(wrk_postbacks, port, args)
-                    await asyncio.sleep(2)  # the backlog of the archive destination drains
-                    cpu_alone, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
-                    t0 = time.monotonic()
-                    only, n = await with_replies(http, url, threads, args, n, slack, postbacks=False)
-                    cpu_only, cpu = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid)
-                    wall_only = time.monotonic() - t0
                     beside, n = await with_replies(http, url, threads, args, n, slack)
                     cpu_beside = cpu_seconds(proc.pid) - cpu
-                    per_postback = cpu_alone / max(1, alone["ok"])
+                    alone.append(await alone_phase(proc.pid, port, args))
+                    before, after = alone[-2], alone[-1]
+                    per_postback = (before["bridge_cpu_s"] + after["bridge_cpu_s"]) / max(1, before["ok"] + after["ok"])
                     postbacks_cpu = per_postback * beside["postbacks_beside_replies"]["ok"]
                     rounds.append(
                         {
                             "round": round_no + 1,
-                            "postbacks_alone": alone,
+                            "postbacks_alone": {k: (before[k] + after[k]) / 2 for k in ("per_s", "p50_ms", "p99_ms")},
+                            "postbacks_alone_before": before,
+                            "postbacks_alone_after": after,
                             **beside,
-                            "replies_alone": {k: v for k, v in only.items() if k != "postbacks_beside_replies"},
-                            # the bridge's CPU time (user + system) over each phase and its wind-down
-                            "bridge_cpu_s_alone": round(cpu_alone, 2),
-                            "bridge_cpu_s_replies_alone": round(cpu_only, 2),
+                            # the bridge's CPU time (user + system) over the phase and its wind-down
                             "bridge_cpu_s_beside": round(cpu_beside, 2),
                             "bridge_idle_cpu_s_per_s": round(idle, 4),
                             "bridge_cpu_ms_per_postback": round(per_postback * 1000, 3),
-                            # replies alone: the phase's CPU less the idle bridge's, per reply
-                            "bridge_cpu_ms_per_reply_alone": round(
-                                (cpu_only - idle * wall_only) / max(1, only["replies"]) * 1000, 2
-                            ),
-                            # beside: the phase's CPU less its postbacks' at the alone phase's rate
+                            # the phase's CPU less its postbacks' at the alone phases' rate
                             "bridge_cpu_ms_per_reply_beside": round(
                                 (cpu_beside - postbacks_cpu) / max(1, beside["replies"]) * 1000, 2
-                            ),
+                            )
+                            if beside["replies"]
+                            else None,
                         }
                     )
-                    await asyncio.sleep(2)
                 rss = rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(20)
-        for entry in [*rounds, *(r["replies_alone"] for r in rounds)]:
+        for entry in [*rounds, *([only] if only is not None else [])]:
             sent = entry.pop("_sent_at")
             latencies = [
                 (call.at - sent[call.request["TEXT"]]) * 1000
@@ -166,7 +176,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
             ]
             entry["replies_sent_as_sms"] = len(latencies)
             entry["reply_p50_ms"] = round(statistics.median(latencies), 1) if latencies else None
-            entry["reply_p99_ms"] = round(pct(latencies, 0.99), 1)
+            entry["reply_p99_ms"] = round(pct(latencies, 0.99), 1) if latencies else None
             entry["reply_max_ms"] = round(max(latencies), 1) if latencies else None
         reactions = len(slack.reactions)
         result = {
@@ -179,6 +189,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
             },
             "settings": vars(args),
             "store": "sqlite" if schema is None else "postgresql",
+            "replies_alone": only,
             "rounds": rounds,
             "reactions_in_threads": reactions,
             "bridge_rss_mb": rss,
@@ -186,7 +197,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         print(json.dumps(result, indent=2))
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S+0000", time.gmtime())
-        kind = "replies" if schema is None else "replies-pg"
+        kind = ("replies" if schema is None else "replies-pg") + ("-calibration" if args.rate <= 0 else "")
         (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"latest-{kind}.md").write_text(summary(result) + "\n")
         print(summary(result))
@@ -215,10 +226,10 @@ async def with_replies(
         async with http.post(url + "/slack/events", data=payload, headers=signed(payload)) as response:
             statuses.append(response.status)
 
-    interval = 1.0 / args.rate
+    interval = 1.0 / args.rate if args.rate > 0 else 0.0
     start = time.monotonic()
     first = n
-    while time.monotonic() - start < args.seconds:
+    while args.rate > 0 and time.monotonic() - start < args.seconds:
         text = f"bench reply {n}"
         ts = f"{1800000000 + n}.000100"
         slack.person_says("C0FAKE", ts)  # a message the fake knows: the thread's reactions land on it
@@ -229,7 +240,7 @@ async def with_replies(
         await asyncio.sleep(max(0.0, start + (n - first) * interval - time.monotonic()))
     offered = await load if load is not None else None
     await asyncio.gather(*posting)
-    await asyncio.sleep(3)  # the last replies' SMS
+    await asyncio.sleep(3)  # the last replies' SMS (and, as after every phase, the archive's backlog)
     entry = {
         "postbacks_beside_replies": offered,
         "replies": n - first,
@@ -238,6 +249,15 @@ async def with_replies(
         "_sent_at": sent_at,
     }
     return entry, n
+
+
+async def alone_phase(pid: int, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """wrk's postbacks with nothing beside them, the bridge's CPU over the phase and its
+    wind-down, and the same pause after it as a phase with replies has."""
+    cpu = cpu_seconds(pid)
+    figures: dict[str, Any] = await asyncio.to_thread(wrk_postbacks, port, args)
+    await asyncio.sleep(3)
+    return {**figures, "bridge_cpu_s": round(cpu_seconds(pid) - cpu, 2)}
 
 
 def wrk_postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -262,31 +282,45 @@ def rss_mb(pid: int) -> float | None:
 
 
 def summary(result: dict[str, Any]) -> str:
+    settings = result["settings"]
     lines = [
         f"# Replies beside postbacks ({result['when']}, {result['store']})",
         "",
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
-        f"the bridge on CPU 0, wrk on CPU 1, the fakes unpinned. {result['settings']['rate']:g} replies/s, "
-        f"wrk {result['settings']['postbacks_connections']} connections each pausing "
-        f"{result['settings']['postbacks_pause_ms']:g} ms, "
-        f"{result['settings']['seconds']:g} s per phase.",
+        f"the bridge on CPU 0, wrk on CPU 1, the fakes unpinned. {settings['rate']:g} replies/s"
+        + (" (none: a calibration, each B phase is postbacks alone too)" if settings["rate"] <= 0 else "")
+        + f", wrk {settings['postbacks_connections']} connections each pausing {settings['postbacks_pause_ms']:g} ms, "
+        f"{settings['seconds']:g} s per phase. Phases A (postbacks alone) and B (with the replies beside them) "
+        "alternate, A B A ... B A; each B is compared with the mean of the A before and the A after it.",
         "",
-        "| round | postbacks/s alone | p50 / p99 ms alone | postbacks/s with replies | p50 / p99 ms with replies "
-        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent | bridge CPU s alone / with "
-        "| replies alone: p50 / p99 ms | bridge CPU ms per reply: alone / beside | per postback |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    only = result["replies_alone"]
+    if only is not None:
+        lines += [
+            f"Replies alone ({only['replies_per_s']:g}/s, {only['replies_sent_as_sms']} of {only['replies']} "
+            f"sent as SMS): p50 / p99 / max {only['reply_p50_ms']} / {only['reply_p99_ms']} / "
+            f"{only['reply_max_ms']} ms; "
+            f"the bridge's CPU {only['bridge_cpu_ms_per_reply']} ms per reply.",
+            "",
+        ]
+    lines += [
+        "| round | postbacks/s A before / B / A after | p50 ms A / B / A | p99 ms A / B / A "
+        "| replies/s | reply p50 / p99 / max ms | events not 200 | SMS sent | bridge CPU ms per reply beside "
+        "| per postback |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rounds"]:
-        a, b = r["postbacks_alone"], r["postbacks_beside_replies"]
+        a, b, c = r["postbacks_alone_before"], r["postbacks_beside_replies"], r["postbacks_alone_after"]
+
+        def three(key: str, fmt: str, a: Any = a, b: Any = b, c: Any = c) -> str:
+            return " / ".join(format(x[key], fmt) for x in (a, b, c))
+
         lines.append(
-            f"| {r['round']} | {a['per_s']:,.0f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | {b['per_s']:,.0f} | "
-            f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {r['replies_per_s']:g} | "
-            f"{r['reply_p50_ms']} / {r['reply_p99_ms']} / {r['reply_max_ms']} | {r['events_not_200']} | "
-            f"{r['replies_sent_as_sms']} of {r['replies']} | {r['bridge_cpu_s_alone']} / {r['bridge_cpu_s_beside']} | "
-            f"{r['replies_alone']['reply_p50_ms']} / {r['replies_alone']['reply_p99_ms']} | "
-            f"{r['bridge_cpu_ms_per_reply_alone']} / {r['bridge_cpu_ms_per_reply_beside']} | "
-            f"{r['bridge_cpu_ms_per_postback']} |"
+            f"| {r['round']} | {three('per_s', ',.0f')} | {three('p50_ms', '.1f')} | {three('p99_ms', '.1f')} | "
+            f"{r['replies_per_s']:g} | {r['reply_p50_ms']} / {r['reply_p99_ms']} / {r['reply_max_ms']} | "
+            f"{r['events_not_200']} | {r['replies_sent_as_sms']} of {r['replies']} | "
+            f"{r['bridge_cpu_ms_per_reply_beside']} | {r['bridge_cpu_ms_per_postback']} |"
         )
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB.", "", *verdict(result["rounds"])]
@@ -294,38 +328,49 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def verdict(rounds: list[dict[str, Any]]) -> list[str]:
-    """Issue 19's targets: each figure of the postbacks beside the replies against the same
-    round's postbacks alone, as the median of the rounds' ratios (a round's two phases run one
-    after the other, so a machine that speeds up or slows down between them moves one round,
-    not the verdict), and the replies' p99 in every round."""
+    """Issue 19's targets: each figure of the postbacks beside the replies (B) against the mean
+    of the postbacks alone just before and just after it (A), as the median of the rounds'
+    ratios (one round that the machine slows moves one ratio, not the verdict), and the
+    replies' p99 in every round. Below them, for comparison with runs before 2026-12-06, the
+    p50 against the A before only (those runs' order: A then B), which counts the store's
+    growth against the replies."""
 
-    def ratios(key: str) -> list[float]:
-        return sorted(r["postbacks_beside_replies"][key] / r["postbacks_alone"][key] for r in rounds)
+    def ratios(key: str, against: str = "postbacks_alone") -> list[float]:
+        return sorted(r["postbacks_beside_replies"][key] / r[against][key] for r in rounds)
 
-    def row(what: str, values: list[float], goal: str, met: bool) -> str:
+    def row(what: str, values: list[float], goal: str, met: bool | None) -> str:
         each = ", ".join(f"{v:.2f}" for v in values)
         median = statistics.median(values)
-        return f"| {what} (each round's: {each}) | {median:.2f}x | {goal} | {'yes' if met else 'NO'} |"
+        said = "-" if met is None else "yes" if met else "NO"
+        return f"| {what} (each round's: {each}) | {median:.2f}x | {goal} | {said} |"
 
     rate, p50, p99 = ratios("per_s"), ratios("p50_ms"), ratios("p99_ms")
-    replies = [r["reply_p99_ms"] for r in rounds]
-    worst = max(replies)
+    replies = [r["reply_p99_ms"] for r in rounds if r["reply_p99_ms"] is not None]
+    worst = max(replies) if replies else None
+    reply_row = (
+        "| reply p99, Slack event to sendSMS | no replies (a calibration run) | < 100 ms | - |"
+        if worst is None
+        else f"| reply p99, Slack event to sendSMS (each round's: {', '.join(f'{v:g}' for v in replies)}) "
+        f"| {worst:g} ms at most | < 100 ms | {'yes' if worst < 100 else 'NO'} |"
+    )
     return [
         "| target | measured | goal | met |",
         "| --- | --- | --- | --- |",
-        f"| reply p99, Slack event to sendSMS (each round's: {', '.join(f'{v:g}' for v in replies)}) "
-        f"| {worst:g} ms at most | < 100 ms | {'yes' if worst < 100 else 'NO'} |",
+        reply_row,
         row("postbacks/s beside replies vs alone", rate, ">= 0.95x", statistics.median(rate) >= 0.95),
         row("postback p50 beside replies vs alone", p50, "<= 1.05x", statistics.median(p50) <= 1.05),
         row("postback p99 beside replies vs alone", p99, "<= 1.05x", statistics.median(p99) <= 1.05),
+        row("(p50 vs the A before only, as before 2026-12-06)", ratios("p50_ms", "postbacks_alone_before"), "-", None),
     ]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=20, help="per phase")
-    parser.add_argument("--rounds", type=int, default=2, help="each: postbacks alone, then with replies")
-    parser.add_argument("--rate", type=float, default=50, help="replies per second")
+    parser.add_argument("--rounds", type=int, default=2, help="phases with replies, each between two without")
+    parser.add_argument(
+        "--rate", type=float, default=50, help="replies per second (0: none, a calibration of the comparison)"
+    )
     parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(
         "--postbacks-pause-ms", type=float, default=17, help="each of wrk's connections waits this long, each time"
