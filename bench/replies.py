@@ -18,7 +18,8 @@ The replies-alone phase gives the bridge's CPU per reply directly (its CPU over 
 what it spends idle, per reply); beside the postbacks it is estimated as the phase's CPU less
 the postbacks' share at the A phases' CPU per postback.
 
-The fakes (tests/slack_fake.py, tests/skycore_fake.py) run in this process; the latency is
+The fakes (tests/slack_fake.py, tests/skycore_fake.py) run in this process, on CPU 1 beside wrk
+(they stand for Slack and Skycore, which are not on the bridge's machine); the latency is
 from just before the signed event is POSTed to /slack/events to the moment the fake Skycore
 takes the sendSMS request for it (both on this machine's clock).
 """
@@ -60,6 +61,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {1})  # off the bridge's CPU 0, as wrk
     schema = None
     if args.store != "sqlite":
         schema = f"bench_replies_{uuid.uuid4().hex[:8]}"
@@ -300,7 +303,7 @@ def summary(result: dict[str, Any]) -> str:
         "",
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
-        f"the bridge on CPU 0, wrk on CPU 1, the fakes unpinned. {settings['rate']:g} replies/s"
+        f"the bridge on CPU 0, wrk and the fakes on CPU 1. {settings['rate']:g} replies/s"
         + (" (none: a calibration, each B phase is postbacks alone too)" if settings["rate"] <= 0 else "")
         + f", wrk {settings['postbacks_connections']} connections each pausing {settings['postbacks_pause_ms']:g} ms, "
         f"{settings['seconds']:g} s per phase. After a warm-up, phases A (postbacks alone) and B (with the "
