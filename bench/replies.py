@@ -31,6 +31,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -389,6 +390,35 @@ def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[
     ]
 
 
+def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
+    """The verdict over the rounds of several runs together: more rounds than one run has, so a
+    median that moves less with the machine. Beside each median, a 95% bootstrap interval
+    (the rounds resampled with replacement, `draws` times; seeded, so the same files print the
+    same figures)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    rounds = [r for result in results for r in result["rounds"]]
+    calibration = all(result["settings"]["rate"] <= 0 for result in results)
+    if not calibration and any(result["settings"]["rate"] <= 0 for result in results):
+        raise SystemExit("calibrations and runs with replies are not pooled together")
+    rng = random.Random(19)
+
+    def interval(values: list[float]) -> str:
+        medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+        return f"{medians[int(0.025 * draws)]:.2f}-{medians[int(0.975 * draws)]:.2f}"
+
+    lines = [
+        f"{len(rounds)} rounds of {len(results)} runs ({', '.join(Path(p).name for p in paths)})",
+        "",
+        *verdict(rounds, calibration=calibration),
+        "",
+        "95% bootstrap intervals of the medians:",
+    ]
+    for key in ("per_s", "p50_ms", "p99_ms"):
+        values = [r["postbacks_beside_replies"][key] / r["postbacks_alone"][key] for r in rounds]
+        lines.append(f"- {key}: {interval(values)}")
+    return lines
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15, help="per phase")
@@ -407,7 +437,17 @@ if __name__ == "__main__":
         help="wrk's connections, each waiting for its answer and then pausing: a closed loop whose rate is "
         "connections / (pause + latency), about 1,000-1,100/s by default, so a slower answer is also a lower rate",
     )
+    parser.add_argument(
+        "--verdict-of",
+        nargs="+",
+        metavar="RESULT_JSON",
+        help="run nothing: the verdict over the rounds of these result files together (same settings), "
+        "with a bootstrap interval for each median",
+    )
     parsed = parser.parse_args()
+    if parsed.verdict_of:
+        print("\n".join(pooled(parsed.verdict_of)))
+        raise SystemExit(0)
     if parsed.rounds < 1 or parsed.seconds <= 0 or parsed.rate < 0:
         parser.error("--rounds must be at least 1, --seconds more than 0, --rate 0 or more")
     asyncio.run(main(parsed))
