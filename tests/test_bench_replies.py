@@ -1,0 +1,131 @@
+"""bench/replies.py's verdict (the bench itself is not part of the suite): what a B phase is
+compared with, what passes and fails issue 19's targets, the calibration's rows, and the pooled
+verdict over several runs' result files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # bench/scaleout.py imports `run`
+
+from bench import replies
+
+
+def phase(per_s: float, p50: float, p99: float) -> dict[str, float]:
+    return {"per_s": per_s, "p50_ms": p50, "p99_ms": p99}
+
+
+def a_round(
+    before: dict[str, float], beside: dict[str, float], after: dict[str, float], reply_p99: float | None = 12.0
+):
+    return {
+        "postbacks_alone": replies.baseline(before, after),
+        "postbacks_alone_before": before,
+        "postbacks_alone_after": after,
+        "postbacks_beside_replies": beside,
+        "reply_p99_ms": reply_p99,
+    }
+
+
+def met(lines: list[str], target: str) -> str:
+    row = next(line for line in lines if line.startswith(f"| {target}"))
+    return row.rsplit("|", 2)[1].strip()
+
+
+def test_a_b_phase_is_compared_with_the_geometric_mean_of_the_a_phases_beside_it():
+    # 4 ms and 9 ms: 6 ms, where an arithmetic mean (6.5) would flatter the B phase
+    assert replies.baseline(phase(900, 4, 16), phase(1000, 9, 25)) == {
+        "per_s": pytest.approx(948.68, abs=0.01),
+        "p50_ms": 6.0,
+        "p99_ms": 20.0,
+    }
+
+
+def test_within_5_percent_passes_and_more_fails():
+    a, b = phase(1000, 4, 10), phase(1000, 4, 10)
+    near = [a_round(a, phase(960, 4.2, 10.4), b) for _ in range(3)]  # -4%, +5%, +4%
+    lines = replies.verdict(near)
+    assert [met(lines, t) for t in ("reply p99", "postbacks/s", "postback p50", "postback p99")] == ["yes"] * 4
+    far = [a_round(a, phase(940, 4.24, 10.6), b, reply_p99=101) for _ in range(3)]  # -6%, +6%, +6%, 101 ms
+    lines = replies.verdict(far)
+    assert [met(lines, t) for t in ("reply p99", "postbacks/s", "postback p50", "postback p99")] == ["NO"] * 4
+
+
+def test_the_median_of_the_rounds_decides_and_an_a_phase_with_no_answers_fails():
+    a = phase(1000, 4, 10)
+    rounds = [a_round(a, phase(1000, p50, 10), a) for p50 in (4.0, 4.1, 8.0)]  # one slow round of three
+    assert met(replies.verdict(rounds), "postback p50") == "yes"
+    dead = [a_round(phase(0, 0, 0), phase(1000, 4, 10), a)]  # every postback of an A phase failed
+    assert met(replies.verdict(dead), "postback p50") == "NO"
+
+
+def test_a_calibration_reads_the_ratios_but_says_no_verdict():
+    a = phase(1000, 4, 10)
+    lines = replies.verdict([a_round(a, phase(800, 6, 20), a, reply_p99=None)], calibration=True)
+    assert "no replies (a calibration run)" in next(line for line in lines if line.startswith("| reply p99"))
+    assert "| 1.50x |" in next(line for line in lines if line.startswith("| postback p50"))
+    assert {met(lines, t) for t in ("postbacks/s", "postback p50", "postback p99")} == {"-"}
+
+
+def result_file(path: Path, rate: float, ratios: list[float]) -> str:
+    a = phase(1000, 4, 10)
+    rounds = [a_round(a, phase(1000, 4 * r, 10 * r), a) for r in ratios]
+    path.write_text(json.dumps({"settings": {"rate": rate}, "rounds": rounds}))
+    return str(path)
+
+
+def test_the_pooled_verdict_takes_every_round_of_every_file(tmp_path: Path):
+    files = [
+        result_file(tmp_path / "one.json", 50, [1.0, 1.02, 1.2]),
+        result_file(tmp_path / "two.json", 50, [1.01, 1.03, 1.04, 1.3]),
+    ]
+    lines = replies.pooled(files)
+    assert lines[0].startswith("7 rounds of 2 runs")
+    assert "| 1.03x |" in next(line for line in lines if line.startswith("| postback p50"))
+    assert met(lines, "postback p50") == "yes"
+    interval = next(line for line in lines if line.startswith("- p50_ms: "))
+    low, high = map(float, interval.removeprefix("- p50_ms: ").split("-"))
+    assert 1.0 <= low <= 1.03 <= high <= 1.3
+    assert replies.pooled(files) == lines  # seeded: the same files print the same figures
+
+
+def test_calibrations_and_runs_with_replies_are_not_pooled_together(tmp_path: Path):
+    files = [result_file(tmp_path / "run.json", 50, [1.0]), result_file(tmp_path / "cal.json", 0, [1.0])]
+    with pytest.raises(SystemExit, match="not pooled together"):
+        replies.pooled(files)
+
+
+def test_the_summary_of_a_run_names_its_order_and_its_verdict():
+    a = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}
+    r = {
+        **a_round(a, phase(990, 4.1, 10.2), a),
+        "round": 1,
+        "replies_per_s": 50,
+        "reply_p50_ms": 4.0,
+        "reply_max_ms": 20.0,
+        "events_not_200": 0,
+        "replies_sent_as_sms": 750,
+        "replies": 750,
+        "sms_sent_twice": 1,
+        "bridge_cpu_ms_per_reply_beside": 3.0,
+        "bridge_cpu_ms_per_postback": 0.6,
+    }
+    result: dict[str, Any] = {
+        "when": "2026-12-06T01:00:00Z",
+        "store": "sqlite",
+        "machine": {"cpus": 2, "load_before": [0.5, 0, 0], "load_after": [0.6, 0, 0]},
+        "settings": {"rate": 50, "postbacks_connections": 20, "postbacks_pause_ms": 15, "seconds": 15},
+        "replies_alone": None,
+        "rounds": [r],
+        "reactions_in_threads": 750,
+        "bridge_rss_mb": 57.0,
+    }
+    text = replies.summary(result)
+    assert "A B A ... B A" in text and "geometric mean" in text
+    assert "750 of 750, 1 twice" in text  # a reply sent as SMS twice is shown, not counted as two
+    assert "| postback p50 beside replies vs alone (each round's: 1.02) | 1.02x | <= 1.05x | yes |" in text
