@@ -378,6 +378,27 @@ class PostgresStore(Store):
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     @asynccontextmanager
+    async def _read(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one read, which is a transaction (and a snapshot) of its own: no
+        BEGIN and COMMIT round trips, a third of `_tx`'s for a point lookup (a reply makes
+        several); driver errors leave as StoreError."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _bookkeeping_tx(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the bookkeeping pool in a transaction (verdicts that take several
+        statements: deaths, and those that add follow-up deliveries, such as a reply's feedback
+        in its thread); driver errors leave as StoreError."""
+        async with self._bookkeeping_conn() as conn, conn.transaction():
+            yield conn
+
+    @asynccontextmanager
     async def _bookkeeping_conn(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection of the bookkeeping pool (see BOOKKEEPING_POOL_SIZE) for one statement,
         which is a transaction of its own (no BEGIN and COMMIT round trips); driver errors leave
@@ -711,7 +732,9 @@ class PostgresStore(Store):
                 )
             return []
         died = []
-        async with self._tx() as conn:
+        # bookkeeping as the usual batch (see BOOKKEEPING_POOL_SIZE): lost with a crash of the
+        # database, the verdict and its follow-ups go together, and the attempt is made again
+        async with self._bookkeeping_tx() as conn:
             await conn.executemany(Q["record_attempt"], attempts)
             together = [finish for r, finish in finishes if not r.follow_ups]
             if together:
@@ -748,7 +771,7 @@ class PostgresStore(Store):
             return due
 
     async def get_conversation(self, destination: str, key: str) -> str | None:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             value: str | None = await conn.fetchval(Q["get_conversation"], destination, key)
             return value
 
@@ -757,7 +780,7 @@ class PostgresStore(Store):
             await conn.execute(Q["put_conversation"], destination, key, value)
 
     async def conversation_of(self, destination: str, value: str) -> str | None:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             key: str | None = await conn.fetchval(Q["conversation_of"], destination, value)
             return key
 
@@ -767,7 +790,7 @@ class PostgresStore(Store):
             await conn.execute(Q["record_optout"], *values)
 
     async def opted_out(self, texter: str, short_code: str) -> bool:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             return bool(await conn.fetchval(Q["opted_out"], texter, short_code))
 
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
@@ -778,7 +801,7 @@ class PostgresStore(Store):
         return [optout_row(row) for row in rows]
 
     async def delivery_by_tracking_id(self, tracking_id: str) -> DeliveryRow | None:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             row = await conn.fetchrow(Q["delivery_by_tracking_id"], tracking_id)
         return delivery_row(row) if row is not None else None
 
@@ -809,12 +832,12 @@ class PostgresStore(Store):
         raise StoreError(f"cannot read meta {key!r}")
 
     async def get_event(self, event_id: str) -> Event | None:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             body = await conn.fetchval(Q["get_event"], event_id)
         return json.loads(body) if body is not None else None
 
     async def attempts(self, delivery_id: int) -> list[AttemptRow]:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             rows = await conn.fetch(Q["attempts"], delivery_id)
         return [AttemptRow(*row) for row in rows]
 
@@ -910,7 +933,7 @@ class PostgresStore(Store):
         return [delivery_row(row) for row in rows]
 
     async def event_deliveries(self, event_id: str) -> list[DeliveryRow]:
-        async with self._tx() as conn:
+        async with self._read() as conn:
             rows = await conn.fetch(Q["deliveries_of_event"], event_id)
         return [delivery_row(row) for row in rows]
 
