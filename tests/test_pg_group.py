@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from bridge.destinations.base import Services
 from bridge.destinations.webhook import WebhookDestination
 from bridge.errors import StoreError
 from bridge.event import dedup_key
-from bridge.retry import RetryPolicy
+from bridge.retry import Dead, Done, RetryPolicy
 from bridge.store import DeliveryFilter, Ingested, NewDelivery
 from bridge.store import postgres as postgres_store
 from bridge.store.postgres import PostgresStore
@@ -541,6 +542,38 @@ async def test_postbacks_wait_for_the_flush_and_only_bookkeeping_does_not(pg_url
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
         async with store._bookkeeping.acquire() as conn:
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
+
+
+async def test_deaths_and_follow_ups_are_bookkeeping_and_never_wait_for_the_postbacks_pool(pg_url):
+    """A verdict that takes several statements (a death; one that adds follow-ups, as a reply's
+    SMS adds its feedback in the thread) is bookkeeping like any other: recorded on the
+    bookkeeping pool, without waiting for a flush, and never queued behind the postbacks'
+    connections. With every connection of the postbacks' pool held, it is still recorded, and a
+    point read (a reply's ledger) then works as soon as one is free."""
+    async with opened(pg_url) as store:
+        assert store._pool is not None
+        for n in (1, 2):
+            event = make_event(n)
+            await store.ingest(event, dedup_key(event), [NewDelivery("crm", "r", f"c{n}")])
+        sent, died = await store.claim("crm", limit=2, lease=30, ordered=False, owner="a")
+        up = (NewDelivery("~feedback", "sent", "c", False),)
+        results = [
+            dataclasses.replace(contract.finished(sent, Done()), follow_ups=up),
+            contract.finished(died, Dead("E713: billing")),
+        ]
+        held = [await store._pool.acquire() for _ in range(postgres_store.POOL_SIZE)]
+        try:
+            async with asyncio.timeout(5):  # a wait for the postbacks' pool lasts CONNECT_TIMEOUT (10 s)
+                assert [r.claim.id for r in await store.complete(results)] == [died.id]
+        finally:
+            for conn in held:
+                await store._pool.release(conn)
+        feedback = await store.list_deliveries(DeliveryFilter(destination="~feedback"))
+        assert [(row.event_id, row.route) for row in feedback] == [(sent.event_id, "sent")]
+        assert await store.opted_out("15550000001", "60856") is False
+        await store._pool.close()
+        with pytest.raises(StoreError):  # a driver's error leaves a read as the store's
+            await store.opted_out("15550000001", "60856")
 
 
 async def test_a_sweep_never_waits_for_a_row_another_transaction_holds(pg_url):

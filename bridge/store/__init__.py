@@ -591,7 +591,9 @@ class Store(abc.ABC):
         result recorded twice, an attempt whose lease ran out) is not one, so each death is
         counted once. Dead verdicts apply after the others of the batch: a `delivered` one for
         the same delivery (the peer has it) wins. A result's `follow_ups` are added, in the same
-        transaction, only when its verdict applies."""
+        transaction, only when its verdict applies. (On PostgreSQL all of it is bookkeeping: a
+        crash of the server can lose a recorded death with its follow-ups, and the delivery is
+        then attempted again, and may die, and be counted, again.)"""
 
     @abc.abstractmethod
     async def release(self, claims: list[Claim], *, owner: str) -> None:

@@ -86,7 +86,9 @@ POOL_SIZE = 10
 # commits do not wait for their WAL to reach the disk (synchronous_commit off): postbacks are
 # answered only after an fsync'd commit, but a lease or a verdict lost with the last few hundred
 # milliseconds of a PostgreSQL crash only means a delivery is sent again (at least once, as
-# CONTRACT §6 says), never that an event is lost. It takes a flush off every claim and record,
+# CONTRACT §6 says), never that an event is lost. That includes deaths and the follow-ups a verdict
+# adds (a reply's feedback), lost with their verdict: the delivery is attempted again, and a death
+# may then be counted (and a reply's ❌ shown) twice. It takes a flush off every claim and record,
 # which would otherwise queue behind (and hold back) the postbacks' own.
 BOOKKEEPING_POOL_SIZE = 4
 # Group commit: how many batches of postbacks may be committing at once (each on a connection of
