@@ -369,28 +369,31 @@ class PostgresStore(Store):
         self._pool = self._bookkeeping = None
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in a transaction; driver errors leave as StoreError."""
-        if self._pool is None:
+    async def _connection(self, pool: asyncpg.Pool | None) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of `pool` for one statement, which is a transaction (and a snapshot) of
+        its own: no BEGIN and COMMIT round trips, a third of a transaction's for a point lookup
+        (a reply makes several); driver errors leave as StoreError."""
+        if pool is None:
             raise StoreError("store is not open")
         try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn, conn.transaction():
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 yield conn
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection for one read, which is a transaction (and a snapshot) of its own: no
-        BEGIN and COMMIT round trips, a third of `_tx`'s for a point lookup (a reply makes
-        several); driver errors leave as StoreError."""
-        if self._pool is None:
-            raise StoreError("store is not open")
-        try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                yield conn
-        except DRIVER_ERRORS as exc:
-            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction; driver errors leave as StoreError."""
+        async with self._connection(self._pool) as conn, conn.transaction():
+            yield conn
+
+    def _read(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection for one read (see _connection)."""
+        return self._connection(self._pool)
+
+    def _bookkeeping_conn(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection of the bookkeeping pool (see BOOKKEEPING_POOL_SIZE) for one statement."""
+        return self._connection(self._bookkeeping)
 
     @asynccontextmanager
     async def _bookkeeping_tx(self) -> AsyncIterator[asyncpg.Connection]:
@@ -399,19 +402,6 @@ class PostgresStore(Store):
         in its thread); driver errors leave as StoreError."""
         async with self._bookkeeping_conn() as conn, conn.transaction():
             yield conn
-
-    @asynccontextmanager
-    async def _bookkeeping_conn(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection of the bookkeeping pool (see BOOKKEEPING_POOL_SIZE) for one statement,
-        which is a transaction of its own (no BEGIN and COMMIT round trips); driver errors leave
-        as StoreError."""
-        if self._bookkeeping is None:
-            raise StoreError("store is not open")
-        try:
-            async with self._bookkeeping.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                yield conn
-        except DRIVER_ERRORS as exc:
-            raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         async with self._tx() as conn:
