@@ -199,6 +199,8 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 "note": "shared with other sessions' builds and tests: figures vary between runs",
                 "load_before": load_before,
                 "load_after": os.getloadavg(),
+                # where this process (the fakes, the replies' sender) ran: CPU 1 since e6e352e
+                "fakes_cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             },
             "settings": vars(args),
             "store": "sqlite" if schema is None else "postgresql",
@@ -303,12 +305,14 @@ def rss_mb(pid: int) -> float | None:
 
 def summary(result: dict[str, Any]) -> str:
     settings = result["settings"]
+    cpus = result["machine"].get("fakes_cpus")  # not kept by runs before it was
+    fakes = "the fakes unpinned" if not cpus or len(cpus) > 1 else f"the fakes on CPU {cpus[0]}"
     lines = [
         f"# Replies beside postbacks ({result['when']}, {result['store']})",
         "",
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
-        f"the bridge on CPU 0, wrk and the fakes on CPU 1. {settings['rate']:g} replies/s"
+        f"the bridge on CPU 0, wrk on CPU 1, {fakes}. {settings['rate']:g} replies/s"
         + (" (none: a calibration, each B phase is postbacks alone too)" if settings["rate"] <= 0 else "")
         + f", wrk {settings['postbacks_connections']} connections each pausing {settings['postbacks_pause_ms']:g} ms, "
         f"{settings['seconds']:g} s per phase. After a warm-up, phases A (postbacks alone) and B (with the "

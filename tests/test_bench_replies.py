@@ -118,7 +118,7 @@ def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     result: dict[str, Any] = {
         "when": "2026-12-06T01:00:00Z",
         "store": "sqlite",
-        "machine": {"cpus": 2, "load_before": [0.5, 0, 0], "load_after": [0.6, 0, 0]},
+        "machine": {"cpus": 2, "load_before": [0.5, 0, 0], "load_after": [0.6, 0, 0], "fakes_cpus": [1]},
         "settings": {"rate": 50, "postbacks_connections": 20, "postbacks_pause_ms": 15, "seconds": 15},
         "replies_alone": None,
         "rounds": [r],
@@ -126,6 +126,8 @@ def test_the_summary_of_a_run_names_its_order_and_its_verdict():
         "bridge_rss_mb": 57.0,
     }
     text = replies.summary(result)
-    assert "A B A ... B A" in text and "geometric mean" in text
+    assert "A B A ... B A" in text and "geometric mean" in text and "the fakes on CPU 1" in text
+    del result["machine"]["fakes_cpus"]  # a run from before it was kept: not said to be pinned
+    assert "the fakes unpinned" in replies.summary(result)
     assert "750 of 750, 1 twice" in text  # a reply sent as SMS twice is shown, not counted as two
     assert "| postback p50 beside replies vs alone (each round's: 1.02) | 1.02x | <= 1.05x | yes |" in text
