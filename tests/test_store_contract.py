@@ -1456,6 +1456,27 @@ async def test_follow_ups_are_added_with_the_verdict_that_applies_once(store):
     assert {taken.body, other.body} == {sent.body, died.body}  # the event itself, as stored
 
 
+async def test_a_result_twice_in_one_batch_adds_its_follow_ups_once_in_their_order(store):
+    """A result recorded twice in one batch (PostgreSQL: a round of its own for each) adds its
+    follow-ups once, with ids in the order they were given (a thread shows them in that order);
+    its death beside a retry of another delivery is counted once."""
+    await put(store, 1)
+    await put(store, 2)
+    sent, died = await claim(store)
+    ups = tuple(NewDelivery("~feedback", f"step{n}", "c", True) for n in range(3))
+    done = dataclasses.replace(finished(sent, Done()), follow_ups=ups)
+    dead = dataclasses.replace(finished(died, Dead("E713")), follow_ups=ups[:1])
+    assert [r.claim.id for r in await store.complete([done, dead, done, dead])] == [died.id]
+    feedback = sorted(await store.list_deliveries(DeliveryFilter(destination="~feedback")), key=lambda r: r.id)
+    assert [(row.event_id, row.route) for row in feedback if row.event_id == sent.event_id] == [
+        (sent.event_id, "step0"),
+        (sent.event_id, "step1"),
+        (sent.event_id, "step2"),
+    ]
+    assert [row.route for row in feedback if row.event_id == died.event_id] == ["step0"]
+    assert [a.number for a in await store.attempts(sent.id)] == [1]
+
+
 async def test_ingest_and_claim_stores_the_event_and_claims_what_is_due_for_one_destination(store):
     """A reply's SMS is claimed with the reply (`ingest_and_claim`): the event and its deliveries
     stored as `ingest` stores them, then the destination's due deliveries leased to `owner`, in
@@ -1528,6 +1549,11 @@ async def test_thread_and_ledger_reads_a_replys_thread_and_the_ledger_in_one_go(
     assert seen[-1] == (None, "#sms|15550000002|86717")
     assert await store.thread_and_ledger("inbox", "thread:3.3", "3.3", which) == (None, False)
     assert seen[-1] == (None, None)
+    # the ledger is asked for the pair `which` makes, whatever parts of the thread it takes
+    elsewhere = await store.thread_and_ledger(
+        "inbox", "thread:2.2", "2.2", lambda kept, started: (row.texter, row.short_code)
+    )
+    assert elsewhere == ((row.texter, row.short_code), True)
     await store.record_optout(dataclasses.replace(row, opted_out=False, word="START", at=row.at + 1))
     assert await store.thread_and_ledger("inbox", "thread:1.1", "1.1", which) == (("15550000001", "86717"), False)
     assert await store.opted_out("15550000001", "86717") is False

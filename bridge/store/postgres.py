@@ -182,6 +182,30 @@ def _sql_where(clauses: list[str]) -> str:
     return (" WHERE " + " AND ".join(clauses)) if clauses else ""
 
 
+def _complete_args(batch: list[tuple[AttemptResult, tuple[str, float, str | None]]], now: float) -> tuple[Any, ...]:
+    """The arguments of `complete` in postgres.sql: one array per column."""
+    ups = [(r.claim.id, d) for r, _ in batch for d in r.follow_ups]
+    return (
+        [r.claim.id for r, _ in batch],
+        [r.claim.attempt for r, _ in batch],
+        [r.started_at for r, _ in batch],
+        [r.outcome for r, _ in batch],
+        [r.status for r, _ in batch],
+        [r.reason for r, _ in batch],
+        [r.duration for r, _ in batch],
+        [status for _, (status, _, _) in batch],
+        [next_at for _, (_, next_at, _) in batch],
+        [error for _, (_, _, error) in batch],
+        now,
+        [r.tracking_id for r, _ in batch],  # the tracking id a send was given (Skycore's), if any
+        [of for of, _ in ups],
+        [d.destination for _, d in ups],
+        [d.route for _, d in ups],
+        [d.conversation for _, d in ups],
+        [d.ordered for _, d in ups],
+    )
+
+
 def _settings(url: str) -> dict[str, str]:
     """Name our sessions in pg_stat_activity, unless the URL does (`?application_name=...`;
     other query parameters such as `search_path` are server settings too)."""
@@ -398,8 +422,8 @@ class PostgresStore(Store):
     @asynccontextmanager
     async def _bookkeeping_tx(self) -> AsyncIterator[asyncpg.Connection]:
         """A connection of the bookkeeping pool in a transaction (verdicts that take several
-        statements: deaths, and those that add follow-up deliveries, such as a reply's feedback
-        in its thread); driver errors leave as StoreError."""
+        statements: a batch with a delivery's result in it twice); driver errors leave as
+        StoreError."""
         async with self._bookkeeping_conn() as conn, conn.transaction():
             yield conn
 
@@ -697,57 +721,27 @@ class PostgresStore(Store):
             log.info("deliveries of a claim whose answer was lost are due again", extra={"count": given})
 
     async def complete(self, results: list[AttemptResult]) -> list[AttemptResult]:
-        now = time.time()
-        attempts: list[tuple[Any, ...]] = []
-        finishes: list[tuple[AttemptResult, tuple[Any, ...]]] = []
-        deaths: list[tuple[AttemptResult, tuple[Any, ...]]] = []
-        for r in results:
-            status, next_at, error = verdict(r.decision, now)
-            attempts.append((r.claim.id, r.claim.attempt, r.started_at, r.outcome, r.status, r.reason, r.duration))
-            finish = (r.claim.id, r.claim.attempt, status, next_at, error, now, r.tracking_id)
-            (deaths if status == "dead" else finishes).append((r, finish))
+        """One statement (see `complete` in postgres.sql), its own transaction on the bookkeeping
+        pool (see BOOKKEEPING_POOL_SIZE): lost with a crash of the database, a verdict and its
+        follow-ups go together, and the attempt is made again. A delivery with several results
+        (recorded twice) takes a round of its own for each, in one transaction, deaths last."""
         if not results:
             return []
-        if not deaths and not any(r.follow_ups for r in results) and len({r.claim.id for r in results}) == len(results):
-            # the usual batch: one statement, its own transaction
-            columns = list(zip(*attempts, strict=True))
-            verdicts = list(zip(*(finish for _, finish in finishes), strict=True))
-            async with self._bookkeeping_conn() as conn:
-                await conn.execute(
-                    Q["complete_batch"],
-                    *(list(column) for column in columns),
-                    list(verdicts[2]),
-                    list(verdicts[3]),
-                    list(verdicts[4]),
-                    now,
-                    list(verdicts[6]),  # the tracking id a send was given (Skycore's), if any
-                )
-            return []
-        died = []
-        # bookkeeping as the usual batch (see BOOKKEEPING_POOL_SIZE): lost with a crash of the
-        # database, the verdict and its follow-ups go together, and the attempt is made again
-        async with self._bookkeeping_tx() as conn:
-            await conn.executemany(Q["record_attempt"], attempts)
-            together = [finish for r, finish in finishes if not r.follow_ups]
-            if together:
-                await conn.executemany(Q["finish"], together)
-            # one at a time, to see which applied: deaths, and verdicts with follow-ups, are few
-            for r, finish in [item for item in finishes if item[0].follow_ups] + deaths:
-                if not _updated(await conn.execute(Q["finish"], *finish)):
-                    continue
-                if finish[2] == "dead":
-                    died.append(r)
-                if r.follow_ups:
-                    ups = r.follow_ups
-                    await conn.execute(
-                        Q["insert_deliveries"],
-                        r.claim.event_id,
-                        [d.destination for d in ups],
-                        [d.route for d in ups],
-                        [d.conversation for d in ups],
-                        [d.ordered for d in ups],
-                        now,
-                    )
+        now = time.time()
+        rounds: list[list[tuple[AttemptResult, tuple[str, float, str | None]]]] = []
+        seen: dict[int, int] = {}
+        judged = [(r, verdict(r.decision, now)) for r in results]
+        for r, judgement in sorted(judged, key=lambda item: item[1][0] == "dead"):  # stable
+            n = seen[r.claim.id] = seen.get(r.claim.id, -1) + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append((r, judgement))
+        died: list[AttemptResult] = []
+        in_turn = self._bookkeeping_conn if len(rounds) == 1 else self._bookkeeping_tx
+        async with in_turn() as conn:
+            for batch in rounds:
+                dead = {row[0] for row in await conn.fetch(Q["complete"], *_complete_args(batch, now))}
+                died += [r for r, _ in batch if r.claim.id in dead]
         return died
 
     async def release(self, claims: list[Claim], *, owner: str) -> None:
@@ -784,6 +778,21 @@ class PostgresStore(Store):
     async def opted_out(self, texter: str, short_code: str) -> bool:
         async with self._read() as conn:
             return bool(await conn.fetchval(Q["opted_out"], texter, short_code))
+
+    async def thread_and_ledger(
+        self, destination: str, key: str, value: str, which: Callable[[str | None, str | None], tuple[str, str] | None]
+    ) -> tuple[tuple[str, str] | None, bool]:
+        """One statement (see `thread_and_ledger` in postgres.sql) where a reply took two or three."""
+        async with self._read() as conn:
+            kept, started, texter, short_code, stopped = await conn.fetchrow(
+                Q["thread_and_ledger"], destination, key, value
+            )
+        found = which(kept, started)
+        if found is None:
+            return None, False
+        if found != (texter, short_code):  # `which` made other parts of it: ask for those
+            return found, await self.opted_out(*found)
+        return found, bool(stopped)
 
     async def list_optouts(self, number: str | None = None, *, limit: int = 1000) -> list[OptOutRow]:
         where, params = ("", [limit]) if number is None else (" WHERE texter = $2 OR short_code = $2", [limit, number])

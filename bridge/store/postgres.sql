@@ -122,35 +122,36 @@ FROM due, events AS e
 WHERE d.id = due.id AND e.id = d.event_id
 RETURNING d.id, d.event_id, d.attempts, d.created_at, d.conversation, d.route, e.body
 
--- name: record_attempt
-INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (delivery_id, number) DO NOTHING
-
--- name: complete_batch
--- A batch of attempts and their verdicts in one statement (one round trip, one commit), when
--- none of the verdicts is 'dead' (deaths are counted: `finish` one at a time tells which
--- applied) and no delivery is in it twice (an UPDATE applies one of two source rows, not both in
--- turn). The same conditions as `finish`.
+-- name: complete
+-- Attempts and their verdicts in one statement (one round trip, one commit), with the follow-up
+-- deliveries of the verdicts that apply ($13: the delivery each follows up, in the order they are
+-- added; a data-modifying WITH runs whether or not the query reads it). Returns the deliveries
+-- this made dead, so each death is counted once. A verdict is idempotent, and safe when late: a
+-- verdict from an attempt whose lease ran out (the delivery has been claimed again since, so
+-- attempts moved on) is ignored, unless it is 'delivered': the peer has the event, so the newer
+-- attempt's verdict no longer matters. No delivery may be in it twice (an UPDATE applies one of
+-- two source rows, not both in turn): the caller makes one statement per round of those.
 WITH recorded AS (
     INSERT INTO attempts (delivery_id, number, at, outcome, status, error, duration)
     SELECT * FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::text[], $5::integer[], $6::text[], $7::float8[])
     ON CONFLICT (delivery_id, number) DO NOTHING
+), finished AS (
+    UPDATE deliveries AS d
+    SET status = f.status, next_at = f.next_at, leased_by = NULL, last_error = f.error, updated_at = $11,
+        tracking_id = coalesce(f.tracking_id, d.tracking_id)
+    FROM unnest($1::bigint[], $2::integer[], $8::text[], $9::float8[], $10::text[], $12::text[])
+        AS f (id, attempt, status, next_at, error, tracking_id)
+    WHERE d.id = f.id AND d.status = 'pending' AND (d.attempts = f.attempt OR f.status = 'delivered')
+    RETURNING d.id, d.event_id, f.status
+), followed AS (
+    INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at, next_at, updated_at)
+    SELECT finished.event_id, u.destination, u.route, u.conversation, u.ordered, 'pending', $11, $11, $11
+    FROM unnest($13::bigint[], $14::text[], $15::text[], $16::text[], $17::boolean[])
+        WITH ORDINALITY AS u (of, destination, route, conversation, ordered, n)
+    JOIN finished ON finished.id = u.of
+    ORDER BY u.n
 )
-UPDATE deliveries AS d
-SET status = f.status, next_at = f.next_at, leased_by = NULL, last_error = f.error, updated_at = $11,
-    tracking_id = coalesce(f.tracking_id, d.tracking_id)
-FROM unnest($1::bigint[], $2::integer[], $8::text[], $9::float8[], $10::text[], $12::text[])
-    AS f (id, attempt, status, next_at, error, tracking_id)
-WHERE d.id = f.id AND d.status = 'pending' AND (d.attempts = f.attempt OR f.status = 'delivered')
-
--- name: finish
--- Idempotent, and safe when late: a verdict from an attempt whose lease ran out (the delivery
--- has been claimed again since, so attempts moved on) is ignored, unless it is 'delivered':
--- the peer has the event, so the newer attempt's verdict no longer matters.
-UPDATE deliveries
-SET status = $3, next_at = $4, leased_by = NULL, last_error = $5, updated_at = $6, tracking_id = coalesce($7, tracking_id)
-WHERE id = $1 AND status = 'pending' AND (attempts = $2 OR $3 = 'delivered')
+SELECT id FROM finished WHERE status = 'dead'
 
 -- name: release
 -- Only while the claim is still ours (our lease, same attempt number): once our lease ran out
@@ -305,6 +306,27 @@ WHERE excluded.at > optouts.at OR (excluded.at = optouts.at AND excluded.opted_o
 
 -- name: opted_out
 SELECT opted_out FROM optouts WHERE texter = $1 AND short_code = $2
+
+-- name: thread_and_ledger
+-- A reply's lookups in one statement (Store.thread_and_ledger): the conversation state $2 of
+-- destination $1, or, when there is none, the conversation whose state is $3; and the ledger's
+-- word for the texter and short code that are the last two parts of whichever was found (the
+-- caller checks that they are the ones it makes of them).
+WITH kept AS (
+    SELECT value FROM conversations WHERE destination = $1 AND key = $2
+), started AS (
+    SELECT key FROM conversations
+    WHERE destination = $1 AND value = $3 AND NOT EXISTS (SELECT 1 FROM kept)
+    ORDER BY key LIMIT 1
+), found AS (
+    SELECT (SELECT value FROM kept) AS kept, (SELECT key FROM started) AS started
+), parts AS (
+    SELECT kept, started, reverse(split_part(reverse(coalesce(kept, started)), '|', 2)) AS texter,
+        reverse(split_part(reverse(coalesce(kept, started)), '|', 1)) AS short_code
+    FROM found
+)
+SELECT parts.kept, parts.started, parts.texter, parts.short_code, coalesce(o.opted_out, false)
+FROM parts LEFT JOIN optouts AS o ON o.texter = parts.texter AND o.short_code = parts.short_code
 
 -- name: conversation_of
 SELECT key FROM conversations WHERE destination = $1 AND value = $2 ORDER BY key LIMIT 1
