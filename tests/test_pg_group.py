@@ -87,6 +87,37 @@ async def test_a_burst_is_stored_in_a_few_transactions_and_each_postback_answere
         assert [r.event_id for r in sorted(rows, key=lambda r: r.id)] == [e["id"] for e in conv]
 
 
+async def test_a_batch_draws_no_delivery_id_before_it_holds_its_conversations_locks(pg_url):
+    """A conversation's delivery ids commit in id order across instances: a batch with an
+    ordered delivery waits, in its one statement, for the lock of that conversation before it
+    draws an id. Here another instance (an admin connection doing what ingest_batch does) holds
+    the lock, and draws its id only after our batch has started waiting: ours comes after it."""
+    async with opened(pg_url) as store:
+        theirs = make_event(1)
+        await store.ingest(theirs, dedup_key(theirs), [])
+        admin = await asyncpg.connect(pg_url)
+        try:
+            other = admin.transaction()
+            await other.start()
+            await admin.execute("SELECT pg_advisory_xact_lock($1)", postgres_store._key("slack", "one"))
+            ours = make_event(2)
+            waiting = asyncio.create_task(store.ingest(ours, dedup_key(ours), [NewDelivery("slack", "r", "one")]))
+            await asyncio.sleep(0.5)
+            assert not waiting.done(), "the batch went on while another held its conversation's lock"
+            their_id = await admin.fetchval(
+                "INSERT INTO deliveries (event_id, destination, route, conversation, ordered, status, created_at,"
+                " next_at, updated_at) VALUES ($1, 'slack', 'r', 'one', true, 'pending', 0, 0, 0) RETURNING id",
+                theirs["id"],
+            )
+            await other.commit()
+            assert await asyncio.wait_for(waiting, 10) == Ingested("accepted", ours["id"])
+        finally:
+            await admin.close()
+        rows = await store.list_deliveries(DeliveryFilter(destination="slack"))
+        assert [r.event_id for r in sorted(rows, key=lambda r: r.id)] == [theirs["id"], ours["id"]]
+        assert {r.event_id: r.id for r in rows}[theirs["id"]] == their_id
+
+
 async def test_the_text_index_is_merged_off_the_postbacks_path(pg_url, monkeypatch):
     """Migration 0004's trigram index takes new events in its pending list; the store merges the
     list every TEXT_INDEX_MERGE_EVERY seconds while events come, so that no postback's insert

@@ -554,9 +554,10 @@ class PostgresStore(Store):
         )
         if self._pool is None:
             raise StoreError("store is not open")
-        # Batches with ordered deliveries take their conversations' locks in the order they
-        # started, each once the one before has its own: a conversation's postbacks that came
-        # while a batch was in flight get delivery ids after that batch's, as they came.
+        # Batches with ordered deliveries take their conversations' locks (in their statement:
+        # see ingest_batch) in the order they started, each once the one before is done: a
+        # conversation's postbacks that came while a batch was in flight get delivery ids after
+        # that batch's, as they came.
         turn: asyncio.Future[None] | None = None
         if ordered:
             before, turn = self._lock_turn, asyncio.get_running_loop().create_future()
@@ -565,22 +566,15 @@ class PostgresStore(Store):
             if turn is not None and before is not None:
                 await asyncio.shield(before)
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                if turn is not None:
-                    # the conversations' locks first, held until the commit (see lock_conversations)
-                    async with conn.transaction():
-                        await conn.execute(Q["lock_conversations"], ordered)
-                        turn.set_result(None)
-                        new = await conn.fetch(Q["ingest_batch"], *args)
-                else:  # one statement: one round trip, its own transaction
-                    new = await conn.fetch(Q["ingest_batch"], *args)
+                new = await conn.fetch(Q["ingest_batch"], *args, ordered)  # one round trip, its own transaction
                 accepted = {row[0] for row in new if row[0] is not None}
                 taken = [i.dedup_key for i in batch if i.event_id not in accepted]
                 owners = dict(await conn.fetch(Q["events_by_dedup_key"], taken)) if taken else {}
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
         finally:
-            if turn is not None and not turn.done():
-                turn.set_result(None)  # failed before its locks: the next goes on
+            if turn is not None:
+                turn.set_result(None)
         results: list[Ingested | StoreError] = []
         for item in batch:
             if item.event_id in accepted:

@@ -1,15 +1,6 @@
 -- name: schema_lock
 SELECT pg_advisory_xact_lock(hashtextextended('postback-bridge schema', 0))
 
--- name: lock_conversations
--- Ingests that add deliveries to the same (destination, conversation) of an ordered destination
--- take turns, so within a conversation delivery ids are committed in id order. Without it, an
--- ingest that drew id 10 but committed after another that drew id 11 would let a claimer see 11
--- as the oldest pending delivery of its conversation and send it before 10. Keys are locked in sorted order so two
--- ingests never wait on each other in a cycle; a hash collision only makes two unrelated
--- conversations take turns. Released at commit.
-SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT unnest($1::bigint[]) AS k) AS keys ORDER BY k
-
 -- name: event_by_dedup_key
 SELECT id FROM events WHERE dedup_key = $1
 
@@ -17,19 +8,34 @@ SELECT id FROM events WHERE dedup_key = $1
 SELECT dedup_key, id FROM events WHERE dedup_key = ANY($1::text[])
 
 -- name: ingest_batch
--- Every postback of a group commit in one statement (one round trip, and one transaction of
--- its own unless the caller opened one to take conversation locks first): the events, each new
--- one's deliveries in the order the postbacks came (their ids are drawn in that order), and the
--- dropped ones. A dedup key that is taken, by a stored event or by an earlier postback of this
--- batch, skips its row (DO NOTHING); only the events RETURNED here are new, and only their
--- deliveries are inserted. Rows go in dedup key order, so two batches holding the same two keys
--- (the same postbacks at two instances at once) wait for each other in one order, not a cycle.
--- No NOTIFY here: see `notify`.
-WITH new AS (
+-- Every postback of a group commit in one statement (one round trip, one transaction of its
+-- own): the events, each new one's deliveries in the order the postbacks came (their ids are
+-- drawn in that order), and the dropped ones. A dedup key that is taken, by a stored event or by
+-- an earlier postback of this batch, skips its row (DO NOTHING); only the events RETURNED here
+-- are new, and only their deliveries are inserted. Rows go in dedup key order, so two batches
+-- holding the same two keys (the same postbacks at two instances at once) wait for each other in
+-- one order, not a cycle. No NOTIFY here: see `notify`.
+-- `locked` first ($19: the keys of the (destination, conversation) pairs of the batch's ordered
+-- deliveries): ingests that add deliveries to the same conversation of an ordered destination
+-- take turns, so within a conversation delivery ids are committed in id order. Without it, an
+-- ingest that drew id 10 but committed after another that drew id 11 would let a claimer see 11
+-- as the oldest pending delivery of its conversation and send it before 10. The events' insert
+-- reads `locked` (an InitPlan, run before its first row), and the deliveries' insert reads the
+-- events', so no id is drawn before every lock is held; they are held until the commit. Keys are
+-- locked in sorted order, so two ingests never wait on each other in a cycle; a hash collision
+-- only makes two unrelated conversations take turns. Nothing here reads what another ingest
+-- commits while we wait (ON CONFLICT sees it whatever the snapshot), so the statement's snapshot,
+-- taken before the wait, is no matter.
+WITH locked AS (
+    SELECT count(*) AS n FROM (
+        SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT unnest($19::bigint[]) AS k) AS keys ORDER BY k
+    ) AS taken
+), new AS (
     INSERT INTO events (id, dedup_key, type, received_at, body, sender, recipient, keyword, text)
     SELECT e.id, e.dedup_key, e.type, e.received_at, e.body, e.sender, e.recipient, e.keyword, e.text
     FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
         WITH ORDINALITY AS e (id, dedup_key, type, received_at, body, sender, recipient, keyword, text, n)
+    WHERE (SELECT n FROM locked) >= 0
     ORDER BY e.dedup_key, e.n
     ON CONFLICT (dedup_key) DO NOTHING
     RETURNING id
@@ -102,7 +108,7 @@ RETURNING d.id, d.event_id, d.attempts, d.created_at, d.conversation, d.route, e
 -- we hold (SKIP LOCKED) or, once we committed, finds its lease in the future on recheck. The
 -- lease row itself is the lock, across connections and instances, for as long as the attempt
 -- runs; an advisory lock would have to be held on one connection for the whole attempt. Ids
--- within a conversation commit in order (lock_conversations), so no later delivery can be seen
+-- within a conversation commit in order (the locks of ingest_batch), so no later delivery can be seen
 -- as the oldest before an earlier one is visible.
 WITH due AS (
     SELECT d.id FROM deliveries AS d
