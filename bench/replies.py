@@ -120,9 +120,10 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 assert len(threads) == TEXTERS, "the texters' threads were not made"
 
                 await asyncio.sleep(2)
-                idle0, idle_t0 = cpu_seconds(proc.pid), time.monotonic()
+                idle0, server_idle0, idle_t0 = cpu_seconds(proc.pid), server_cpu_seconds(), time.monotonic()
                 await asyncio.sleep(5)
                 idle = (cpu_seconds(proc.pid) - idle0) / (time.monotonic() - idle_t0)  # CPU s per s, idle
+                server_idle = (server_cpu_seconds() - server_idle0) / (time.monotonic() - idle_t0)
                 n = 0
                 # Postbacks alone (A) and with replies beside them (B), in turn on one bridge:
                 # A B A B ... A, after a first phase of postbacks that is not counted (the
@@ -136,13 +137,18 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 alone = [await alone_phase(proc.pid, port, args)]
                 rounds: list[dict[str, Any]] = []
                 for round_no in range(args.rounds):
-                    cpu = cpu_seconds(proc.pid)
+                    cpu, server = cpu_seconds(proc.pid), server_cpu_seconds()
                     beside, n = await with_replies(http, url, threads, args, n, slack)
                     cpu_beside = cpu_seconds(proc.pid) - cpu
+                    server_beside = server_cpu_seconds() - server
                     alone.append(await alone_phase(proc.pid, port, args))
                     before, after = alone[-2], alone[-1]
                     per_postback = (before["bridge_cpu_s"] + after["bridge_cpu_s"]) / max(1, before["ok"] + after["ok"])
                     postbacks_cpu = per_postback * beside["postbacks_beside_replies"]["ok"]
+                    server_per_postback = (before["server_cpu_s"] + after["server_cpu_s"]) / max(
+                        1, before["ok"] + after["ok"]
+                    )
+                    server_postbacks = server_per_postback * beside["postbacks_beside_replies"]["ok"]
                     rounds.append(
                         {
                             "round": round_no + 1,
@@ -161,18 +167,33 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                             )
                             if beside["replies"]
                             else None,
+                            # PostgreSQL's processes on this machine, the same way (None on SQLite)
+                            "server_cpu_ms_per_postback": round(server_per_postback * 1000, 3)
+                            if schema is not None
+                            else None,
+                            "server_cpu_ms_per_reply_beside": round(
+                                (server_beside - server_postbacks) / max(1, beside["replies"]) * 1000, 2
+                            )
+                            if beside["replies"] and schema is not None
+                            else None,
                         }
                     )
                 only: dict[str, Any] | None = None
                 if args.rate > 0:  # the replies alone, last: their latency and CPU with nothing beside
-                    cpu, t0 = cpu_seconds(proc.pid), time.monotonic()
+                    cpu, server, t0 = cpu_seconds(proc.pid), server_cpu_seconds(), time.monotonic()
                     only, n = await with_replies(http, url, threads, args, n, slack, postbacks=False)
                     cpu_only, wall_only = cpu_seconds(proc.pid) - cpu, time.monotonic() - t0
+                    server_only = server_cpu_seconds() - server
                     only.pop("postbacks_beside_replies")
                     only["bridge_cpu_s"] = round(cpu_only, 2)
                     # the phase's CPU less the idle bridge's, per reply
                     only["bridge_cpu_ms_per_reply"] = round(
                         (cpu_only - idle * wall_only) / max(1, only["replies"]) * 1000, 2
+                    )
+                    only["server_cpu_ms_per_reply"] = (
+                        round((server_only - server_idle * wall_only) / max(1, only["replies"]) * 1000, 2)
+                        if schema is not None
+                        else None
                     )
                 rss = rss_mb(proc.pid)
         finally:
@@ -276,10 +297,14 @@ def baseline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
 async def alone_phase(pid: int, port: int, args: argparse.Namespace) -> dict[str, Any]:
     """wrk's postbacks with nothing beside them, the bridge's CPU over the phase and its
     wind-down, and the same pause after it as a phase with replies has."""
-    cpu = cpu_seconds(pid)
+    cpu, server = cpu_seconds(pid), server_cpu_seconds()
     figures: dict[str, Any] = await asyncio.to_thread(wrk_postbacks, port, args)
     await asyncio.sleep(3)
-    return {**figures, "bridge_cpu_s": round(cpu_seconds(pid) - cpu, 2)}
+    return {
+        **figures,
+        "bridge_cpu_s": round(cpu_seconds(pid) - cpu, 2),
+        "server_cpu_s": round(server_cpu_seconds() - server, 2),
+    }
 
 
 def wrk_postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -291,6 +316,23 @@ def cpu_seconds(pid: int) -> float:
     """The process's CPU time so far, all threads, user + system (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds() -> float:
+    """The CPU time so far of this machine's PostgreSQL processes (those named `postgres`: the
+    server and its backends, the bridge's connections among them), user + system; 0 when there
+    are none (a server elsewhere). Other work on the same server counts too: run nothing beside."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name, _, rest = text.partition(" (")[2].rpartition(")")
+        if name == "postgres":
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float | None:
@@ -326,7 +368,12 @@ def summary(result: dict[str, Any]) -> str:
             f"Replies alone ({only['replies_per_s']:g}/s, {only['replies_sent_as_sms']} of {only['replies']} "
             f"sent as SMS): p50 / p99 / max {only['reply_p50_ms']} / {only['reply_p99_ms']} / "
             f"{only['reply_max_ms']} ms; "
-            f"the bridge's CPU {only['bridge_cpu_ms_per_reply']} ms per reply.",
+            f"the bridge's CPU {only['bridge_cpu_ms_per_reply']} ms per reply"
+            + (
+                f", PostgreSQL's {only['server_cpu_ms_per_reply']} ms."
+                if only.get("server_cpu_ms_per_reply") is not None
+                else "."
+            ),
             "",
         ]
     lines += [
@@ -352,6 +399,14 @@ def summary(result: dict[str, Any]) -> str:
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     calibration = result["settings"]["rate"] <= 0
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB.", ""]
+    server = [r for r in result["rounds"] if r.get("server_cpu_ms_per_postback") is not None]
+    if server:  # runs on PostgreSQL since it was kept
+        each = ", ".join(f"{r['server_cpu_ms_per_postback']} / {r['server_cpu_ms_per_reply_beside']}" for r in server)
+        lines += [
+            "PostgreSQL's CPU (this machine's `postgres` processes), ms per postback (A) / per reply "
+            f"beside (B), each round's: {each}.",
+            "",
+        ]
     lines += verdict(result["rounds"], calibration=calibration)
     return "\n".join(lines)
 

@@ -131,3 +131,7 @@ def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     assert "the fakes unpinned" in replies.summary(result)
     assert "750 of 750, 1 twice" in text  # a reply sent as SMS twice is shown, not counted as two
     assert "| postback p50 beside replies vs alone (each round's: 1.02) | 1.02x | <= 1.05x | yes |" in text
+    assert "PostgreSQL's CPU" not in text  # SQLite: no server to count
+    result["store"] = "postgresql"
+    result["rounds"] = [{**r, "server_cpu_ms_per_postback": 0.3, "server_cpu_ms_per_reply_beside": 1.9}]
+    assert "per postback (A) / per reply beside (B), each round's: 0.3 / 1.9." in replies.summary(result)
