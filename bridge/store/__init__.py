@@ -589,8 +589,8 @@ class Store(abc.ABC):
         """Record attempts and apply their decisions; a delivery no longer pending is left alone.
         Returns the results whose delivery this made dead: a late verdict that did not apply (a
         result recorded twice, an attempt whose lease ran out) is not one, so each death is
-        counted once. Dead verdicts apply after the others of the batch: a `delivered` one for
-        the same delivery (the peer has it) wins. A result's `follow_ups` are added, in the same
+        counted once. A delivery's dead verdicts apply after its others in the batch: a
+        `delivered` one for the same delivery (the peer has it) wins. A result's `follow_ups` are added, in the same
         transaction, only when its verdict applies. (On PostgreSQL all of it is bookkeeping: a
         crash of the server can lose a recorded death with its follow-ups, and the delivery is
         then attempted again, and may die, and be counted, again.)"""
@@ -630,7 +630,8 @@ class Store(abc.ABC):
         `destination` (or, when there is none, the conversation whose state is `value`), made
         into (texter, short code) by `which(state, conversation)` (pure: a store may call it on
         a thread of its own), and whether that texter opted out of that short code. A store
-        that can make them in one trip does (SQLite: one reader round); this one asks in turn."""
+        that can make them in one trip does (SQLite: one reader round; PostgreSQL: one statement);
+        this one asks in turn."""
         kept = await self.get_conversation(destination, key)
         found = which(kept, None if kept is not None else await self.conversation_of(destination, value))
         if found is None:

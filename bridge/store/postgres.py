@@ -567,14 +567,16 @@ class PostgresStore(Store):
                 await asyncio.shield(before)
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 new = await conn.fetch(Q["ingest_batch"], *args, ordered)  # one round trip, its own transaction
+                if turn is not None:
+                    turn.set_result(None)  # committed: the next batch may take its locks
                 accepted = {row[0] for row in new if row[0] is not None}
                 taken = [i.dedup_key for i in batch if i.event_id not in accepted]
                 owners = dict(await conn.fetch(Q["events_by_dedup_key"], taken)) if taken else {}
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
         finally:
-            if turn is not None:
-                turn.set_result(None)
+            if turn is not None and not turn.done():
+                turn.set_result(None)  # failed: the next goes on
         results: list[Ingested | StoreError] = []
         for item in batch:
             if item.event_id in accepted:

@@ -24,8 +24,8 @@ SELECT dedup_key, id FROM events WHERE dedup_key = ANY($1::text[])
 -- events', so no id is drawn before every lock is held; they are held until the commit. Keys are
 -- locked in sorted order, so two ingests never wait on each other in a cycle; a hash collision
 -- only makes two unrelated conversations take turns. Nothing here reads what another ingest
--- commits while we wait (ON CONFLICT sees it whatever the snapshot), so the statement's snapshot,
--- taken before the wait, is no matter.
+-- commits while we wait (under READ COMMITTED, the default, ON CONFLICT sees it whatever the
+-- snapshot), so the statement's snapshot, taken before the wait, is no matter.
 WITH locked AS (
     SELECT count(*) AS n FROM (
         SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT unnest($19::bigint[]) AS k) AS keys ORDER BY k
