@@ -12,7 +12,10 @@ replies alone. Each B is compared with the geometric mean of the A just before i
 just after it: the bridge answers a little slower as its store grows (over its first 100,000
 events or so), and a B compared with the A before it alone would count that growth against
 the replies. `--rate 0` sends no replies at all: a calibration, whose figures say what the
-comparison reads when nothing differs.
+comparison reads when nothing differs. `--rate 0 --burn MS` puts, in place of the replies, a
+process that only spins the CPU for MS milliseconds of each second (in 50 slices, anywhere on
+the machine, as PostgreSQL's processes run): what the same CPU as the replies' costs the
+postbacks when it does nothing else.
 
 The replies-alone phase gives the bridge's CPU per reply directly (its CPU over the phase, less
 what it spends idle, per reply); beside the postbacks it is estimated as the phase's CPU less
@@ -234,7 +237,9 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         print(json.dumps(result, indent=2))
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S+0000", time.gmtime())
-        kind = ("replies" if schema is None else "replies-pg") + ("-calibration" if args.rate <= 0 else "")
+        kind = ("replies" if schema is None else "replies-pg") + (
+            "" if args.rate > 0 else f"-burn{args.burn:g}" if args.burn else "-calibration"
+        )
         (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"latest-{kind}.md").write_text(summary(result) + "\n")
         print(summary(result))
@@ -254,6 +259,7 @@ async def with_replies(
     postbacks' figures, and the replies' send times (matched to the fake Skycore's requests
     afterwards)."""
     port = int(url.rsplit(":", 1)[1])
+    burner = spin(args.burn, args.seconds) if postbacks and args.burn else None
     load = asyncio.create_task(asyncio.to_thread(wrk_postbacks, port, args)) if postbacks else None
     sent_at: dict[str, float] = {}
     statuses: list[int] = []
@@ -276,6 +282,9 @@ async def with_replies(
         n += 1
         await asyncio.sleep(max(0.0, min(start + (n - first) * interval, start + args.seconds) - time.monotonic()))
     offered = await load if load is not None else None
+    burnt = await asyncio.to_thread(os.wait4, burner.pid, 0) if burner is not None else None
+    if burner is not None and burnt is not None:
+        burner.returncode = os.waitstatus_to_exitcode(burnt[1])  # reaped here, for its CPU time
     await asyncio.gather(*posting)
     await asyncio.sleep(3)  # the last replies' SMS (and, as after every phase, the archive's backlog)
     entry = {
@@ -283,9 +292,30 @@ async def with_replies(
         "replies": n - first,
         "replies_per_s": round((n - first) / args.seconds, 1),
         "events_not_200": sum(1 for s in statuses if s != 200),
+        # the spinning process's CPU per second of the phase, as measured (--burn)
+        "burn_cpu_ms_per_s": round((burnt[2].ru_utime + burnt[2].ru_stime) / args.seconds * 1000, 1)
+        if burnt is not None
+        else None,
         "_sent_at": sent_at,
     }
     return entry, n
+
+
+SPIN = """
+import os, sys, time
+os.sched_setaffinity(0, range(os.cpu_count()))  # anywhere: the bench itself is on CPU 1
+slice_, end = float(sys.argv[1]) / 50 / 1000, time.monotonic() + float(sys.argv[2])
+while (now := time.monotonic()) < end:
+    until = now + slice_
+    while time.monotonic() < until:
+        pass
+    time.sleep(max(0.0, 0.02 - slice_))
+"""
+
+
+def spin(ms_per_s: float, seconds: float) -> subprocess.Popen[bytes]:
+    """A process that spins the CPU `ms_per_s` of each second for `seconds` (see --burn)."""
+    return subprocess.Popen([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds)])
 
 
 def baseline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -355,7 +385,14 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
         f"the bridge on CPU 0, wrk on CPU 1, {fakes}. {settings['rate']:g} replies/s"
-        + (" (none: a calibration, each B phase is postbacks alone too)" if settings["rate"] <= 0 else "")
+        + (
+            f" (none: each B phase has a process beside the postbacks that spins the CPU {settings['burn']:g} ms "
+            "of each second instead)"
+            if settings["rate"] <= 0 and settings.get("burn")
+            else " (none: a calibration, each B phase is postbacks alone too)"
+            if settings["rate"] <= 0
+            else ""
+        )
         + f", wrk {settings['postbacks_connections']} connections each pausing {settings['postbacks_pause_ms']:g} ms, "
         f"{settings['seconds']:g} s per phase. After a warm-up, phases A (postbacks alone) and B (with the "
         "replies beside them) alternate, A B A ... B A; each B is compared with the geometric mean of the A "
@@ -399,6 +436,9 @@ def summary(result: dict[str, Any]) -> str:
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     calibration = result["settings"]["rate"] <= 0
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB.", ""]
+    burnt = [r["burn_cpu_ms_per_s"] for r in result["rounds"] if r.get("burn_cpu_ms_per_s") is not None]
+    if burnt:
+        lines += [f"The spinning process's CPU, ms per second of each B phase: {', '.join(map(str, burnt))}.", ""]
     server = [r for r in result["rounds"] if r.get("server_cpu_ms_per_postback") is not None]
     if server:  # runs on PostgreSQL since it was kept
         each = ", ".join(f"{r['server_cpu_ms_per_postback']} / {r['server_cpu_ms_per_reply_beside']}" for r in server)
@@ -463,6 +503,8 @@ def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
     calibration = all(result["settings"]["rate"] <= 0 for result in results)
     if not calibration and any(result["settings"]["rate"] <= 0 for result in results):
         raise SystemExit("calibrations and runs with replies are not pooled together")
+    if len({result["settings"].get("burn", 0) for result in results}) > 1:
+        raise SystemExit("runs with different --burn are not pooled together")
     rng = random.Random(19)
 
     def interval(values: list[float]) -> str:
@@ -489,6 +531,14 @@ if __name__ == "__main__":
     parser.add_argument(
         "--rate", type=float, default=50, help="replies per second (0: none, a calibration of the comparison)"
     )
+    parser.add_argument(
+        "--burn",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="with --rate 0: in each B phase, a process that spins the CPU this many ms of each second, in 50 "
+        "slices, on any CPU (what as much CPU as the replies take costs the postbacks, with nothing else)",
+    )
     parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(
         "--postbacks-pause-ms", type=float, default=15, help="each of wrk's connections waits this long, each time"
@@ -513,4 +563,6 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if parsed.rounds < 1 or parsed.seconds <= 0 or parsed.rate < 0:
         parser.error("--rounds must be at least 1, --seconds more than 0, --rate 0 or more")
+    if parsed.burn and (parsed.rate > 0 or not 0 < parsed.burn < 1000):
+        parser.error("--burn takes --rate 0 and 0 < MS < 1000")
     asyncio.run(main(parsed))
