@@ -171,6 +171,49 @@ async def test_one_bad_row_fails_only_its_own_postback(pg_url):
         assert stored == {e["id"] for n, e in enumerate(events) if n != 17}
 
 
+async def test_stored_one_by_one_a_conversation_waits_only_for_its_own(pg_url):
+    """After a failed batch, its postbacks go one by one, each in a statement of its own: one
+    whose conversation's lock is held elsewhere waits for it; those of other conversations do
+    not wait behind it, and a later one of the same conversation comes after it."""
+    async with opened(pg_url) as store:
+        first, second = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+        try:
+            holding = [first.transaction(), second.transaction()]
+            for conn, held, talk in zip((first, second), holding, ("zero", "one"), strict=True):
+                await held.start()
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", postgres_store._key("slack", talk))
+            # a batch in flight (waiting for "zero"), so that the next five go in one batch
+            zero = make_event(0)
+            waiting = asyncio.create_task(store.ingest(zero, dedup_key(zero), [NewDelivery("slack", "r", "zero")]))
+            await asyncio.sleep(0.2)
+            events = [make_event(n) for n in range(1, 6)]
+            keys = [dedup_key(e) for e in events]
+            keys[0] = "tx\x00NUL"  # refused before any lock is taken: the batch fails at once
+            talks = ["two", "two", "one", "three", "one"]
+            ingests = [
+                asyncio.create_task(store.ingest(e, k, [NewDelivery("slack", "r", talk)]))
+                for e, k, talk in zip(events, keys, talks, strict=True)
+            ]
+            await asyncio.sleep(0.2)
+            await holding[0].commit()
+            assert await asyncio.wait_for(waiting, 10) == Ingested("accepted", zero["id"])
+            await eventually(lambda: ingests[3].done(), timeout=10)  # "three", after "one": not behind it
+            assert store.batches_failed == 1
+            assert not ingests[2].done() and not ingests[4].done()  # "one" waits for its lock
+            await holding[1].commit()
+            results = await asyncio.wait_for(asyncio.gather(*ingests, return_exceptions=True), 10)
+        finally:
+            await first.close()
+            await second.close()
+        assert isinstance(results[0], StoreError)
+        assert results[1:] == [Ingested("accepted", e["id"]) for e in events[1:]]
+        rows = sorted(await store.list_deliveries(DeliveryFilter(destination="slack", limit=10)), key=lambda r: r.id)
+        assert [r.event_id for r in rows if r.event_id in {events[2]["id"], events[4]["id"]}] == [
+            events[2]["id"],
+            events[4]["id"],
+        ]
+
+
 # ---------------------------------------------------------------------------- wake-up across instances
 
 

@@ -286,7 +286,8 @@ class PostgresStore(Store):
         self._opening: asyncpg.Pool | None = None  # connected, its schema being set up by `open`
         self._queue: list[_Postback] = []
         self._batches: set[asyncio.Task[None]] = set()
-        self._lock_turn: asyncio.Future[None] | None = None  # see _store
+        # per conversation lock key, the turn of the last batch that takes it (see _store)
+        self._lock_turns: dict[int, asyncio.Future[None]] = {}
         self.batches_failed = 0  # batches tried again one postback at a time (tests, logs)
         self._channel = ""
         self._listeners: list[Listener] = []
@@ -555,16 +556,19 @@ class PostgresStore(Store):
         if self._pool is None:
             raise StoreError("store is not open")
         # Batches with ordered deliveries take their conversations' locks (in their statement:
-        # see ingest_batch) in the order they started, each once the one before is done: a
-        # conversation's postbacks that came while a batch was in flight get delivery ids after
-        # that batch's, as they came.
+        # see ingest_batch) in the order they started, each once the batches before it that
+        # share one of its conversations are done: a conversation's postbacks that came while a
+        # batch was in flight get delivery ids after that batch's, as they came. Batches of other
+        # conversations do not wait (postbacks stored one by one after a failed batch go at once).
         turn: asyncio.Future[None] | None = None
+        before: set[asyncio.Future[None]] = set()
         if ordered:
-            before, turn = self._lock_turn, asyncio.get_running_loop().create_future()
-            self._lock_turn = turn
+            turn = asyncio.get_running_loop().create_future()
+            before = {self._lock_turns[k] for k in ordered if k in self._lock_turns}
+            self._lock_turns.update(dict.fromkeys(ordered, turn))
         try:
-            if turn is not None and before is not None:
-                await asyncio.shield(before)
+            if before:
+                await asyncio.shield(asyncio.gather(*before))
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 new = await conn.fetch(Q["ingest_batch"], *args, ordered)  # one round trip, its own transaction
                 if turn is not None:
@@ -575,8 +579,12 @@ class PostgresStore(Store):
         except DRIVER_ERRORS as exc:
             raise StoreError(f"PostgreSQL: {type(exc).__name__}: {exc}") from exc
         finally:
-            if turn is not None and not turn.done():
-                turn.set_result(None)  # failed: the next goes on
+            if turn is not None:
+                if not turn.done():
+                    turn.set_result(None)  # failed: the next goes on
+                for k in ordered:
+                    if self._lock_turns.get(k) is turn:  # no batch after it took this key
+                        del self._lock_turns[k]
         results: list[Ingested | StoreError] = []
         for item in batch:
             if item.event_id in accepted:
