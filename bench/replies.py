@@ -238,7 +238,11 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S+0000", time.gmtime())
         kind = ("replies" if schema is None else "replies-pg") + (
-            "" if args.rate > 0 else f"-burn{args.burn:g}" if args.burn else "-calibration"
+            ""
+            if args.rate > 0
+            else f"-burn{args.burn:g}" + ("" if args.burn_on == "any" else f"-on{args.burn_on.replace(',', '+')}")
+            if args.burn
+            else "-calibration"
         )
         (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"latest-{kind}.md").write_text(summary(result) + "\n")
@@ -259,7 +263,8 @@ async def with_replies(
     postbacks' figures, and the replies' send times (matched to the fake Skycore's requests
     afterwards)."""
     port = int(url.rsplit(":", 1)[1])
-    burner = spin(args.burn, args.seconds) if postbacks and args.burn else None
+    fakes_cpu = time.process_time()  # this process: the fakes, the replies' sender (and wrk's waiting thread)
+    burner = spin(args.burn, args.seconds, args.burn_on) if postbacks and args.burn else None
     load = asyncio.create_task(asyncio.to_thread(wrk_postbacks, port, args)) if postbacks else None
     sent_at: dict[str, float] = {}
     statuses: list[int] = []
@@ -292,6 +297,9 @@ async def with_replies(
         "replies": n - first,
         "replies_per_s": round((n - first) / args.seconds, 1),
         "events_not_200": sum(1 for s in statuses if s != 200),
+        # what Slack's and Skycore's side of the replies cost here, on CPU 1 (not on the bridge's
+        # machine in a deployment, but beside wrk and, on PostgreSQL, the server's processes here)
+        "fakes_cpu_s": round(time.process_time() - fakes_cpu, 2),
         # the spinning process's CPU per second of the phase, as measured (--burn)
         "burn_cpu_ms_per_s": round((burnt[2].ru_utime + burnt[2].ru_stime) / args.seconds * 1000, 1)
         if burnt is not None
@@ -303,7 +311,8 @@ async def with_replies(
 
 SPIN = """
 import os, sys, time
-os.sched_setaffinity(0, range(os.cpu_count()))  # anywhere: the bench itself is on CPU 1
+cpus = [int(c) for c in sys.argv[3].split(",")] if sys.argv[3] != "any" else range(os.cpu_count())
+os.sched_setaffinity(0, cpus)  # by default anywhere: the bench itself is on CPU 1
 slice_, end = float(sys.argv[1]) / 50 / 1000, time.monotonic() + float(sys.argv[2])
 while (now := time.monotonic()) < end:
     until = now + slice_
@@ -313,9 +322,10 @@ while (now := time.monotonic()) < end:
 """
 
 
-def spin(ms_per_s: float, seconds: float) -> subprocess.Popen[bytes]:
-    """A process that spins the CPU `ms_per_s` of each second for `seconds` (see --burn)."""
-    return subprocess.Popen([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds)])
+def spin(ms_per_s: float, seconds: float, cpus: str = "any") -> subprocess.Popen[bytes]:
+    """A process that spins the CPU `ms_per_s` of each second for `seconds` on `cpus` ("0,1",
+    or "any"; see --burn)."""
+    return subprocess.Popen([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds), cpus])
 
 
 def baseline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -379,6 +389,8 @@ def summary(result: dict[str, Any]) -> str:
     settings = result["settings"]
     cpus = result["machine"].get("fakes_cpus")  # not kept by runs before it was
     fakes = "the fakes unpinned" if not cpus or len(cpus) > 1 else f"the fakes on CPU {cpus[0]}"
+    burn_on = settings.get("burn_on", "any")  # not kept by runs before it was
+    where = "any CPU" if burn_on == "any" else f"CPU {burn_on}"
     lines = [
         f"# Replies beside postbacks ({result['when']}, {result['store']})",
         "",
@@ -387,7 +399,7 @@ def summary(result: dict[str, Any]) -> str:
         f"the bridge on CPU 0, wrk on CPU 1, {fakes}. {settings['rate']:g} replies/s"
         + (
             f" (none: each B phase has a process beside the postbacks that spins the CPU {settings['burn']:g} ms "
-            "of each second instead)"
+            f"of each second instead, on {where})"
             if settings["rate"] <= 0 and settings.get("burn")
             else " (none: a calibration, each B phase is postbacks alone too)"
             if settings["rate"] <= 0
@@ -439,6 +451,10 @@ def summary(result: dict[str, Any]) -> str:
     burnt = [r["burn_cpu_ms_per_s"] for r in result["rounds"] if r.get("burn_cpu_ms_per_s") is not None]
     if burnt:
         lines += [f"The spinning process's CPU, ms per second of each B phase: {', '.join(map(str, burnt))}.", ""]
+    faked = [r for r in result["rounds"] if r.get("fakes_cpu_s") is not None and r["replies"]]
+    if faked:  # runs since it was kept
+        each = ", ".join(f"{r['fakes_cpu_s'] / r['replies'] * 1000:.2f}" for r in faked)
+        lines += [f"The fakes' CPU (Slack's and Skycore's side, on CPU 1), ms per reply, each round's: {each}.", ""]
     server = [r for r in result["rounds"] if r.get("server_cpu_ms_per_postback") is not None]
     if server:  # runs on PostgreSQL since it was kept
         each = ", ".join(f"{r['server_cpu_ms_per_postback']} / {r['server_cpu_ms_per_reply_beside']}" for r in server)
@@ -538,6 +554,12 @@ if __name__ == "__main__":
         metavar="MS",
         help="with --rate 0: in each B phase, a process that spins the CPU this many ms of each second, in 50 "
         "slices, on any CPU (what as much CPU as the replies take costs the postbacks, with nothing else)",
+    )
+    parser.add_argument(
+        "--burn-on",
+        default="any",
+        metavar="CPUS",
+        help="the spinning process's CPUs: any (the default), or a list such as 0 or 0,1",
     )
     parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(
