@@ -106,21 +106,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         try:
             await asyncio.to_thread(wait_listening, port, proc)
             async with aiohttp.ClientSession() as http:
-                for n in range(TEXTERS):  # one thread per texter
-                    body = (
-                        f"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>1555100{n:04d}</FROM><TO>60856</TO>"
-                        f"<TEXT>hi</TEXT><TRANSACTIONID>bench-thread-{n}</TRANSACTIONID></POSTBACK>"
-                    )
-                    async with http.post(url + "/postback", data=body) as response:
-                        assert response.status == 200
-                threads: list[str] = []
-                deadline = time.monotonic() + 30
-                while len(threads) < TEXTERS and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                    async with http.get(url + "/admin/deliveries?destination=inbox&status=delivered") as response:
-                        if len((await response.json())["deliveries"]) >= TEXTERS:
-                            threads = [c.ts for c in slack.posted() if c.ts and "thread_ts" not in c.body]
-                assert len(threads) == TEXTERS, "the texters' threads were not made"
+                threads = await texters_threads(http, url, slack, TEXTERS)
 
                 await asyncio.sleep(2)
                 idle0, server_idle0, idle_t0 = cpu_seconds(proc.pid), server_cpu_seconds(), time.monotonic()
@@ -326,6 +312,27 @@ def spin(ms_per_s: float, seconds: float, cpus: str = "any") -> subprocess.Popen
     """A process that spins the CPU `ms_per_s` of each second for `seconds` on `cpus` ("0,1",
     or "any"; see --burn)."""
     return subprocess.Popen([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds), cpus])
+
+
+async def texters_threads(http: aiohttp.ClientSession, url: str, slack: Any, texters: int) -> list[str]:
+    """A texter's text to short code 60856 (routed to the Slack destination `inbox`) for each of
+    `texters`: the ts of each thread the bridge starts, once all of them are delivered."""
+    for n in range(texters):
+        body = (
+            f"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>1555100{n:04d}</FROM><TO>60856</TO>"
+            f"<TEXT>hi</TEXT><TRANSACTIONID>bench-thread-{n}</TRANSACTIONID></POSTBACK>"
+        )
+        async with http.post(url + "/postback", data=body) as response:
+            assert response.status == 200
+    threads: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(threads) < texters and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        async with http.get(url + "/admin/deliveries?destination=inbox&status=delivered") as response:
+            if len((await response.json())["deliveries"]) >= texters:
+                threads = [c.ts for c in slack.posted() if c.ts and "thread_ts" not in c.body]
+    assert len(threads) == texters, "the texters' threads were not made"
+    return threads
 
 
 def baseline(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:

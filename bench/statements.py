@@ -32,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # bench/scaleout.py imports `run`
+from bench.replies import texters_threads  # noqa: E402
 from bench.run import RESULTS, free_port, wait_listening  # noqa: E402
 from bench.scaleout import _schema, with_query  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
@@ -111,19 +112,7 @@ async def run(args: argparse.Namespace, schema: str) -> None:
         try:
             await asyncio.to_thread(wait_listening, port, proc)
             async with aiohttp.ClientSession() as http:
-                for n in range(TEXTERS):  # one thread per texter
-                    body = (
-                        f"<POSTBACK><ORIGIN>SMS_MO</ORIGIN><CODE>N211</CODE><FROM>1555100{n:04d}</FROM><TO>60856</TO>"
-                        f"<TEXT>hi</TEXT><TRANSACTIONID>statements-{n}</TRANSACTIONID></POSTBACK>"
-                    )
-                    async with http.post(url + "/postback", data=body) as response:
-                        assert response.status == 200
-                deadline = time.monotonic() + 30
-                threads: list[str] = []
-                while len(threads) < TEXTERS and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                    threads = [c.ts for c in slack.posted() if c.ts and "thread_ts" not in c.body]
-                assert len(threads) == TEXTERS, "the texters' threads were not made"
+                threads = await texters_threads(http, url, slack, TEXTERS)
 
                 async def snapshot() -> dict[str, int]:
                     proc.send_signal(signal.SIGUSR2)
