@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import RESULTS, free_port, wait_listening, wrk  # noqa: E402
 from bench.scaleout import _schema, with_query  # noqa: E402
+from bench.scaleout import cpu_seconds as process_cpu_seconds  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
 
@@ -369,17 +371,12 @@ def server_cpu_seconds() -> float:
     """The CPU time so far of this machine's PostgreSQL processes (those named `postgres`: the
     server and its backends, the bridge's connections among them), user + system; 0 when there
     are none (a server elsewhere). Other work on the same server counts too: run nothing beside."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        name, _, rest = text.partition(" (")[2].rpartition(")")
-        if name == "postgres":
-            fields = rest.split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if comm.read_text().strip() == "postgres":
+                pids.append(int(comm.parent.name))
+    return sum(process_cpu_seconds(pid) for pid in pids)  # 0 for one gone since
 
 
 def rss_mb(pid: int) -> float | None:
