@@ -52,9 +52,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import RESULTS, free_port, wait_listening, wrk  # noqa: E402
+from bench.run import RESULTS, at_normal_priority, free_port, wait_listening, wrk  # noqa: E402
 from bench.scaleout import _schema, with_query  # noqa: E402
-from bench.scaleout import cpu_seconds as process_cpu_seconds  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
 
@@ -69,6 +68,11 @@ def pct(values: list[float], q: float) -> float:
 async def main(args: argparse.Namespace) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {1})  # off the bridge's CPU 0, as wrk
+    if args.fakes_idle:
+        # Slack's and Skycore's side (and the replies' sender) take only CPU that nothing else
+        # wants, as if they ran elsewhere; the bridge, wrk and the spinner are started at the
+        # normal priority (at_normal_priority), and PostgreSQL's processes are not ours
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     schema = None
     if args.store != "sqlite":
         schema = f"bench_replies_{uuid.uuid4().hex[:8]}"
@@ -103,7 +107,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         if shutil.which("taskset"):
             argv = ["taskset", "-c", "0", *argv]  # as bench/run.py: the bridge on CPU 0, wrk on CPU 1
         load_before = os.getloadavg()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log)
+        proc = subprocess.Popen(at_normal_priority(argv), cwd=ROOT, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         try:
             await asyncio.to_thread(wait_listening, port, proc)
@@ -213,6 +217,8 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 "load_after": os.getloadavg(),
                 # where this process (the fakes, the replies' sender) ran: CPU 1 since e6e352e
                 "fakes_cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                # their scheduling priority: "idle" with --fakes-idle (since 2026-12-06, 06:00)
+                "fakes_priority": "idle" if args.fakes_idle else "normal",
             },
             "settings": vars(args),
             "store": "sqlite" if schema is None else "postgresql",
@@ -225,12 +231,16 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         print(json.dumps(result, indent=2))
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S+0000", time.gmtime())
-        kind = ("replies" if schema is None else "replies-pg") + (
-            ""
-            if args.rate > 0
-            else f"-burn{args.burn:g}" + ("" if args.burn_on == "any" else f"-on{args.burn_on.replace(',', '+')}")
-            if args.burn
-            else "-calibration"
+        kind = (
+            ("replies" if schema is None else "replies-pg")
+            + (
+                ""
+                if args.rate > 0
+                else f"-burn{args.burn:g}" + ("" if args.burn_on == "any" else f"-on{args.burn_on.replace(',', '+')}")
+                if args.burn
+                else "-calibration"
+            )
+            + ("-fakes-idle" if args.fakes_idle else "")
         )
         (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"latest-{kind}.md").write_text(summary(result) + "\n")
@@ -313,7 +323,7 @@ while (now := time.monotonic()) < end:
 def spin(ms_per_s: float, seconds: float, cpus: str = "any") -> subprocess.Popen[bytes]:
     """A process that spins the CPU `ms_per_s` of each second for `seconds` on `cpus` ("0,1",
     or "any"; see --burn)."""
-    return subprocess.Popen([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds), cpus])
+    return subprocess.Popen(at_normal_priority([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds), cpus]))
 
 
 async def texters_threads(http: aiohttp.ClientSession, url: str, slack: Any, texters: int) -> list[str]:
@@ -369,14 +379,22 @@ def cpu_seconds(pid: int) -> float:
 
 def server_cpu_seconds() -> float:
     """The CPU time so far of this machine's PostgreSQL processes (those named `postgres`: the
-    server and its backends, the bridge's connections among them), user + system; 0 when there
-    are none (a server elsewhere). Other work on the same server counts too: run nothing beside."""
-    pids = []
+    server and its backends, the bridge's connections among them), user + system, and of those
+    that ended meanwhile (the postmaster's reaped children: a pool closes idle connections, and
+    a sum over the live ones alone would drop their time and could go down); 0 when there are
+    none (a server elsewhere). Other work on the same server counts too: run nothing beside."""
+    stats: dict[int, list[str]] = {}
     for comm in Path("/proc").glob("[0-9]*/comm"):
         with contextlib.suppress(OSError):  # gone meanwhile
             if comm.read_text().strip() == "postgres":
-                pids.append(int(comm.parent.name))
-    return sum(process_cpu_seconds(pid) for pid in pids)  # 0 for one gone since
+                stats[int(comm.parent.name)] = (comm.parent / "stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for fields in stats.values():
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if int(fields[1]) not in stats:  # the postmaster (its parent is not one of them)
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime: its children that ended
+    return total / tick
 
 
 def rss_mb(pid: int) -> float | None:
@@ -393,6 +411,8 @@ def summary(result: dict[str, Any]) -> str:
     settings = result["settings"]
     cpus = result["machine"].get("fakes_cpus")  # not kept by runs before it was
     fakes = "the fakes unpinned" if not cpus or len(cpus) > 1 else f"the fakes on CPU {cpus[0]}"
+    if result["machine"].get("fakes_priority") == "idle":  # not kept by runs before it was: normal
+        fakes += " at idle priority (SCHED_IDLE: only CPU that nothing else wants)"
     burn_on = settings.get("burn_on", "any")  # not kept by runs before it was
     where = "any CPU" if burn_on == "any" else f"CPU {burn_on}"
     lines = [
@@ -525,6 +545,8 @@ def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
         raise SystemExit("calibrations and runs with replies are not pooled together")
     if len({result["settings"].get("burn", 0) for result in results}) > 1:
         raise SystemExit("runs with different --burn are not pooled together")
+    if len({result.get("machine", {}).get("fakes_priority", "normal") for result in results}) > 1:
+        raise SystemExit("runs with the fakes at idle priority and at the normal one are not pooled together")
     rng = random.Random(19)
 
     def interval(values: list[float]) -> str:
@@ -564,6 +586,13 @@ if __name__ == "__main__":
         default="any",
         metavar="CPUS",
         help="the spinning process's CPUs: any (the default), or a list such as 0 or 0,1",
+    )
+    parser.add_argument(
+        "--fakes-idle",
+        action="store_true",
+        help="run this process (the fakes for Slack and Skycore, and the replies' sender) at idle priority "
+        "(SCHED_IDLE), so their CPU, which a deployment does not have on its machine, is taken only when the "
+        "bridge, PostgreSQL and wrk leave a core idle; the bridge, wrk and --burn's spinner stay at the normal one",
     )
     parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(

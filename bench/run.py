@@ -48,6 +48,15 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise SystemExit(f"nothing listening on {port}")
 
 
+def at_normal_priority(argv: list[str]) -> list[str]:
+    """`argv` to run at the normal scheduling priority even when the calling thread runs at idle
+    priority (bench/replies.py --fakes-idle), which a child would otherwise inherit."""
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is not None and os.sched_getscheduler(0) == idle:
+        return ["chrt", "--other", "0", *argv]
+    return argv
+
+
 @contextlib.contextmanager
 def process(argv: list[str], cpu: int, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     pinned = ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") else argv
@@ -74,7 +83,7 @@ def wrk(
     ]  # fmt: skip
     if shutil.which("taskset"):
         argv = ["taskset", "-c", "1", *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(at_normal_priority(argv), capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("BENCH_JSON "))
     raw = json.loads(line.removeprefix("BENCH_JSON "))
     seconds_run = raw["duration_us"] / 1e6

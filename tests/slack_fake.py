@@ -77,6 +77,9 @@ class FakeSlack:
     threads: dict[str, set[str]] = field(default_factory=dict)  # channel id -> top-level ts
     messages: dict[str, set[str]] = field(default_factory=dict)  # channel id -> every ts it knows
     reactions: list[tuple[str, str, str]] = field(default_factory=list)  # (channel id, ts, name)
+    # the same, to look up: bench/replies.py adds thousands, and a scan of the list per call made
+    # the fake slower as a run went on
+    _reacted: set[tuple[str, str, str]] = field(default_factory=set)
     channel_ids: dict[str, str] = field(default_factory=dict)  # name -> id
     # Socket Mode: the sockets apps opened (apps.connections.open, then the websocket) and the
     # envelope ids they acked
@@ -220,12 +223,13 @@ class FakeSlack:
             error = "message_not_found"
         if error is None and not name:
             error = "invalid_name"
-        if error is None and (channel_id, ts, name) in self.reactions:
+        if error is None and (channel_id, ts, name) in self._reacted:
             error = "already_reacted"
         if error is not None:
             return web.json_response({"ok": False, "error": error})
         call.ok = True
         self.reactions.append((channel_id, ts, name))
+        self._reacted.add((channel_id, ts, name))
         if cut is not None:
             return await self._cut_off(request, {"ok": True}, chunked=cut == "cut_off_chunked")
         return web.json_response({"ok": True}, status=status)

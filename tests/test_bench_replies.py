@@ -100,6 +100,17 @@ def test_calibrations_and_runs_with_replies_are_not_pooled_together(tmp_path: Pa
         replies.pooled(files)
 
 
+def test_runs_with_the_fakes_at_idle_priority_are_pooled_only_with_their_like(tmp_path: Path):
+    idle = [result_file(tmp_path / f"idle{n}.json", 50, [1.0]) for n in range(2)]
+    for path in idle:
+        result = json.loads(Path(path).read_text())
+        Path(path).write_text(json.dumps({**result, "machine": {"fakes_priority": "idle"}}))
+    assert replies.pooled(idle)[0].startswith("2 rounds of 2 runs")
+    normal = result_file(tmp_path / "normal.json", 50, [1.0])  # kept before the priority was: normal
+    with pytest.raises(SystemExit, match="idle priority and at the normal one are not pooled together"):
+        replies.pooled([*idle, normal])
+
+
 def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     a = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}
     r = {
@@ -129,6 +140,9 @@ def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     assert "A B A ... B A" in text and "geometric mean" in text and "the fakes on CPU 1" in text
     del result["machine"]["fakes_cpus"]  # a run from before it was kept: not said to be pinned
     assert "the fakes unpinned" in replies.summary(result)
+    assert "idle priority" not in text
+    result["machine"]["fakes_priority"] = "idle"
+    assert "at idle priority (SCHED_IDLE" in replies.summary(result)
     assert "750 of 750, 1 twice" in text  # a reply sent as SMS twice is shown, not counted as two
     assert "| postback p50 beside replies vs alone (each round's: 1.02) | 1.02x | <= 1.05x | yes |" in text
     assert "PostgreSQL's CPU" not in text  # SQLite: no server to count
