@@ -104,8 +104,8 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         log = (work / "bridge.log").open("wb")
         argv = [sys.executable, "-m", "bridge", "serve", "-c", str(work / "config.yaml")]
-        if shutil.which("taskset"):
-            argv = ["taskset", "-c", "0", *argv]  # as bench/run.py: the bridge on CPU 0, wrk on CPU 1
+        if shutil.which("taskset") and args.bridge_on != "any":
+            argv = ["taskset", "-c", args.bridge_on, *argv]  # as bench/run.py: the bridge on CPU 0, wrk on CPU 1
         load_before = os.getloadavg()
         proc = subprocess.Popen(at_normal_priority(argv), cwd=ROOT, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
@@ -240,6 +240,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 if args.burn
                 else "-calibration"
             )
+            + ("" if args.bridge_on == "0" else f"-bridge-on-{args.bridge_on.replace(',', '+')}")
             + ("-fakes-idle" if args.fakes_idle else "")
         )
         (RESULTS / f"{stamp}-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -415,12 +416,14 @@ def summary(result: dict[str, Any]) -> str:
         fakes += " at idle priority (SCHED_IDLE: only CPU that nothing else wants)"
     burn_on = settings.get("burn_on", "any")  # not kept by runs before it was
     where = "any CPU" if burn_on == "any" else f"CPU {burn_on}"
+    bridge_on = settings.get("bridge_on", "0")  # not kept by runs before it was: CPU 0
+    bridge_where = "any CPU" if bridge_on == "any" else f"CPU {bridge_on}"
     lines = [
         f"# Replies beside postbacks ({result['when']}, {result['store']})",
         "",
         f"{result['machine']['cpus']} CPUs, shared with other work (load average "
         f"{result['machine']['load_before'][0]:.1f} before, {result['machine']['load_after'][0]:.1f} after); "
-        f"the bridge on CPU 0, wrk on CPU 1, {fakes}. {settings['rate']:g} replies/s"
+        f"the bridge on {bridge_where}, wrk on CPU 1, {fakes}. {settings['rate']:g} replies/s"
         + (
             f" (none: each B phase has a process beside the postbacks that spins the CPU {settings['burn']:g} ms "
             f"of each second instead, on {where})"
@@ -545,6 +548,8 @@ def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
         raise SystemExit("calibrations and runs with replies are not pooled together")
     if len({result["settings"].get("burn", 0) for result in results}) > 1:
         raise SystemExit("runs with different --burn are not pooled together")
+    if len({result["settings"].get("bridge_on", "0") for result in results}) > 1:
+        raise SystemExit("runs with the bridge on different CPUs are not pooled together")
     if len({result.get("machine", {}).get("fakes_priority", "normal") for result in results}) > 1:
         raise SystemExit("runs with the fakes at idle priority and at the normal one are not pooled together")
     rng = random.Random(19)
@@ -586,6 +591,13 @@ if __name__ == "__main__":
         default="any",
         metavar="CPUS",
         help="the spinning process's CPUs: any (the default), or a list such as 0 or 0,1",
+    )
+    parser.add_argument(
+        "--bridge-on",
+        default="0",
+        metavar="CPUS",
+        help="the bridge's CPUs: 0 (the default, off wrk's CPU 1), a list such as 0,1, or any (not pinned, as in "
+        "a deployment; the server's processes are not pinned either)",
     )
     parser.add_argument(
         "--fakes-idle",

@@ -40,10 +40,11 @@ from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, s
 
 TEXTERS = 5
 COUNTER = """
-import collections, json, os, signal
+import collections, json, os, signal, time
 import asyncpg.connection as c
 
 counts = collections.Counter()
+spent = collections.Counter()  # seconds from sending each statement to its answer
 
 
 def key(query):
@@ -55,9 +56,15 @@ def wrap(name, many=False):
     original = getattr(c.Connection, name)
 
     async def counted(self, query, *args, **kw):
-        if name != "execute" or not args:  # execute with args goes through _execute
-            counts[("executemany " if many else "") + key(query)] += 1
-        return await original(self, query, *args, **kw)
+        if name == "execute" and args:  # execute with args goes through _execute
+            return await original(self, query, *args, **kw)
+        k = ("executemany " if many else "") + key(query)
+        counts[k] += 1
+        start = time.perf_counter()
+        try:
+            return await original(self, query, *args, **kw)
+        finally:
+            spent[k] += time.perf_counter() - start
 
     setattr(c.Connection, name, counted)
 
@@ -69,7 +76,7 @@ wrap("_executemany", many=True)
 
 def dump(*_):
     with open(os.environ["BRIDGE_COUNT_STATEMENTS"], "w") as f:
-        json.dump(counts, f)
+        json.dump({"counts": counts, "seconds": spent}, f)
 
 
 signal.signal(signal.SIGUSR2, dump)
@@ -114,12 +121,12 @@ async def run(args: argparse.Namespace, schema: str) -> None:
             async with aiohttp.ClientSession() as http:
                 threads = await texters_threads(http, url, slack, TEXTERS)
 
-                async def snapshot() -> dict[str, int]:
+                async def snapshot() -> dict[str, dict[str, float]]:
                     proc.send_signal(signal.SIGUSR2)
                     await asyncio.sleep(0.5)
                     return dict(json.loads(counts.read_text()))
 
-                async def window(replies: int, seconds: float) -> dict[str, int]:
+                async def window(replies: int, seconds: float) -> dict[str, dict[str, float]]:
                     before, start = await snapshot(), time.monotonic()
                     for n in range(replies):
                         ts = f"{1800000000 + n}.000100"
@@ -130,7 +137,10 @@ async def run(args: argparse.Namespace, schema: str) -> None:
                         await asyncio.sleep(0.05)
                     await asyncio.sleep(max(0.0, start + seconds - time.monotonic()))
                     after = await snapshot()
-                    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    return {
+                        what: {k: n - before[what].get(k, 0) for k, n in after[what].items()}
+                        for what in ("counts", "seconds")
+                    }
 
                 seconds = args.replies * 0.06 + 5  # the replies, then their SMS and reactions
                 idle = await window(0, seconds)
@@ -139,18 +149,26 @@ async def run(args: argparse.Namespace, schema: str) -> None:
             proc.terminate()
             proc.wait(20)
     sent = len(skycore.calls)
-    per = {k: (busy.get(k, 0) - idle.get(k, 0)) / args.replies for k in set(busy) | set(idle)}
+
+    def per_reply(what: str) -> dict[str, float]:
+        return {
+            k: (busy[what].get(k, 0) - idle[what].get(k, 0)) / args.replies for k in set(busy[what]) | set(idle[what])
+        }
+
+    per, ms = per_reply("counts"), {k: v * 1000 for k, v in per_reply("seconds").items()}
     rows = sorted(((v, k) for k, v in per.items() if abs(v) >= 0.005), reverse=True)
     lines = [
         f"# Statements per reply on PostgreSQL ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())})",
         "",
         f"{args.replies} replies one after another ({sent} sent as SMS, {len(slack.reactions)} reactions), each "
-        "its own group commit; the bridge's statements less an idle window as long, per reply.",
+        "its own group commit; the bridge's statements less an idle window as long, per reply. Time: from "
+        "sending a statement to its answer, as the bridge's asyncpg sees it (the round trip, the server's work "
+        "and, for a group commit, its WAL flush), on an otherwise idle bridge.",
         "",
-        "| per reply | statement |",
-        "| --- | --- |",
-        *(f"| {v:.2f} | `{k}` |" for v, k in rows),
-        f"| **{sum(per.values()):.2f}** | all |",
+        "| per reply | statement | ms per reply | ms each |",
+        "| --- | --- | --- | --- |",
+        *(f"| {v:.2f} | `{k}` | {ms.get(k, 0):.2f} | {ms.get(k, 0) / v:.2f} |" for v, k in rows),
+        f"| **{sum(per.values()):.2f}** | all | **{sum(ms.values()):.2f}** | |",
     ]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)

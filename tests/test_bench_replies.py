@@ -111,6 +111,15 @@ def test_runs_with_the_fakes_at_idle_priority_are_pooled_only_with_their_like(tm
         replies.pooled([*idle, normal])
 
 
+def test_runs_with_the_bridge_on_other_cpus_are_not_pooled_together(tmp_path: Path):
+    pinned = result_file(tmp_path / "pinned.json", 50, [1.0])  # kept before it was: CPU 0
+    anywhere = result_file(tmp_path / "any.json", 50, [1.0])
+    result = json.loads(Path(anywhere).read_text())
+    Path(anywhere).write_text(json.dumps({**result, "settings": {**result["settings"], "bridge_on": "any"}}))
+    with pytest.raises(SystemExit, match="bridge on different CPUs"):
+        replies.pooled([pinned, anywhere])
+
+
 def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     a = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}
     r = {
@@ -138,6 +147,10 @@ def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     }
     text = replies.summary(result)
     assert "A B A ... B A" in text and "geometric mean" in text and "the fakes on CPU 1" in text
+    assert "the bridge on CPU 0" in text  # kept before --bridge-on was
+    result["settings"]["bridge_on"] = "any"
+    assert "the bridge on any CPU" in replies.summary(result)
+    del result["settings"]["bridge_on"]
     del result["machine"]["fakes_cpus"]  # a run from before it was kept: not said to be pinned
     assert "the fakes unpinned" in replies.summary(result)
     assert "idle priority" not in text
