@@ -54,6 +54,8 @@ def test_within_5_percent_passes_and_more_fails():
     far = [a_round(a, phase(940, 4.24, 10.6), b, reply_p99=101) for _ in range(3)]  # -6%, +6%, +6%, 101 ms
     lines = replies.verdict(far)
     assert [met(lines, t) for t in ("reply p99", "postbacks/s", "postback p50", "postback p99")] == ["NO"] * 4
+    added = next(line for line in lines if line.startswith("| (p50 beside minus alone, in ms"))
+    assert "alone it is 4.00 ms, so 5% is 0.20 ms" in added and "| +0.24 ms |" in added
 
 
 def test_the_median_of_the_rounds_decides_and_an_a_phase_with_no_answers_fails():
