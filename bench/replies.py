@@ -324,6 +324,16 @@ while (now := time.monotonic()) < end:
 """
 
 
+def can_leave_idle_priority() -> bool:
+    """Whether a child of an idle-priority thread can be started at the normal priority here
+    (`chrt --other 0`): Linux lets only root, or a process with CAP_SYS_NICE, leave SCHED_IDLE."""
+    if not hasattr(os, "SCHED_IDLE") or shutil.which("chrt") is None:
+        return False
+    probe = "import os, subprocess, sys; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+    probe += "sys.exit(subprocess.run(['chrt', '--other', '0', 'true']).returncode)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
 def spin(ms_per_s: float, seconds: float, cpus: str = "any") -> subprocess.Popen[bytes]:
     """A process that spins the CPU `ms_per_s` of each second for `seconds` on `cpus` ("0,1",
     or "any"; see --burn)."""
@@ -504,8 +514,8 @@ def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[
     what the comparison reads when nothing differs; its "met" is not a verdict. Below them, for
     comparison with runs before 2026-12-06, the p50 against the A before only (those runs'
     order: A, the replies alone, then B), how far each round's two A's differ, and the p50's
-    difference in milliseconds: 5% of a 2 ms p50 (PostgreSQL's here) is 0.1 ms, of a 5 ms one
-    (SQLite's) 0.25 ms."""
+    difference in milliseconds: 5% of a 2-3 ms p50 (both stores' on the machine of 2026-12-06
+    05:52) is 0.1-0.15 ms, of a 5 ms one (SQLite's on an earlier machine) 0.25 ms."""
 
     def ratio(a: float, b: float) -> float:
         return a / b if b > 0 else math.inf  # an A phase with no answers at all: no verdict passes
@@ -555,6 +565,8 @@ def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
     calibration = all(result["settings"]["rate"] <= 0 for result in results)
     if not calibration and any(result["settings"]["rate"] <= 0 for result in results):
         raise SystemExit("calibrations and runs with replies are not pooled together")
+    if len({result.get("store", "sqlite") for result in results}) > 1:
+        raise SystemExit("runs on SQLite and on PostgreSQL are not pooled together")
     if len({result["settings"].get("burn", 0) for result in results}) > 1:
         raise SystemExit("runs with different --burn are not pooled together")
     if len({result["settings"].get("bridge_on", "0") for result in results}) > 1:
@@ -641,4 +653,9 @@ if __name__ == "__main__":
         parser.error("--rounds must be at least 1, --seconds more than 0, --rate 0 or more")
     if parsed.burn and (parsed.rate > 0 or not 0 < parsed.burn < 1000):
         parser.error("--burn takes --rate 0 and 0 < MS < 1000")
+    if parsed.fakes_idle and not can_leave_idle_priority():
+        parser.error(
+            "--fakes-idle needs chrt (util-linux) and the right to start the bridge and wrk back at the normal "
+            "priority from an idle one: root, or CAP_SYS_NICE"
+        )
     asyncio.run(main(parsed))

@@ -1,8 +1,9 @@
 """The statements a reply makes on PostgreSQL (issue 19): the real bridge on a fresh schema, the
 fakes of tests/ for Slack and Skycore, replies sent one after another (each its own group
 commit), and every statement the bridge's asyncpg sends counted by its text, less those of an
-idle window as long. Not a timed test: a count, to see that a change to the store does not add
-round trips to a reply.
+idle window as long, and the time from sending each to its answer. Not a timed test: a count,
+to see that a change to the store does not add round trips to a reply, and where a reply's
+time in the store goes on an otherwise idle bridge.
 
     .venv/bin/python bench/statements.py [--replies 100] [--store postgresql://postgres@127.0.0.1:5432/test]
 

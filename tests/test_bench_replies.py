@@ -5,6 +5,8 @@ verdict over several runs' result files."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,28 @@ def test_runs_with_the_fakes_at_idle_priority_are_pooled_only_with_their_like(tm
     normal = result_file(tmp_path / "normal.json", 50, [1.0])  # kept before the priority was: normal
     with pytest.raises(SystemExit, match="idle priority and at the normal one are not pooled together"):
         replies.pooled([*idle, normal])
+
+
+def test_runs_on_sqlite_and_on_postgresql_are_not_pooled_together(tmp_path: Path):
+    sqlite = result_file(tmp_path / "sqlite.json", 50, [1.0])  # kept without a store: SQLite, as before it was
+    pg = result_file(tmp_path / "pg.json", 50, [1.0])
+    Path(pg).write_text(json.dumps({**json.loads(Path(pg).read_text()), "store": "postgresql"}))
+    with pytest.raises(SystemExit, match="SQLite and on PostgreSQL"):
+        replies.pooled([sqlite, pg])
+
+
+@pytest.mark.skipif(not replies.can_leave_idle_priority(), reason="needs chrt and root or CAP_SYS_NICE")
+def test_a_child_of_an_idle_thread_is_started_at_the_normal_priority():
+    probe = (
+        "import os, subprocess, sys; sys.path.insert(0, 'bench'); from run import at_normal_priority; "
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+        "argv = [sys.executable, '-c', 'import os; print(os.sched_getscheduler(0))']; "
+        "print(subprocess.run(at_normal_priority(argv), capture_output=True, text=True).stdout.strip(), "
+        "subprocess.run(argv, capture_output=True, text=True).stdout.strip())"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(os.SCHED_OTHER), str(os.SCHED_IDLE)]  # and without it, the idle one is inherited
 
 
 def test_runs_with_the_bridge_on_other_cpus_are_not_pooled_together(tmp_path: Path):
