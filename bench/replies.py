@@ -24,8 +24,8 @@ the postbacks' share at the A phases' CPU per postback.
 
 The fakes (tests/slack_fake.py, tests/skycore_fake.py) run in this process, on CPU 1 beside wrk
 (they stand for Slack and Skycore, which are not on the bridge's machine); with `--fakes-idle`
-this process runs at idle priority (SCHED_IDLE), so the fakes take only CPU that the bridge,
-PostgreSQL and wrk leave. The bridge runs on CPU 0 (`--bridge-on any`: anywhere, as in a
+this process runs at idle priority (SCHED_IDLE), so the fakes get little CPU while the bridge,
+PostgreSQL and wrk want it. The bridge runs on CPU 0 (`--bridge-on any`: anywhere, as in a
 deployment). The latency is from just before the signed event is POSTed to /slack/events to
 the moment the fake Skycore takes the sendSMS request for it (both on this machine's clock).
 """
@@ -55,7 +55,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import RESULTS, at_normal_priority, free_port, wait_listening, wrk  # noqa: E402
+from bench.run import RESULTS, at_normal_priority, free_port, proc_stat, wait_listening, wrk  # noqa: E402
 from bench.scaleout import _schema, with_query  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
@@ -72,8 +72,8 @@ async def main(args: argparse.Namespace) -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {1})  # off the bridge's CPU 0, as wrk
     if args.fakes_idle:
-        # Slack's and Skycore's side (and the replies' sender) take only CPU that nothing else
-        # wants, as if they ran elsewhere; the bridge, wrk and the spinner are started at the
+        # Slack's and Skycore's side (and the replies' sender) get little CPU while the others
+        # want it, nearer to running elsewhere; the bridge, wrk and the spinner are started at the
         # normal priority (at_normal_priority), and PostgreSQL's processes are not ours
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     schema = None
@@ -329,9 +329,10 @@ def can_leave_idle_priority() -> bool:
     (`chrt --other 0`): Linux lets only root, or a process with CAP_SYS_NICE, leave SCHED_IDLE."""
     if not hasattr(os, "SCHED_IDLE") or shutil.which("chrt") is None:
         return False
-    probe = "import os, subprocess, sys; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
-    probe += "sys.exit(subprocess.run(['chrt', '--other', '0', 'true']).returncode)"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    probe = "import os, subprocess, sys; from run import at_normal_priority; "
+    probe += "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+    probe += "sys.exit(subprocess.run(at_normal_priority(['true'])).returncode)"
+    return subprocess.run([sys.executable, "-c", probe], cwd=ROOT / "bench", capture_output=True).returncode == 0
 
 
 def spin(ms_per_s: float, seconds: float, cpus: str = "any") -> subprocess.Popen[bytes]:
@@ -387,7 +388,7 @@ def wrk_postbacks(port: int, args: argparse.Namespace) -> dict[str, float]:
 
 def cpu_seconds(pid: int) -> float:
     """The process's CPU time so far, all threads, user + system (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -401,7 +402,7 @@ def server_cpu_seconds() -> float:
     for comm in Path("/proc").glob("[0-9]*/comm"):
         with contextlib.suppress(OSError):  # gone meanwhile
             if comm.read_text().strip() == "postgres":
-                stats[int(comm.parent.name)] = (comm.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(comm.parent.name)] = proc_stat(int(comm.parent.name))
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for fields in stats.values():
@@ -426,7 +427,7 @@ def summary(result: dict[str, Any]) -> str:
     cpus = result["machine"].get("fakes_cpus")  # not kept by runs before it was
     fakes = "the fakes unpinned" if not cpus or len(cpus) > 1 else f"the fakes on CPU {cpus[0]}"
     if result["machine"].get("fakes_priority") == "idle":  # not kept by runs before it was: normal
-        fakes += " at idle priority (SCHED_IDLE: only CPU that nothing else wants)"
+        fakes += " at idle priority (SCHED_IDLE: little CPU while the others want it)"
     burn_on = settings.get("burn_on", "any")  # not kept by runs before it was
     where = "any CPU" if burn_on == "any" else f"CPU {burn_on}"
     bridge_on = settings.get("bridge_on", "0")  # not kept by runs before it was: CPU 0
@@ -624,8 +625,9 @@ if __name__ == "__main__":
         "--fakes-idle",
         action="store_true",
         help="run this process (the fakes for Slack and Skycore, and the replies' sender) at idle priority "
-        "(SCHED_IDLE), so their CPU, which a deployment does not have on its machine, is taken only when the "
-        "bridge, PostgreSQL and wrk leave a core idle; the bridge, wrk and --burn's spinner stay at the normal one",
+        "(SCHED_IDLE), so their CPU, which a deployment does not have on its machine, goes mostly where the "
+        "bridge, PostgreSQL and wrk leave a core idle; the bridge, wrk and --burn's spinner stay at the normal one "
+        "(which takes root or CAP_SYS_NICE)",
     )
     parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(

@@ -48,6 +48,13 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise SystemExit(f"nothing listening on {port}")
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the process's name, from its state on: [1] the parent's
+    pid, [11] and [12] its user and system CPU in clock ticks, [13] and [14] those of its children
+    that ended and were waited for. OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def at_normal_priority(argv: list[str]) -> list[str]:
     """`argv` to run at the normal scheduling priority even when the calling thread runs at idle
     priority (bench/replies.py --fakes-idle), which a child would otherwise inherit."""
