@@ -55,12 +55,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import machine  # noqa: E402
 from bench.run import RESULTS, at_normal_priority, free_port, proc_stat, wait_listening, wrk  # noqa: E402
 from bench.scaleout import _schema, with_query  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
 
 TEXTERS = 20
+SPEED_PROBE = 8.0  # seconds of bench/machine.py's probe of CPU 0, before the bridge starts and after it stops
 
 
 def pct(values: list[float], q: float) -> float:
@@ -106,6 +108,8 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         }  # fmt: skip
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         log = (work / "bridge.log").open("wb")
+        # how steady the bridge's CPU ran, with nothing of the bench on it (bench/machine.py)
+        speed_before = machine.speed_summary(machine.cpu_speed(0, SPEED_PROBE, machine.PAUSE))
         argv = [sys.executable, "-m", "bridge", "serve", "-c", str(work / "config.yaml")]
         if shutil.which("taskset") and args.bridge_on != "any":
             argv = ["taskset", "-c", args.bridge_on, *argv]  # as bench/run.py: the bridge on CPU 0, wrk on CPU 1
@@ -197,6 +201,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
         finally:
             proc.terminate()
             proc.wait(20)
+        speed_after = machine.speed_summary(machine.cpu_speed(0, SPEED_PROBE, machine.PAUSE))
         for entry in [*rounds, *([only] if only is not None else [])]:
             sent = entry.pop("_sent_at")
             first: dict[str, float] = {}  # each reply's first sendSMS request
@@ -222,6 +227,9 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 "fakes_cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                 # their scheduling priority: "idle" with --fakes-idle (since 2026-12-06, 06:00)
                 "fakes_priority": "idle" if args.fakes_idle else "normal",
+                # CPU 0's speed before and after the run (bench/machine.py, "paused"; since 2026-12-06, 09:00)
+                "cpu0_speed_before": speed_before,
+                "cpu0_speed_after": speed_after,
             },
             "settings": vars(args),
             "store": "sqlite" if schema is None else "postgresql",
@@ -452,6 +460,15 @@ def summary(result: dict[str, Any]) -> str:
         "before and the A after it.",
         "",
     ]
+    before, after = result["machine"].get("cpu0_speed_before"), result["machine"].get("cpu0_speed_after")
+    if before is not None and after is not None:  # not kept by runs before it was
+        lines += [
+            "CPU 0's speed with nothing else on it (bench/machine.py, a fixed unit of work with pauses), "
+            f"before / after the run: p50 {before['p50_ms']} / {after['p50_ms']} ms, fastest twentieth "
+            f"{before['fast_ms']} / {after['fast_ms']} ms, units that ran slow (over {machine.SLOW:g}x the "
+            f"fastest) {before['slow_share']:.0%} / {after['slow_share']:.0%}.",
+            "",
+        ]
     only = result["replies_alone"]
     if only is not None:
         lines += [

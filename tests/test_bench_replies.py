@@ -15,7 +15,7 @@ import pytest
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # bench/scaleout.py imports `run`
 
-from bench import replies
+from bench import machine, replies
 
 
 def phase(per_s: float, p50: float, p99: float) -> dict[str, float]:
@@ -188,3 +188,31 @@ def test_the_summary_of_a_run_names_its_order_and_its_verdict():
     result["store"] = "postgresql"
     result["rounds"] = [{**r, "server_cpu_ms_per_postback": 0.3, "server_cpu_ms_per_reply_beside": 1.9}]
     assert "per postback (A) / per reply beside (B), each round's: 0.3 / 1.9." in replies.summary(result)
+    assert "CPU 0's speed" not in text  # a run from before the probe was kept
+    result["machine"]["cpu0_speed_before"] = machine.speed_summary([15.0] * 8 + [29.0] * 2)
+    result["machine"]["cpu0_speed_after"] = machine.speed_summary([15.0] * 5 + [29.0] * 5)
+    assert (
+        "before / after the run: p50 15.0 / 29.0 ms, fastest twentieth 15.0 / 15.0 ms, units that ran slow"
+        " (over 1.25x the fastest) 20% / 50%." in replies.summary(result)
+    )
+
+
+def test_the_machine_probe_counts_the_units_that_ran_slow():
+    # a CPU that flips between two speeds, as this workplace's have been seen to: 15 and 29 ms
+    flipping = machine.speed_summary([15.0, 15.2, 29.0, 15.1, 28.5, 15.0, 15.3, 29.4, 15.0, 15.1])
+    assert flipping == {"units": 10, "fast_ms": 15.0, "p50_ms": 15.2, "p90_ms": 29.4, "slow_share": 0.3}
+    steady = machine.speed_summary([15.0 + i / 100 for i in range(40)])  # 15.0-15.39: none slow
+    assert steady["slow_share"] == 0.0 and steady["fast_ms"] == 15.02
+    assert machine.speed_summary([40.0])["slow_share"] == 0.0  # one unit is its own fastest
+
+
+def test_the_machine_probe_runs_and_keeps_its_figures(tmp_path: Path):
+    machine.main(["--seconds", "0.05", "--results", str(tmp_path)])
+    (kept,) = tmp_path.glob("*-machine.json")
+    result = json.loads(kept.read_text())
+    assert set(result["cpus"]) == {str(c) for c in os.sched_getaffinity(0)}
+    for ways in result["cpus"].values():
+        assert set(ways) == {"busy", "paused"} and all(w["units"] >= 1 and w["fast_ms"] > 0 for w in ways.values())
+    assert result["flush"]["flushes"] >= 1 and result["flush"]["p50_ms"] > 0
+    text = (tmp_path / "latest-machine.md").read_text()
+    assert "| busy |" in text and "| paused |" in text and "fdatasync" in text
