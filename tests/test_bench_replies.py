@@ -216,3 +216,9 @@ def test_the_machine_probe_runs_and_keeps_its_figures(tmp_path: Path):
     assert result["flush"]["flushes"] >= 1 and result["flush"]["p50_ms"] > 0
     text = (tmp_path / "latest-machine.md").read_text()
     assert "| busy |" in text and "| paused |" in text and "fdatasync" in text
+
+
+def test_the_replies_bench_probes_cpu_0_in_a_process_of_its_own(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(replies, "SPEED_PROBE", 0.05)
+    speed = replies.cpu0_speed()
+    assert set(speed) == {"units", "fast_ms", "p50_ms", "p90_ms", "slow_share"} and speed["units"] >= 1
