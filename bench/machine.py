@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/machine.py [--seconds 10]
 
-On a virtual machine a CPU's speed is not the guest's own to keep. On the 2-core machines of
-this workplace, a fixed piece of Python work has been seen to take 15 ms one moment and 29 ms the
-next, flipping between the two every fraction of a second to a few seconds (the host's other
-tenants on the same cores, or its power states), and slow more often when the CPU is only partly
-busy, as the bridge is under the benchmarks' load. bench/replies.py compares latencies to 5%
-across phases of 15 s; a machine whose speed flips by 1.9x underneath them takes many rounds to
-average out, and this says how much there is to average out.
+On a virtual machine a CPU's speed is not the guest's own to keep. On one of this workplace's
+2-core machines the unit of work below took about 10 ms at one moment and about 19 ms at the
+next, switching between the two within seconds (likely the host: its other tenants on the same
+cores, or its power states), and ran slow more often when the CPU was only partly busy, as the
+bridge's is under the benchmarks' load. bench/replies.py compares latencies to 5% across phases
+of 15 s. A machine whose speed changes by 1.9x underneath them takes many rounds to average out;
+this says how much there is.
 
 Each CPU is probed in turn, with nothing else of the bench running: a fixed unit of pure-Python
 work run back to back ("busy"), then with a pause of 0.2 s after each ("paused": a CPU that is
