@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import RESULTS  # noqa: E402
+from bench.run import RESULTS, pct  # noqa: E402
 
 UNIT = 200_000  # iterations of the unit of work: about 10-20 ms of CPU here
 SLOW = 1.25  # a unit slower than this many times the fastest twentieth ran slow
@@ -69,19 +69,14 @@ def cpu_speed(cpu: int, seconds: float, pause: float = 0.0) -> list[float]:
 def speed_summary(samples: list[float]) -> dict[str, Any]:
     """How fast the unit ran (ms: fastest twentieth, median, 90th percentile) and the share of
     units that ran slow (over SLOW times the fastest twentieth)."""
-    ordered = sorted(samples)
-    fast = at(ordered, 0.05)
+    fast = pct(samples, 0.05)
     return {
-        "units": len(ordered),
+        "units": len(samples),
         "fast_ms": round(fast, 2),
-        "p50_ms": round(at(ordered, 0.5), 2),
-        "p90_ms": round(at(ordered, 0.9), 2),
-        "slow_share": round(sum(1 for s in ordered if s > SLOW * fast) / len(ordered), 3),
+        "p50_ms": round(pct(samples, 0.5), 2),
+        "p90_ms": round(pct(samples, 0.9), 2),
+        "slow_share": round(sum(1 for s in samples if s > SLOW * fast) / len(samples), 3),
     }
-
-
-def at(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def flush_ms(directory: str, seconds: float) -> dict[str, Any]:
@@ -94,8 +89,7 @@ def flush_ms(directory: str, seconds: float) -> dict[str, Any]:
             start = time.perf_counter()
             os.fdatasync(f.fileno())
             samples.append((time.perf_counter() - start) * 1000)
-    ordered = sorted(samples)
-    return {"flushes": len(ordered), "p50_ms": round(at(ordered, 0.5), 3), "p99_ms": round(at(ordered, 0.99), 3)}
+    return {"flushes": len(samples), "p50_ms": round(pct(samples, 0.5), 3), "p99_ms": round(pct(samples, 0.99), 3)}
 
 
 def probe(seconds: float) -> dict[str, Any]:

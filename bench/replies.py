@@ -56,18 +56,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
-from bench.run import RESULTS, at_normal_priority, free_port, proc_stat, wait_listening, wrk  # noqa: E402
+from bench.run import RESULTS, at_normal_priority, free_port, pct, proc_stat, wait_listening, wrk  # noqa: E402
 from bench.scaleout import _schema, with_query  # noqa: E402
 from tests.skycore_fake import API_KEY, fake_skycore  # noqa: E402
 from tests.slack_fake import SIGNING_SECRET, TOKEN, fake_slack, message_event, signed  # noqa: E402
 
 TEXTERS = 20
 SPEED_PROBE = 8.0  # seconds of bench/machine.py's probe of CPU 0, before the bridge starts and after it stops
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def main(args: argparse.Namespace) -> None:

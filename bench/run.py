@@ -48,6 +48,12 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20
     raise SystemExit(f"nothing listening on {port}")
 
 
+def pct(values: list[float], q: float) -> float:
+    """The value at quantile `q` of `values` (nearest rank below; NaN when there are none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def proc_stat(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the process's name, from its state on: [1] the parent's
     pid, [11] and [12] its user and system CPU in clock ticks, [13] and [14] those of its children
