@@ -5,7 +5,8 @@ postgresql://...`, on a fresh schema of that database, dropped afterwards).
 
     .venv/bin/python bench/replies.py [--seconds 15] [--rounds 5] [--rate 50]
         [--postbacks-connections 20] [--postbacks-pause-ms 15] [--store URL]
-        [--fakes-idle] [--bridge-on 0|any|CPUS] [--rate 0 [--burn MS [--burn-on CPUS]]]
+        [--fakes-idle] [--bridge-on 0|any|CPUS] [--control]
+        [--rate 0 [--burn MS [--burn-on CPUS]]]
 
 One bridge runs wrk's postbacks once uncounted (a warm-up), then the postbacks alone (A) and
 with the replies beside them (B) in turn, A B A B ... A, `--rounds` B phases in all, then the
@@ -17,6 +18,13 @@ comparison reads when nothing differs. `--rate 0 --burn MS` puts, in place of th
 process that only spins the CPU for MS milliseconds of each second (in 50 slices, anywhere on
 the machine, as PostgreSQL's processes run): what the same CPU as the replies' costs the
 postbacks when it does nothing else.
+
+`--control` makes that comparison within one run, round by round: after each B and the A after
+it, a C phase runs the postbacks beside spinning processes that burn, on the same CPUs, the CPU
+the replies added in that B (the bridge's extra on the bridge's CPUs, PostgreSQL's on any, the
+fakes' on theirs at their priority), in CONTROL_SLICES slices a second: A B A C A B A C ... A.
+Each C is compared with the A's beside it as B is, and each round's B with its C: whether the
+replies cost the postbacks more, or less, than their CPU does when it does nothing else.
 
 The replies-alone phase gives the bridge's CPU per reply directly (its CPU over the phase, less
 what it spends idle, per reply); beside the postbacks it is estimated as the phase's CPU less
@@ -176,6 +184,19 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                             else None,
                         }
                     )
+                    if args.control:  # C: the CPU the replies added in this B, spinning, then an A
+                        extra = {
+                            "bridge": max(0.0, cpu_beside - postbacks_cpu),
+                            "server": max(0.0, server_beside - server_postbacks) if schema is not None else 0.0,
+                            "fakes": beside["fakes_cpu_s"],
+                        }
+                        spun = await control_phase(proc.pid, port, args, extra)
+                        alone.append(await alone_phase(proc.pid, port, args))
+                        rounds[-1]["control"] = {
+                            **spun,
+                            "postbacks_alone": baseline(alone[-2], alone[-1]),
+                            "postbacks_alone_after": alone[-1],
+                        }
                 only: dict[str, Any] | None = None
                 if args.rate > 0:  # the replies alone, last: their latency and CPU with nothing beside
                     cpu, server, t0 = cpu_seconds(proc.pid), server_cpu_seconds(), time.monotonic()
@@ -247,6 +268,7 @@ async def run(args: argparse.Namespace, schema: str | None) -> None:
                 if args.burn
                 else "-calibration"
             )
+            + ("-control" if args.control else "")
             + ("" if args.bridge_on == "0" else f"-bridge-on-{args.bridge_on.replace(',', '+')}")
             + ("-fakes-idle" if args.fakes_idle else "")
         )
@@ -293,9 +315,7 @@ async def with_replies(
         n += 1
         await asyncio.sleep(max(0.0, min(start + (n - first) * interval, start + args.seconds) - time.monotonic()))
     offered = await load if load is not None else None
-    burnt = await asyncio.to_thread(os.wait4, burner.pid, 0) if burner is not None else None
-    if burner is not None and burnt is not None:
-        burner.returncode = os.waitstatus_to_exitcode(burnt[1])  # reaped here, for its CPU time
+    burnt = await asyncio.to_thread(reaped, burner) if burner is not None else None
     await asyncio.gather(*posting)
     await asyncio.sleep(3)  # the last replies' SMS (and, as after every phase, the archive's backlog)
     entry = {
@@ -307,25 +327,65 @@ async def with_replies(
         # machine in a deployment, but beside wrk and, on PostgreSQL, the server's processes here)
         "fakes_cpu_s": round(time.process_time() - fakes_cpu, 2),
         # the spinning process's CPU per second of the phase, as measured (--burn)
-        "burn_cpu_ms_per_s": round((burnt[2].ru_utime + burnt[2].ru_stime) / args.seconds * 1000, 1)
-        if burnt is not None
-        else None,
+        "burn_cpu_ms_per_s": round(burnt / args.seconds * 1000, 1) if burnt is not None else None,
         "_sent_at": sent_at,
     }
     return entry, n
 
 
+# Spins `ms_per_s` of CPU time each second for `seconds`, in `slices` slices a second on a fixed
+# schedule (a slice that starts late, behind a busier task, starts the moment it can). The slices
+# are counted in the process's own CPU time, not the clock's, and against a running total: one
+# preempted midway still burns all of it, and the loop's own sleeping and waking count in it, so
+# the process burns what it is asked to whenever the machine lets it (and its start, before).
 SPIN = """
 import os, sys, time
-cpus = [int(c) for c in sys.argv[3].split(",")] if sys.argv[3] != "any" else range(os.cpu_count())
-os.sched_setaffinity(0, cpus)  # by default anywhere: the bench itself is on CPU 1
-slice_, end = float(sys.argv[1]) / 50 / 1000, time.monotonic() + float(sys.argv[2])
-while (now := time.monotonic()) < end:
-    until = now + slice_
-    while time.monotonic() < until:
+ms_per_s, seconds, where, slices = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+os.sched_setaffinity(0, range(os.cpu_count()) if where == "any" else [int(c) for c in where.split(",")])
+period, slice_ = 1 / slices, ms_per_s / slices / 1000
+start, spent = time.monotonic(), time.process_time()
+for k in range(round(seconds * slices)):
+    time.sleep(max(0.0, start + k * period - time.monotonic()))
+    while time.process_time() < spent + (k + 1) * slice_:
         pass
-    time.sleep(max(0.0, 0.02 - slice_))
 """
+BURN_SLICES = 50  # --burn's slices a second (about 3.5 ms each at 175 ms a second)
+# the control's (--control): a reply's CPU comes in pieces of a few tenths of a millisecond (its
+# three HTTP exchanges, its statements, its log lines), about ten a reply at 50 replies a second
+CONTROL_SLICES = 500
+
+
+async def control_phase(pid: int, port: int, args: argparse.Namespace, extra: dict[str, float]) -> dict[str, Any]:
+    """wrk's postbacks beside spinners that burn the CPU seconds in `extra`, which the replies
+    added in the B phase before (see --control), over a phase as long: the bridge's on the
+    bridge's CPUs and PostgreSQL's on any, both at the normal priority; the fakes' on this
+    process's CPUs at its priority (idle with --fakes-idle)."""
+    ours = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    pinned = shutil.which("taskset") and args.bridge_on != "any"  # as the bridge was started
+    where = {"bridge": args.bridge_on if pinned else "any", "server": "any", "fakes": ours}
+    asked = {name: seconds / args.seconds * 1000 for name, seconds in extra.items()}
+    spinners = {
+        name: spin(ms, args.seconds, where[name], slices=CONTROL_SLICES, normal=name != "fakes")
+        for name, ms in asked.items()
+        if ms >= 1  # less than a millisecond a second is nothing to spin
+    }
+    cpu, server = cpu_seconds(pid), server_cpu_seconds()
+    figures: dict[str, Any] = await asyncio.to_thread(wrk_postbacks, port, args)
+    burnt = {name: await asyncio.to_thread(reaped, proc) for name, proc in spinners.items()}
+    await asyncio.sleep(3)  # as after every phase
+    return {
+        "postbacks_beside_spinners": figures,
+        "bridge_cpu_s": round(cpu_seconds(pid) - cpu, 2),
+        "server_cpu_s": round(server_cpu_seconds() - server, 2),
+        "spinners": {
+            name: {
+                "on": where[name],
+                "asked_ms_per_s": round(asked[name], 1),
+                "burnt_ms_per_s": round(burnt[name] / args.seconds * 1000, 1) if name in burnt else 0.0,
+            }
+            for name in asked
+        },
+    }
 
 
 def cpu0_speed() -> dict[str, Any] | None:
@@ -357,10 +417,21 @@ def can_leave_idle_priority() -> bool:
     return subprocess.run([sys.executable, "-c", probe], cwd=ROOT / "bench", capture_output=True).returncode == 0
 
 
-def spin(ms_per_s: float, seconds: float, cpus: str = "any") -> subprocess.Popen[bytes]:
+def spin(
+    ms_per_s: float, seconds: float, cpus: str = "any", *, slices: int = BURN_SLICES, normal: bool = True
+) -> subprocess.Popen[bytes]:
     """A process that spins the CPU `ms_per_s` of each second for `seconds` on `cpus` ("0,1",
-    or "any"; see --burn)."""
-    return subprocess.Popen(at_normal_priority([sys.executable, "-c", SPIN, str(ms_per_s), str(seconds), cpus]))
+    or "any"), in `slices` slices a second (see SPIN); at the normal priority, or (`normal`
+    False) at this process's own."""
+    argv = [sys.executable, "-c", SPIN, str(ms_per_s), str(seconds), cpus, str(slices)]
+    return subprocess.Popen(at_normal_priority(argv) if normal else argv)
+
+
+def reaped(proc: subprocess.Popen[bytes]) -> float:
+    """Wait for `proc` (a spinner) to end; its CPU time in seconds, user + system."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its CPU time
+    return usage.ru_utime + usage.ru_stime
 
 
 async def texters_threads(http: aiohttp.ClientSession, url: str, slack: Any, texters: int) -> list[str]:
@@ -454,6 +525,16 @@ def summary(result: dict[str, Any]) -> str:
     where = "any CPU" if burn_on == "any" else f"CPU {burn_on}"
     bridge_on = settings.get("bridge_on", "0")  # not kept by runs before it was: CPU 0
     bridge_where = "any CPU" if bridge_on == "any" else f"CPU {bridge_on}"
+    controlled = [r for r in result["rounds"] if r.get("control")]
+    order = (
+        "After a warm-up, phases A (postbacks alone) and B (with the replies beside them) alternate, A B A ... B A; "
+        "each B is compared with the geometric mean of the A before and the A after it."
+        if not controlled
+        else "After a warm-up, phases A (postbacks alone), B (with the replies beside them) and C (with processes "
+        "beside them that spin the CPU the replies added in the B before, on the same CPUs, in "
+        f"{CONTROL_SLICES} slices a second) go A B A C A B A C ... A; each B and each C is compared with the "
+        "geometric mean of the A before and the A after it."
+    )
     lines = [
         f"# Replies beside postbacks ({result['when']}, {result['store']})",
         "",
@@ -469,9 +550,7 @@ def summary(result: dict[str, Any]) -> str:
             else ""
         )
         + f", wrk {settings['postbacks_connections']} connections each pausing {settings['postbacks_pause_ms']:g} ms, "
-        f"{settings['seconds']:g} s per phase. After a warm-up, phases A (postbacks alone) and B (with the "
-        "replies beside them) alternate, A B A ... B A; each B is compared with the geometric mean of the A "
-        "before and the A after it.",
+        f"{settings['seconds']:g} s per phase. {order}",
         "",
     ]
     before, after = result["machine"].get("cpu0_speed_before"), result["machine"].get("cpu0_speed_after")
@@ -517,6 +596,29 @@ def summary(result: dict[str, Any]) -> str:
             + " | "
             f"{r['bridge_cpu_ms_per_reply_beside']} | {r['bridge_cpu_ms_per_postback']} |"
         )
+    if controlled:
+        lines += [
+            "",
+            "| round | postbacks/s A / C / A | p50 ms A / C / A | p99 ms A / C / A | spinners' CPU ms/s, "
+            "asked / burnt: the bridge's, PostgreSQL's, the fakes' |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in controlled:
+            control = r["control"]
+            a, c, z = r["postbacks_alone_after"], control["postbacks_beside_spinners"], control["postbacks_alone_after"]
+
+            def each(key: str, fmt: str, a: Any = a, c: Any = c, z: Any = z) -> str:
+                return " / ".join(format(x[key], fmt) for x in (a, c, z))
+
+            spinners = control["spinners"]
+            burnt = ", ".join(
+                f"{spun['asked_ms_per_s']:g} / {spun['burnt_ms_per_s']:g}" if (spun := spinners.get(name)) else "-"
+                for name in ("bridge", "server", "fakes")
+            )
+            lines.append(
+                f"| {r['round']} | {each('per_s', ',.0f')} | {each('p50_ms', '.1f')} | {each('p99_ms', '.1f')} "
+                f"| {burnt} |"
+            )
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     calibration = result["settings"]["rate"] <= 0
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB.", ""]
@@ -570,6 +672,15 @@ def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[
     drift = sorted(ratio(r["postbacks_alone_after"]["p50_ms"], r["postbacks_alone_before"]["p50_ms"]) for r in rounds)
     replies = [r["reply_p99_ms"] for r in rounds if r["reply_p99_ms"] is not None]
     worst = max(replies) if replies else None
+    controls = []
+    controlled = [r for r in rounds if r.get("control")]
+    if controlled:  # --control: the C phases, and each round's B against its C
+        (spun_rate, _), (spun_p50, over_p50) = (controlled_ratios(controlled, k) for k in ("per_s", "p50_ms"))
+        controls = [
+            row("(postbacks/s beside the spinners vs alone: the replies' CPU, burnt)", spun_rate, "-", None),
+            row("(postback p50 beside the spinners vs alone)", spun_p50, "-", None),
+            row("(postback p50: the replies' ratio over the spinners')", over_p50, "-", None),
+        ]
     reply_row = (
         "| reply p99, Slack event to sendSMS | no replies (a calibration run) | < 100 ms | - |"
         if worst is None
@@ -587,7 +698,21 @@ def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[
         row("(p50 of the A after vs the A before: the drift)", drift, "-", None),
         f"| (p50 beside minus alone, in ms; alone it is {alone_p50:.2f} ms, so 5% is {alone_p50 * 0.05:.2f} ms) "
         f"(each round's: {', '.join(f'{v:+.2f}' for v in added)}) | {statistics.median(added):+.2f} ms | - | - |",
+        *controls,
     ]
+
+
+def controlled_ratios(rounds: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """For the rounds with a C phase (--control), sorted: each C's figure against the A's beside
+    it, and each round's B ratio over its C ratio (above 1: the replies cost the postbacks more
+    than their CPU spinning does)."""
+    spun, over = [], []
+    for r in rounds:
+        c = r["control"]["postbacks_beside_spinners"][key] / r["control"]["postbacks_alone"][key]
+        b = r["postbacks_beside_replies"][key] / r["postbacks_alone"][key]
+        spun.append(c)
+        over.append(b / c)
+    return sorted(spun), sorted(over)
 
 
 def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
@@ -624,6 +749,11 @@ def pooled(paths: list[str], *, draws: int = 10_000) -> list[str]:
     for key in ("per_s", "p50_ms", "p99_ms"):
         values = [r["postbacks_beside_replies"][key] / r["postbacks_alone"][key] for r in rounds]
         lines.append(f"- {key}: {interval(values)}")
+    controlled = [r for r in rounds if r.get("control")]
+    if controlled:
+        spun, over = controlled_ratios(controlled, "p50_ms")
+        lines.append(f"- p50_ms beside the spinners ({len(controlled)} rounds): {interval(spun)}")
+        lines.append(f"- p50_ms, the replies' ratio over the spinners': {interval(over)}")
     return lines
 
 
@@ -663,6 +793,14 @@ if __name__ == "__main__":
         "bridge, PostgreSQL and wrk leave a core idle; the bridge, wrk and --burn's spinner stay at the normal one "
         "(which takes root or CAP_SYS_NICE)",
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="with replies: after each B and the A after it, a C phase of postbacks beside processes that spin the "
+        "CPU the replies added in that B, on the same CPUs (the bridge's, PostgreSQL's, the fakes' at their "
+        f"priority), in {CONTROL_SLICES} slices a second, then an A: whether the replies cost the postbacks more "
+        "than their CPU does when it does nothing else",
+    )
     parser.add_argument("--store", default="sqlite", help="sqlite (a new file), or postgresql://... (a fresh schema)")
     parser.add_argument(
         "--postbacks-pause-ms", type=float, default=15, help="each of wrk's connections waits this long, each time"
@@ -689,6 +827,8 @@ if __name__ == "__main__":
         parser.error("--rounds must be at least 1, --seconds more than 0, --rate 0 or more")
     if parsed.burn and (parsed.rate > 0 or not 0 < parsed.burn < 1000):
         parser.error("--burn takes --rate 0 and 0 < MS < 1000")
+    if parsed.control and parsed.rate <= 0:
+        parser.error("--control takes replies (--rate more than 0): it burns the CPU they added")
     if parsed.fakes_idle and not can_leave_idle_priority():
         parser.error(
             "--fakes-idle needs chrt (util-linux) and the right to start the bridge and wrk back at the normal "

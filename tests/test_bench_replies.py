@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,80 @@ def test_a_median_that_two_decimals_would_round_onto_the_bound_gets_three():
     assert "| 0.946x | >= 0.95x | NO |" in "\n".join(lines)  # not "0.95x ... NO"
     lines = replies.verdict([a_round(a, phase(950, 4, 10), a), a_round(a, phase(970, 4, 10), a)])
     assert "| 0.96x | >= 0.95x | yes |" in "\n".join(lines)  # off the bound: two, as always
+
+
+def controlled(round_: dict[str, Any], spinners: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """A round with a C phase (--control) whose postbacks read `spinners`, between the round's A after
+    its B and `after`."""
+    return {
+        **round_,
+        "control": {
+            "postbacks_beside_spinners": spinners,
+            "postbacks_alone": replies.baseline(round_["postbacks_alone_after"], after),
+            "postbacks_alone_after": after,
+            "spinners": {"bridge": {"on": "0", "asked_ms_per_s": 120.0, "burnt_ms_per_s": 121.5}},
+        },
+    }
+
+
+def test_the_control_reads_each_c_phase_against_its_a_phases_and_each_b_against_its_c():
+    a = phase(1000, 4, 10)
+    rounds = [
+        controlled(a_round(a, phase(990, 4.4, 11), a), phase(980, 4.8, 12), a),  # B 1.10x, C 1.20x
+        controlled(a_round(a, phase(1000, 4.2, 10), a), phase(1000, 4.0, 10), a),  # B 1.05x, C 1.00x
+        controlled(a_round(a, phase(1000, 4.0, 10), a), phase(1000, 4.2, 10), phase(1000, 4.41, 10)),  # C vs 4.2
+    ]
+    lines = replies.verdict(rounds)
+    assert "| (postback p50 beside the spinners vs alone) (each round's: 1.00, 1.00, 1.20) | 1.00x |" in "\n".join(
+        lines
+    )
+    over = next(line for line in lines if line.startswith("| (postback p50: the replies' ratio over"))
+    assert "(each round's: 0.92, 1.00, 1.05) | 1.00x | - | - |" in over
+    assert [met(lines, t) for t in ("(postbacks/s beside the", "(postback p50 beside the", "(postback p50: the")] == [
+        "-"
+    ] * 3
+    assert not any("spinners" in line for line in replies.verdict([a_round(a, a, a)]))  # a run without --control
+
+
+def test_the_summary_and_the_pooled_verdict_of_a_controlled_run(tmp_path: Path):
+    a = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}
+    r = {
+        **controlled(a_round(a, phase(990, 4.4, 11), a), phase(980, 4.8, 12), a),
+        "round": 1,
+        "replies_per_s": 50,
+        "reply_p50_ms": 4.0,
+        "reply_max_ms": 20.0,
+        "events_not_200": 0,
+        "replies_sent_as_sms": 750,
+        "replies": 750,
+        "sms_sent_twice": 0,
+        "bridge_cpu_ms_per_reply_beside": 3.0,
+        "bridge_cpu_ms_per_postback": 0.6,
+    }
+    result = {
+        "when": "2026-12-06T12:00:00Z",
+        "store": "sqlite",
+        "machine": {"cpus": 2, "load_before": [0.5, 0, 0], "load_after": [0.6, 0, 0], "fakes_cpus": [1]},
+        "settings": {"rate": 50, "postbacks_connections": 20, "postbacks_pause_ms": 15, "seconds": 15},
+        "replies_alone": None,
+        "rounds": [r],
+        "reactions_in_threads": 750,
+        "bridge_rss_mb": 57.0,
+    }
+    text = replies.summary(result)
+    assert "go A B A C A B A C ... A; each B and each C is compared" in text
+    assert "| 1 | 1,000 / 980 / 1,000 | 4.0 / 4.8 / 4.0 | 10.0 / 12.0 / 10.0 | 120 / 121.5, -, - |" in text
+    path = tmp_path / "controlled.json"
+    path.write_text(json.dumps(result))
+    lines = replies.pooled([str(path), str(path)])
+    assert "- p50_ms beside the spinners (2 rounds): 1.20-1.20" in lines
+    assert "- p50_ms, the replies' ratio over the spinners': 0.92-0.92" in lines
+
+
+def test_the_spinner_burns_the_cpu_it_is_asked_for_on_its_schedule():
+    started = time.monotonic()
+    spent = replies.reaped(replies.spin(100, 1.0, "any", slices=replies.CONTROL_SLICES))
+    # 100 ms a second for a second, and its interpreter's start (tens of ms): its slices are
+    # counted in its own CPU time, so a busy machine delays them but does not shorten them
+    assert 0.1 <= spent < 0.25
+    assert 0.95 <= time.monotonic() - started < 5
