@@ -22,9 +22,11 @@ postbacks when it does nothing else.
 `--control` makes that comparison within one run, round by round: after each B and the A after
 it, a C phase runs the postbacks beside spinning processes that burn, on the same CPUs, the CPU
 the replies added in that B (the bridge's extra on the bridge's CPUs, PostgreSQL's on any, the
-fakes' on theirs at their priority), in CONTROL_SLICES slices a second: A B A C A B A C ... A.
-Each C is compared with the A's beside it as B is, and each round's B with its C: whether the
-replies cost the postbacks more, or less, than their CPU does when it does nothing else.
+fakes' on theirs at their priority), in 500 slices a second: A B A C A B A C ... A. Each C is
+compared with the A's beside it as B is, and each round's B with its C: whether the replies
+cost the postbacks more, or less, than their CPU does when it does nothing else. (The extra is
+all the CPU B took beyond the A phases' rate, so CPU the postbacks spent more because of the
+replies is burnt in C too: C copies what of the replies' harm shows as CPU.)
 
 The replies-alone phase gives the bridge's CPU per reply directly (its CPU over the phase, less
 what it spends idle, per reply); beside the postbacks it is estimated as the phase's CPU less
@@ -341,7 +343,11 @@ async def with_replies(
 SPIN = """
 import os, sys, time
 ms_per_s, seconds, where, slices = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-os.sched_setaffinity(0, range(os.cpu_count()) if where == "any" else [int(c) for c in where.split(",")])
+cpus = set(range(os.cpu_count())) if where == "any" else set()
+for part in where.split(",") if where != "any" else []:  # taskset's lists: 0,1 or 0-1
+    low, _, high = part.partition("-")
+    cpus.update(range(int(low), int(high or low) + 1))
+os.sched_setaffinity(0, cpus)
 period, slice_ = 1 / slices, ms_per_s / slices / 1000
 start, spent = time.monotonic(), time.process_time()
 for k in range(round(seconds * slices)):
@@ -371,6 +377,9 @@ async def control_phase(pid: int, port: int, args: argparse.Namespace, extra: di
     }
     cpu, server = cpu_seconds(pid), server_cpu_seconds()
     figures: dict[str, Any] = await asyncio.to_thread(wrk_postbacks, port, args)
+    # what each had burnt when wrk stopped: one that fell behind (the fakes' at idle priority,
+    # starved) would burn the rest afterwards, beside no postbacks
+    during = {name: cpu_seconds(proc.pid) for name, proc in spinners.items()}
     burnt = {name: await asyncio.to_thread(reaped, proc) for name, proc in spinners.items()}
     await asyncio.sleep(3)  # as after every phase
     return {
@@ -381,7 +390,9 @@ async def control_phase(pid: int, port: int, args: argparse.Namespace, extra: di
             name: {
                 "on": where[name],
                 "asked_ms_per_s": round(asked[name], 1),
-                "burnt_ms_per_s": round(burnt[name] / args.seconds * 1000, 1) if name in burnt else 0.0,
+                # over the phase (the ticks of /proc, 10 ms), and in all
+                "burnt_ms_per_s": round(during[name] / args.seconds * 1000, 1) if name in during else None,
+                "burnt_in_all_ms_per_s": round(burnt[name] / args.seconds * 1000, 1) if name in burnt else None,
             }
             for name in asked
         },
@@ -428,9 +439,12 @@ def spin(
 
 
 def reaped(proc: subprocess.Popen[bytes]) -> float:
-    """Wait for `proc` (a spinner) to end; its CPU time in seconds, user + system."""
+    """Wait for `proc` (a spinner) to end; its CPU time in seconds, user + system. One that
+    failed stops the run: a phase beside it would be read as a phase beside its CPU."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, for its CPU time
+    if proc.returncode != 0:
+        raise RuntimeError(f"a spinning process failed (exit status {proc.returncode}): {proc.args}")
     return usage.ru_utime + usage.ru_stime
 
 
@@ -612,7 +626,9 @@ def summary(result: dict[str, Any]) -> str:
 
             spinners = control["spinners"]
             burnt = ", ".join(
-                f"{spun['asked_ms_per_s']:g} / {spun['burnt_ms_per_s']:g}" if (spun := spinners.get(name)) else "-"
+                f"{spun['asked_ms_per_s']:g} / {spun['burnt_ms_per_s']:g}"
+                if (spun := spinners.get(name)) and spun["burnt_ms_per_s"]
+                else "-"
                 for name in ("bridge", "server", "fakes")
             )
             lines.append(
@@ -641,6 +657,10 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.inf  # an A phase with no answers at all: no verdict passes
+
+
 def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[str]:
     """Issue 19's targets: each figure of the postbacks beside the replies (B) against the
     geometric mean of the postbacks alone just before and just after it (A), as the median of
@@ -650,9 +670,6 @@ def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[
     order: A, the replies alone, then B), how far each round's two A's differ, and the p50's
     difference in milliseconds: 5% of a 2-3 ms p50 (both stores' on the machine of 2026-12-06
     05:52) is 0.1-0.15 ms, of a 5 ms one (SQLite's on an earlier machine) 0.25 ms."""
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b > 0 else math.inf  # an A phase with no answers at all: no verdict passes
 
     def ratios(key: str, against: str = "postbacks_alone") -> list[float]:
         return sorted(ratio(r["postbacks_beside_replies"][key], r[against][key]) for r in rounds)
@@ -676,10 +693,11 @@ def verdict(rounds: list[dict[str, Any]], *, calibration: bool = False) -> list[
     controlled = [r for r in rounds if r.get("control")]
     if controlled:  # --control: the C phases, and each round's B against its C
         (spun_rate, _), (spun_p50, over_p50) = (controlled_ratios(controlled, k) for k in ("per_s", "p50_ms"))
+        of = f"{len(controlled)} of the {len(rounds)} rounds"
         controls = [
-            row("(postbacks/s beside the spinners vs alone: the replies' CPU, burnt)", spun_rate, "-", None),
-            row("(postback p50 beside the spinners vs alone)", spun_p50, "-", None),
-            row("(postback p50: the replies' ratio over the spinners')", over_p50, "-", None),
+            row(f"(postbacks/s beside the spinners vs alone: the replies' CPU, burnt; {of})", spun_rate, "-", None),
+            row(f"(postback p50 beside the spinners vs alone; {of})", spun_p50, "-", None),
+            row(f"(postback p50: the replies' ratio over the spinners'; {of})", over_p50, "-", None),
         ]
     reply_row = (
         "| reply p99, Slack event to sendSMS | no replies (a calibration run) | < 100 ms | - |"
@@ -708,10 +726,10 @@ def controlled_ratios(rounds: list[dict[str, Any]], key: str) -> tuple[list[floa
     than their CPU spinning does)."""
     spun, over = [], []
     for r in rounds:
-        c = r["control"]["postbacks_beside_spinners"][key] / r["control"]["postbacks_alone"][key]
-        b = r["postbacks_beside_replies"][key] / r["postbacks_alone"][key]
+        c = ratio(r["control"]["postbacks_beside_spinners"][key], r["control"]["postbacks_alone"][key])
+        b = ratio(r["postbacks_beside_replies"][key], r["postbacks_alone"][key])
         spun.append(c)
-        over.append(b / c)
+        over.append(ratio(b, c) if math.isfinite(c) else math.inf)
     return sorted(spun), sorted(over)
 
 

@@ -4,7 +4,9 @@ verdict over several runs' result files."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # bench/scaleout.py imports `run`
 
 from bench import machine, replies
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def phase(per_s: float, p50: float, p99: float) -> dict[str, float]:
@@ -268,15 +272,21 @@ def test_the_control_reads_each_c_phase_against_its_a_phases_and_each_b_against_
         controlled(a_round(a, phase(1000, 4.0, 10), a), phase(1000, 4.2, 10), phase(1000, 4.41, 10)),  # C vs 4.2
     ]
     lines = replies.verdict(rounds)
-    assert "| (postback p50 beside the spinners vs alone) (each round's: 1.00, 1.00, 1.20) | 1.00x |" in "\n".join(
-        lines
-    )
+    text = "\n".join(lines)
+    assert "| (postback p50 beside the spinners vs alone; 3 of the 3 rounds) (each round's: 1.00, 1.00, 1.20) |" in text
     over = next(line for line in lines if line.startswith("| (postback p50: the replies' ratio over"))
     assert "(each round's: 0.92, 1.00, 1.05) | 1.00x | - | - |" in over
     assert [met(lines, t) for t in ("(postbacks/s beside the", "(postback p50 beside the", "(postback p50: the")] == [
         "-"
     ] * 3
     assert not any("spinners" in line for line in replies.verdict([a_round(a, a, a)]))  # a run without --control
+    # pooled with a run without --control: the C rows say over how many rounds they are
+    assert "; 3 of the 4 rounds)" in "\n".join(replies.verdict([*rounds, a_round(a, a, a)]))
+    # a C phase, or an A beside it, with no answers at all: no ratio reads as met, and nothing raises
+    dead = controlled(a_round(a, phase(990, 4.4, 11), a), phase(0, 0, 0), a)
+    assert replies.controlled_ratios([dead], "p50_ms") == ([0.0], [math.inf])
+    dead = controlled(a_round(a, phase(990, 4.4, 11), a), phase(980, 4.8, 12), phase(0, 0, 0))
+    assert replies.controlled_ratios([dead], "p50_ms") == ([math.inf], [math.inf])
 
 
 def test_the_summary_and_the_pooled_verdict_of_a_controlled_run(tmp_path: Path):
@@ -317,7 +327,53 @@ def test_the_summary_and_the_pooled_verdict_of_a_controlled_run(tmp_path: Path):
 def test_the_spinner_burns_the_cpu_it_is_asked_for_on_its_schedule():
     started = time.monotonic()
     spent = replies.reaped(replies.spin(100, 1.0, "any", slices=replies.CONTROL_SLICES))
-    # 100 ms a second for a second, and its interpreter's start (tens of ms): its slices are
-    # counted in its own CPU time, so a busy machine delays them but does not shorten them
-    assert 0.1 <= spent < 0.25
+    assert 0.1 <= spent < 0.25  # 100 ms a second for a second, and its interpreter's start (tens of ms)
     assert 0.95 <= time.monotonic() - started < 5
+
+
+def test_the_spinner_burns_all_of_its_slices_beside_a_busy_process_on_its_cpu():
+    # Five slices of 40 ms beside a process that spins the same CPU throughout: the scheduler
+    # splits the CPU between the two, so a slice timed on the clock would burn about half of
+    # its CPU; counted in the spinner's own CPU time, each burns all of it, only later.
+    cpu = str(min(os.sched_getaffinity(0)))
+    busy = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nend = time.monotonic() + 4\n"
+         "while time.monotonic() < end: pass"]
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)  # the busy one has the CPU
+        spent = replies.reaped(replies.spin(200, 1.0, cpu, slices=5))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert spent >= 0.2  # 200 ms a second for a second: all of it
+
+
+def test_a_spinner_that_fails_stops_the_run():
+    with pytest.raises(RuntimeError, match="a spinning process failed"):
+        replies.reaped(replies.spin(10, 0.1, "no-such-cpu"))
+    spent = replies.reaped(replies.spin(10, 0.1, "0-" + str(max(os.sched_getaffinity(0)))))  # taskset's ranges too
+    assert spent > 0
+
+
+def test_the_kept_controlled_runs_chained_their_phases_a_b_a_c_a():
+    # each round's B between the A before it (the last round's A after its C) and the A after
+    # it; each C between that A and the next; as run() made them, in the runs the docs cite
+    results = ROOT / "bench" / "results"
+    for name in (
+        "20261206T114407+0000-replies-pg-control-fakes-idle.json",
+        "20261206T120015+0000-replies-control-fakes-idle.json",
+    ):
+        rounds = json.loads((results / name).read_text())["rounds"]
+        for before, now in itertools.pairwise(rounds):
+            assert now["postbacks_alone_before"] == before["control"]["postbacks_alone_after"]
+        for r in rounds:
+            assert r["postbacks_alone"] == replies.baseline(r["postbacks_alone_before"], r["postbacks_alone_after"])
+            control = r["control"]
+            assert control["postbacks_alone"] == replies.baseline(
+                r["postbacks_alone_after"], control["postbacks_alone_after"]
+            )
+            assert control["postbacks_beside_spinners"] not in (
+                r["postbacks_alone_after"],
+                control["postbacks_alone_after"],
+            )
