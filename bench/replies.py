@@ -800,8 +800,8 @@ if __name__ == "__main__":
         "--bridge-on",
         default="0",
         metavar="CPUS",
-        help="the bridge's CPUs: 0 (the default, off wrk's CPU 1), a list such as 0,1, or any (not pinned, as in "
-        "a deployment; the server's processes are not pinned either)",
+        help="the bridge's CPUs: 0 (the default, off wrk's CPU 1), a list such as 0,1 or 0-1, or any (not pinned, "
+        "as in a deployment; the server's processes are not pinned either)",
     )
     parser.add_argument(
         "--fakes-idle",
