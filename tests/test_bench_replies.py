@@ -151,31 +151,41 @@ def test_runs_with_the_bridge_on_other_cpus_are_not_pooled_together(tmp_path: Pa
         replies.pooled([pinned, anywhere])
 
 
-def test_the_summary_of_a_run_names_its_order_and_its_verdict():
-    a = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}
-    r = {
-        **a_round(a, phase(990, 4.1, 10.2), a),
-        "round": 1,
-        "replies_per_s": 50,
-        "reply_p50_ms": 4.0,
-        "reply_max_ms": 20.0,
-        "events_not_200": 0,
-        "replies_sent_as_sms": 750,
-        "replies": 750,
-        "sms_sent_twice": 1,
-        "bridge_cpu_ms_per_reply_beside": 3.0,
-        "bridge_cpu_ms_per_postback": 0.6,
-    }
-    result: dict[str, Any] = {
+A = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}  # an A phase as a run keeps it
+
+
+def a_run(phases: dict[str, Any], *, twice: int = 0) -> dict[str, Any]:
+    """A run's result of one round on SQLite, whose phases are `phases` (a_round's), with the
+    figures a summary prints; `twice`: its replies sent as SMS twice."""
+    return {
         "when": "2026-12-06T01:00:00Z",
         "store": "sqlite",
         "machine": {"cpus": 2, "load_before": [0.5, 0, 0], "load_after": [0.6, 0, 0], "fakes_cpus": [1]},
         "settings": {"rate": 50, "postbacks_connections": 20, "postbacks_pause_ms": 15, "seconds": 15},
         "replies_alone": None,
-        "rounds": [r],
+        "rounds": [
+            {
+                **phases,
+                "round": 1,
+                "replies_per_s": 50,
+                "reply_p50_ms": 4.0,
+                "reply_max_ms": 20.0,
+                "events_not_200": 0,
+                "replies_sent_as_sms": 750,
+                "replies": 750,
+                "sms_sent_twice": twice,
+                "bridge_cpu_ms_per_reply_beside": 3.0,
+                "bridge_cpu_ms_per_postback": 0.6,
+            }
+        ],
         "reactions_in_threads": 750,
         "bridge_rss_mb": 57.0,
     }
+
+
+def test_the_summary_of_a_run_names_its_order_and_its_verdict():
+    result = a_run(a_round(A, phase(990, 4.1, 10.2), A), twice=1)
+    (r,) = result["rounds"]
     text = replies.summary(result)
     assert "A B A ... B A" in text and "geometric mean" in text and "the fakes on CPU 1" in text
     assert "the bridge on CPU 0" in text  # kept before --bridge-on was
@@ -290,30 +300,7 @@ def test_the_control_reads_each_c_phase_against_its_a_phases_and_each_b_against_
 
 
 def test_the_summary_and_the_pooled_verdict_of_a_controlled_run(tmp_path: Path):
-    a = {**phase(1000, 4, 10), "bridge_cpu_s": 9.0, "ok": 15000}
-    r = {
-        **controlled(a_round(a, phase(990, 4.4, 11), a), phase(980, 4.8, 12), a),
-        "round": 1,
-        "replies_per_s": 50,
-        "reply_p50_ms": 4.0,
-        "reply_max_ms": 20.0,
-        "events_not_200": 0,
-        "replies_sent_as_sms": 750,
-        "replies": 750,
-        "sms_sent_twice": 0,
-        "bridge_cpu_ms_per_reply_beside": 3.0,
-        "bridge_cpu_ms_per_postback": 0.6,
-    }
-    result = {
-        "when": "2026-12-06T12:00:00Z",
-        "store": "sqlite",
-        "machine": {"cpus": 2, "load_before": [0.5, 0, 0], "load_after": [0.6, 0, 0], "fakes_cpus": [1]},
-        "settings": {"rate": 50, "postbacks_connections": 20, "postbacks_pause_ms": 15, "seconds": 15},
-        "replies_alone": None,
-        "rounds": [r],
-        "reactions_in_threads": 750,
-        "bridge_rss_mb": 57.0,
-    }
+    result = a_run(controlled(a_round(A, phase(990, 4.4, 11), A), phase(980, 4.8, 12), A))
     text = replies.summary(result)
     assert "go A B A C A B A C ... A; each B and each C is compared" in text
     assert "| 1 | 1,000 / 980 / 1,000 | 4.0 / 4.8 / 4.0 | 10.0 / 12.0 / 10.0 | 120 / 121.5, -, - |" in text
