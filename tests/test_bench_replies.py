@@ -351,6 +351,7 @@ def test_the_kept_controlled_runs_chained_their_phases_a_b_a_c_a():
         "20261206T114407+0000-replies-pg-control-fakes-idle.json",
         "20261206T120015+0000-replies-control-fakes-idle.json",
         "20261206T124205+0000-replies-pg-control-fakes-idle.json",
+        "20261206T131117+0000-replies-control-fakes-idle.json",
     ):
         rounds = json.loads((results / name).read_text())["rounds"]
         for before, now in itertools.pairwise(rounds):
