@@ -597,13 +597,9 @@ def summary(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rounds"]:
-        a, b, c = r["postbacks_alone_before"], r["postbacks_beside_replies"], r["postbacks_alone_after"]
-
-        def three(key: str, fmt: str, a: Any = a, b: Any = b, c: Any = c) -> str:
-            return " / ".join(format(x[key], fmt) for x in (a, b, c))
-
+        phases = columns(r["postbacks_alone_before"], r["postbacks_beside_replies"], r["postbacks_alone_after"])
         lines.append(
-            f"| {r['round']} | {three('per_s', ',.0f')} | {three('p50_ms', '.1f')} | {three('p99_ms', '.1f')} | "
+            f"| {r['round']} | {phases} | "
             f"{r['replies_per_s']:g} | {r['reply_p50_ms']} / {r['reply_p99_ms']} / {r['reply_max_ms']} | "
             f"{r['events_not_200']} | {r['replies_sent_as_sms']} of {r['replies']}"
             + (f", {r['sms_sent_twice']} twice" if r["sms_sent_twice"] else "")
@@ -619,11 +615,9 @@ def summary(result: dict[str, Any]) -> str:
         ]
         for r in controlled:
             control = r["control"]
-            a, c, z = r["postbacks_alone_after"], control["postbacks_beside_spinners"], control["postbacks_alone_after"]
-
-            def each(key: str, fmt: str, a: Any = a, c: Any = c, z: Any = z) -> str:
-                return " / ".join(format(x[key], fmt) for x in (a, c, z))
-
+            phases = columns(
+                r["postbacks_alone_after"], control["postbacks_beside_spinners"], control["postbacks_alone_after"]
+            )
             spinners = control["spinners"]
             burnt = ", ".join(
                 f"{spun['asked_ms_per_s']:g} / {spun['burnt_ms_per_s']:g}"
@@ -631,10 +625,7 @@ def summary(result: dict[str, Any]) -> str:
                 else "-"
                 for name in ("bridge", "server", "fakes")
             )
-            lines.append(
-                f"| {r['round']} | {each('per_s', ',.0f')} | {each('p50_ms', '.1f')} | {each('p99_ms', '.1f')} "
-                f"| {burnt} |"
-            )
+            lines.append(f"| {r['round']} | {phases} | {burnt} |")
     reactions, rss = result["reactions_in_threads"], result["bridge_rss_mb"]
     calibration = result["settings"]["rate"] <= 0
     lines += ["", f"Reactions in the threads: {reactions}; bridge RSS {rss} MB.", ""]
@@ -655,6 +646,12 @@ def summary(result: dict[str, Any]) -> str:
         ]
     lines += verdict(result["rounds"], calibration=calibration)
     return "\n".join(lines)
+
+
+def columns(*phases: dict[str, Any]) -> str:
+    """A summary row's rate, p50 and p99 columns: each of `phases`' figure, in order."""
+    figures = (("per_s", ",.0f"), ("p50_ms", ".1f"), ("p99_ms", ".1f"))
+    return " | ".join(" / ".join(format(phase[key], fmt) for phase in phases) for key, fmt in figures)
 
 
 def ratio(a: float, b: float) -> float:
