@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # bench/scaleout.py imports `run`
-
-from bench import machine, replies
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "bench"))  # bench/scaleout.py imports `run`
+
+from bench import machine, replies  # noqa: E402
 
 
 def phase(per_s: float, p50: float, p99: float) -> dict[str, float]:
@@ -137,8 +136,7 @@ def test_a_child_of_an_idle_thread_is_started_at_the_normal_priority():
         "print(subprocess.run(at_normal_priority(argv), capture_output=True, text=True).stdout.strip(), "
         "subprocess.run(argv, capture_output=True, text=True).stdout.strip())"
     )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(os.SCHED_OTHER), str(os.SCHED_IDLE)]  # and without it, the idle one is inherited
 
 
